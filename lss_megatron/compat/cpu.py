@@ -1,0 +1,83 @@
+"""Megatron-Core on CPU with gloo: the few accommodations it needs, in one place.
+
+Megatron-Core assumes CUDA in a handful of spots that have nothing to do with the maths. On a
+machine without CUDA, `apply()` installs these replacements (and nothing else):
+
+1. ``torch.cuda.current_device`` -> ``cpu``: Megatron places buffers with it
+   (tensor_parallel/mappings.py, layers.py, utils.GlobalMemoryBuffer, RoPE's inv_freq).
+2. The "CUDA" RNG used by Megatron's RNG tracker (tensor_parallel/random.py) is mapped onto the
+   CPU generator. The tracker only forks and restores it, so the CPU stream is left as it was.
+3. ``get_default_causal_mask`` (transformer/utils.py, also bound in fusions/fused_softmax.py)
+   builds its mask on "cuda"; the replacement builds the same mask on the CPU.
+4. ``torch.cuda.synchronize`` and the stream API are no-ops (megatron-core 0.19's DDP touches them).
+
+`apply()` does nothing when CUDA is available, is idempotent, and returns the names it applied.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import torch
+
+log = logging.getLogger(__name__)
+
+_applied: list[str] = []
+
+
+class _NullStream:
+    def wait_event(self, *a, **k):
+        pass
+
+    def wait_stream(self, *a, **k):
+        pass
+
+    def synchronize(self):
+        pass
+
+
+def _cpu_causal_mask(sq: int) -> torch.Tensor:
+    """Megatron's default causal mask ([sq, sq], True = masked) built on the CPU."""
+    return torch.triu(torch.ones(sq, sq, dtype=torch.bool), diagonal=1)
+
+
+def apply() -> list[str]:
+    """Install the CPU accommodations when CUDA is absent; a no-op on CUDA machines."""
+    if torch.cuda.is_available():
+        return []
+    if _applied:
+        return list(_applied)
+
+    torch.cuda.current_device = lambda: torch.device("cpu")
+    _applied.append("current_device")
+
+    import megatron.core.tensor_parallel.random as mrandom
+
+    mrandom._get_cuda_rng_state = lambda device="cuda", clone=False, graph_safe=False: (
+        torch.get_rng_state()
+    )
+    mrandom._set_cuda_rng_state = lambda new_state, device=-1, graph_safe=False: (
+        torch.set_rng_state(new_state)
+    )
+    torch.cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()
+    torch.cuda.set_rng_state = lambda new_state, device="cuda": torch.set_rng_state(new_state)
+    torch.cuda.manual_seed = torch.manual_seed
+    _applied.append("rng_tracker_on_cpu_generator")
+
+    import megatron.core.fusions.fused_softmax as fused_softmax
+    import megatron.core.transformer.utils as tutils
+
+    tutils.get_default_causal_mask = _cpu_causal_mask
+    fused_softmax.get_default_causal_mask = _cpu_causal_mask
+    _applied.append("causal_mask_on_cpu")
+
+    torch.cuda.synchronize = lambda *a, **k: None
+    torch.cuda.current_stream = lambda *a, **k: _NullStream()
+    torch.cuda.default_stream = lambda *a, **k: _NullStream()
+    torch.cuda.stream = lambda *a, **k: contextlib.nullcontext()
+    _applied.append("null_streams")
+
+    log.debug("Megatron-Core CPU accommodations applied: %s", _applied)
+    return list(_applied)
+

@@ -1,0 +1,233 @@
+"""Validated, frozen configuration for one training run.
+
+Three dataclasses, one per concern, and `RunConfig` that holds them:
+
+* `ModelConfig`    the GPT model (identical for every mode, so runs are comparable);
+* `ParallelConfig` the layout of the P = N x D ranks (N sequence segments, D data replicas);
+* `TrainConfig`    batch, steps, optimizer, data and output.
+
+`RunConfig.validate()` checks everything that can be checked without torch or a process group
+and raises `ConfigError` naming every offending value at once. This module imports nothing
+heavy, so a bad command line fails within a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+MODES = ("serial", "lss")
+"""Modes the trainer knows. `serial` is plain data parallelism (N = 1) with Megatron's stock
+attention; `lss` is LSS sequence parallelism. Baselines add themselves in later releases."""
+
+POSITION_EMBEDDINGS = ("learned", "rope")
+OPTIMIZERS = ("sgd", "adamw")
+DTYPES = ("fp32",)
+DATASETS = ("synthetic",)
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run. The message names every offending value."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The GPT model. Every field is the same for every mode and layout."""
+
+    num_layers: int = 2
+    """Transformer layers L."""
+    hidden_size: int = 64
+    """Hidden size E."""
+    num_heads: int = 4
+    """Attention (query) heads h; head dim d = E / h."""
+    num_kv_heads: int | None = None
+    """Key/value heads h_kv (GQA/MQA); defaults to `num_heads` (multi-head attention)."""
+    ffn_hidden_size: int | None = None
+    """MLP hidden size; defaults to 4 E."""
+    seq_length: int = 256
+    """Sequence length l (tokens per sequence, after the one-token label shift)."""
+    vocab_size: int = 256
+    """Vocabulary size V (256 = bytes)."""
+    position_embedding: str = "learned"
+    """`learned`: absolute table, sequence-distributed in LSS; `rope`: rotary, global positions."""
+    causal: bool = True
+    """Causal (decoder) attention; False attends to every token."""
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads if self.num_kv_heads is not None else self.num_heads
+
+    @property
+    def ffn_size(self) -> int:
+        return self.ffn_hidden_size if self.ffn_hidden_size is not None else 4 * self.hidden_size
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    def problems(self) -> list[str]:
+        p = []
+        for name in ("num_layers", "hidden_size", "num_heads", "seq_length", "vocab_size"):
+            if getattr(self, name) < 1:
+                p.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.num_kv_heads is not None and self.num_kv_heads < 1:
+            p.append(f"--num-kv-heads must be >= 1, got {self.num_kv_heads}")
+        if self.ffn_hidden_size is not None and self.ffn_hidden_size < 1:
+            p.append(f"--ffn-hidden-size must be >= 1, got {self.ffn_hidden_size}")
+        if p:
+            return p
+        if self.hidden_size % self.num_heads:
+            p.append(
+                f"--hidden-size {self.hidden_size} is not divisible by --num-heads {self.num_heads}"
+            )
+        if self.num_heads % self.kv_heads:
+            p.append(f"--num-heads {self.num_heads} is not divisible by --num-kv-heads {self.kv_heads}")
+        if self.position_embedding not in POSITION_EMBEDDINGS:
+            p.append(
+                f"--position-embedding {self.position_embedding!r} is not one of {POSITION_EMBEDDINGS}"
+            )
+        return p
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """The rank grid: P = N x D. Rank order follows Megatron (`tp-cp-ep-dp-pp`), so the N ranks
+    of a sequence group are consecutive (inside a node) and the data groups are strided."""
+
+    mode: str = "lss"
+    """One of `MODES`."""
+    world_size: int = 1
+    """P, the number of processes (from the launcher)."""
+    seq_parallel: int = 1
+    """N: segments per sequence = size of the sequence group (Megatron's context-parallel group)."""
+    data_parallel: int | None = None
+    """D: data-parallel replicas; defaults to P / N."""
+    dist_timeout_s: float = 300.0
+    """Timeout of every collective (seconds). A hung collective raises instead of hanging."""
+
+    @property
+    def dp(self) -> int:
+        if self.data_parallel is not None:
+            return self.data_parallel
+        return self.world_size // self.seq_parallel if self.seq_parallel > 0 else 0
+
+    def problems(self) -> list[str]:
+        p = []
+        if self.mode not in MODES:
+            p.append(f"--mode {self.mode!r} is not one of {MODES}")
+        if self.seq_parallel < 1:
+            p.append(f"--seq-parallel must be >= 1, got {self.seq_parallel}")
+            return p
+        if self.data_parallel is not None and self.data_parallel < 1:
+            p.append(f"--data-parallel must be >= 1, got {self.data_parallel}")
+            return p
+        if self.mode == "serial" and self.seq_parallel != 1:
+            p.append(
+                f"--mode serial means no sequence parallelism (N = 1), got --seq-parallel "
+                f"{self.seq_parallel}; use --mode lss for N > 1"
+            )
+        if self.seq_parallel * self.dp != self.world_size:
+            p.append(
+                f"P = {self.world_size} processes must equal --seq-parallel N x --data-parallel D = "
+                f"{self.seq_parallel} x {self.dp} = {self.seq_parallel * self.dp}"
+            )
+        if self.dist_timeout_s <= 0:
+            p.append(f"--dist-timeout must be > 0 seconds, got {self.dist_timeout_s}")
+        return p
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Batch, schedule, optimizer, data and output of a run."""
+
+    global_batch_size: int = 8
+    """G: sequences per optimizer step, the same for every mode and layout."""
+    micro_batch_size: int | None = None
+    """B: sequences per forward/backward on one rank; defaults to G / D (no accumulation)."""
+    steps: int = 10
+    """Optimizer steps."""
+    optimizer: str = "adamw"
+    lr: float = 1e-3
+    seed: int = 1234
+    """Seeds the initial weights and the synthetic data; nothing else does."""
+    dtype: str = "fp32"
+    data: str = "synthetic"
+    out: str = "runs/latest"
+    """Output folder: metrics.jsonl and config.json."""
+    log_interval: int = 1
+    """Log a line every this many steps (rank 0)."""
+
+    def problems(self, dp: int) -> list[str]:
+        p = []
+        for name in ("global_batch_size", "steps"):
+            if getattr(self, name) < 1:
+                p.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.micro_batch_size is not None and self.micro_batch_size < 1:
+            p.append(f"--micro-batch-size must be >= 1, got {self.micro_batch_size}")
+        if self.lr <= 0:
+            p.append(f"--lr must be > 0, got {self.lr}")
+        if self.optimizer not in OPTIMIZERS:
+            p.append(f"--optimizer {self.optimizer!r} is not one of {OPTIMIZERS}")
+        if self.dtype not in DTYPES:
+            p.append(f"--dtype {self.dtype!r} is not one of {DTYPES}")
+        if self.data not in DATASETS:
+            p.append(f"--data {self.data!r} is not one of {DATASETS}")
+        if p or dp < 1:
+            return p
+        if self.global_batch_size % dp:
+            p.append(
+                f"--global-batch-size {self.global_batch_size} is not divisible by the "
+                f"data-parallel size D = {dp}"
+            )
+        elif self.micro_batch_size is not None and (self.global_batch_size // dp) % self.micro_batch_size:
+            p.append(
+                f"--micro-batch-size {self.micro_batch_size} does not divide the per-replica batch "
+                f"G / D = {self.global_batch_size} / {dp} = {self.global_batch_size // dp}"
+            )
+        return p
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    @property
+    def micro_batch(self) -> int:
+        return self.train.micro_batch_size or self.train.global_batch_size // self.parallel.dp
+
+    @property
+    def num_micro_batches(self) -> int:
+        return self.train.global_batch_size // (self.parallel.dp * self.micro_batch)
+
+    def validate(self) -> RunConfig:
+        """Raise `ConfigError` listing every problem; return self when the run is possible."""
+        p = self.model.problems() + self.parallel.problems()
+        if not p:
+            n = self.parallel.seq_parallel
+            if self.model.seq_length % n:
+                p.append(
+                    f"--seq-length {self.model.seq_length} is not divisible by --seq-parallel {n}"
+                )
+        p += self.train.problems(self.parallel.dp if not self.parallel.problems() else 0)
+        if p:
+            raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(p))
+        return self
+
+    def to_dict(self) -> dict:
+        """The effective configuration, with every derived value filled in."""
+        d = dataclasses.asdict(self)
+        d["model"].update(
+            num_kv_heads=self.model.kv_heads,
+            ffn_hidden_size=self.model.ffn_size,
+            head_dim=self.model.head_dim,
+        )
+        d["parallel"]["data_parallel"] = self.parallel.dp
+        d["train"]["micro_batch_size"] = self.micro_batch
+        d["train"]["num_micro_batches"] = self.num_micro_batches
+        d["derived"] = {
+            "segment_length": self.model.seq_length // self.parallel.seq_parallel,
+            "tokens_per_step": self.train.global_batch_size * self.model.seq_length,
+        }
+        return d

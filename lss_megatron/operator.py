@@ -1,0 +1,75 @@
+"""`lss_attention`: the LSS operator (fused K/V gather + exact partial attention).
+
+Forward, on rank r of the sequence group (N ranks, rank r holds the r-th contiguous segment):
+
+1. fused communication: [K | V] of the local segment are concatenated and all-gathered in ONE
+   collective (`comm.fused_kv_all_gather`); only the h_kv key/value heads travel;
+2. partial self-attention: the local queries attend to all l keys (`attention.partial_attention`),
+   causal by GLOBAL position (query r*l/N + i sees keys j <= r*l/N + i), so every softmax row is
+   complete on this rank and exact without any cross-rank correction.
+
+Backward: the adjoint of the gather is ONE reduce-scatter (sum) of [dK | dV]: rank r receives
+every rank's contribution to its own K and V.
+
+Saved for backward: q [l/N, b, h, d], the gathered K and V [l, b, h_kv, d] (views of the one
+gathered buffer), the output [l/N, b, h, d] and the log-sum-exp [b, h, l/N] (fp32); see
+attention.py for the per-backend detail. No [b, h, l/N, l] score tensor is stored.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+from . import comm
+from .attention import partial_attention
+
+
+def lss_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    group=None,
+    *,
+    causal: bool = True,
+    softmax_scale: float | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """LSS partial attention over a sequence-parallel group.
+
+    Args:
+        q: local queries ``[s/N, b, h, d]`` (sbhd, as in Megatron).
+        k, v: local keys and values ``[s/N, b, h_kv, d]``, ``h % h_kv == 0`` (GQA/MQA).
+        group: the sequence-parallel process group (default: the whole world).
+        causal: mask by global position (bottom-right aligned); False attends to every key.
+        softmax_scale: defaults to ``1/sqrt(d)``.
+        backend: attention kernel, see `attention.partial_attention`.
+
+    Returns:
+        ``[s/N, b, h, d]``.
+    """
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(
+            f"lss_attention expects sbhd tensors: q {tuple(q.shape)}, k {tuple(k.shape)}, "
+            f"v {tuple(v.shape)}"
+        )
+    sq, b, h, d = q.shape
+    if k.shape != v.shape or k.shape[0] != sq or k.shape[1] != b or k.shape[3] != d:
+        raise ValueError(
+            f"lss_attention: k {tuple(k.shape)} and v {tuple(v.shape)} must both be "
+            f"[s/N={sq}, b={b}, h_kv, d={d}] to match q {tuple(q.shape)}"
+        )
+    if h % k.shape[2]:
+        raise ValueError(f"lss_attention: heads h={h} not divisible by kv heads h_kv={k.shape[2]}")
+    group = group if group is not None else dist.group.WORLD
+    n = comm.group_size(group)
+    r = comm.group_rank(group)
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
+
+    k_full, v_full = comm.fused_kv_all_gather(k, v, group)  # 2 x [s, b, h_kv, d]
+    assert k_full.shape[0] == n * sq
+    return partial_attention(
+        q, k_full, v_full, q_offset=r * sq, causal=causal, softmax_scale=scale, backend=backend
+    )  # [s/N, b, h, d]
