@@ -174,3 +174,15 @@ def fused_kv_all_gather(k: torch.Tensor, v: torch.Tensor, group) -> tuple[torch.
     if k.shape != v.shape:
         raise ValueError(f"fused_kv_all_gather: k {tuple(k.shape)} and v {tuple(v.shape)} differ")
     return _FusedKVAllGather.apply(k, v, group)
+
+
+def all_gather_object(obj, group=None, *, category: str = "other") -> list:
+    """Gather a picklable object from every rank of the group (checks and summaries only)."""
+    n = group_size(group)
+    if n == 1:
+        return [obj]
+    out = [None] * n
+    t0 = time.perf_counter()
+    dist.all_gather_object(out, obj, group=group)
+    _note("all_gather_object", category, 0, time.perf_counter() - t0)
+    return out

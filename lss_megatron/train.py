@@ -134,9 +134,13 @@ def run(cfg: RunConfig, rank: int) -> list[float]:
     from .model import build_model
     from .step import forward_backward, global_mean_loss, step_micro_batches
 
+    from .checks import check_replicas
+
     log = get_logger("train")
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
-    _init_distributed(cfg, rank)
+    owns_process_group = not dist.is_initialized()
+    if owns_process_group:
+        _init_distributed(cfg, rank)
     try:
         grid = initialize_grid(cfg.parallel)
         model = build_model(cfg.model, grid, mode=cfg.parallel.mode, seed=cfg.train.seed)
@@ -189,10 +193,20 @@ def run(cfg: RunConfig, rank: int) -> list[float]:
                 if step % cfg.train.log_interval == 0 or step == cfg.train.steps:
                     log.info("step %d/%d loss %.6f (%.3f s, %.0f tok/s)", step, cfg.train.steps,
                              loss, dt, tokens_per_step / dt)
+        replicas = check_replicas(model, grid)
+        if rank == 0:
+            summary = {"steps": len(losses), "final_loss": losses[-1], "replicas": replicas}
+            (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        if not replicas["bitwise_equal"]:
+            raise RuntimeError(
+                f"replicated parameters diverged across ranks: {replicas['mismatched']}"
+            )
+        log.info("done: final loss %.6f; replicas bitwise equal across %d ranks",
+                 losses[-1], grid.world_size)
         return losses
     finally:
         destroy_grid()
-        if dist.is_initialized():
+        if owns_process_group and dist.is_initialized():
             dist.destroy_process_group()
 
 
