@@ -117,7 +117,9 @@ def reduce_scatter_dim0(x: torch.Tensor, group, *, category: str) -> torch.Tenso
     if n == 1:
         return x
     if x.shape[0] % n:
-        raise ValueError(f"reduce_scatter_dim0: dim 0 ({x.shape[0]}) not divisible by group size {n}")
+        raise ValueError(
+            f"reduce_scatter_dim0: dim 0 ({x.shape[0]}) not divisible by group size {n}"
+        )
     x = x.contiguous()
     out = torch.empty((x.shape[0] // n, *x.shape[1:]), dtype=x.dtype, device=x.device)
     t0 = time.perf_counter()
@@ -163,7 +165,9 @@ class _FusedKVAllGather(torch.autograd.Function):
         return dkv[:, :, : ctx.h_kv], dkv[:, :, ctx.h_kv :], None  # 2 x [s/N, b, h_kv, d]
 
 
-def fused_kv_all_gather(k: torch.Tensor, v: torch.Tensor, group) -> tuple[torch.Tensor, torch.Tensor]:
+def fused_kv_all_gather(
+    k: torch.Tensor, v: torch.Tensor, group
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The paper's fused communication: gather the local K and V segments of every rank of the
     sequence group in ONE all-gather of the concatenated buffer; its backward is ONE
     reduce-scatter (sum) of the concatenated gradients, so each rank receives every rank's

@@ -81,7 +81,9 @@ class ModelConfig:
                 f"--hidden-size {self.hidden_size} is not divisible by --num-heads {self.num_heads}"
             )
         if self.num_heads % self.kv_heads:
-            p.append(f"--num-heads {self.num_heads} is not divisible by --num-kv-heads {self.kv_heads}")
+            p.append(
+                f"--num-heads {self.num_heads} is not divisible by --num-kv-heads {self.kv_heads}"
+            )
         if self.position_embedding not in POSITION_EMBEDDINGS:
             p.append(
                 f"--position-embedding {self.position_embedding!r} is not one of {POSITION_EMBEDDINGS}"
@@ -179,7 +181,10 @@ class TrainConfig:
                 f"--global-batch-size {self.global_batch_size} is not divisible by the "
                 f"data-parallel size D = {dp}"
             )
-        elif self.micro_batch_size is not None and (self.global_batch_size // dp) % self.micro_batch_size:
+        elif (
+            self.micro_batch_size is not None
+            and (self.global_batch_size // dp) % self.micro_batch_size
+        ):
             p.append(
                 f"--micro-batch-size {self.micro_batch_size} does not divide the per-replica batch "
                 f"G / D = {self.global_batch_size} / {dp} = {self.global_batch_size // dp}"

@@ -47,15 +47,16 @@ class LSSCoreAttention(MegatronModule):
             raise ValueError("LSSCoreAttention: apply_query_key_layer_scaling is not supported")
         if attn_mask_type not in (AttnMaskType.causal, AttnMaskType.no_mask):
             raise ValueError(
-                f"LSSCoreAttention: attn_mask_type {attn_mask_type} unsupported "
-                "(causal or no_mask)"
+                f"LSSCoreAttention: attn_mask_type {attn_mask_type} unsupported (causal or no_mask)"
             )
         self.layer_number = max(1, layer_number)
         self.attn_mask_type = attn_mask_type
         cp = getattr(pg_collection, "cp", None) if pg_collection is not None else None
         self.seq_group = cp if cp is not None else parallel_state.get_context_parallel_group()
         head_dim = config.kv_channels
-        self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
+        self.softmax_scale = (
+            softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
+        )
 
     def forward(
         self,

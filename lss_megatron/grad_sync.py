@@ -47,7 +47,9 @@ def _buckets(params: list[torch.nn.Parameter], bucket_bytes: int) -> list[list[t
 class GradientAverager:
     """Averages gradients over the grid as described above. Build once, call after backward."""
 
-    def __init__(self, model: torch.nn.Module, grid: Grid, bucket_bytes: int = DEFAULT_BUCKET_BYTES):
+    def __init__(
+        self, model: torch.nn.Module, grid: Grid, bucket_bytes: int = DEFAULT_BUCKET_BYTES
+    ):
         params = [p for p in model.parameters() if p.requires_grad]
         self.grid = grid
         replicated = [p for p in params if not is_sequence_local(p)]

@@ -42,8 +42,14 @@ def get_lss_layer_spec(causal: bool = True):
     return spec
 
 
-def transformer_config(model: ModelConfig, *, context_parallel: int = 1, tensor_parallel: int = 1,
-                       sequence_parallel: bool = False, params_dtype=torch.float32):
+def transformer_config(
+    model: ModelConfig,
+    *,
+    context_parallel: int = 1,
+    tensor_parallel: int = 1,
+    sequence_parallel: bool = False,
+    params_dtype=torch.float32,
+):
     """The Megatron `TransformerConfig` for `model` (CPU-safe: every fusion off, no dropout)."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -97,11 +103,15 @@ def build_model(model: ModelConfig, grid: Grid, *, mode: str, seed: int):
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
     torch.manual_seed(seed)
     gpt = GPTModel(
-        config=transformer_config(model, context_parallel=grid.seq_size, tensor_parallel=grid.tp_size),
+        config=transformer_config(
+            model, context_parallel=grid.seq_size, tensor_parallel=grid.tp_size
+        ),
         transformer_layer_spec=spec,
         vocab_size=model.vocab_size,
         max_sequence_length=model.seq_length,
-        position_embedding_type="learned_absolute" if model.position_embedding == "learned" else "rope",
+        position_embedding_type="learned_absolute"
+        if model.position_embedding == "learned"
+        else "rope",
         share_embeddings_and_output_weights=False,
     )
     if mode == "lss":

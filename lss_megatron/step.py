@@ -23,7 +23,9 @@ def step_micro_batches(cfg: RunConfig, grid: Grid, step: int):
     indices = replica_sample_indices(t.global_batch_size, grid.data_rank, grid.data_size)
     seqs = synthetic_sequences(t.seed, step, indices, m.seq_length, m.vocab_size)  # [G/D, l+1]
     b = cfg.micro_batch
-    return [shard_segment(seqs[i : i + b], grid.seq_rank, grid.seq_size) for i in range(0, len(seqs), b)]
+    return [
+        shard_segment(seqs[i : i + b], grid.seq_rank, grid.seq_size) for i in range(0, len(seqs), b)
+    ]
 
 
 def forward_backward(model, micro_batches, *, return_token_losses: bool = False):

@@ -34,11 +34,19 @@ def build_parser() -> argparse.ArgumentParser:
     d_m, d_t = ModelConfig(), TrainConfig()
     g = p.add_argument_group("parallel layout")
     g.add_argument("--mode", choices=MODES, default="lss")
-    g.add_argument("--seq-parallel", type=int, default=None,
-                   help="N, segments per sequence (default: P for lss, 1 for serial)")
+    g.add_argument(
+        "--seq-parallel",
+        type=int,
+        default=None,
+        help="N, segments per sequence (default: P for lss, 1 for serial)",
+    )
     g.add_argument("--data-parallel", type=int, default=None, help="D (default: P / N)")
-    g.add_argument("--dist-timeout", type=float, default=300.0,
-                   help="seconds before a hung collective fails the job")
+    g.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=300.0,
+        help="seconds before a hung collective fails the job",
+    )
     g = p.add_argument_group("model")
     g.add_argument("--num-layers", type=int, default=d_m.num_layers)
     g.add_argument("--hidden-size", type=int, default=d_m.hidden_size)
@@ -47,8 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ffn-hidden-size", type=int, default=None)
     g.add_argument("--seq-length", type=int, default=d_m.seq_length)
     g.add_argument("--vocab-size", type=int, default=d_m.vocab_size)
-    g.add_argument("--position-embedding", default=d_m.position_embedding,
-                   choices=("learned", "rope"))
+    g.add_argument(
+        "--position-embedding", default=d_m.position_embedding, choices=("learned", "rope")
+    )
     g.add_argument("--no-causal", action="store_true", help="bidirectional attention")
     g = p.add_argument_group("training")
     g.add_argument("--global-batch-size", type=int, default=d_t.global_batch_size)
@@ -113,11 +122,14 @@ def _init_distributed(cfg: RunConfig, rank: int) -> None:
     if "MASTER_ADDR" in os.environ:
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group(backend, rank=rank, world_size=cfg.parallel.world_size, timeout=timeout)
+        dist.init_process_group(
+            backend, rank=rank, world_size=cfg.parallel.world_size, timeout=timeout
+        )
     elif cfg.parallel.world_size == 1:  # plain `python -m lss_megatron.train`
         store = Path(tempfile.mkdtemp(prefix="lss_store_")) / "store"
-        dist.init_process_group(backend, init_method=f"file://{store}", rank=0, world_size=1,
-                                timeout=timeout)
+        dist.init_process_group(
+            backend, init_method=f"file://{store}", rank=0, world_size=1, timeout=timeout
+        )
     else:
         raise RuntimeError("WORLD_SIZE > 1 but no MASTER_ADDR: launch with torchrun or deepspeed")
 
@@ -128,13 +140,12 @@ def run(cfg: RunConfig, rank: int) -> list[float]:
     import torch.distributed as dist
 
     from . import comm
+    from .checks import check_replicas
     from .grad_sync import GradientAverager
     from .grid import destroy_grid, initialize_grid
     from .log import get_logger
     from .model import build_model
     from .step import forward_backward, global_mean_loss, step_micro_batches
-
-    from .checks import check_replicas
 
     log = get_logger("train")
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
@@ -186,13 +197,24 @@ def run(cfg: RunConfig, rank: int) -> list[float]:
             dt = time.perf_counter() - t0
             losses.append(loss)
             if rank == 0:
-                rec = {"step": step, "loss": loss, "step_time_s": dt,
-                       "tokens_per_s": tokens_per_step / dt, **clog.summary()}
+                rec = {
+                    "step": step,
+                    "loss": loss,
+                    "step_time_s": dt,
+                    "tokens_per_s": tokens_per_step / dt,
+                    **clog.summary(),
+                }
                 with metrics_path.open("a") as f:
                     f.write(json.dumps(rec) + "\n")
                 if step % cfg.train.log_interval == 0 or step == cfg.train.steps:
-                    log.info("step %d/%d loss %.6f (%.3f s, %.0f tok/s)", step, cfg.train.steps,
-                             loss, dt, tokens_per_step / dt)
+                    log.info(
+                        "step %d/%d loss %.6f (%.3f s, %.0f tok/s)",
+                        step,
+                        cfg.train.steps,
+                        loss,
+                        dt,
+                        tokens_per_step / dt,
+                    )
         replicas = check_replicas(model, grid)
         if rank == 0:
             summary = {"steps": len(losses), "final_loss": losses[-1], "replicas": replicas}
@@ -201,8 +223,11 @@ def run(cfg: RunConfig, rank: int) -> list[float]:
             raise RuntimeError(
                 f"replicated parameters diverged across ranks: {replicas['mismatched']}"
             )
-        log.info("done: final loss %.6f; replicas bitwise equal across %d ranks",
-                 losses[-1], grid.world_size)
+        log.info(
+            "done: final loss %.6f; replicas bitwise equal across %d ranks",
+            losses[-1],
+            grid.world_size,
+        )
         return losses
     finally:
         destroy_grid()

@@ -20,8 +20,9 @@ from dist_utils import run_ranks
 
 TOL = 1e-5
 SEED = 7
-MODEL = dict(num_layers=2, hidden_size=32, num_heads=4, num_kv_heads=2, seq_length=16,
-             vocab_size=64)
+MODEL = dict(
+    num_layers=2, hidden_size=32, num_heads=4, num_kv_heads=2, seq_length=16, vocab_size=64
+)
 GLOBAL_BATCH = 4
 MICRO_BATCH = 1
 
@@ -78,8 +79,9 @@ def _model_worker(rank, world, layouts):
 @pytest.fixture(scope="module")
 def reference():
     """One process, Megatron's stock attention, learned and RoPE."""
-    res = run_ranks(_model_worker, 1, [(1, 1, "learned", "serial"), (1, 1, "rope", "serial")],
-                    timeout=120)[0]
+    res = run_ranks(
+        _model_worker, 1, [(1, 1, "learned", "serial"), (1, 1, "rope", "serial")], timeout=120
+    )[0]
     return {r["layout"][2]: r for r in res}
 
 

@@ -129,7 +129,11 @@ def _operator_worker(rank, world, cases):
                 "err": err,
                 "shape": tuple(out.shape),
                 "fwd": (fwd_log.count(), fwd_log.count("all_gather", "sp"), list(fwd_raw.calls)),
-                "bwd": (bwd_log.count(), bwd_log.count("reduce_scatter", "sp"), list(bwd_raw.calls)),
+                "bwd": (
+                    bwd_log.count(),
+                    bwd_log.count("reduce_scatter", "sp"),
+                    list(bwd_raw.calls),
+                ),
                 "fwd_bytes": fwd_log.nbytes("sp"),
                 # only the h_kv heads travel: (N-1) local [K|V] buffers
                 "expected_fwd_bytes": (world - 1) * 2 * sq * b * h_kv * d * 4,

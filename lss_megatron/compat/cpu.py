@@ -80,4 +80,3 @@ def apply() -> list[str]:
 
     log.debug("Megatron-Core CPU accommodations applied: %s", _applied)
     return list(_applied)
-

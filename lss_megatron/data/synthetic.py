@@ -14,7 +14,9 @@ from __future__ import annotations
 import numpy as np
 
 
-def synthetic_sequence(seed: int, step: int, index: int, seq_length: int, vocab_size: int) -> np.ndarray:
+def synthetic_sequence(
+    seed: int, step: int, index: int, seq_length: int, vocab_size: int
+) -> np.ndarray:
     """One sequence of ``seq_length + 1`` int64 tokens (see the module docstring)."""
     if vocab_size < 2:
         raise ValueError(f"synthetic data needs vocab_size >= 2, got {vocab_size}")
@@ -27,6 +29,8 @@ def synthetic_sequence(seed: int, step: int, index: int, seq_length: int, vocab_
     return seq
 
 
-def synthetic_sequences(seed: int, step: int, indices, seq_length: int, vocab_size: int) -> np.ndarray:
+def synthetic_sequences(
+    seed: int, step: int, indices, seq_length: int, vocab_size: int
+) -> np.ndarray:
     """The sequences with global sample `indices` of optimizer step `step`: [len(indices), l + 1]."""
     return np.stack([synthetic_sequence(seed, step, i, seq_length, vocab_size) for i in indices])

@@ -1,0 +1,117 @@
+"""Bad configurations fail fast (before any process group), non-zero, naming the offending values."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from lss_megatron.config import ConfigError, ModelConfig, ParallelConfig, RunConfig, TrainConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _cfg(model=None, parallel=None, train=None) -> RunConfig:
+    return RunConfig(
+        model=ModelConfig(**(model or {})),
+        parallel=ParallelConfig(**({"world_size": 1} | (parallel or {}))),
+        train=TrainConfig(**(train or {})),
+    )
+
+
+BAD = [
+    # (what, config, fragments the message must contain)
+    ("seq not divisible by N",
+     _cfg(model={"seq_length": 30}, parallel={"world_size": 4, "seq_parallel": 4}),
+     ["--seq-length 30", "--seq-parallel 4"]),
+    ("heads not divisible by kv heads",
+     _cfg(model={"num_heads": 4, "num_kv_heads": 3}), ["--num-heads 4", "--num-kv-heads 3"]),
+    ("hidden not divisible by heads",
+     _cfg(model={"hidden_size": 30, "num_heads": 4}), ["--hidden-size 30", "--num-heads 4"]),
+    ("P != N*D",
+     _cfg(parallel={"world_size": 4, "seq_parallel": 2, "data_parallel": 3}),
+     ["P = 4", "2 x 3 = 6"]),
+    ("G not divisible by D",
+     _cfg(parallel={"world_size": 4, "seq_parallel": 2}, train={"global_batch_size": 3}),
+     ["--global-batch-size 3", "D = 2"]),
+    ("serial with N > 1",
+     _cfg(parallel={"mode": "serial", "world_size": 2, "seq_parallel": 2}),
+     ["--mode serial", "--seq-parallel 2"]),
+    ("micro batch does not divide G/D",
+     _cfg(train={"global_batch_size": 4, "micro_batch_size": 3}), ["--micro-batch-size 3", "4"]),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("what,cfg,fragments", BAD, ids=[b[0] for b in BAD])
+def test_validate_names_offending_values(what, cfg, fragments):
+    with pytest.raises(ConfigError) as e:
+        cfg.validate()
+    for frag in fragments:
+        assert frag in str(e.value), f"{what}: {frag!r} not in {e.value}"
+
+
+def test_validate_lists_every_problem_at_once():
+    cfg = _cfg(
+        model={"hidden_size": 30, "num_heads": 4}, parallel={"world_size": 3, "seq_parallel": 2}
+    )
+    with pytest.raises(ConfigError) as e:
+        cfg.validate()
+    assert "--hidden-size 30" in str(e.value) and "P = 3" in str(e.value)
+
+
+def test_good_config_derives_defaults():
+    cfg = _cfg(
+        parallel={"world_size": 8, "seq_parallel": 4}, train={"global_batch_size": 8}
+    ).validate()
+    d = cfg.to_dict()
+    assert d["parallel"]["data_parallel"] == 2
+    assert d["train"]["micro_batch_size"] == 4 and d["train"]["num_micro_batches"] == 1
+    assert d["model"]["num_kv_heads"] == d["model"]["num_heads"]
+    assert d["model"]["ffn_hidden_size"] == 4 * d["model"]["hidden_size"]
+
+
+CLI_BAD = [
+    (4, ["--mode", "lss", "--seq-parallel", "4", "--seq-length", "30"], ["--seq-length 30"]),
+    (1, ["--num-heads", "4", "--num-kv-heads", "3"], ["--num-kv-heads 3"]),
+    (1, ["--hidden-size", "30", "--num-heads", "4"], ["--hidden-size 30"]),
+    (4, ["--seq-parallel", "2", "--data-parallel", "3"], ["P = 4"]),
+    (4, ["--seq-parallel", "2", "--global-batch-size", "3"], ["--global-batch-size 3"]),
+    (2, ["--mode", "serial", "--seq-parallel", "2"], ["--mode serial"]),
+    (1, ["--no-such-flag", "7"], ["unrecognized arguments: --no-such-flag"]),
+    (1, ["--mode", "ring"], ["invalid choice: 'ring'"]),
+]
+
+
+@pytest.mark.parametrize("world,args,fragments", CLI_BAD)
+def test_cli_fails_fast_before_any_process_group(world, args, fragments):
+    """WORLD_SIZE set as a launcher would, but no MASTER_ADDR: the trainer must exit at
+    validation, since building a process group would block waiting for peers."""
+    env = {**os.environ, "WORLD_SIZE": str(world), "RANK": "0"}
+    env.pop("MASTER_ADDR", None)
+    t0 = time.monotonic()
+    res = subprocess.run([sys.executable, "-m", "lss_megatron.train", *args], capture_output=True,
+                         text=True, env=env, cwd=ROOT, timeout=60)  # fmt: skip
+    elapsed = time.monotonic() - t0
+    assert res.returncode == 2, (res.returncode, res.stderr)
+    for frag in fragments:
+        assert frag in res.stderr, res.stderr
+    assert "Traceback" not in res.stderr
+    assert elapsed < 10, f"validation took {elapsed:.1f} s"
+
+
+@pytest.mark.timeout(120)
+def test_torchrun_bad_config_fails_fast():
+    """Every rank validates before building a process group; torchrun stops the job at the
+    first rank's non-zero exit (it may terminate the others before they print)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           "-m", "lss_megatron.train", "--mode", "lss", "--num-heads", "6", "--num-kv-heads", "4"]  # fmt: skip
+    t0 = time.monotonic()
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=100,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    assert res.returncode != 0
+    assert "--num-heads 6 is not divisible by --num-kv-heads 4" in res.stderr, res.stderr
+    assert time.monotonic() - t0 < 60
