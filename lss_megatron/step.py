@@ -16,9 +16,9 @@ from .data import replica_sample_indices, shard_segment, synthetic_sequences
 from .grid import Grid
 
 
-def step_micro_batches(cfg: RunConfig, grid: Grid, step: int):
+def step_micro_batches(cfg: RunConfig, grid: Grid, step: int, device=None):
     """This rank's micro-batches of optimizer step `step` (1-based): list of
-    (tokens, labels, position_ids), each [B, l/N]."""
+    (tokens, labels, position_ids), each [B, l/N], on `device` (default: CPU)."""
     m, t = cfg.model, cfg.train
     indices = replica_sample_indices(t.global_batch_size, grid.data_rank, grid.data_size)
     seqs = synthetic_sequences(t.seed, step, indices, m.seq_length, m.vocab_size)  # [G/D, l+1]
@@ -34,7 +34,7 @@ def forward_backward(model, micro_batches, *, return_token_losses: bool = False)
     Returns (local mean loss as a float tensor, per-token losses [B_total, l/N] or None).
     """
     n_tokens = sum(tok.numel() for tok, _, _ in micro_batches)
-    total = torch.zeros((), dtype=torch.float64)
+    total = torch.zeros((), dtype=torch.float64, device=micro_batches[0][0].device)
     token_losses = []
     for tokens, labels, positions in micro_batches:
         per_token = model(tokens, positions, None, labels=labels)  # [B, l/N]

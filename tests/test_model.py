@@ -27,18 +27,20 @@ GLOBAL_BATCH = 4
 MICRO_BATCH = 1
 
 
-def _configs(world, n, d, pos, mode):
+def _configs(world, n, d, pos, mode, causal=True):
     from lss_megatron.config import ModelConfig, ParallelConfig, RunConfig, TrainConfig
 
     return RunConfig(
-        model=ModelConfig(position_embedding=pos, **MODEL),
+        model=ModelConfig(position_embedding=pos, causal=causal, **MODEL),
         parallel=ParallelConfig(mode=mode, world_size=world, seq_parallel=n, data_parallel=d),
         train=TrainConfig(global_batch_size=GLOBAL_BATCH, micro_batch_size=MICRO_BATCH, seed=SEED),
     ).validate()
 
 
 def _model_worker(rank, world, layouts):
-    """For each (N, D, pos, mode): one forward/backward step + gradient averaging."""
+    """For each (N, D, pos, mode[, causal, bucket_bytes]): one forward/backward step + gradient
+    averaging."""
+    from lss_megatron import comm
     from lss_megatron.grad_sync import GradientAverager
     from lss_megatron.grid import destroy_grid, initialize_grid
     from lss_megatron.model import build_model
@@ -46,13 +48,20 @@ def _model_worker(rank, world, layouts):
     from lss_megatron.step import forward_backward, global_mean_loss, step_micro_batches
 
     out = []
-    for n, d, pos, mode in layouts:
-        cfg = _configs(world, n, d, pos, mode)
+    for layout in layouts:
+        n, d, pos, mode, causal, bucket_bytes = (
+            (*layout, True, None)[:6] if len(layout) == 4 else layout
+        )
+        cfg = _configs(world, n, d, pos, mode, causal)
         grid = initialize_grid(cfg.parallel)
         model = build_model(cfg.model, grid, mode=mode, seed=SEED)
         micro = step_micro_batches(cfg, grid, step=1)
         local_loss, token_losses = forward_backward(model, micro, return_token_losses=True)
-        GradientAverager(model, grid)()
+        averager = GradientAverager(
+            model, grid, **({"bucket_bytes": bucket_bytes} if bucket_bytes else {})
+        )
+        with comm.record() as grad_log:
+            averager()
         loss = global_mean_loss(local_loss, grid)
         grads, local_grads = {}, {}
         for name, p in model.named_parameters():
@@ -62,7 +71,10 @@ def _model_worker(rank, world, layouts):
                 grads[name] = p.grad.numpy().copy()
         out.append(
             {
-                "layout": (n, d, pos, mode),
+                "layout": layout,
+                "grad_calls": grad_log.count(category="grad"),
+                "expected_grad_calls": averager.num_collectives,
+                "num_params": sum(1 for _ in model.parameters()),
                 "seq_rank": grid.seq_rank,
                 "data_rank": grid.data_rank,
                 "loss": loss,
@@ -78,11 +90,14 @@ def _model_worker(rank, world, layouts):
 
 @pytest.fixture(scope="module")
 def reference():
-    """One process, Megatron's stock attention, learned and RoPE."""
-    res = run_ranks(
-        _model_worker, 1, [(1, 1, "learned", "serial"), (1, 1, "rope", "serial")], timeout=120
-    )[0]
-    return {r["layout"][2]: r for r in res}
+    """One process, Megatron's stock attention: learned and RoPE causal, learned bidirectional."""
+    layouts = [
+        (1, 1, "learned", "serial"),
+        (1, 1, "rope", "serial"),
+        (1, 1, "learned", "serial", False, None),
+    ]
+    res = run_ranks(_model_worker, 1, layouts, timeout=120)[0]
+    return {(r["layout"][2], len(r["layout"]) == 4): r for r in res}
 
 
 @pytest.fixture(scope="module")
@@ -91,6 +106,7 @@ def lss_runs():
         (2, 2, p, "lss") for p in ("learned", "rope")
     ]
     layouts2 = [(2, 1, p, "lss") for p in ("learned", "rope")]
+    layouts2.append(SMALL_BUCKETS_NONCAUSAL)
     runs = {}
     for world, layouts in ((2, layouts2), (4, layouts4)):
         for rank_results in run_ranks(_model_worker, world, layouts, timeout=240):
@@ -100,13 +116,28 @@ def lss_runs():
 
 
 LAYOUTS = [(n, d, p) for n, d in ((2, 1), (4, 1), (2, 2)) for p in ("learned", "rope")]
+# bidirectional attention, and gradient buckets of 4 KiB so averaging needs several all-reduces
+SMALL_BUCKETS_NONCAUSAL = (2, 1, "learned", "lss", False, 4096)
 
 
 @pytest.mark.timeout(400)
 @pytest.mark.parametrize("n,d,pos", LAYOUTS)
 def test_lss_model_matches_one_process(reference, lss_runs, n, d, pos):
-    ref = reference[pos]
-    ranks = lss_runs[(n, d, pos, "lss")]
+    _check(reference[(pos, True)], lss_runs[(n, d, pos, "lss")], n, d, pos)
+
+
+@pytest.mark.timeout(400)
+def test_noncausal_with_small_gradient_buckets(reference, lss_runs):
+    """Bidirectional attention matches too; 4 KiB buckets give several bucketed all-reduces,
+    far fewer than one per parameter, with the same exact gradients."""
+    ranks = lss_runs[SMALL_BUCKETS_NONCAUSAL]
+    _check(reference[("learned", False)], ranks, 2, 1, "learned")
+    for r in ranks:
+        assert r["grad_calls"] == r["expected_grad_calls"]
+        assert 1 < r["grad_calls"] < r["num_params"], (r["grad_calls"], r["num_params"])
+
+
+def _check(ref, ranks, n, d, pos):
     assert len(ranks) == n * d
     seg = MODEL["seq_length"] // n
     per_replica = GLOBAL_BATCH // d
@@ -118,6 +149,7 @@ def test_lss_model_matches_one_process(reference, lss_runs, n, d, pos):
             if name in r["local"]:
                 ref_w = ref_w[r["seq_rank"] * seg : (r["seq_rank"] + 1) * seg]
             assert np.array_equal(w, ref_w), f"{tag}: initial {name} differs"
+        assert r["grad_calls"] == r["expected_grad_calls"], tag
         assert abs(r["loss"] - ref["loss"]) < TOL, f"{tag}: loss {r['loss']} vs {ref['loss']}"
         # every replicated parameter gradient
         assert set(r["grads"]) | set(r["local"]) == set(ref["grads"]), tag
