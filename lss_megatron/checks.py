@@ -1,7 +1,8 @@
 """Run-time invariants of the parallel layout, checked collectively.
 
-`check_replicas`: replicated parameters must be bitwise identical on all P ranks, and each
-sequence-local parameter (a position slice) identical on the D ranks that hold the same segment.
+`check_replicas`: replicated parameters must be bitwise identical on all P ranks, each
+sequence-local parameter (a position slice) identical on the D ranks that hold the same segment,
+and each tensor-parallel shard identical on the ranks that hold the same shard.
 A mismatch means gradient averaging went wrong; the trainer fails the run when it sees one.
 """
 
@@ -22,24 +23,28 @@ def parameter_digests(model) -> dict[str, str]:
     }
 
 
+def _shard_key(p, seq_rank: int, tp_rank: int) -> tuple:
+    """Ranks with equal keys must hold bitwise-equal copies of this parameter."""
+    return (
+        seq_rank if is_sequence_local(p) else None,
+        tp_rank if getattr(p, "tensor_model_parallel", False) else None,
+    )
+
+
 def check_replicas(model, grid: Grid) -> dict:
     """Compare parameter digests across ranks; returns a summary, identical on every rank."""
-    local = {n: is_sequence_local(p) for n, p in model.named_parameters()}
-    mine = (grid.seq_rank, parameter_digests(model))
-    everyone = comm.all_gather_object(mine, None)
+    keys = {n: _shard_key(p, grid.seq_rank, grid.tp_rank) for n, p in model.named_parameters()}
+    everyone = comm.all_gather_object((keys, parameter_digests(model)), None)
     mismatched = []
-    for name, seq_local in local.items():
-        if seq_local:
-            groups: dict[int, set] = {}
-            for seq_rank, digests in everyone:
-                groups.setdefault(seq_rank, set()).add(digests[name])
-            if any(len(v) > 1 for v in groups.values()):
-                mismatched.append(name)
-        elif len({digests[name] for _, digests in everyone}) > 1:
+    for name in keys:
+        copies: dict[tuple, set] = {}
+        for their_keys, digests in everyone:
+            copies.setdefault(their_keys[name], set()).add(digests[name])
+        if any(len(v) > 1 for v in copies.values()):
             mismatched.append(name)
     return {
-        "replicated_params": sum(not v for v in local.values()),
-        "sequence_local_params": sum(local.values()),
+        "replicated_params": sum(k == (None, None) for k in keys.values()),
+        "sharded_params": sum(k != (None, None) for k in keys.values()),
         "bitwise_equal": not mismatched,
         "mismatched": sorted(mismatched),
     }

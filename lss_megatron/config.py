@@ -16,9 +16,10 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-MODES = ("serial", "lss")
+MODES = ("serial", "lss", "nvidia-sp")
 """Modes the trainer knows. `serial` is plain data parallelism (N = 1) with Megatron's stock
-attention; `lss` is LSS sequence parallelism. Baselines add themselves in later releases."""
+attention; `lss` is LSS sequence parallelism over N segments; `nvidia-sp` is the baseline,
+Megatron tensor parallelism of degree N with `sequence_parallel=True` (baselines/nvidia_sp.py)."""
 
 POSITION_EMBEDDINGS = ("learned", "rope")
 OPTIMIZERS = ("sgd", "adamw")
@@ -101,7 +102,8 @@ class ParallelConfig:
     world_size: int = 1
     """P, the number of processes (from the launcher)."""
     seq_parallel: int = 1
-    """N: segments per sequence = size of the sequence group (Megatron's context-parallel group)."""
+    """N: the sequence-parallel degree. LSS: segments per sequence = size of the sequence group
+    (Megatron's context-parallel group). nvidia-sp: the tensor-parallel size."""
     data_parallel: int | None = None
     """D: data-parallel replicas; defaults to P / N."""
     dist_timeout_s: float = 300.0
@@ -209,6 +211,10 @@ class RunConfig:
     def validate(self) -> RunConfig:
         """Raise `ConfigError` listing every problem; return self when the run is possible."""
         p = self.model.problems() + self.parallel.problems()
+        if not p:
+            from .modes import mode_problems
+
+            p += mode_problems(self.parallel.mode, self.model, self.parallel.seq_parallel)
         if not p:
             n = self.parallel.seq_parallel
             if self.model.seq_length % n:

@@ -12,6 +12,11 @@ Hence:
   ranks = (1/N) * mean over the data group: one bucketed all-reduce over the data group, then
   a 1/(N*D) scale.
 
+Before that, parameters tagged ``sequence_parallel`` (Megatron's LayerNorms and row-parallel
+biases under NVIDIA sequence parallelism, tensor parallelism > 1) have their gradients SUMMED over
+the tensor-parallel group, since each tensor-parallel rank saw only l/N tokens (what Megatron's
+`finalize_model_grads` does). In LSS and serial runs there are none.
+
 Gradients that are None (a parameter unused this step) are zero-filled first, so every rank issues
 the same buckets and no collective can mismatch.
 """
@@ -54,6 +59,8 @@ class GradientAverager:
         self.grid = grid
         replicated = [p for p in params if not is_sequence_local(p)]
         local = [p for p in params if is_sequence_local(p)]
+        tp_partial = [p for p in params if getattr(p, "sequence_parallel", False)]
+        self.tp_sum_buckets = _buckets(tp_partial, bucket_bytes) if grid.tp_size > 1 else []
         self.replicated_buckets = _buckets(replicated, bucket_bytes)
         self.local_buckets = _buckets(local, bucket_bytes)
 
@@ -70,6 +77,7 @@ class GradientAverager:
 
     def __call__(self) -> None:
         g = self.grid
+        self._reduce(self.tp_sum_buckets, g.tp_group, 1.0)
         p_ranks = g.seq_size * g.data_size
         self._reduce(self.replicated_buckets, g.grad_group, 1.0 / p_ranks)
         self._reduce(self.local_buckets, g.data_group, 1.0 / p_ranks)
@@ -79,4 +87,5 @@ class GradientAverager:
         """All-reduces issued per call (groups of one rank issue none)."""
         g = self.grid
         n = len(self.replicated_buckets) if g.seq_size * g.data_size > 1 else 0
+        n += len(self.tp_sum_buckets)
         return n + (len(self.local_buckets) if g.data_size > 1 else 0)

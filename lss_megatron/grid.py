@@ -8,6 +8,9 @@ LSS maps onto Megatron-Core's groups as follows (TP = 1):
 * gradient group (size P)  = data-parallel with context-parallel: where replicated weights'
                              gradients are averaged (the first half of double gradient averaging).
 
+For the nvidia-sp baseline the degree N is Megatron's tensor-parallel group instead (seq_size is
+then 1: every tensor-parallel rank reads whole sequences) and the gradient group is the data group.
+
 Megatron's default rank order (`tp-cp-ep-dp-pp`) makes the N ranks of a sequence group
 consecutive, i.e. inside one node, so the per-layer K/V gathers stay on the fastest links.
 """
@@ -35,6 +38,7 @@ class Grid:
     data_size: int
     grad_group: object
     tp_group: object
+    tp_rank: int
     tp_size: int
 
     def __repr__(self) -> str:  # groups are not printable in a useful way
@@ -44,13 +48,16 @@ class Grid:
         )
 
 
-def initialize_grid(parallel: ParallelConfig, tensor_parallel: int = 1) -> Grid:
+def initialize_grid(parallel: ParallelConfig) -> Grid:
     """Build Megatron's groups for `parallel` on the already-initialised default group.
 
-    The context-parallel size is N (the LSS sequence group); `tensor_parallel` is 1 for LSS and
-    serial. Every group gets the run's collective timeout.
+    The mode decides how the degree N maps onto Megatron: LSS uses a context-parallel group of
+    size N (the sequence group), nvidia-sp a tensor-parallel group of size N, serial neither.
+    Every group gets the run's collective timeout.
     """
     from megatron.core import parallel_state as ps
+
+    from .modes import get_mode
 
     if not dist.is_initialized():
         raise RuntimeError("initialize_grid: torch.distributed is not initialised")
@@ -60,9 +67,10 @@ def initialize_grid(parallel: ParallelConfig, tensor_parallel: int = 1) -> Grid:
         )
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
+    mode = get_mode(parallel.mode)
     ps.initialize_model_parallel(
-        tensor_model_parallel_size=tensor_parallel,
-        context_parallel_size=parallel.seq_parallel,
+        tensor_model_parallel_size=mode.tensor_parallel(parallel.seq_parallel),
+        context_parallel_size=mode.context_parallel(parallel.seq_parallel),
         distributed_timeout_minutes=parallel.dist_timeout_s / 60.0,
     )
     return Grid(
@@ -76,6 +84,7 @@ def initialize_grid(parallel: ParallelConfig, tensor_parallel: int = 1) -> Grid:
         data_size=ps.get_data_parallel_world_size(),
         grad_group=ps.get_data_parallel_group(with_context_parallel=True),
         tp_group=ps.get_tensor_model_parallel_group(),
+        tp_rank=ps.get_tensor_model_parallel_rank(),
         tp_size=ps.get_tensor_model_parallel_world_size(),
     )
 

@@ -79,34 +79,32 @@ def transformer_config(
 
 
 def build_model(model: ModelConfig, grid: Grid, *, mode: str, seed: int):
-    """Build the `GPTModel` of `mode` ("serial" or "lss") on this rank.
+    """Build the `GPTModel` of `mode` ("serial", "lss" or "nvidia-sp") on this rank.
 
-    Same seed -> same initial weights for every mode and layout. In LSS mode the learned position
-    table is cut to this rank's segment and RoPE uses global positions (positions.py).
+    Same seed -> same initial (master) weights for every mode and layout. In LSS mode the learned
+    position table is cut to this rank's segment and RoPE uses global positions (positions.py).
     """
     from megatron.core import tensor_parallel
     from megatron.core.models.gpt import GPTModel
 
     from .compat import cpu
-    from .positions import distribute_positions
+    from .modes import get_mode
 
     cpu.apply()
-    if mode == "lss":
-        spec = get_lss_layer_spec(model.causal)
-    elif mode == "serial":
-        if grid.seq_size != 1:
-            raise ValueError(f"serial mode needs a sequence group of 1, got N = {grid.seq_size}")
-        spec = get_serial_layer_spec(model.causal)
-    else:
-        raise ValueError(f"build_model: unknown mode {mode!r}")
-
+    m = get_mode(mode)
+    n = max(grid.seq_size, grid.tp_size)
+    if (m.context_parallel(n), m.tensor_parallel(n)) != (grid.seq_size, grid.tp_size):
+        raise ValueError(f"build_model: mode {mode!r} does not match the grid {grid}")
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
     torch.manual_seed(seed)
     gpt = GPTModel(
         config=transformer_config(
-            model, context_parallel=grid.seq_size, tensor_parallel=grid.tp_size
+            model,
+            context_parallel=grid.seq_size,
+            tensor_parallel=grid.tp_size,
+            sequence_parallel=m.sequence_parallel,
         ),
-        transformer_layer_spec=spec,
+        transformer_layer_spec=m.layer_spec(model),
         vocab_size=model.vocab_size,
         max_sequence_length=model.seq_length,
         position_embedding_type="learned_absolute"
@@ -114,6 +112,5 @@ def build_model(model: ModelConfig, grid: Grid, *, mode: str, seed: int):
         else "rope",
         share_embeddings_and_output_weights=False,
     )
-    if mode == "lss":
-        distribute_positions(gpt, grid.seq_rank, grid.seq_size)
+    m.post_build(gpt, grid)
     return gpt

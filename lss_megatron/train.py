@@ -28,7 +28,8 @@ from .config import MODES, ConfigError, ModelConfig, ParallelConfig, RunConfig, 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m lss_megatron.train",
-        description="Train a Megatron-Core GPT model with LSS sequence parallelism (or serially).",
+        description="Train a Megatron-Core GPT model with LSS sequence parallelism, the NVIDIA "
+        "sequence-parallel baseline, or serially.",
         allow_abbrev=False,
     )
     d_m, d_t = ModelConfig(), TrainConfig()
@@ -179,8 +180,10 @@ def run(cfg: RunConfig, rank: int) -> list[float]:
                 "core_attention": type(
                     model.decoder.layers[0].self_attention.core_attention
                 ).__name__,
-                "tensor_parallel": grid.tp_size,
-                "context_parallel": grid.seq_size,
+                # what Megatron really runs with, read back from the built model
+                "tensor_parallel": model.config.tensor_model_parallel_size,
+                "sequence_parallel": bool(model.config.sequence_parallel),
+                "context_parallel": model.config.context_parallel_size,
                 "parameters_per_rank": sum(p.numel() for p in params),
                 "torch": torch.__version__,
                 "megatron_core": _megatron_version(),

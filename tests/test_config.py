@@ -41,6 +41,20 @@ BAD = [
     ("serial with N > 1",
      _cfg(parallel={"mode": "serial", "world_size": 2, "seq_parallel": 2}),
      ["--mode serial", "--seq-parallel 2"]),
+    ("nvidia-sp with N = 1 would silently run without sequence parallelism",
+     _cfg(parallel={"mode": "nvidia-sp", "world_size": 2, "seq_parallel": 1}),
+     ["--mode nvidia-sp needs --seq-parallel N >= 2", "got 1"]),
+    ("nvidia-sp heads not divisible by N",
+     _cfg(model={"hidden_size": 48, "num_heads": 6, "num_kv_heads": 6},
+          parallel={"mode": "nvidia-sp", "world_size": 4, "seq_parallel": 4}),
+     ["--num-heads 6 is not divisible by N = 4", "--num-kv-heads 6", "--mode lss"]),
+    ("nvidia-sp kv heads not divisible by N",
+     _cfg(model={"num_heads": 4, "num_kv_heads": 1},
+          parallel={"mode": "nvidia-sp", "world_size": 2, "seq_parallel": 2}),
+     ["--num-kv-heads 1 is not divisible by N = 2", "no such limit"]),
+    ("nvidia-sp vocab not divisible by N",
+     _cfg(model={"vocab_size": 255}, parallel={"mode": "nvidia-sp", "world_size": 2, "seq_parallel": 2}),
+     ["--vocab-size 255 is not divisible by N = 2"]),
     ("micro batch does not divide G/D",
      _cfg(train={"global_batch_size": 4, "micro_batch_size": 3}), ["--micro-batch-size 3", "4"]),
 ]  # fmt: skip
@@ -52,6 +66,31 @@ def test_validate_names_offending_values(what, cfg, fragments):
         cfg.validate()
     for frag in fragments:
         assert frag in str(e.value), f"{what}: {frag!r} not in {e.value}"
+
+
+def test_lss_has_no_head_cap():
+    """The same head count nvidia-sp rejects runs under LSS (N = 4, 6 heads, 2 kv heads)."""
+    _cfg(model={"hidden_size": 48, "num_heads": 6, "num_kv_heads": 2},
+         parallel={"mode": "lss", "world_size": 4, "seq_parallel": 4}).validate()  # fmt: skip
+
+
+def test_nvidia_sp_guard_refuses_a_model_without_sequence_parallelism():
+    """If Megatron built the model without TP = N and sequence_parallel, the run must stop."""
+    from types import SimpleNamespace
+
+    from baselines.nvidia_sp import verify_sequence_parallel
+
+    grid = SimpleNamespace(tp_size=2)
+    ok = SimpleNamespace(
+        config=SimpleNamespace(sequence_parallel=True, tensor_model_parallel_size=2)
+    )
+    verify_sequence_parallel(ok, grid)
+    for sp, tp in ((False, 2), (True, 1)):
+        bad = SimpleNamespace(
+            config=SimpleNamespace(sequence_parallel=sp, tensor_model_parallel_size=tp)
+        )
+        with pytest.raises(RuntimeError, match=f"sequence_parallel={sp}"):
+            verify_sequence_parallel(bad, grid)
 
 
 def test_validate_lists_every_problem_at_once():
@@ -83,6 +122,12 @@ CLI_BAD = [
     (2, ["--mode", "serial", "--seq-parallel", "2"], ["--mode serial"]),
     (1, ["--no-such-flag", "7"], ["unrecognized arguments: --no-such-flag"]),
     (1, ["--mode", "ring"], ["invalid choice: 'ring'"]),
+    (2, ["--mode", "nvidia-sp", "--seq-parallel", "1"], ["needs --seq-parallel N >= 2"]),
+    (
+        4,
+        ["--mode", "nvidia-sp", "--seq-parallel", "4", "--num-heads", "6", "--hidden-size", "48"],
+        ["--num-heads 6 is not divisible by N = 4"],
+    ),
 ]
 
 
@@ -108,10 +153,11 @@ def test_torchrun_bad_config_fails_fast():
     """Every rank validates before building a process group; torchrun stops the job at the
     first rank's non-zero exit (it may terminate the others before they print)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-           "-m", "lss_megatron.train", "--mode", "lss", "--num-heads", "6", "--num-kv-heads", "4"]  # fmt: skip
+           "-m", "lss_megatron.train", "--mode", "nvidia-sp", "--seq-parallel", "2", "--num-heads", "6",
+           "--num-kv-heads", "3", "--hidden-size", "48"]  # fmt: skip
     t0 = time.monotonic()
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=100,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
     assert res.returncode != 0
-    assert "--num-heads 6 is not divisible by --num-kv-heads 4" in res.stderr, res.stderr
+    assert "--num-kv-heads 3 is not divisible by N = 2" in res.stderr, res.stderr
     assert time.monotonic() - t0 < 60

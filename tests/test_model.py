@@ -21,7 +21,7 @@ from dist_utils import run_ranks
 TOL = 1e-5
 SEED = 7
 MODEL = dict(
-    num_layers=2, hidden_size=32, num_heads=4, num_kv_heads=2, seq_length=16, vocab_size=64
+    num_layers=2, hidden_size=32, num_heads=8, num_kv_heads=4, seq_length=16, vocab_size=64
 )
 GLOBAL_BATCH = 4
 MICRO_BATCH = 1
@@ -63,12 +63,14 @@ def _model_worker(rank, world, layouts):
         with comm.record() as grad_log:
             averager()
         loss = global_mean_loss(local_loss, grid)
-        grads, local_grads = {}, {}
+        grads, local_grads, tp_dims = {}, {}, {}
         for name, p in model.named_parameters():
             if is_sequence_local(p):
                 local_grads[name] = (p.grad.numpy().copy(), p.data.numpy().copy())
             else:
                 grads[name] = p.grad.numpy().copy()
+            if getattr(p, "tensor_model_parallel", False):
+                tp_dims[name] = p.partition_dim
         out.append(
             {
                 "layout": layout,
@@ -77,6 +79,8 @@ def _model_worker(rank, world, layouts):
                 "num_params": sum(1 for _ in model.parameters()),
                 "seq_rank": grid.seq_rank,
                 "data_rank": grid.data_rank,
+                "tp_rank": grid.tp_rank,
+                "tp_dims": tp_dims,
                 "loss": loss,
                 "grads": grads,
                 "local": local_grads,
@@ -101,12 +105,13 @@ def reference():
 
 
 @pytest.fixture(scope="module")
-def lss_runs():
+def parallel_runs():
     layouts4 = [(4, 1, p, "lss") for p in ("learned", "rope")] + [
         (2, 2, p, "lss") for p in ("learned", "rope")
     ]
+    layouts4 += [(4, 1, "learned", "nvidia-sp"), (2, 2, "rope", "nvidia-sp")]
     layouts2 = [(2, 1, p, "lss") for p in ("learned", "rope")]
-    layouts2.append(SMALL_BUCKETS_NONCAUSAL)
+    layouts2 += [SMALL_BUCKETS_NONCAUSAL, (2, 1, "rope", "nvidia-sp")]
     runs = {}
     for world, layouts in ((2, layouts2), (4, layouts4)):
         for rank_results in run_ranks(_model_worker, world, layouts, timeout=240):
@@ -122,15 +127,15 @@ SMALL_BUCKETS_NONCAUSAL = (2, 1, "learned", "lss", False, 4096)
 
 @pytest.mark.timeout(400)
 @pytest.mark.parametrize("n,d,pos", LAYOUTS)
-def test_lss_model_matches_one_process(reference, lss_runs, n, d, pos):
-    _check(reference[(pos, True)], lss_runs[(n, d, pos, "lss")], n, d, pos)
+def test_lss_model_matches_one_process(reference, parallel_runs, n, d, pos):
+    _check(reference[(pos, True)], parallel_runs[(n, d, pos, "lss")], n, d, pos)
 
 
 @pytest.mark.timeout(400)
-def test_noncausal_with_small_gradient_buckets(reference, lss_runs):
+def test_noncausal_with_small_gradient_buckets(reference, parallel_runs):
     """Bidirectional attention matches too; 4 KiB buckets give several bucketed all-reduces,
     far fewer than one per parameter, with the same exact gradients."""
-    ranks = lss_runs[SMALL_BUCKETS_NONCAUSAL]
+    ranks = parallel_runs[SMALL_BUCKETS_NONCAUSAL]
     _check(reference[("learned", False)], ranks, 2, 1, "learned")
     for r in ranks:
         assert r["grad_calls"] == r["expected_grad_calls"]
@@ -177,3 +182,43 @@ def _check(ref, ranks, n, d, pos):
         for edge in (0, seg - 1):  # first and last token of the segment
             e = np.abs(r["token_losses"][:, edge] - ref_tok[:, edge]).max()
             assert e < TOL, f"{tag}: boundary token {edge} loss error {e:.3e}"
+
+
+NVIDIA_SP_LAYOUTS = [(2, 1, "rope"), (4, 1, "learned"), (2, 2, "rope")]
+
+
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("n,d,pos", NVIDIA_SP_LAYOUTS)
+def test_nvidia_sp_model_matches_one_process(reference, parallel_runs, n, d, pos):
+    """The baseline (Megatron TP = N with sequence_parallel) on the same model: same initial
+    master weights, same loss, and every step-1 gradient equal to the one-process model's once
+    the tensor-parallel shards are concatenated (fp32, 1e-5 as above)."""
+    ref = reference[(pos, True)]
+    ranks = parallel_runs[(n, d, pos, "nvidia-sp")]
+    assert len(ranks) == n * d and sorted(r["tp_rank"] for r in ranks) == sorted(list(range(n)) * d)
+    per_replica = GLOBAL_BATCH // d
+    for data_rank in range(d):
+        shards = sorted(
+            (r for r in ranks if r["data_rank"] == data_rank), key=lambda r: r["tp_rank"]
+        )
+        tag = f"nvidia-sp N={n} D={d} {pos} data_rank={data_rank}"
+        assert all(r["seq_rank"] == 0 for r in shards), "TP ranks read whole sequences"
+        assert shards[0]["tp_dims"], f"{tag}: no tensor-parallel parameters"
+        for name, ref_g in ref["grads"].items():
+            dim = shards[0]["tp_dims"].get(name)
+            full_g = (np.concatenate([r["grads"][name] for r in shards], axis=dim)
+                      if dim is not None else shards[0]["grads"][name])  # fmt: skip
+            full_w = (np.concatenate([r["init"][name] for r in shards], axis=dim)
+                      if dim is not None else shards[0]["init"][name])  # fmt: skip
+            assert np.array_equal(full_w, ref["init"][name]), f"{tag}: initial {name} differs"
+            err = np.abs(full_g - ref_g).max()
+            assert err < TOL, f"{tag}: grad {name} max error {err:.3e}"
+            if dim is None:  # replicated over TP: every TP rank holds the same gradient
+                for r in shards[1:]:
+                    assert np.abs(r["grads"][name] - shards[0]["grads"][name]).max() < TOL, tag
+        for r in shards:
+            assert abs(r["loss"] - ref["loss"]) < TOL, f"{tag}: loss {r['loss']} vs {ref['loss']}"
+            assert r["grad_calls"] == r["expected_grad_calls"], tag
+            rows = slice(data_rank * per_replica, (data_rank + 1) * per_replica)
+            err = np.abs(r["token_losses"] - ref["token_losses"][rows]).max()
+            assert err < TOL, f"{tag}: token losses max error {err:.3e}"

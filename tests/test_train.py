@@ -18,7 +18,7 @@ import pytest
 
 TOL = 1e-5
 COMMON = [
-    "--num-layers", "2", "--hidden-size", "32", "--num-heads", "4", "--num-kv-heads", "2",
+    "--num-layers", "2", "--hidden-size", "32", "--num-heads", "8", "--num-kv-heads", "4",
     "--seq-length", "32", "--global-batch-size", "4", "--micro-batch-size", "1",
     "--vocab-size", "64", "--steps", "10", "--optimizer", "sgd", "--lr", "0.5", "--seed", "11",
     "--dtype", "fp32", "--data", "synthetic", "--dist-timeout", "60",
@@ -51,30 +51,59 @@ def serial_runs(tmp_path_factory):
     return runs
 
 
-@pytest.mark.timeout(600)
-@pytest.mark.parametrize(
-    "n,d,pos", [(2, 1, "learned"), (4, 1, "rope"), (2, 2, "learned"), (2, 2, "rope")]
-)
-def test_lss_training_matches_serial(serial_runs, tmp_path, n, d, pos):
-    res = torchrun(n * d, ["--mode", "lss", "--seq-parallel", str(n), "--data-parallel", str(d),
-                           "--position-embedding", pos, "--out", str(tmp_path), *COMMON])  # fmt: skip
+def run_mode(tmp_path: Path, mode: str, n: int, d: int, pos: str) -> tuple[list[float], dict]:
+    out = tmp_path / mode
+    res = torchrun(n * d, ["--mode", mode, "--seq-parallel", str(n), "--data-parallel", str(d),
+                           "--position-embedding", pos, "--out", str(out), *COMMON])  # fmt: skip
     assert res.returncode == 0, res.stderr[-3000:]
-    losses, ref = read_losses(tmp_path), serial_runs[pos]
-    assert len(losses) == len(ref) == 10
-    for step, (a, b) in enumerate(zip(losses, ref, strict=True), start=1):
-        assert abs(a - b) < TOL, f"step {step}: lss {a} vs serial {b}"
-    summary = json.loads((tmp_path / "summary.json").read_text())
+    summary = json.loads((out / "summary.json").read_text())
     assert summary["replicas"]["bitwise_equal"], summary
-    assert summary["replicas"]["replicated_params"] > 0
-    config = json.loads((tmp_path / "config.json").read_text())
+    config = json.loads((out / "config.json").read_text())
+    assert config["parallel"]["mode"] == mode
     assert config["parallel"]["seq_parallel"] == n and config["parallel"]["data_parallel"] == d
-    assert config["runtime"]["core_attention"] == "LSSCoreAttention"
-    assert config["derived"]["segment_length"] == 32 // n
-    metrics = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    # LSS: per step and layer, one K/V all-gather forward + one reduce-scatter backward, per
-    # micro-batch; G/D micro-batches of 1 sequence; 2 layers.
-    micro = 4 // d
-    assert metrics[0]["sp_comm_calls"] == 2 * 2 * micro
+    metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return read_losses(out), {"config": config, "metrics": metrics, "summary": summary}
+
+
+def assert_losses_close(losses, ref, what):
+    assert len(losses) == len(ref) == 10, what
+    for step, (a, b) in enumerate(zip(losses, ref, strict=True), start=1):
+        assert abs(a - b) < TOL, f"{what}, step {step}: {a} vs {b}"
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("n,d,pos", [(2, 1, "learned"), (4, 1, "rope"), (2, 2, "learned")])
+def test_three_way_parity(serial_runs, tmp_path, n, d, pos):
+    """serial, lss and nvidia-sp on the same model, data, seed and global batch: every step's
+    loss agrees within 1e-5 between each pair of modes."""
+    ref = serial_runs[pos]
+    lss, lss_info = run_mode(tmp_path, "lss", n, d, pos)
+    nsp, nsp_info = run_mode(tmp_path, "nvidia-sp", n, d, pos)
+    assert_losses_close(lss, ref, f"lss N={n} D={d} vs serial")
+    assert_losses_close(nsp, ref, f"nvidia-sp N={n} D={d} vs serial")
+    assert_losses_close(nsp, lss, f"nvidia-sp vs lss N={n} D={d}")
+
+    # LSS: what really ran, and its collectives
+    rt = lss_info["config"]["runtime"]
+    assert (rt["core_attention"], rt["context_parallel"], rt["tensor_parallel"]) == (
+        "LSSCoreAttention", n, 1)  # fmt: skip
+    assert lss_info["config"]["derived"]["segment_length"] == 32 // n
+    # per step and layer, one K/V all-gather forward + one reduce-scatter backward, per
+    # micro-batch; G/D micro-batches of 1 sequence; 2 layers
+    first = lss_info["metrics"][0]
+    assert first["sp_comm_calls"] == 2 * 2 * (4 // d)
     # double gradient averaging: one bucket of replicated grads over all P ranks, plus (learned
     # positions, D > 1) one bucket of position-slice grads over the data group
-    assert metrics[0]["grad_comm_calls"] == 1 + (pos == "learned" and d > 1)
+    assert first["grad_comm_calls"] == 1 + (pos == "learned" and d > 1)
+
+    # nvidia-sp: Megatron really ran tensor parallelism N with sequence_parallel on
+    rt = nsp_info["config"]["runtime"]
+    assert (rt["tensor_parallel"], rt["sequence_parallel"], rt["context_parallel"]) == (n, True, 1)
+    assert nsp_info["summary"]["replicas"]["sharded_params"] > 0
+
+
+@pytest.mark.timeout(600)
+def test_lss_rope_two_by_two_matches_serial(serial_runs, tmp_path):
+    losses, info = run_mode(tmp_path, "lss", 2, 2, "rope")
+    assert_losses_close(losses, serial_runs["rope"], "lss N=2 D=2 rope vs serial")
+    assert info["metrics"][0]["grad_comm_calls"] == 1  # RoPE: no position slice to average
