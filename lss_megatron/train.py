@@ -33,6 +33,13 @@ def build_parser() -> argparse.ArgumentParser:
         allow_abbrev=False,
     )
     d_m, d_t = ModelConfig(), TrainConfig()
+    p.add_argument(
+        "--config",
+        metavar="FILE.yaml",
+        default=None,
+        help="YAML preset: keys are flag names (e.g. seq-length: 1024); flags given "
+        "on the command line override it",
+    )
     g = p.add_argument_group("parallel layout")
     g.add_argument("--mode", choices=MODES, default="lss")
     g.add_argument(
@@ -74,6 +81,46 @@ def build_parser() -> argparse.ArgumentParser:
     # the DeepSpeed launcher passes --local_rank=i; LOCAL_RANK in the environment says the same
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse the command line; a ``--config FILE.yaml`` supplies defaults the flags override."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.config:
+        parser.set_defaults(**load_yaml_preset(args.config, parser))
+        args = parser.parse_args(argv)
+    return args
+
+
+def load_yaml_preset(path: str, parser: argparse.ArgumentParser) -> dict:
+    """Read a YAML preset into argparse defaults; unknown keys and bad values are errors."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except FileNotFoundError:
+        parser.error(f"--config {path}: no such file")
+    except yaml.YAMLError as e:
+        parser.error(f"--config {path}: not valid YAML: {e}")
+    if not isinstance(data, dict):
+        parser.error(f"--config {path}: expected a mapping of flag names to values")
+    actions = {a.dest: a for a in parser._actions}
+    out, unknown = {}, []
+    for key, value in data.items():
+        dest = str(key).lstrip("-").replace("-", "_")
+        if dest not in actions or dest in ("config", "help", "local_rank"):
+            unknown.append(str(key))
+            continue
+        action = actions[dest]
+        if action.type is not None and value is not None and not isinstance(value, bool):
+            value = action.type(value)
+        if action.choices is not None and value not in action.choices:
+            parser.error(f"--config {path}: {key}: {value!r} is not one of {list(action.choices)}")
+        out[dest] = value
+    if unknown:
+        parser.error(f"--config {path}: unknown keys {unknown}")
+    return out
 
 
 def config_from_args(args: argparse.Namespace, world_size: int) -> RunConfig:
@@ -260,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     # rank; they are expected here (see docs/design.md) and drown the training log.
     warnings.filterwarnings("ignore", module=r"megatron\.core.*")
     warnings.filterwarnings("ignore", category=FutureWarning)
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     try:
