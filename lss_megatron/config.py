@@ -23,8 +23,9 @@ Megatron tensor parallelism of degree N with `sequence_parallel=True` (baselines
 
 POSITION_EMBEDDINGS = ("learned", "rope")
 OPTIMIZERS = ("sgd", "adamw")
-DTYPES = ("fp32",)
-DATASETS = ("synthetic",)
+DTYPES = ("fp32", "bf16")
+LR_SCHEDULES = ("constant", "cosine")
+DATASETS = ("synthetic", "enwik8")
 
 
 class ConfigError(ValueError):
@@ -160,6 +161,39 @@ class TrainConfig:
     """Output folder: metrics.jsonl and config.json."""
     log_interval: int = 1
     """Log a line every this many steps (rank 0)."""
+    weight_decay: float = 0.0
+    lr_schedule: str = "cosine"
+    """`constant` or `cosine` (decay from lr to min_lr at the last of `steps`), after warmup."""
+    warmup_steps: int = 0
+    """Linear warmup from 0 to lr over this many steps."""
+    min_lr: float | None = None
+    """Final learning rate of the cosine schedule; defaults to lr / 10."""
+    clip_grad: float = 1.0
+    """Clip gradients to this global L2 norm (every parameter counted once); 0 disables."""
+    save: str | None = None
+    """Checkpoint folder (layout-independent, atomic); None: no checkpoints."""
+    save_interval: int = 0
+    """Save every this many steps (and at the end) when `save` is set; 0: only at the end."""
+    load: str | None = None
+    """Resume from the newest checkpoint in this folder."""
+    stop_after: int | None = None
+    """End after this step as if interrupted there; schedules stay planned over `steps`."""
+    skip_nonfinite: bool = False
+    """On a non-finite loss, skip the step (counted in the metrics) instead of stopping."""
+    data_path: str | None = None
+    """The data file (enwik8)."""
+    eval_interval: int = 0
+    """Evaluate on the validation split every this many steps (and at the end); 0: never."""
+    eval_steps: int = 2
+    """Batches of G sequences per evaluation."""
+    progress: str = "auto"
+    """Progress bar on rank 0: `on`, `off`, or `auto` (on when stderr is a terminal)."""
+    fault: str | None = None
+    """Testing aid: `crash:RANK:STEP`, `hang:RANK:STEP` or `nan:RANK:STEP` injects that failure."""
+
+    @property
+    def final_lr(self) -> float:
+        return self.min_lr if self.min_lr is not None else self.lr / 10
 
     def problems(self, dp: int) -> list[str]:
         p = []
@@ -176,6 +210,31 @@ class TrainConfig:
             p.append(f"--dtype {self.dtype!r} is not one of {DTYPES}")
         if self.data not in DATASETS:
             p.append(f"--data {self.data!r} is not one of {DATASETS}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            p.append(f"--lr-schedule {self.lr_schedule!r} is not one of {LR_SCHEDULES}")
+        for name in ("warmup_steps", "save_interval", "eval_interval", "weight_decay", "clip_grad"):
+            if getattr(self, name) < 0:
+                p.append(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if self.eval_steps < 1:
+            p.append(f"--eval-steps must be >= 1, got {self.eval_steps}")
+        if self.warmup_steps >= max(self.steps, 1) and self.warmup_steps > 0:
+            p.append(f"--warmup-steps {self.warmup_steps} must be < --steps {self.steps}")
+        if self.min_lr is not None and not 0 <= self.min_lr <= self.lr:
+            p.append(f"--min-lr {self.min_lr} must be in [0, --lr {self.lr}]")
+        if self.stop_after is not None and not 1 <= self.stop_after <= self.steps:
+            p.append(f"--stop-after {self.stop_after} must be in [1, --steps {self.steps}]")
+        if self.save_interval and not self.save:
+            p.append(f"--save-interval {self.save_interval} needs --save DIR")
+        if self.progress not in ("auto", "on", "off"):
+            p.append(f"--progress {self.progress!r} is not one of ('auto', 'on', 'off')")
+        if self.fault is not None:
+            parts = self.fault.split(":")
+            if (
+                len(parts) != 3
+                or parts[0] not in ("crash", "hang", "nan")
+                or not all(x.isdigit() for x in parts[1:])
+            ):
+                p.append(f"--fault {self.fault!r} must be KIND:RANK:STEP, KIND in crash|hang|nan")
         if p or dp < 1:
             return p
         if self.global_batch_size % dp:

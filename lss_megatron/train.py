@@ -14,15 +14,21 @@ runs a short LSS job on 4 CPU processes. Outputs, in ``--out``:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-import tempfile
-import time
-from datetime import timedelta
 from pathlib import Path
 
-from .config import MODES, ConfigError, ModelConfig, ParallelConfig, RunConfig, TrainConfig
+from .config import (
+    DATASETS,
+    DTYPES,
+    LR_SCHEDULES,
+    MODES,
+    ConfigError,
+    ModelConfig,
+    ParallelConfig,
+    RunConfig,
+    TrainConfig,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,8 +80,60 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--optimizer", choices=("sgd", "adamw"), default=d_t.optimizer)
     g.add_argument("--lr", type=float, default=d_t.lr)
     g.add_argument("--seed", type=int, default=d_t.seed)
-    g.add_argument("--dtype", choices=("fp32",), default=d_t.dtype)
-    g.add_argument("--data", choices=("synthetic",), default=d_t.data)
+    g.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default=d_t.dtype,
+        help="bf16: bf16 autocast compute, fp32 master weights and gradients",
+    )
+    g.add_argument("--weight-decay", type=float, default=d_t.weight_decay)
+    g.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=d_t.lr_schedule)
+    g.add_argument("--warmup-steps", type=int, default=d_t.warmup_steps)
+    g.add_argument("--min-lr", type=float, default=None, help="cosine floor (default lr/10)")
+    g.add_argument(
+        "--clip-grad",
+        type=float,
+        default=d_t.clip_grad,
+        help="clip to this global gradient norm; 0 disables",
+    )
+    g.add_argument(
+        "--skip-nonfinite",
+        action="store_true",
+        help="skip a step whose loss is not finite instead of stopping",
+    )
+    g.add_argument("--fault", default=None, help=argparse.SUPPRESS)  # testing aid, see config.py
+    g = p.add_argument_group("data")
+    g.add_argument("--data", choices=DATASETS, default=d_t.data)
+    g.add_argument("--data-path", default=None, help="the data file (enwik8: raw or .zip)")
+    g.add_argument(
+        "--eval-interval",
+        type=int,
+        default=d_t.eval_interval,
+        help="validate every K steps and at the end (0: never)",
+    )
+    g.add_argument(
+        "--eval-steps",
+        type=int,
+        default=d_t.eval_steps,
+        help="validation batches (of G sequences) per evaluation",
+    )
+    g = p.add_argument_group("checkpoints and output")
+    g.add_argument("--save", default=None, metavar="DIR", help="checkpoint folder")
+    g.add_argument("--save-interval", type=int, default=d_t.save_interval, metavar="K")
+    g.add_argument(
+        "--load",
+        default=None,
+        metavar="DIR",
+        help="resume from the newest checkpoint in DIR (any layout or mode)",
+    )
+    g.add_argument(
+        "--stop-after",
+        type=int,
+        default=None,
+        metavar="K",
+        help="end after step K as if interrupted; schedules still span --steps",
+    )
+    g.add_argument("--progress", choices=("auto", "on", "off"), default=d_t.progress)
     g.add_argument("--out", default=d_t.out)
     g.add_argument("--log-interval", type=int, default=d_t.log_interval)
     # the DeepSpeed launcher passes --local_rank=i; LOCAL_RANK in the environment says the same
@@ -157,147 +215,23 @@ def config_from_args(args: argparse.Namespace, world_size: int) -> RunConfig:
             data=args.data,
             out=args.out,
             log_interval=args.log_interval,
+            weight_decay=args.weight_decay,
+            lr_schedule=args.lr_schedule,
+            warmup_steps=args.warmup_steps,
+            min_lr=args.min_lr,
+            clip_grad=args.clip_grad,
+            save=args.save,
+            save_interval=args.save_interval,
+            load=args.load,
+            stop_after=args.stop_after,
+            skip_nonfinite=args.skip_nonfinite,
+            data_path=args.data_path,
+            eval_interval=args.eval_interval,
+            eval_steps=args.eval_steps,
+            progress=args.progress,
+            fault=args.fault,
         ),
     )
-
-
-def _init_distributed(cfg: RunConfig, rank: int) -> None:
-    import torch
-    import torch.distributed as dist
-
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    timeout = timedelta(seconds=cfg.parallel.dist_timeout_s)
-    if "MASTER_ADDR" in os.environ:
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group(
-            backend, rank=rank, world_size=cfg.parallel.world_size, timeout=timeout
-        )
-    elif cfg.parallel.world_size == 1:  # plain `python -m lss_megatron.train`
-        store = Path(tempfile.mkdtemp(prefix="lss_store_")) / "store"
-        dist.init_process_group(
-            backend, init_method=f"file://{store}", rank=0, world_size=1, timeout=timeout
-        )
-    else:
-        raise RuntimeError("WORLD_SIZE > 1 but no MASTER_ADDR: launch with torchrun or deepspeed")
-
-
-def run(cfg: RunConfig, rank: int) -> list[float]:
-    """Train; return the per-step global losses (on every rank)."""
-    import torch
-    import torch.distributed as dist
-
-    from . import comm
-    from .checks import check_replicas
-    from .grad_sync import GradientAverager
-    from .grid import destroy_grid, initialize_grid
-    from .log import get_logger
-    from .model import build_model
-    from .step import forward_backward, global_mean_loss, step_micro_batches
-
-    log = get_logger("train")
-    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
-    owns_process_group = not dist.is_initialized()
-    if owns_process_group:
-        _init_distributed(cfg, rank)
-    try:
-        grid = initialize_grid(cfg.parallel)
-        device = (
-            torch.device("cuda", torch.cuda.current_device())
-            if torch.cuda.is_available()
-            else torch.device("cpu")
-        )
-        model = build_model(cfg.model, grid, mode=cfg.parallel.mode, seed=cfg.train.seed)
-        model.to(device)
-        params = [p for p in model.parameters() if p.requires_grad]
-        if cfg.train.optimizer == "sgd":
-            opt = torch.optim.SGD(params, lr=cfg.train.lr)
-        else:
-            opt = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=0.0)
-        average_gradients = GradientAverager(model, grid)
-
-        out = Path(cfg.train.out)
-        metrics_path = out / "metrics.jsonl"
-        if rank == 0:
-            out.mkdir(parents=True, exist_ok=True)
-            effective = cfg.to_dict()
-            effective["runtime"] = {
-                "grid": repr(grid),
-                "backend": dist.get_backend(),
-                "core_attention": type(
-                    model.decoder.layers[0].self_attention.core_attention
-                ).__name__,
-                # what Megatron really runs with, read back from the built model
-                "tensor_parallel": model.config.tensor_model_parallel_size,
-                "sequence_parallel": bool(model.config.sequence_parallel),
-                "context_parallel": model.config.context_parallel_size,
-                "parameters_per_rank": sum(p.numel() for p in params),
-                "torch": torch.__version__,
-                "megatron_core": _megatron_version(),
-            }
-            (out / "config.json").write_text(json.dumps(effective, indent=2) + "\n")
-            metrics_path.write_text("")
-        log.info("run: %s, %s", grid, cfg.model)
-
-        tokens_per_step = cfg.train.global_batch_size * cfg.model.seq_length
-        losses = []
-        for step in range(1, cfg.train.steps + 1):
-            t0 = time.perf_counter()
-            opt.zero_grad(set_to_none=True)
-            with comm.record() as clog:
-                micro = step_micro_batches(cfg, grid, step, device)
-                local_loss, _ = forward_backward(model, micro)
-                average_gradients()
-                loss = global_mean_loss(local_loss, grid)
-            opt.step()
-            dt = time.perf_counter() - t0
-            losses.append(loss)
-            if rank == 0:
-                rec = {
-                    "step": step,
-                    "loss": loss,
-                    "step_time_s": dt,
-                    "tokens_per_s": tokens_per_step / dt,
-                    **clog.summary(),
-                }
-                with metrics_path.open("a") as f:
-                    f.write(json.dumps(rec) + "\n")
-                if step % cfg.train.log_interval == 0 or step == cfg.train.steps:
-                    log.info(
-                        "step %d/%d loss %.6f (%.3f s, %.0f tok/s)",
-                        step,
-                        cfg.train.steps,
-                        loss,
-                        dt,
-                        tokens_per_step / dt,
-                    )
-        replicas = check_replicas(model, grid)
-        if rank == 0:
-            summary = {"steps": len(losses), "final_loss": losses[-1], "replicas": replicas}
-            (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        if not replicas["bitwise_equal"]:
-            raise RuntimeError(
-                f"replicated parameters diverged across ranks: {replicas['mismatched']}"
-            )
-        log.info(
-            "done: final loss %.6f; replicas bitwise equal across %d ranks",
-            losses[-1],
-            grid.world_size,
-        )
-        return losses
-    finally:
-        destroy_grid()
-        if owns_process_group and dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def _megatron_version() -> str:
-    try:
-        from importlib.metadata import version
-
-        return version("megatron-core")
-    except Exception:  # pragma: no cover - metadata missing in odd installs
-        return "unknown"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -318,14 +252,9 @@ def main(argv: list[str] | None = None) -> int:
     from .log import setup_logging
 
     setup_logging(rank)
-    try:
-        run(cfg, rank)
-    except Exception:
-        from .log import get_logger
+    from .loop import run
 
-        get_logger("train").exception("rank %d failed", rank)
-        return 1
-    return 0
+    return run(cfg, rank).exit_code
 
 
 if __name__ == "__main__":

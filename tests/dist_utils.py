@@ -86,3 +86,27 @@ def run_ranks(fn, world_size: int, *args, timeout: float = 180.0):
                     p.kill()
                     p.join(timeout=5)
     return [got[r] for r in range(world_size)]
+
+
+def torchrun_train(nproc: int, args: list[str], timeout: float = 240, env: dict | None = None):
+    """Run `python -m lss_megatron.train ARGS` under torchrun on `nproc` CPU processes."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc-per-node={nproc}", "-m", "lss_megatron.train", *args]  # fmt: skip
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", **(env or {})}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env,
+                          cwd=Path(__file__).resolve().parents[1])  # fmt: skip
+
+
+def read_metrics(out) -> list[dict]:
+    """The rows of OUT/metrics.jsonl, checked to be steps in order."""
+    import json
+    from pathlib import Path
+
+    rows = [json.loads(x) for x in (Path(out) / "metrics.jsonl").read_text().splitlines() if x]
+    steps = [r["step"] for r in rows]
+    assert steps == sorted(steps) and len(set(steps)) == len(steps), steps
+    return rows

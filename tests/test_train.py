@@ -9,12 +9,11 @@ parameter at the end and fails the run otherwise; `summary.json` records the che
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from dist_utils import torchrun_train
 
 TOL = 1e-5
 COMMON = [
@@ -26,11 +25,7 @@ COMMON = [
 
 
 def torchrun(nproc: int, args: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc-per-node={nproc}", "-m", "lss_megatron.train", *args]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env,
-                          cwd=Path(__file__).resolve().parents[1])  # fmt: skip
+    return torchrun_train(nproc, args, timeout)
 
 
 def read_losses(out: Path) -> list[float]:

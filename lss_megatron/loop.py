@@ -1,0 +1,274 @@
+"""The training loop behind `python -m lss_megatron.train` (train.py parses and validates).
+
+init -> grid -> model -> optimizer -> [resume] -> steps (data, forward/backward, double gradient
+averaging, non-finite check, global-norm clipping, optimizer, metrics, checkpoints, evaluation)
+-> replica check -> summary.
+
+Exit codes: 0 done; 1 a failure (exception, collective timeout, a dead peer); 2 a checkpoint that
+cannot be used; 3 a non-finite loss (without ``--skip-nonfinite``). Every rank takes the same
+decision on a non-finite loss because the loss it tests is the all-reduced global loss.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from . import comm
+from .checkpoint import (
+    CheckpointError,
+    check_compatible,
+    find_latest,
+    load_checkpoint,
+    read_meta,
+    save_checkpoint,
+)
+from .checks import check_replicas
+from .config import RunConfig
+from .grad_sync import GradientAverager
+from .grid import destroy_grid, initialize_grid
+from .log import get_logger
+from .model import build_model
+from .optim import build_optimizer, clip_gradients, global_grad_norm, lr_at, set_lr
+from .step import forward_backward, global_mean_loss, step_micro_batches
+
+log = get_logger("train")
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+@dataclass
+class RunResult:
+    exit_code: int = 0
+    losses: dict[int, float] = field(default_factory=dict)
+    skipped_steps: int = 0
+
+
+def init_distributed(cfg: RunConfig, rank: int) -> None:
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    timeout = timedelta(seconds=cfg.parallel.dist_timeout_s)
+    if "MASTER_ADDR" in os.environ:
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group(
+            backend, rank=rank, world_size=cfg.parallel.world_size, timeout=timeout
+        )
+    elif cfg.parallel.world_size == 1:  # plain `python -m lss_megatron.train`
+        store = Path(tempfile.mkdtemp(prefix="lss_store_")) / "store"
+        dist.init_process_group(backend, init_method=f"file://{store}", rank=0, world_size=1,
+                                timeout=timeout)  # fmt: skip
+    else:
+        raise RuntimeError("WORLD_SIZE > 1 but no MASTER_ADDR: launch with torchrun or deepspeed")
+
+
+def _fault(cfg: RunConfig, rank: int, step: int) -> str | None:
+    """The injected failure for this rank and step (testing aid, `--fault KIND:RANK:STEP`)."""
+    if not cfg.train.fault:
+        return None
+    kind, r, s = cfg.train.fault.split(":")
+    return kind if (int(r), int(s)) == (rank, step) else None
+
+
+def _explain(exc: BaseException, cfg: RunConfig) -> str:
+    text = str(exc)
+    low = text.lower()
+    if "timed out" in low or "timeout" in low:
+        return (f"a collective timed out after {cfg.parallel.dist_timeout_s:g} s (--dist-timeout): "
+                "a peer rank is hung or gone")  # fmt: skip
+    if "connection closed" in low or "connection reset" in low or "broken pipe" in low:
+        return "a peer rank died (its connection closed)"
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+class _Progress:
+    """tqdm bar on rank 0 (step, loss, tokens/s), or nothing."""
+
+    def __init__(self, cfg: RunConfig, rank: int, start: int, last: int):
+        want = cfg.train.progress == "on" or (cfg.train.progress == "auto" and sys.stderr.isatty())
+        self.bar = None
+        if rank == 0 and want:
+            from tqdm import tqdm
+
+            self.bar = tqdm(
+                total=last, initial=start, desc="train", unit="step", dynamic_ncols=True
+            )
+
+    def update(self, loss: float, tokens_per_s: float) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}")
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def run(cfg: RunConfig, rank: int) -> RunResult:
+    """Train per `cfg`; returns the result on every rank (exit code, losses by step)."""
+    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+    owns_process_group = not dist.is_initialized()
+    result = RunResult()
+    try:
+        if owns_process_group:
+            init_distributed(cfg, rank)
+        _train(cfg, rank, result)
+    except NonFiniteLoss as e:
+        log.error("%s", e)
+        result.exit_code = 3
+    except CheckpointError as e:
+        log.error("%s", e)
+        result.exit_code = 2
+    except Exception as e:  # noqa: BLE001 - every failure ends this rank non-zero, with a reason
+        log.error("rank %d failed: %s", rank, _explain(e, cfg), exc_info=True)
+        result.exit_code = 1
+    finally:
+        destroy_grid()
+        if owns_process_group and dist.is_initialized() and result.exit_code == 0:
+            dist.destroy_process_group()
+    return result
+
+
+def _train(cfg: RunConfig, rank: int, result: RunResult) -> None:
+    t = cfg.train
+    grid = initialize_grid(cfg.parallel)
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+        else torch.device("cpu")  # fmt: skip
+    model = build_model(cfg.model, grid, mode=cfg.parallel.mode, seed=t.seed)
+    model.to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = build_optimizer(params, t.optimizer, t.lr, t.weight_decay)
+    average_gradients = GradientAverager(model, grid)
+    effective = cfg.to_dict()
+
+    start = 0
+    if t.load:
+        path = find_latest(t.load)
+        if path is None:
+            raise CheckpointError(f"--load {t.load}: no complete checkpoint there")
+        check_compatible(read_meta(path), effective["model"], path)
+        start = load_checkpoint(path, model, optimizer, grid)
+        log.info("resumed from %s (step %d)", path, start)
+        if start >= t.steps:
+            raise CheckpointError(f"--load {path}: already at step {start} >= --steps {t.steps}")
+
+    out = Path(t.out)
+    metrics_path = out / "metrics.jsonl"
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        effective["runtime"] = _runtime(model, grid, params, start, t.load)
+        (out / "config.json").write_text(json.dumps(effective, indent=2) + "\n")
+        kept = []
+        if start and metrics_path.exists():  # resuming into the same folder: keep steps <= start
+            kept = [x for x in metrics_path.read_text().splitlines()
+                    if x.strip() and json.loads(x).get("step", 0) <= start]  # fmt: skip
+        metrics_path.write_text("".join(x + "\n" for x in kept))
+    log.info("run: %s, %s", grid, cfg.model)
+
+    tokens_per_step = t.global_batch_size * cfg.model.seq_length
+    last = t.stop_after or t.steps
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if t.dtype == "bf16"
+                else contextlib.nullcontext())  # fmt: skip
+    progress = _Progress(cfg, rank, start, last)
+    try:
+        for step in range(start + 1, last + 1):
+            t0 = time.perf_counter()
+            fault = _fault(cfg, rank, step)
+            if fault == "crash":
+                log.error("injected crash at step %d", step)
+                os._exit(17)
+            if fault == "hang":
+                log.error("injected hang at step %d", step)
+                while True:
+                    time.sleep(3600)
+            lr = lr_at(step, lr=t.lr, schedule=t.lr_schedule, warmup_steps=t.warmup_steps,
+                       total_steps=t.steps, min_lr=t.final_lr)  # fmt: skip
+            set_lr(optimizer, lr)
+            optimizer.zero_grad(set_to_none=True)
+            with comm.record() as clog:
+                micro = step_micro_batches(cfg, grid, step, device)
+                with autocast:
+                    local_loss, _ = forward_backward(model, micro)
+                if fault == "nan":
+                    local_loss = local_loss * float("nan")
+                average_gradients()
+                loss = global_mean_loss(local_loss, grid)
+                skipped = not math.isfinite(loss)
+                if skipped and not t.skip_nonfinite:
+                    raise NonFiniteLoss(
+                        f"non-finite loss {loss} at step {step}: stopping (--skip-nonfinite "
+                        "would skip such steps)"
+                    )
+                grad_norm = float("nan") if skipped else global_grad_norm(model, grid)
+            if skipped:
+                result.skipped_steps += 1
+                optimizer.zero_grad(set_to_none=True)
+                log.warning("non-finite loss at step %d: step skipped (%d so far)", step,
+                            result.skipped_steps)  # fmt: skip
+            else:
+                clip_gradients(model, grad_norm, t.clip_grad)
+                optimizer.step()
+            dt = time.perf_counter() - t0
+            result.losses[step] = loss
+            if rank == 0:
+                rec = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                       "step_time_s": dt, "tokens_per_s": tokens_per_step / dt,
+                       "skipped": skipped, "skipped_steps": result.skipped_steps,
+                       **clog.summary()}  # fmt: skip
+                with metrics_path.open("a") as f:
+                    f.write(json.dumps(rec) + "\n")
+                progress.update(loss, tokens_per_step / dt)
+                if progress.bar is None and (step % t.log_interval == 0 or step == last):
+                    log.info("step %d/%d loss %.6f lr %.3g grad_norm %.3f (%.3f s, %.0f tok/s)",
+                             step, t.steps, loss, lr, grad_norm, dt, tokens_per_step / dt)  # fmt: skip
+            if t.save and ((t.save_interval and step % t.save_interval == 0) or step == t.steps):
+                path = save_checkpoint(t.save, step, model, optimizer, grid, effective)
+                if path is not None:
+                    log.info("saved checkpoint %s", path)
+    finally:
+        progress.close()
+
+    replicas = check_replicas(model, grid)
+    if rank == 0:
+        final = result.losses[max(result.losses)] if result.losses else None
+        summary = {"steps": len(result.losses), "last_step": last, "final_loss": final,
+                   "skipped_steps": result.skipped_steps, "replicas": replicas}  # fmt: skip
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if not replicas["bitwise_equal"]:
+        raise RuntimeError(f"replicated parameters diverged across ranks: {replicas['mismatched']}")
+    log.info("done at step %d; replicas bitwise equal across %d ranks", last, grid.world_size)
+
+
+def _runtime(model, grid, params, start: int, load: str | None) -> dict:
+    """What really runs, read back from the built model."""
+    try:
+        from importlib.metadata import version
+
+        mcore = version("megatron-core")
+    except Exception:  # noqa: BLE001 - metadata missing in odd installs
+        mcore = "unknown"
+    return {
+        "grid": repr(grid),
+        "backend": dist.get_backend(),
+        "core_attention": type(model.decoder.layers[0].self_attention.core_attention).__name__,
+        "tensor_parallel": model.config.tensor_model_parallel_size,
+        "sequence_parallel": bool(model.config.sequence_parallel),
+        "context_parallel": model.config.context_parallel_size,
+        "parameters_per_rank": sum(p.numel() for p in params),
+        "resumed_from_step": start,
+        "resumed_from": load,
+        "torch": torch.__version__,
+        "megatron_core": mcore,
+    }
