@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch.distributed as dist
 
+from . import comm
 from .config import ParallelConfig
 
 
@@ -73,7 +74,7 @@ def initialize_grid(parallel: ParallelConfig) -> Grid:
         context_parallel_size=mode.context_parallel(parallel.seq_parallel),
         distributed_timeout_minutes=parallel.dist_timeout_s / 60.0,
     )
-    return Grid(
+    grid = Grid(
         rank=dist.get_rank(),
         world_size=dist.get_world_size(),
         seq_group=ps.get_context_parallel_group(),
@@ -87,6 +88,12 @@ def initialize_grid(parallel: ParallelConfig) -> Grid:
         tp_rank=ps.get_tensor_model_parallel_rank(),
         tp_size=ps.get_tensor_model_parallel_world_size(),
     )
+    # collectives that Megatron or DeepSpeed issue on these groups are counted by category
+    comm.tag_group(grid.seq_group, "sp")
+    comm.tag_group(grid.tp_group, "sp")
+    comm.tag_group(grid.data_group, "grad")
+    comm.tag_group(grid.grad_group, "grad")
+    return grid
 
 
 def destroy_grid() -> None:

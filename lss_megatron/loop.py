@@ -39,6 +39,13 @@ from .config import RunConfig
 from .grad_sync import GradientAverager
 from .grid import destroy_grid, initialize_grid
 from .log import get_logger
+from .metrics import (
+    SavedBytes,
+    memory_stats,
+    model_flops_per_step,
+    peak_mem_bytes,
+    step_time_summary,
+)
 from .model import build_model
 from .optim import build_optimizer, clip_gradients, global_grad_norm, lr_at, set_lr
 from .step import forward_backward, global_mean_loss, step_micro_batches
@@ -178,6 +185,8 @@ def _train(cfg: RunConfig, rank: int, result: RunResult) -> None:
     log.info("run: %s, %s", grid, cfg.model)
 
     tokens_per_step = t.global_batch_size * cfg.model.seq_length
+    flops_per_step = model_flops_per_step(cfg.model, t.global_batch_size)
+    step_times: list[float] = []
     last = t.stop_after or t.steps
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if t.dtype == "bf16"
                 else contextlib.nullcontext())  # fmt: skip
@@ -197,10 +206,11 @@ def _train(cfg: RunConfig, rank: int, result: RunResult) -> None:
                        total_steps=t.steps, min_lr=t.final_lr)  # fmt: skip
             set_lr(optimizer, lr)
             optimizer.zero_grad(set_to_none=True)
+            saved = SavedBytes(model)
             with comm.record() as clog:
                 micro = step_micro_batches(cfg, grid, step, device)
                 with autocast:
-                    local_loss, _ = forward_backward(model, micro)
+                    local_loss, _ = forward_backward(model, micro, saved=saved)
                 if fault == "nan":
                     local_loss = local_loss * float("nan")
                 average_gradients()
@@ -221,12 +231,17 @@ def _train(cfg: RunConfig, rank: int, result: RunResult) -> None:
                 clip_gradients(model, grad_norm, t.clip_grad)
                 optimizer.step()
             dt = time.perf_counter() - t0
+            step_times.append(dt)
+            mem = memory_stats(model, optimizer)
             result.losses[step] = loss
             if rank == 0:
                 rec = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                        "step_time_s": dt, "tokens_per_s": tokens_per_step / dt,
                        "skipped": skipped, "skipped_steps": result.skipped_steps,
-                       **clog.summary()}  # fmt: skip
+                       **clog.summary(), "activation_bytes": saved.peak, **mem,
+                       "peak_mem_bytes": peak_mem_bytes(device),
+                       "model_flops_per_step": flops_per_step,
+                       "achieved_flops_per_s": flops_per_step / dt}  # fmt: skip
                 with metrics_path.open("a") as f:
                     f.write(json.dumps(rec) + "\n")
                 progress.update(loss, tokens_per_step / dt)
@@ -243,8 +258,12 @@ def _train(cfg: RunConfig, rank: int, result: RunResult) -> None:
     replicas = check_replicas(model, grid)
     if rank == 0:
         final = result.losses[max(result.losses)] if result.losses else None
+        timing = step_time_summary(step_times)
         summary = {"steps": len(result.losses), "last_step": last, "final_loss": final,
-                   "skipped_steps": result.skipped_steps, "replicas": replicas}  # fmt: skip
+                   "skipped_steps": result.skipped_steps, **timing,
+                   "tokens_per_s": tokens_per_step / timing["step_time_s"],
+                   "achieved_flops_per_s": flops_per_step / timing["step_time_s"],
+                   "peak_mem_bytes": peak_mem_bytes(device), "replicas": replicas}  # fmt: skip
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     if not replicas["bitwise_equal"]:
         raise RuntimeError(f"replicated parameters diverged across ranks: {replicas['mismatched']}")

@@ -8,6 +8,8 @@ global mean is the average of the ranks' losses, which is what double gradient a
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from . import comm
@@ -28,16 +30,18 @@ def step_micro_batches(cfg: RunConfig, grid: Grid, step: int, device=None):
     ]
 
 
-def forward_backward(model, micro_batches, *, return_token_losses: bool = False):
+def forward_backward(model, micro_batches, *, return_token_losses: bool = False, saved=None):
     """Run forward and backward over the micro-batches; gradients accumulate in `.grad`.
 
+    `saved`: an optional `metrics.SavedBytes` measuring what each forward saves for backward.
     Returns (local mean loss as a float tensor, per-token losses [B_total, l/N] or None).
     """
     n_tokens = sum(tok.numel() for tok, _, _ in micro_batches)
     total = torch.zeros((), dtype=torch.float64, device=micro_batches[0][0].device)
     token_losses = []
     for tokens, labels, positions in micro_batches:
-        per_token = model(tokens, positions, None, labels=labels)  # [B, l/N]
+        with saved.measure() if saved is not None else contextlib.nullcontext():
+            per_token = model(tokens, positions, None, labels=labels)  # [B, l/N]
         loss = per_token.float().sum() / n_tokens
         loss.backward()
         total += loss.detach().double()

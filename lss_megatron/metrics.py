@@ -1,0 +1,101 @@
+"""In-run measurement: bytes saved for backward, memory, model FLOPs, step-time summaries.
+
+* ``activation_bytes``: the bytes autograd saves for backward during one micro-batch's forward
+  (the largest micro-batch of the step), counted exactly with saved-tensor hooks over UNIQUE
+  storages (views of one buffer count once) and excluding parameters. Platform-independent.
+* ``param_bytes``, ``grad_bytes``, ``optimizer_state_bytes``: this rank's tensors.
+* ``peak_mem_bytes``: peak resident set size of the process on CPU (``ru_maxrss``), peak
+  allocated device memory on GPU (``max_memory_allocated``).
+* ``model_flops_per_step``: analytic FLOPs of one optimizer step of the whole model over the
+  global batch (forward x 3 for forward + backward, no recomputation), the same for every mode.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import resource
+import statistics
+import sys
+
+import torch
+
+from .config import ModelConfig
+
+
+class SavedBytes:
+    """Measures what autograd saves for backward inside `measure()` blocks; keeps the maximum."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.param_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        self.peak = 0
+
+    @contextlib.contextmanager
+    def measure(self):
+        storages: dict[int, int] = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            st = t.untyped_storage()
+            ptr = st.data_ptr()
+            if ptr not in self.param_storages:
+                storages[ptr] = st.nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            yield
+        self.peak = max(self.peak, sum(storages.values()))
+
+
+def tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def memory_stats(model: torch.nn.Module, optimizer) -> dict:
+    params = list(model.parameters())
+    state = [v for st in optimizer.state.values() for v in st.values() if torch.is_tensor(v)]
+    return {
+        "param_bytes": tensor_bytes(params),
+        "grad_bytes": tensor_bytes(p.grad for p in params),
+        "optimizer_state_bytes": tensor_bytes(state),
+    }
+
+
+def peak_mem_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)  # Linux reports KiB
+
+
+def attention_pairs(seq_length: int, causal: bool) -> int:
+    """(query, key) pairs one sequence attends over."""
+    return seq_length * (seq_length + 1) // 2 if causal else seq_length * seq_length
+
+
+def model_flops_per_step(m: ModelConfig, global_batch: int) -> int:
+    """Analytic FLOPs of one training step (forward + backward = 3 x forward) over G sequences.
+
+    Per token and layer: QKV 2E(h d + 2 h_kv d), projection 2 h d E, MLP 4 E F; logits 2 E V;
+    attention per sequence and layer: 4 h d x (attended pairs). Embedding lookups are free.
+    """
+    d, kv = m.head_dim, m.kv_heads
+    per_token = (
+        m.num_layers
+        * (
+            2 * m.hidden_size * (m.num_heads * d + 2 * kv * d)
+            + 2 * m.num_heads * d * m.hidden_size
+            + 4 * m.hidden_size * m.ffn_size
+        )
+        + 2 * m.hidden_size * m.vocab_size
+    )
+    attention = m.num_layers * 4 * m.num_heads * d * attention_pairs(m.seq_length, m.causal)
+    forward = global_batch * (m.seq_length * per_token + attention)
+    return 3 * forward
+
+
+def step_time_summary(step_times: list[float], warmup: int = 1) -> dict:
+    """Median step time after the first `warmup` steps (all steps if there are too few)."""
+    steady = step_times[warmup:] if len(step_times) > warmup else step_times
+    return {
+        "step_time_s": statistics.median(steady) if steady else float("nan"),
+        "warmup_steps_excluded": len(step_times) - len(steady),
+    }
