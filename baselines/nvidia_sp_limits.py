@@ -32,9 +32,11 @@ def problems(model, n: int) -> list[str]:
         p.append(
             f"--mode nvidia-sp: --ffn-hidden-size {model.ffn_size} is not divisible by N = {n}"
         )
-    if model.vocab_size % n:
+    if model.padded_vocab_size % n:
         p.append(
-            f"--mode nvidia-sp: --vocab-size {model.vocab_size} is not divisible by N = {n} "
-            "(Megatron-Core splits the vocabulary over tensor-parallel ranks without padding)"
+            f"--mode nvidia-sp: the model vocabulary {model.padded_vocab_size} (--vocab-size "
+            f"{model.vocab_size}, --make-vocab-size-divisible-by "
+            f"{model.make_vocab_size_divisible_by}) is not divisible by N = {n}: Megatron-Core "
+            "splits it over tensor-parallel ranks; pad it with --make-vocab-size-divisible-by"
         )
     return p

@@ -37,7 +37,7 @@ from .positions import is_sequence_local
 
 FORMAT_VERSION = 1
 MODEL_KEYS = ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "ffn_hidden_size",
-              "seq_length", "vocab_size", "position_embedding")  # fmt: skip
+              "seq_length", "padded_vocab_size", "position_embedding")  # fmt: skip
 
 
 class CheckpointError(RuntimeError):

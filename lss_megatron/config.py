@@ -49,7 +49,12 @@ class ModelConfig:
     seq_length: int = 256
     """Sequence length l (tokens per sequence, after the one-token label shift)."""
     vocab_size: int = 256
-    """Vocabulary size V (256 = bytes)."""
+    """Vocabulary size V of the data (256 = bytes)."""
+    make_vocab_size_divisible_by: int = 1
+    """Pad the model's vocabulary (embedding rows, logits) up to a multiple of this; the padding
+    rows never occur as tokens. Unlike Megatron-LM this does NOT scale with the tensor-parallel
+    size, so every mode and layout builds the same model (e.g. 768 lets nvidia-sp run at N = 6
+    with a 256-byte vocabulary)."""
     position_embedding: str = "learned"
     """`learned`: absolute table, sequence-distributed in LSS; `rope`: rotary, global positions."""
     causal: bool = True
@@ -58,6 +63,11 @@ class ModelConfig:
     @property
     def kv_heads(self) -> int:
         return self.num_kv_heads if self.num_kv_heads is not None else self.num_heads
+
+    @property
+    def padded_vocab_size(self) -> int:
+        m = max(1, self.make_vocab_size_divisible_by)
+        return -(-self.vocab_size // m) * m
 
     @property
     def ffn_size(self) -> int:
@@ -69,7 +79,14 @@ class ModelConfig:
 
     def problems(self) -> list[str]:
         p = []
-        for name in ("num_layers", "hidden_size", "num_heads", "seq_length", "vocab_size"):
+        for name in (
+            "num_layers",
+            "hidden_size",
+            "num_heads",
+            "seq_length",
+            "vocab_size",
+            "make_vocab_size_divisible_by",
+        ):
             if getattr(self, name) < 1:
                 p.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.num_kv_heads is not None and self.num_kv_heads < 1:
@@ -292,6 +309,7 @@ class RunConfig:
             num_kv_heads=self.model.kv_heads,
             ffn_hidden_size=self.model.ffn_size,
             head_dim=self.model.head_dim,
+            padded_vocab_size=self.model.padded_vocab_size,
         )
         d["parallel"]["data_parallel"] = self.parallel.dp
         d["train"]["micro_batch_size"] = self.micro_batch

@@ -69,7 +69,8 @@ def init_distributed(cfg: RunConfig, rank: int) -> None:
     timeout = timedelta(seconds=cfg.parallel.dist_timeout_s)
     if "MASTER_ADDR" in os.environ:
         if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+            # schedulers that give each task only its own GPU expose one device: wrap around
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
         dist.init_process_group(
             backend, rank=rank, world_size=cfg.parallel.world_size, timeout=timeout
         )

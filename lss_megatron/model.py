@@ -105,7 +105,7 @@ def build_model(model: ModelConfig, grid: Grid, *, mode: str, seed: int):
             sequence_parallel=m.sequence_parallel,
         ),
         transformer_layer_spec=m.layer_spec(model),
-        vocab_size=model.vocab_size,
+        vocab_size=model.padded_vocab_size,
         max_sequence_length=model.seq_length,
         position_embedding_type="learned_absolute"
         if model.position_embedding == "learned"

@@ -70,6 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seq-length", type=int, default=d_m.seq_length)
     g.add_argument("--vocab-size", type=int, default=d_m.vocab_size)
     g.add_argument(
+        "--make-vocab-size-divisible-by",
+        type=int,
+        default=d_m.make_vocab_size_divisible_by,
+        help="pad the model vocabulary to a multiple of this (same in every mode)",
+    )
+    g.add_argument(
         "--position-embedding", default=d_m.position_embedding, choices=("learned", "rope")
     )
     g.add_argument("--no-causal", action="store_true", help="bidirectional attention")
@@ -194,6 +200,7 @@ def config_from_args(args: argparse.Namespace, world_size: int) -> RunConfig:
             ffn_hidden_size=args.ffn_hidden_size,
             seq_length=args.seq_length,
             vocab_size=args.vocab_size,
+            make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
             position_embedding=args.position_embedding,
             causal=not args.no_causal,
         ),

@@ -54,7 +54,8 @@ BAD = [
      ["--num-kv-heads 1 is not divisible by N = 2", "no such limit"]),
     ("nvidia-sp vocab not divisible by N",
      _cfg(model={"vocab_size": 255}, parallel={"mode": "nvidia-sp", "world_size": 2, "seq_parallel": 2}),
-     ["--vocab-size 255 is not divisible by N = 2"]),
+     ["model vocabulary 255 (--vocab-size 255", "not divisible by N = 2",
+      "--make-vocab-size-divisible-by"]),
     ("micro batch does not divide G/D",
      _cfg(train={"global_batch_size": 4, "micro_batch_size": 3}), ["--micro-batch-size 3", "4"]),
 ]  # fmt: skip
@@ -66,6 +67,19 @@ def test_validate_names_offending_values(what, cfg, fragments):
         cfg.validate()
     for frag in fragments:
         assert frag in str(e.value), f"{what}: {frag!r} not in {e.value}"
+
+
+def test_vocab_padding_is_the_same_in_every_mode():
+    """Padding depends only on the flag, not on the mode or N, so every mode builds one model."""
+    for mode, n in (("serial", 1), ("lss", 6), ("nvidia-sp", 6)):
+        cfg = _cfg(model={"vocab_size": 256, "make_vocab_size_divisible_by": 768, "hidden_size": 96, "seq_length": 240,
+                          "num_heads": 6},
+                   parallel={"mode": mode, "world_size": n, "seq_parallel": n},
+                   train={"global_batch_size": 1}).validate()  # fmt: skip
+        assert cfg.to_dict()["model"]["padded_vocab_size"] == 768
+    with pytest.raises(ConfigError, match="model vocabulary 256"):
+        _cfg(model={"hidden_size": 96, "num_heads": 6},
+             parallel={"mode": "nvidia-sp", "world_size": 6, "seq_parallel": 6}).validate()  # fmt: skip
 
 
 def test_lss_has_no_head_cap():
