@@ -16,6 +16,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from .data import DATASETS
+
 MODES = ("serial", "lss", "nvidia-sp")
 """Modes the trainer knows. `serial` is plain data parallelism (N = 1) with Megatron's stock
 attention; `lss` is LSS sequence parallelism over N segments; `nvidia-sp` is the baseline,
@@ -25,7 +27,6 @@ POSITION_EMBEDDINGS = ("learned", "rope")
 OPTIMIZERS = ("sgd", "adamw")
 DTYPES = ("fp32", "bf16")
 LR_SCHEDULES = ("constant", "cosine")
-DATASETS = ("synthetic", "enwik8")
 
 
 class ConfigError(ValueError):
@@ -298,6 +299,10 @@ class RunConfig:
                     f"--seq-length {self.model.seq_length} is not divisible by --seq-parallel {n}"
                 )
         p += self.train.problems(self.parallel.dp if not self.parallel.problems() else 0)
+        if self.train.data in DATASETS:
+            from .data import check_data_config
+
+            p += check_data_config(self.train.data, self.train.data_path, self.model.vocab_size)
         if p:
             raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(p))
         return self

@@ -48,7 +48,7 @@ from .metrics import (
 )
 from .model import build_model
 from .optim import build_optimizer, clip_gradients, global_grad_norm, lr_at, set_lr
-from .step import forward_backward, global_mean_loss, step_micro_batches
+from .step import evaluate, forward_backward, global_mean_loss, step_micro_batches
 
 log = get_logger("train")
 
@@ -61,6 +61,7 @@ class NonFiniteLoss(RuntimeError):
 class RunResult:
     exit_code: int = 0
     losses: dict[int, float] = field(default_factory=dict)
+    valid: dict[int, float] = field(default_factory=dict)
     skipped_steps: int = 0
 
 
@@ -234,6 +235,13 @@ def _train(cfg: RunConfig, rank: int, result: RunResult) -> None:
             dt = time.perf_counter() - t0
             step_times.append(dt)
             mem = memory_stats(model, optimizer)
+            evals = {}
+            if t.eval_interval and (step % t.eval_interval == 0 or step == last):
+                with autocast:
+                    valid = evaluate(model, cfg, grid, device)
+                # bits per token; for byte-level data (enwik8) bits per byte
+                evals = {"valid_loss": valid, "valid_bpb": valid / math.log(2)}
+                result.valid[step] = valid
             result.losses[step] = loss
             if rank == 0:
                 rec = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
@@ -242,13 +250,15 @@ def _train(cfg: RunConfig, rank: int, result: RunResult) -> None:
                        **clog.summary(), "activation_bytes": saved.peak, **mem,
                        "peak_mem_bytes": peak_mem_bytes(device),
                        "model_flops_per_step": flops_per_step,
-                       "achieved_flops_per_s": flops_per_step / dt}  # fmt: skip
+                       "achieved_flops_per_s": flops_per_step / dt, **evals}  # fmt: skip
                 with metrics_path.open("a") as f:
                     f.write(json.dumps(rec) + "\n")
                 progress.update(loss, tokens_per_step / dt)
                 if progress.bar is None and (step % t.log_interval == 0 or step == last):
-                    log.info("step %d/%d loss %.6f lr %.3g grad_norm %.3f (%.3f s, %.0f tok/s)",
-                             step, t.steps, loss, lr, grad_norm, dt, tokens_per_step / dt)  # fmt: skip
+                    log.info("step %d/%d loss %.6f lr %.3g grad_norm %.3f (%.3f s, %.0f tok/s)%s",
+                             step, t.steps, loss, lr, grad_norm, dt, tokens_per_step / dt,
+                             f" valid {evals['valid_loss']:.4f} ({evals['valid_bpb']:.3f} bpb)"
+                             if evals else "")  # fmt: skip
             if t.save and ((t.save_interval and step % t.save_interval == 0) or step == t.steps):
                 path = save_checkpoint(t.save, step, model, optimizer, grid, effective)
                 if path is not None:
@@ -265,6 +275,10 @@ def _train(cfg: RunConfig, rank: int, result: RunResult) -> None:
                    "tokens_per_s": tokens_per_step / timing["step_time_s"],
                    "achieved_flops_per_s": flops_per_step / timing["step_time_s"],
                    "peak_mem_bytes": peak_mem_bytes(device), "replicas": replicas}  # fmt: skip
+        if result.valid:
+            last_eval = max(result.valid)
+            summary.update(valid_loss=result.valid[last_eval],
+                           valid_bpb=result.valid[last_eval] / math.log(2))  # fmt: skip
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     if not replicas["bitwise_equal"]:
         raise RuntimeError(f"replicated parameters diverged across ranks: {replicas['mismatched']}")

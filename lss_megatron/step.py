@@ -9,25 +9,43 @@ global mean is the average of the ranks' losses, which is what double gradient a
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 
 from . import comm
 from .config import RunConfig
-from .data import replica_sample_indices, shard_segment, synthetic_sequences
+from .data import build_dataset, replica_sample_indices, segment_batch
 from .grid import Grid
 
 
-def step_micro_batches(cfg: RunConfig, grid: Grid, step: int, device=None):
-    """This rank's micro-batches of optimizer step `step` (1-based): list of
-    (tokens, labels, position_ids), each [B, l/N], on `device` (default: CPU)."""
+@functools.lru_cache(maxsize=4)
+def _dataset(name: str, seq_length: int, vocab_size: int, seed: int, path: str | None,
+             eval_batch: int):  # fmt: skip
+    return build_dataset(name, seq_length=seq_length, vocab_size=vocab_size, seed=seed, path=path,
+                         eval_batch_size=eval_batch)  # fmt: skip
+
+
+def dataset_for(cfg: RunConfig):
+    """The run's dataset (built once per process; the data vocabulary, not the padded one)."""
     m, t = cfg.model, cfg.train
-    indices = replica_sample_indices(t.global_batch_size, grid.data_rank, grid.data_size)
-    seqs = synthetic_sequences(t.seed, step, indices, m.seq_length, m.vocab_size)  # [G/D, l+1]
+    return _dataset(t.data, m.seq_length, m.vocab_size, t.seed, t.data_path, t.global_batch_size)
+
+
+def step_micro_batches(cfg: RunConfig, grid: Grid, step: int, device=None, split: str = "train"):
+    """This rank's micro-batches of step `step` (1-based; for split "valid"/"test": the eval
+    step): list of (tokens, labels, position_ids), each [B, l/N], on `device` (default: CPU).
+    Only this rank's segment of its data replica's samples is read."""
+    ds = dataset_for(cfg)
+    indices = replica_sample_indices(cfg.train.global_batch_size, grid.data_rank, grid.data_size)
     b = cfg.micro_batch
-    return [
-        shard_segment(seqs[i : i + b], grid.seq_rank, grid.seq_size) for i in range(0, len(seqs), b)
+    micro = [
+        segment_batch(ds, split, step, indices[i : i + b], grid.seq_rank, grid.seq_size)
+        for i in range(0, len(indices), b)
     ]
+    if device is not None:
+        micro = [tuple(t.to(device, non_blocking=True) for t in mb) for mb in micro]
+    return micro
 
 
 def forward_backward(model, micro_batches, *, return_token_losses: bool = False, saved=None):
@@ -48,6 +66,22 @@ def forward_backward(model, micro_batches, *, return_token_losses: bool = False,
         if return_token_losses:
             token_losses.append(per_token.detach())
     return total, (torch.cat(token_losses) if return_token_losses else None)
+
+
+@torch.no_grad()
+def evaluate(model, cfg: RunConfig, grid: Grid, device, split: str = "valid") -> float:
+    """Global per-token mean loss over `--eval-steps` batches of G sequences of `split`."""
+    was_training = model.training
+    model.eval()
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for eval_step in range(1, cfg.train.eval_steps + 1):
+        micro = step_micro_batches(cfg, grid, eval_step, device, split=split)
+        n_tokens = sum(tok.numel() for tok, _, _ in micro)
+        for tokens, labels, positions in micro:
+            per_token = model(tokens, positions, None, labels=labels)  # [B, l/N]
+            total += per_token.double().sum() / n_tokens
+    model.train(was_training)
+    return global_mean_loss(total / cfg.train.eval_steps, grid)
 
 
 def global_mean_loss(local_loss: torch.Tensor, grid: Grid) -> float:

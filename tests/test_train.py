@@ -21,6 +21,7 @@ COMMON = [
     "--seq-length", "32", "--global-batch-size", "4", "--micro-batch-size", "1",
     "--vocab-size", "64", "--steps", "10", "--optimizer", "sgd", "--lr", "0.5", "--seed", "11",
     "--dtype", "fp32", "--data", "synthetic", "--dist-timeout", "60",
+    "--eval-interval", "5", "--eval-steps", "1",
 ]  # fmt: skip
 
 
@@ -43,8 +44,9 @@ def serial_runs(tmp_path_factory):
                            "--out", str(out), *COMMON])  # fmt: skip
         assert res.returncode == 0, res.stderr[-3000:]
         runs[pos] = read_losses(out)
-        runs[f"{pos}-grad_norm"] = [json.loads(x)["grad_norm"]
-                                    for x in (out / "metrics.jsonl").read_text().splitlines()]  # fmt: skip
+        rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        runs[f"{pos}-grad_norm"] = [r["grad_norm"] for r in rows]
+        runs[f"{pos}-valid"] = {r["step"]: r["valid_loss"] for r in rows if "valid_loss" in r}
     return runs
 
 
@@ -81,6 +83,16 @@ def test_three_way_parity(serial_runs, tmp_path, n, d, pos):
     assert_losses_close(lss, ref, f"lss N={n} D={d} vs serial")
     assert_losses_close(nsp, ref, f"nvidia-sp N={n} D={d} vs serial")
     assert_losses_close(nsp, lss, f"nvidia-sp vs lss N={n} D={d}")
+    # validation loss (eval mode, no grad) at steps 5 and 10 agrees too
+    ref_valid = serial_runs[f"{pos}-valid"]
+    assert sorted(ref_valid) == [5, 10]
+    for info in (lss_info, nsp_info):
+        valid = {r["step"]: r["valid_loss"] for r in info["metrics"] if "valid_loss" in r}
+        assert sorted(valid) == [5, 10]
+        for step, v in valid.items():
+            assert abs(v - ref_valid[step]) < TOL, (
+                f"valid loss step {step}: {v} vs {ref_valid[step]}"
+            )
     # the global gradient norm (each parameter counted once) is the one-process model's
     ref_norm = serial_runs[f"{pos}-grad_norm"]
     for info in (lss_info, nsp_info):

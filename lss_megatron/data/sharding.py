@@ -2,13 +2,19 @@
 
 Labels are shifted GLOBALLY before sharding: from l + 1 tokens, inputs are tokens[0:l] and labels
 tokens[1:l+1]; then both are cut into N contiguous segments. The last input token of segment n
-therefore predicts the first token of segment n + 1.
+therefore predicts the first token of segment n + 1. `segment_batch` reads exactly the l/N + 1
+tokens this takes (positions ``n l/N .. (n+1) l/N``) from a `Dataset`.
+
+torch is imported inside the functions that build tensors, so importing this module is light.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import numpy as np
-import torch
+
+from .base import Dataset
 
 
 def replica_sample_indices(global_batch: int, data_rank: int, data_size: int) -> range:
@@ -17,18 +23,45 @@ def replica_sample_indices(global_batch: int, data_rank: int, data_size: int) ->
     return range(data_rank * per, (data_rank + 1) * per)
 
 
+def segment_bounds(seq_length: int, seq_rank: int, seq_size: int) -> tuple[int, int]:
+    """Global positions ``[lo, hi)`` of segment `seq_rank` of `seq_size`."""
+    if seq_size < 1 or seq_length % seq_size:
+        raise ValueError(f"sequence length {seq_length} not divisible by N = {seq_size}")
+    if not 0 <= seq_rank < seq_size:
+        raise ValueError(f"segment {seq_rank} is not in 0..{seq_size - 1}")
+    seg = seq_length // seq_size
+    return seq_rank * seg, (seq_rank + 1) * seg
+
+
+def _to_segment(window: np.ndarray, lo: int):
+    """(tokens, labels, position_ids) from positions lo..lo+s of each row: [b, s + 1] -> 3 x
+    LongTensor [b, s]; the labels are the inputs shifted by one global position."""
+    import torch
+
+    b, s = window.shape[0], window.shape[1] - 1
+    tokens = torch.from_numpy(np.ascontiguousarray(window[:, :-1], dtype=np.int64))  # [b, s]
+    labels = torch.from_numpy(np.ascontiguousarray(window[:, 1:], dtype=np.int64))  # [b, s]
+    positions = torch.arange(lo, lo + s, dtype=torch.long).unsqueeze(0).expand(b, s)  # [b, s]
+    return tokens, labels, positions.contiguous()
+
+
 def shard_segment(seqs: np.ndarray, seq_rank: int, seq_size: int):
-    """Cut [b, l + 1] token rows into this rank's segment.
+    """Cut whole [b, l + 1] token rows into this rank's segment.
 
     Returns (tokens, labels, position_ids), each a LongTensor [b, l/N]; position ids are global.
     """
-    b, total = seqs.shape
-    length = total - 1
-    if length % seq_size:
-        raise ValueError(f"sequence length {length} not divisible by N = {seq_size}")
-    seg = length // seq_size
-    lo, hi = seq_rank * seg, (seq_rank + 1) * seg
-    inputs = torch.from_numpy(np.ascontiguousarray(seqs[:, :-1]))  # [b, l]
-    labels = torch.from_numpy(np.ascontiguousarray(seqs[:, 1:]))  # [b, l], shifted globally
-    positions = torch.arange(lo, hi, dtype=torch.long).unsqueeze(0).expand(b, seg)  # [b, l/N]
-    return inputs[:, lo:hi].contiguous(), labels[:, lo:hi].contiguous(), positions.contiguous()
+    lo, hi = segment_bounds(seqs.shape[1] - 1, seq_rank, seq_size)
+    return _to_segment(seqs[:, lo : hi + 1], lo)  # [b, l/N + 1]: inputs and the shifted label
+
+
+def segment_batch(
+    dataset: Dataset, split: str, step: int, indices: Iterable[int], seq_rank: int, seq_size: int
+):
+    """This rank's segment of samples `indices` of `step`, reading only positions lo..hi.
+
+    Returns (tokens, labels, position_ids), each a LongTensor [len(indices), l/N]; position ids
+    are global, and the last label is the first token of the next segment.
+    """
+    lo, hi = segment_bounds(dataset.seq_length, seq_rank, seq_size)
+    window = dataset.read(split, step, indices, lo, hi)  # [b, l/N + 1]: positions lo..hi
+    return _to_segment(window, lo)
