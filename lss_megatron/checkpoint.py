@@ -2,7 +2,7 @@
 
 A checkpoint holds the model and optimizer state in CANONICAL form: every parameter as the full
 tensor of the one-process model. LSS position slices are stitched into one table (all-gather over
-the sequence group) and nvidia-sp tensor-parallel shards are concatenated along their partition
+the sequence group, rows placed by the global positions each rank holds, so any layout works) and nvidia-sp tensor-parallel shards are concatenated along their partition
 dimension. On load each rank cuts its own part again, so a checkpoint saved with LSS at N = 4
 loads at N = 2, N = 1, in serial or nvidia-sp mode: anything with the same model.
 
@@ -33,7 +33,7 @@ import torch
 
 from . import comm
 from .grid import Grid
-from .positions import is_sequence_local
+from .positions import ROWS_ATTR, is_sequence_local
 
 FORMAT_VERSION = 1
 MODEL_KEYS = ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "ffn_hidden_size",
@@ -57,7 +57,11 @@ def _to_full(t: torch.Tensor, p, grid: Grid) -> torch.Tensor:
     """This rank's piece of parameter-shaped tensor `t` -> the full tensor (collective)."""
     t = t.detach()
     if is_sequence_local(p):
-        t = comm.all_gather_dim0(t, grid.seq_group, category="other")  # [l/N, E] -> [l, E]
+        rows = getattr(p, ROWS_ATTR).to(t.device)  # [l/N]: global rows held here
+        gathered = comm.all_gather_dim0(t, grid.seq_group, category="other")  # [l, E], rank order
+        all_rows = comm.all_gather_dim0(rows, grid.seq_group, category="other")  # [l]
+        t = torch.empty_like(gathered)
+        t[all_rows] = gathered  # [l, E] in global order (any layout)
     dim = _tp_dim(p, grid)
     if dim is not None:
         moved = t.movedim(dim, 0).contiguous()  # shard dim first
@@ -69,8 +73,7 @@ def _to_local(full: torch.Tensor, p, grid: Grid) -> torch.Tensor:
     """Cut this rank's piece of a full parameter-shaped tensor."""
     t = full
     if is_sequence_local(p):
-        rows = t.shape[0] // grid.seq_size
-        t = t[grid.seq_rank * rows : (grid.seq_rank + 1) * rows]
+        t = t[getattr(p, ROWS_ATTR)]  # this rank's rows, in local order
     dim = _tp_dim(p, grid)
     if dim is not None:
         t = t.chunk(grid.tp_size, dim=dim)[grid.tp_rank]
@@ -142,10 +145,13 @@ def _fsync_dir(path: Path) -> None:
 
 # --- load --------------------------------------------------------------------------------------
 def find_latest(directory: str | Path) -> Path | None:
-    """The newest complete checkpoint in `directory`, or None when there is none."""
+    """The newest complete checkpoint in `directory` (or `directory` itself when it is one, e.g.
+    ``DIR/step_00000010``), or None when there is none."""
     directory = Path(directory)
     if not directory.is_dir():
         return None
+    if (directory / "meta.json").is_file() and (directory / "state.pt").is_file():
+        return directory
     latest = directory / "latest"
     if latest.is_file():
         cand = directory / latest.read_text().strip()

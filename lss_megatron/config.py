@@ -16,12 +16,14 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from .data import DATASETS
+from .data import DATASETS, LAYOUTS
 
-MODES = ("serial", "lss", "nvidia-sp")
+MODES = ("serial", "lss", "nvidia-sp", "ulysses")
 """Modes the trainer knows. `serial` is plain data parallelism (N = 1) with Megatron's stock
 attention; `lss` is LSS sequence parallelism over N segments; `nvidia-sp` is the baseline,
-Megatron tensor parallelism of degree N with `sequence_parallel=True` (baselines/nvidia_sp.py)."""
+Megatron tensor parallelism of degree N with `sequence_parallel=True` (baselines/nvidia_sp.py);
+`ulysses` is DeepSpeed-Ulysses, all-to-all over heads on the same N segments as LSS
+(baselines/ulysses.py)."""
 
 POSITION_EMBEDDINGS = ("learned", "rope")
 OPTIMIZERS = ("sgd", "adamw")
@@ -125,6 +127,9 @@ class ParallelConfig:
     (Megatron's context-parallel group). nvidia-sp: the tensor-parallel size."""
     data_parallel: int | None = None
     """D: data-parallel replicas; defaults to P / N."""
+    lss_layout: str = "contiguous"
+    """LSS segments: `contiguous` (rank n holds [n l/N, (n+1) l/N), as in the paper) or `zigzag`
+    (2N chunks, rank n holds chunks n and 2N-1-n: equal causal attention work on every rank)."""
     dist_timeout_s: float = 300.0
     """Timeout of every collective (seconds). A hung collective raises instead of hanging."""
 
@@ -154,6 +159,10 @@ class ParallelConfig:
                 f"P = {self.world_size} processes must equal --seq-parallel N x --data-parallel D = "
                 f"{self.seq_parallel} x {self.dp} = {self.seq_parallel * self.dp}"
             )
+        if self.lss_layout not in LAYOUTS:
+            p.append(f"--lss-layout {self.lss_layout!r} is not one of {LAYOUTS}")
+        elif self.lss_layout != "contiguous" and self.mode != "lss":
+            p.append(f"--lss-layout {self.lss_layout} applies to --mode lss only, not {self.mode}")
         if self.dist_timeout_s <= 0:
             p.append(f"--dist-timeout must be > 0 seconds, got {self.dist_timeout_s}")
         return p
@@ -297,6 +306,11 @@ class RunConfig:
             if self.model.seq_length % n:
                 p.append(
                     f"--seq-length {self.model.seq_length} is not divisible by --seq-parallel {n}"
+                )
+            elif self.parallel.lss_layout == "zigzag" and self.model.seq_length % (2 * n):
+                p.append(
+                    f"--lss-layout zigzag needs --seq-length {self.model.seq_length} divisible by "
+                    f"2N = {2 * n}"
                 )
         p += self.train.problems(self.parallel.dp if not self.parallel.problems() else 0)
         if self.train.data in DATASETS:

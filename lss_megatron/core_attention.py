@@ -20,7 +20,7 @@ from megatron.core import parallel_state
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 
-from .operator import lss_attention
+from .operator import attended_pairs, lss_attention
 
 
 class LSSCoreAttention(MegatronModule):
@@ -57,6 +57,10 @@ class LSSCoreAttention(MegatronModule):
         self.softmax_scale = (
             softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
         )
+        self.layout = "contiguous"  # set by the LSS mode after the model is built (modes.py)
+        self.attention_flops = 0
+        """Forward attention FLOPs (4 b h d x attended pairs) since the last reset: this rank's
+        share of the attention work, read by the trainer to report the load balance."""
 
     def forward(
         self,
@@ -85,6 +89,11 @@ class LSSCoreAttention(MegatronModule):
             self.seq_group,
             causal=mask_type == AttnMaskType.causal,
             softmax_scale=self.softmax_scale,
+            layout=self.layout,
         )  # [s/N, b, h, d]
         sq, b, h, d = out.shape
+        n = self.seq_group.size()
+        pairs = attended_pairs(n * sq, self.seq_group.rank(), n, mask_type == AttnMaskType.causal,
+                               self.layout)  # fmt: skip
+        self.attention_flops += 4 * b * h * d * pairs
         return out.reshape(sq, b, h * d)  # [s/N, b, h*d]

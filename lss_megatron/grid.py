@@ -41,11 +41,13 @@ class Grid:
     tp_group: object
     tp_rank: int
     tp_size: int
+    layout: str = "contiguous"
+    """Which tokens a sequence rank holds: `contiguous` segments or `zigzag` chunk pairs."""
 
     def __repr__(self) -> str:  # groups are not printable in a useful way
         return (
             f"Grid(rank={self.rank}/{self.world_size}, seq={self.seq_rank}/{self.seq_size}, "
-            f"data={self.data_rank}/{self.data_size}, tp={self.tp_size})"
+            f"data={self.data_rank}/{self.data_size}, tp={self.tp_size}, layout={self.layout})"
         )
 
 
@@ -86,6 +88,7 @@ def initialize_grid(parallel: ParallelConfig) -> Grid:
         grad_group=ps.get_data_parallel_group(with_context_parallel=True),
         tp_group=ps.get_tensor_model_parallel_group(),
         tp_rank=ps.get_tensor_model_parallel_rank(),
+        layout=parallel.lss_layout,
         tp_size=ps.get_tensor_model_parallel_world_size(),
     )
     # collectives that Megatron or DeepSpeed issue on these groups are counted by category

@@ -234,6 +234,7 @@ def _train(cfg: RunConfig, rank: int, result: RunResult) -> None:
                 optimizer.step()
             dt = time.perf_counter() - t0
             step_times.append(dt)
+            balance = _attention_balance(model, grid, device)
             mem = memory_stats(model, optimizer)
             evals = {}
             if t.eval_interval and (step % t.eval_interval == 0 or step == last):
@@ -250,7 +251,8 @@ def _train(cfg: RunConfig, rank: int, result: RunResult) -> None:
                        **clog.summary(), "activation_bytes": saved.peak, **mem,
                        "peak_mem_bytes": peak_mem_bytes(device),
                        "model_flops_per_step": flops_per_step,
-                       "achieved_flops_per_s": flops_per_step / dt, **evals}  # fmt: skip
+                       "achieved_flops_per_s": flops_per_step / dt, **balance,
+                       **evals}  # fmt: skip
                 with metrics_path.open("a") as f:
                     f.write(json.dumps(rec) + "\n")
                 progress.update(loss, tokens_per_step / dt)
@@ -283,6 +285,27 @@ def _train(cfg: RunConfig, rank: int, result: RunResult) -> None:
     if not replicas["bitwise_equal"]:
         raise RuntimeError(f"replicated parameters diverged across ranks: {replicas['mismatched']}")
     log.info("done at step %d; replicas bitwise equal across %d ranks", last, grid.world_size)
+
+
+def _attention_balance(model, grid, device) -> dict:
+    """Per-rank attention FLOPs of this step (forward + backward = 3 x forward) across the
+    sequence group, counted by the LSS core attention modules, and max/mean: the causal load
+    imbalance (1.0 = balanced). Empty for modes without LSS core attention."""
+    from .core_attention import LSSCoreAttention
+
+    modules = [m for m in model.modules() if isinstance(m, LSSCoreAttention)]
+    if not modules:
+        return {}
+    mine = torch.tensor([3 * sum(m.attention_flops for m in modules)], dtype=torch.int64,
+                        device=device)  # fmt: skip
+    for m in modules:
+        m.attention_flops = 0
+    per_rank = comm.all_gather_dim0(mine, grid.seq_group, category="other").tolist()
+    mean = sum(per_rank) / len(per_rank)
+    return {
+        "attention_flops_per_rank": per_rank,
+        "attention_imbalance": max(per_rank) / mean if mean else 1.0,
+    }
 
 
 def _runtime(model, grid, params, start: int, load: str | None) -> dict:

@@ -9,7 +9,9 @@ loss, gradient averaging, optimizer, metrics) is shared, so modes compare on equ
 * ``lss``: context-parallel group of size N with `LSSCoreAttention` and sequence-distributed
   positions (lss_megatron.model);
 * ``nvidia-sp``: tensor parallelism of degree N with ``sequence_parallel=True``
-  (baselines/nvidia_sp.py).
+  (baselines/nvidia_sp.py);
+* ``ulysses``: DeepSpeed-Ulysses (all-to-all over heads) as the core attention, on the same
+  context-parallel group and positions as LSS (baselines/ulysses.py).
 """
 
 from __future__ import annotations
@@ -56,16 +58,26 @@ def _serial() -> Mode:
     )
 
 
+def _lss_post_build(model, grid) -> None:
+    """Sequence-distributed positions, and the segment layout on every LSS core attention."""
+    from .core_attention import LSSCoreAttention
+    from .positions import distribute_positions
+
+    distribute_positions(model, grid.seq_rank, grid.seq_size, grid.layout)
+    for module in model.modules():
+        if isinstance(module, LSSCoreAttention):
+            module.layout = grid.layout
+
+
 def _lss() -> Mode:
     from .model import get_lss_layer_spec
-    from .positions import distribute_positions
 
     return Mode(
         name="lss",
         tensor_parallel=lambda n: 1,
         context_parallel=lambda n: n,
         layer_spec=lambda m: get_lss_layer_spec(m.causal),
-        post_build=lambda model, grid: distribute_positions(model, grid.seq_rank, grid.seq_size),
+        post_build=_lss_post_build,
     )
 
 
@@ -75,7 +87,13 @@ def _nvidia_sp() -> Mode:
     return nvidia_sp.MODE
 
 
-_FACTORIES = {"serial": _serial, "lss": _lss, "nvidia-sp": _nvidia_sp}
+def _ulysses() -> Mode:
+    from baselines import ulysses
+
+    return ulysses.MODE
+
+
+_FACTORIES = {"serial": _serial, "lss": _lss, "nvidia-sp": _nvidia_sp, "ulysses": _ulysses}
 
 
 def get_mode(name: str) -> Mode:
@@ -88,6 +106,10 @@ def mode_problems(name: str, model: ModelConfig, n: int) -> list[str]:
     """Mode-specific configuration problems, without importing torch (see baselines/*)."""
     if name == "nvidia-sp":
         from baselines.nvidia_sp_limits import problems
+
+        return problems(model, n)
+    if name == "ulysses":
+        from baselines.ulysses_limits import problems
 
         return problems(model, n)
     return []

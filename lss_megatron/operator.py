@@ -36,6 +36,7 @@ def lss_attention(
     causal: bool = True,
     softmax_scale: float | None = None,
     backend: str = "auto",
+    layout: str = "contiguous",
 ) -> torch.Tensor:
     """LSS partial attention over a sequence-parallel group.
 
@@ -46,6 +47,8 @@ def lss_attention(
         causal: mask by global position (bottom-right aligned); False attends to every key.
         softmax_scale: defaults to ``1/sqrt(d)``.
         backend: attention kernel, see `attention.partial_attention`.
+        layout: ``contiguous`` (rank r holds segment r) or ``zigzag`` (rank r holds chunks r and
+            2N-1-r of l/(2N) tokens, concatenated in that order; balances causal work).
 
     Returns:
         ``[s/N, b, h, d]``.
@@ -70,6 +73,43 @@ def lss_attention(
 
     k_full, v_full = comm.fused_kv_all_gather(k, v, group)  # 2 x [s, b, h_kv, d]
     assert k_full.shape[0] == n * sq
-    return partial_attention(
-        q, k_full, v_full, q_offset=r * sq, causal=causal, softmax_scale=scale, backend=backend
-    )  # [s/N, b, h, d]
+    if layout == "contiguous":
+        return partial_attention(
+            q, k_full, v_full, q_offset=r * sq, causal=causal, softmax_scale=scale, backend=backend
+        )  # [s/N, b, h, d]
+    if layout != "zigzag":
+        raise ValueError(f"lss_attention: unknown layout {layout!r}")
+    if sq % 2:
+        raise ValueError(f"lss_attention: zigzag needs an even local length, got {sq}")
+    c = sq // 2  # chunk length l/(2N)
+    perm = zigzag_gather_order(n, device=k_full.device)  # buffer chunk of each global chunk
+    k_glob = k_full.view(2 * n, c, *k_full.shape[1:]).index_select(0, perm).flatten(0, 1)
+    v_glob = v_full.view(2 * n, c, *v_full.shape[1:]).index_select(0, perm).flatten(0, 1)
+    outs = [
+        partial_attention(q[i * c : (i + 1) * c], k_glob, v_glob, q_offset=chunk * c,
+                          causal=causal, softmax_scale=scale, backend=backend)  # [c, b, h, d]
+        for i, chunk in enumerate((r, 2 * n - 1 - r))
+    ]  # fmt: skip
+    return torch.cat(outs, dim=0)  # [s/N, b, h, d]
+
+
+def zigzag_gather_order(n: int, device=None) -> torch.Tensor:
+    """For each global chunk j of 2N, its slot in the rank-ordered gathered buffer (rank r
+    contributes chunks r and 2N-1-r, in that order): j -> 2j for j < N, else 2(2N-1-j)+1."""
+    j = torch.arange(2 * n, device=device)
+    return torch.where(j < n, 2 * j, 2 * (2 * n - 1 - j) + 1)
+
+
+def attended_pairs(
+    seq_length: int, seq_rank: int, seq_size: int, causal: bool, layout: str = "contiguous"
+) -> int:
+    """(query, key) pairs rank `seq_rank` computes for one sequence and one head: its share of
+    the attention work (causal: a query at global position i attends i + 1 keys)."""
+    from .data import segment_chunks
+
+    if not causal:
+        return seq_length * seq_length // seq_size
+    return sum(
+        (hi - lo) * lo + (hi - lo) * (hi - lo + 1) // 2
+        for lo, hi in segment_chunks(seq_length, seq_rank, seq_size, layout)
+    )

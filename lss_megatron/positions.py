@@ -1,13 +1,14 @@
 """Sequence-distributed positional encoding.
 
-* Learned absolute positions: rank n of the sequence group holds only rows
-  [n*l/N, (n+1)*l/N) of the table as its OWN parameter (`SegmentPositionEmbedding`). It is never
+* Learned absolute positions: rank n of the sequence group holds only the rows of its own
+  positions ([n*l/N, (n+1)*l/N), or its two chunks under the zigzag layout) of the table as its
+  OWN parameter (`SegmentPositionEmbedding`). It is never
   communicated along the sequence; its gradient is averaged over the data group only (see
   grad_sync.py), and the parameter carries ``lss_sequence_local = True`` to say so.
 * RoPE: no parameter; `SegmentRotaryEmbedding` hands Megatron the rotary angles of the segment's
   GLOBAL positions (contiguous segments; Megatron's own CP slicing is zig-zag and CUDA-only).
 
-`distribute_positions(model, seq_rank, seq_size)` swaps these into a built Megatron `GPTModel`.
+`distribute_positions(model, seq_rank, seq_size, layout)` swaps these into a built `GPTModel`.
 """
 
 from __future__ import annotations
@@ -23,52 +24,69 @@ def is_sequence_local(p: torch.nn.Parameter) -> bool:
     return bool(getattr(p, SEQUENCE_LOCAL_ATTR, False))
 
 
+ROWS_ATTR = "lss_global_rows"
+"""On a sequence-local parameter: the LongTensor of global rows it holds (for checkpoints)."""
+
+
+def local_positions(seq_length: int, seq_rank: int, seq_size: int, layout: str) -> torch.Tensor:
+    """Global positions held by this rank, in local order: LongTensor [l/N]."""
+    from .data import segment_chunks
+
+    chunks = segment_chunks(seq_length, seq_rank, seq_size, layout)
+    return torch.cat([torch.arange(lo, hi) for lo, hi in chunks])  # [l/N]
+
+
 class SegmentPositionEmbedding(torch.nn.Module):
-    """The rows of a learned position table that belong to one segment.
+    """The rows of a learned position table that belong to one rank's segment (or chunks).
 
     Called with GLOBAL position ids (as Megatron's `LanguageModelEmbedding` passes them) and
-    looks them up in the local slice.
+    looks them up in the local rows.
     """
 
-    def __init__(self, weight_slice: torch.Tensor, offset: int):
+    def __init__(self, table: torch.Tensor, rows: torch.Tensor):
         super().__init__()
-        self.offset = int(offset)
-        self.weight = torch.nn.Parameter(weight_slice.detach().clone())  # [l/N, E]
+        self.weight = torch.nn.Parameter(table[rows].detach().clone())  # [l/N, E]
         setattr(self.weight, SEQUENCE_LOCAL_ATTR, True)
-
-    @classmethod
-    def from_full_table(cls, table: torch.Tensor, seq_rank: int, seq_size: int):
-        rows = table.shape[0]
-        if rows % seq_size:
-            raise ValueError(f"position table rows {rows} not divisible by N = {seq_size}")
-        seg = rows // seq_size
-        return cls(table[seq_rank * seg : (seq_rank + 1) * seg], seq_rank * seg)
+        setattr(self.weight, ROWS_ATTR, rows.clone())
+        local_of = torch.full((table.shape[0],), -1, dtype=torch.long)  # [l]: global -> local row
+        local_of[rows] = torch.arange(rows.numel())
+        self.register_buffer("local_of", local_of, persistent=False)
+        self.contiguous_offset = (
+            int(rows[0]) if torch.equal(rows, torch.arange(int(rows[0]), int(rows[0]) + rows.numel()))
+            else None
+        )  # fmt: skip
 
     def forward(self, position_ids: torch.Tensor) -> torch.Tensor:
-        local = position_ids - self.offset  # [b, s/N]
-        if local.numel() and (int(local.min()) < 0 or int(local.max()) >= self.weight.shape[0]):
+        if self.contiguous_offset is not None:
+            local = position_ids - self.contiguous_offset  # [b, l/N]
+        else:
+            local = self.local_of[position_ids]  # [b, l/N]
+        if (
+            local.device.type == "cpu"
+            and local.numel()
+            and (int(local.min()) < 0 or int(local.max()) >= self.weight.shape[0])
+        ):
             raise IndexError(
                 f"position ids [{int(position_ids.min())}, {int(position_ids.max())}] fall "
-                f"outside this segment's rows [{self.offset}, {self.offset + self.weight.shape[0]})"
+                f"outside this rank's rows of the position table"
             )
-        return F.embedding(local, self.weight)  # [b, s/N, E]
+        return F.embedding(local, self.weight)  # [b, l/N, E]
 
     def extra_repr(self) -> str:
-        return f"rows=[{self.offset}, {self.offset + self.weight.shape[0]}), dim={self.weight.shape[1]}"
+        return f"rows={self.weight.shape[0]} of {self.local_of.numel()}, dim={self.weight.shape[1]}"
 
 
 class SegmentRotaryEmbedding(torch.nn.Module):
-    """Wraps Megatron's `RotaryEmbedding`; returns the angles of this segment's global positions.
+    """Wraps Megatron's `RotaryEmbedding`; returns the angles of this rank's global positions.
 
     Megatron asks for ``rotary_seq_len = local_len * cp_size`` (the full length l); we compute the
-    angles for all l positions and keep rows [n*l/N, (n+1)*l/N).
+    angles for all l positions and keep this rank's rows.
     """
 
-    def __init__(self, inner, seq_rank: int, seq_size: int):
+    def __init__(self, inner, positions: torch.Tensor):
         super().__init__()
         self.inner = inner
-        self.seq_rank = seq_rank
-        self.seq_size = seq_size
+        self.register_buffer("positions", positions.clone(), persistent=False)  # [l/N]
 
     def get_rotary_seq_len(self, *args, **kwargs) -> int:
         return self.inner.get_rotary_seq_len(*args, **kwargs)
@@ -80,21 +98,20 @@ class SegmentRotaryEmbedding(torch.nn.Module):
         if packed_seq:
             raise NotImplementedError("LSS does not support packed (THD) sequences")
         emb = self.inner.get_emb(max_seq_len, offset)  # [l, 1, 1, d_rot]
-        seg = max_seq_len // self.seq_size
-        return emb[self.seq_rank * seg : (self.seq_rank + 1) * seg]  # [l/N, 1, 1, d_rot]
+        return emb[self.positions.to(emb.device)]  # [l/N, 1, 1, d_rot]
 
 
-def distribute_positions(model, seq_rank: int, seq_size: int) -> None:
+def distribute_positions(model, seq_rank: int, seq_size: int, layout: str = "contiguous") -> None:
     """Make a built GPTModel's positional encoding sequence-distributed (in place).
 
-    The full learned table was initialised identically on every rank (same seed), so the slice a
-    rank keeps equals the corresponding rows of the one-process model's table.
+    The full learned table was initialised identically on every rank (same seed), so the rows a
+    rank keeps equal the corresponding rows of the one-process model's table.
     """
+    seq_length = model.max_sequence_length
+    rows = local_positions(seq_length, seq_rank, seq_size, layout)  # [l/N]
     emb = getattr(model, "embedding", None)
     if emb is not None and getattr(emb, "add_position_embedding", False):
         full = emb.position_embeddings.weight  # [l, E]
-        emb.position_embeddings = SegmentPositionEmbedding.from_full_table(
-            full.data, seq_rank, seq_size
-        )
+        emb.position_embeddings = SegmentPositionEmbedding(full.data, rows)
     if getattr(model, "position_embedding_type", None) == "rope":
-        model.rotary_pos_emb = SegmentRotaryEmbedding(model.rotary_pos_emb, seq_rank, seq_size)
+        model.rotary_pos_emb = SegmentRotaryEmbedding(model.rotary_pos_emb, rows)

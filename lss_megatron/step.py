@@ -40,7 +40,9 @@ def step_micro_batches(cfg: RunConfig, grid: Grid, step: int, device=None, split
     indices = replica_sample_indices(cfg.train.global_batch_size, grid.data_rank, grid.data_size)
     b = cfg.micro_batch
     micro = [
-        segment_batch(ds, split, step, indices[i : i + b], grid.seq_rank, grid.seq_size)
+        segment_batch(
+            ds, split, step, indices[i : i + b], grid.seq_rank, grid.seq_size, grid.layout
+        )
         for i in range(0, len(indices), b)
     ]
     if device is not None:

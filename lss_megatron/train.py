@@ -56,6 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--data-parallel", type=int, default=None, help="D (default: P / N)")
     g.add_argument(
+        "--lss-layout",
+        choices=("contiguous", "zigzag"),
+        default="contiguous",
+        help="LSS segments: contiguous (paper) or zigzag (causal load balance)",
+    )
+    g.add_argument(
         "--dist-timeout",
         type=float,
         default=300.0,
@@ -130,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--load",
         default=None,
         metavar="DIR",
-        help="resume from the newest checkpoint in DIR (any layout or mode)",
+        help="resume from the newest checkpoint in DIR, or from DIR/step_K itself "
+        "(any layout or mode)",
     )
     g.add_argument(
         "--stop-after",
@@ -210,6 +217,7 @@ def config_from_args(args: argparse.Namespace, world_size: int) -> RunConfig:
             seq_parallel=n,
             data_parallel=args.data_parallel,
             dist_timeout_s=args.dist_timeout,
+            lss_layout=args.lss_layout,
         ),
         train=TrainConfig(
             global_batch_size=args.global_batch_size,

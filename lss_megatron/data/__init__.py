@@ -13,7 +13,14 @@ Import-light: numpy only (torch is imported when tensors are built, enwik8's mod
 
 from .base import SPLITS, DataError, Dataset
 from .registry import DATASETS, build_dataset, check_data_config
-from .sharding import replica_sample_indices, segment_batch, segment_bounds, shard_segment
+from .sharding import (
+    LAYOUTS,
+    replica_sample_indices,
+    segment_batch,
+    segment_bounds,
+    segment_chunks,
+    shard_segment,
+)
 from .synthetic import (
     SyntheticRecall,
     full_attention_loss_floor,
@@ -23,6 +30,7 @@ from .synthetic import (
 
 __all__ = [
     "DATASETS",
+    "LAYOUTS",
     "SPLITS",
     "DataError",
     "Dataset",
@@ -33,6 +41,7 @@ __all__ = [
     "replica_sample_indices",
     "segment_batch",
     "segment_bounds",
+    "segment_chunks",
     "segment_local_loss_floor",
     "shard_segment",
     "synthetic_sequences",

@@ -33,6 +33,28 @@ def segment_bounds(seq_length: int, seq_rank: int, seq_size: int) -> tuple[int, 
     return seq_rank * seg, (seq_rank + 1) * seg
 
 
+LAYOUTS = ("contiguous", "zigzag")
+
+
+def segment_chunks(seq_length: int, seq_rank: int, seq_size: int, layout: str = "contiguous"):
+    """The global position ranges ``[(lo, hi), ...]`` rank `seq_rank` holds, in local order.
+
+    ``contiguous``: one segment, positions [n l/N, (n+1) l/N). ``zigzag`` (causal load balance):
+    the sequence is cut into 2N chunks of l/(2N) and rank n holds chunks n and 2N-1-n, so every
+    rank has one early (cheap) and one late (expensive) chunk of causal attention.
+    """
+    if layout == "contiguous":
+        return [segment_bounds(seq_length, seq_rank, seq_size)]
+    if layout != "zigzag":
+        raise ValueError(f"unknown segment layout {layout!r}; expected one of {LAYOUTS}")
+    if seq_length % (2 * seq_size):
+        raise ValueError(f"zigzag needs the sequence length {seq_length} divisible by 2N = "
+                         f"{2 * seq_size}")  # fmt: skip
+    c = seq_length // (2 * seq_size)
+    a, b = seq_rank, 2 * seq_size - 1 - seq_rank
+    return [(a * c, (a + 1) * c), (b * c, (b + 1) * c)]
+
+
 def _to_segment(window: np.ndarray, lo: int):
     """(tokens, labels, position_ids) from positions lo..lo+s of each row: [b, s + 1] -> 3 x
     LongTensor [b, s]; the labels are the inputs shifted by one global position."""
@@ -55,13 +77,27 @@ def shard_segment(seqs: np.ndarray, seq_rank: int, seq_size: int):
 
 
 def segment_batch(
-    dataset: Dataset, split: str, step: int, indices: Iterable[int], seq_rank: int, seq_size: int
+    dataset: Dataset,
+    split: str,
+    step: int,
+    indices: Iterable[int],
+    seq_rank: int,
+    seq_size: int,
+    layout: str = "contiguous",
 ):
-    """This rank's segment of samples `indices` of `step`, reading only positions lo..hi.
+    """This rank's segment of samples `indices` of `step`, reading only its own positions.
 
     Returns (tokens, labels, position_ids), each a LongTensor [len(indices), l/N]; position ids
-    are global, and the last label is the first token of the next segment.
+    are global, and the last label of a chunk is the first token of the next chunk. With the
+    zigzag layout the rank's two chunks are concatenated in local order (see `segment_chunks`).
     """
-    lo, hi = segment_bounds(dataset.seq_length, seq_rank, seq_size)
-    window = dataset.read(split, step, indices, lo, hi)  # [b, l/N + 1]: positions lo..hi
-    return _to_segment(window, lo)
+    import torch
+
+    indices = list(indices)
+    parts = []
+    for lo, hi in segment_chunks(dataset.seq_length, seq_rank, seq_size, layout):
+        window = dataset.read(split, step, indices, lo, hi)  # [b, hi - lo + 1]: positions lo..hi
+        parts.append(_to_segment(window, lo))
+    if len(parts) == 1:
+        return parts[0]
+    return tuple(torch.cat(ts, dim=1).contiguous() for ts in zip(*parts, strict=True))  # [b, l/N]
