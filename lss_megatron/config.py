@@ -313,6 +313,12 @@ class RunConfig:
                     f"2N = {2 * n}"
                 )
         p += self.train.problems(self.parallel.dp if not self.parallel.problems() else 0)
+        if self.train.dtype == "bf16" and self.parallel.mode == "nvidia-sp":
+            p.append(
+                "--dtype bf16 with --mode nvidia-sp is not supported: Megatron's sequence-parallel "
+                "layers need bf16 parameters (Megatron's own mixed precision, CUDA-only "
+                "optimizers), while this trainer's bf16 is autocast over fp32 weights; use fp32"
+            )
         if self.train.data in DATASETS:
             from .data import check_data_config
 
