@@ -1,0 +1,11 @@
+"""Comparison of serial, LSS and NVIDIA sequence parallelism: drivers, tables, figures.
+
+* `analysis.compare`: ``python -m analysis.compare --preset NAME --out DIR`` runs a grid of
+  trainer launches and writes ``DIR/summary.csv`` and ``DIR/figures``;
+* `analysis.presets`: the grids (``smoke``, ``cpu-strong``, ``cpu-weak``, the paper's clusters);
+* `analysis.tables`: the table's columns, ratios and efficiencies;
+* `analysis.figures`: ``python -m analysis.figures DIR`` redraws the figures from the CSV;
+* `analysis.costmodel`: the analytic cost model (optional for the above).
+
+What each number means: docs/measurement.md.
+"""

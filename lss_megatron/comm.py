@@ -301,6 +301,49 @@ def fused_kv_all_gather(
     return _FusedKVAllGather.apply(k, v, group)
 
 
+class PendingKVGather:
+    """An all-gather of one local [K | V] buffer in flight (async), finished by
+    `finish_kv_all_gather`; lets the caller attend chunk c while chunk c+1 travels."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, group):
+        if k.shape != v.shape:
+            raise ValueError(f"kv gather: k {tuple(k.shape)} and v {tuple(v.shape)} differ")
+        self.group = group
+        self.h_kv = k.shape[2]
+        n = group_size(group)
+        kv = torch.cat([k.detach(), v.detach()], dim=2).contiguous()  # [s/N, b, 2*h_kv, d]
+        if n == 1:
+            self.out, self.work = kv, None
+            return
+        self.out = torch.empty((n * kv.shape[0], *kv.shape[1:]), dtype=kv.dtype, device=kv.device)
+        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+        with _as("sp"):
+            self.work = gather(self.out, kv, group=group, async_op=True)  # [s, b, 2*h_kv, d]
+
+
+class _FinishKVGather(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, k: torch.Tensor, v: torch.Tensor, pending: PendingKVGather):
+        ctx.group, ctx.h_kv = pending.group, pending.h_kv
+        if pending.work is not None:
+            pending.work.wait()
+        kv_full = pending.out  # [s, b, 2*h_kv, d]
+        return kv_full[:, :, : ctx.h_kv], kv_full[:, :, ctx.h_kv :]  # 2 x [s, b, h_kv, d]
+
+    backward = _FusedKVAllGather.backward
+
+
+def start_kv_all_gather(k: torch.Tensor, v: torch.Tensor, group) -> PendingKVGather:
+    """Launch the fused [K | V] all-gather of local k, v [s/N, b, h_kv, d] asynchronously."""
+    return PendingKVGather(k, v, group)
+
+
+def finish_kv_all_gather(k: torch.Tensor, v: torch.Tensor, pending: PendingKVGather):
+    """Wait for `pending` (started from these k, v) and return the gathered K, V
+    [s, b, h_kv, d]; autograd-connected to k and v: its backward is one reduce-scatter."""
+    return _FinishKVGather.apply(k, v, pending)
+
+
 def all_gather_object(obj, group=None, *, category: str = "other") -> list:
     """Gather a picklable object from every rank of the group (checks and summaries only)."""
     n = group_size(group)

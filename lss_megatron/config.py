@@ -29,6 +29,7 @@ POSITION_EMBEDDINGS = ("learned", "rope")
 OPTIMIZERS = ("sgd", "adamw")
 DTYPES = ("fp32", "bf16")
 LR_SCHEDULES = ("constant", "cosine")
+ZERO_STAGES = (0, 1, 2)
 
 
 class ConfigError(ValueError):
@@ -130,6 +131,9 @@ class ParallelConfig:
     lss_layout: str = "contiguous"
     """LSS segments: `contiguous` (rank n holds [n l/N, (n+1) l/N), as in the paper) or `zigzag`
     (2N chunks, rank n holds chunks n and 2N-1-n: equal causal attention work on every rank)."""
+    kv_gather_chunks: int = 1
+    """LSS: gather K/V in this many head chunks, double-buffered (the gather of chunk c+1 runs
+    while chunk c is attended); bounds the transient K/V buffers. Same result and bytes."""
     dist_timeout_s: float = 300.0
     """Timeout of every collective (seconds). A hung collective raises instead of hanging."""
 
@@ -163,6 +167,10 @@ class ParallelConfig:
             p.append(f"--lss-layout {self.lss_layout!r} is not one of {LAYOUTS}")
         elif self.lss_layout != "contiguous" and self.mode != "lss":
             p.append(f"--lss-layout {self.lss_layout} applies to --mode lss only, not {self.mode}")
+        if self.kv_gather_chunks < 1:
+            p.append(f"--kv-gather-chunks must be >= 1, got {self.kv_gather_chunks}")
+        elif self.kv_gather_chunks > 1 and self.mode != "lss":
+            p.append(f"--kv-gather-chunks applies to --mode lss only, not {self.mode}")
         if self.dist_timeout_s <= 0:
             p.append(f"--dist-timeout must be > 0 seconds, got {self.dist_timeout_s}")
         return p
@@ -217,10 +225,30 @@ class TrainConfig:
     """Progress bar on rank 0: `on`, `off`, or `auto` (on when stderr is a terminal)."""
     fault: str | None = None
     """Testing aid: `crash:RANK:STEP`, `hang:RANK:STEP` or `nan:RANK:STEP` injects that failure."""
+    zero_stage: int = 0
+    """DeepSpeed ZeRO stage over all ranks of the gradient group (lss_megatron/zero.py): 0 off
+    (the trainer's own optimizer step), 1 optimizer state sharded, 2 also gradients. Needs
+    DeepSpeed; no checkpoints (docs/zero.md)."""
 
     @property
     def final_lr(self) -> float:
         return self.min_lr if self.min_lr is not None else self.lr / 10
+
+    def _zero_problems(self) -> list[str]:
+        if self.zero_stage == 0:
+            return []
+        if self.zero_stage not in ZERO_STAGES:
+            return [f"--zero-stage {self.zero_stage} is not one of {ZERO_STAGES}"]
+        p = [f"{flag} is not supported with --zero-stage {self.zero_stage}: DeepSpeed keeps "
+             "optimizer state in flat per-rank partitions, not the canonical layout-independent "
+             "checkpoint (docs/zero.md); use --zero-stage 0 to checkpoint"
+             for flag, value in (("--save", self.save), ("--load", self.load)) if value]  # fmt: skip
+        import importlib.util
+
+        if importlib.util.find_spec("deepspeed") is None:
+            p.append(f"--zero-stage {self.zero_stage} needs DeepSpeed: pip install "
+                     "'lss-megatron[deepspeed]' (deepspeed==0.19.8, DS_BUILD_OPS=0)")  # fmt: skip
+        return p
 
     def problems(self, dp: int) -> list[str]:
         p = []
@@ -262,6 +290,7 @@ class TrainConfig:
                 or not all(x.isdigit() for x in parts[1:])
             ):
                 p.append(f"--fault {self.fault!r} must be KIND:RANK:STEP, KIND in crash|hang|nan")
+        p += self._zero_problems()
         if p or dp < 1:
             return p
         if self.global_batch_size % dp:
@@ -307,7 +336,13 @@ class RunConfig:
                 p.append(
                     f"--seq-length {self.model.seq_length} is not divisible by --seq-parallel {n}"
                 )
-            elif self.parallel.lss_layout == "zigzag" and self.model.seq_length % (2 * n):
+            if self.model.kv_heads % self.parallel.kv_gather_chunks:
+                p.append(
+                    f"--kv-gather-chunks {self.parallel.kv_gather_chunks} does not divide the "
+                    f"key/value heads {self.model.kv_heads}"
+                )
+            if (not self.model.seq_length % n and self.parallel.lss_layout == "zigzag"
+                    and self.model.seq_length % (2 * n)):  # fmt: skip
                 p.append(
                     f"--lss-layout zigzag needs --seq-length {self.model.seq_length} divisible by "
                     f"2N = {2 * n}"

@@ -58,6 +58,7 @@ class LSSCoreAttention(MegatronModule):
             softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
         )
         self.layout = "contiguous"  # set by the LSS mode after the model is built (modes.py)
+        self.kv_chunks = 1  # likewise
         self.attention_flops = 0
         """Forward attention FLOPs (4 b h d x attended pairs) since the last reset: this rank's
         share of the attention work, read by the trainer to report the load balance."""
@@ -90,6 +91,7 @@ class LSSCoreAttention(MegatronModule):
             causal=mask_type == AttnMaskType.causal,
             softmax_scale=self.softmax_scale,
             layout=self.layout,
+            kv_chunks=self.kv_chunks,
         )  # [s/N, b, h, d]
         sq, b, h, d = out.shape
         n = self.seq_group.size()

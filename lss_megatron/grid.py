@@ -43,6 +43,8 @@ class Grid:
     tp_size: int
     layout: str = "contiguous"
     """Which tokens a sequence rank holds: `contiguous` segments or `zigzag` chunk pairs."""
+    kv_gather_chunks: int = 1
+    """How the sequence group gathers K/V: in this many double-buffered head chunks."""
 
     def __repr__(self) -> str:  # groups are not printable in a useful way
         return (
@@ -89,6 +91,7 @@ def initialize_grid(parallel: ParallelConfig) -> Grid:
         tp_group=ps.get_tensor_model_parallel_group(),
         tp_rank=ps.get_tensor_model_parallel_rank(),
         layout=parallel.lss_layout,
+        kv_gather_chunks=parallel.kv_gather_chunks,
         tp_size=ps.get_tensor_model_parallel_world_size(),
     )
     # collectives that Megatron or DeepSpeed issue on these groups are counted by category

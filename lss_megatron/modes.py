@@ -67,6 +67,7 @@ def _lss_post_build(model, grid) -> None:
     for module in model.modules():
         if isinstance(module, LSSCoreAttention):
             module.layout = grid.layout
+            module.kv_chunks = grid.kv_gather_chunks
 
 
 def _lss() -> Mode:

@@ -37,6 +37,7 @@ def lss_attention(
     softmax_scale: float | None = None,
     backend: str = "auto",
     layout: str = "contiguous",
+    kv_chunks: int = 1,
 ) -> torch.Tensor:
     """LSS partial attention over a sequence-parallel group.
 
@@ -49,6 +50,10 @@ def lss_attention(
         backend: attention kernel, see `attention.partial_attention`.
         layout: ``contiguous`` (rank r holds segment r) or ``zigzag`` (rank r holds chunks r and
             2N-1-r of l/(2N) tokens, concatenated in that order; balances causal work).
+        kv_chunks: gather K/V in this many head chunks, double-buffered (async gather of chunk
+            c+1 while chunk c is attended); bounds the transient gathered/gradient buffers to one
+            chunk. Same result and bytes; the one all-gather and the one reduce-scatter become
+            `kv_chunks` of each.
 
     Returns:
         ``[s/N, b, h, d]``.
@@ -71,17 +76,47 @@ def lss_attention(
     r = comm.group_rank(group)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
 
-    k_full, v_full = comm.fused_kv_all_gather(k, v, group)  # 2 x [s, b, h_kv, d]
-    assert k_full.shape[0] == n * sq
+    if layout not in ("contiguous", "zigzag"):
+        raise ValueError(f"lss_attention: unknown layout {layout!r}")
+    if layout == "zigzag" and sq % 2:
+        raise ValueError(f"lss_attention: zigzag needs an even local length, got {sq}")
+
+    def attend(q_, k_full, v_full):  # local queries x all keys of the gathered heads
+        return _partial(q_, k_full, v_full, r, n, layout, causal, scale, backend)
+
+    h_kv = k.shape[2]
+    if kv_chunks <= 1:
+        k_full, v_full = comm.fused_kv_all_gather(k, v, group)  # 2 x [s, b, h_kv, d]
+        return attend(q, k_full, v_full)  # [s/N, b, h, d]
+    if h_kv % kv_chunks:
+        raise ValueError(f"lss_attention: kv heads {h_kv} not divisible by kv_chunks {kv_chunks}")
+    # Bounded, overlapped gathers: kv heads in `kv_chunks` chunks; the gather of chunk c+1 is in
+    # flight while chunk c is attended; backward reduce-scatters each chunk's gradients.
+    hc = h_kv // kv_chunks  # kv heads per chunk
+    qc = hc * (h // h_kv)  # query heads per chunk (GQA groups stay whole)
+    chunk = [slice(c * hc, (c + 1) * hc) for c in range(kv_chunks)]
+    pending = comm.start_kv_all_gather(k[:, :, chunk[0]], v[:, :, chunk[0]], group)
+    outs = []
+    for c in range(kv_chunks):
+        k_c, v_c = k[:, :, chunk[c]], v[:, :, chunk[c]]  # [s/N, b, hc, d]
+        upcoming = (comm.start_kv_all_gather(k[:, :, chunk[c + 1]], v[:, :, chunk[c + 1]], group)
+                    if c + 1 < kv_chunks else None)  # fmt: skip
+        k_full, v_full = comm.finish_kv_all_gather(k_c, v_c, pending)  # 2 x [s, b, hc, d]
+        outs.append(attend(q[:, :, c * qc : (c + 1) * qc], k_full, v_full))  # [s/N, b, qc, d]
+        pending = upcoming
+    return torch.cat(outs, dim=2)  # [s/N, b, h, d]
+
+
+def _partial(
+    q, k_full, v_full, r: int, n: int, layout: str, causal: bool, scale: float, backend: str
+) -> torch.Tensor:
+    """Partial attention of this rank's queries against the gathered (rank-ordered) K/V."""
+    sq = q.shape[0]
     if layout == "contiguous":
         return partial_attention(
             q, k_full, v_full, q_offset=r * sq, causal=causal, softmax_scale=scale, backend=backend
         )  # [s/N, b, h, d]
-    if layout != "zigzag":
-        raise ValueError(f"lss_attention: unknown layout {layout!r}")
-    if sq % 2:
-        raise ValueError(f"lss_attention: zigzag needs an even local length, got {sq}")
-    c = sq // 2  # chunk length l/(2N)
+    c = sq // 2  # zigzag chunk length l/(2N)
     perm = zigzag_gather_order(n, device=k_full.device)  # buffer chunk of each global chunk
     k_glob = k_full.view(2 * n, c, *k_full.shape[1:]).index_select(0, perm).flatten(0, 1)
     v_glob = v_full.view(2 * n, c, *v_full.shape[1:]).index_select(0, perm).flatten(0, 1)

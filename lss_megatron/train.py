@@ -23,6 +23,7 @@ from .config import (
     DTYPES,
     LR_SCHEDULES,
     MODES,
+    ZERO_STAGES,
     ConfigError,
     ModelConfig,
     ParallelConfig,
@@ -55,6 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="N, segments per sequence (default: P for lss, 1 for serial)",
     )
     g.add_argument("--data-parallel", type=int, default=None, help="D (default: P / N)")
+    g.add_argument(
+        "--kv-gather-chunks",
+        type=int,
+        default=1,
+        metavar="C",
+        help="LSS: gather K/V in C double-buffered head chunks (bounded memory)",
+    )
     g.add_argument(
         "--lss-layout",
         choices=("contiguous", "zigzag"),
@@ -112,6 +120,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--skip-nonfinite",
         action="store_true",
         help="skip a step whose loss is not finite instead of stopping",
+    )
+    g.add_argument(
+        "--zero-stage",
+        type=int,
+        choices=ZERO_STAGES,
+        default=d_t.zero_stage,
+        help="DeepSpeed ZeRO over all P ranks: 1 shards optimizer state, 2 also gradients "
+        "(0: off)",
     )
     g.add_argument("--fault", default=None, help=argparse.SUPPRESS)  # testing aid, see config.py
     g = p.add_argument_group("data")
@@ -218,6 +234,7 @@ def config_from_args(args: argparse.Namespace, world_size: int) -> RunConfig:
             data_parallel=args.data_parallel,
             dist_timeout_s=args.dist_timeout,
             lss_layout=args.lss_layout,
+            kv_gather_chunks=args.kv_gather_chunks,
         ),
         train=TrainConfig(
             global_batch_size=args.global_batch_size,
@@ -245,6 +262,7 @@ def config_from_args(args: argparse.Namespace, world_size: int) -> RunConfig:
             eval_steps=args.eval_steps,
             progress=args.progress,
             fault=args.fault,
+            zero_stage=args.zero_stage,
         ),
     )
 

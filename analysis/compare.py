@@ -1,0 +1,275 @@
+"""Compare serial, LSS and NVIDIA SP over a grid.
+
+``python -m analysis.compare --preset NAME --out DIR``
+
+Runs every run of the preset's plan (analysis/presets.py) as its own launch of the trainer,
+``python -m torch.distributed.run --standalone --nproc-per-node P -m lss_megatron.train ...`` with
+``--progress off`` and ``OMP_NUM_THREADS=1`` (``--standalone`` picks a free port per launch), one
+after another in the plan's interleaved order, each under a hard timeout. A run that fails or times
+out is recorded with its status and the tail of its stderr; the driver goes on. Then it writes
+
+* ``DIR/summary.csv``: one row per run (analysis/tables.py, docs/measurement.md);
+* ``DIR/figures/*.png|pdf`` (analysis/figures.py);
+* ``DIR/plan.json``: the preset, every command, the runs the trainer would reject;
+* ``DIR/runs/RUN_ID/``: each run's trainer output plus ``stdout.log`` / ``stderr.log``;
+
+and prints the summary table. ``--dry-run`` prints the commands instead; ``--collect`` builds the
+table and figures from run folders already in ``DIR/runs`` (how cluster presets are used: print
+their sbatch commands with ``--dry-run``, run them, then ``--collect``).
+
+Exit status: 0 when every run succeeded, 3 when some failed (the table is written anyway), 2 for a
+bad command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from analysis import tables
+from analysis.presets import PRESETS, REPO, Plan, RunSpec, get_preset, make_plan
+
+STDERR_TAIL = 2000
+"""Characters of a failed run's stderr kept in the table's ``error`` column."""
+_DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+              "GROUP_RANK", "TORCHELASTIC_RUN_ID")  # fmt: skip
+
+
+def effective_config(run: RunSpec) -> dict:
+    """The trainer's effective configuration of `run` (`RunConfig.to_dict()`), without launching."""
+    from lss_megatron.train import config_from_args, parse_args
+
+    return config_from_args(parse_args(run.trainer_args("unused")), run.world_size).to_dict()
+
+
+def torchrun_command(run: RunSpec, out: Path) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+            str(run.world_size), "-m", "lss_megatron.train", *run.trainer_args(out)]  # fmt: skip
+
+
+def sbatch_command(run: RunSpec, out: Path, gpus_per_node: int) -> str:
+    """The launch/slurm.sbatch command of a cluster run (every trainer flag explicit)."""
+    per_node = min(run.world_size, gpus_per_node)
+    nodes = math.ceil(run.world_size / per_node)
+    return (f"sbatch --nodes={nodes} --ntasks-per-node={per_node} --gpus-per-node={per_node} "
+            f"launch/slurm.sbatch {shlex.join(run.trainer_args(out))}")  # fmt: skip
+
+
+def child_env() -> dict[str, str]:
+    """This environment without rendezvous variables, with the repository importable."""
+    env = {k: v for k, v in os.environ.items() if k not in _DIST_VARS}
+    env["OMP_NUM_THREADS"] = "1"
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
+    env.setdefault("PYTHONWARNINGS", "ignore")
+    return env
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """End the launch we started (its own process group) on a timeout: TERM, then KILL."""
+    for sig, grace in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 10.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=grace)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def _tail(path: Path, chars: int = STDERR_TAIL) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except FileNotFoundError:
+        return ""
+    return text[-chars:].strip()
+
+
+def launch(run: RunSpec, run_dir: Path, timeout_s: float) -> dict:
+    """Run one launch; returns status (ok / failed / timeout), error (stderr tail), wall_s."""
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir(parents=True)
+    cmd = torchrun_command(run, run_dir)
+    t0 = time.perf_counter()
+    with (run_dir / "stdout.log").open("w") as out, (run_dir / "stderr.log").open("w") as err:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=child_env(), cwd=REPO,
+                                start_new_session=True)  # fmt: skip
+        try:
+            rc = proc.wait(timeout=timeout_s)
+            status = "ok" if rc == 0 else "failed"
+            error = "" if rc == 0 else f"exit status {rc}: "
+        except subprocess.TimeoutExpired:
+            _stop(proc)
+            status, error = "timeout", f"killed after the {timeout_s:g} s timeout: "
+    wall = time.perf_counter() - t0
+    if status == "ok" and not (run_dir / "summary.json").exists():
+        status, error = "failed", "exit status 0 but no summary.json: "
+    if status != "ok":
+        error += _tail(run_dir / "stderr.log")
+    return {"status": status, "error": error, "wall_s": wall}
+
+
+def collect(run: RunSpec, run_dir: Path, outcome: dict | None) -> dict:
+    """Measured columns of a run, or its failure (`outcome` None: from the folder alone)."""
+    if outcome is None:
+        outcome = {"status": "ok", "error": "", "wall_s": math.nan}
+        if not (run_dir / "summary.json").exists():
+            why = "no run folder" if not run_dir.exists() else "no summary.json"
+            outcome = {"status": "missing", "error": why + ": " + _tail(run_dir / "stderr.log"),
+                       "wall_s": math.nan}  # fmt: skip
+    row = dict(outcome)
+    if outcome["status"] == "ok":
+        try:
+            row.update(tables.read_run(run_dir))
+        except (FileNotFoundError, ValueError, KeyError) as e:
+            row.update(status="failed", error=f"unreadable outputs: {e}")
+    return row
+
+
+def build_table(plan: Plan, out: Path, outcomes: dict[str, dict] | None) -> tuple:
+    """(summary DataFrame, cost-model note) for every run of `plan`."""
+    predict, note = tables.load_costmodel()
+    rows = []
+    for run in plan.runs:
+        run_dir = out / "runs" / run.run_id
+        config = effective_config(run)
+        row = tables.identity_row(config, run.run_id, run.role, run.repeat, plan.preset.name)
+        row.update(collect(run, run_dir, None if outcomes is None else outcomes[run.run_id]))
+        row["run_dir"] = str(run_dir)
+        try:
+            row.update(tables.predicted_columns(config, predict))
+        except Exception as e:  # noqa: BLE001 - a cost-model bug must not lose the measurements
+            note = f"analysis.costmodel.predict failed ({type(e).__name__}: {e}); columns empty"
+            predict = None
+        rows.append(row)
+    df = tables.finish(rows, plan.preset.scaling, plan.preset.memory_budget_bytes)
+    return df, note
+
+
+def _print_plan(plan: Plan, out: Path) -> None:
+    preset = plan.preset
+    print(f"# preset {preset.name}: {preset.summary} ({len(plan.runs)} runs, {preset.scaling} "
+          "scaling)")  # fmt: skip
+    for run in plan.runs:
+        run_dir = out / "runs" / run.run_id
+        if preset.cluster:
+            print(sbatch_command(run, run_dir, preset.gpus_per_node))
+        else:
+            print("OMP_NUM_THREADS=1 " + shlex.join(torchrun_command(run, run_dir)))
+    for run_id, why in plan.skipped:
+        print(f"# skipped {run_id}: {why}")
+
+
+def _write_plan(plan: Plan, out: Path) -> None:
+    preset = plan.preset
+    doc = {
+        "preset": preset.name, "summary": preset.summary, "scaling": preset.scaling,
+        "notes": preset.notes, "timeout_s": preset.timeout_s,
+        "memory_budget_bytes": preset.memory_budget_bytes,
+        "runs": [{"run_id": r.run_id, "role": r.role,
+                  "command": torchrun_command(r, out / "runs" / r.run_id)} for r in plan.runs],
+        "skipped": [{"run_id": r, "reason": why} for r, why in plan.skipped],
+    }  # fmt: skip
+    (out / "plan.json").write_text(json.dumps(doc, indent=2) + "\n")
+
+
+def _list_presets() -> None:
+    for name, p in PRESETS.items():
+        plan = make_plan(p)
+        kind = "cluster" if p.cluster else "local"
+        print(f"{name:22s} {kind:7s} {len(plan.runs):3d} runs  {p.summary}")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m analysis.compare", description="Compare serial, LSS and NVIDIA SP."
+    )
+    p.add_argument("--preset", choices=sorted(PRESETS), help="the grid (analysis/presets.py)")
+    p.add_argument("--out", default=None, help="output folder (default runs/compare-PRESET)")
+    p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    p.add_argument("--collect", action="store_true",
+                   help="build the table and figures from DIR/runs without launching")  # fmt: skip
+    p.add_argument("--repeats", type=int, default=None, help="override the preset's repeats")
+    p.add_argument("--timeout", type=float, default=None,
+                   help="override the preset's per-run timeout (seconds)")  # fmt: skip
+    p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    p.add_argument("--list", action="store_true", help="list the presets and exit")
+    args = p.parse_args(argv)
+    if not args.list and args.preset is None:
+        p.error("--preset is required (or --list)")
+    if args.repeats is not None and args.repeats < 1:
+        p.error("--repeats must be >= 1")
+    return args
+
+
+def run_all(plan: Plan, out: Path, timeout_s: float, progress: bool) -> dict[str, dict]:
+    from tqdm import tqdm
+
+    outcomes: dict[str, dict] = {}
+    failed = 0
+    bar = tqdm(plan.runs, desc="compare", unit="run", disable=not progress, file=sys.stderr,
+               dynamic_ncols=True)  # fmt: skip
+    for run in bar:
+        bar.set_postfix_str(f"{run.run_id} (failed so far: {failed})")
+        outcomes[run.run_id] = launch(run, out / "runs" / run.run_id, timeout_s)
+        if outcomes[run.run_id]["status"] != "ok":
+            failed += 1
+            tqdm.write(f"run {run.run_id}: {outcomes[run.run_id]['status']}", file=sys.stderr)
+    bar.close()
+    return outcomes
+
+
+def main(argv: list[str] | None = None) -> int:
+    t0 = time.perf_counter()
+    args = parse_args(argv)
+    if args.list:
+        _list_presets()
+        return 0
+    preset = get_preset(args.preset)
+    out = Path(args.out or f"runs/compare-{preset.name}").resolve()
+    plan = make_plan(preset, args.repeats)
+    if args.dry_run:
+        _print_plan(plan, out)
+        return 0
+    if preset.cluster and not args.collect:
+        print(f"analysis.compare: preset {preset.name} needs a cluster ({preset.summary}): print "
+              "its sbatch commands with --dry-run, run them, then build the table with --collect",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    out.mkdir(parents=True, exist_ok=True)
+    _write_plan(plan, out)
+    outcomes = None
+    if not args.collect:
+        timeout = args.timeout if args.timeout is not None else preset.timeout_s
+        outcomes = run_all(plan, out, timeout, progress=not args.no_progress)
+    df, note = build_table(plan, out, outcomes)
+    csv = tables.write_summary(df, out / "summary.csv")
+    from analysis.figures import make_figures
+
+    figures = make_figures(df, out / "figures")
+    print(tables.format_table(df))
+    print()
+    for run_id, why in plan.skipped:
+        print(f"skipped (the trainer would reject it) {run_id}: {why}")
+    if note:
+        print(f"note: {note}")
+    bad = df[df["status"] != "ok"]
+    for _, row in bad.iterrows():
+        print(f"{row['status']}: {row['run_id']}: {str(row['error'])[-500:]}")
+    print(f"{len(df) - len(bad)}/{len(df)} runs ok; wrote {csv} and {len(figures)} figure files "
+          f"in {out / 'figures'}; {time.perf_counter() - t0:.0f} s")  # fmt: skip
+    return 0 if bad.empty else 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

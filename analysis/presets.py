@@ -1,0 +1,337 @@
+"""Comparison presets: the runs `python -m analysis.compare --preset NAME` makes, and their order.
+
+A preset is a grid of sequence-parallel degrees N, data-parallel sizes D and sequence lengths l,
+one model and one training recipe. For every grid point (N, D, l) it runs ``lss`` and
+``nvidia-sp`` on P = N x D ranks (and, with ``serial_at_scale``, ``serial`` = plain data
+parallelism on the same P ranks), plus the **serial reference** the efficiencies need:
+
+* strong scaling (``scaling="strong"``, fixed l): serial on ONE rank at every length l;
+* weak scaling (``scaling="weak"``, l = l0 x N for base lengths l0): serial with N = 1 and the
+  same D (P = D; one rank when D = 1) at every base length l0.
+
+Runs are ordered so that machine noise hits the modes alike: grid point by grid point, repeat by
+repeat, with the modes of a point in an order rotated by one each time. A run the trainer would
+reject (e.g. nvidia-sp needs heads, key/value heads, FFN and vocabulary divisible by N) is left
+out of the plan and listed in `Plan.skipped`, with the trainer's own message.
+
+Presets (`PRESETS`):
+
+========================  ================================================================
+``smoke``                 2 layers, E 64, l in {128, 256}, N in {2, 4}: 10 runs of 3 steps,
+                          at most 4 processes, ~2-3 min on 2 CPU cores (the test's preset)
+``cpu-strong``            4 layers, E 128, l in {512, 1024}, N in {2, 4}, serial also as
+                          data parallelism on P ranks, 2 repeats: 28 runs
+``cpu-weak``              same model, l = l0 x N for l0 in {128, 256}, N in {2, 4},
+                          2 repeats: 20 runs, ~8-12 min
+``paper-enwik8-144gpu``   cluster: the paper's 144-GPU comparison with NVIDIA SP, strong
+                          scaling of N = 6 x D in {1, 4, 24} at l in {3072, 6144, 12288}
+``paper-enwik8-3456gpu``  cluster: weak scaling, 348 tokens per GPU, D = 24, N up to 144:
+                          l = 50,112 on 3,456 GPUs
+========================  ================================================================
+
+Cluster presets (``cluster=True``) use the enwik8 data (``--data enwik8 --data-path``) with the
+models and recipes of launch/presets/paper-enwik8-*.yaml (every flag given explicitly, so no
+checkpoints are written); `compare` only prints their commands (``--dry-run``) and builds the
+table from their finished run folders (``--collect``). Tests never run them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+
+REPO = Path(__file__).resolve().parents[1]
+PARALLEL_MODES = ("lss", "nvidia-sp")
+MiB = 1 << 20
+GiB = 1 << 30
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A comparison grid: one model and recipe, many layouts and lengths."""
+
+    name: str
+    summary: str
+    scaling: str
+    """``strong`` (fixed lengths) or ``weak`` (l = base length x N)."""
+    degrees: tuple[int, ...]
+    """Sequence-parallel degrees N of the lss / nvidia-sp runs."""
+    seq_lengths: tuple[int, ...]
+    """strong: the lengths l; weak: the base lengths l0 (tokens per sequence-parallel rank)."""
+    model: Mapping[str, object]
+    """Trainer flags of the model (without dashes), the same for every run."""
+    train: Mapping[str, object]
+    """Trainer flags of the recipe (batch, steps, optimizer, data, ...), the same for every run."""
+    data_parallel: tuple[int, ...] = (1,)
+    """Data-parallel sizes D of the grid (P = N x D)."""
+    modes: tuple[str, ...] = PARALLEL_MODES
+    """Parallel modes run at every grid point."""
+    serial_at_scale: bool = False
+    """Also run `serial` (plain data parallelism, N = 1, D = P) at every grid point's P."""
+    repeats: int = 1
+    timeout_s: float = 120.0
+    """Hard limit per run (launch, imports and all steps)."""
+    memory_budget_bytes: int = 1 * GiB
+    """Per-rank budget of the longest-trainable-sequence figure."""
+    cluster: bool = False
+    """Needs a cluster: `compare` prints commands (--dry-run) and collects results (--collect)."""
+    gpus_per_node: int = 6
+    """Cluster presets: GPUs (tasks) per node of the printed sbatch commands."""
+    notes: str = ""
+
+    def __post_init__(self) -> None:
+        if self.scaling not in ("strong", "weak"):
+            raise ValueError(f"preset {self.name}: scaling must be strong or weak")
+        object.__setattr__(self, "model", MappingProxyType(dict(self.model)))
+        object.__setattr__(self, "train", MappingProxyType(dict(self.train)))
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One trainer launch of a plan."""
+
+    mode: str
+    seq_parallel: int
+    data_parallel: int
+    seq_length: int
+    repeat: int
+    role: str
+    """``grid`` (a mode at a grid point) or ``reference`` (the serial run efficiencies use)."""
+    flags: Mapping[str, object] = field(default_factory=dict)
+    """Every trainer flag (without dashes) except --out and --progress."""
+
+    @property
+    def world_size(self) -> int:
+        return self.seq_parallel * self.data_parallel
+
+    @property
+    def run_id(self) -> str:
+        return (f"{self.mode}_N{self.seq_parallel}_D{self.data_parallel}_l{self.seq_length}"
+                f"_r{self.repeat}")  # fmt: skip
+
+    def trainer_args(self, out: Path | str) -> list[str]:
+        """The trainer's command-line arguments, writing into `out`."""
+        args: list[str] = []
+        for key, value in self.flags.items():
+            if isinstance(value, bool):
+                if value:
+                    args.append(f"--{key}")
+            elif value is not None:
+                args += [f"--{key}", str(value)]
+        return args + ["--out", str(out), "--progress", "off"]
+
+
+@dataclass(frozen=True)
+class Plan:
+    preset: Preset
+    runs: tuple[RunSpec, ...]
+    skipped: tuple[tuple[str, str], ...] = ()
+    """(run id, the trainer's reason) for grid runs the trainer would reject."""
+
+
+_SMALL_TRAIN = {"optimizer": "adamw", "lr": 1e-3, "seed": 1234, "dtype": "fp32",
+                "data": "synthetic", "dist-timeout": 120}  # fmt: skip
+_PAPER_TRAIN = {"global-batch-size": 24, "micro-batch-size": 1, "optimizer": "adamw",
+                "lr": 2.5e-4, "lr-schedule": "cosine", "warmup-steps": 5, "weight-decay": 0.0,
+                "clip-grad": 0.25, "seed": 1234, "dtype": "fp32", "data": "enwik8",
+                "data-path": "data/enwik8.zip"}  # fmt: skip
+_CPU_MODEL = {"num-layers": 4, "hidden-size": 128, "num-heads": 8, "num-kv-heads": 4,
+              "ffn-hidden-size": 512, "vocab-size": 256,
+              "position-embedding": "learned"}  # fmt: skip
+
+PRESETS: dict[str, Preset] = {
+    p.name: p
+    for p in (
+        Preset(
+            name="smoke",
+            summary="CI smoke test: 10 short runs, at most 4 processes, < 5 min on 2 CPU cores",
+            scaling="strong",
+            degrees=(2, 4),
+            seq_lengths=(128, 256),
+            model={
+                "num-layers": 2,
+                "hidden-size": 64,
+                "num-heads": 8,
+                "num-kv-heads": 4,
+                "ffn-hidden-size": 256,
+                "vocab-size": 256,
+                "position-embedding": "learned",
+            },  # fmt: skip
+            train={**_SMALL_TRAIN, "global-batch-size": 2, "micro-batch-size": 1, "steps": 3},
+            timeout_s=100.0,
+            memory_budget_bytes=64 * MiB,
+            notes="2 micro-batches per step, GQA (8 heads, 4 key/value heads).",
+        ),
+        Preset(
+            name="cpu-strong",
+            summary="strong scaling on CPU: fixed lengths 512 and 1024, P = 1, 2, 4",
+            scaling="strong",
+            degrees=(2, 4),
+            seq_lengths=(512, 1024),
+            model=_CPU_MODEL,
+            train={
+                **_SMALL_TRAIN,
+                "global-batch-size": 4,
+                "micro-batch-size": 1,
+                "steps": 6,
+                "dist-timeout": 300,
+            },  # fmt: skip
+            serial_at_scale=True,
+            repeats=2,
+            timeout_s=300.0,
+            memory_budget_bytes=1 * GiB,
+        ),
+        Preset(
+            name="cpu-weak",
+            summary="weak scaling on CPU: l = l0 x N, l0 in {128, 256}, P = 1, 2, 4",
+            scaling="weak",
+            degrees=(2, 4),
+            seq_lengths=(128, 256),
+            model=_CPU_MODEL,
+            train={
+                **_SMALL_TRAIN,
+                "global-batch-size": 4,
+                "micro-batch-size": 1,
+                "steps": 6,
+                "dist-timeout": 300,
+            },  # fmt: skip
+            repeats=2,
+            timeout_s=300.0,
+            memory_budget_bytes=1 * GiB,
+        ),
+        Preset(
+            name="paper-enwik8-144gpu",
+            summary="cluster: LSS vs NVIDIA SP on up to 144 GPUs (24 Summit nodes), enwik8",
+            scaling="strong",
+            degrees=(6,),
+            data_parallel=(1, 4, 24),
+            seq_lengths=(3072, 6144, 12288),
+            model={
+                "num-layers": 12,
+                "hidden-size": 768,
+                "num-heads": 12,
+                "ffn-hidden-size": 3072,
+                "vocab-size": 256,
+                "make-vocab-size-divisible-by": 768,
+                "position-embedding": "learned",
+            },  # fmt: skip
+            train={**_PAPER_TRAIN, "steps": 50, "dist-timeout": 1800},
+            timeout_s=3600.0,
+            memory_budget_bytes=16 * GiB,
+            cluster=True,
+            notes="N = 6 (one sequence group per 6-GPU node) x D = 1, 4, 24: P = 6, 24, 144. "
+            "The vocabulary is padded to 768 so nvidia-sp can split it 6 ways (same model in "
+            "every mode). Materialised fp32 scores and probabilities take 2 x 4 h/N l^2 bytes per "
+            "layer: nvidia-sp at 12,288 needs ~2.4 GB per layer (~29 GB for 12), and the 1-GPU "
+            "serial references need 6x that, so they do not fit a 16 GB V100 beyond l = 3,072. "
+            "Such a run is recorded as failed (out of memory), which is itself the memory "
+            "result; strong-scaling efficiencies then exist only at l = 3,072.",
+        ),
+        Preset(
+            name="paper-enwik8-3456gpu",
+            summary="cluster: weak scaling to l = 50,112 on 3,456 GPUs (348 tokens per GPU)",
+            scaling="weak",
+            degrees=(2, 4, 8, 24, 72, 144),
+            data_parallel=(24,),
+            seq_lengths=(348,),
+            model={
+                "num-layers": 12,
+                "hidden-size": 512,
+                "num-heads": 8,
+                "ffn-hidden-size": 2048,
+                "vocab-size": 256,
+                "position-embedding": "learned",
+            },  # fmt: skip
+            train={**_PAPER_TRAIN, "steps": 30, "dist-timeout": 3600},
+            timeout_s=7200.0,
+            memory_budget_bytes=16 * GiB,
+            cluster=True,
+            notes="D = 24 data replicas; N = 2 ... 144 gives P = 48 ... 3,456 and "
+            "l = 696 ... 50,112. The reference is serial with D = 24 at l0 = 348 (24 GPUs). "
+            "nvidia-sp runs only where N divides the 8 heads (N = 2, 4, 8).",
+        ),
+    )
+}
+
+
+def get_preset(name: str) -> Preset:
+    if name not in PRESETS:
+        raise KeyError(f"unknown preset {name!r}; expected one of {sorted(PRESETS)}")
+    return PRESETS[name]
+
+
+def _flags(preset: Preset, mode: str, n: int, d: int, length: int) -> dict[str, object]:
+    flags: dict[str, object] = dict(
+        mode=mode, **{"seq-parallel": n, "data-parallel": d, "seq-length": length}
+    )
+    flags.update(preset.model)
+    flags.update(preset.train)
+    return flags
+
+
+def trainer_problem(run: RunSpec, data_elsewhere: bool = False) -> str | None:
+    """The trainer's own verdict on `run` (None when it would start), without launching it.
+
+    `data_elsewhere`: the data file lives on a cluster, so problems with ``--data-path`` here
+    (typically: no such file) are not the run's.
+    """
+    from lss_megatron.config import ConfigError
+    from lss_megatron.train import config_from_args, parse_args
+
+    args = run.trainer_args("unused")
+    try:
+        config_from_args(parse_args(args), run.world_size).validate()
+    except ConfigError as e:
+        items = [x.strip() for x in str(e).split("\n  - ")[1:]] or [str(e)]
+        if data_elsewhere:
+            items = [x for x in items if not x.startswith("--data-path")]
+        return "; ".join(" ".join(x.split()) for x in items) or None
+    except SystemExit:
+        return "the trainer rejects the arguments: " + " ".join(args)
+    return None
+
+
+def grid_points(preset: Preset) -> list[tuple[str, int, int, int]]:
+    """(role, N, D, l) in run order: each reference before the grid points that use it."""
+    points: list[tuple[str, int, int, int]] = []
+    for l0 in preset.seq_lengths:
+        for d in preset.data_parallel:
+            if preset.scaling == "weak":
+                points.append(("reference", 1, d, l0))
+                points += [("grid", n, d, l0 * n) for n in preset.degrees]
+            else:
+                ref = ("reference", 1, 1, l0)
+                if ref not in points:
+                    points.append(ref)
+                points += [("grid", n, d, l0) for n in preset.degrees]
+    return points
+
+
+def make_plan(preset: Preset, repeats: int | None = None) -> Plan:
+    """Every run of `preset`, in launch order (see the module docstring)."""
+    repeats = preset.repeats if repeats is None else repeats
+    runs: list[RunSpec] = []
+    skipped: list[tuple[str, str]] = []
+    for index, (role, n, d, length) in enumerate(grid_points(preset)):
+        if role == "reference":
+            specs = [("serial", 1, d)]
+        else:
+            specs = [(m, n, d) for m in preset.modes]
+            if preset.serial_at_scale:
+                specs.append(("serial", 1, n * d))
+        valid = []
+        for mode, sn, sd in specs:
+            spec = RunSpec(mode, sn, sd, length, 0, role, _flags(preset, mode, sn, sd, length))
+            problem = trainer_problem(spec, data_elsewhere=preset.cluster)
+            if problem is None:
+                valid.append((mode, sn, sd))
+            else:
+                skipped.append((spec.run_id.removesuffix("_r0"), problem))
+        for r in range(repeats):
+            shift = (index + r) % len(valid) if valid else 0
+            for mode, sn, sd in valid[shift:] + valid[:shift]:
+                runs.append(RunSpec(mode, sn, sd, length, r, role,
+                                    _flags(preset, mode, sn, sd, length)))  # fmt: skip
+    return Plan(preset, tuple(runs), tuple(skipped))

@@ -1,0 +1,294 @@
+"""The comparison table: one row per run, measured values plus ratios and efficiencies.
+
+Built by `analysis.compare` and written to ``DIR/summary.csv``; `analysis.figures` reads nothing
+else. Definitions (docs/measurement.md has the full text):
+
+* ``speedup_vs_nvidia_sp`` = nvidia-sp's step time / this run's step time, and
+  ``memory_ratio_vs_nvidia_sp`` / ``activation_ratio_vs_nvidia_sp`` /
+  ``sp_comm_ratio_vs_nvidia_sp`` = nvidia-sp's peak memory / activation bytes / sp bytes over
+  this run's, at the same (N, D, l, model, batch). A serial row (N = 1, D = P) is compared with the
+  nvidia-sp run at the same P when exactly one nvidia-sp layout has that P. Repeats enter as
+  their median.
+* ``parallel_efficiency``, of the kind ``efficiency_kind`` names: strong T_1 / (P T_P), T_1 the
+  serial run on one rank at the same l; weak T_1 / T_P, T_1 the serial run with N = 1 and the
+  same D (one rank when D = 1) at the base length l / N.
+* ``flops_efficiency``: achieved model FLOP/s per rank over the reference's (same references).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import statistics
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+
+import pandas as pd
+
+MODEL_KEY = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "ffn_hidden_size",
+             "vocab_size", "make_vocab_size_divisible_by", "position_embedding", "causal",
+             "global_batch_size", "micro_batch_size", "optimizer", "dtype")  # fmt: skip
+"""Columns that must agree for two runs to be compared (same model, same work per step)."""
+LAYOUT_KEY = ("seq_parallel", "data_parallel", "seq_length", *MODEL_KEY)
+
+IDENTITY = ("run_id", "preset", "mode", "status", "role", "repeat", "seq_parallel",
+            "data_parallel", "world_size", "seq_length", "hidden_size", "num_layers", "num_heads",
+            "num_kv_heads", "ffn_hidden_size", "vocab_size", "make_vocab_size_divisible_by",
+            "position_embedding", "causal", "global_batch_size", "micro_batch_size",
+            "num_micro_batches", "steps", "optimizer", "dtype")  # fmt: skip
+MEASURED = ("step_time_s", "tokens_per_s", "model_flops_per_step", "achieved_flops_per_s",
+            "sp_comm_bytes", "grad_comm_bytes", "other_comm_bytes", "sp_comm_calls",
+            "grad_comm_calls", "sp_comm_time_s", "grad_comm_time_s", "activation_bytes",
+            "param_bytes", "grad_bytes", "optimizer_state_bytes", "peak_mem_bytes", "final_loss",
+            "attention_imbalance", "core_attention", "wall_s")  # fmt: skip
+DERIVED = ("speedup_vs_nvidia_sp", "memory_ratio_vs_nvidia_sp", "activation_ratio_vs_nvidia_sp",
+           "sp_comm_ratio_vs_nvidia_sp", "parallel_efficiency", "flops_efficiency",
+           "efficiency_kind", "reference_step_time_s")  # fmt: skip
+PREDICTED = ("predicted_sp_comm_bytes", "predicted_grad_comm_bytes",
+             "predicted_activation_bytes")  # fmt: skip
+TAIL = ("memory_budget_bytes", "error", "run_dir")
+COLUMNS = IDENTITY + MEASURED + DERIVED + PREDICTED + TAIL
+"""Every column of summary.csv, in order."""
+
+_RATIOS = {"speedup_vs_nvidia_sp": "step_time_s", "memory_ratio_vs_nvidia_sp": "peak_mem_bytes",
+           "activation_ratio_vs_nvidia_sp": "activation_bytes",
+           "sp_comm_ratio_vs_nvidia_sp": "sp_comm_bytes"}  # fmt: skip
+
+
+# --- one run -------------------------------------------------------------------------------------
+def identity_row(config: Mapping, run_id: str, role: str, repeat: int, preset: str) -> dict:
+    """The identity columns of a run from its effective configuration (`RunConfig.to_dict()`)."""
+    m, p, t = config["model"], config["parallel"], config["train"]
+    return {
+        "run_id": run_id, "preset": preset, "mode": p["mode"], "role": role, "repeat": repeat,
+        "seq_parallel": p["seq_parallel"], "data_parallel": p["data_parallel"],
+        "world_size": p["world_size"], "seq_length": m["seq_length"],
+        "hidden_size": m["hidden_size"], "num_layers": m["num_layers"],
+        "num_heads": m["num_heads"], "num_kv_heads": m["num_kv_heads"],
+        "ffn_hidden_size": m["ffn_hidden_size"], "vocab_size": m["vocab_size"],
+        "make_vocab_size_divisible_by": m["make_vocab_size_divisible_by"],
+        "position_embedding": m["position_embedding"], "causal": bool(m["causal"]),
+        "global_batch_size": t["global_batch_size"], "micro_batch_size": t["micro_batch_size"],
+        "num_micro_batches": t["num_micro_batches"], "steps": t["steps"],
+        "optimizer": t["optimizer"], "dtype": t["dtype"],
+    }  # fmt: skip
+
+
+def read_run(run_dir: Path | str) -> dict:
+    """Measured columns from a finished run folder (summary.json, metrics.jsonl, config.json).
+
+    Step time, tokens/s, achieved FLOP/s and peak memory come from summary.json (median step time
+    after warm-up); bytes and call counts from the last step of metrics.jsonl (they are the same
+    every step); activation bytes are the maximum over steps; comm times the median over steps
+    after the first. Raises FileNotFoundError when the run left no summary.json.
+    """
+    run_dir = Path(run_dir)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    steps = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x]
+    if not steps:
+        raise FileNotFoundError(f"{run_dir}/metrics.jsonl has no steps")
+    last, steady = steps[-1], (steps[1:] or steps)
+    row = {k: summary.get(k, math.nan) for k in
+           ("step_time_s", "tokens_per_s", "achieved_flops_per_s", "peak_mem_bytes",
+            "final_loss")}  # fmt: skip
+    for k in ("model_flops_per_step", "sp_comm_bytes", "grad_comm_bytes", "other_comm_bytes",
+              "sp_comm_calls", "grad_comm_calls", "param_bytes", "grad_bytes",
+              "optimizer_state_bytes", "attention_imbalance"):  # fmt: skip
+        row[k] = last.get(k, math.nan)
+    row["activation_bytes"] = max(s.get("activation_bytes", 0) for s in steps)
+    for k in ("sp_comm_time_s", "grad_comm_time_s"):
+        row[k] = statistics.median(s.get(k, math.nan) for s in steady)
+    config = run_dir / "config.json"
+    if config.exists():
+        row["core_attention"] = (
+            json.loads(config.read_text()).get("runtime", {}).get("core_attention", "")
+        )
+    return row
+
+
+# --- derived columns -----------------------------------------------------------------------------
+def _median_by(ok: pd.DataFrame, keys: Iterable[str], values: Iterable[str]) -> pd.DataFrame:
+    return ok.groupby(list(keys), dropna=False)[list(values)].median().reset_index()
+
+
+def _nvidia_reference(df: pd.DataFrame) -> pd.DataFrame:
+    """nvidia-sp medians aligned with every row of `df` (NaN where there is none)."""
+    values = list(dict.fromkeys(_RATIOS.values()))
+    ok = df[(df["status"] == "ok") & (df["mode"] == "nvidia-sp")]
+    exact = _median_by(ok, LAYOUT_KEY, values)
+    ref = df[list(LAYOUT_KEY)].merge(exact, on=list(LAYOUT_KEY), how="left")
+    ref.index = df.index
+    # serial rows (N = 1, D = P): the nvidia-sp run at the same P, when its layout is unique
+    by_p = ok.groupby(["world_size", "seq_length", *MODEL_KEY], dropna=False)
+    unique = by_p.filter(lambda g: g[["seq_parallel", "data_parallel"]].drop_duplicates().shape[0]
+                         == 1)  # fmt: skip
+    same_p = _median_by(unique, ["world_size", "seq_length", *MODEL_KEY], values)
+    serial = df["mode"] == "serial"
+    if serial.any() and not same_p.empty:
+        keys = ["world_size", "seq_length", *MODEL_KEY]
+        alt = df.loc[serial, keys].merge(same_p, on=keys, how="left")
+        alt.index = df.index[serial]
+        ref.loc[serial, values] = alt[values]
+    return ref
+
+
+def _efficiency(df: pd.DataFrame, scaling: str) -> tuple[pd.Series, pd.Series, pd.Series]:
+    """(reference step time, time-based efficiency, FLOP-rate efficiency) for every row."""
+    ok = df[(df["status"] == "ok") & (df["mode"] == "serial") & (df["seq_parallel"] == 1)]
+    rows = df.copy()
+    if scaling == "strong":
+        ref = _median_by(ok[ok["world_size"] == 1], ["seq_length", *MODEL_KEY],
+                         ["step_time_s", "model_flops_per_step"])  # fmt: skip
+        keys = ["seq_length", *MODEL_KEY]
+        ref["ref_ranks"] = 1
+    else:
+        ref = _median_by(ok, ["data_parallel", "seq_length", *MODEL_KEY],
+                         ["step_time_s", "model_flops_per_step"])  # fmt: skip
+        ref = ref.rename(columns={"seq_length": "base_length"})
+        ref["ref_ranks"] = ref["data_parallel"]
+        rows["base_length"] = rows["seq_length"] // rows["seq_parallel"]
+        keys = ["data_parallel", "base_length", *MODEL_KEY]
+    ref["ref_flops"] = ref.pop("model_flops_per_step") / ref["step_time_s"]
+    ref = ref.rename(columns={"step_time_s": "ref_time"})
+    merged = rows[keys].merge(ref, on=keys, how="left")
+    merged.index = df.index
+    t = df["step_time_s"].where(df["status"] == "ok")
+    p = df["world_size"]
+    time_eff = merged["ref_time"] / (p * t) if scaling == "strong" else merged["ref_time"] / t
+    flops_eff = (df["achieved_flops_per_s"].where(df["status"] == "ok") / p) / (
+        merged["ref_flops"] / merged["ref_ranks"]
+    )
+    return merged["ref_time"], time_eff, flops_eff
+
+
+def add_derived(df: pd.DataFrame, scaling: str) -> pd.DataFrame:
+    """`df` with the ratio and efficiency columns filled in (see the module docstring)."""
+    if scaling not in ("strong", "weak"):
+        raise ValueError(f"scaling must be strong or weak, got {scaling!r}")
+    df = df.copy()
+    ok = df["status"] == "ok"
+    ref = _nvidia_reference(df)
+    for column, value in _RATIOS.items():
+        own = df[value].where(ok & (df[value] > 0))  # nothing to compare with zero bytes
+        df[column] = (ref[value] / own).astype(float)
+    df["reference_step_time_s"], df["parallel_efficiency"], df["flops_efficiency"] = _efficiency(
+        df, scaling
+    )
+    df["efficiency_kind"] = scaling
+    return df
+
+
+def finish(rows: list[dict], scaling: str, budget_bytes: int | None = None) -> pd.DataFrame:
+    """The summary table from per-run dicts: every column of `COLUMNS`, derived ones computed."""
+    df = pd.DataFrame(rows)
+    for column in COLUMNS:
+        if column not in df:
+            df[column] = math.nan
+    df["status"] = df["status"].fillna("missing")
+    if budget_bytes is not None:
+        df["memory_budget_bytes"] = budget_bytes
+    df = add_derived(df, scaling)
+    return df[list(COLUMNS) + [c for c in df.columns if c not in COLUMNS]]
+
+
+def write_summary(df: pd.DataFrame, path: Path | str) -> Path:
+    path = Path(path)
+    df.to_csv(path, index=False)
+    return path
+
+
+def read_summary(path: Path | str) -> pd.DataFrame:
+    """summary.csv (or a folder holding it) as a DataFrame."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "summary.csv"
+    df = pd.read_csv(path, keep_default_na=True)
+    if "error" in df:
+        df["error"] = df["error"].fillna("").astype(str)
+    return df
+
+
+# --- the cost model (analysis.costmodel, optional) ------------------------------------------------
+def load_costmodel() -> tuple[Callable[[dict], dict] | None, str]:
+    """(`analysis.costmodel.predict`, "") when that module exists, else (None, why not)."""
+    try:
+        costmodel = importlib.import_module("analysis.costmodel")
+    except ModuleNotFoundError as e:
+        if e.name not in ("analysis.costmodel", "analysis"):
+            return None, f"analysis.costmodel could not be imported: {e}"
+        return None, "analysis.costmodel is not available yet: predicted_* columns are empty"
+    except Exception as e:  # noqa: BLE001 - a broken optional module must not stop the analysis
+        return None, f"analysis.costmodel could not be imported: {type(e).__name__}: {e}"
+    predict = getattr(costmodel, "predict", None)
+    if not callable(predict):
+        return None, "analysis.costmodel has no predict(config): predicted_* columns are empty"
+    return predict, ""
+
+
+def predicted_columns(config: Mapping, predict: Callable[[dict], dict] | None) -> dict:
+    """The predicted_* columns of one run (NaN where the cost model is absent or silent)."""
+    out = dict.fromkeys(PREDICTED, math.nan)
+    if predict is None:
+        return out
+    result = predict(dict(config))
+    for column in PREDICTED:
+        value = result.get(column.removeprefix("predicted_"))
+        out[column] = math.nan if value is None else float(value)
+    return out
+
+
+# --- printing ------------------------------------------------------------------------------------
+_SHOWN = {"mode": "mode", "seq_parallel": "N", "data_parallel": "D", "world_size": "P",
+          "seq_length": "l", "repeat": "rep", "status": "status", "step_time_s": "step_s",
+          "tokens_per_s": "tok/s", "sp_comm_bytes": "sp_MiB", "grad_comm_bytes": "grad_MiB",
+          "activation_bytes": "act_MiB", "peak_mem_bytes": "peak_MiB",
+          "speedup_vs_nvidia_sp": "speedup_vs_nsp", "activation_ratio_vs_nvidia_sp": "act_ratio",
+          "memory_ratio_vs_nvidia_sp": "mem_ratio", "parallel_efficiency": "eff",
+          "flops_efficiency": "flops_eff"}  # fmt: skip
+_MIB = ("sp_comm_bytes", "grad_comm_bytes", "activation_bytes", "peak_mem_bytes")
+
+
+def format_table(df: pd.DataFrame) -> str:
+    """The summary table as text (bytes in MiB), with the efficiency kind in a footer."""
+    if df.empty:
+        return "(no runs)"
+    shown = df[list(_SHOWN)].copy()
+    for column in _MIB:
+        shown[column] = shown[column] / 2**20
+    shown = shown.rename(columns=_SHOWN)
+    text = shown.to_string(index=False, float_format=lambda x: f"{x:.4g}", na_rep="-")
+    kinds = sorted(set(df["efficiency_kind"].dropna().astype(str)))
+    kind = kinds[0] if len(kinds) == 1 else "/".join(kinds)
+    what = {"strong": "strong scaling, T_1 / (P T_P), T_1 = serial on 1 rank at the same l",
+            "weak": "weak scaling, T_1 / T_P, T_1 = serial (N = 1, same D) at l / N"}  # fmt: skip
+    return (f"{text}\n\neff = parallel efficiency ({what.get(kind, kind)}); flops_eff = achieved "
+            "FLOP/s per rank over the same reference's; speedup_vs_nsp, act_ratio, mem_ratio = "
+            "nvidia-sp's step time, activation bytes, peak memory over this run's "
+            "(same N, D, l); bytes are rank 0's.")  # fmt: skip
+
+
+def config_from_row(row: Mapping, seq_length: int | None = None) -> dict:
+    """The effective configuration (`RunConfig.to_dict()`) of a table row, optionally at another
+    sequence length: what `analysis.costmodel.predict` takes."""
+    from lss_megatron.config import ModelConfig, ParallelConfig, RunConfig, TrainConfig
+
+    def i(k: str) -> int:
+        return int(row[k])
+
+    cfg = RunConfig(
+        model=ModelConfig(num_layers=i("num_layers"), hidden_size=i("hidden_size"),
+                          num_heads=i("num_heads"), num_kv_heads=i("num_kv_heads"),
+                          ffn_hidden_size=i("ffn_hidden_size"),
+                          seq_length=int(seq_length or row["seq_length"]),
+                          vocab_size=i("vocab_size"),
+                          make_vocab_size_divisible_by=i("make_vocab_size_divisible_by"),
+                          position_embedding=str(row["position_embedding"]),
+                          causal=str(row["causal"]).lower() in ("true", "1", "1.0")),
+        parallel=ParallelConfig(mode=str(row["mode"]), world_size=i("world_size"),
+                                seq_parallel=i("seq_parallel"), data_parallel=i("data_parallel")),
+        train=TrainConfig(global_batch_size=i("global_batch_size"),
+                          micro_batch_size=i("micro_batch_size"), optimizer=str(row["optimizer"]),
+                          dtype=str(row["dtype"])),
+    )  # fmt: skip
+    return cfg.to_dict()
