@@ -4,52 +4,17 @@
 setting (a fresh process each) and reports, per setting, the peak growth of the heap in use during
 one fwd+bwd of `lss_attention` on rank 0, the bytes saved for backward, and the communication.
 
-Peak heap: glibc's `mallinfo2()` (bytes in use, including mmap'd blocks, which is where torch's
-large CPU tensors live) sampled after every torch operation through a `TorchDispatchMode`, so
-the peak is taken at op granularity; RSS would hide it behind allocator caching. On GPU use
-`torch.cuda.max_memory_allocated` instead.
+Peak heap: `lss_megatron.metrics.heap_peak_mode` (glibc's bytes in use, sampled after every
+torch operation); RSS would hide the transient buffers behind allocator caching.
 """
 
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
 import tempfile
 from datetime import timedelta
-
-
-class _Mallinfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in (
-        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
-        "fordblks", "keepcost")]  # fmt: skip
-
-
-def heap_in_use() -> int:
-    """Bytes malloc has handed out and not taken back (glibc), mmap'd blocks included."""
-    libc = ctypes.CDLL("libc.so.6")
-    libc.mallinfo2.restype = _Mallinfo2
-    info = libc.mallinfo2()
-    return int(info.uordblks + info.hblkhd)
-
-
-def heap_peak_mode():
-    """A TorchDispatchMode recording the peak of `heap_in_use()` after every torch op."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class HeapPeak(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.base = heap_in_use()
-            self.peak = self.base
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            self.peak = max(self.peak, heap_in_use())
-            return out
-
-    return HeapPeak()
 
 
 def _worker(rank, world, store, chunks, seq, heads, kv_heads, dim, q):
@@ -59,6 +24,7 @@ def _worker(rank, world, store, chunks, seq, heads, kv_heads, dim, q):
 
     from lss_megatron import comm
     from lss_megatron.attention import count_saved_bytes
+    from lss_megatron.metrics import heap_peak_mode
     from lss_megatron.operator import lss_attention
 
     torch.set_num_threads(1)

@@ -6,6 +6,10 @@
 * ``param_bytes``, ``grad_bytes``, ``optimizer_state_bytes``: this rank's tensors.
 * ``peak_mem_bytes``: peak resident set size of the process on CPU (``ru_maxrss``), peak
   allocated device memory on GPU (``max_memory_allocated``).
+* ``transient_peak_bytes`` (first step only, CPU): the peak growth of the heap in use during the
+  step's forward + backward, glibc's ``mallinfo2`` sampled after every torch operation through a
+  `TorchDispatchMode` (`heap_peak_mode`); unlike RSS it shows transient buffers (e.g. what
+  chunked K/V gathers save). On GPU: growth of ``max_memory_allocated`` over the step.
 * ``model_flops_per_step``: analytic FLOPs of one optimizer step of the whole model over the
   global batch (forward x 3 for forward + backward, no recomputation), the same for every mode.
 """
@@ -13,6 +17,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import resource
 import statistics
 import sys
@@ -99,3 +104,42 @@ def step_time_summary(step_times: list[float], warmup: int = 1) -> dict:
         "step_time_s": statistics.median(steady) if steady else float("nan"),
         "warmup_steps_excluded": len(step_times) - len(steady),
     }
+
+
+class _Mallinfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+        "fordblks", "keepcost")]  # fmt: skip
+
+
+def heap_in_use() -> int | None:
+    """Bytes malloc has handed out and not taken back (glibc, mmap'd blocks included), or None
+    where glibc's `mallinfo2` is unavailable."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallinfo2.restype = _Mallinfo2
+    except (OSError, AttributeError):
+        return None
+    info = libc.mallinfo2()
+    return int(info.uordblks + info.hblkhd)
+
+
+def heap_peak_mode():
+    """A TorchDispatchMode recording ``peak`` of `heap_in_use()` after every torch op (and
+    ``base``, at entry). Slows every op down a little: use it for measurement steps only."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class HeapPeak(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.base = heap_in_use() or 0
+            self.peak = self.base
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            now = heap_in_use()
+            if now is not None and now > self.peak:
+                self.peak = now
+            return out
+
+    return HeapPeak()
