@@ -22,8 +22,10 @@ Figures are datasheet values or stated assumptions (docs/costmodel.md, shared/do
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 GB = 1e9
 
@@ -134,13 +136,37 @@ DEVICES: dict[str, Device] = {
 }  # fmt: skip
 
 
+MEASURED_DIR = Path(__file__).resolve().parent / "data" / "gpu"
+
+
+def measured_bf16_peak(preset: str, directory: Path = MEASURED_DIR) -> float | None:
+    """The bf16 matmul peak measured by `launch/gpu_check.sh` on a device of this preset's kind
+    (analysis/data/gpu/*.json whose device name contains e.g. "h200"), or None."""
+    token = preset.split("-")[0].lower()
+    for path in sorted(directory.glob("*.json")):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if token in str(data.get("device", "")).lower() and data.get("matmul_peak_flops"):
+            return float(data["matmul_peak_flops"])
+    return None
+
+
 def get_device(device: str | Device) -> Device:
+    """A device preset; where launch/gpu_check.sh measured this kind of GPU, its measured bf16
+    (and fp16) matmul peak replaces the preset's."""
     if isinstance(device, Device):
         return device
     try:
-        return DEVICES[device]
+        preset = DEVICES[device]
     except KeyError:
         raise ValueError(f"unknown device {device!r}; presets: {sorted(DEVICES)}") from None
+    peak = measured_bf16_peak(device)
+    if peak is None:
+        return preset
+    flops = {**preset.peak_flops, "bf16": peak, "fp16": peak}
+    return replace(preset, peak_flops=flops, note=preset.note + "; bf16 peak measured")
 
 
 def with_network(device: Device, **changes) -> Device:
