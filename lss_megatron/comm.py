@@ -117,26 +117,50 @@ def _arg(args, kwargs, i, name, default=None):
     return args[i] if len(args) > i else kwargs.get(name, default)
 
 
-# op name -> bytes this rank sends (convention in the module docstring)
+# op name -> bytes this rank sends (convention in the module docstring); tensors may come
+# positionally or by keyword (DeepSpeed passes them by keyword)
+def _t(a, k, i, *names):
+    if len(a) > i:
+        return a[i]
+    for name in names:
+        if name in k:
+            return k[name]
+    raise KeyError(names)
+
+
+def _g(a, k, name):
+    return _size(_arg(a, k, _GROUP_ARG[name], "group"))
+
+
 _BYTES = {
-    "all_gather_single": lambda a, k: (_size(_arg(a, k, 2, "group")) - 1) * _nbytes(a[1]),
-    "reduce_scatter_single": lambda a, k: (_size(_arg(a, k, 3, "group")) - 1) * _nbytes(a[0]),
+    "all_gather_single": lambda a, k: (
+        (_g(a, k, "all_gather_single") - 1) * _nbytes(_t(a, k, 1, "input_tensor", "input"))
+    ),
+    "reduce_scatter_single": lambda a, k: (
+        (_g(a, k, "reduce_scatter_single") - 1) * _nbytes(_t(a, k, 0, "output", "output_tensor"))
+    ),
     "all_reduce": lambda a, k: (
-        2 * (_size(_arg(a, k, 2, "group")) - 1) * _nbytes(a[0]) // _size(_arg(a, k, 2, "group"))
+        2 * (_g(a, k, "all_reduce") - 1) * _nbytes(_t(a, k, 0, "tensor")) // _g(a, k, "all_reduce")
     ),
     "all_to_all_single": lambda a, k: (
-        (_size(_arg(a, k, 4, "group")) - 1) * _nbytes(a[1]) // _size(_arg(a, k, 4, "group"))
+        (_g(a, k, "all_to_all_single") - 1)
+        * _nbytes(_t(a, k, 1, "input"))
+        // _g(a, k, "all_to_all_single")
     ),
-    "all_gather": lambda a, k: (_size(_arg(a, k, 2, "group")) - 1) * _nbytes(a[1]),
-    "reduce_scatter": lambda a, k: (_size(_arg(a, k, 3, "group")) - 1) * _nbytes(a[0]),
+    "all_gather": lambda a, k: (_g(a, k, "all_gather") - 1) * _nbytes(_t(a, k, 1, "tensor")),
+    "reduce_scatter": lambda a, k: (
+        (_g(a, k, "reduce_scatter") - 1) * _nbytes(_t(a, k, 0, "output"))
+    ),
     "all_to_all": lambda a, k: (
-        sum(_nbytes(t) for t in a[1])
-        * (_size(_arg(a, k, 2, "group")) - 1)
-        // _size(_arg(a, k, 2, "group"))
+        sum(_nbytes(t) for t in _t(a, k, 1, "input_tensor_list"))
+        * (_g(a, k, "all_to_all") - 1)
+        // _g(a, k, "all_to_all")
     ),
-    "broadcast": lambda a, k: _nbytes(a[0]) if dist.get_rank() == _arg(a, k, 1, "src") else 0,
-    "send": lambda a, k: _nbytes(a[0]),
-    "isend": lambda a, k: _nbytes(a[0]),
+    "broadcast": lambda a, k: (
+        _nbytes(_t(a, k, 0, "tensor")) if dist.get_rank() == _arg(a, k, 1, "src") else 0
+    ),
+    "send": lambda a, k: _nbytes(_t(a, k, 0, "tensor")),
+    "isend": lambda a, k: _nbytes(_t(a, k, 0, "tensor")),
     "recv": lambda a, k: 0,
     "irecv": lambda a, k: 0,
 }

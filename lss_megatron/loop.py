@@ -2,7 +2,8 @@
 
 init -> grid -> model -> optimizer -> [resume] -> steps (data, forward/backward, double gradient
 averaging, non-finite check, global-norm clipping, optimizer, metrics, checkpoints, evaluation)
--> replica check -> summary.
+-> replica check -> summary. With ``--zero-stage 1|2`` DeepSpeed's ZeRO engine (zero.py) owns the
+gradient averaging, clipping and optimizer step; everything else is the same.
 
 Exit codes: 0 done; 1 a failure (exception, collective timeout, a dead peer); 2 a checkpoint that
 cannot be used; 3 a non-finite loss (without ``--skip-nonfinite``). Every rank takes the same
@@ -157,9 +158,16 @@ def _train(cfg: RunConfig, rank: int, result: RunResult) -> None:
         else torch.device("cpu")  # fmt: skip
     model = build_model(cfg.model, grid, mode=cfg.parallel.mode, seed=t.seed)
     model.to(device)
+    zero = None
+    if t.zero_stage:  # DeepSpeed ZeRO owns gradient sync and the optimizer step (zero.py)
+        from .zero import ZeroEngine
+
+        zero = ZeroEngine(model, cfg, grid)
+        optimizer = zero.optimizer
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = build_optimizer(params, t.optimizer, t.lr, t.weight_decay)
-    average_gradients = GradientAverager(model, grid)
+    if zero is None:
+        optimizer = build_optimizer(params, t.optimizer, t.lr, t.weight_decay)
+        average_gradients = GradientAverager(model, grid)
     effective = cfg.to_dict()
 
     start = 0
@@ -178,6 +186,8 @@ def _train(cfg: RunConfig, rank: int, result: RunResult) -> None:
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         effective["runtime"] = _runtime(model, grid, params, start, t.load)
+        if zero is not None:
+            effective["runtime"]["zero"] = zero.describe()
         (out / "config.json").write_text(json.dumps(effective, indent=2) + "\n")
         kept = []
         if start and metrics_path.exists():  # resuming into the same folder: keep steps <= start
@@ -207,15 +217,20 @@ def _train(cfg: RunConfig, rank: int, result: RunResult) -> None:
             lr = lr_at(step, lr=t.lr, schedule=t.lr_schedule, warmup_steps=t.warmup_steps,
                        total_steps=t.steps, min_lr=t.final_lr)  # fmt: skip
             set_lr(optimizer, lr)
-            optimizer.zero_grad(set_to_none=True)
+            if zero is None:
+                optimizer.zero_grad(set_to_none=True)
             saved = SavedBytes(model)
             with comm.record() as clog:
                 micro = step_micro_batches(cfg, grid, step, device)
                 with autocast:
-                    local_loss, _ = forward_backward(model, micro, saved=saved)
+                    if zero is None:
+                        local_loss, _ = forward_backward(model, micro, saved=saved)
+                    else:
+                        local_loss = zero.forward_backward(micro, saved=saved)
                 if fault == "nan":
                     local_loss = local_loss * float("nan")
-                average_gradients()
+                if zero is None:
+                    average_gradients()
                 loss = global_mean_loss(local_loss, grid)
                 skipped = not math.isfinite(loss)
                 if skipped and not t.skip_nonfinite:
@@ -223,19 +238,23 @@ def _train(cfg: RunConfig, rank: int, result: RunResult) -> None:
                         f"non-finite loss {loss} at step {step}: stopping (--skip-nonfinite "
                         "would skip such steps)"
                     )
-                grad_norm = float("nan") if skipped else global_grad_norm(model, grid)
+                if zero is not None:  # reduce (stage 1), clip, update, gather: DeepSpeed's norm
+                    grad_norm = zero.step(skip=skipped)
+                else:
+                    grad_norm = float("nan") if skipped else global_grad_norm(model, grid)
             if skipped:
                 result.skipped_steps += 1
-                optimizer.zero_grad(set_to_none=True)
+                if zero is None:
+                    optimizer.zero_grad(set_to_none=True)
                 log.warning("non-finite loss at step %d: step skipped (%d so far)", step,
                             result.skipped_steps)  # fmt: skip
-            else:
+            elif zero is None:
                 clip_gradients(model, grad_norm, t.clip_grad)
                 optimizer.step()
             dt = time.perf_counter() - t0
             step_times.append(dt)
             balance = _attention_balance(model, grid, device)
-            mem = memory_stats(model, optimizer)
+            mem = zero.memory_stats() if zero is not None else memory_stats(model, optimizer)
             evals = {}
             if t.eval_interval and (step % t.eval_interval == 0 or step == last):
                 with autocast:

@@ -126,8 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         choices=ZERO_STAGES,
         default=d_t.zero_stage,
-        help="DeepSpeed ZeRO over all P ranks: 1 shards optimizer state, 2 also gradients "
-        "(0: off)",
+        help="DeepSpeed ZeRO over all P ranks: 1 shards optimizer state, 2 also gradients",
     )
     g.add_argument("--fault", default=None, help=argparse.SUPPRESS)  # testing aid, see config.py
     g = p.add_argument_group("data")
