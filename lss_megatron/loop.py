@@ -42,6 +42,7 @@ from .grid import destroy_grid, initialize_grid
 from .log import get_logger
 from .metrics import (
     SavedBytes,
+    TransientPeak,
     memory_stats,
     model_flops_per_step,
     peak_mem_bytes,
@@ -220,9 +221,12 @@ def _train(cfg: RunConfig, rank: int, result: RunResult) -> None:
             if zero is None:
                 optimizer.zero_grad(set_to_none=True)
             saved = SavedBytes(model)
+            # first step only: the peak of the heap in use during forward + backward (slows
+            # every op a little; step 1 is excluded from the step-time median anyway)
+            transient = TransientPeak(device) if step == start + 1 else contextlib.nullcontext()
             with comm.record() as clog:
                 micro = step_micro_batches(cfg, grid, step, device)
-                with autocast:
+                with autocast, transient:
                     if zero is None:
                         local_loss, _ = forward_backward(model, micro, saved=saved)
                     else:
@@ -254,6 +258,8 @@ def _train(cfg: RunConfig, rank: int, result: RunResult) -> None:
             dt = time.perf_counter() - t0
             step_times.append(dt)
             balance = _attention_balance(model, grid, device)
+            if isinstance(transient, TransientPeak):
+                balance["transient_peak_bytes"] = transient.bytes
             mem = zero.memory_stats() if zero is not None else memory_stats(model, optimizer)
             evals = {}
             if t.eval_interval and (step % t.eval_interval == 0 or step == last):

@@ -143,3 +143,32 @@ def heap_peak_mode():
             return out
 
     return HeapPeak()
+
+
+class TransientPeak:
+    """Context manager: ``bytes`` = peak growth of memory in use inside the block (CPU: glibc heap
+    sampled after every torch op, see `heap_peak_mode`; GPU: ``max_memory_allocated``)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.bytes = 0
+        self._mode = None
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        elif heap_in_use() is not None:
+            self._mode = heap_peak_mode()
+            self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.bytes = int(torch.cuda.max_memory_allocated(self.device) - self._base)
+        elif self._mode is not None:
+            self._mode.__exit__(*exc)
+            self.bytes = int(self._mode.peak - self._mode.base)
+        return False
