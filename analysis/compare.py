@@ -1,8 +1,9 @@
-"""Compare serial, LSS and NVIDIA SP over a grid.
+"""Compare serial, LSS, NVIDIA SP, Ulysses and LSS's options beyond the paper over a grid.
 
 ``python -m analysis.compare --preset NAME --out DIR``
 
-Runs every run of the preset's plan (analysis/presets.py) as its own launch of the trainer,
+Runs every run of the preset's plan (analysis/presets.py: grid points x variants, a variant
+being a trainer mode plus flags such as ``--lss-layout zigzag``) as its own launch of the trainer,
 ``python -m torch.distributed.run --standalone --nproc-per-node P -m lss_megatron.train ...`` with
 ``--progress off`` and ``OMP_NUM_THREADS=1`` (``--standalone`` picks a free port per launch), one
 after another in the plan's interleaved order, each under a hard timeout. A run that fails or times
@@ -143,7 +144,8 @@ def build_table(plan: Plan, out: Path, outcomes: dict[str, dict] | None) -> tupl
     for run in plan.runs:
         run_dir = out / "runs" / run.run_id
         config = effective_config(run)
-        row = tables.identity_row(config, run.run_id, run.role, run.repeat, plan.preset.name)
+        row = tables.identity_row(config, run.run_id, run.role, run.repeat, plan.preset.name,
+                                  run.label)  # fmt: skip
         row.update(collect(run, run_dir, None if outcomes is None else outcomes[run.run_id]))
         row["run_dir"] = str(run_dir)
         try:
@@ -192,7 +194,8 @@ def _list_presets() -> None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="python -m analysis.compare", description="Compare serial, LSS and NVIDIA SP."
+        prog="python -m analysis.compare",
+        description="Compare serial, LSS, NVIDIA SP, Ulysses and LSS's options over a grid.",
     )
     p.add_argument("--preset", choices=sorted(PRESETS), help="the grid (analysis/presets.py)")
     p.add_argument("--out", default=None, help="output folder (default runs/compare-PRESET)")

@@ -31,7 +31,9 @@ from pathlib import Path
 from .costmodel_counts import (
     MODES,
     activation_bytes,
+    attention_imbalance,
     grad_comm,
+    kv_transient_bytes,
     layout_from_config,
     model_flops_per_step,
     optimizer_state_bytes,
@@ -41,6 +43,7 @@ from .costmodel_counts import (
     shape_from_config,
     sp_bytes_per_micro_batch,
     sp_calls_per_micro_batch,
+    zero_counts,
 )
 from .costmodel_hw import DEVICES, Device, Network, get_device
 from .costmodel_time import Assumptions, step_time
@@ -72,8 +75,12 @@ def predict(
     Counts (rank 0, per step, as the trainer counts them): ``sp_comm_bytes``,
     ``grad_comm_bytes``, ``other_comm_bytes`` (+ ``*_calls``), ``activation_bytes`` (one
     micro-batch), ``param_bytes``, ``grad_bytes``, ``optimizer_state_bytes``, ``memory_bytes``
-    (their sum), ``model_flops_per_step``. With a `device`: ``step_time_s``,
-    ``time_breakdown_s``, ``achieved_flops_per_s``, ``fits_memory``.
+    (their sum), ``model_flops_per_step``; for LSS ``attention_imbalance`` (max / mean
+    attention pairs over the sequence group) and ``kv_transient_bytes`` (one gather's full-length
+    [dK | dV], divided by ``--kv-gather-chunks``). With ``train.zero_stage`` 1 or 2 the
+    parameter, gradient and optimizer bytes and the gradient traffic are DeepSpeed ZeRO's
+    (`costmodel_counts.zero_counts`: state about 1/P, padded partitions). With a `device`:
+    ``step_time_s``, ``time_breakdown_s``, ``achieved_flops_per_s``, ``fits_memory``.
     """
     s = shape_from_config(config["model"])
     lay = layout_from_config(config)
@@ -100,7 +107,12 @@ def predict(
         "grad_bytes": params * lay.param_bytes,
         "optimizer_state_bytes": optimizer_state_bytes(s, lay, optimizer),
         "model_flops_per_step": model_flops_per_step(s, lay.global_batch),
+        "attention_imbalance": attention_imbalance(s, lay),
+        "kv_transient_bytes": kv_transient_bytes(s, lay),
+        "zero_stage": lay.zero_stage,
     }
+    if lay.zero_stage:
+        out.update(zero_counts(s, lay, optimizer))
     out["memory_bytes"] = (
         out["param_bytes"] + out["grad_bytes"] + out["optimizer_state_bytes"]
         + out["activation_bytes"]
@@ -311,7 +323,8 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(cmp, indent=2))
         else:
             for k, (pr, co) in cmp.items():
-                print(f"{k:<24} predicted {pr:>16,}  counted {co!s:>16}")
+                pr = f"{pr:,}" if isinstance(pr, int | float) else str(pr)
+                print(f"{k:<24} predicted {pr:>16}  counted {co!s:>16}")
         return 0
     pred = predict(json.loads(Path(args.config).read_text()), device=args.device)
     print(json.dumps(pred, indent=2)) if args.json else _print_prediction(pred)

@@ -62,6 +62,8 @@ class Layout:
     kernel: str = "auto"  # attention kernel: "flash" (no score tensor), "materialized", or auto
     cpu_autocast: bool = False  # the trainer's bf16 on CPU: only DotProductAttention runs in bf16
     zigzag: bool = False  # LSS zigzag layout: rank n holds chunks n and 2N-1-n of 2N
+    kv_chunks: int = 1  # LSS --kv-gather-chunks C: K/V gathered in C head chunks
+    zero_stage: int = 0  # --zero-stage: DeepSpeed ZeRO over the gradient group (0: off)
 
     @property
     def world(self) -> int:
@@ -131,6 +133,8 @@ def layout_from_config(config: dict) -> Layout:
         kernel=extra.get("attention_kernel", "auto"),
         cpu_autocast=cpu_autocast,
         zigzag=par.get("lss_layout", "contiguous") == "zigzag",
+        kv_chunks=int(par.get("kv_gather_chunks") or 1) if mode == "lss" else 1,
+        zero_stage=int(train.get("zero_stage") or 0),
     )
 
 
@@ -241,7 +245,7 @@ def sp_bytes_per_micro_batch(s: Shape, lay: Layout) -> int:
 def sp_calls_per_micro_batch(s: Shape, lay: Layout) -> int:
     if lay.n == 1:
         return 0
-    return {"lss": 2 * s.layers, "ring": 3 * (lay.n - 1) * s.layers, "ulysses": 8 * s.layers,
+    return {"lss": 2 * s.layers * lay.kv_chunks, "ring": 3 * (lay.n - 1) * s.layers, "ulysses": 8 * s.layers,
             "nvidia-sp": 10 * s.layers + 3 + 3 + 2}.get(lay.mode, 0)  # fmt: skip
 
 
@@ -323,6 +327,9 @@ def _lss_saved(s: Shape, lay: Layout) -> int:
     if lay.zigzag:  # K, V re-ordered by index_select (the gathered buffer is then not saved),
         # two chunk outputs and their concatenation (the proj input), the chunk order index
         total += seg * b * s.heads * d * es + 2 * lay.n * INT64
+        total += (lay.kv_chunks - 1) * 2 * lay.n * INT64  # one chunk order index per K/V chunk
+    elif lay.kv_chunks > 1:  # per-chunk outputs, then their concatenation (the proj input)
+        total += seg * b * s.heads * d * es
     if lay.attention_kernel == "materialized":  # scores of the local queries against all keys
         total += b * s.heads * seg * s.seq * es
     else:
@@ -404,3 +411,93 @@ def model_flops_per_step(s: Shape, global_batch: int) -> int:
     )
     attention = s.layers * 4 * s.heads * d * attention_pairs(s.seq, s.causal)
     return 3 * global_batch * (s.seq * per_token + attention)
+
+
+# --- beyond the paper: causal balance, chunked K/V gathers, ZeRO ---------------------------------
+def attention_imbalance(s: Shape, lay: Layout) -> float | None:
+    """LSS: max / mean over the sequence group of the (query, key) pairs each rank attends (the
+    trainer's ``attention_imbalance``); None for other modes. Contiguous causal segments: rank r
+    attends s_loc (r s_loc) + s_loc (s_loc + 1) / 2 pairs, so the last rank does most; zigzag
+    (chunks r and 2N-1-r of length c = l/2N) gives every rank c^2 (2N-1) + c (c+1): 1.0."""
+    if lay.mode != "lss":
+        return None
+    n, seg = lay.n, s.seq // lay.n
+    if not s.causal or n == 1 or lay.zigzag:
+        return 1.0
+    pairs = [seg * r * seg + seg * (seg + 1) // 2 for r in range(n)]
+    return max(pairs) / (sum(pairs) / n)
+
+
+def kv_transient_bytes(s: Shape, lay: Layout) -> int | None:
+    """LSS: the largest full-length K/V buffer that exists only transiently in one layer, the
+    concatenated [dK | dV] of one gather before its reduce-scatter, l b 2 (h_kv / C) d es: C-fold
+    smaller with --kv-gather-chunks C (the gathered K/V itself is saved for backward either way,
+    so it is in ``activation_bytes``). None for other modes. An indicator of what chunking saves,
+    not the whole measured ``transient_peak_bytes`` (which also holds everything else step 1
+    allocates)."""
+    if lay.mode != "lss" or lay.n == 1:
+        return None
+    return s.seq * lay.micro_batch * 2 * (s.kv_heads // lay.kv_chunks) * s.head_dim * lay.act_bytes
+
+
+ZERO_ALIGNMENT = 2
+"""DeepSpeed's ``nccl_start_alignment_factor``: each flat parameter group is padded to a multiple
+of 2 x (group size) elements before it is cut into equal partitions."""
+
+
+def zero_parameters(s: Shape, lay: Layout) -> list[Param]:
+    """Parameters under ZeRO: the learned position table is replicated whole, [l, E], on every
+    rank of a sequence-splitting mode (`lss_megatron.zero.replicate_positions`)."""
+    ps = parameters(s, lay)
+    return [Param(p.name, s.seq * s.hidden) if p.seq_local else p for p in ps]
+
+
+def zero_counts(s: Shape, lay: Layout, optimizer: str) -> dict:
+    """Per-rank (rank 0) memory and gradient traffic of DeepSpeed ZeRO stage 1 / 2 over the
+    gradient group (all P ranks; the D replicas in nvidia-sp), one flat parameter group:
+
+    * ``optimizer_state_bytes``: AdamW's two moments of this rank's partition, padded elements
+      included (the flat buffer is padded to a multiple of 2 x group, then cut into equal
+      partitions), plus one 4-byte step; about 1/P of the plain run;
+    * ``grad_bytes``: stage 1 every gradient; stage 2 the whole gradients of the parameters that
+      overlap rank 0's partition (what the trainer counts before the step: DeepSpeed keeps
+      a parameter's full ``.grad`` until its bucket is reduced), between 1/P and 1/P + one tensor;
+    * ``grad_comm_bytes`` / ``_calls``: the gradients all-reduced in 25 MiB buckets (stage 1 once
+      per step, stage 2 after every micro-batch's backward), the updated partitions all-gathered,
+      and DeepSpeed's fp32 norm all-reduced (category grad). Exact for the runs counted so far (one bucket, no
+      padding); with several buckets or padding the bucket boundaries may differ slightly.
+      None for nvidia-sp (its tensor-parallel gradient sums are not modelled under ZeRO).
+    """
+    ps = zero_parameters(s, lay)
+    group = lay.d if lay.mode == "nvidia-sp" else lay.world
+    pb = lay.param_bytes
+    numel = sum(p.numel for p in ps)
+    align = ZERO_ALIGNMENT * group
+    part = -(-numel // align) * align // group  # elements of one rank's partition
+    held, start = 0, 0
+    for p in ps:  # rank 0's partition is [0, part) of the flat buffer, in registration order
+        if start < part:
+            held += p.numel
+        start += p.numel
+    out: dict = {
+        "param_bytes": numel * pb,
+        "grad_bytes": (numel if lay.zero_stage == 1 else held) * pb,
+        "optimizer_state_bytes": 2 * part * pb + FP32 if optimizer == "adamw" else 0,
+        "grad_comm_bytes": None,
+        "grad_comm_calls": None,
+        # DeepSpeed computes the norm: only the loss all-reduce is left in category other
+        "other_comm_bytes": all_reduce_bytes(8, group),
+        "other_comm_calls": 1 if group > 1 else 0,
+    }
+    if lay.mode != "nvidia-sp" and group > 1:
+        bs = buckets([p.numel * pb for p in ps])
+        reductions = 1 if lay.zero_stage == 1 else lay.micro_batches
+        out["grad_comm_bytes"] = (
+            reductions * sum(all_reduce_bytes(x, group) for x in bs)
+            + gather_bytes(part * pb, group)
+            + all_reduce_bytes(FP32, group)
+        )
+        out["grad_comm_calls"] = reductions * len(bs) + 2
+    elif group == 1:
+        out["grad_comm_bytes"], out["grad_comm_calls"] = 0, 0
+    return out

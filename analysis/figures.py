@@ -12,8 +12,9 @@ analysis/fixtures) plus a thin ``plot_*`` wrapper; `make_figures` writes PNG and
 ``throughput``                tokens/s vs P, per mode and length
 ============================  ================================================================
 
-Only runs with status ``ok`` are plotted; repeats enter as their median; where several layouts
-give the same (mode, l, P) the fastest is shown. A table is assumed to hold one model (one preset).
+Only runs with status ``ok`` are plotted; repeats enter as their median; every variant (``lss``,
+``lss-zigzag``, ``ulysses``, ...; the ``variant`` column) is its own series, called its mode
+below; where several layouts give the same (mode, l, P) the fastest is shown. A table is assumed to hold one model (one preset).
 """
 
 from __future__ import annotations
@@ -33,7 +34,12 @@ MAX_SEQ_LENGTH = 1 << 24
 
 
 def _ok(df: pd.DataFrame) -> pd.DataFrame:
-    return df[df["status"] == "ok"]
+    """The ok runs, with ``mode`` = the variant label (``lss-zigzag``, ...) where the table has
+    one, so that every variant is its own series; the trainer's mode stays in ``trainer_mode``."""
+    ok = df[df["status"] == "ok"]
+    if "variant" in ok:
+        ok = ok.assign(trainer_mode=ok["mode"], mode=ok["variant"].fillna(ok["mode"]))
+    return ok
 
 
 def _best_layout(
@@ -153,7 +159,8 @@ def longest_sequence_data(
                                                 "world_size"]):  # fmt: skip
         if predict is not None:
             same = (ok["mode"] == mode) & (ok["seq_parallel"] == n) & (ok["data_parallel"] == d)
-            first = ok[same].iloc[0]
+            first = ok[same].iloc[0].copy()
+            first["mode"] = first.get("trainer_mode", mode)  # the trainer's mode, not the label
             state = float(group["state_bytes"].iloc[0])
 
             def total(length: int, row=first, state=state) -> float:
@@ -200,18 +207,25 @@ def _pyplot():
 
 
 STYLE = {"serial": dict(color="tab:gray", marker="s"), "lss": dict(color="tab:blue", marker="o"),
-         "nvidia-sp": dict(color="tab:red", marker="^")}  # fmt: skip
+         "nvidia-sp": dict(color="tab:red", marker="^"),
+         "ulysses": dict(color="tab:purple", marker="D")}  # fmt: skip
+MARKERS = ("v", "P", "X", "*", "h", "<", ">", "p")
+"""Markers of the other variants (lss-zigzag, lss-kv4, ...), in label order; colours cycle."""
 
 
 LINESTYLES = ("-", "--", "-.", ":")
 
 
 def _series(data: pd.DataFrame, by: list[str]):
-    """(key, rows, style) per series: colour and marker by mode, line style by the second key."""
+    """(key, rows, style) per series: colour and marker by mode (variant), line style by the
+    second key."""
     second = sorted(data[by[1]].unique()) if len(by) > 1 and not data.empty else []
+    others = sorted(set(data[by[0]]) - set(STYLE)) if not data.empty else []
     for key, group in data.groupby(by):
         key = key if isinstance(key, tuple) else (key,)
         style = dict(STYLE.get(key[0], {}))
+        if key[0] in others:
+            style["marker"] = MARKERS[others.index(key[0]) % len(MARKERS)]
         if len(key) > 1:
             style["linestyle"] = LINESTYLES[second.index(key[1]) % len(LINESTYLES)]
         yield key, group, style

@@ -1,13 +1,20 @@
 """Comparison presets: the runs `python -m analysis.compare --preset NAME` makes, and their order.
 
 A preset is a grid of sequence-parallel degrees N, data-parallel sizes D and sequence lengths l,
-one model and one training recipe. For every grid point (N, D, l) it runs ``lss`` and
-``nvidia-sp`` on P = N x D ranks (and, with ``serial_at_scale``, ``serial`` = plain data
+one model and one training recipe. For every grid point (N, D, l) it runs each of its
+**variants** on P = N x D ranks (and, with ``serial_at_scale``, ``serial`` = plain data
 parallelism on the same P ranks), plus the **serial reference** the efficiencies need:
 
 * strong scaling (``scaling="strong"``, fixed l): serial on ONE rank at every length l;
 * weak scaling (``scaling="weak"``, l = l0 x N for base lengths l0): serial with N = 1 and the
   same D (P = D; one rank when D = 1) at every base length l0.
+
+A variant (`VARIANTS`) is a label for a trainer mode plus extra flags: the plain modes ``lss``,
+``nvidia-sp``, ``ulysses`` and ``serial`` are their own labels; ``lss-zigzag`` (``--lss-layout
+zigzag``), ``lss-kv2`` / ``lss-kv4`` (``--kv-gather-chunks``), ``lss-zero1`` / ``lss-zero2`` and
+``ulysses-zero1`` / ``ulysses-zero2`` (``--zero-stage``) add the options beyond the paper. The label
+names the run (``lss-zigzag_N4_D1_l512_r0``) and the table's ``variant`` column. A variant whose
+flag this trainer lacks is skipped with that reason, like any run the trainer would reject.
 
 Runs are ordered so that machine noise hits the modes alike: grid point by grid point, repeat by
 repeat, with the modes of a point in an order rotated by one each time. A run the trainer would
@@ -19,10 +26,14 @@ Presets (`PRESETS`):
 ========================  ================================================================
 ``smoke``                 2 layers, E 64, l in {128, 256}, N in {2, 4}: 10 runs of 3 steps,
                           at most 4 processes, ~2-3 min on 2 CPU cores (the test's preset)
-``cpu-strong``            4 layers, E 128, l in {512, 1024}, N in {2, 4}, serial also as
-                          data parallelism on P ranks, 2 repeats: 28 runs
-``cpu-weak``              same model, l = l0 x N for l0 in {128, 256}, N in {2, 4},
-                          2 repeats: 20 runs, ~8-12 min
+``cpu-strong``            4 layers, E 128, l in {512, 1024}, N in {2, 4}, lss, nvidia-sp and
+                          ulysses, serial also as data parallelism on P ranks, 2 repeats: 36 runs
+``cpu-weak``              same model, l = l0 x N for l0 in {128, 256}, N in {2, 4}, lss,
+                          nvidia-sp and ulysses, 2 repeats: 28 runs, ~12-17 min
+``cpu-options``           the options beyond the paper against plain LSS: 2 layers, E 256, GQA,
+                          RoPE, l = 1024, N = 4: lss, lss-zigzag, lss-kv4, ulysses, nvidia-sp,
+                          lss-zero1, lss-zero2 and the serial reference, 3 steps: 8 runs,
+                          ~2.5 min on 2 CPU cores
 ``paper-enwik8-144gpu``   cluster: the paper's 144-GPU comparison with NVIDIA SP, strong
                           scaling of N = 6 x D in {1, 4, 24} at l in {3072, 6144, 12288}
 ``paper-enwik8-3456gpu``  cluster: weak scaling, 348 tokens per GPU, D = 24, N up to 144:
@@ -49,6 +60,40 @@ GiB = 1 << 30
 
 
 @dataclass(frozen=True)
+class Variant:
+    """A trainer mode plus extra flags (without dashes), run under one label."""
+
+    mode: str
+    flags: Mapping[str, object] = field(default_factory=dict)
+    about: str = ""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "flags", MappingProxyType(dict(self.flags)))
+
+
+VARIANTS: Mapping[str, Variant] = MappingProxyType({
+    "serial": Variant("serial", about="Megatron's stock attention, plain data parallelism"),
+    "lss": Variant("lss", about="LSS as in the paper: contiguous segments, one fused gather"),
+    "nvidia-sp": Variant("nvidia-sp", about="Megatron TP + sequence_parallel (the paper's baseline)"),
+    "ulysses": Variant("ulysses", about="DeepSpeed-Ulysses: all-to-all over heads"),
+    "lss-zigzag": Variant("lss", {"lss-layout": "zigzag"}, "zigzag segments: causal balance"),
+    "lss-kv2": Variant("lss", {"kv-gather-chunks": 2}, "K/V gathered in 2 head chunks"),
+    "lss-kv4": Variant("lss", {"kv-gather-chunks": 4}, "K/V gathered in 4 head chunks"),
+    "lss-zero1": Variant("lss", {"zero-stage": 1}, "ZeRO-1 over all P ranks"),
+    "lss-zero2": Variant("lss", {"zero-stage": 2}, "ZeRO-2 over all P ranks"),
+    "ulysses-zero1": Variant("ulysses", {"zero-stage": 1}, "Ulysses with ZeRO-1"),
+    "ulysses-zero2": Variant("ulysses", {"zero-stage": 2}, "Ulysses with ZeRO-2"),
+})  # fmt: skip
+"""Every variant label a preset may list. Plain modes are their own labels."""
+
+
+def get_variant(label: str) -> Variant:
+    if label not in VARIANTS:
+        raise KeyError(f"unknown variant {label!r}; expected one of {sorted(VARIANTS)}")
+    return VARIANTS[label]
+
+
+@dataclass(frozen=True)
 class Preset:
     """A comparison grid: one model and recipe, many layouts and lengths."""
 
@@ -67,7 +112,7 @@ class Preset:
     data_parallel: tuple[int, ...] = (1,)
     """Data-parallel sizes D of the grid (P = N x D)."""
     modes: tuple[str, ...] = PARALLEL_MODES
-    """Parallel modes run at every grid point."""
+    """Variant labels (`VARIANTS`; plain modes are their own labels) run at every grid point."""
     serial_at_scale: bool = False
     """Also run `serial` (plain data parallelism, N = 1, D = P) at every grid point's P."""
     repeats: int = 1
@@ -84,6 +129,8 @@ class Preset:
     def __post_init__(self) -> None:
         if self.scaling not in ("strong", "weak"):
             raise ValueError(f"preset {self.name}: scaling must be strong or weak")
+        for label in self.modes:
+            get_variant(label)
         object.__setattr__(self, "model", MappingProxyType(dict(self.model)))
         object.__setattr__(self, "train", MappingProxyType(dict(self.train)))
 
@@ -101,6 +148,12 @@ class RunSpec:
     """``grid`` (a mode at a grid point) or ``reference`` (the serial run efficiencies use)."""
     flags: Mapping[str, object] = field(default_factory=dict)
     """Every trainer flag (without dashes) except --out and --progress."""
+    variant: str = ""
+    """The variant label (`VARIANTS`); empty means the plain mode."""
+
+    @property
+    def label(self) -> str:
+        return self.variant or self.mode
 
     @property
     def world_size(self) -> int:
@@ -108,7 +161,7 @@ class RunSpec:
 
     @property
     def run_id(self) -> str:
-        return (f"{self.mode}_N{self.seq_parallel}_D{self.data_parallel}_l{self.seq_length}"
+        return (f"{self.label}_N{self.seq_parallel}_D{self.data_parallel}_l{self.seq_length}"
                 f"_r{self.repeat}")  # fmt: skip
 
     def trainer_args(self, out: Path | str) -> list[str]:
@@ -137,6 +190,8 @@ _PAPER_TRAIN = {"global-batch-size": 24, "micro-batch-size": 1, "optimizer": "ad
                 "lr": 2.5e-4, "lr-schedule": "cosine", "warmup-steps": 5, "weight-decay": 0.0,
                 "clip-grad": 0.25, "seed": 1234, "dtype": "fp32", "data": "enwik8",
                 "data-path": "data/enwik8.zip"}  # fmt: skip
+_OPTION_VARIANTS = ("lss", "lss-zigzag", "lss-kv4", "ulysses", "nvidia-sp", "lss-zero1",
+                    "lss-zero2")  # fmt: skip
 _CPU_MODEL = {"num-layers": 4, "hidden-size": 128, "num-heads": 8, "num-kv-heads": 4,
               "ffn-hidden-size": 512, "vocab-size": 256,
               "position-embedding": "learned"}  # fmt: skip
@@ -178,6 +233,7 @@ PRESETS: dict[str, Preset] = {
                 "steps": 6,
                 "dist-timeout": 300,
             },  # fmt: skip
+            modes=("lss", "nvidia-sp", "ulysses"),
             serial_at_scale=True,
             repeats=2,
             timeout_s=300.0,
@@ -197,9 +253,37 @@ PRESETS: dict[str, Preset] = {
                 "steps": 6,
                 "dist-timeout": 300,
             },  # fmt: skip
+            modes=("lss", "nvidia-sp", "ulysses"),
             repeats=2,
             timeout_s=300.0,
             memory_budget_bytes=1 * GiB,
+        ),
+        Preset(
+            name="cpu-options",
+            summary="options beyond the paper vs plain LSS: zigzag, chunked gathers, Ulysses, "
+            "ZeRO-1/2; N = 4, l = 1024, ~2.5 min on 2 CPU cores",
+            scaling="strong",
+            degrees=(4,),
+            seq_lengths=(1024,),
+            model={
+                "num-layers": 2,
+                "hidden-size": 256,
+                "num-heads": 8,
+                "num-kv-heads": 4,
+                "ffn-hidden-size": 256,
+                "vocab-size": 256,
+                "position-embedding": "rope",
+            },  # fmt: skip
+            train={**_SMALL_TRAIN, "global-batch-size": 2, "micro-batch-size": 1, "steps": 3},
+            modes=_OPTION_VARIANTS,
+            timeout_s=120.0,
+            memory_budget_bytes=64 * MiB,
+            notes="Causal GQA (8 heads, 4 key/value heads: N = 4 divides both, as Ulysses and "
+            "nvidia-sp need), RoPE so that ZeRO's optimizer state is exactly comparable with "
+            "plain LSS (a learned table is replicated whole under ZeRO, docs/zero.md), "
+            "2 micro-batches per step. The gathered K/V (l h_kv d = 1024 x 128) is large enough "
+            "that chunking it lowers the step's transient peak; at E 64, l 512 it did not. "
+            "Every variant is exact against the serial reference.",
         ),
         Preset(
             name="paper-enwik8-144gpu",
@@ -262,13 +346,28 @@ def get_preset(name: str) -> Preset:
     return PRESETS[name]
 
 
-def _flags(preset: Preset, mode: str, n: int, d: int, length: int) -> dict[str, object]:
+def _flags(preset: Preset, label: str, n: int, d: int, length: int) -> dict[str, object]:
+    variant = get_variant(label)
     flags: dict[str, object] = dict(
-        mode=mode, **{"seq-parallel": n, "data-parallel": d, "seq-length": length}
+        mode=variant.mode, **{"seq-parallel": n, "data-parallel": d, "seq-length": length}
     )
     flags.update(preset.model)
     flags.update(preset.train)
+    flags.update(variant.flags)
     return flags
+
+
+def _run(preset: Preset, label: str, n: int, d: int, length: int, repeat: int, role: str):
+    variant = get_variant(label)
+    return RunSpec(variant.mode, n, d, length, repeat, role, _flags(preset, label, n, d, length),
+                   "" if label == variant.mode else label)  # fmt: skip
+
+
+def trainer_flags() -> frozenset[str]:
+    """Every option string the trainer's parser knows (``--zero-stage``, ...)."""
+    from lss_megatron.train import build_parser
+
+    return frozenset(s for a in build_parser()._actions for s in a.option_strings)
 
 
 def trainer_problem(run: RunSpec, data_elsewhere: bool = False) -> str | None:
@@ -280,6 +379,10 @@ def trainer_problem(run: RunSpec, data_elsewhere: bool = False) -> str | None:
     from lss_megatron.config import ConfigError
     from lss_megatron.train import config_from_args, parse_args
 
+    known = trainer_flags()
+    missing = [f"--{k}" for k in run.flags if f"--{k}" not in known]
+    if missing:
+        return f"this trainer has no {', '.join(missing)} (variant {run.label})"
     args = run.trainer_args("unused")
     try:
         config_from_args(parse_args(args), run.world_size).validate()
@@ -322,16 +425,15 @@ def make_plan(preset: Preset, repeats: int | None = None) -> Plan:
             if preset.serial_at_scale:
                 specs.append(("serial", 1, n * d))
         valid = []
-        for mode, sn, sd in specs:
-            spec = RunSpec(mode, sn, sd, length, 0, role, _flags(preset, mode, sn, sd, length))
+        for label, sn, sd in specs:
+            spec = _run(preset, label, sn, sd, length, 0, role)
             problem = trainer_problem(spec, data_elsewhere=preset.cluster)
             if problem is None:
-                valid.append((mode, sn, sd))
+                valid.append((label, sn, sd))
             else:
                 skipped.append((spec.run_id.removesuffix("_r0"), problem))
         for r in range(repeats):
             shift = (index + r) % len(valid) if valid else 0
-            for mode, sn, sd in valid[shift:] + valid[:shift]:
-                runs.append(RunSpec(mode, sn, sd, length, r, role,
-                                    _flags(preset, mode, sn, sd, length)))  # fmt: skip
+            for label, sn, sd in valid[shift:] + valid[:shift]:
+                runs.append(_run(preset, label, sn, sd, length, r, role))
     return Plan(preset, tuple(runs), tuple(skipped))

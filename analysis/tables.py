@@ -9,6 +9,12 @@ else. Definitions (docs/measurement.md has the full text):
   this run's, at the same (N, D, l, model, batch). A serial row (N = 1, D = P) is compared with the
   nvidia-sp run at the same P when exactly one nvidia-sp layout has that P. Repeats enter as
   their median.
+* ``speedup_vs_lss`` = plain LSS's step time / this run's, and ``activation_ratio_vs_lss`` /
+  ``transient_peak_ratio_vs_lss`` / ``optimizer_state_ratio_vs_lss`` / ``grad_ratio_vs_lss`` =
+  plain LSS's activation bytes / transient peak / optimizer state / gradient bytes over this
+  run's, at the same (N, D, l, model, batch). Plain LSS = mode ``lss``, contiguous layout, one K/V
+  gather, no ZeRO (the ``lss`` variant). Above 1: this run is faster / smaller. Serial rows have
+  no LSS counterpart.
 * ``parallel_efficiency``, of the kind ``efficiency_kind`` names: strong T_1 / (P T_P), T_1 the
   serial run on one rank at the same l; weak T_1 / T_P, T_1 the serial run with N = 1 and the
   same D (one rank when D = 1) at the base length l / N.
@@ -32,8 +38,9 @@ MODEL_KEY = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "ffn_hidd
 """Columns that must agree for two runs to be compared (same model, same work per step)."""
 LAYOUT_KEY = ("seq_parallel", "data_parallel", "seq_length", *MODEL_KEY)
 
-IDENTITY = ("run_id", "preset", "mode", "status", "role", "repeat", "seq_parallel",
-            "data_parallel", "world_size", "seq_length", "hidden_size", "num_layers", "num_heads",
+IDENTITY = ("run_id", "preset", "mode", "variant", "status", "role", "repeat", "seq_parallel",
+            "data_parallel", "world_size", "lss_layout", "kv_gather_chunks", "zero_stage",
+            "seq_length", "hidden_size", "num_layers", "num_heads",
             "num_kv_heads", "ffn_hidden_size", "vocab_size", "make_vocab_size_divisible_by",
             "position_embedding", "causal", "global_batch_size", "micro_batch_size",
             "num_micro_batches", "steps", "optimizer", "dtype")  # fmt: skip
@@ -41,12 +48,17 @@ MEASURED = ("step_time_s", "tokens_per_s", "model_flops_per_step", "achieved_flo
             "sp_comm_bytes", "grad_comm_bytes", "other_comm_bytes", "sp_comm_calls",
             "grad_comm_calls", "sp_comm_time_s", "grad_comm_time_s", "activation_bytes",
             "param_bytes", "grad_bytes", "optimizer_state_bytes", "peak_mem_bytes", "final_loss",
-            "attention_imbalance", "core_attention", "wall_s")  # fmt: skip
+            "attention_imbalance", "transient_peak_bytes", "core_attention",
+            "wall_s")  # fmt: skip
 DERIVED = ("speedup_vs_nvidia_sp", "memory_ratio_vs_nvidia_sp", "activation_ratio_vs_nvidia_sp",
-           "sp_comm_ratio_vs_nvidia_sp", "parallel_efficiency", "flops_efficiency",
-           "efficiency_kind", "reference_step_time_s")  # fmt: skip
+           "sp_comm_ratio_vs_nvidia_sp", "speedup_vs_lss", "activation_ratio_vs_lss",
+           "transient_peak_ratio_vs_lss", "optimizer_state_ratio_vs_lss", "grad_ratio_vs_lss",
+           "parallel_efficiency", "flops_efficiency", "efficiency_kind",
+           "reference_step_time_s")  # fmt: skip
 PREDICTED = ("predicted_sp_comm_bytes", "predicted_grad_comm_bytes",
-             "predicted_activation_bytes")  # fmt: skip
+             "predicted_activation_bytes", "predicted_grad_bytes",
+             "predicted_optimizer_state_bytes", "predicted_attention_imbalance",
+             "predicted_kv_transient_bytes")  # fmt: skip
 TAIL = ("memory_budget_bytes", "error", "run_dir")
 COLUMNS = IDENTITY + MEASURED + DERIVED + PREDICTED + TAIL
 """Every column of summary.csv, in order."""
@@ -54,16 +66,25 @@ COLUMNS = IDENTITY + MEASURED + DERIVED + PREDICTED + TAIL
 _RATIOS = {"speedup_vs_nvidia_sp": "step_time_s", "memory_ratio_vs_nvidia_sp": "peak_mem_bytes",
            "activation_ratio_vs_nvidia_sp": "activation_bytes",
            "sp_comm_ratio_vs_nvidia_sp": "sp_comm_bytes"}  # fmt: skip
+_LSS_RATIOS = {"speedup_vs_lss": "step_time_s", "activation_ratio_vs_lss": "activation_bytes",
+               "transient_peak_ratio_vs_lss": "transient_peak_bytes",
+               "optimizer_state_ratio_vs_lss": "optimizer_state_bytes",
+               "grad_ratio_vs_lss": "grad_bytes"}  # fmt: skip
 
 
 # --- one run -------------------------------------------------------------------------------------
-def identity_row(config: Mapping, run_id: str, role: str, repeat: int, preset: str) -> dict:
-    """The identity columns of a run from its effective configuration (`RunConfig.to_dict()`)."""
+def identity_row(config: Mapping, run_id: str, role: str, repeat: int, preset: str,
+                 variant: str | None = None) -> dict:  # fmt: skip
+    """The identity columns of a run from its effective configuration (`RunConfig.to_dict()`);
+    `variant` is the preset's label (analysis.presets.VARIANTS), by default the mode."""
     m, p, t = config["model"], config["parallel"], config["train"]
     return {
-        "run_id": run_id, "preset": preset, "mode": p["mode"], "role": role, "repeat": repeat,
+        "run_id": run_id, "preset": preset, "mode": p["mode"], "variant": variant or p["mode"],
+        "role": role, "repeat": repeat,
         "seq_parallel": p["seq_parallel"], "data_parallel": p["data_parallel"],
-        "world_size": p["world_size"], "seq_length": m["seq_length"],
+        "world_size": p["world_size"], "lss_layout": p.get("lss_layout", "contiguous"),
+        "kv_gather_chunks": p.get("kv_gather_chunks", 1), "zero_stage": t.get("zero_stage", 0),
+        "seq_length": m["seq_length"],
         "hidden_size": m["hidden_size"], "num_layers": m["num_layers"],
         "num_heads": m["num_heads"], "num_kv_heads": m["num_kv_heads"],
         "ffn_hidden_size": m["ffn_hidden_size"], "vocab_size": m["vocab_size"],
@@ -81,7 +102,9 @@ def read_run(run_dir: Path | str) -> dict:
     Step time, tokens/s, achieved FLOP/s and peak memory come from summary.json (median step time
     after warm-up); bytes and call counts from the last step of metrics.jsonl (they are the same
     every step); activation bytes are the maximum over steps; comm times the median over steps
-    after the first. Raises FileNotFoundError when the run left no summary.json.
+    after the first; ``transient_peak_bytes`` from the first step (the only one that records it;
+    NaN for runs of a trainer that does not). Raises FileNotFoundError when the run left no
+    summary.json.
     """
     run_dir = Path(run_dir)
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -97,6 +120,10 @@ def read_run(run_dir: Path | str) -> dict:
               "optimizer_state_bytes", "attention_imbalance"):  # fmt: skip
         row[k] = last.get(k, math.nan)
     row["activation_bytes"] = max(s.get("activation_bytes", 0) for s in steps)
+    transient = [
+        s["transient_peak_bytes"] for s in steps if s.get("transient_peak_bytes") is not None
+    ]
+    row["transient_peak_bytes"] = transient[0] if transient else math.nan
     for k in ("sp_comm_time_s", "grad_comm_time_s"):
         row[k] = statistics.median(s.get(k, math.nan) for s in steady)
     config = run_dir / "config.json"
@@ -112,10 +139,36 @@ def _median_by(ok: pd.DataFrame, keys: Iterable[str], values: Iterable[str]) -> 
     return ok.groupby(list(keys), dropna=False)[list(values)].median().reset_index()
 
 
+def _plain(df: pd.DataFrame, mode: str) -> pd.Series:
+    """Rows of `mode` without the options beyond the paper (contiguous segments, one K/V gather,
+    no ZeRO); a missing option column (an older table) counts as the default."""
+
+    def default(column: str, value: str | int) -> pd.Series:
+        if column not in df:
+            return pd.Series(True, index=df.index)
+        col = df[column]
+        if isinstance(value, str):
+            return col.isna() | col.astype(str).isin(["", value])
+        return col.isna() | (pd.to_numeric(col, errors="coerce") == value)
+
+    return ((df["mode"] == mode) & default("lss_layout", "contiguous")
+            & default("kv_gather_chunks", 1) & default("zero_stage", 0))  # fmt: skip
+
+
+def _lss_reference(df: pd.DataFrame) -> pd.DataFrame:
+    """Plain-LSS medians aligned with every row of `df` (NaN where there is none)."""
+    values = list(dict.fromkeys(_LSS_RATIOS.values()))
+    ok = df[(df["status"] == "ok") & _plain(df, "lss")]
+    ref = df[list(LAYOUT_KEY)].merge(_median_by(ok, LAYOUT_KEY, values), on=list(LAYOUT_KEY),
+                                     how="left")  # fmt: skip
+    ref.index = df.index
+    return ref
+
+
 def _nvidia_reference(df: pd.DataFrame) -> pd.DataFrame:
     """nvidia-sp medians aligned with every row of `df` (NaN where there is none)."""
     values = list(dict.fromkeys(_RATIOS.values()))
-    ok = df[(df["status"] == "ok") & (df["mode"] == "nvidia-sp")]
+    ok = df[(df["status"] == "ok") & _plain(df, "nvidia-sp")]
     exact = _median_by(ok, LAYOUT_KEY, values)
     ref = df[list(LAYOUT_KEY)].merge(exact, on=list(LAYOUT_KEY), how="left")
     ref.index = df.index
@@ -167,11 +220,15 @@ def add_derived(df: pd.DataFrame, scaling: str) -> pd.DataFrame:
     if scaling not in ("strong", "weak"):
         raise ValueError(f"scaling must be strong or weak, got {scaling!r}")
     df = df.copy()
+    for value in (*_RATIOS.values(), *_LSS_RATIOS.values()):
+        if value not in df:  # a table from before that column existed
+            df[value] = math.nan
     ok = df["status"] == "ok"
-    ref = _nvidia_reference(df)
-    for column, value in _RATIOS.items():
-        own = df[value].where(ok & (df[value] > 0))  # nothing to compare with zero bytes
-        df[column] = (ref[value] / own).astype(float)
+    for reference, ratios in ((_nvidia_reference, _RATIOS), (_lss_reference, _LSS_RATIOS)):
+        ref = reference(df)
+        for column, value in ratios.items():
+            own = df[value].where(ok & (df[value] > 0))  # nothing to compare with zero bytes
+            df[column] = (ref[value] / own).astype(float)
     df["reference_step_time_s"], df["parallel_efficiency"], df["flops_efficiency"] = _efficiency(
         df, scaling
     )
@@ -246,26 +303,67 @@ _SHOWN = {"mode": "mode", "seq_parallel": "N", "data_parallel": "D", "world_size
           "speedup_vs_nvidia_sp": "speedup_vs_nsp", "activation_ratio_vs_nvidia_sp": "act_ratio",
           "memory_ratio_vs_nvidia_sp": "mem_ratio", "parallel_efficiency": "eff",
           "flops_efficiency": "flops_eff"}  # fmt: skip
-_MIB = ("sp_comm_bytes", "grad_comm_bytes", "activation_bytes", "peak_mem_bytes")
+_OPTIONS = {"attention_imbalance": "imbal", "transient_peak_bytes": "trans_MiB",
+            "optimizer_state_bytes": "opt_MiB", "grad_bytes": "gradmem_MiB",
+            "speedup_vs_lss": "speedup_vs_lss", "activation_ratio_vs_lss": "act_vs_lss",
+            "transient_peak_ratio_vs_lss": "trans_vs_lss",
+            "optimizer_state_ratio_vs_lss": "opt_vs_lss"}  # fmt: skip
+"""Columns of the options beyond the paper, printed only when the table has them (see
+`_option_columns`)."""
+_MIB = ("sp_comm_bytes", "grad_comm_bytes", "activation_bytes", "peak_mem_bytes",
+        "transient_peak_bytes", "optimizer_state_bytes", "grad_bytes")  # fmt: skip
+_PAPER_MODES = {"serial", "lss", "nvidia-sp"}
+
+
+def _has(df: pd.DataFrame, column: str) -> bool:
+    return column in df and pd.to_numeric(df[column], errors="coerce").notna().any()
+
+
+def _option_columns(df: pd.DataFrame) -> list[str]:
+    """The `_OPTIONS` columns worth printing: the imbalance where LSS reported it; the transient
+    peak where the trainer recorded it; optimizer-state and gradient bytes where a ZeRO run is;
+    the ratios against plain LSS where a variant other than the paper's modes ran."""
+    variants = set(df["variant"].dropna().astype(str)) if "variant" in df else set()
+    zero = _has(df, "zero_stage") and (pd.to_numeric(df["zero_stage"], errors="coerce") > 0).any()
+    show = {"attention_imbalance": _has(df, "attention_imbalance"),
+            "transient_peak_bytes": _has(df, "transient_peak_bytes"),
+            "optimizer_state_bytes": zero, "grad_bytes": zero,
+            "speedup_vs_lss": bool(variants - _PAPER_MODES),
+            "activation_ratio_vs_lss": bool(variants - _PAPER_MODES),
+            "transient_peak_ratio_vs_lss": _has(df, "transient_peak_ratio_vs_lss"),
+            "optimizer_state_ratio_vs_lss": zero}  # fmt: skip
+    return [c for c in _OPTIONS if show[c]]
 
 
 def format_table(df: pd.DataFrame) -> str:
-    """The summary table as text (bytes in MiB), with the efficiency kind in a footer."""
+    """The summary table as text (bytes in MiB), with the efficiency kind in a footer. The
+    ``mode`` column shows the variant label (``lss-zigzag``, ...) where there is one; the
+    columns of the options beyond the paper appear only when the table has them."""
     if df.empty:
         return "(no runs)"
-    shown = df[list(_SHOWN)].copy()
+    extra = _option_columns(df)
+    shown = df[list(_SHOWN) + extra].copy()
+    if "variant" in df:
+        shown["mode"] = df["variant"].where(df["variant"].notna(), df["mode"])
     for column in _MIB:
-        shown[column] = shown[column] / 2**20
-    shown = shown.rename(columns=_SHOWN)
+        if column in shown:
+            shown[column] = shown[column] / 2**20
+    shown = shown.rename(columns={**_SHOWN, **_OPTIONS})
     text = shown.to_string(index=False, float_format=lambda x: f"{x:.4g}", na_rep="-")
     kinds = sorted(set(df["efficiency_kind"].dropna().astype(str)))
     kind = kinds[0] if len(kinds) == 1 else "/".join(kinds)
     what = {"strong": "strong scaling, T_1 / (P T_P), T_1 = serial on 1 rank at the same l",
             "weak": "weak scaling, T_1 / T_P, T_1 = serial (N = 1, same D) at l / N"}  # fmt: skip
-    return (f"{text}\n\neff = parallel efficiency ({what.get(kind, kind)}); flops_eff = achieved "
-            "FLOP/s per rank over the same reference's; speedup_vs_nsp, act_ratio, mem_ratio = "
-            "nvidia-sp's step time, activation bytes, peak memory over this run's "
-            "(same N, D, l); bytes are rank 0's.")  # fmt: skip
+    footer = (f"eff = parallel efficiency ({what.get(kind, kind)}); flops_eff = achieved "
+              "FLOP/s per rank over the same reference's; speedup_vs_nsp, act_ratio, mem_ratio = "
+              "nvidia-sp's step time, activation bytes, peak memory over this run's "
+              "(same N, D, l); bytes are rank 0's.")  # fmt: skip
+    if extra:
+        footer += (" imbal = max/mean per-rank attention FLOPs (LSS); trans = peak heap growth "
+                   "of step 1's forward + backward; opt, gradmem = optimizer-state and gradient "
+                   "bytes; *_vs_lss = plain LSS's value over this run's (same N, D, l): above 1 "
+                   "is faster or smaller.")  # fmt: skip
+    return f"{text}\n\n{footer}"
 
 
 def config_from_row(row: Mapping, seq_length: int | None = None) -> dict:
@@ -275,6 +373,12 @@ def config_from_row(row: Mapping, seq_length: int | None = None) -> dict:
 
     def i(k: str) -> int:
         return int(row[k])
+
+    def option(k: str, default):  # the options beyond the paper; absent in older tables
+        value = row.get(k)
+        if value is None or (isinstance(value, float) and math.isnan(value)) or value == "":
+            return default
+        return type(default)(value)
 
     cfg = RunConfig(
         model=ModelConfig(num_layers=i("num_layers"), hidden_size=i("hidden_size"),
@@ -286,9 +390,11 @@ def config_from_row(row: Mapping, seq_length: int | None = None) -> dict:
                           position_embedding=str(row["position_embedding"]),
                           causal=str(row["causal"]).lower() in ("true", "1", "1.0")),
         parallel=ParallelConfig(mode=str(row["mode"]), world_size=i("world_size"),
-                                seq_parallel=i("seq_parallel"), data_parallel=i("data_parallel")),
+                                seq_parallel=i("seq_parallel"), data_parallel=i("data_parallel"),
+                                lss_layout=option("lss_layout", "contiguous"),
+                                kv_gather_chunks=option("kv_gather_chunks", 1)),
         train=TrainConfig(global_batch_size=i("global_batch_size"),
                           micro_batch_size=i("micro_batch_size"), optimizer=str(row["optimizer"]),
-                          dtype=str(row["dtype"])),
+                          dtype=str(row["dtype"]), zero_stage=option("zero_stage", 0)),
     )  # fmt: skip
     return cfg.to_dict()

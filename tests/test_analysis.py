@@ -1,7 +1,9 @@
 """analysis/: the comparison table, every figure's data, the presets and the driver's plumbing.
 
 Fast (no trainer launches): numbers are checked against analysis/fixtures/summary.csv, a hand-made
-table whose expected values are worked out by hand below (see analysis/fixtures/make_fixture.py).
+table whose expected values are worked out by hand below (see analysis/fixtures/make_fixture.py),
+including the variants beyond the paper (lss-zigzag, lss-kv4, ulysses, lss-zero1/2 at N = 2,
+l = 64) and their ratios against plain LSS.
 """
 
 from __future__ import annotations
@@ -26,7 +28,13 @@ REQUIRED = ["mode", "seq_parallel", "data_parallel", "seq_length", "hidden_size"
             "memory_ratio_vs_nvidia_sp", "parallel_efficiency", "world_size", "status", "run_dir",
             "model_flops_per_step", "achieved_flops_per_s", "activation_ratio_vs_nvidia_sp",
             "efficiency_kind", "predicted_sp_comm_bytes", "predicted_grad_comm_bytes",
-            "predicted_activation_bytes"]  # fmt: skip
+            "predicted_activation_bytes", "variant", "lss_layout", "kv_gather_chunks",
+            "zero_stage", "attention_imbalance", "transient_peak_bytes", "optimizer_state_bytes",
+            "grad_bytes", "activation_ratio_vs_lss", "transient_peak_ratio_vs_lss",
+            "optimizer_state_ratio_vs_lss", "speedup_vs_lss", "predicted_optimizer_state_bytes",
+            "predicted_grad_bytes", "predicted_attention_imbalance"]  # fmt: skip
+OPTIONS = ("lss-zigzag", "lss-kv4", "ulysses", "lss-zero1", "lss-zero2")
+"""The fixture's variants beyond the paper, all at N = 2, D = 1, l = 64."""
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +42,9 @@ def df() -> pd.DataFrame:
     return tables.read_summary(FIXTURE)
 
 
-def row(df: pd.DataFrame, mode: str, n: int, length: int, d: int = 1, rep: int = 0) -> pd.Series:
-    sel = df[(df["mode"] == mode) & (df["seq_parallel"] == n) & (df["data_parallel"] == d)
+def row(df: pd.DataFrame, label: str, n: int, length: int, d: int = 1, rep: int = 0) -> pd.Series:
+    """The run of variant `label` (a plain mode is its own label) at (N, D, l, repeat)."""
+    sel = df[(df["variant"] == label) & (df["seq_parallel"] == n) & (df["data_parallel"] == d)
              & (df["seq_length"] == length) & (df["repeat"] == rep)]  # fmt: skip
     assert len(sel) == 1, sel
     return sel.iloc[0]
@@ -49,7 +58,7 @@ def approx(x: float):
 def test_columns(df):
     assert list(df.columns[: len(tables.COLUMNS)]) == list(tables.COLUMNS)
     assert set(REQUIRED) <= set(df.columns)
-    assert len(df) == 12 and set(df["efficiency_kind"]) == {"strong"}
+    assert len(df) == 12 + len(OPTIONS) and set(df["efficiency_kind"]) == {"strong"}
 
 
 def test_fixture_is_what_the_code_computes(df):
@@ -78,6 +87,61 @@ def test_ratios_vs_nvidia_sp(df):
     assert dp["speedup_vs_nvidia_sp"] == approx(1.2 / 0.55)
     assert math.isnan(dp["sp_comm_ratio_vs_nvidia_sp"])  # serial sends no sp bytes
     assert math.isnan(row(df, "serial", 1, 64)["speedup_vs_nvidia_sp"])  # no nvidia-sp at P = 1
+
+
+def test_ratios_vs_lss(df):
+    """Every variant against plain LSS at its (N, D, l): plain's value over the variant's."""
+    lss = row(df, "lss", 2, 64)
+    for column in ("speedup_vs_lss", "activation_ratio_vs_lss", "transient_peak_ratio_vs_lss",
+                   "optimizer_state_ratio_vs_lss", "grad_ratio_vs_lss"):  # fmt: skip
+        assert lss[column] == 1.0, column
+    zigzag = row(df, "lss-zigzag", 2, 64)
+    assert (zigzag["mode"], zigzag["lss_layout"]) == ("lss", "zigzag")
+    assert zigzag["attention_imbalance"] == 1.0 and lss["attention_imbalance"] == 1.5
+    assert zigzag["speedup_vs_lss"] == approx(0.6 / 0.5)
+    assert zigzag["activation_ratio_vs_lss"] == approx(64_000 / 66_000)
+    kv4 = row(df, "lss-kv4", 2, 64)
+    assert kv4["kv_gather_chunks"] == 4 and kv4["sp_comm_bytes"] == lss["sp_comm_bytes"]
+    assert kv4["transient_peak_ratio_vs_lss"] == approx(200_000 / 160_000)
+    zero1, zero2 = row(df, "lss-zero1", 2, 64), row(df, "lss-zero2", 2, 64)
+    assert (zero1["zero_stage"], zero2["zero_stage"]) == (1, 2)
+    assert zero1["optimizer_state_ratio_vs_lss"] == approx(50_000 / 25_004)
+    assert zero1["grad_ratio_vs_lss"] == 1.0 and zero2["grad_ratio_vs_lss"] == approx(25 / 15)
+    assert zero2["speedup_vs_lss"] == approx(0.6 / 1.2)
+    uly = row(df, "ulysses", 2, 64)
+    assert math.isnan(uly["attention_imbalance"]) and uly["speedup_vs_lss"] == approx(0.6 / 0.75)
+    # the other modes against LSS too; nothing where LSS did not run or recorded nothing
+    assert row(df, "nvidia-sp", 2, 64)["speedup_vs_lss"] == approx(0.6 / 1.2)
+    assert math.isnan(row(df, "serial", 1, 64)["speedup_vs_lss"])  # no LSS at N = 1
+    assert math.isnan(row(df, "lss", 4, 64)["transient_peak_ratio_vs_lss"])  # an older run
+    assert math.isnan(row(df, "nvidia-sp", 2, 64)["transient_peak_ratio_vs_lss"])
+    # the variants do not disturb the nvidia-sp ratios: plain nvidia-sp at N = 2, l = 64
+    assert zigzag["speedup_vs_nvidia_sp"] == approx(1.2 / 0.5)
+    assert zero1["sp_comm_ratio_vs_nvidia_sp"] == approx(8.0)
+
+
+def test_plain_references_skip_variants(df):
+    """Only plain runs are references: a ZeRO nvidia-sp or an LSS variant never is."""
+    extra = row(df, "nvidia-sp", 2, 64).copy()
+    extra["variant"], extra["zero_stage"], extra["step_time_s"] = "nvidia-sp-zero1", 1, 0.1
+    fast = row(df, "lss-zigzag", 2, 64).copy()
+    fast["step_time_s"] = 0.01
+    again = tables.add_derived(pd.concat([df, extra.to_frame().T, fast.to_frame().T],
+                                         ignore_index=True), "strong")  # fmt: skip
+    assert row(again, "lss", 2, 64)["speedup_vs_nvidia_sp"] == approx(1.2 / 0.6)
+    assert row(again, "lss-kv4", 2, 64)["speedup_vs_lss"] == approx(0.6 / 0.64)
+
+
+def test_tables_without_option_columns(df):
+    """A table from before the variants (no option columns) still gets its LSS ratios."""
+    old = df[df["variant"] == df["mode"]].drop(
+        columns=["variant", "lss_layout", "kv_gather_chunks", "zero_stage", "attention_imbalance",
+                 "transient_peak_bytes", *tables.DERIVED])  # fmt: skip
+    again = tables.add_derived(old, "strong")
+    lss = again[(again["mode"] == "lss") & (again["seq_parallel"] == 2)]
+    assert (lss["speedup_vs_lss"] == 1.0).all()
+    text = tables.format_table(again)
+    assert "imbal" not in text and "vs_lss" not in text and "speedup_vs_nsp" in text
 
 
 def test_strong_efficiency(df):
@@ -109,7 +173,14 @@ def test_weak_efficiency_columns(df):
 def test_format_table(df):
     text = tables.format_table(df)
     assert "strong scaling, T_1 / (P T_P)" in text
-    assert len(text.splitlines()) >= 13 and "failed" in text
+    assert len(text.splitlines()) >= 13 + len(OPTIONS) and "failed" in text
+    header = text.splitlines()[0].split()
+    for column in ("imbal", "trans_MiB", "opt_MiB", "gradmem_MiB", "speedup_vs_lss",
+                   "act_vs_lss", "trans_vs_lss", "opt_vs_lss"):  # fmt: skip
+        assert column in header, column
+    assert all(label in text for label in OPTIONS)  # the mode column shows variant labels
+    plain = tables.format_table(df[df["variant"].isin(["serial", "lss", "nvidia-sp"])])
+    assert "opt_vs_lss" not in plain and "speedup_vs_lss" not in plain and "imbal" in plain
 
 
 def test_read_run(tmp_path):
@@ -127,6 +198,12 @@ def test_read_run(tmp_path):
     assert got["sp_comm_bytes"] == 100 and got["activation_bytes"] == 60
     assert got["sp_comm_time_s"] == 2.0  # median after the first step
     assert got["core_attention"] == "X" and got["model_flops_per_step"] == 99
+    assert math.isnan(got["transient_peak_bytes"]) and math.isnan(got["attention_imbalance"])
+    steps[0].update(transient_peak_bytes=123, attention_imbalance=1.75)
+    steps[-1]["attention_imbalance"] = 1.5
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(s) + "\n" for s in steps))
+    got = tables.read_run(tmp_path)  # the first step's transient peak; the last step's balance
+    assert got["transient_peak_bytes"] == 123 and got["attention_imbalance"] == 1.5
 
 
 def test_costmodel_absent_is_a_note(monkeypatch):
@@ -150,6 +227,26 @@ def test_predicted_columns_from_a_cost_model(df):
     assert math.isnan(out["predicted_grad_comm_bytes"])
 
 
+def test_variant_rows_to_costmodel(df):
+    """A variant row's configuration keeps its options, and the cost model predicts them."""
+    from analysis.costmodel import predict
+
+    zigzag = tables.config_from_row(row(df, "lss-zigzag", 2, 64))
+    assert zigzag["parallel"]["lss_layout"] == "zigzag"
+    assert tables.config_from_row(row(df, "lss-kv4", 2, 64))["parallel"]["kv_gather_chunks"] == 4
+    zero = tables.config_from_row(row(df, "lss-zero1", 2, 64))
+    assert zero["train"]["zero_stage"] == 1
+    plain = tables.config_from_row(row(df, "lss", 2, 64))
+    assert plain["train"]["zero_stage"] == 0 and plain["parallel"]["lss_layout"] == "contiguous"
+    got = {k: tables.predicted_columns(c, predict) for k, c in
+           (("zigzag", zigzag), ("zero", zero), ("plain", plain))}  # fmt: skip
+    assert got["zigzag"]["predicted_attention_imbalance"] == 1.0
+    assert got["plain"]["predicted_attention_imbalance"] > 1.0  # causal, contiguous
+    ratio = (got["plain"]["predicted_optimizer_state_bytes"]
+             / got["zero"]["predicted_optimizer_state_bytes"])  # fmt: skip
+    assert 1.9 < ratio <= 2.0  # sharded over P = 2 (one 4-byte step each, padding)
+
+
 # --- figure data ---------------------------------------------------------------------------------
 def test_strong_scaling_data(df):
     data = figures.strong_scaling_data(df).set_index(["mode", "seq_length", "world_size"])
@@ -159,7 +256,8 @@ def test_strong_scaling_data(df):
     assert data.loc[("serial", 128, 1), "step_time_s"] == approx(2.0)  # median of repeats
     assert data.loc[("serial", 64, 2), "speedup"] == approx(1.0 / 0.55)
     assert ("nvidia-sp", 128, 4) not in data.index  # failed runs are not plotted
-    assert len(data) == 10
+    assert data.loc[("lss-zigzag", 64, 2), "speedup"] == approx(1.0 / 0.5)  # a series of its own
+    assert len(data) == 10 + len(OPTIONS)
 
 
 def test_weak_efficiency_data(df):
@@ -179,7 +277,8 @@ def test_memory_data(df):
     assert data.loc[("nvidia-sp", 2, 1, 64), "activation_bytes"] == 10 * 64**2 + 500 * 64
     assert data.loc[("serial", 1, 1, 128), "activation_bytes"] == 40 * 128**2
     assert data.loc[("serial", 1, 1, 128), "peak_mem_bytes"] == 6.5e8
-    assert len(data) == 10
+    assert data.loc[("lss-zero2", 2, 1, 64), "state_bytes"] == 25_000 + 15_000 + 25_004
+    assert len(data) == 10 + len(OPTIONS)
 
 
 def test_longest_sequence_data_measured(df):
@@ -219,7 +318,8 @@ def test_throughput_data(df):
     assert data.loc[("lss", 128, 4), "tokens_per_s"] == approx(2 * 128 / 0.5)
     assert data.loc[("lss", 128, 4), "tokens_per_s_per_rank"] == approx(2 * 128 / 0.5 / 4)
     assert data.loc[("nvidia-sp", 64, 2), "achieved_flops_per_s"] == approx(1e9 / 1.2)
-    assert len(data) == 10
+    assert data.loc[("ulysses", 64, 2), "tokens_per_s"] == approx(2 * 64 / 0.75)
+    assert len(data) == 10 + len(OPTIONS)
 
 
 def test_figures_regenerate_from_csv_alone(tmp_path, capsys):
@@ -266,7 +366,7 @@ def test_rotation_over_repeats():
     point = [r for r in plan.runs if (r.role, r.world_size, r.seq_length) == ("grid", 2, 512)]
     orders = [[r.mode for r in point if r.repeat == k] for k in (0, 1)]
     assert orders[0] != orders[1] and sorted(orders[0]) == sorted(orders[1])
-    assert {r.mode for r in point} == {"lss", "nvidia-sp", "serial"}  # serial: DP on P = 2
+    assert {r.mode for r in point} == {"lss", "nvidia-sp", "ulysses", "serial"}  # serial: DP
 
 
 def test_weak_plan_scales_length_with_n():
@@ -274,6 +374,36 @@ def test_weak_plan_scales_length_with_n():
     grid = {(r.mode, r.seq_parallel, r.seq_length) for r in plan.runs}
     assert ("lss", 4, 4 * 256) in grid and ("nvidia-sp", 2, 2 * 128) in grid
     assert ("serial", 1, 128) in grid and ("serial", 1, 256) in grid
+
+
+def test_options_plan(monkeypatch):
+    """cpu-options: plain LSS and every option at N = 4 (P = 4) plus the serial reference; a
+    variant whose flag the trainer lacks is skipped with that reason."""
+    plan = presets.make_plan(presets.get_preset("cpu-options"))
+    labels = {r.label for r in plan.runs}
+    zero = {"lss-zero1", "lss-zero2"}
+    assert {"serial", "lss", "lss-zigzag", "lss-kv4", "ulysses", "nvidia-sp"} <= labels
+    assert labels | {s.split("_")[0] for s, _ in plan.skipped} >= zero  # run, or skipped
+    assert max(r.world_size for r in plan.runs) == 4 and len(plan.runs) + len(plan.skipped) == 8
+    by = {r.label: r for r in plan.runs}
+    length = presets.get_preset("cpu-options").seq_lengths[0]
+    assert by["lss-zigzag"].mode == "lss"
+    assert by["lss-zigzag"].run_id == f"lss-zigzag_N4_D1_l{length}_r0"
+    args = " ".join(by["lss-kv4"].trainer_args("o"))
+    assert "--mode lss" in args and "--kv-gather-chunks 4" in args
+    assert by["lss"].variant == "" and by["lss"].run_id == f"lss_N4_D1_l{length}_r0"
+    monkeypatch.setattr(presets, "trainer_flags",
+                        lambda: frozenset({"--mode", "--seq-parallel", "--data-parallel",
+                                           "--seq-length", "--out", "--progress",
+                                           *(f"--{k}" for k in by["lss-kv4"].flags)}))  # fmt: skip
+    plan = presets.make_plan(presets.get_preset("cpu-options"))
+    skipped = dict(plan.skipped)
+    assert {r.label for r in plan.runs} & zero == set()
+    assert "no --zero-stage" in skipped[f"lss-zero1_N4_D1_l{length}"]
+    assert "no --lss-layout" in skipped[f"lss-zigzag_N4_D1_l{length}"]
+    with pytest.raises(KeyError):
+        presets.Preset(name="x", summary="", scaling="strong", degrees=(2,), seq_lengths=(64,),
+                       model={}, train={}, modes=("lss-nonsense",))  # fmt: skip
 
 
 def test_cluster_presets():

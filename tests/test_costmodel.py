@@ -282,3 +282,44 @@ def test_cli_prints_each_claim_beside_the_model():
         row = next(x for x in lines if label in x and paper in x)
         assert row.rstrip().endswith(("yes", "NO")) and len(row.split()) >= 6
     assert "assumptions:" in res.stdout and "why not reached" in res.stdout
+
+
+def _options_config(mode, n, d, *, zero=0, layout="contiguous", chunks=1, **model) -> dict:
+    cfg = make_config(mode, n, d, num_layers=2, hidden_size=64, num_heads=8, num_kv_heads=4,
+                      ffn_hidden_size=256, micro_batch_size=1, lss_layout=layout,
+                      **model)  # fmt: skip
+    cfg["parallel"]["kv_gather_chunks"] = chunks
+    cfg["train"]["zero_stage"] = zero
+    return cfg
+
+
+def test_options_beyond_the_paper_match_counted_runs():
+    """Zigzag balance, chunked gathers and ZeRO-1/2 memory and traffic: the numbers the trainer
+    counted in runs of these configurations (CPU, gloo, DeepSpeed 0.19.8), kept here so the
+    formulas are checked without launching (tests/test_compare_options.py checks them live)."""
+    rope = dict(seq_length=512, global_batch_size=2, position_embedding="rope")
+    plain = predict(_options_config("lss", 4, 1, **rope))
+    assert plain["attention_imbalance"] == pytest.approx(57408 / 32832)  # rank 3 over the mean
+    assert (
+        predict(_options_config("lss", 4, 1, layout="zigzag", **rope))["attention_imbalance"] == 1
+    )
+    assert predict(_options_config("ulysses", 4, 1, **rope))["attention_imbalance"] is None
+    kv4 = predict(_options_config("lss", 4, 1, chunks=4, **rope))
+    assert (kv4["sp_comm_bytes"], kv4["sp_comm_calls"]) == (786432, 4 * plain["sp_comm_calls"])
+    assert kv4["activation_bytes"] == 1490048 and plain["activation_bytes"] == 1424512
+    assert kv4["kv_transient_bytes"] * 4 == plain["kv_transient_bytes"] == 512 * 2 * 4 * 8 * 4
+    z1 = predict(_options_config("lss", 4, 1, zero=1, **rope))
+    z2 = predict(_options_config("lss", 4, 1, zero=2, **rope))
+    assert (z1["optimizer_state_bytes"], z1["grad_bytes"], z1["grad_comm_bytes"]) == (
+        249092, 498176, 1120902)  # fmt: skip
+    assert (z2["optimizer_state_bytes"], z2["grad_bytes"], z2["grad_comm_bytes"]) == (
+        249092, 182016, 1868166)  # fmt: skip
+    assert z1["other_comm_bytes"] == 12 and z1["sp_comm_bytes"] == plain["sp_comm_bytes"]
+    learned = dict(seq_length=256, global_batch_size=4, vocab_size=250)
+    z1 = predict(_options_config("lss", 2, 2, zero=1, **learned))  # the table is whole: [l, E]
+    z2 = predict(_options_config("lss", 2, 2, zero=2, **learned))
+    assert (z1["param_bytes"], z1["optimizer_state_bytes"], z1["grad_comm_bytes"]) == (
+        560640, 280324, 1261446)  # fmt: skip
+    assert (z2["grad_bytes"], z2["grad_comm_bytes"]) == (146432, 2102406)
+    both = predict(_options_config("lss", 4, 1, layout="zigzag", chunks=2, **learned))
+    assert (both["activation_bytes"], both["sp_comm_bytes"]) == (727872, 786432)
