@@ -290,24 +290,15 @@ def all_reduce_(x: torch.Tensor, group, *, category: str) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
-class _FusedKVAllGather(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, k: torch.Tensor, v: torch.Tensor, group):
-        ctx.group = group
-        ctx.h_kv = k.shape[2]
-        kv = torch.cat([k, v], dim=2)  # [s/N, b, 2*h_kv, d]
-        kv_full = all_gather_dim0(kv, group, category="sp")  # [s, b, 2*h_kv, d]
-        return kv_full[:, :, : ctx.h_kv], kv_full[:, :, ctx.h_kv :]  # 2 x [s, b, h_kv, d]
-
-    @staticmethod
-    def backward(ctx, dk_full: torch.Tensor | None, dv_full: torch.Tensor | None):
-        if dk_full is None:
-            dk_full = torch.zeros_like(dv_full)
-        if dv_full is None:
-            dv_full = torch.zeros_like(dk_full)
-        dkv_full = torch.cat([dk_full, dv_full], dim=2)  # [s, b, 2*h_kv, d]
-        dkv = reduce_scatter_dim0(dkv_full, ctx.group, category="sp")  # [s/N, b, 2*h_kv, d]
-        return dkv[:, :, : ctx.h_kv], dkv[:, :, ctx.h_kv :], None  # 2 x [s/N, b, h_kv, d]
+def _kv_gather_backward(ctx, dk_full: torch.Tensor | None, dv_full: torch.Tensor | None):
+    """Adjoint of the [K | V] all-gather: ONE reduce-scatter (sum) of [dK | dV]."""
+    if dk_full is None:
+        dk_full = torch.zeros_like(dv_full)
+    if dv_full is None:
+        dv_full = torch.zeros_like(dk_full)
+    dkv_full = torch.cat([dk_full, dv_full], dim=2)  # [s, b, 2*h_kv, d]
+    dkv = reduce_scatter_dim0(dkv_full, ctx.group, category="sp")  # [s/N, b, 2*h_kv, d]
+    return dkv[:, :, : ctx.h_kv], dkv[:, :, ctx.h_kv :], None  # 2 x [s/N, b, h_kv, d]
 
 
 def fused_kv_all_gather(
@@ -320,9 +311,7 @@ def fused_kv_all_gather(
 
     k, v: [s/N, b, h_kv, d] -> k_full, v_full: [s, b, h_kv, d] (views of one gathered buffer).
     """
-    if k.shape != v.shape:
-        raise ValueError(f"fused_kv_all_gather: k {tuple(k.shape)} and v {tuple(v.shape)} differ")
-    return _FusedKVAllGather.apply(k, v, group)
+    return finish_kv_all_gather(k, v, start_kv_all_gather(k, v, group))
 
 
 class PendingKVGather:
@@ -354,7 +343,7 @@ class _FinishKVGather(torch.autograd.Function):
         kv_full = pending.out  # [s, b, 2*h_kv, d]
         return kv_full[:, :, : ctx.h_kv], kv_full[:, :, ctx.h_kv :]  # 2 x [s, b, h_kv, d]
 
-    backward = _FusedKVAllGather.backward
+    backward = staticmethod(_kv_gather_backward)
 
 
 def start_kv_all_gather(k: torch.Tensor, v: torch.Tensor, group) -> PendingKVGather:
