@@ -70,6 +70,19 @@ class Layout:
         return self.n * self.d
 
     @property
+    def attn_bytes(self) -> int:
+        """Element size of what LSS and Ulysses attention gather, exchange and save (q, K/V,
+        output): the compute dtype. Under the trainer's bf16 autocast on the CPU, Megatron's layers
+        stay fp32 but attention casts q, k, v to bf16 itself (`attention.compute_dtype`)."""
+        return 2 if self.cpu_autocast else self.act_bytes
+
+    @property
+    def attn_cast(self) -> bool:
+        """Autocast over wider parameters: q, k, v reach attention as cast copies (never views of
+        the fused QKV output, whose bias add runs in fp32)."""
+        return self.cpu_autocast or self.act_bytes < self.param_bytes
+
+    @property
     def tp(self) -> int:
         return self.n if self.mode == "nvidia-sp" else 1
 
@@ -111,7 +124,8 @@ def layout_from_config(config: dict) -> Layout:
     extra = config.get("costmodel", {})
     dtype = train.get("dtype", "fp32")
     # measured: under torch.autocast("cpu", bf16) Megatron's linear layers (custom_fwd for CUDA)
-    # and LSS's attention stay fp32; only DotProductAttention's bmm inputs and outputs are bf16
+    # stay fp32; DotProductAttention's bmm inputs and outputs are bf16, and LSS's and Ulysses'
+    # attention cast q, k, v to bf16 themselves (Layout.attn_bytes)
     cpu_autocast = dtype != "fp32" and config.get("runtime", {}).get("backend") == "gloo"
     mode = par["mode"]
     if mode not in MODES:
@@ -217,6 +231,8 @@ def sp_bytes_per_micro_batch(s: Shape, lay: Layout) -> int:
     if n == 1:
         return 0
     seg = ll // n
+    if lay.mode in ("lss", "ulysses"):
+        es = lay.attn_bytes  # q, k, v cast to the compute dtype before they travel
     kv = seg * b * 2 * s.kv_heads * s.head_dim * es  # local [K | V]
     if lay.mode == "lss":  # one all-gather of [K|V] forward, one reduce-scatter backward, per layer
         return s.layers * 2 * gather_bytes(kv, n)
@@ -316,14 +332,14 @@ def _dpa_saved(s: Shape, lay: Layout, sq: int) -> int:
 
 def _lss_saved(s: Shape, lay: Layout) -> int:
     """LSS core attention: q, the gathered [K|V] buffer, output (= proj input), lse."""
-    b, es, d, seg = lay.micro_batch, lay.act_bytes, s.head_dim, s.seq // lay.n
+    b, es, d, seg = lay.micro_batch, lay.attn_bytes, s.head_dim, s.seq // lay.n
     rope, grouped = not s.learned_positions, s.heads > s.kv_heads
-    if rope or (grouped and s.kv_heads > 1):  # rope output, or a copy of grouped heads
-        q = seg * b * s.heads * d * es
+    if rope or (grouped and s.kv_heads > 1) or lay.attn_cast:  # rope output, a copy of grouped
+        q = seg * b * s.heads * d * es  # heads, or the cast to the compute dtype
     else:
         q = seg * b * (s.heads + 2 * s.kv_heads) * d * es  # a view of the fused QKV output
     total = q + s.seq * b * 2 * s.kv_heads * d * es + seg * b * s.heads * d * es
-    total += 4 * seg * d * es if rope else 0
+    total += 4 * seg * d * lay.act_bytes if rope else 0  # cos and sin (not cast)
     if lay.zigzag:  # K, V re-ordered by index_select (the gathered buffer is then not saved),
         # two chunk outputs and their concatenation (the proj input), the chunk order index
         total += seg * b * s.heads * d * es + 2 * lay.n * INT64
@@ -341,7 +357,8 @@ def _sequence_local_core_saved(s: Shape, lay: Layout) -> int:
     """Ulysses (all heads' tokens after the all-to-all, h/N heads) and ring attention cores."""
     b, es, d, n, ll = lay.micro_batch, lay.act_bytes, s.head_dim, lay.n, s.seq
     seg = ll // n
-    if lay.mode == "ulysses":  # q, k, v, out on [l, b, h/N, d] + lse, proj input on l/N tokens
+    if lay.mode == "ulysses":
+        es = lay.attn_bytes  # q, k, v cast to the compute dtype before the all-to-alls  # q, k, v, out on [l, b, h/N, d] + lse, proj input on l/N tokens
         h, kv = s.heads // n, max(1, s.kv_heads // n)
         core = ll * b * (2 * h + 2 * kv) * d * es + b * h * ll * FP32
         if lay.attention_kernel == "materialized":
@@ -437,7 +454,7 @@ def kv_transient_bytes(s: Shape, lay: Layout) -> int | None:
     allocates)."""
     if lay.mode != "lss" or lay.n == 1:
         return None
-    return s.seq * lay.micro_batch * 2 * (s.kv_heads // lay.kv_chunks) * s.head_dim * lay.act_bytes
+    return s.seq * lay.micro_batch * 2 * (s.kv_heads // lay.kv_chunks) * s.head_dim * lay.attn_bytes
 
 
 ZERO_ALIGNMENT = 2

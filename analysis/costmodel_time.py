@@ -115,6 +115,7 @@ def sp_comm_time(s: Shape, lay: Layout, dev: Device) -> float:
     if n == 1:
         return 0.0
     seg = ll // n
+    es = lay.attn_bytes if lay.mode in ("lss", "ulysses") else es  # cast before they travel
     kv = seg * b * 2 * s.kv_heads * s.head_dim * es
     if lay.mode == "lss":
         return s.layers * 2 * net.time("all_gather", gather_bytes(kv, n), n)

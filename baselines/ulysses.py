@@ -33,7 +33,7 @@ from megatron.core import parallel_state
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 
-from lss_megatron.attention import partial_attention
+from lss_megatron.attention import partial_attention, to_compute_dtype
 from lss_megatron.modes import Mode
 
 from .ulysses_limits import problems
@@ -137,6 +137,9 @@ class UlyssesCoreAttention(MegatronModule):
                 "packed sequences are not supported"
             )
         mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
+        # the compute dtype before the all-to-alls (as LSS before its gather): bf16 travels
+        query, key, value = to_compute_dtype(query, key, value,
+                                             getattr(self.config, "params_dtype", None))  # fmt: skip
         out = self.ulysses(
             query, key, value, _BATCH_DIM, None, causal=mask_type == AttnMaskType.causal
         )  # [l/N, b, h, d]

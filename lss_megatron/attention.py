@@ -25,6 +25,19 @@ Backends and what autograd saves for backward (es = element size of the input dt
   when ``q_offset + sq == sk``, otherwise a boolean ``[sq, q_offset + sq]`` mask. The kernel decides
   what it saves; on CPU (torch 2.13) that is q, k, v, out, lse plus, with a mask, a float
   ``[sq, q_offset + sq]`` mask: quadratic, but with no b or h factor.
+  On CUDA it runs under an explicit allow-list, `CUDA_KERNELS` (flash, cuDNN, memory-efficient):
+  where none of them can run, it raises `AttentionKernelError` instead of falling back to the math
+  kernel (a [b, h, sq, sk] fp32 score tensor). The fused kernels save q, k, v, out and the lse
+  (linear in sk). Flash and cuDNN need 16-bit inputs and the memory-efficient kernel has no GQA,
+  so fp32 GQA expands K/V to h heads (`_expand_kv_for_kernel`, logged once): g x the K/V bytes,
+  still linear in sk. 16-bit GQA runs flash on the h_kv heads as they are.
+
+Compute dtype (`compute_dtype`): the kernel (and, in `operator.lss_attention`, the K/V gather)
+runs in the autocast dtype when autocast is on for the inputs' device, whatever dtype the inputs
+arrive in (Megatron's linear layers add their fp32 bias after the bf16 matmul, so under autocast
+q, k, v arrive in fp32); else in a 16-bit parameter dtype when one is given (`LSSCoreAttention`
+passes Megatron's ``params_dtype``); else in the inputs' dtype. Inside the kernel call autocast is
+off, so the kernel runs exactly in that dtype; the output is in that dtype (as an autocast op's).
 - ``math``: blockwise pure-torch reference over query chunks of 256 rows, fp32 (or fp64)
   accumulation, visible keys only. Autograd saves the fp32 probabilities of every chunk,
   ``4*b*h*sq*(q_offset + sq)`` bytes (``sk`` instead if non-causal): quadratic, a fallback/oracle.
@@ -46,13 +59,40 @@ import torch
 import torch.nn.attention.bias
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "cpu_flash", "sdpa", "math")
+CUDA_KERNELS = (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION,
+                SDPBackend.EFFICIENT_ATTENTION)  # fmt: skip
+"""The SDPA kernels allowed on CUDA (never the quadratic math kernel)."""
 _FLASH_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _MATH_CHUNK = 256
 _flash_failed = False  # set once a private op raised; "auto" then stops choosing cpu_flash
+_expand_noted = False  # fp32 GQA on CUDA: K/V expansion logged once
+
+
+class AttentionKernelError(RuntimeError):
+    """No allowed (memory-efficient) SDPA kernel can run these inputs on CUDA."""
+
+
+# --- compute dtype -----------------------------------------------------------------------------
+def compute_dtype(x: torch.Tensor, params_dtype: torch.dtype | None = None) -> torch.dtype:
+    """The dtype attention runs in (module doc): autocast's, else a 16-bit `params_dtype`, else
+    the input's."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    if params_dtype in (torch.bfloat16, torch.float16):
+        return params_dtype
+    return x.dtype
+
+
+def to_compute_dtype(q, k, v, params_dtype: torch.dtype | None = None):
+    """q, k, v cast to `compute_dtype` (no copy where they already are)."""
+    dtype = compute_dtype(q, params_dtype)
+    return q.to(dtype), k.to(dtype), v.to(dtype)
 
 
 # --- the one place that touches the private CPU flash ops --------------------------------------
@@ -193,10 +233,59 @@ def _sdpa_attention(q, k, v, q_offset: int, causal: bool, scale: float) -> torch
         else:
             mask = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril(q_offset)  # [sq, sk]
     qb, kb, vb = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [b, h or h_kv, s, d]
-    out = F.scaled_dot_product_attention(
-        qb, kb, vb, attn_mask=mask, is_causal=is_causal, scale=scale, enable_gqa=True
-    )  # [b, h, sq, d]
+    if not q.is_cuda:
+        out = F.scaled_dot_product_attention(
+            qb, kb, vb, attn_mask=mask, is_causal=is_causal, scale=scale, enable_gqa=True
+        )  # [b, h, sq, d]
+        return out.permute(2, 0, 1, 3)  # [sq, b, h, d]
+    kb, vb = _expand_kv_for_kernel(qb, kb, vb)  # [b, h or h_kv, sk, d]
+    _check_cuda_kernel(qb, kb, vb, mask)
+    try:
+        with sdpa_kernel(list(CUDA_KERNELS)):
+            out = F.scaled_dot_product_attention(
+                qb, kb, vb, attn_mask=mask, is_causal=is_causal, scale=scale, enable_gqa=True
+            )  # [b, h, sq, d]
+    except RuntimeError as exc:
+        if "no available kernel" not in str(exc).lower():
+            raise
+        raise AttentionKernelError(_kernel_message(qb, kb, str(exc))) from exc
     return out.permute(2, 0, 1, 3)  # [sq, b, h, d]
+
+
+def _expand_kv_for_kernel(qb, kb, vb):
+    """fp32 (or fp64) GQA on CUDA: repeat K/V heads to h (flash and cuDNN need 16-bit inputs,
+    the memory-efficient kernel has no GQA). 16-bit inputs are returned as they are."""
+    global _expand_noted
+    h, h_kv = qb.shape[1], kb.shape[1]
+    if h == h_kv or qb.dtype in (torch.bfloat16, torch.float16):
+        return kb, vb
+    if not _expand_noted:
+        logger.info("attention: %s GQA on CUDA expands K/V from %d to %d heads for the "
+                    "memory-efficient kernel (flash needs 16-bit inputs)", qb.dtype, h_kv, h)  # fmt: skip
+        _expand_noted = True
+    g = h // h_kv
+    return kb.repeat_interleave(g, 1), vb.repeat_interleave(g, 1)  # [b, h, sk, d]
+
+
+def _check_cuda_kernel(qb, kb, vb, mask) -> None:
+    """Raise before torch would materialise a lower-right causal mask: `CausalBias` falls back to
+    an explicit [sq, sk] mask when neither flash nor the memory-efficient kernel accepts the
+    inputs (its own dispatch, outside the allow-list's reach)."""
+    if not isinstance(mask, torch.nn.attention.bias.CausalBias):
+        return
+    cuda = torch.backends.cuda
+    params = cuda.SDPAParams(qb, kb, vb, None, 0.0, False, qb.shape[1] != kb.shape[1])
+    with sdpa_kernel(list(CUDA_KERNELS)):
+        if cuda.can_use_flash_attention(params) or cuda.can_use_efficient_attention(params):
+            return
+    raise AttentionKernelError(_kernel_message(qb, kb, "no flash or memory-efficient kernel for "
+                                                       "a lower-right causal mask"))  # fmt: skip
+
+
+def _kernel_message(qb, kb, why: str) -> str:
+    return (f"attention: no allowed SDPA kernel ({', '.join(b.name for b in CUDA_KERNELS)}) for "
+            f"q {tuple(qb.shape)} k {tuple(kb.shape)} {qb.dtype} on {qb.device}; refusing the "
+            f"quadratic math kernel ({why.splitlines()[0] if why else ''})")  # fmt: skip
 
 
 def _math_attention(q, k, v, q_offset: int, causal: bool, scale: float) -> torch.Tensor:
@@ -253,6 +342,12 @@ def partial_attention(
     if causal and not (0 <= q_offset and q_offset + sq <= sk):
         raise ValueError(f"causal needs 0 <= q_offset and q_offset + sq <= sk ({q_offset=})")
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
+    q, k, v = to_compute_dtype(q, k, v)
+    with torch.autocast(q.device.type, enabled=False):  # the kernel runs in exactly that dtype
+        return _run_backend(q, k, v, q_offset, causal, scale, backend)
+
+
+def _run_backend(q, k, v, q_offset: int, causal: bool, scale: float, backend: str):
     if backend == "auto":
         backend = "cpu_flash" if _flash_eligible(q, k) and not _flash_failed else "sdpa"
     if backend == "cpu_flash":

@@ -92,7 +92,8 @@ class LSSCoreAttention(MegatronModule):
             softmax_scale=self.softmax_scale,
             layout=self.layout,
             kv_chunks=self.kv_chunks,
-        )  # [s/N, b, h, d]
+            params_dtype=getattr(self.config, "params_dtype", None),
+        )  # [s/N, b, h, d], in the compute dtype (autocast's or bf16 parameters')
         sq, b, h, d = out.shape
         n = self.seq_group.size()
         pairs = attended_pairs(n * sq, self.seq_group.rank(), n, mask_type == AttnMaskType.causal,

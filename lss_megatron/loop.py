@@ -6,7 +6,8 @@ averaging, non-finite check, global-norm clipping, optimizer, metrics, checkpoin
 gradient averaging, clipping and optimizer step; everything else is the same.
 
 Exit codes: 0 done; 1 a failure (exception, collective timeout, a dead peer); 2 a checkpoint that
-cannot be used; 3 a non-finite loss (without ``--skip-nonfinite``). Every rank takes the same
+cannot be used, or a GPU that several ranks would share; 3 a non-finite loss (without
+``--skip-nonfinite``). Every rank takes the same
 decision on a non-finite loss because the loss it tests is the all-reduced global loss.
 """
 
@@ -59,6 +60,10 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
+class DeviceError(RuntimeError):
+    """This rank cannot get a GPU of its own (exit code 2)."""
+
+
 @dataclass
 class RunResult:
     exit_code: int = 0
@@ -70,10 +75,12 @@ class RunResult:
 def init_distributed(cfg: RunConfig, rank: int) -> None:
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     timeout = timedelta(seconds=cfg.parallel.dist_timeout_s)
+    if backend == "nccl":
+        for key, value in NCCL_ERROR_ENV.items():
+            os.environ.setdefault(key, value)
+        index = select_cuda_device(int(os.environ.get("LOCAL_RANK", 0)), torch.cuda.device_count())
+        torch.cuda.set_device(index)
     if "MASTER_ADDR" in os.environ:
-        if torch.cuda.is_available():
-            # schedulers that give each task only its own GPU expose one device: wrap around
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
         dist.init_process_group(
             backend, rank=rank, world_size=cfg.parallel.world_size, timeout=timeout
         )
@@ -83,6 +90,58 @@ def init_distributed(cfg: RunConfig, rank: int) -> None:
                                 timeout=timeout)  # fmt: skip
     else:
         raise RuntimeError("WORLD_SIZE > 1 but no MASTER_ADDR: launch with torchrun or deepspeed")
+    if backend == "nccl" and dist.get_world_size() > 1:
+        import socket
+
+        props = torch.cuda.get_device_properties(torch.cuda.current_device())
+        check_unique_devices(dist.distributed_c10d._get_default_store(), socket.gethostname(),
+                             str(getattr(props, "uuid", props.name)), dist.get_world_size(),
+                             timeout)  # fmt: skip
+
+
+NCCL_ERROR_ENV = {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "2"}
+"""Set (unless already set) before an NCCL process group is created. 2 = CleanUpOnly: on a
+collective timeout NCCL's watchdog aborts the communicators but does not tear the process down,
+so the error reaches Python as an exception and the rank ends like under gloo: the same message
+(`_explain`) and exit code 1, instead of SIGABRT (torch's default, 1 = TearDown)."""
+
+
+def select_cuda_device(local_rank: int, count: int) -> int:
+    """The CUDA device of this process: ``cuda:LOCAL_RANK`` where the node's GPUs are all
+    visible; device 0 where the scheduler shows each task only its own GPU (one visible device,
+    checked after rendezvous by `check_unique_devices`); otherwise an error, never a shared GPU."""
+    if count < 1:
+        raise DeviceError("CUDA is available but no device is visible (CUDA_VISIBLE_DEVICES="
+                          f"{os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')!r})")  # fmt: skip
+    if 0 <= local_rank < count:
+        return local_rank
+    if count == 1:
+        return 0
+    raise DeviceError(
+        f"LOCAL_RANK={local_rank} but this process sees only {count} CUDA devices: ranks would "
+        f"share a GPU. Start at most {count} processes per node, or give each task its own GPU"
+    )
+
+
+def check_unique_devices(store, host: str, device_id: str, world_size: int,
+                         timeout: timedelta) -> None:  # fmt: skip
+    """Refuse (`DeviceError`, on every rank concerned) when two ranks of this job use the same
+    GPU (`device_id`, its UUID) on the same host. Through the rendezvous store: O(1) per rank."""
+    key = f"lss_device/{host}/{device_id}"
+    store.add(key, 1)
+    if store.add("lss_device/arrived", 1) == world_size:
+        store.set("lss_device/all", "1")
+    store.wait(["lss_device/all"], timeout)
+    sharing = store.add(key, 0)
+    if sharing > 1:
+        raise DeviceError(f"{sharing} ranks share GPU {device_id} on host {host}: give each rank "
+                          "its own GPU (fewer processes per node, or one GPU per task)")  # fmt: skip
+
+
+def sync_device(device: torch.device) -> None:
+    """Wait for every kernel queued on `device` (CUDA); CPU work is synchronous already."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _fault(cfg: RunConfig, rank: int, step: int) -> str | None:
@@ -96,7 +155,7 @@ def _fault(cfg: RunConfig, rank: int, step: int) -> str | None:
 def _explain(exc: BaseException, cfg: RunConfig) -> str:
     text = str(exc)
     low = text.lower()
-    if "timed out" in low or "timeout" in low:
+    if "timed out" in low or "timeout" in low or "watchdog" in low:  # gloo, NCCL's watchdog
         return (f"a collective timed out after {cfg.parallel.dist_timeout_s:g} s (--dist-timeout): "
                 "a peer rank is hung or gone")  # fmt: skip
     if "connection closed" in low or "connection reset" in low or "broken pipe" in low:
@@ -139,7 +198,7 @@ def run(cfg: RunConfig, rank: int) -> RunResult:
     except NonFiniteLoss as e:
         log.error("%s", e)
         result.exit_code = 3
-    except CheckpointError as e:
+    except (CheckpointError, DeviceError) as e:
         log.error("%s", e)
         result.exit_code = 2
     except Exception as e:  # noqa: BLE001 - every failure ends this rank non-zero, with a reason
@@ -206,6 +265,7 @@ def _train(cfg: RunConfig, rank: int, result: RunResult) -> None:
     progress = _Progress(cfg, rank, start, last)
     try:
         for step in range(start + 1, last + 1):
+            sync_device(device)  # nothing queued from before counts in this step
             t0 = time.perf_counter()
             fault = _fault(cfg, rank, step)
             if fault == "crash":
@@ -255,7 +315,9 @@ def _train(cfg: RunConfig, rank: int, result: RunResult) -> None:
             elif zero is None:
                 clip_gradients(model, grad_norm, t.clip_grad)
                 optimizer.step()
-            dt = time.perf_counter() - t0
+            sync_device(device)  # the step ends when its kernels have run, in every mode
+            dt_local = time.perf_counter() - t0
+            dt = comm.max_over_ranks(dt_local, device)  # the step is as slow as its slowest rank
             step_times.append(dt)
             balance = _attention_balance(model, grid, device)
             if isinstance(transient, TransientPeak):
@@ -271,7 +333,8 @@ def _train(cfg: RunConfig, rank: int, result: RunResult) -> None:
             result.losses[step] = loss
             if rank == 0:
                 rec = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                       "step_time_s": dt, "tokens_per_s": tokens_per_step / dt,
+                       "step_time_s": dt, "step_time_rank0_s": dt_local,
+                       "tokens_per_s": tokens_per_step / dt,
                        "skipped": skipped, "skipped_steps": result.skipped_steps,
                        **clog.summary(), "activation_bytes": saved.peak, **mem,
                        "peak_mem_bytes": peak_mem_bytes(device),

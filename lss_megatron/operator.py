@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from . import comm
-from .attention import partial_attention
+from .attention import partial_attention, to_compute_dtype
 
 
 def lss_attention(
@@ -38,6 +38,7 @@ def lss_attention(
     backend: str = "auto",
     layout: str = "contiguous",
     kv_chunks: int = 1,
+    params_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """LSS partial attention over a sequence-parallel group.
 
@@ -47,9 +48,13 @@ def lss_attention(
         group: the sequence-parallel process group (default: the whole world).
         causal: mask by global position (bottom-right aligned); False attends to every key.
         softmax_scale: defaults to ``1/sqrt(d)``.
+        compute_dtype: q, k, v are cast to `attention.compute_dtype` (the autocast dtype under
+            autocast, else a 16-bit `params_dtype`, else theirs) BEFORE the K/V gather, so K/V
+            travel and attention runs in the compute dtype; the result is in that dtype.
         backend: attention kernel, see `attention.partial_attention`.
         layout: ``contiguous`` (rank r holds segment r) or ``zigzag`` (rank r holds chunks r and
             2N-1-r of l/(2N) tokens, concatenated in that order; balances causal work).
+        params_dtype: the model's parameter dtype (see compute_dtype below).
         kv_chunks: gather K/V in this many head chunks, double-buffered (async gather of chunk
             c+1 while chunk c is attended); bounds the transient gathered/gradient buffers to one
             chunk. Same result and bytes; the one all-gather and the one reduce-scatter become
@@ -71,6 +76,7 @@ def lss_attention(
         )
     if h % k.shape[2]:
         raise ValueError(f"lss_attention: heads h={h} not divisible by kv heads h_kv={k.shape[2]}")
+    q, k, v = to_compute_dtype(q, k, v, params_dtype)  # before the gather: K/V travel in it
     group = group if group is not None else dist.group.WORLD
     n = comm.group_size(group)
     r = comm.group_rank(group)

@@ -183,6 +183,17 @@ def ds_config(cfg: RunConfig, dp_world: int, bucket_elements: int) -> dict:
     }
 
 
+def deepspeed_args(device: torch.device):
+    """`deepspeed.initialize`'s ``args``: only ``device_rank``, the CUDA index the trainer chose
+    (`loop.select_cuda_device`), which DeepSpeed's engine then uses. Without it DeepSpeed calls
+    ``set_device(LOCAL_RANK)``, wrong where each task sees only its own GPU (LOCAL_RANK > 0, one
+    visible device). On the CPU the index is 0 (DeepSpeed's CPU accelerator ignores it)."""
+    import argparse
+
+    index = device.index if device.type == "cuda" and device.index is not None else 0
+    return argparse.Namespace(device_rank=index)
+
+
 def _unique_bytes(tensors) -> int:
     """Bytes of the distinct storages behind `tensors` (views of one buffer count once)."""
     seen: dict[int, int] = {}
@@ -217,8 +228,9 @@ class ZeroEngine:
         config = ds_config(cfg, mpu.get_data_parallel_world_size(), self.bucket_elements)
         with _no_shm_op():
             self.engine, self.optimizer, _, _ = deepspeed.initialize(
-                model=model, optimizer=client, config=config, mpu=mpu, dist_init_required=False
-            )
+                args=deepspeed_args(params[0].device), model=model, optimizer=client,
+                config=config, mpu=mpu, dist_init_required=False,
+            )  # fmt: skip
         self.model = model
         self.grad_bytes = 0
         self.bucket_bytes = self.bucket_elements * elem
