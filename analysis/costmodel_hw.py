@@ -93,6 +93,24 @@ class Device:
     peak_flops: dict  # precision -> dense FLOP/s ("fp32", "fp16", "bf16")
     network: Network
     note: str = ""
+    attention_efficiency: tuple = ()
+    """Measured by launch/gpu_check.sh: ((l/N, fraction of the bf16 matmul peak), ...) of LSS
+    partial attention on the most loaded rank, forward + backward, bf16 (`attention_efficiency_at`
+    interpolates). Empty: the time model's assumed efficiency applies."""
+
+    def attention_efficiency_at(self, local_len: int) -> float | None:
+        """Measured efficiency at `local_len` queries per rank: linear in log2(l/N) between
+        measured points, the nearest measured point outside their range; None if unmeasured."""
+        pts = sorted(self.attention_efficiency)
+        if not pts:
+            return None
+        if local_len <= pts[0][0]:
+            return pts[0][1]
+        for (l0, f0), (l1, f1) in zip(pts, pts[1:], strict=False):
+            if local_len <= l1:
+                w = math.log2(local_len / l0) / math.log2(l1 / l0)
+                return f0 + w * (f1 - f0)
+        return pts[-1][1]
 
     def peak(self, precision: str) -> float:
         if precision not in self.peak_flops:
@@ -139,9 +157,10 @@ DEVICES: dict[str, Device] = {
 MEASURED_DIR = Path(__file__).resolve().parent / "data" / "gpu"
 
 
-def measured_bf16_peak(preset: str, directory: Path = MEASURED_DIR) -> float | None:
-    """The bf16 matmul peak measured by `launch/gpu_check.sh` on a device of this preset's kind
-    (analysis/data/gpu/*.json whose device name contains e.g. "h200"), or None."""
+def measured_record(preset: str, directory: Path = MEASURED_DIR) -> dict | None:
+    """What `launch/gpu_check.sh` measured on a device of this preset's kind: the first
+    analysis/data/gpu/*.json whose ``device`` name contains e.g. "h200" and that has a
+    ``matmul_peak_flops``, or None."""
     token = preset.split("-")[0].lower()
     for path in sorted(directory.glob("*.json")):
         try:
@@ -149,24 +168,42 @@ def measured_bf16_peak(preset: str, directory: Path = MEASURED_DIR) -> float | N
         except (OSError, ValueError):
             continue
         if token in str(data.get("device", "")).lower() and data.get("matmul_peak_flops"):
-            return float(data["matmul_peak_flops"])
+            return data
     return None
 
 
-def get_device(device: str | Device) -> Device:
-    """A device preset; where launch/gpu_check.sh measured this kind of GPU, its measured bf16
-    (and fp16) matmul peak replaces the preset's."""
+def measured_bf16_peak(preset: str, directory: Path = MEASURED_DIR) -> float | None:
+    """The bf16 matmul peak measured on a device of this preset's kind (`measured_record`)."""
+    data = measured_record(preset, directory)
+    return float(data["matmul_peak_flops"]) if data else None
+
+
+def measured_attention_efficiency(data: dict) -> tuple:
+    """((l/N, fraction of the matmul peak), ...) of the most loaded LSS rank in a gpu_check
+    record (its ``attention_efficiency`` rows for the last rank), sorted by l/N."""
+    rows = [r for r in data.get("attention_efficiency", []) if r.get("rank") == "last"
+            and r.get("fraction_of_matmul_peak")]  # fmt: skip
+    return tuple(sorted((int(r["local_len"]), float(r["fraction_of_matmul_peak"])) for r in rows))
+
+
+def get_device(device: str | Device, directory: Path = MEASURED_DIR) -> Device:
+    """A device preset; where launch/gpu_check.sh measured this kind of GPU (a record in
+    `directory`), its measured bf16 (and fp16) matmul peak replaces the preset's and its measured
+    LSS attention efficiency replaces the time model's assumed one (`Device.attention_efficiency`)."""
     if isinstance(device, Device):
         return device
     try:
         preset = DEVICES[device]
     except KeyError:
         raise ValueError(f"unknown device {device!r}; presets: {sorted(DEVICES)}") from None
-    peak = measured_bf16_peak(device)
-    if peak is None:
+    data = measured_record(device, directory)
+    if data is None:
         return preset
+    peak = float(data["matmul_peak_flops"])
     flops = {**preset.peak_flops, "bf16": peak, "fp16": peak}
-    return replace(preset, peak_flops=flops, note=preset.note + "; bf16 peak measured")
+    eff = measured_attention_efficiency(data)
+    note = preset.note + "; bf16 peak" + (" and attention efficiency" if eff else "") + " measured"
+    return replace(preset, peak_flops=flops, note=note, attention_efficiency=eff)
 
 
 def with_network(device: Device, **changes) -> Device:

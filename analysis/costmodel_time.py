@@ -159,6 +159,15 @@ def grad_comm_time(s: Shape, lay: Layout, dev: Device) -> float:
     )
 
 
+def attention_efficiency(s: Shape, lay: Layout, dev: Device, a: Assumptions) -> float:
+    """The fused attention kernel's fraction of peak: measured on this device at this rank's
+    l/N (launch/gpu_check.sh, bf16, `Device.attention_efficiency`) for 16-bit runs where there is
+    a measurement, else the assumed ``a.attention_efficiency``."""
+    queries = s.seq if lay.mode == "ulysses" else s.seq // lay.n  # per kernel call
+    measured = dev.attention_efficiency_at(queries) if lay.attn_bytes == 2 else None
+    return measured if measured is not None else a.attention_efficiency
+
+
 def step_time(s: Shape, lay: Layout, dev: Device, a: Assumptions, optimizer: str) -> dict:
     """Seconds per optimizer step on the slowest rank, with its breakdown."""
     peak, hbm = _peak(dev, lay), dev.hbm_bw
@@ -167,7 +176,7 @@ def step_time(s: Shape, lay: Layout, dev: Device, a: Assumptions, optimizer: str
     if lay.attention_kernel == "materialized":
         attention = att_flops / (peak * a.gemm_efficiency) + a.score_passes * score_bytes / hbm
     else:
-        attention = att_flops / (peak * a.attention_efficiency)
+        attention = att_flops / (peak * attention_efficiency(s, lay, dev, a))
     elementwise = elementwise_bytes(s, lay, a) / hbm
     sp = sp_comm_time(s, lay, dev)
     if lay.mode == "ring" and a.overlap_ring:
@@ -189,6 +198,7 @@ def step_time(s: Shape, lay: Layout, dev: Device, a: Assumptions, optimizer: str
             "optimizer": opt,
         },
         "assumptions": asdict(a),
+        "attention_efficiency": attention_efficiency(s, lay, dev, a),
         "precision": precision_of(lay),
         "peak_flops": peak,
     }

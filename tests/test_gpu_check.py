@@ -1,23 +1,95 @@
-"""The GPU check script stays runnable: the same code at toy sizes on the CPU.
+"""The prepared GPU check (`bash launch/gpu_check.sh`) stays runnable: `--dry-run` runs the same
+code on the CPU at toy sizes; its record is what the cost model reads.
 
-On a machine with CUDA, `bash launch/gpu_check.sh` runs it for real (docs: analysis/gpu_check.py).
+On the GPU machine: ``bash launch/gpu_check.sh --out-dir DIR`` (docs/measurement.md).
 """
 
+from __future__ import annotations
+
 import json
+import subprocess
+from pathlib import Path
 
 import pytest
+import torch
+
+from analysis.costmodel import make_config, predict
+from analysis.costmodel_hw import get_device
+from analysis.gpu_check import CASES, attention_case, kernels_seen
+from lss_megatron.attention import partial_attention
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.timeout(120)
-def test_gpu_check_runs_at_toy_sizes_on_cpu(tmp_path):
-    from analysis.gpu_check import run
+def test_kernel_spy_tells_fused_from_math():
+    q, k, v = torch.randn(8, 1, 2, 16), torch.randn(8, 1, 2, 16), torch.randn(8, 1, 2, 16)
+    assert kernels_seen(lambda: partial_attention(q, k, v, q_offset=0, causal=True)) == {
+        "cpu_flash"}  # fmt: skip
+    assert kernels_seen(
+        lambda: partial_attention(q, k, v, q_offset=0, causal=True, backend="math")
+    ) == {"math"}  # no fused op: the math kernel ran
 
-    path = run("cpu", tiny=True, n=2, out_dir=tmp_path)
-    result = json.loads(path.read_text())
-    assert result["matmul_peak_flops"] > 0
-    for key in ("attention", "layer"):
-        rows = result[key]
-        assert [r["seq_length"] for r in rows] == [64, 128]
-        assert all(r["tflops"] > 0 and r["flops"] > 0 for r in rows)
-    # causal pairs of the last of N=2 ranks at l=64: 32 queries x 32 earlier keys + 32*33/2
-    assert result["attention"][0]["flops"] == 3 * 4 * 4 * 16 * (32 * 32 + 32 * 33 // 2)
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("case", [CASES[1], CASES[4]], ids=lambda c: c[0])
+def test_attention_case_on_cpu(dtype, case):
+    """A last-rank (q_offset > 0) and a zigzag GQA path: the CPU flash kernel ran, the output
+    and gradients match the float64 reference within the check's own tolerances."""
+    row = attention_case(torch.device("cpu"), dtype, *case, sq=16, n=2, b=2, d=16)
+    assert row["kernels"] == ["cpu_flash"] and row["ok"], row
+
+
+def _record(device: str, peak: float, points: list[tuple[int, float]]) -> dict:
+    return {"device": device, "matmul_peak_flops": peak, "attention_efficiency": [
+        {"rank": "last", "local_len": n, "fraction_of_matmul_peak": f} for n, f in points] + [
+        {"rank": "first", "local_len": 1024, "fraction_of_matmul_peak": 0.99}]}  # fmt: skip
+
+
+def test_cost_model_reads_the_measured_efficiency(tmp_path):
+    (tmp_path / "h200.json").write_text(json.dumps(
+        _record("NVIDIA H200", 700e12, [(4096, 0.40), (16384, 0.60)])))  # fmt: skip
+    dev = get_device("h200", tmp_path)
+    assert dev.peak("bf16") == 700e12 and dev.attention_efficiency == ((4096, 0.4), (16384, 0.6))
+    assert dev.attention_efficiency_at(8192) == pytest.approx(0.5)  # linear in log2(l/N)
+    assert dev.attention_efficiency_at(1024) == 0.4 and dev.attention_efficiency_at(10**6) == 0.6
+    model = dict(num_layers=2, hidden_size=256, num_heads=8, seq_length=65536,
+                 global_batch_size=1)  # fmt: skip
+    bf16 = predict(make_config("lss", 8, 1, dtype="bf16", **model), device=dev)
+    assert bf16["attention_efficiency"] == pytest.approx(0.5)  # l/N = 8192
+    fp32 = predict(make_config("lss", 8, 1, dtype="fp32", **model), device=dev)
+    assert fp32["attention_efficiency"] == 0.5 == fp32["assumptions"]["attention_efficiency"]
+    unmeasured = predict(make_config("lss", 4, 1, dtype="bf16", **model), device="h100")
+    assert unmeasured["attention_efficiency"] == unmeasured["assumptions"]["attention_efficiency"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_dry_run_of_the_prepared_check(tmp_path):
+    """The README's command with --dry-run: every phase runs and passes on the CPU, one JSON, and
+    the cost model reads it (once it names a GPU it measured)."""
+    res = subprocess.run(["bash", "launch/gpu_check.sh", "--dry-run", "--out-dir", str(tmp_path)],
+                         capture_output=True, text=True, timeout=280, cwd=ROOT)  # fmt: skip
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    rec = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert rec["ok"] and rec["failures"] == [] and rec["dry_run"]
+    assert set(rec["phase_seconds"]) == {"attention_checks", "matmul_peak",
+                                         "attention_efficiency", "trainer"}  # fmt: skip
+    assert len(rec["attention_checks"]) == 2 * len(CASES)
+    assert all(r["ok"] and r["kernels"] == ["cpu_flash"] for r in rec["attention_checks"])
+    eff = rec["attention_efficiency"]
+    assert {(r["rank"], r["local_len"]) for r in eff} == {(w, n) for w in ("last", "first")
+                                                          for n in (32, 64)}  # fmt: skip
+    # causal pairs of the last of N=2 at l/N=32: 32 queries x 32 earlier keys + 32*33/2
+    assert eff[0]["flops"] == 3 * 4 * 4 * 16 * (32 * 32 + 32 * 33 // 2)
+    for mode in ("serial", "lss"):
+        run = rec["trainer"][mode]
+        assert run["exit_code"] == 0 and len(run["rows"]) == 2
+        assert run["runtime"]["backend"] == "gloo"
+        for key, want in run["predicted"].items():  # the CPU counts are exact
+            assert all(row[key] == want for row in run["rows"]), (mode, key)
+    assert rec["trainer"]["step1_loss_difference"] < 2e-2
+    rec["device"] = "NVIDIA H200 (dry-run record)"
+    (tmp_path / "h200.json").write_text(json.dumps(rec))
+    dev = get_device("h200", tmp_path)
+    assert dev.peak("bf16") == rec["matmul_peak_flops"]
+    assert [n for n, _ in dev.attention_efficiency] == [32, 64]
