@@ -70,9 +70,11 @@ def test_nccl_timeout_reads_like_gloos():
     nccl = RuntimeError("[Rank 0] Watchdog caught collective operation timeout: WorkNCCL(SeqNum=9, "
                         "OpType=ALLREDUCE, NumelIn=1, NumelOut=1, Timeout(ms)=60000) ran for "
                         "60003 milliseconds before timing out.")  # fmt: skip
-    aborted = RuntimeError("NCCL communicator was aborted on rank 1. Original reason for "
-                           "failure was: [Rank 1] Watchdog caught collective operation timeout")
-    want = ("a collective timed out after 60 s (--dist-timeout): a peer rank is hung or gone")
+    aborted = RuntimeError(
+        "NCCL communicator was aborted on rank 1. Original reason for "
+        "failure was: [Rank 1] Watchdog caught collective operation timeout"
+    )
+    want = "a collective timed out after 60 s (--dist-timeout): a peer rank is hung or gone"
     assert _explain(gloo, _Cfg) == _explain(nccl, _Cfg) == _explain(aborted, _Cfg) == want
     assert NCCL_ERROR_ENV == {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "2"}
 
