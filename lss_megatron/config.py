@@ -14,7 +14,9 @@ heavy, so a bad command line fails within a fraction of a second.
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from .data import DATASETS, LAYOUTS
 
@@ -34,6 +36,19 @@ ZERO_STAGES = (0, 1, 2)
 
 class ConfigError(ValueError):
     """A configuration that cannot run. The message names every offending value."""
+
+
+def output_dir_problems(flag: str, path: str) -> list[str]:
+    """Why folder `path` cannot be created or written (empty when it can): it, or the nearest
+    part of it that exists, must be a writable folder."""
+    here = Path(path).absolute()
+    while not here.exists() and here != here.parent:
+        here = here.parent
+    if not here.is_dir():
+        return [f"{flag} {path}: {here} is not a folder"]
+    if not os.access(here, os.W_OK | os.X_OK):
+        return [f"{flag} {path}: {here} is not writable"]
+    return []
 
 
 @dataclass(frozen=True)
@@ -225,6 +240,8 @@ class TrainConfig:
     """Progress bar on rank 0: `on`, `off`, or `auto` (on when stderr is a terminal)."""
     fault: str | None = None
     """Testing aid: `crash:RANK:STEP`, `hang:RANK:STEP` or `nan:RANK:STEP` injects that failure."""
+    tensorboard_dir: str | None = None
+    """Write TensorBoard event files here (rank 0), with the scalars of ``metrics.jsonl``."""
     zero_stage: int = 0
     """DeepSpeed ZeRO stage over all ranks of the gradient group (lss_megatron/zero.py): 0 off
     (the trainer's own optimizer step), 1 optimizer state sharded, 2 also gradients. Needs
@@ -291,6 +308,13 @@ class TrainConfig:
             ):
                 p.append(f"--fault {self.fault!r} must be KIND:RANK:STEP, KIND in crash|hang|nan")
         p += self._zero_problems()
+        if self.tensorboard_dir is not None:
+            p += output_dir_problems("--tensorboard-dir", self.tensorboard_dir)
+            import importlib.util
+
+            if importlib.util.find_spec("tensorboard") is None:
+                p.append(f"--tensorboard-dir {self.tensorboard_dir} needs TensorBoard: "
+                         "pip install tensorboard")  # fmt: skip
         if p or dp < 1:
             return p
         if self.global_batch_size % dp:

@@ -51,6 +51,7 @@ from .metrics import (
 from .model import build_model
 from .optim import build_optimizer, clip_gradients, global_grad_norm, lr_at, set_lr
 from .step import evaluate, forward_backward, global_mean_loss, step_micro_batches
+from .tracking import Tracker
 
 log = get_logger("train")
 
@@ -204,6 +205,9 @@ def _train(cfg: RunConfig, rank: int, result: RunResult) -> None:
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if t.dtype == "bf16"
                 else contextlib.nullcontext())  # fmt: skip
     progress = _Progress(cfg, rank, start, last)
+    tracker = Tracker(out, rank=rank, steps=t.steps, global_batch=t.global_batch_size,
+                      log_interval=t.log_interval, tensorboard_dir=t.tensorboard_dir,
+                      start=start, device_type=device.type)  # fmt: skip
     try:
         for step in range(start + 1, last + 1):
             t0 = time.perf_counter()
@@ -276,22 +280,22 @@ def _train(cfg: RunConfig, rank: int, result: RunResult) -> None:
                        **clog.summary(), "activation_bytes": saved.peak, **mem,
                        "peak_mem_bytes": peak_mem_bytes(device),
                        "model_flops_per_step": flops_per_step,
-                       "achieved_flops_per_s": flops_per_step / dt, **balance,
+                       "achieved_flops_per_s": flops_per_step / dt,
+                       "tflops_per_s_per_rank": flops_per_step / dt / grid.world_size / 1e12,
+                       "consumed_samples": step * t.global_batch_size,
+                       "consumed_tokens": step * tokens_per_step, **balance,
                        **evals}  # fmt: skip
                 with metrics_path.open("a") as f:
                     f.write(json.dumps(rec) + "\n")
                 progress.update(loss, tokens_per_step / dt)
-                if progress.bar is None and (step % t.log_interval == 0 or step == last):
-                    log.info("step %d/%d loss %.6f lr %.3g grad_norm %.3f (%.3f s, %.0f tok/s)%s",
-                             step, t.steps, loss, lr, grad_norm, dt, tokens_per_step / dt,
-                             f" valid {evals['valid_loss']:.4f} ({evals['valid_bpb']:.3f} bpb)"
-                             if evals else "")  # fmt: skip
+                tracker.step(rec, last=last, quiet=progress.bar is not None)
             if t.save and ((t.save_interval and step % t.save_interval == 0) or step == t.steps):
                 path = save_checkpoint(t.save, step, model, optimizer, grid, effective)
                 if path is not None:
                     log.info("saved checkpoint %s", path)
     finally:
         progress.close()
+        tracker.close()
 
     replicas = check_replicas(model, grid)
     if rank == 0:
@@ -310,6 +314,7 @@ def _train(cfg: RunConfig, rank: int, result: RunResult) -> None:
     if not replicas["bitwise_equal"]:
         raise RuntimeError(f"replicated parameters diverged across ranks: {replicas['mismatched']}")
     log.info("done at step %d; replicas bitwise equal across %d ranks", last, grid.world_size)
+    tracker.finish()
 
 
 def _attention_balance(model, grid, device) -> dict:

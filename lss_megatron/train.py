@@ -162,7 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="end after step K as if interrupted; schedules still span --steps",
     )
     g.add_argument("--progress", choices=("auto", "on", "off"), default=d_t.progress)
-    g.add_argument("--out", default=d_t.out)
+    g.add_argument("--out", default=d_t.out, metavar="DIR",
+                   help="output folder: metrics.jsonl, config.json, summary.json")  # fmt: skip
+    g.add_argument("--tensorboard-dir", default=None, metavar="DIR",
+                   help="also write TensorBoard event files (the metrics.jsonl scalars) here")  # fmt: skip
     g.add_argument("--log-interval", type=int, default=d_t.log_interval)
     # the DeepSpeed launcher passes --local_rank=i; LOCAL_RANK in the environment says the same
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
@@ -262,6 +265,7 @@ def config_from_args(args: argparse.Namespace, world_size: int) -> RunConfig:
             progress=args.progress,
             fault=args.fault,
             zero_stage=args.zero_stage,
+            tensorboard_dir=args.tensorboard_dir,
         ),
     )
 
