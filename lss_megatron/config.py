@@ -381,7 +381,8 @@ class RunConfig:
         if self.train.data in DATASETS:
             from .data import check_data_config
 
-            p += check_data_config(self.train.data, self.train.data_path, self.model.vocab_size)
+            p += check_data_config(self.train.data, self.train.data_path, self.model.vocab_size,
+                                   self.model.seq_length)  # fmt: skip
         if p:
             raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(p))
         return self

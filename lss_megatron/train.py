@@ -131,7 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--fault", default=None, help=argparse.SUPPRESS)  # testing aid, see config.py
     g = p.add_argument_group("data")
     g.add_argument("--data", choices=DATASETS, default=d_t.data)
-    g.add_argument("--data-path", default=None, help="the data file (enwik8: raw or .zip)")
+    g.add_argument("--data-path", default=None,
+                   help="the data: enwik8: the raw file or .zip; megatron: PREFIX of PREFIX.bin "
+                   "and PREFIX.idx (python -m lss_megatron.data.make_indexed builds one)")  # fmt: skip
     g.add_argument(
         "--eval-interval",
         type=int,
