@@ -246,6 +246,9 @@ class TrainConfig:
     """DeepSpeed ZeRO stage over all ranks of the gradient group (lss_megatron/zero.py): 0 off
     (the trainer's own optimizer step), 1 optimizer state sharded, 2 also gradients. Needs
     DeepSpeed; no checkpoints (docs/zero.md)."""
+    deepspeed_config: str | None = None
+    """A DeepSpeed config (JSON) merged over the trainer's ZeRO defaults (zero_config.py); needs
+    `zero_stage` 1 or 2."""
 
     @property
     def final_lr(self) -> float:
@@ -253,6 +256,9 @@ class TrainConfig:
 
     def _zero_problems(self) -> list[str]:
         if self.zero_stage == 0:
+            if self.deepspeed_config:
+                return [f"--deepspeed-config {self.deepspeed_config} needs --zero-stage 1 or 2 "
+                        "(DeepSpeed runs only the ZeRO optimizer step here)"]  # fmt: skip
             return []
         if self.zero_stage not in ZERO_STAGES:
             return [f"--zero-stage {self.zero_stage} is not one of {ZERO_STAGES}"]
@@ -383,9 +389,29 @@ class RunConfig:
 
             p += check_data_config(self.train.data, self.train.data_path, self.model.vocab_size,
                                    self.model.seq_length)  # fmt: skip
+        if self.train.deepspeed_config and self.train.zero_stage in (1, 2):
+            p += self._deepspeed_file_problems(batch_known=not p)
         if p:
             raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(p))
         return self
+
+    def _deepspeed_file_problems(self, batch_known: bool) -> list[str]:
+        """`zero_config.file_problems` with the values this run gives DeepSpeed (the batch keys
+        only when the layout and batch are valid). DeepSpeed's data ranks are Megatron's
+        data-parallel group with the context-parallel ranks: P over the tensor-parallel size (N
+        in nvidia-sp, 1 otherwise), as zero.MegatronMPU says."""
+        from .zero_config import file_problems
+
+        par, t = self.parallel, self.train
+        expected: dict = {"gradient_clipping": t.clip_grad, "zero_optimization.stage": t.zero_stage}
+        if batch_known:
+            tp = par.seq_parallel if par.mode == "nvidia-sp" else 1
+            expected.update({
+                "train_micro_batch_size_per_gpu": self.micro_batch,
+                "gradient_accumulation_steps": self.num_micro_batches,
+                "train_batch_size": self.micro_batch * self.num_micro_batches * par.world_size // tp,
+            })  # fmt: skip
+        return file_problems(t.deepspeed_config, expected)
 
     def to_dict(self) -> dict:
         """The effective configuration, with every derived value filled in."""

@@ -106,8 +106,15 @@ class Tracker:
             for tag, value in scalars(rec).items():
                 self.writer.add_scalar(tag, value, rec["step"])
         if show:
-            log.info("%s", iteration_line(rec, steps=self.steps, global_batch=self.global_batch,
-                                          device_type=self.device_type))
+            log.info(
+                "%s",
+                iteration_line(
+                    rec,
+                    steps=self.steps,
+                    global_batch=self.global_batch,
+                    device_type=self.device_type,
+                ),
+            )
         if show and "valid_loss" in rec:
             log.info("%s", validation_line(rec))
 

@@ -128,6 +128,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=d_t.zero_stage,
         help="DeepSpeed ZeRO over all P ranks: 1 shards optimizer state, 2 also gradients",
     )
+    g.add_argument(
+        "--deepspeed-config",
+        default=None,
+        metavar="FILE.json",
+        help="with --zero-stage 1|2: a DeepSpeed config merged over the trainer's ZeRO defaults "
+        "(the effective one is in config.json)",
+    )
     g.add_argument("--fault", default=None, help=argparse.SUPPRESS)  # testing aid, see config.py
     g = p.add_argument_group("data")
     g.add_argument("--data", choices=DATASETS, default=d_t.data)
@@ -268,6 +275,7 @@ def config_from_args(args: argparse.Namespace, world_size: int) -> RunConfig:
             fault=args.fault,
             zero_stage=args.zero_stage,
             tensorboard_dir=args.tensorboard_dir,
+            deepspeed_config=args.deepspeed_config,
         ),
     )
 

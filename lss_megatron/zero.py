@@ -40,6 +40,10 @@ gradients kept for the step, measured before `engine.step()` (stage 1: full; sta
 parameters overlapping this rank's partition), ``zero_master_bytes`` DeepSpeed's fp32 copy of the
 partition's weights and ``zero_bucket_bytes`` its reduction buffer (min(`BUCKET_BYTES`, model)).
 
+The DeepSpeed config is zero_config.defaults with ``--deepspeed-config FILE`` merged over it
+(zero_config.py says which keys the trainer owns); the effective one is in config.json
+(``runtime.zero.ds_config``), with why ``overlap_comm`` is on (CUDA) or off (CPU/gloo).
+
 Checkpoints are refused with ZeRO (config.py): see docs/zero.md.
 """
 
@@ -57,6 +61,7 @@ from .config import RunConfig
 from .grid import Grid
 from .optim import build_optimizer
 from .positions import ROWS_ATTR, SegmentPositionEmbedding
+from .zero_config import defaults, merge, overlap_comm_default, read_file
 
 BUCKET_BYTES = 25 * 1024 * 1024
 """DeepSpeed's reduce and all-gather bucket size in bytes (the plain trainer's bucket size)."""
@@ -158,29 +163,22 @@ def _no_shm_op():
         ds_torch.build_shm_op = build
 
 
-def ds_config(cfg: RunConfig, dp_world: int, bucket_elements: int) -> dict:
-    """The DeepSpeed config of a ZeRO run (no ds-config optimizer, no scheduler, fp32 engine)."""
+def ds_config(
+    cfg: RunConfig, dp_world: int, bucket_elements: int, cuda: bool = False
+) -> tuple[dict, str]:
+    """The DeepSpeed config of a ZeRO run: the trainer's defaults (zero_config.defaults) with
+    ``--deepspeed-config`` merged over them; and why ``overlap_comm`` is what it is."""
+    overlap, why = overlap_comm_default(cuda)
     t = cfg.train
-    return {
-        "train_micro_batch_size_per_gpu": cfg.micro_batch,
-        "gradient_accumulation_steps": cfg.num_micro_batches,
-        "train_batch_size": cfg.micro_batch * cfg.num_micro_batches * dp_world,
-        "managed_gradient_accumulation": False,
-        "gradient_clipping": t.clip_grad,
-        "zero_optimization": {
-            "stage": t.zero_stage,
-            "contiguous_gradients": True,
-            "overlap_comm": False,  # CPU/gloo: no streams to overlap on
-            "reduce_scatter": True,
-            "reduce_bucket_size": bucket_elements,
-            "allgather_bucket_size": bucket_elements,
-        },
-        "zero_allow_untested_optimizer": True,
-        "bf16": {"enabled": False},
-        "fp16": {"enabled": False},
-        "steps_per_print": 2**31 - 1,
-        "wall_clock_breakdown": False,
-    }
+    base = defaults(micro=cfg.micro_batch, accumulation=cfg.num_micro_batches,
+                    data_ranks=dp_world, clip=t.clip_grad, stage=t.zero_stage,
+                    bucket_elements=bucket_elements, overlap_comm=overlap)  # fmt: skip
+    if not t.deepspeed_config:
+        return base, why
+    config = merge(base, read_file(t.deepspeed_config))
+    if config["zero_optimization"]["overlap_comm"] != overlap:
+        why = f"set by --deepspeed-config {t.deepspeed_config} (the default here: {why})"
+    return config, why
 
 
 def _unique_bytes(tensors) -> int:
@@ -214,7 +212,12 @@ class ZeroEngine:
         elem = params[0].element_size()
         # DeepSpeed allocates the whole bucket: never more than this rank's parameters
         self.bucket_elements = min(BUCKET_BYTES // elem, sum(p.numel() for p in params))
-        config = ds_config(cfg, mpu.get_data_parallel_world_size(), self.bucket_elements)
+        config, self.overlap_why = ds_config(
+            cfg, mpu.get_data_parallel_world_size(), self.bucket_elements, torch.cuda.is_available()
+        )
+        self.config = config
+        # a --deepspeed-config may set the bucket size: report what DeepSpeed was given
+        self.bucket_elements = int(config["zero_optimization"]["reduce_bucket_size"])
         with _no_shm_op():
             self.engine, self.optimizer, _, _ = deepspeed.initialize(
                 model=model, optimizer=client, config=config, mpu=mpu, dist_init_required=False
@@ -233,6 +236,9 @@ class ZeroEngine:
             "data_parallel_size": self.engine.dp_world_size,
             "replicated_position_table": self.replicated_positions,
             "bucket_elements": self.bucket_elements,
+            "overlap_comm": bool(self.config["zero_optimization"]["overlap_comm"]),
+            "overlap_comm_why": self.overlap_why,
+            "ds_config": self.config,
             "deepspeed": deepspeed.__version__,
         }
 

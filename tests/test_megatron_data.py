@@ -42,13 +42,13 @@ def corpus(tmp_path_factory):
             "docs": list(documents(data, b"<END>"))}  # fmt: skip
 
 
-def reference_sample(corpus, split: str, step: int, index: int, seed=SEED, l=L, g=G):
+def reference_sample(corpus, split: str, step: int, index: int, seed=SEED, length=L, g=G):
     """The documented rule (megatron_indexed.py), from the raw documents, independently."""
     docs = corpus["docs"]
     lo, hi = split_bounds(len(docs))[split]
     code = {"train": 0, "valid": 1, "test": 2}[split]
     order = list(range(lo, hi))
-    n = (sum(len(docs[i]) for i in order) - 1) // l
+    n = (sum(len(docs[i]) for i in order) - 1) // length
     gnum = (step - 1) * g + index
     if split == "train":
         epoch, j = divmod(gnum, n)
@@ -57,7 +57,7 @@ def reference_sample(corpus, split: str, step: int, index: int, seed=SEED, l=L, 
     else:
         k = gnum % n
     stream = np.frombuffer(b"".join(docs[i] for i in order), dtype=np.uint8)
-    return stream[k * l : k * l + l + 1].astype(np.int64)
+    return stream[k * length : k * length + length + 1].astype(np.int64)
 
 
 def test_converter_is_lossless_and_the_header_parse_is_megatrons(corpus):

@@ -52,7 +52,9 @@ TOKEN_DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 
 SCAN_LIMIT_BYTES = 256 * 2**20
 """`indexed_problems` checks every token against the vocabulary in ``.bin`` files up to this size;
 larger files are checked as they are read."""
-HINT = "build one with `python -m lss_megatron.data.make_indexed --input FILE --output-prefix PREFIX`"
+HINT = (
+    "build one with `python -m lss_megatron.data.make_indexed --input FILE --output-prefix PREFIX`"
+)
 
 
 def split_prefix(path: str | os.PathLike) -> str:
