@@ -128,9 +128,9 @@ def read_run(run_dir: Path | str) -> dict:
         row[k] = statistics.median(s.get(k, math.nan) for s in steady)
     config = run_dir / "config.json"
     if config.exists():
-        row["core_attention"] = (
-            json.loads(config.read_text()).get("runtime", {}).get("core_attention", "")
-        )
+        runtime = json.loads(config.read_text()).get("runtime", {})
+        row["core_attention"] = runtime.get("core_attention", "")
+        row["machine"] = runtime.get("machine", "")  # an extra column, after `COLUMNS`
     return row
 
 

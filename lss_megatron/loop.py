@@ -43,6 +43,7 @@ from .log import get_logger
 from .metrics import (
     SavedBytes,
     TransientPeak,
+    machine_description,
     memory_stats,
     model_flops_per_step,
     peak_mem_bytes,
@@ -358,4 +359,5 @@ def _runtime(model, grid, params, start: int, load: str | None) -> dict:
         "resumed_from": load,
         "torch": torch.__version__,
         "megatron_core": mcore,
+        "machine": machine_description(next(model.parameters()).device, dist.get_backend()),
     }

@@ -71,6 +71,25 @@ def peak_mem_bytes(device: torch.device) -> int:
     return int(rss if sys.platform == "darwin" else rss * 1024)  # Linux reports KiB
 
 
+def machine_description(device: torch.device, backend: str) -> str:
+    """What a run ran on, for figure titles: the GPU's name, or the CPU model and core count; and
+    the collective backend. E.g. ``NVIDIA H200 (CUDA, nccl)``, ``CPU Intel Xeon ..., 2 cores
+    (gloo)``."""
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (CUDA, {backend})"
+    import os
+    import platform
+
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((x.split(":", 1)[1].strip() for x in f if x.startswith("model name")),
+                         model)  # fmt: skip
+    except OSError:
+        pass
+    return f"CPU {model}, {os.cpu_count()} cores ({backend})"
+
+
 def attention_pairs(seq_length: int, causal: bool) -> int:
     """(query, key) pairs one sequence attends over."""
     return seq_length * (seq_length + 1) // 2 if causal else seq_length * seq_length
