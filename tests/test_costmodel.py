@@ -25,8 +25,8 @@ from analysis.costmodel import (
     make_config,
     predict,
 )
-from analysis.costmodel_counts import buckets, shape_from_config
-from analysis.costmodel_hw import DEVICES, SUMMIT, get_device
+from analysis.costmodel.counts import buckets, shape_from_config
+from analysis.costmodel.hw import DEVICES, SUMMIT, get_device
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN_TIMEOUT_S = 150
@@ -114,7 +114,7 @@ def test_counts_match_trainer(runs, name):
 
 def test_model_flops_equal_trainer_formula():
     from lss_megatron.config import ModelConfig
-    from lss_megatron.metrics import model_flops_per_step
+    from lss_megatron.training.metrics import model_flops_per_step
 
     for kw in ({}, {"num_kv_heads": 2, "causal": False, "vocab_size": 200},
                {"num_layers": 12, "hidden_size": 512, "num_heads": 8, "seq_length": 50112}):  # fmt: skip
@@ -215,9 +215,8 @@ def test_peers_share_the_layout_and_refuse_what_cannot_run():
                       global_batch_size=4)  # fmt: skip
     out = peers(cfg, device="v100-summit")
     assert set(out) == {"lss", "nvidia-sp", "ulysses", "ring"}
-    assert out["nvidia-sp"]["problems"] == [
-        "nvidia-sp: padded_vocab_size 256 not divisible by N = 6"
-    ]
+    (problem,) = out["nvidia-sp"]["problems"]  # the trainer's own message: the vocabulary
+    assert "--mode nvidia-sp" in problem and "vocabulary 256" in problem and "N = 6" in problem
     for mode in ("lss", "ulysses", "ring"):
         assert out[mode]["mode"] == mode and out[mode]["world_size"] == 24
     assert cfg["parallel"]["mode"] == "lss"  # the caller's dict is left alone
@@ -230,8 +229,67 @@ def test_preset_yaml_is_read():
     assert (cfg["parallel"]["seq_parallel"], cfg["parallel"]["data_parallel"]) == (144, 24)
 
 
+def test_configs_are_the_trainers_own():
+    """make_config and config_from_preset give exactly the trainer's effective configuration
+    (its parser, defaults and derivations), plus the cost model's section."""
+    from lss_megatron.train import config_from_args, parse_args
+
+    def trainer(argv: list[str], world: int) -> dict:
+        return config_from_args(parse_args(argv), world).validate().to_dict()
+
+    cfg = make_config("lss", 2, 2, num_layers=2, hidden_size=64, num_heads=8, seq_length=128,
+                      global_batch_size=8, micro_batch_size=1, num_kv_heads=4,
+                      position_embedding="rope", causal=False, kv_gather_chunks=2)  # fmt: skip
+    assert cfg.pop("costmodel") == {"attention_kernel": "auto"}
+    assert cfg == trainer(["--mode", "lss", "--seq-parallel", "2", "--data-parallel", "2",
+                           "--num-layers", "2", "--hidden-size", "64", "--num-heads", "8",
+                           "--seq-length", "128", "--global-batch-size", "8",
+                           "--micro-batch-size", "1", "--num-kv-heads", "4",
+                           "--position-embedding", "rope", "--no-causal",
+                           "--kv-gather-chunks", "2"], 4)  # fmt: skip
+    assert cfg["train"]["num_micro_batches"] == 4 and cfg["model"]["ffn_hidden_size"] == 256
+    tiny = ROOT / "launch/presets/tiny-cpu.yaml"  # N left out: the trainer's default, on P = 1
+    got = config_from_preset(tiny, num_layers=3)
+    got.pop("costmodel")
+    assert got == trainer(["--config", str(tiny), "--num-layers", "3"], 1)
+
+
+def test_layouts_the_trainer_refuses_are_refused_with_its_messages():
+    from analysis.costmodel import layout_problems, peers
+    from lss_megatron.config import ConfigError
+
+    kw = dict(num_layers=2, hidden_size=768, num_heads=12, seq_length=6144, global_batch_size=8)
+    with pytest.raises(ConfigError, match=r"--num-heads 12 is not divisible by N = 8"):
+        make_config("ulysses", 8, 1, **kw)
+    with pytest.raises(ConfigError, match=r"--seq-length 6144 is not divisible by --seq-parallel"):
+        make_config("lss", 7, 1, **kw)
+    with pytest.raises(ConfigError, match=r"rejects the arguments.*--mode nonsense"):
+        make_config("nonsense", 2, 1, **kw)
+    out = peers(make_config("lss", 8, 1, **kw))
+    assert {m for m, p in out.items() if "problems" in p} == {"nvidia-sp", "ulysses"}
+    assert any("--num-heads 12" in x for x in out["ulysses"]["problems"])
+    # what-ifs beyond the trainer, checked as their trainer twins: ring as lss, fp16 as fp32
+    ring = make_config("ring", 8, 1, dtype="fp16", **kw)
+    assert (ring["parallel"]["mode"], ring["train"]["dtype"]) == ("ring", "fp16")
+    assert layout_problems(ring) == []
+    assert predict(ring)["mode"] == "ring"
+    ring["model"]["seq_length"] = 6145
+    assert layout_problems(ring) == [
+        "--seq-length 6145 is not divisible by --seq-parallel 8"
+    ]  # fmt: skip
+
+
+def test_cli_bad_input_is_one_error_and_exit_2(tmp_path):
+    for args, names in ((["--preset", "summit-paper", "--set", "num_heads=7"], "--num-heads 7"),
+                        (["--config", str(tmp_path / "missing.json")], "missing.json")):  # fmt: skip
+        res = subprocess.run([sys.executable, "-m", "analysis.costmodel", *args],
+                             capture_output=True, text=True, timeout=60, cwd=ROOT)  # fmt: skip
+        assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+        assert res.stderr.count("error:") == 1 and names in res.stderr and res.stdout == ""
+
+
 def test_summit_paper_report():
-    from analysis.costmodel_paper import summit_paper
+    from analysis.costmodel.paper import summit_paper
 
     rep = summit_paper()
     assert {c["paper"] for c in rep["claims"]} == {5.6, 10.2, 161.0, 32.0}
@@ -258,7 +316,7 @@ def test_summit_paper_report():
 
 
 def test_summit_layout_what_if():
-    from analysis.costmodel_paper import summit_layout
+    from analysis.costmodel.paper import summit_layout
 
     r = summit_layout("144", mode="nvidia-sp", seq_parallel=2, data_parallel=72,
                       global_batch_size=72)  # fmt: skip

@@ -1,5 +1,5 @@
 """Step time of one optimizer step on the slowest rank: a roofline for compute plus alpha-beta
-communication (costmodel_hw), with every efficiency an explicit, stated assumption.
+communication (`hw`), with every efficiency an explicit, stated assumption.
 
     step = M x (GEMMs + attention + memory-bound elementwise + exposed activation traffic)
            + gradient synchronisation + optimizer update
@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from .costmodel_counts import (
+from .counts import (
     Layout,
     Shape,
     all_reduce_bytes,
@@ -33,7 +33,7 @@ from .costmodel_counts import (
     param_count,
     parameters,
 )
-from .costmodel_hw import Device
+from .hw import Device
 
 
 @dataclass(frozen=True)

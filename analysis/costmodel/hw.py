@@ -136,7 +136,7 @@ DEVICES: dict[str, Device] = {
 }  # fmt: skip
 
 
-MEASURED_DIR = Path(__file__).resolve().parent / "data" / "gpu"
+MEASURED_DIR = Path(__file__).resolve().parents[1] / "data" / "gpu"
 
 
 def measured_bf16_peak(preset: str, directory: Path = MEASURED_DIR) -> float | None:
