@@ -313,6 +313,19 @@ def test_longest_sequence_data_costmodel(df, monkeypatch):
         figures.longest_sequence_data(df, 1e6, "costmodel")
 
 
+def test_longest_fitting_is_the_brute_force_answer():
+    """One search for figures and the cost model: the largest multiple of step that fits, never
+    past the limit, 0 when nothing fits; checked against trying every multiple."""
+    from analysis.longest import longest_fitting
+
+    for step, limit in ((1, 1), (3, 100), (7, 1000), (384, 1 << 14)):
+        for budget in (0, 5, 99, 1000, 10**6):
+            size = lambda length: 3 * length + length * length / 50  # noqa: E731
+            want = max((k * step for k in range(1, limit // step + 1) if size(k * step) <= budget),
+                       default=0)  # fmt: skip
+            assert longest_fitting(step, size, budget, limit) == want, (step, limit, budget)
+
+
 def test_throughput_data(df):
     data = figures.throughput_data(df).set_index(["mode", "seq_length", "world_size"])
     assert data.loc[("lss", 128, 4), "tokens_per_s"] == approx(2 * 128 / 0.5)

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from analysis.longest import longest_fitting
+
 from . import predict
 from .configs import config_from_preset
 from .hw import get_device
@@ -39,19 +41,8 @@ def _setup_3456(dtype: str, **kw) -> dict:
 
 def max_seq_length(make, step: int, memory: float, limit: int = 1 << 22) -> int:
     """Largest l (a multiple of `step`) whose per-GPU memory fits `memory`; `make(l)` -> config."""
-
-    def fits(k: int) -> bool:
-        return predict(make(k * step))["memory_bytes"] <= memory
-
-    if not fits(1):
-        return 0
-    lo, hi = 1, 2
-    while hi * step <= limit and fits(hi):
-        lo, hi = hi, hi * 2
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-    return lo * step
+    return longest_fitting(step, lambda length: predict(make(length))["memory_bytes"], memory,
+                           limit)  # fmt: skip
 
 
 def summit_layout(base: str = "144", **overrides) -> dict:
