@@ -13,14 +13,12 @@ the schema, so a flag added to the trainer is known here at once.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import io
 import shlex
 from collections.abc import Mapping, Sequence
 
 from lss_megatron.config import ConfigError, ModelConfig, ParallelConfig, RunConfig, TrainConfig
-from lss_megatron.train import build_parser, config_from_args, parse_args
+from lss_megatron.train import ArgsError, build_parser, config_from_args, parse_args
 
 _SECTIONS = {"model": ModelConfig, "parallel": ParallelConfig, "train": TrainConfig}
 
@@ -47,15 +45,10 @@ def run_config(args: Sequence[str], world_size: int | None = None) -> RunConfig:
     """The trainer's `RunConfig` of the command line `args`, not validated. `world_size` P
     defaults to the command line's N x D (either one absent counts 1). Arguments the trainer's
     parser refuses (an unknown flag, a value outside its choices) raise `ConfigError`."""
-    err = io.StringIO()
     try:
-        with contextlib.redirect_stderr(err):
-            parsed = parse_args(list(args))
-    except SystemExit:
-        why = err.getvalue().strip().splitlines()[-1:] or ["?"]
-        raise ConfigError(
-            f"the trainer rejects the arguments: {shlex.join(args)} ({why[0]})"
-        ) from None
+        parsed = parse_args(list(args), exit_on_error=False)
+    except ArgsError as e:
+        raise ConfigError(f"the trainer rejects the arguments: {shlex.join(args)} ({e})") from None
     if world_size is None:
         world_size = (parsed.seq_parallel or 1) * (parsed.data_parallel or 1)
     return config_from_args(parsed, world_size)

@@ -1,16 +1,17 @@
 """Exact per-rank counts of the cost model: parameters, bytes communicated, bytes saved for backward.
 
-Pure Python (no torch), so the model runs anywhere in milliseconds. Everything here follows what the
-trainer (`lss_megatron`) does and counts, derived from its code and Megatron-Core 0.16's:
+Pure Python (no torch), so the model runs anywhere in milliseconds. Its formulas are its own (the
+check on the trainer's counters), following what the trainer (`lss_megatron`) does and counts,
+derived from its code and Megatron-Core 0.16's:
 
-* bytes communicated use `lss_megatron.comm`'s convention (what one rank sends under ring
+* bytes communicated use `lss_megatron.parallel.comm`'s convention (what one rank sends under ring
   algorithms on a group of n ranks): all-gather / reduce-scatter (n-1) x the local shard,
   all-reduce ``2 (n-1) M // n`` per call (integer floor division, as comm.py), all-to-all
   ``(n-1) M // n`` of the local tensor, point-to-point the bytes sent; groups of one rank cost 0;
 * gradients are all-reduced in buckets of at most 25 MiB built over the parameters in reverse
-  registration order (`lss_megatron.grad_sync._buckets`);
+  registration order (`lss_megatron.lss.grad_sync._buckets`);
 * ``activation_bytes`` enumerates the unique storages autograd saves in one micro-batch's forward
-  (`lss_megatron.metrics.SavedBytes`), tensor by tensor, for Megatron's local GPT layer.
+  (`lss_megatron.training.metrics.SavedBytes`), tensor by tensor, for Megatron's local GPT layer.
 
 Modes: ``serial``, ``lss``, ``nvidia-sp`` (what the trainer runs: exact), ``ulysses`` and ``ring``
 (peers at paper scale: the same conventions applied to DeepSpeed-Ulysses' four all-to-alls per
@@ -447,7 +448,7 @@ of 2 x (group size) elements before it is cut into equal partitions."""
 
 def zero_parameters(s: Shape, lay: Layout) -> list[Param]:
     """Parameters under ZeRO: the learned position table is replicated whole, [l, E], on every
-    rank of a sequence-splitting mode (`lss_megatron.zero.replicate_positions`)."""
+    rank of a sequence-splitting mode (`lss_megatron.training.zero.replicate_positions`)."""
     ps = parameters(s, lay)
     return [Param(p.name, s.seq * s.hidden) if p.seq_local else p for p in ps]
 

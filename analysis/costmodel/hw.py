@@ -2,8 +2,8 @@
 
 A collective on a group of n ranks costs ``steps * alpha + bytes / bandwidth`` (ring algorithms:
 n - 1 steps for all-gather, reduce-scatter and all-to-all, 2 (n - 1) for all-reduce), where
-``bytes`` is what one rank sends (`lss_megatron.comm`'s convention) and ``bandwidth`` the slowest
-link a ring over the group's placement uses:
+``bytes`` is what one rank sends (`lss_megatron.parallel.comm`'s convention) and ``bandwidth``
+the slowest link a ring over the group's placement uses:
 
 * a group inside one node uses the intra-node link: NVLink GPU to GPU, or, on nodes with several
   sockets (Summit: 3 GPUs per POWER9 socket), the slower socket link once the group spans sockets;
