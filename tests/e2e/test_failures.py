@@ -10,7 +10,7 @@ import time
 
 import psutil
 import pytest
-from dist_utils import read_metrics, torchrun_train
+from tests.support import read_metrics, torchrun_train
 
 TIMEOUT_S = 8
 STARTUP_S = 20  # interpreter + torch + megatron imports and model build on a busy 2-core machine

@@ -11,21 +11,22 @@ heap in use during one forward + backward (analysis/kv_chunks_memory.py).
 from __future__ import annotations
 
 import pytest
-from dist_utils import read_metrics, run_ranks, torchrun_train
-from test_operator import _full_inputs, _reference
+
+from tests.support import attention_inputs, reference_attention, run_ranks
 
 TOL = 1e-5
 
 
 def _worker(rank, world, cases):
-    from lss_megatron import comm, lss_attention
-    from lss_megatron.positions import local_positions
+    from lss_megatron import lss_attention
+    from lss_megatron.lss.positions import local_positions
+    from lss_megatron.parallel import comm
 
     out = []
     for case, chunks, layout in cases:
         causal = case[0]
-        q, k, v, dout = _full_inputs(case)
-        ref_out, ref_dq, ref_dk, ref_dv = _reference(q, k, v, dout, causal)
+        q, k, v, dout = attention_inputs(case)
+        ref_out, ref_dq, ref_dk, ref_dv = reference_attention(q, k, v, dout, causal)
         idx = local_positions(q.shape[0], rank, world, layout)
         lq, lk, lv = (t[idx].float().clone().requires_grad_(True) for t in (q, k, v))
         with comm.record() as fwd:
@@ -70,19 +71,3 @@ def test_chunked_gathers_lower_the_peak_memory():
     # the full-length concatenations of K/V and of their gradients exist one chunk at a time)
     drop = plain["peak_growth_bytes"] - chunked["peak_growth_bytes"]
     assert drop > plain["gathered_kv_bytes"] // 4, (plain, chunked)
-
-
-@pytest.mark.timeout(300)
-def test_trainer_with_chunked_gathers_matches_serial(tmp_path):
-    args = ["--num-layers", "2", "--hidden-size", "32", "--num-heads", "8", "--num-kv-heads", "4",
-            "--seq-length", "32", "--global-batch-size", "2", "--vocab-size", "64", "--steps",
-            "4", "--optimizer", "sgd", "--lr", "0.5"]  # fmt: skip
-    res = torchrun_train(1, ["--mode", "serial", "--out", str(tmp_path / "s"), *args])
-    assert res.returncode == 0, res.stderr[-2000:]
-    res = torchrun_train(2, ["--mode", "lss", "--seq-parallel", "2", "--kv-gather-chunks", "4",
-                             "--out", str(tmp_path / "c"), *args])  # fmt: skip
-    assert res.returncode == 0, res.stderr[-2000:]
-    for a, b in zip(read_metrics(tmp_path / "c"), read_metrics(tmp_path / "s"), strict=True):
-        assert abs(a["loss"] - b["loss"]) < TOL, (a["step"], a["loss"], b["loss"])
-    first = read_metrics(tmp_path / "c")[0]
-    assert first["sp_comm_calls"] == 2 * 4 * 2  # 2 layers x 4 chunks x (AG + RS), 1 micro-batch

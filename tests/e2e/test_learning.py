@@ -21,7 +21,7 @@ import pytest
 
 from lss_megatron.data import full_attention_loss_floor, segment_local_loss_floor
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SEQ, VOCAB, STEPS = 128, 256, 400
 ARGS = [
     "--data", "synthetic", "--num-layers", "2", "--hidden-size", "64", "--num-heads", "4",

@@ -9,7 +9,7 @@ agree to 2e-2 (as in test_train.py's bf16 test), over a few steps. nvidia-sp wit
 from __future__ import annotations
 
 import pytest
-from dist_utils import read_metrics, torchrun_train
+from tests.support import read_metrics, torchrun_train
 
 ARGS = ["--num-layers", "2", "--hidden-size", "32", "--num-heads", "4", "--num-kv-heads", "2",
         "--seq-length", "64", "--global-batch-size", "4", "--vocab-size", "64", "--steps", "3",

@@ -16,7 +16,7 @@ its data group only, so the aid would desynchronise the tensor-parallel pair; re
   LSS model), DeepSpeed pads the flat buffer to a multiple of 2P elements (< 2P), and the plain
   run keeps one 4-byte step per parameter tensor where ZeRO keeps one (0.1 % of nvidia-sp's). Stage 2 keeps only the gradients of the parameters overlapping its
   partition: at most 1/P of them plus two straddling parameters;
-* the configuration errors of --zero-stage.
+* the configuration errors of --zero-stage: tests/unit/test_zero.py.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import json
 from pathlib import Path
 
 import pytest
-from dist_utils import read_metrics, torchrun_train
+from tests.support import read_metrics, torchrun_train
 
 pytest.importorskip("deepspeed")
 
@@ -109,38 +109,3 @@ def test_nvidia_sp_zero1_matches_plain(tmp_path):
     assert_partitioned_state(rows[-1], 2)  # each TP shard partitioned over D = 2
     ratio = rows[-1]["optimizer_state_bytes"] / plain[-1]["optimizer_state_bytes"]
     assert 0.99 / 2 <= ratio <= 1.05 / 2, ratio
-
-
-def _problems(**train) -> str:
-    from lss_megatron.config import ConfigError, ParallelConfig, RunConfig, TrainConfig
-
-    cfg = RunConfig(
-        parallel=ParallelConfig(world_size=4, seq_parallel=2), train=TrainConfig(**train)
-    )
-    with pytest.raises(ConfigError) as e:
-        cfg.validate()
-    return str(e.value)
-
-
-def test_config_errors(monkeypatch, tmp_path, capsys):
-    msg = _problems(zero_stage=1, save=str(tmp_path), load=str(tmp_path))
-    assert "--save is not supported with --zero-stage 1" in msg
-    assert "--load is not supported with --zero-stage 1" in msg
-    assert "--zero-stage 3 is not one of (0, 1, 2)" in _problems(zero_stage=3)
-
-    import importlib.util
-
-    find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == "deepspeed" else find_spec(name, *a))  # fmt: skip
-    assert "--zero-stage 2 needs DeepSpeed" in _problems(zero_stage=2)
-    monkeypatch.undo()
-
-    from lss_megatron.train import main
-
-    monkeypatch.setenv("WORLD_SIZE", "4")
-    assert main(["--zero-stage", "1", "--save", str(tmp_path)]) == 2
-    assert "--save is not supported with --zero-stage 1" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as e:
-        main(["--zero-stage", "3"])
-    assert e.value.code == 2

@@ -2,8 +2,8 @@
 
 Exactness as for the contiguous layout (fp32 on CPU, 1e-5: only accumulation order differs from
 the one-process reference): the operator against full attention, the GPT model's loss, every
-gradient and the per-token losses against the one-process Megatron model, and the trainer's
-losses against serial. The balance itself: per-rank attention FLOPs (counted by the LSS core
+gradient and the per-token losses against the one-process Megatron model (the trainer's losses
+against serial: tests/e2e/test_zigzag.py). The balance itself: per-rank attention FLOPs (counted by the LSS core
 attention) have max/mean 1.0 under zigzag and > 1 under contiguous segments.
 """
 
@@ -11,26 +11,27 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from dist_utils import read_metrics, run_ranks, torchrun_train
-from test_operator import _full_inputs, _reference
+
+from tests.support import attention_inputs, reference_attention, run_ranks
 
 TOL = 1e-5
 
 
 def _local_index(seq_length, rank, world):
-    from lss_megatron.positions import local_positions
+    from lss_megatron.lss.positions import local_positions
 
     return local_positions(seq_length, rank, world, "zigzag")
 
 
 def _operator_worker(rank, world, cases):
-    from lss_megatron import comm, lss_attention
+    from lss_megatron import lss_attention
+    from lss_megatron.parallel import comm
 
     out = []
     for case in cases:
         causal = case[0]
-        q, k, v, dout = _full_inputs(case)
-        ref_out, ref_dq, ref_dk, ref_dv = _reference(q, k, v, dout, causal)
+        q, k, v, dout = attention_inputs(case)
+        ref_out, ref_dq, ref_dk, ref_dv = reference_attention(q, k, v, dout, causal)
         idx = _local_index(q.shape[0], rank, world)  # global positions held here
         lq, lk, lv = (t[idx].float().clone().requires_grad_(True) for t in (q, k, v))
         with comm.record() as log:
@@ -59,10 +60,10 @@ def test_zigzag_operator_matches_full_attention(world):
 
 def _model_worker(rank, world, layouts):
     from lss_megatron.config import ModelConfig, ParallelConfig, RunConfig, TrainConfig
-    from lss_megatron.grad_sync import GradientAverager
-    from lss_megatron.grid import destroy_grid, initialize_grid
+    from lss_megatron.lss.grad_sync import GradientAverager
     from lss_megatron.model import build_model
-    from lss_megatron.step import forward_backward, global_mean_loss, step_micro_batches
+    from lss_megatron.parallel.grid import destroy_grid, initialize_grid
+    from lss_megatron.training.step import forward_backward, global_mean_loss, step_micro_batches
 
     out = []
     for n, pos, mode, layout in layouts:
@@ -107,41 +108,3 @@ def test_zigzag_model_matches_one_process():
                 assert err < TOL, f"{tag}: grad {name} error {err:.2e}"
             err = np.abs(r["tokens"] - base["tokens"][:, idx]).max()
             assert err < TOL, f"{tag}: token losses error {err:.2e}"
-
-
-ARGS = ["--num-layers", "2", "--hidden-size", "32", "--num-heads", "4", "--seq-length", "64",
-        "--global-batch-size", "2", "--vocab-size", "64", "--steps", "4", "--optimizer", "adamw",
-        "--lr", "3e-3", "--seed", "9"]  # fmt: skip
-
-
-@pytest.mark.timeout(400)
-def test_zigzag_training_balance_and_checkpoint(tmp_path):
-    res = torchrun_train(1, ["--mode", "serial", "--out", str(tmp_path / "serial"), *ARGS])
-    assert res.returncode == 0, res.stderr[-2000:]
-    serial = read_metrics(tmp_path / "serial")
-    runs = {}
-    for layout in ("contiguous", "zigzag"):
-        extra = (
-            ["--save", str(tmp_path / "ck"), "--save-interval", "2"] if layout == "zigzag" else []
-        )
-        res = torchrun_train(4, ["--mode", "lss", "--seq-parallel", "4", "--lss-layout", layout,
-                                 "--out", str(tmp_path / layout), *ARGS, *extra])  # fmt: skip
-        assert res.returncode == 0, res.stderr[-2000:]
-        runs[layout] = read_metrics(tmp_path / layout)
-        for a, b in zip(runs[layout], serial, strict=True):
-            assert abs(a["loss"] - b["loss"]) < TOL, (layout, a["step"], a["loss"], b["loss"])
-    # balance: per-rank causal attention FLOPs, max/mean
-    contiguous = runs["contiguous"][-1]["attention_imbalance"]
-    zigzag = runs["zigzag"][-1]["attention_imbalance"]
-    assert zigzag == pytest.approx(1.0) and contiguous > 1.5, (contiguous, zigzag)
-    assert sum(runs["zigzag"][-1]["attention_flops_per_rank"]) == sum(
-        runs["contiguous"][-1]["attention_flops_per_rank"]), "same total work"  # fmt: skip
-    # a zigzag checkpoint (position rows of two chunks per rank) resumes in contiguous at N=2
-    res = torchrun_train(2, ["--mode", "lss", "--seq-parallel", "2", "--load",
-                             str(tmp_path / "ck" / "step_00000002"),
-                             "--out", str(tmp_path / "resumed"), *ARGS])  # fmt: skip
-    assert res.returncode == 0, res.stderr[-2000:]
-    resumed = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "resumed")}
-    assert sorted(resumed) == [3, 4]
-    for r in runs["zigzag"][2:]:
-        assert abs(resumed[r["step"]] - r["loss"]) < TOL, (r["step"], resumed[r["step"]], r["loss"])

@@ -8,7 +8,7 @@ import math
 
 import numpy as np
 import pytest
-from dist_utils import read_metrics, torchrun_train
+from tests.support import read_metrics, torchrun_train
 
 ENWIK8_BYTES = 100_000_000
 ARGS = ["--data", "enwik8", "--vocab-size", "256", "--num-layers", "1", "--hidden-size", "32",

@@ -13,7 +13,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from dist_utils import torchrun_train
+from tests.support import torchrun_train
 
 TOL = 1e-5
 COMMON = [

@@ -30,7 +30,7 @@ from lss_megatron.data import (
 from lss_megatron.data.enwik8 import Enwik8, extraction_path
 from lss_megatron.data.synthetic import VALUES, num_keys
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SPLIT_SIZES = (9000, 500, 500)  # a small file in enwik8's layout: 10,000 bytes
 SEQ = 16
 

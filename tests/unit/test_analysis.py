@@ -17,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 FIXTURE = ROOT / "analysis" / "fixtures" / "summary.csv"
 
 from analysis import compare, figures, presets, tables  # noqa: E402

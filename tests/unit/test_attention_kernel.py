@@ -1,4 +1,4 @@
-"""Unit tests of lss_megatron.attention.partial_attention (single process, CPU).
+"""Unit tests of lss_megatron.lss.kernel.partial_attention (single process, CPU).
 
 Every backend is compared with a dense float64 reference written here (explicit mask built from
 q_offset, GQA by repeat_interleave on the head dim). Tolerance in fp32 is 1e-5 absolute for the
@@ -17,8 +17,9 @@ import logging
 import pytest
 import torch
 
-import lss_megatron.attention as attn
-from lss_megatron.attention import count_saved_bytes, partial_attention
+import lss_megatron.lss.kernel as attn
+from lss_megatron.lss.kernel import partial_attention
+from lss_megatron.training.metrics import count_saved_bytes
 
 FP32_TOL = 1e-5
 BF16_TOL = 2e-2

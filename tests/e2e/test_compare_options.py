@@ -23,7 +23,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 HARD_TIMEOUT_S = 300
 FP32 = 4
 LOSS_TOL = 1e-5

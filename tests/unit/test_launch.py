@@ -1,14 +1,13 @@
-"""Launchers and presets (launch/): DeepSpeed vs torchrun, YAML presets, scheduler scripts.
+"""Launchers and presets (launch/) without running the trainer: presets, scripts, schedulers.
 
-* The DeepSpeed launcher, through launch/deepspeed.sh and as the plain `deepspeed --num_gpus 2
-  --module lss_megatron.train` users type, runs the trainer on 2 CPU processes with per-step losses
-  equal (1e-6) to a torchrun run of the same configuration: the launcher changes nothing.
 * Every preset in launch/presets parses and validates for the process count its
-  `# processes: P` comment names; tiny-cpu.yaml runs (launch/torchrun.sh), with a command-line
-  override of a preset value visible in config.json.
+  `# processes: P` comment names (the trainer's own parser, no process group).
+* The shell scripts parse, print their usage and build the right commands (dry runs).
 * slurm.sbatch and summit_jsrun.sh, run by bash against stub `srun`/`jsrun`/`scontrol` and a stub
   Python, hand each task the RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT it needs;
   env_from_scheduler.sh maps SLURM, jsrun/Spectrum MPI and LSF variables to them.
+
+Real launches (DeepSpeed vs torchrun, a preset run): tests/e2e/test_launch.py.
 """
 
 from __future__ import annotations
@@ -16,9 +15,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import socket
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -26,105 +22,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.support import ROOT, clean_env, ok, run_cmd
+
 LAUNCH = ROOT / "launch"
 PRESETS = LAUNCH / "presets"
-TOL = 1e-6
-TRAINER = [
-    "--mode", "lss", "--seq-parallel", "2", "--num-layers", "2", "--hidden-size", "32",
-    "--num-heads", "4", "--num-kv-heads", "2", "--seq-length", "32", "--global-batch-size", "2",
-    "--vocab-size", "64", "--position-embedding", "learned", "--steps", "4", "--optimizer", "sgd",
-    "--lr", "0.5", "--seed", "7", "--dtype", "fp32", "--data", "synthetic", "--dist-timeout", "60",
-]  # fmt: skip
-DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT")
-SCHED_PREFIXES = ("SLURM_", "OMPI_", "JSM_", "PMIX_", "PMI_", "LSB_", "LS_SUBCWD", "LSS_")
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    """This environment without rendezvous or scheduler variables, plus `extra`."""
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in DIST_VARS and not k.startswith(SCHED_PREFIXES)
-    }
-    env.update(PYTHONWARNINGS="ignore", PYTHON=sys.executable, OMP_NUM_THREADS="1")
-    env.update(extra)
-    return env
-
-
-def run(cmd, timeout: float, env=None, cwd=ROOT) -> subprocess.CompletedProcess:
-    return subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout,
-                          env=env if env is not None else clean_env(), cwd=cwd)  # fmt: skip
-
-
-def ok(res: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert res.returncode == 0, f"rc {res.returncode}\n{res.stdout[-2000:]}\n{res.stderr[-4000:]}"
-    return res
-
-
-def losses(out: Path) -> list[float]:
-    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == list(range(1, len(rows) + 1))
-    return [r["loss"] for r in rows]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
-
-
-def deepspeed_bin() -> Path:
-    """The `deepspeed` command of this Python's environment (CI: ./.venv), else the one on PATH."""
-    here = Path(sys.executable).parent / "deepspeed"
-    found = here if here.exists() else shutil.which("deepspeed")
-    if found is None:
-        pytest.skip("no deepspeed command next to this Python or on PATH (pip install deepspeed)")
-    return Path(found)
-
-
-# ---------------------------------------------------------------------------------------------
-# DeepSpeed launcher vs torchrun, real runs
-# ---------------------------------------------------------------------------------------------
-
-
-@pytest.mark.timeout(240)
-def test_deepspeed_matches_torchrun(tmp_path):
-    """Same trainer, same configuration, three launches: torchrun, launch/deepspeed.sh and the
-    plain `deepspeed --num_gpus 2 --master_port P --module lss_megatron.train`. Per-step losses are
-    equal within 1e-6 (they are deterministic, so in practice identical)."""
-    ds = deepspeed_bin()
-    ref_out, sh_out, ds_out = tmp_path / "torchrun", tmp_path / "ds_sh", tmp_path / "ds_plain"
-    ok(run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-            "-m", "lss_megatron.train", *TRAINER, "--out", ref_out], timeout=150))  # fmt: skip
-    ref = losses(ref_out)
-    assert len(ref) == 4
-
-    # the wrapper, with OMP_NUM_THREADS unset: it sets 1 and picks a free port itself
-    env = clean_env()
-    del env["OMP_NUM_THREADS"]
-    res = ok(run(["bash", LAUNCH / "deepspeed.sh", "--num-gpus", "2", "--", *TRAINER,
-                  "--out", sh_out], timeout=150, env=env))  # fmt: skip
-    log = res.stdout + res.stderr
-    assert "OMP_NUM_THREADS=1" in res.stderr
-    port = re.search(r"--master_port (\d+)", res.stderr)
-    assert port and port.group(1) != "29500", res.stderr[-2000:]
-    assert "--local_rank=1" in log  # it really went through DeepSpeed's per-process launcher
-    # the trainer never calls deepspeed.initialize, so no op is JIT-compiled at launch
-    assert "Building extension" not in log and "ninja" not in log
-
-    # the plain command users type, from the repository root
-    ok(run([ds, "--num_gpus", "2", "--master_port", free_port(), "--module", "lss_megatron.train",
-            *TRAINER, "--out", ds_out], timeout=150))  # fmt: skip
-
-    for name, out in (("deepspeed.sh", sh_out), ("deepspeed", ds_out)):
-        got = losses(out)
-        assert len(got) == len(ref), name
-        for step, (a, b) in enumerate(zip(got, ref, strict=True), start=1):
-            assert abs(a - b) <= TOL, f"{name} vs torchrun, step {step}: {a} vs {b}"
-        cfg = json.loads((out / "config.json").read_text())
-        assert cfg["parallel"]["world_size"] == 2 and cfg["parallel"]["seq_parallel"] == 2, name
-        assert json.loads((out / "summary.json").read_text())["replicas"]["bitwise_equal"], name
 
 
 # ---------------------------------------------------------------------------------------------
@@ -215,27 +116,6 @@ def test_small_presets_differ_only_in_mode():
     }
 
 
-@pytest.mark.timeout(150)
-def test_tiny_preset_runs_with_override(tmp_path):
-    """launch/torchrun.sh runs tiny-cpu.yaml through --config; `--steps 2` on the command line
-    overrides the preset's steps (config.json says 2, metrics has 2 steps), the rest comes from
-    the preset."""
-    preset = yaml.safe_load((PRESETS / "tiny-cpu.yaml").read_text())
-    assert preset["steps"] != 2
-    out = tmp_path / "tiny"
-    res = ok(run(["bash", LAUNCH / "torchrun.sh", "--nproc-per-node", "2", "--",
-                  "--config", PRESETS / "tiny-cpu.yaml", "--steps", "2", "--out", out],
-                 timeout=120))  # fmt: skip
-    assert "--standalone" in res.stderr
-    got = losses(out)
-    assert len(got) == 2 and all(x == x and 0 < x < 20 for x in got), got
-    cfg = json.loads((out / "config.json").read_text())
-    assert cfg["train"]["steps"] == 2 and cfg["train"]["out"] == str(out)
-    assert cfg["model"]["hidden_size"] == preset["hidden-size"]
-    assert cfg["model"]["seq_length"] == preset["seq-length"]
-    assert cfg["parallel"]["mode"] == "lss" and cfg["parallel"]["seq_parallel"] == 2
-
-
 # ---------------------------------------------------------------------------------------------
 # shell scripts: syntax, argument handling (dry runs)
 # ---------------------------------------------------------------------------------------------
@@ -246,7 +126,7 @@ SCRIPTS = sorted([*LAUNCH.glob("*.sh"), LAUNCH / "slurm.sbatch"])
 @pytest.mark.timeout(30)
 @pytest.mark.parametrize("script", SCRIPTS, ids=[s.name for s in SCRIPTS])
 def test_script_syntax(script):
-    res = run(["bash", "-n", script], timeout=20)
+    res = run_cmd(["bash", "-n", script], timeout=20)
     assert res.returncode == 0, res.stderr
 
 
@@ -254,7 +134,7 @@ def test_script_syntax(script):
 @pytest.mark.parametrize("script,flag", [("deepspeed.sh", "--num-gpus"),
                                          ("torchrun.sh", "--nproc-per-node")])  # fmt: skip
 def test_usage(script, flag):
-    res = ok(run(["bash", LAUNCH / script, "-h"], timeout=20))
+    res = ok(run_cmd(["bash", LAUNCH / script, "-h"], timeout=20))
     assert flag in res.stdout and "-- TRAINER ARGS" in res.stdout
 
 
@@ -267,13 +147,13 @@ def test_deepspeed_sh_options():
     env = clean_env()
     del env["OMP_NUM_THREADS"]
     env.pop("LOCAL_SIZE", None)
-    res = ok(run(["bash", sh, "--num-gpus", "2", "--dry-run", "--", "--mode", "lss"], 30, env))
+    res = ok(run_cmd(["bash", sh, "--num-gpus", "2", "--dry-run", "--", "--mode", "lss"], 30, env))
     assert "OMP_NUM_THREADS=1" in res.stderr and "LOCAL_SIZE" not in res.stderr
     m = re.search(r"-m deepspeed\.launcher\.runner --num_gpus 2 --master_port (\d+) --module "
                   r"lss_megatron\.train --mode lss$", res.stderr, re.M)  # fmt: skip
     assert m and m.group(1) != "29500", res.stderr
 
-    res = ok(run(["bash", sh, "--include", "localhost:0,3", "--master-port", "29777",
+    res = ok(run_cmd(["bash", sh, "--include", "localhost:0,3", "--master-port", "29777",
                   "--bind_cores_to_rank", "--dry-run", "--", "--steps", "1"], 30,
                  {**env, "OMP_NUM_THREADS": "3"}))  # fmt: skip
     assert "OMP_NUM_THREADS=3" in res.stderr and "LOCAL_SIZE=4" in res.stderr
@@ -281,30 +161,30 @@ def test_deepspeed_sh_options():
         res.stderr
     )
 
-    bad = run(["bash", sh, "--num-gpus", "2", "--mode", "lss"], 30, env)
+    bad = run_cmd(["bash", sh, "--num-gpus", "2", "--mode", "lss"], 30, env)
     assert bad.returncode == 2 and "after --" in bad.stderr
-    bad = run(["bash", sh, "--num-gpus", "2", "--include", "localhost:0", "--dry-run"], 30, env)
+    bad = run_cmd(["bash", sh, "--num-gpus", "2", "--include", "localhost:0", "--dry-run"], 30, env)
     assert bad.returncode == 2 and "exclude each other" in bad.stderr
 
 
 @pytest.mark.timeout(30)
 def test_torchrun_sh_options():
     sh = LAUNCH / "torchrun.sh"
-    res = ok(run(["bash", sh, "--nproc-per-node", "4", "--dry-run", "--", "--steps", "1"], 20))
+    res = ok(run_cmd(["bash", sh, "--nproc-per-node", "4", "--dry-run", "--", "--steps", "1"], 20))
     assert (
         "torch.distributed.run --nproc-per-node 4 --standalone -m lss_megatron.train --steps 1"
         in (res.stderr)
     )
-    res = ok(run(["bash", sh, "--nproc-per-node", "6", "--nnodes", "24", "--node-rank", "3",
+    res = ok(run_cmd(["bash", sh, "--nproc-per-node", "6", "--nnodes", "24", "--node-rank", "3",
                   "--rdzv-endpoint", "h41n01:29400", "--max-restarts=0", "--dry-run", "--"], 20))  # fmt: skip
     assert ("--nnodes 24 --node-rank 3 --master-addr h41n01 --master-port 29400 --max-restarts=0"
             " -m lss_megatron.train") in res.stderr  # fmt: skip
-    res = ok(run(["bash", sh, "--nproc-per-node", "6", "--nnodes", "2", "--rdzv-endpoint",
+    res = ok(run_cmd(["bash", sh, "--nproc-per-node", "6", "--nnodes", "2", "--rdzv-endpoint",
                   "h41n01:29400", "--dry-run", "--"], 20))  # fmt: skip
     assert "--rdzv-backend c10d --rdzv-endpoint h41n01:29400 --rdzv-id lss-megatron" in res.stderr
-    bad = run(["bash", sh, "--nproc-per-node", "2", "--nnodes", "2", "--dry-run", "--"], 20)
+    bad = run_cmd(["bash", sh, "--nproc-per-node", "2", "--nnodes", "2", "--dry-run", "--"], 20)
     assert bad.returncode == 2 and "--rdzv-endpoint" in bad.stderr
-    bad = run(["bash", sh, "--dry-run", "--"], 20)
+    bad = run_cmd(["bash", sh, "--dry-run", "--"], 20)
     assert bad.returncode == 2 and "--nproc-per-node" in bad.stderr
 
 
@@ -398,12 +278,12 @@ def test_env_helper_slurm(stubs):
     want = {"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "node01",
             "MASTER_PORT": str(20000 + 123456 % 20000)}  # fmt: skip
     helper = LAUNCH / "env_from_scheduler.sh"
-    assert printed_env(run(["bash", helper], 30, env)) == want
-    sourced = run(["bash", "-c", f'source "{helper}" && for v in RANK WORLD_SIZE LOCAL_RANK '
+    assert printed_env(run_cmd(["bash", helper], 30, env)) == want
+    sourced = run_cmd(["bash", "-c", f'source "{helper}" && for v in RANK WORLD_SIZE LOCAL_RANK '
                    'MASTER_ADDR MASTER_PORT; do echo "$v=${!v}"; done'], 30, env)  # fmt: skip
     assert printed_env(sourced) == want
     # a MASTER_ADDR/PORT already exported (by the batch script) is kept
-    kept = printed_env(run(["bash", helper], 30, {**env, "MASTER_ADDR": "n9", "MASTER_PORT": "1"}))
+    kept = printed_env(run_cmd(["bash", helper], 30, {**env, "MASTER_ADDR": "n9", "MASTER_PORT": "1"}))
     assert (kept["MASTER_ADDR"], kept["MASTER_PORT"], kept["RANK"]) == ("n9", "1", "3")
 
 
@@ -423,7 +303,7 @@ def test_env_helper_jsrun(stubs, hosts_from):
         env["LSB_HOSTS"] = " ".join(hosts)
     else:
         env["LSB_MCPU_HOSTS"] = "batch3 1 h41n07 42 h41n08 42"
-    got = printed_env(run(["bash", LAUNCH / "env_from_scheduler.sh"], 30, env))
+    got = printed_env(run_cmd(["bash", LAUNCH / "env_from_scheduler.sh"], 30, env))
     assert got == {"RANK": "7", "WORLD_SIZE": "12", "LOCAL_RANK": "1", "MASTER_ADDR": "h41n07",
                    "MASTER_PORT": "20777"}  # fmt: skip
 
@@ -436,11 +316,11 @@ def test_env_helper_precedence_and_errors(stubs):
            "SLURM_JOB_NODELIST": "node[01-02]", "SLURM_JOB_ID": "5",
            "OMPI_COMM_WORLD_RANK": "5", "OMPI_COMM_WORLD_SIZE": "8",
            "OMPI_COMM_WORLD_LOCAL_RANK": "1"}  # fmt: skip
-    got = printed_env(run(["bash", LAUNCH / "env_from_scheduler.sh"], 30, env))
+    got = printed_env(run_cmd(["bash", LAUNCH / "env_from_scheduler.sh"], 30, env))
     assert (got["RANK"], got["WORLD_SIZE"], got["MASTER_ADDR"]) == ("5", "8", "node01")
-    bad = run(["bash", LAUNCH / "env_from_scheduler.sh"], 30, stubs["env"])
+    bad = run_cmd(["bash", LAUNCH / "env_from_scheduler.sh"], 30, stubs["env"])
     assert bad.returncode == 2 and "SLURM_PROCID" in bad.stderr
-    bad = run(["bash", LAUNCH / "env_from_scheduler.sh"], 30,
+    bad = run_cmd(["bash", LAUNCH / "env_from_scheduler.sh"], 30,
               {**stubs["env"], "SLURM_PROCID": "8", "SLURM_NTASKS": "8", "SLURM_LOCALID": "0",
                "MASTER_ADDR": "x"})  # fmt: skip
     assert bad.returncode == 2 and "not below" in bad.stderr
@@ -460,7 +340,7 @@ def test_slurm_sbatch(stubs):
     env = {**stubs["env"], "SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "node[01-02]",
            "SLURM_NTASKS": "8", "SLURM_NTASKS_PER_NODE": "4", "SLURM_CPUS_PER_TASK": "8",
            "SLURM_SUBMIT_DIR": str(ROOT), "SLURM_PROCID": "0", "SLURM_LOCALID": "0"}  # fmt: skip
-    ok(run(["bash", LAUNCH / "slurm.sbatch", "--steps", "3"], 60, env, cwd=stubs["dir"]))
+    ok(run_cmd(["bash", LAUNCH / "slurm.sbatch", "--steps", "3"], 60, env, cwd=stubs["dir"]))
     assert "--kill-on-bad-exit=1" in (stubs["out"] / "srun_args").read_text()
     for i, t in enumerate(read_tasks(stubs["out"], 8)):
         assert (t["RANK"], t["WORLD_SIZE"], t["LOCAL_RANK"]) == (str(i), "8", str(i % 4))
@@ -480,7 +360,7 @@ def test_summit_jsrun(stubs):
     f.write_text("\n".join(["batch2"] + ["h41n07"] * 42 + ["h41n08"] * 42) + "\n")
     env = {**stubs["env"], "LSB_JOBID": "31337", "LSB_DJOB_HOSTFILE": str(f),
            "LS_SUBCWD": str(ROOT), "EXTRA_ARGS": "--steps 2"}  # fmt: skip
-    ok(run(["bash", LAUNCH / "summit_jsrun.sh", "--log-interval", "5"], 60, env, cwd=stubs["dir"]))
+    ok(run_cmd(["bash", LAUNCH / "summit_jsrun.sh", "--log-interval", "5"], 60, env, cwd=stubs["dir"]))
     jsrun_args = (stubs["out"] / "jsrun_args").read_text()
     assert "--smpiargs=-disable_gpu_hooks" in jsrun_args
     assert "-n 2 -r 1 -a 6 -g 6 -c 42" in jsrun_args

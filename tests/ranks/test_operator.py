@@ -8,10 +8,9 @@ independently by wrapping every collective of `torch.distributed`.
 
 from __future__ import annotations
 
-import math
-
 import pytest
-from dist_utils import run_ranks
+
+from tests.support import attention_inputs, reference_attention, run_ranks
 
 TOL = 1e-5
 
@@ -40,36 +39,6 @@ _DIST_FUNCS = (
     "isend",
     "irecv",
 )
-
-
-def _full_inputs(case, seed=0):
-    import torch
-
-    causal, h, h_kv, d, s, b = case
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(s, b, h, d, generator=g, dtype=torch.float64)
-    k = torch.randn(s, b, h_kv, d, generator=g, dtype=torch.float64)
-    v = torch.randn(s, b, h_kv, d, generator=g, dtype=torch.float64)
-    dout = torch.randn(s, b, h, d, generator=g, dtype=torch.float64)
-    return q, k, v, dout
-
-
-def _reference(q, k, v, dout, causal):
-    """Plain float64 attention on the full sequence, with autograd gradients."""
-    import torch
-
-    q, k, v = (t.clone().requires_grad_(True) for t in (q, k, v))
-    s, b, h, d = q.shape
-    rep = h // k.shape[2]
-    kk = k.repeat_interleave(rep, dim=2)  # [s, b, h, d]
-    vv = v.repeat_interleave(rep, dim=2)
-    scores = torch.einsum("ibhd,jbhd->bhij", q, kk) / math.sqrt(d)  # [b, h, s, s]
-    if causal:
-        mask = torch.ones(s, s, dtype=torch.bool).triu(1)
-        scores = scores.masked_fill(mask, float("-inf"))
-    out = torch.einsum("bhij,jbhd->ibhd", scores.softmax(-1), vv)  # [s, b, h, d]
-    out.backward(dout)
-    return out.detach(), q.grad, k.grad, v.grad
 
 
 class _Counter:
@@ -102,13 +71,14 @@ class _Counter:
 
 
 def _operator_worker(rank, world, cases):
-    from lss_megatron import comm, lss_attention
+    from lss_megatron import lss_attention
+    from lss_megatron.parallel import comm
 
     results = []
     for case in cases:
         causal = case[0]
-        q, k, v, dout = _full_inputs(case)
-        ref_out, ref_dq, ref_dk, ref_dv = _reference(q, k, v, dout, causal)
+        q, k, v, dout = attention_inputs(case)
+        ref_out, ref_dq, ref_dk, ref_dv = reference_attention(q, k, v, dout, causal)
         seg = q.shape[0] // world
         sl = slice(rank * seg, (rank + 1) * seg)
         lq, lk, lv = (t[sl].float().clone().requires_grad_(True) for t in (q, k, v))
@@ -161,17 +131,3 @@ def test_lss_attention_matches_full_attention(world):
             assert len(fwd_raw) == expected_calls, f"{tag}: raw forward collectives {fwd_raw}"
             assert len(bwd_raw) == expected_calls, f"{tag}: raw backward collectives {bwd_raw}"
             assert r["fwd_bytes"] == r["expected_fwd_bytes"], tag
-
-
-def test_lss_attention_rejects_bad_shapes():
-    import torch
-
-    from lss_megatron import lss_attention
-
-    q = torch.zeros(4, 1, 4, 8)
-    with pytest.raises(ValueError, match="not divisible"):
-        lss_attention(q, torch.zeros(4, 1, 3, 8), torch.zeros(4, 1, 3, 8), group=object())
-    with pytest.raises(ValueError, match="must both be"):
-        lss_attention(q, torch.zeros(4, 1, 2, 8), torch.zeros(4, 1, 2, 4), group=object())
-    with pytest.raises(ValueError, match="sbhd"):
-        lss_attention(q[0], q, q, group=object())
