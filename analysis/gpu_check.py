@@ -11,7 +11,7 @@
 
 and writes TFLOP/s (model FLOPs, backward = 2 x forward), fraction of the measured matmul peak
 and peak memory (`max_memory_allocated`) to ``analysis/data/gpu/<device>.json``. The cost model
-(`analysis.costmodel_hw.get_device`) uses the measured matmul peak when that file exists.
+(`analysis.costmodel.hw.get_device`) uses the measured matmul peak when that file exists.
 
 `--device cpu --tiny` runs the same code at toy sizes on the CPU (what the tests do), so the
 script stays runnable between the rare sessions that have a GPU.
