@@ -312,3 +312,14 @@ def check_model(ref, ranks, n, d, pos):
         for edge in (0, seg - 1):  # first and last token of the segment
             e = np.abs(r["token_losses"][:, edge] - ref_tok[:, edge]).max()
             assert e < TOL, f"{tag}: boundary token {edge} loss error {e:.3e}"
+
+
+# --- data ----------------------------------------------------------------------------------------
+def byte_corpus(n_docs: int = 60, seed: int = 0, separator: bytes = b"<END>") -> bytes:
+    """Documents of 20..300 random bytes (values < 250), each ending in `separator`."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    docs = [rng.integers(0, 250, rng.integers(20, 300), dtype=np.uint8).tobytes() + separator
+            for _ in range(n_docs)]  # fmt: skip
+    return b"".join(docs)

@@ -1,39 +1,24 @@
-"""`--data megatron`: a Megatron indexed dataset built on the spot from bytes, read token-exactly,
-and trained on: serial and LSS (N = 2) agree within 1e-5 per step (fp32 on CPU: the modes differ
-only in attention kernel and reduction order, ~1e-7; see test_train.py)."""
+"""`--data megatron`: a Megatron indexed dataset built on the spot from bytes (make_indexed) and
+read token-exactly through megatron.core's IndexedDataset, against the documented sampling rule
+recomputed from the raw documents. Training on it: tests/e2e/test_megatron_train.py."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
-from dist_utils import read_metrics, torchrun_train
 
 from lss_megatron.data import build_dataset, check_data_config, segment_batch
 from lss_megatron.data.make_indexed import documents, make_indexed
 from lss_megatron.data.megatron_indexed import read_index_header, split_bounds
+from tests.support import byte_corpus
 
-ROOT = Path(__file__).resolve().parents[1]
 SEED, L, G = 5, 32, 4
-TOL = 1e-5
-
-
-def _corpus(n_docs: int = 60, seed: int = 0) -> bytes:
-    """Documents of 20..300 random bytes, each ending in a separator."""
-    rng = np.random.default_rng(seed)
-    docs = [rng.integers(0, 250, rng.integers(20, 300), dtype=np.uint8).tobytes() + b"<END>"
-            for _ in range(n_docs)]  # fmt: skip
-    return b"".join(docs)
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     folder = tmp_path_factory.mktemp("indexed")
-    data = _corpus()
+    data = byte_corpus()
     src = folder / "corpus.raw"
     src.write_bytes(data)
     prefix = folder / "corpus"
@@ -129,49 +114,3 @@ def test_problems_name_the_value(corpus, tmp_path):
     bad.with_suffix(".idx").write_bytes(b"not an index at all, no, not at all")
     assert "not a Megatron .idx file" in check_data_config("megatron", str(bad), 256)[0]
     assert split_bounds(60) == {"train": (0, 54), "valid": (54, 57), "test": (57, 60)}
-
-
-def test_cli_converter_and_bad_data_path_exit(tmp_path):
-    src = tmp_path / "in.txt"
-    src.write_bytes(b"hello world " * 100)
-    res = subprocess.run([sys.executable, "-m", "lss_megatron.data.make_indexed", "--input",
-                          str(src), "--output-prefix", str(tmp_path / "out" / "p"),
-                          "--document-bytes", "100"], capture_output=True, text=True,
-                         cwd=ROOT, timeout=120)  # fmt: skip
-    assert res.returncode == 0, res.stderr
-    assert "12 documents, 1,200 tokens" in res.stdout
-    assert (tmp_path / "out" / "p.bin").read_bytes() == src.read_bytes()
-    assert [x.name for x in (tmp_path / "out").iterdir()] != [] and not list(
-        (tmp_path / "out").glob("*.tmp")
-    )
-    env = {**os.environ, "WORLD_SIZE": "1", "RANK": "0"}
-    env.pop("MASTER_ADDR", None)
-    res = subprocess.run([sys.executable, "-m", "lss_megatron.train", "--data", "megatron",
-                          "--data-path", str(tmp_path / "missing")], capture_output=True,
-                         text=True, env=env, cwd=ROOT, timeout=60)  # fmt: skip
-    assert res.returncode == 2 and "Traceback" not in res.stderr
-    assert f"--data-path {tmp_path / 'missing'}: no such file" in res.stderr
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(400)
-def test_serial_and_lss_train_on_it_alike(corpus, tmp_path):
-    common = ["--data", "megatron", "--data-path", corpus["prefix"], "--vocab-size", "256",
-              "--num-layers", "2", "--hidden-size", "32", "--num-heads", "4", "--seq-length",
-              str(L), "--global-batch-size", str(G), "--steps", "6", "--optimizer", "sgd",
-              "--lr", "0.5", "--seed", str(SEED), "--dist-timeout", "60", "--progress", "off",
-              "--eval-interval", "3", "--eval-steps", "1"]  # fmt: skip
-    runs = {}
-    for name, nproc, extra in (("serial", 1, ["--mode", "serial"]),
-                               ("lss", 2, ["--mode", "lss", "--seq-parallel", "2"])):  # fmt: skip
-        out = tmp_path / name
-        res = torchrun_train(nproc, [*common, *extra, "--out", str(out)])
-        assert res.returncode == 0, res.stderr[-3000:]
-        runs[name] = read_metrics(out)
-    serial, lss = runs["serial"], runs["lss"]
-    assert len(serial) == len(lss) == 6
-    for a, b in zip(serial, lss, strict=True):
-        assert abs(a["loss"] - b["loss"]) < TOL, (a["step"], a["loss"], b["loss"])
-        if "valid_loss" in a:
-            assert abs(a["valid_loss"] - b["valid_loss"]) < TOL
-    assert serial[-1]["loss"] < serial[0]["loss"]  # it learns something (random bytes: ln 250)

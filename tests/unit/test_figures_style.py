@@ -11,8 +11,9 @@ import pandas as pd
 import pytest
 
 from analysis import figures, tables
+from tests.support import ROOT
 
-FIXTURE = Path(__file__).resolve().parents[1] / "analysis" / "fixtures" / "summary.csv"
+FIXTURE = ROOT / "analysis" / "fixtures" / "summary.csv"
 CPU = "CPU Test Processor, 2 cores (gloo)"
 GPU = "NVIDIA H200 (CUDA, nccl)"
 
