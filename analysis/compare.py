@@ -36,9 +36,9 @@ import sys
 import time
 from pathlib import Path
 
-from analysis import tables
-from analysis.presets import PRESETS, REPO, Plan, RunSpec, get_preset, make_plan
-from analysis.trainer_config import run_config
+from . import tables
+from .presets import PRESETS, REPO, Plan, RunSpec, get_preset, make_plan
+from .trainer_config import run_config
 
 STDERR_TAIL = 2000
 """Characters of a failed run's stderr kept in the table's ``error`` column."""
@@ -68,7 +68,8 @@ def child_env() -> dict[str, str]:
     """This environment without rendezvous variables, with the repository importable."""
     env = {k: v for k, v in os.environ.items() if k not in _DIST_VARS}
     env["OMP_NUM_THREADS"] = "1"
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
+    if REPO is not None:  # a checkout: its code first (an installed wheel needs nothing)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
     env.setdefault("PYTHONWARNINGS", "ignore")
     return env
 
@@ -256,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
         outcomes = run_all(plan, out, timeout, progress=not args.no_progress)
     df, note = build_table(plan, out, outcomes)
     csv = tables.write_summary(df, out / "summary.csv")
-    from analysis.figures import make_figures
+    from .figures import make_figures
 
     figures = make_figures(df, out / "figures")
     print(tables.format_table(df))

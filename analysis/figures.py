@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from analysis.longest import longest_fitting
-from analysis.tables import config_from_row, load_costmodel, read_summary
+from .longest import longest_fitting
+from .tables import config_from_row, load_costmodel, read_summary
 
 MAX_SEQ_LENGTH = 1 << 24
 """Upper end of the longest-sequence search (tokens)."""

@@ -53,10 +53,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 
-from analysis.trainer_config import argv, problems, run_config, trainer_flags
 from lss_megatron.config import ConfigError
+from lss_megatron.resources import source_root
 
-REPO = Path(__file__).resolve().parents[1]
+from .trainer_config import argv, problems, run_config, trainer_flags
+
+REPO = source_root()
+"""The repository root (launches run there), or None from an installed wheel (launches run in
+the current folder, the trainer imported from the installation)."""
 PARALLEL_MODES = ("lss", "nvidia-sp")
 MiB = 1 << 20
 GiB = 1 << 30

@@ -270,9 +270,9 @@ def read_summary(path: Path | str) -> pd.DataFrame:
 def load_costmodel() -> tuple[Callable[[dict], dict] | None, str]:
     """(`analysis.costmodel.predict`, "") when that module exists, else (None, why not)."""
     try:
-        costmodel = importlib.import_module("analysis.costmodel")
+        costmodel = importlib.import_module(".costmodel", __package__)
     except ModuleNotFoundError as e:
-        if e.name not in ("analysis.costmodel", "analysis"):
+        if e.name not in (f"{__package__}.costmodel", __package__):
             return None, f"analysis.costmodel could not be imported: {e}"
         return None, "analysis.costmodel is not available yet: predicted_* columns are empty"
     except Exception as e:  # noqa: BLE001 - a broken optional module must not stop the analysis

@@ -83,13 +83,13 @@ def _lss() -> Mode:
 
 
 def _nvidia_sp() -> Mode:
-    from baselines import nvidia_sp
+    from lss_megatron.baselines import nvidia_sp
 
     return nvidia_sp.MODE
 
 
 def _ulysses() -> Mode:
-    from baselines import ulysses
+    from lss_megatron.baselines import ulysses
 
     return ulysses.MODE
 
@@ -106,11 +106,11 @@ def get_mode(name: str) -> Mode:
 def mode_problems(name: str, model: ModelConfig, n: int) -> list[str]:
     """Mode-specific configuration problems, without importing torch (see baselines/*)."""
     if name == "nvidia-sp":
-        from baselines.nvidia_sp_limits import problems
+        from lss_megatron.baselines.nvidia_sp_limits import problems
 
         return problems(model, n)
     if name == "ulysses":
-        from baselines.ulysses_limits import problems
+        from lss_megatron.baselines.ulysses_limits import problems
 
         return problems(model, n)
     return []

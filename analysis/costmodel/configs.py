@@ -22,8 +22,9 @@ import copy
 from collections.abc import Mapping
 from pathlib import Path
 
-from analysis.trainer_config import argv, from_dict, problems, run_config
 from lss_megatron.config import ConfigError
+
+from ..trainer_config import argv, from_dict, problems, run_config
 
 TWINS = {("parallel", "mode"): {"ring": "lss"}, ("train", "dtype"): {"fp16": "fp32"}}
 """(section, field) -> {what-if value: the trainer value it is checked as}."""

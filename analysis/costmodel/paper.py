@@ -18,15 +18,14 @@ tuned to the claims: the assumptions are time.Assumptions' defaults.
 
 from __future__ import annotations
 
-from pathlib import Path
+from lss_megatron.resources import presets_dir
 
-from analysis.longest import longest_fitting
-
+from ..longest import longest_fitting
 from . import predict
 from .configs import config_from_preset
 from .hw import get_device
 
-PRESETS = Path(__file__).resolve().parents[2] / "launch" / "presets"
+PRESETS = presets_dir()
 DEVICE = "v100-summit"
 PRECISIONS = ("fp32", "fp16")
 
