@@ -65,7 +65,7 @@ def matmul_peak(device, dtype, n: int, repeats: int) -> float:
 def attention_check(device, dtype, seq: int, n: int, heads: int, kv_heads: int, dim: int,
                     repeats: int) -> dict:  # fmt: skip
     """Last rank of N: l/N causal queries at offset l - l/N against all l keys."""
-    from lss_megatron.attention import partial_attention
+    from lss_megatron.lss.kernel import partial_attention
 
     sq = seq // n
     _peak_reset(device)
@@ -88,7 +88,7 @@ def attention_check(device, dtype, seq: int, n: int, heads: int, kv_heads: int, 
 def layer_check(device, dtype, seq: int, n: int, hidden: int, heads: int, kv_heads: int,
                 ffn: int, repeats: int) -> dict:  # fmt: skip
     """One layer's forward + backward on the l/N local tokens (last rank) against all l keys."""
-    from lss_megatron.attention import partial_attention
+    from lss_megatron.lss.kernel import partial_attention
 
     d, sq = hidden // heads, seq // n
     _peak_reset(device)

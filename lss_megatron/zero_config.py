@@ -1,7 +1,7 @@
 """The DeepSpeed config of a ZeRO run: the trainer's defaults with ``--deepspeed-config FILE``
 merged over them. Torch-free, so a bad file fails at validation, before any process group.
 
-* `defaults(...)`: what the trainer runs without a file (see zero.py for why each value).
+* `defaults(...)`: what the trainer runs without a file (see training/zero.py for why each value).
   ``overlap_comm`` is on where the accelerator has streams to overlap the gradient reduction
   with backward on (CUDA/NCCL), off on CPU/gloo (`overlap_comm_default`).
 * `merge(base, user)`: the file merged over the defaults, recursively (a mapping merges key by

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from lss_megatron.tracking import scalars
+from lss_megatron.training.tracking import scalars
 from tests.support import ROOT, read_metrics, torchrun_train
 
 COMMON = [

@@ -1,11 +1,11 @@
 """The Megatron-style iteration and validation lines and the TensorBoard scalars of a metrics
-record (lss_megatron/tracking.py); the run that writes them is tests/e2e/test_tensorboard.py."""
+record (lss_megatron/training/tracking.py); the run that writes them is tests/e2e/test_tensorboard.py."""
 
 from __future__ import annotations
 
 import math
 
-from lss_megatron.tracking import iteration_line, scalars, validation_line
+from lss_megatron.training.tracking import iteration_line, scalars, validation_line
 
 
 def test_scalars_are_the_numeric_metrics():

@@ -4,10 +4,11 @@ Every rank's loss is the mean over its own tokens, and every rank holds the same
 so the global per-token mean loss is the average over all P = N x D ranks of the local losses.
 Hence:
 
-* replicated parameters: average over the sequence group, then over the data group. Both are
+* every other parameter (replicated, or a tensor-parallel shard, which the data replicas hold
+  alike): average over the sequence group, then over the data group. Both are
   means over disjoint rank sets, i.e. one mean over all P ranks: ONE bucketed all-reduce over the
   gradient group (data-parallel with context-parallel), in buckets of at most `bucket_bytes`;
-* sequence-local parameters (the position slice of segment n, `positions.is_sequence_local`):
+* sequence-local parameters (the position slice of segment n, `parallel.params.param_kind`):
   only the D ranks holding segment n have it. The global gradient is (1/P) * sum over those D
   ranks = (1/N) * mean over the data group: one bucketed all-reduce over the data group, then
   a 1/(N*D) scale.
@@ -25,9 +26,9 @@ from __future__ import annotations
 
 import torch
 
-from . import comm
-from .grid import Grid
-from .positions import is_sequence_local
+from ..parallel import comm
+from ..parallel.grid import Grid
+from ..parallel.params import SEQUENCE_LOCAL, grad_is_tp_partial, param_kind
 
 DEFAULT_BUCKET_BYTES = 25 * 1024 * 1024
 
@@ -57,10 +58,11 @@ class GradientAverager:
     ):
         params = [p for p in model.parameters() if p.requires_grad]
         self.grid = grid
-        replicated = [p for p in params if not is_sequence_local(p)]
-        local = [p for p in params if is_sequence_local(p)]
-        tp_partial = [p for p in params if getattr(p, "sequence_parallel", False)]
-        self.tp_sum_buckets = _buckets(tp_partial, bucket_bytes) if grid.tp_size > 1 else []
+        is_local = [param_kind(p, grid.tp_size).kind == SEQUENCE_LOCAL for p in params]
+        local = [p for p, loc in zip(params, is_local, strict=True) if loc]
+        replicated = [p for p, loc in zip(params, is_local, strict=True) if not loc]
+        tp_partial = [p for p in params if grad_is_tp_partial(p, grid.tp_size)]
+        self.tp_sum_buckets = _buckets(tp_partial, bucket_bytes)
         self.replicated_buckets = _buckets(replicated, bucket_bytes)
         self.local_buckets = _buckets(local, bucket_bytes)
 

@@ -1,9 +1,10 @@
 """Layout-independent, atomic checkpoints.
 
 A checkpoint holds the model and optimizer state in CANONICAL form: every parameter as the full
-tensor of the one-process model. LSS position slices are stitched into one table (all-gather over
-the sequence group, rows placed by the global positions each rank holds, so any layout works) and nvidia-sp tensor-parallel shards are concatenated along their partition
-dimension. On load each rank cuts its own part again, so a checkpoint saved with LSS at N = 4
+tensor of the one-process model (`parallel.params.to_full`): LSS position slices are stitched into
+one table (all-gather over the sequence group, rows placed by the global positions each rank
+holds, so any layout works) and nvidia-sp tensor-parallel shards are concatenated along their
+partition dimension. On load each rank cuts its own part again, so a checkpoint saved with LSS at N = 4
 loads at N = 2, N = 1, in serial or nvidia-sp mode: anything with the same model.
 
 Layout on disk (``--save DIR``)::
@@ -31,9 +32,8 @@ from pathlib import Path
 
 import torch
 
-from . import comm
-from .grid import Grid
-from .positions import ROWS_ATTR, is_sequence_local
+from ..parallel.grid import Grid
+from ..parallel.params import to_full, to_local
 
 FORMAT_VERSION = 1
 MODEL_KEYS = ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "ffn_hidden_size",
@@ -44,44 +44,18 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used for this run (missing, corrupt or another model)."""
 
 
-# --- canonical <-> local tensors ---------------------------------------------------------------
-def _tp_dim(p, grid: Grid) -> int | None:
-    if grid.tp_size > 1 and getattr(p, "tensor_model_parallel", False):
-        if getattr(p, "partition_stride", 1) != 1:
-            raise NotImplementedError("strided tensor-parallel partitions are not supported")
-        return int(p.partition_dim)
-    return None
-
-
+# --- canonical <-> local tensors (`parallel.params`) -------------------------------------------
 def _to_full(t: torch.Tensor, p, grid: Grid) -> torch.Tensor:
-    """This rank's piece of parameter-shaped tensor `t` -> the full tensor (collective)."""
-    t = t.detach()
-    if is_sequence_local(p):
-        rows = getattr(p, ROWS_ATTR).to(t.device)  # [l/N]: global rows held here
-        gathered = comm.all_gather_dim0(t, grid.seq_group, category="other")  # [l, E], rank order
-        all_rows = comm.all_gather_dim0(rows, grid.seq_group, category="other")  # [l]
-        t = torch.empty_like(gathered)
-        t[all_rows] = gathered  # [l, E] in global order (any layout)
-    dim = _tp_dim(p, grid)
-    if dim is not None:
-        moved = t.movedim(dim, 0).contiguous()  # shard dim first
-        t = comm.all_gather_dim0(moved, grid.tp_group, category="other").movedim(0, dim)
-    return t.cpu().clone()
+    """This rank's piece of parameter-shaped tensor `t` -> the full tensor, on the CPU (collective)."""
+    return to_full(t, p, grid).cpu().clone()
 
 
 def _to_local(full: torch.Tensor, p, grid: Grid) -> torch.Tensor:
     """Cut this rank's piece of a full parameter-shaped tensor."""
-    t = full
-    if is_sequence_local(p):
-        t = t[getattr(p, ROWS_ATTR)]  # this rank's rows, in local order
-    dim = _tp_dim(p, grid)
-    if dim is not None:
-        t = t.chunk(grid.tp_size, dim=dim)[grid.tp_rank]
-    if t.shape != p.shape:
-        raise CheckpointError(
-            f"shape {tuple(t.shape)} from checkpoint does not fit {tuple(p.shape)}"
-        )
-    return t.to(device=p.device, dtype=p.dtype).contiguous()
+    try:
+        return to_local(full, p, grid)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from e
 
 
 # --- save --------------------------------------------------------------------------------------

@@ -32,15 +32,14 @@ Backends and what autograd saves for backward (es = element size of the input dt
   (and have not failed before), else ``sdpa``. If a private op raises, the call falls back to
   ``sdpa`` (forward) or recomputes through ``sdpa`` (backward) and logs once.
 
-``count_saved_bytes(fn, *args)`` counts the unique storages autograd saves while running ``fn``.
+``training.metrics.count_saved_bytes(fn, *args)`` counts the unique storages autograd saves while
+running ``fn``: the byte counts above are checked with it.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
-from typing import Any
 
 import torch
 import torch.nn.attention.bias
@@ -266,17 +265,3 @@ def partial_attention(
     if backend == "sdpa":
         return _sdpa_attention(q, k, v, q_offset, causal, scale)
     return _math_attention(q, k, v, q_offset, causal, scale)
-
-
-def count_saved_bytes(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> int:
-    """Bytes of the unique storages that autograd saves for backward while running fn."""
-    storages: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        st = t.untyped_storage()
-        storages[st.data_ptr()] = st.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn(*args, **kwargs)
-    return sum(storages.values())

@@ -16,7 +16,7 @@ model-parallel group). How it keeps the plain trainer's semantics:
 * **Gradients.** DeepSpeed averages every gradient over its data-parallel group, which is the
   trainer's double gradient averaging for replicated weights. Megatron's ``sequence_parallel``
   parameters (nvidia-sp LayerNorms) are first summed over the tensor-parallel group by a gradient
-  hook (what `grad_sync.GradientAverager` does for the plain trainer).
+  hook (what `lss.grad_sync.GradientAverager` does for the plain trainer).
 * **Micro-batches.** Each micro-batch loss is already divided by the step's local token count
   (`step.forward_backward`), so `engine.backward(loss, scale_wrt_gas=False)` and DeepSpeed's
   ``managed_gradient_accumulation = false``: backward only accumulates, and the single
@@ -32,7 +32,8 @@ model-parallel group). How it keeps the plain trainer's semantics:
   partitions cleared, no update, ``engine.skipped_steps`` counts it), forced on every rank alike.
 * **bf16.** ``--dtype bf16`` stays autocast over fp32 weights: DeepSpeed's bf16 and fp16 are off.
 * **No compilation.** A client `torch.optim` optimizer (never a ds-config one, which JIT-builds
-  ``fused_adam``) and no shared-memory comm op (`_no_shm_op`), so nothing is compiled.
+  ``fused_adam``) and no shared-memory comm op (`compat.deepspeed.no_shm_op`), so nothing is
+  compiled.
 
 Memory (`ZeroEngine.memory_stats`): ``optimizer_state_bytes`` is the client optimizer's state on
 this rank's partition (about 1/P of the plain run, plus alignment padding), ``grad_bytes`` the
@@ -49,27 +50,25 @@ Checkpoints are refused with ZeRO (config.py): see docs/zero.md.
 
 from __future__ import annotations
 
-import contextlib
-import importlib
-import importlib.util
 import logging
 
 import torch
+import torch.distributed as dist
 
-from . import comm
-from .config import RunConfig
-from .grid import Grid
+from ..compat.deepspeed import no_shm_op
+from ..config import RunConfig
+from ..lss.positions import SegmentPositionEmbedding
+from ..parallel import comm
+from ..parallel.grid import Grid
+from ..parallel.params import grad_is_tp_partial, to_full
+from ..zero_config import defaults, merge, overlap_comm_default, read_file
+from .metrics import unique_storage_bytes
 from .optim import build_optimizer
-from .positions import ROWS_ATTR, SegmentPositionEmbedding
-from .zero_config import defaults, merge, overlap_comm_default, read_file
+from .step import forward_backward
+from .stepper import Stepper
 
 BUCKET_BYTES = 25 * 1024 * 1024
 """DeepSpeed's reduce and all-gather bucket size in bytes (the plain trainer's bucket size)."""
-
-
-def available() -> bool:
-    """Whether DeepSpeed is installed (checked without importing it)."""
-    return importlib.util.find_spec("deepspeed") is not None
 
 
 class MegatronMPU:
@@ -78,10 +77,7 @@ class MegatronMPU:
     the sequence ranks, which see different tokens of replicated weights, are data ranks."""
 
     def __init__(self, grid: Grid):
-        import torch.distributed as dist
-
         self.grid = grid
-        self._dist = dist
 
     def get_model_parallel_group(self):
         return self.grid.tp_group
@@ -97,16 +93,16 @@ class MegatronMPU:
     get_tensor_model_parallel_world_size = get_model_parallel_world_size
 
     def get_tensor_model_parallel_src_rank(self) -> int:
-        return self._dist.get_global_rank(self.grid.tp_group, 0)
+        return dist.get_global_rank(self.grid.tp_group, 0)
 
     def get_data_parallel_group(self):
         return self.grid.grad_group
 
     def get_data_parallel_rank(self) -> int:
-        return self._dist.get_rank(self.grid.grad_group)
+        return dist.get_rank(self.grid.grad_group)
 
     def get_data_parallel_world_size(self) -> int:
-        return self._dist.get_world_size(self.grid.grad_group)
+        return dist.get_world_size(self.grid.grad_group)
 
     def get_pipeline_model_parallel_world_size(self) -> int:
         return 1
@@ -123,12 +119,7 @@ def replicate_positions(model, grid: Grid) -> bool:
     seg = getattr(emb, "position_embeddings", None)
     if not isinstance(seg, SegmentPositionEmbedding):
         return False
-    local = seg.weight.detach()  # [l/N, E]
-    rows = getattr(seg.weight, ROWS_ATTR).to(local.device)  # [l/N]
-    gathered = comm.all_gather_dim0(local, grid.seq_group, category="other")  # [l, E]
-    all_rows = comm.all_gather_dim0(rows, grid.seq_group, category="other")  # [l]
-    full = torch.empty_like(gathered)
-    full[all_rows] = gathered  # [l, E], global row order
+    full = to_full(seg.weight, seg.weight, grid)  # [l, E], global row order
     table = torch.nn.Embedding(full.shape[0], full.shape[1], device=full.device, dtype=full.dtype)
     with torch.no_grad():
         table.weight.copy_(full)
@@ -139,28 +130,13 @@ def replicate_positions(model, grid: Grid) -> bool:
 def _tp_sum_hooks(model, grid: Grid) -> list:
     """Sum the gradients of Megatron ``sequence_parallel`` parameters over the tensor-parallel
     group as they are produced (before DeepSpeed accumulates and reduces them)."""
-    if grid.tp_size == 1:
-        return []
 
     def hook(g: torch.Tensor) -> torch.Tensor:
         g = g.clone()
         return comm.all_reduce_(g, grid.tp_group, category="grad")
 
     return [p.register_hook(hook) for p in model.parameters()
-            if p.requires_grad and getattr(p, "sequence_parallel", False)]  # fmt: skip
-
-
-@contextlib.contextmanager
-def _no_shm_op():
-    """DeepSpeed's TorchBackend JIT-builds a shared-memory C++ op (inference all-reduce only)
-    when it is created: skip it. (`import deepspeed.comm.torch as m` would bind torch itself.)"""
-    ds_torch = importlib.import_module("deepspeed.comm.torch")
-    build = ds_torch.build_shm_op
-    ds_torch.build_shm_op = lambda: None
-    try:
-        yield
-    finally:
-        ds_torch.build_shm_op = build
+            if p.requires_grad and grad_is_tp_partial(p, grid.tp_size)]  # fmt: skip
 
 
 def ds_config(
@@ -181,22 +157,11 @@ def ds_config(
     return config, why
 
 
-def _unique_bytes(tensors) -> int:
-    """Bytes of the distinct storages behind `tensors` (views of one buffer count once)."""
-    seen: dict[int, int] = {}
-    for t in tensors:
-        if torch.is_tensor(t) and t.numel():
-            st = t.untyped_storage()
-            seen[st.data_ptr()] = st.nbytes()
-    return sum(seen.values())
-
-
-class ZeroEngine:
-    """The model under `deepspeed.initialize` with ZeRO ``cfg.train.zero_stage`` (see module doc).
-
-    Use: `optimizer` (param groups for the lr), `forward_backward(micro, saved)` per step, then
-    `step(skip)` once, which returns DeepSpeed's global gradient norm; `memory_stats()`.
-    """
+class ZeroEngine(Stepper):
+    """The model under `deepspeed.initialize` with ZeRO ``cfg.train.zero_stage`` (see module doc),
+    as the run's `Stepper`: `optimizer` (param groups for the lr), `forward_backward(micro,
+    saved=)` per step, then `step(skip)` once, which returns DeepSpeed's global gradient norm;
+    DeepSpeed clears and reduces the gradients itself (no `zero_grad`, no `sync_gradients`)."""
 
     def __init__(self, model, cfg: RunConfig, grid: Grid):
         import deepspeed
@@ -218,7 +183,7 @@ class ZeroEngine:
         self.config = config
         # a --deepspeed-config may set the bucket size: report what DeepSpeed was given
         self.bucket_elements = int(config["zero_optimization"]["reduce_bucket_size"])
-        with _no_shm_op():
+        with no_shm_op():
             self.engine, self.optimizer, _, _ = deepspeed.initialize(
                 model=model, optimizer=client, config=config, mpu=mpu, dist_init_required=False
             )
@@ -242,18 +207,22 @@ class ZeroEngine:
             "deepspeed": deepspeed.__version__,
         }
 
+    def zero_grad(self) -> None:
+        """Nothing: DeepSpeed clears the gradients in its step."""
+
+    def sync_gradients(self) -> None:
+        """Nothing: DeepSpeed reduces the gradients in backward (stage 2) or in its step."""
+
     def forward_backward(self, micro_batches, *, saved=None) -> torch.Tensor:
         """`step.forward_backward` through the engine: forward by `engine(...)`, backward by
         `engine.backward(loss, scale_wrt_gas=False)`. Returns the local mean loss (float64)."""
-        n_tokens = sum(tok.numel() for tok, _, _ in micro_batches)
-        total = torch.zeros((), dtype=torch.float64, device=micro_batches[0][0].device)
-        for tokens, labels, positions in micro_batches:
-            with saved.measure() if saved is not None else contextlib.nullcontext():
-                per_token = self.engine(tokens, positions, None, labels=labels)  # [B, l/N]
-            loss = per_token.float().sum() / n_tokens
-            self.engine.backward(loss, scale_wrt_gas=False)
-            total += loss.detach().double()
+        total, _ = forward_backward(
+            self.engine, micro_batches, saved=saved, backward=self._backward
+        )
         return total
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss, scale_wrt_gas=False)
 
     def _held_grad_bytes(self) -> int:
         """Gradient bytes this rank holds between backward and the step: `.grad` of parameters
@@ -265,7 +234,7 @@ class ZeroEngine:
         for store in (getattr(opt, "all_grad_tensors", {}), getattr(opt, "averaged_gradients", {})):
             for group in store.values():
                 held.extend(group or [])
-        return _unique_bytes(held)
+        return unique_storage_bytes(held)
 
     def step(self, skip: bool = False) -> float:
         """The optimizer step (collective): reduce/finalise gradients, clip, update, gather
@@ -293,10 +262,10 @@ class ZeroEngine:
         state = [v for st in opt.optimizer.state.values() for v in st.values()
                  if torch.is_tensor(v)]  # fmt: skip
         return {
-            "param_bytes": _unique_bytes(self.model.parameters()),
+            "param_bytes": unique_storage_bytes(self.model.parameters()),
             "grad_bytes": self.grad_bytes,
-            "optimizer_state_bytes": _unique_bytes(state),
-            "zero_master_bytes": _unique_bytes(opt.single_partition_of_fp32_groups),
+            "optimizer_state_bytes": unique_storage_bytes(state),
+            "zero_master_bytes": unique_storage_bytes(opt.single_partition_of_fp32_groups),
             "zero_bucket_bytes": self.bucket_bytes,
             "zero_stage": self.stage,
         }

@@ -11,7 +11,12 @@
   `TorchDispatchMode` (`heap_peak_mode`); unlike RSS it shows transient buffers (e.g. what
   chunked K/V gathers save). On GPU: growth of ``max_memory_allocated`` over the step.
 * ``model_flops_per_step``: analytic FLOPs of one optimizer step of the whole model over the
-  global batch (forward x 3 for forward + backward, no recomputation), the same for every mode.
+  global batch (forward x 3 for forward + backward, no recomputation), the same for every mode;
+* ``attention_flops_per_rank``, ``attention_imbalance``: the causal load balance of LSS;
+* ``runtime`` (config.json): what really ran, read back from the built model.
+
+Storage bytes are counted in one way everywhere (`unique_storage_bytes`, `saved_storages`): a
+tensor's storage once, however many views of it there are.
 """
 
 from __future__ import annotations
@@ -21,33 +26,66 @@ import ctypes
 import resource
 import statistics
 import sys
+from collections.abc import Callable, Iterator
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
 
 import torch
+import torch.distributed as dist
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from .config import ModelConfig
+from ..config import ModelConfig
+from ..lss.core_attention import LSSCoreAttention
+from ..parallel import comm
+
+
+def _storage(t: torch.Tensor) -> tuple[int, int]:
+    """(address, bytes) of the storage behind `t`: views of one buffer share it."""
+    st = t.untyped_storage()
+    return st.data_ptr(), st.nbytes()
+
+
+def unique_storage_bytes(tensors) -> int:
+    """Bytes of the distinct storages behind `tensors` (views of one buffer count once; None and
+    empty tensors are skipped)."""
+    return sum(dict(_storage(t) for t in tensors if torch.is_tensor(t) and t.numel()).values())
+
+
+@contextlib.contextmanager
+def saved_storages() -> Iterator[dict[int, int]]:
+    """Inside the block, the storages autograd saves for backward: {address: bytes}."""
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        ptr, nbytes = _storage(t)
+        storages[ptr] = nbytes
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield storages
+
+
+def count_saved_bytes(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> int:
+    """Bytes of the unique storages that autograd saves for backward while running fn."""
+    with saved_storages() as storages:
+        fn(*args, **kwargs)
+    return sum(storages.values())
 
 
 class SavedBytes:
-    """Measures what autograd saves for backward inside `measure()` blocks; keeps the maximum."""
+    """Measures what autograd saves for backward inside `measure()` blocks, parameters excluded;
+    keeps the maximum."""
 
     def __init__(self, model: torch.nn.Module):
-        self.param_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        self.param_storages = {_storage(p)[0] for p in model.parameters()}
         self.peak = 0
 
     @contextlib.contextmanager
     def measure(self):
-        storages: dict[int, int] = {}
-
-        def pack(t: torch.Tensor) -> torch.Tensor:
-            st = t.untyped_storage()
-            ptr = st.data_ptr()
-            if ptr not in self.param_storages:
-                storages[ptr] = st.nbytes()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with saved_storages() as storages:
             yield
-        self.peak = max(self.peak, sum(storages.values()))
+        saved = sum(n for ptr, n in storages.items() if ptr not in self.param_storages)
+        self.peak = max(self.peak, saved)
 
 
 def tensor_bytes(tensors) -> int:
@@ -146,7 +184,6 @@ def heap_in_use() -> int | None:
 def heap_peak_mode():
     """A TorchDispatchMode recording ``peak`` of `heap_in_use()` after every torch op (and
     ``base``, at entry). Slows every op down a little: use it for measurement steps only."""
-    from torch.utils._python_dispatch import TorchDispatchMode
 
     class HeapPeak(TorchDispatchMode):
         def __init__(self):
@@ -191,3 +228,44 @@ class TransientPeak:
             self._mode.__exit__(*exc)
             self.bytes = int(self._mode.peak - self._mode.base)
         return False
+
+
+def attention_balance(model, grid, device) -> dict:
+    """Per-rank attention FLOPs of this step (forward + backward = 3 x forward) across the
+    sequence group, counted by the LSS core attention modules, and max/mean: the causal load
+    imbalance (1.0 = balanced). Empty for modes without LSS core attention."""
+    modules = [m for m in model.modules() if isinstance(m, LSSCoreAttention)]
+    if not modules:
+        return {}
+    mine = torch.tensor([3 * sum(m.attention_flops for m in modules)], dtype=torch.int64,
+                        device=device)  # fmt: skip
+    for m in modules:
+        m.attention_flops = 0
+    per_rank = comm.all_gather_dim0(mine, grid.seq_group, category="other").tolist()
+    mean = sum(per_rank) / len(per_rank)
+    return {
+        "attention_flops_per_rank": per_rank,
+        "attention_imbalance": max(per_rank) / mean if mean else 1.0,
+    }
+
+
+def runtime_info(model, grid, start: int, load: str | None) -> dict:
+    """What really runs, read back from the built model."""
+    try:
+        mcore = version("megatron-core")
+    except PackageNotFoundError:  # metadata missing in odd installs
+        mcore = "unknown"
+    return {
+        "grid": repr(grid),
+        "backend": dist.get_backend(),
+        "core_attention": type(model.decoder.layers[0].self_attention.core_attention).__name__,
+        "tensor_parallel": model.config.tensor_model_parallel_size,
+        "sequence_parallel": bool(model.config.sequence_parallel),
+        "context_parallel": model.config.context_parallel_size,
+        "parameters_per_rank": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "resumed_from_step": start,
+        "resumed_from": load,
+        "torch": torch.__version__,
+        "megatron_core": mcore,
+        "machine": machine_description(next(model.parameters()).device, dist.get_backend()),
+    }

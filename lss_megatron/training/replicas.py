@@ -2,7 +2,8 @@
 
 `check_replicas`: replicated parameters must be bitwise identical on all P ranks, each
 sequence-local parameter (a position slice) identical on the D ranks that hold the same segment,
-and each tensor-parallel shard identical on the ranks that hold the same shard.
+and each tensor-parallel shard identical on the ranks that hold the same shard
+(`parallel.params.param_kind`).
 A mismatch means gradient averaging went wrong; the trainer fails the run when it sees one.
 """
 
@@ -10,9 +11,9 @@ from __future__ import annotations
 
 import hashlib
 
-from . import comm
-from .grid import Grid
-from .positions import is_sequence_local
+from ..parallel import comm
+from ..parallel.grid import Grid
+from ..parallel.params import REPLICATED, SEQUENCE_LOCAL, param_kind
 
 
 def parameter_digests(model) -> dict[str, str]:
@@ -23,17 +24,17 @@ def parameter_digests(model) -> dict[str, str]:
     }
 
 
-def _shard_key(p, seq_rank: int, tp_rank: int) -> tuple:
-    """Ranks with equal keys must hold bitwise-equal copies of this parameter."""
-    return (
-        seq_rank if is_sequence_local(p) else None,
-        tp_rank if getattr(p, "tensor_model_parallel", False) else None,
-    )
+def _shard_key(p, grid: Grid) -> tuple | None:
+    """Ranks with equal keys must hold bitwise-equal copies of this parameter (None: all ranks)."""
+    kind = param_kind(p, grid.tp_size).kind
+    if kind == REPLICATED:
+        return None
+    return (kind, grid.seq_rank if kind == SEQUENCE_LOCAL else grid.tp_rank)
 
 
 def check_replicas(model, grid: Grid) -> dict:
     """Compare parameter digests across ranks; returns a summary, identical on every rank."""
-    keys = {n: _shard_key(p, grid.seq_rank, grid.tp_rank) for n, p in model.named_parameters()}
+    keys = {n: _shard_key(p, grid) for n, p in model.named_parameters()}
     everyone = comm.all_gather_object((keys, parameter_digests(model)), None)
     mismatched = []
     for name in keys:
@@ -43,8 +44,8 @@ def check_replicas(model, grid: Grid) -> dict:
         if any(len(v) > 1 for v in copies.values()):
             mismatched.append(name)
     return {
-        "replicated_params": sum(k == (None, None) for k in keys.values()),
-        "sharded_params": sum(k != (None, None) for k in keys.values()),
+        "replicated_params": sum(k is None for k in keys.values()),
+        "sharded_params": sum(k is not None for k in keys.values()),
         "bitwise_equal": not mismatched,
         "mismatched": sorted(mismatched),
     }

@@ -20,9 +20,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch.distributed as dist
+from megatron.core import parallel_state as ps
 
+from ..config import ParallelConfig
 from . import comm
-from .config import ParallelConfig
 
 
 @dataclass(frozen=True)
@@ -56,14 +57,10 @@ class Grid:
 def initialize_grid(parallel: ParallelConfig) -> Grid:
     """Build Megatron's groups for `parallel` on the already-initialised default group.
 
-    The mode decides how the degree N maps onto Megatron: LSS uses a context-parallel group of
-    size N (the sequence group), nvidia-sp a tensor-parallel group of size N, serial neither.
-    Every group gets the run's collective timeout.
+    The mode decides how the degree N maps onto Megatron (`config.MODE_RULES`): LSS and Ulysses
+    use a context-parallel group of size N (the sequence group), nvidia-sp a tensor-parallel group
+    of size N, serial neither. Every group gets the run's collective timeout.
     """
-    from megatron.core import parallel_state as ps
-
-    from .modes import get_mode
-
     if not dist.is_initialized():
         raise RuntimeError("initialize_grid: torch.distributed is not initialised")
     if dist.get_world_size() != parallel.world_size:
@@ -72,10 +69,9 @@ def initialize_grid(parallel: ParallelConfig) -> Grid:
         )
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
-    mode = get_mode(parallel.mode)
     ps.initialize_model_parallel(
-        tensor_model_parallel_size=mode.tensor_parallel(parallel.seq_parallel),
-        context_parallel_size=mode.context_parallel(parallel.seq_parallel),
+        tensor_model_parallel_size=parallel.tensor_parallel_size,
+        context_parallel_size=parallel.context_parallel_size,
         distributed_timeout_minutes=parallel.dist_timeout_s / 60.0,
     )
     grid = Grid(
@@ -103,7 +99,5 @@ def initialize_grid(parallel: ParallelConfig) -> Grid:
 
 
 def destroy_grid() -> None:
-    from megatron.core import parallel_state as ps
-
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()

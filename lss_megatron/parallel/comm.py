@@ -258,6 +258,21 @@ def all_gather_dim0(x: torch.Tensor, group, *, category: str) -> torch.Tensor:
     return out
 
 
+def start_all_gather_dim0(x: torch.Tensor, group, *, category: str):
+    """Launch `all_gather_dim0` asynchronously: returns (out [n*s, ...], work); `work.wait()`
+    (None on a group of one rank, where out is x) before reading out. Counted like the blocking
+    one; the time counted is the launch, the wait is the caller's."""
+    n = group_size(group)
+    x = x.contiguous()
+    if n == 1:
+        return x, None
+    out = torch.empty((n * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    with _as(category):
+        work = gather(out, x, group=group, async_op=True)
+    return out, work
+
+
 def reduce_scatter_dim0(x: torch.Tensor, group, *, category: str) -> torch.Tensor:
     """Sum `x` over the group and keep this rank's dim-0 slice: [n*s, ...] -> [s, ...]."""
     n = group_size(group)
@@ -283,78 +298,6 @@ def all_reduce_(x: torch.Tensor, group, *, category: str) -> torch.Tensor:
     with _as(category):
         dist.all_reduce(x, op=dist.ReduceOp.SUM, group=group)
     return x
-
-
-# ---------------------------------------------------------------------------------------------
-# fused communication: one all-gather of [K | V] forward, one reduce-scatter of [dK | dV] backward
-# ---------------------------------------------------------------------------------------------
-
-
-def _kv_gather_backward(ctx, dk_full: torch.Tensor | None, dv_full: torch.Tensor | None):
-    """Adjoint of the [K | V] all-gather: ONE reduce-scatter (sum) of [dK | dV]."""
-    if dk_full is None:
-        dk_full = torch.zeros_like(dv_full)
-    if dv_full is None:
-        dv_full = torch.zeros_like(dk_full)
-    dkv_full = torch.cat([dk_full, dv_full], dim=2)  # [s, b, 2*h_kv, d]
-    dkv = reduce_scatter_dim0(dkv_full, ctx.group, category="sp")  # [s/N, b, 2*h_kv, d]
-    return dkv[:, :, : ctx.h_kv], dkv[:, :, ctx.h_kv :], None  # 2 x [s/N, b, h_kv, d]
-
-
-def fused_kv_all_gather(
-    k: torch.Tensor, v: torch.Tensor, group
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The paper's fused communication: gather the local K and V segments of every rank of the
-    sequence group in ONE all-gather of the concatenated buffer; its backward is ONE
-    reduce-scatter (sum) of the concatenated gradients, so each rank receives every rank's
-    contribution to its own K and V.
-
-    k, v: [s/N, b, h_kv, d] -> k_full, v_full: [s, b, h_kv, d] (views of one gathered buffer).
-    """
-    return finish_kv_all_gather(k, v, start_kv_all_gather(k, v, group))
-
-
-class PendingKVGather:
-    """An all-gather of one local [K | V] buffer in flight (async), finished by
-    `finish_kv_all_gather`; lets the caller attend chunk c while chunk c+1 travels."""
-
-    def __init__(self, k: torch.Tensor, v: torch.Tensor, group):
-        if k.shape != v.shape:
-            raise ValueError(f"kv gather: k {tuple(k.shape)} and v {tuple(v.shape)} differ")
-        self.group = group
-        self.h_kv = k.shape[2]
-        n = group_size(group)
-        kv = torch.cat([k.detach(), v.detach()], dim=2).contiguous()  # [s/N, b, 2*h_kv, d]
-        if n == 1:
-            self.out, self.work = kv, None
-            return
-        self.out = torch.empty((n * kv.shape[0], *kv.shape[1:]), dtype=kv.dtype, device=kv.device)
-        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-        with _as("sp"):
-            self.work = gather(self.out, kv, group=group, async_op=True)  # [s, b, 2*h_kv, d]
-
-
-class _FinishKVGather(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, k: torch.Tensor, v: torch.Tensor, pending: PendingKVGather):
-        ctx.group, ctx.h_kv = pending.group, pending.h_kv
-        if pending.work is not None:
-            pending.work.wait()
-        kv_full = pending.out  # [s, b, 2*h_kv, d]
-        return kv_full[:, :, : ctx.h_kv], kv_full[:, :, ctx.h_kv :]  # 2 x [s, b, h_kv, d]
-
-    backward = staticmethod(_kv_gather_backward)
-
-
-def start_kv_all_gather(k: torch.Tensor, v: torch.Tensor, group) -> PendingKVGather:
-    """Launch the fused [K | V] all-gather of local k, v [s/N, b, h_kv, d] asynchronously."""
-    return PendingKVGather(k, v, group)
-
-
-def finish_kv_all_gather(k: torch.Tensor, v: torch.Tensor, pending: PendingKVGather):
-    """Wait for `pending` (started from these k, v) and return the gathered K, V
-    [s, b, h_kv, d]; autograd-connected to k and v: its backward is one reduce-scatter."""
-    return _FinishKVGather.apply(k, v, pending)
 
 
 def all_gather_object(obj, group=None, *, category: str = "other") -> list:

@@ -4,7 +4,7 @@
   positions ([n*l/N, (n+1)*l/N), or its two chunks under the zigzag layout) of the table as its
   OWN parameter (`SegmentPositionEmbedding`). It is never
   communicated along the sequence; its gradient is averaged over the data group only (see
-  grad_sync.py), and the parameter carries ``lss_sequence_local = True`` to say so.
+  grad_sync.py), and the parameter is marked sequence-local (`parallel.params`) to say so.
 * RoPE: no parameter; `SegmentRotaryEmbedding` hands Megatron the rotary angles of the segment's
   GLOBAL positions (contiguous segments; Megatron's own CP slicing is zig-zag and CUDA-only).
 
@@ -16,22 +16,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-SEQUENCE_LOCAL_ATTR = "lss_sequence_local"
-
-
-def is_sequence_local(p: torch.nn.Parameter) -> bool:
-    """True for a parameter that differs across the sequence group (a position slice)."""
-    return bool(getattr(p, SEQUENCE_LOCAL_ATTR, False))
-
-
-ROWS_ATTR = "lss_global_rows"
-"""On a sequence-local parameter: the LongTensor of global rows it holds (for checkpoints)."""
+from ..layout import segment_chunks
+from ..parallel.params import mark_sequence_local
 
 
 def local_positions(seq_length: int, seq_rank: int, seq_size: int, layout: str) -> torch.Tensor:
     """Global positions held by this rank, in local order: LongTensor [l/N]."""
-    from .data import segment_chunks
-
     chunks = segment_chunks(seq_length, seq_rank, seq_size, layout)
     return torch.cat([torch.arange(lo, hi) for lo, hi in chunks])  # [l/N]
 
@@ -46,8 +36,7 @@ class SegmentPositionEmbedding(torch.nn.Module):
     def __init__(self, table: torch.Tensor, rows: torch.Tensor):
         super().__init__()
         self.weight = torch.nn.Parameter(table[rows].detach().clone())  # [l/N, E]
-        setattr(self.weight, SEQUENCE_LOCAL_ATTR, True)
-        setattr(self.weight, ROWS_ATTR, rows.clone())
+        mark_sequence_local(self.weight, rows)
         local_of = torch.full((table.shape[0],), -1, dtype=torch.long)  # [l]: global -> local row
         local_of[rows] = torch.arange(rows.numel())
         self.register_buffer("local_of", local_of, persistent=False)

@@ -24,7 +24,7 @@ import math
 import numbers
 from pathlib import Path
 
-from .log import get_logger
+from ..log import get_logger
 
 log = get_logger("train")
 

@@ -1,6 +1,7 @@
 """Optimizer, learning-rate schedule and gradient clipping by the true global norm.
 
-The global gradient norm counts every parameter exactly once, whatever the layout:
+The global gradient norm counts every parameter exactly once, whatever the layout
+(`parallel.params.param_kind`):
 
 * replicated parameters (the same averaged gradient on every rank): counted from the local copy;
 * sequence-local parameters (LSS position slices, one per segment): squared norms summed over the
@@ -17,9 +18,9 @@ import math
 
 import torch
 
-from . import comm
-from .grid import Grid
-from .positions import is_sequence_local
+from ..parallel import comm
+from ..parallel.grid import Grid
+from ..parallel.params import SEQUENCE_LOCAL, TENSOR_PARALLEL, param_kind
 
 
 def build_optimizer(params, name: str, lr: float, weight_decay: float = 0.0):
@@ -55,17 +56,12 @@ def set_lr(optimizer, lr: float) -> None:
 def global_grad_norm(model: torch.nn.Module, grid: Grid) -> float:
     """L2 norm of the full model's gradient, each parameter counted once (see module doc)."""
     device = next(model.parameters()).device
+    slot = {SEQUENCE_LOCAL: 1, TENSOR_PARALLEL: 2}  # 0: replicated
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # replicated, seq-local, tp-sharded
     for p in model.parameters():
-        if p.grad is None:
-            continue
-        sq = p.grad.detach().double().pow(2).sum()
-        if is_sequence_local(p):
-            sums[1] += sq
-        elif getattr(p, "tensor_model_parallel", False) and grid.tp_size > 1:
-            sums[2] += sq
-        else:
-            sums[0] += sq
+        if p.grad is not None:
+            sq = p.grad.detach().double().pow(2).sum()
+            sums[slot.get(param_kind(p, grid.tp_size).kind, 0)] += sq
     local = sums[1:2].clone()
     comm.all_reduce_(local, grid.seq_group, category="other")
     tp = sums[2:3].clone()

@@ -3,7 +3,8 @@
 Loss: the global per-token mean over the G x l tokens of the step. Each rank's backward uses
 ``sum(its token losses) / (its tokens this step)``; all ranks hold equally many tokens, so the
 global mean is the average of the ranks' losses, which is what double gradient averaging
-(grad_sync.py) turns the gradients into.
+(lss/grad_sync.py) turns the gradients into. The micro-batch loop is `forward_backward`, for the
+plain model and for DeepSpeed's engine alike.
 """
 
 from __future__ import annotations
@@ -13,10 +14,10 @@ import functools
 
 import torch
 
-from . import comm
-from .config import RunConfig
-from .data import build_dataset, replica_sample_indices, segment_batch
-from .grid import Grid
+from ..config import RunConfig
+from ..data import build_dataset, replica_sample_indices, segment_batch
+from ..parallel import comm
+from ..parallel.grid import Grid
 
 
 @functools.lru_cache(maxsize=4)
@@ -50,11 +51,19 @@ def step_micro_batches(cfg: RunConfig, grid: Grid, step: int, device=None, split
     return micro
 
 
-def forward_backward(model, micro_batches, *, return_token_losses: bool = False, saved=None):
+def _backward(loss: torch.Tensor) -> None:
+    loss.backward()
+
+
+def forward_backward(
+    model, micro_batches, *, return_token_losses: bool = False, saved=None, backward=_backward
+):
     """Run forward and backward over the micro-batches; gradients accumulate in `.grad`.
 
+    `model`: the GPT model, or anything called like it (DeepSpeed's engine); `backward(loss)`
+    runs the backward of one micro-batch's loss (default: `loss.backward()`).
     `saved`: an optional `metrics.SavedBytes` measuring what each forward saves for backward.
-    Returns (local mean loss as a float tensor, per-token losses [B_total, l/N] or None).
+    Returns (local mean loss as a float64 tensor, per-token losses [B_total, l/N] or None).
     """
     n_tokens = sum(tok.numel() for tok, _, _ in micro_batches)
     total = torch.zeros((), dtype=torch.float64, device=micro_batches[0][0].device)
@@ -63,7 +72,7 @@ def forward_backward(model, micro_batches, *, return_token_losses: bool = False,
         with saved.measure() if saved is not None else contextlib.nullcontext():
             per_token = model(tokens, positions, None, labels=labels)  # [B, l/N]
         loss = per_token.float().sum() / n_tokens
-        loss.backward()
+        backward(loss)
         total += loss.detach().double()
         if return_token_losses:
             token_losses.append(per_token.detach())
