@@ -108,8 +108,9 @@ def torchrun_train(nproc: int, args: list[str], timeout: float = 240, env: dict 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc-per-node={nproc}", "-m", "lss_megatron.train", *args]  # fmt: skip
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", **(env or {})}
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env,
-                          cwd=ROOT)  # fmt: skip
+    return subprocess.run(
+        cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=ROOT
+    )
 
 
 def read_metrics(out) -> list[dict]:
@@ -122,7 +123,7 @@ def read_metrics(out) -> list[dict]:
     return rows
 
 
-# --- launcher scripts ------------------------------------------------------------------------------
+# --- launcher scripts ----------------------------------------------------------------------------
 DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT")
 SCHED_PREFIXES = ("SLURM_", "OMPI_", "JSM_", "PMIX_", "PMI_", "LSB_", "LS_SUBCWD", "LSS_")
 
@@ -155,7 +156,7 @@ def ok(res):
     return res
 
 
-# --- single-process attention reference ------------------------------------------------------------
+# --- single-process attention reference ----------------------------------------------------------
 def attention_inputs(case, seed=0):
     """float64 q, k, v and an output gradient for `case` = (causal, h, h_kv, d, seq, b)."""
     import torch
@@ -189,7 +190,7 @@ def reference_attention(q, k, v, dout, causal):
     return out.detach(), q.grad, k.grad, v.grad
 
 
-# --- the GPT model on a layout, and its check against the one-process model -----------------------
+# --- the GPT model on a layout, and its check against the one-process model ----------------------
 # Tolerance 1e-5 (fp32 on CPU): the parallel paths and the one-process Megatron model differ only
 # in attention kernels and reduction orders (fused CPU flash kernel and gloo sums versus
 # baddbmm+softmax in one process); observed differences are ~1e-7.

@@ -9,17 +9,21 @@ agree to 2e-2 (as in test_train.py's bf16 test), over a few steps. nvidia-sp wit
 from __future__ import annotations
 
 import pytest
+
 from tests.support import read_metrics, torchrun_train
 
-ARGS = ["--num-layers", "2", "--hidden-size", "32", "--num-heads", "4", "--num-kv-heads", "2",
-        "--seq-length", "64", "--global-batch-size", "4", "--vocab-size", "64", "--steps", "3",
-        "--optimizer", "adamw", "--lr", "3e-3", "--dtype", "bf16"]  # fmt: skip
-VARIANTS = {
-    "lss-zigzag-kv2": (2, ["--mode", "lss", "--seq-parallel", "2", "--lss-layout", "zigzag",
-                           "--kv-gather-chunks", "2"]),
-    "ulysses": (2, ["--mode", "ulysses", "--seq-parallel", "2"]),
-    "lss-zero1": (4, ["--mode", "lss", "--seq-parallel", "2", "--zero-stage", "1"]),
-}  # fmt: skip
+ARGS = (
+    "--num-layers 2 --hidden-size 32 --num-heads 4 --num-kv-heads 2 --seq-length 64 "
+    "--global-batch-size 4 --vocab-size 64 --steps 3 --optimizer adamw --lr 3e-3 --dtype bf16"
+).split()
+VARIANTS = {  # name: (processes, flags)
+    "lss-zigzag-kv2": (
+        2,
+        "--mode lss --seq-parallel 2 --lss-layout zigzag --kv-gather-chunks 2".split(),
+    ),
+    "ulysses": (2, "--mode ulysses --seq-parallel 2".split()),
+    "lss-zero1": (4, "--mode lss --seq-parallel 2 --zero-stage 1".split()),
+}
 
 
 @pytest.fixture(scope="module")

@@ -15,11 +15,11 @@ import pytest
 
 from tests.support import read_metrics, torchrun_train
 
-ARGS = [
-    "--num-layers", "2", "--hidden-size", "32", "--num-heads", "4", "--seq-length", "32",
-    "--global-batch-size", "4", "--vocab-size", "64", "--steps", "6", "--optimizer", "adamw",
-    "--lr", "3e-3", "--warmup-steps", "2", "--seed", "5", "--dist-timeout", "60",
-]  # fmt: skip
+ARGS = (
+    "--num-layers 2 --hidden-size 32 --num-heads 4 --seq-length 32 --global-batch-size 4 "
+    "--vocab-size 64 --steps 6 --optimizer adamw --lr 3e-3 --warmup-steps 2 --seed 5 "
+    "--dist-timeout 60"
+).split()
 
 
 def _losses(out) -> dict[int, float]:
@@ -73,8 +73,9 @@ def test_resume_in_another_layout_or_mode(lss4, tmp_path, mode, n):
 @pytest.mark.timeout(120)
 def test_mismatched_model_is_a_clear_error(lss4, tmp_path):
     args = [a if a != "32" else "48" for a in ARGS]  # hidden 48 and seq 48: another model
-    res = torchrun_train(1, ["--mode", "serial", "--out", str(tmp_path), "--load",
-                             str(lss4["ckpt"]), *args])  # fmt: skip
+    res = torchrun_train(
+        1, ["--mode", "serial", "--out", str(tmp_path), "--load", str(lss4["ckpt"]), *args]
+    )
     assert res.returncode != 0
     assert (
         "is for another model" in res.stderr
@@ -86,7 +87,8 @@ def test_mismatched_model_is_a_clear_error(lss4, tmp_path):
 def test_load_from_empty_folder_is_a_clear_error(tmp_path):
     empty = tmp_path / "nothing"
     empty.mkdir()
-    res = torchrun_train(1, ["--mode", "serial", "--out", str(tmp_path / "o"), "--load",
-                             str(empty), *ARGS])  # fmt: skip
+    res = torchrun_train(
+        1, ["--mode", "serial", "--out", str(tmp_path / "o"), "--load", str(empty), *ARGS]
+    )
     assert res.returncode != 0
     assert f"--load {empty}: no complete checkpoint there" in res.stderr

@@ -105,7 +105,9 @@ def test_chunked_gathers_same_bytes_lower_transient_peak(result):
     if math.isnan(lss["transient_peak_bytes"]) or math.isnan(kv4["transient_peak_bytes"]):
         pytest.skip("this trainer does not record transient_peak_bytes")
     assert kv4["transient_peak_bytes"] < lss["transient_peak_bytes"], (
-        kv4["transient_peak_bytes"], lss["transient_peak_bytes"])  # fmt: skip
+        kv4["transient_peak_bytes"],
+        lss["transient_peak_bytes"],
+    )
     assert kv4["transient_peak_ratio_vs_lss"] > 1
     assert kv4["predicted_kv_transient_bytes"] * 4 == lss["predicted_kv_transient_bytes"]
 
@@ -133,8 +135,9 @@ def test_zero_shards_optimizer_state_over_p(result):
     for label in zero:
         row = df.loc[label]
         assert row["zero_stage"] == int(label[-1])
-        assert row["optimizer_state_bytes"] == pytest.approx(lss["optimizer_state_bytes"] / p,
-                                                             rel=0.01), label  # fmt: skip
+        assert row["optimizer_state_bytes"] == pytest.approx(
+            lss["optimizer_state_bytes"] / p, rel=0.01
+        ), label
         assert row["optimizer_state_ratio_vs_lss"] == pytest.approx(p, rel=0.01)
         assert row["sp_comm_bytes"] == lss["sp_comm_bytes"]
     if "lss-zero1" in df.index:

@@ -12,7 +12,6 @@ import pytest
 
 from tests.support import ROOT
 
-
 CLI_BAD = [
     (4, ["--mode", "lss", "--seq-parallel", "4", "--seq-length", "30"], ["--seq-length 30"]),
     (1, ["--num-heads", "4", "--num-kv-heads", "3"], ["--num-kv-heads 3"]),

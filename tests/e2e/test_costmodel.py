@@ -20,31 +20,42 @@ import pytest
 from analysis.costmodel import predict
 from tests.support import ROOT
 
-
 RUN_TIMEOUT_S = 150
 
 
-COMMON = ["--num-layers", "2", "--hidden-size", "32", "--num-heads", "4", "--seq-length", "64",
-          "--vocab-size", "64", "--steps", "2", "--progress", "off", "--dist-timeout", "60",
-          "--optimizer", "adamw", "--dtype", "fp32"]  # fmt: skip
+COMMON = (
+    "--num-layers 2 --hidden-size 32 --num-heads 4 --seq-length 64 --vocab-size 64 --steps 2 "
+    "--progress off --dist-timeout 60 --optimizer adamw --dtype fp32"
+).split()
 
 
 RUNS = {  # name: (processes, flags); G / (D B) > 1 everywhere: micro-batching
-    "serial": (2, ["--mode", "serial", "--global-batch-size", "4", "--micro-batch-size", "1"]),
-    "lss-n2": (2, ["--mode", "lss", "--seq-parallel", "2", "--data-parallel", "1",
-                   "--global-batch-size", "2", "--micro-batch-size", "1"]),
-    "lss-n2d2": (4, ["--mode", "lss", "--seq-parallel", "2", "--data-parallel", "2",
-                     "--position-embedding", "learned", "--global-batch-size", "4",
-                     "--micro-batch-size", "1"]),
-    "lss-n4-rope": (4, ["--mode", "lss", "--seq-parallel", "4", "--position-embedding", "rope",
-                        "--num-kv-heads", "2", "--global-batch-size", "4",
-                        "--micro-batch-size", "2"]),
-    "nvsp-n2": (2, ["--mode", "nvidia-sp", "--seq-parallel", "2", "--global-batch-size", "2",
-                    "--micro-batch-size", "1"]),
-    "nvsp-n2d2": (4, ["--mode", "nvidia-sp", "--seq-parallel", "2", "--data-parallel", "2",
-                      "--position-embedding", "rope", "--global-batch-size", "4",
-                      "--micro-batch-size", "1"]),
-}  # fmt: skip
+    "serial": (2, "--mode serial --global-batch-size 4 --micro-batch-size 1".split()),
+    "lss-n2": (
+        2,
+        "--mode lss --seq-parallel 2 --data-parallel 1 --global-batch-size 2 "
+        "--micro-batch-size 1".split(),
+    ),
+    "lss-n2d2": (
+        4,
+        "--mode lss --seq-parallel 2 --data-parallel 2 --position-embedding learned "
+        "--global-batch-size 4 --micro-batch-size 1".split(),
+    ),
+    "lss-n4-rope": (
+        4,
+        "--mode lss --seq-parallel 4 --position-embedding rope --num-kv-heads 2 "
+        "--global-batch-size 4 --micro-batch-size 2".split(),
+    ),
+    "nvsp-n2": (
+        2,
+        "--mode nvidia-sp --seq-parallel 2 --global-batch-size 2 --micro-batch-size 1".split(),
+    ),
+    "nvsp-n2d2": (
+        4,
+        "--mode nvidia-sp --seq-parallel 2 --data-parallel 2 --position-embedding rope "
+        "--global-batch-size 4 --micro-batch-size 1".split(),
+    ),
+}
 
 
 EXACT = ("sp_comm_bytes", "grad_comm_bytes", "other_comm_bytes", "sp_comm_calls",
@@ -76,8 +87,9 @@ def runs(tmp_path_factory) -> dict:
                 late.append(name)
                 break
             if p.returncode != 0:
-                failed.append(f"{name}: exit {p.returncode}\n"
-                              + (base / f"{name}.log").read_text()[-2000:])  # fmt: skip
+                failed.append(
+                    f"{name}: exit {p.returncode}\n" + (base / f"{name}.log").read_text()[-2000:]
+                )
     finally:
         for p, _, log in procs.values():  # hard stop: the whole process group of a live run
             if p.poll() is None:

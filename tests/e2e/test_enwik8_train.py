@@ -8,12 +8,14 @@ import math
 
 import numpy as np
 import pytest
+
 from tests.support import read_metrics, torchrun_train
 
 ENWIK8_BYTES = 100_000_000
-ARGS = ["--data", "enwik8", "--vocab-size", "256", "--num-layers", "1", "--hidden-size", "32",
-        "--num-heads", "4", "--seq-length", "64", "--global-batch-size", "4", "--steps", "3",
-        "--optimizer", "sgd", "--lr", "0.3", "--eval-interval", "3", "--eval-steps", "1"]  # fmt: skip
+ARGS = (
+    "--data enwik8 --vocab-size 256 --num-layers 1 --hidden-size 32 --num-heads 4 --seq-length 64 "
+    "--global-batch-size 4 --steps 3 --optimizer sgd --lr 0.3 --eval-interval 3 --eval-steps 1"
+).split()
 
 
 @pytest.fixture(scope="module")

@@ -10,13 +10,15 @@ import time
 
 import psutil
 import pytest
+
 from tests.support import read_metrics, torchrun_train
 
 TIMEOUT_S = 8
 STARTUP_S = 20  # interpreter + torch + megatron imports and model build on a busy 2-core machine
-ARGS = ["--mode", "lss", "--seq-parallel", "2", "--num-layers", "1", "--hidden-size", "32",
-        "--num-heads", "2", "--seq-length", "32", "--global-batch-size", "2", "--steps", "6",
-        "--dist-timeout", str(TIMEOUT_S)]  # fmt: skip
+ARGS = (
+    "--mode lss --seq-parallel 2 --num-layers 1 --hidden-size 32 --num-heads 2 --seq-length 32 "
+    f"--global-batch-size 2 --steps 6 --dist-timeout {TIMEOUT_S}"
+).split()
 
 
 def _orphans(marker: str) -> list[str]:
@@ -41,7 +43,8 @@ def test_failing_rank_takes_the_job_down(tmp_path, kind):
     if kind == "hang":
         # the healthy rank reports why it stopped
         assert f"a collective timed out after {TIMEOUT_S} s (--dist-timeout)" in res.stderr, (
-            res.stderr[-3000:])  # fmt: skip
+            res.stderr[-3000:]
+        )
     time.sleep(1.0)
     assert _orphans(str(out)) == [], "processes left behind"
     steps = [r["step"] for r in read_metrics(out)]

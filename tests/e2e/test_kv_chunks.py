@@ -15,9 +15,10 @@ TOL = 1e-5
 
 @pytest.mark.timeout(300)
 def test_trainer_with_chunked_gathers_matches_serial(tmp_path):
-    args = ["--num-layers", "2", "--hidden-size", "32", "--num-heads", "8", "--num-kv-heads", "4",
-            "--seq-length", "32", "--global-batch-size", "2", "--vocab-size", "64", "--steps",
-            "4", "--optimizer", "sgd", "--lr", "0.5"]  # fmt: skip
+    args = (
+        "--num-layers 2 --hidden-size 32 --num-heads 8 --num-kv-heads 4 --seq-length 32 "
+        "--global-batch-size 2 --vocab-size 64 --steps 4 --optimizer sgd --lr 0.5"
+    ).split()
     res = torchrun_train(1, ["--mode", "serial", "--out", str(tmp_path / "s"), *args])
     assert res.returncode == 0, res.stderr[-2000:]
     res = torchrun_train(2, ["--mode", "lss", "--seq-parallel", "2", "--kv-gather-chunks", "4",

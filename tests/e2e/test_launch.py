@@ -1,4 +1,4 @@
-"""Launchers (launch/) running the trainer for real: DeepSpeed vs torchrun, a preset with an override.
+"""Launchers (launch/) running the trainer: DeepSpeed vs torchrun, a preset with an override.
 
 * The DeepSpeed launcher, through launch/deepspeed.sh and as the plain `deepspeed --num_gpus 2
   --module lss_megatron.train` users type, runs the trainer on 2 CPU processes with per-step losses
@@ -26,12 +26,11 @@ PRESETS = LAUNCH / "presets"
 TOL = 1e-6
 
 
-TRAINER = [
-    "--mode", "lss", "--seq-parallel", "2", "--num-layers", "2", "--hidden-size", "32",
-    "--num-heads", "4", "--num-kv-heads", "2", "--seq-length", "32", "--global-batch-size", "2",
-    "--vocab-size", "64", "--position-embedding", "learned", "--steps", "4", "--optimizer", "sgd",
-    "--lr", "0.5", "--seed", "7", "--dtype", "fp32", "--data", "synthetic", "--dist-timeout", "60",
-]  # fmt: skip
+TRAINER = (
+    "--mode lss --seq-parallel 2 --num-layers 2 --hidden-size 32 --num-heads 4 --num-kv-heads 2 "
+    "--seq-length 32 --global-batch-size 2 --vocab-size 64 --position-embedding learned --steps 4 "
+    "--optimizer sgd --lr 0.5 --seed 7 --dtype fp32 --data synthetic --dist-timeout 60"
+).split()
 
 
 def losses(out: Path) -> list[float]:

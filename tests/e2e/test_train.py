@@ -13,16 +13,16 @@ import subprocess
 from pathlib import Path
 
 import pytest
+
 from tests.support import torchrun_train
 
 TOL = 1e-5
-COMMON = [
-    "--num-layers", "2", "--hidden-size", "32", "--num-heads", "8", "--num-kv-heads", "4",
-    "--seq-length", "32", "--global-batch-size", "4", "--micro-batch-size", "1",
-    "--vocab-size", "64", "--steps", "10", "--optimizer", "sgd", "--lr", "0.5", "--seed", "11",
-    "--dtype", "fp32", "--data", "synthetic", "--dist-timeout", "60",
-    "--eval-interval", "5", "--eval-steps", "1",
-]  # fmt: skip
+COMMON = (
+    "--num-layers 2 --hidden-size 32 --num-heads 8 --num-kv-heads 4 --seq-length 32 "
+    "--global-batch-size 4 --micro-batch-size 1 --vocab-size 64 --steps 10 --optimizer sgd "
+    "--lr 0.5 --seed 11 --dtype fp32 --data synthetic --dist-timeout 60 --eval-interval 5 "
+    "--eval-steps 1"
+).split()
 
 
 def torchrun(nproc: int, args: list[str], timeout: float = 240) -> subprocess.CompletedProcess:

@@ -25,13 +25,12 @@ from tests.support import ROOT, read_metrics, torchrun_train
 TOL = 1e-5
 
 
-COMMON = [
-    "--num-layers", "2", "--hidden-size", "32", "--num-heads", "8", "--num-kv-heads", "4",
-    "--seq-length", "32", "--global-batch-size", "4", "--micro-batch-size", "1",
-    "--vocab-size", "64", "--steps", "10", "--optimizer", "sgd", "--lr", "0.5", "--seed", "11",
-    "--dtype", "fp32", "--data", "synthetic", "--dist-timeout", "60", "--progress", "off",
-    "--eval-interval", "5", "--eval-steps", "1",
-]  # fmt: skip
+COMMON = (
+    "--num-layers 2 --hidden-size 32 --num-heads 8 --num-kv-heads 4 --seq-length 32 "
+    "--global-batch-size 4 --micro-batch-size 1 --vocab-size 64 --steps 10 --optimizer sgd "
+    "--lr 0.5 --seed 11 --dtype fp32 --data synthetic --dist-timeout 60 --progress off "
+    "--eval-interval 5 --eval-steps 1"
+).split()
 
 
 @pytest.mark.timeout(300)

@@ -25,6 +25,7 @@ import json
 from pathlib import Path
 
 import pytest
+
 from tests.support import read_metrics, torchrun_train
 
 pytest.importorskip("deepspeed")
@@ -32,15 +33,15 @@ pytest.importorskip("deepspeed")
 TOL = 1e-5
 P = 4
 E, L, FFN, V = 32, 32, 128, 64
-COMMON = [
-    "--num-layers", "2", "--hidden-size", str(E), "--num-heads", "8", "--num-kv-heads", "4",
-    "--seq-length", str(L), "--global-batch-size", "8", "--micro-batch-size", "2",
-    "--vocab-size", str(V), "--steps", "5", "--optimizer", "adamw", "--lr", "0.01",
-    "--seed", "11", "--data", "synthetic", "--dist-timeout", "60", "--progress", "off",
-]  # fmt: skip
+COMMON = (
+    f"--num-layers 2 --hidden-size {E} --num-heads 8 --num-kv-heads 4 --seq-length {L} "
+    f"--global-batch-size 8 --micro-batch-size 2 --vocab-size {V} --steps 5 --optimizer adamw "
+    "--lr 0.01 --seed 11 --data synthetic --dist-timeout 60 --progress off"
+).split()
 SKIPPED = 3
-LSS = ["--mode", "lss", "--seq-parallel", "2", "--data-parallel", "2",
-       "--fault", f"nan:1:{SKIPPED}", "--skip-nonfinite"]  # fmt: skip
+LSS = (
+    f"--mode lss --seq-parallel 2 --data-parallel 2 --fault nan:1:{SKIPPED} --skip-nonfinite"
+).split()
 NVIDIA_SP = ["--mode", "nvidia-sp", "--seq-parallel", "2", "--data-parallel", "2"]
 
 

@@ -15,9 +15,10 @@ from tests.support import read_metrics, torchrun_train
 TOL = 1e-5
 
 
-ARGS = ["--num-layers", "2", "--hidden-size", "32", "--num-heads", "4", "--seq-length", "64",
-        "--global-batch-size", "2", "--vocab-size", "64", "--steps", "4", "--optimizer", "adamw",
-        "--lr", "3e-3", "--seed", "9"]  # fmt: skip
+ARGS = (
+    "--num-layers 2 --hidden-size 32 --num-heads 4 --seq-length 64 --global-batch-size 2 "
+    "--vocab-size 64 --steps 4 --optimizer adamw --lr 3e-3 --seed 9"
+).split()
 
 
 @pytest.mark.timeout(400)
@@ -41,7 +42,8 @@ def test_zigzag_training_balance_and_checkpoint(tmp_path):
     zigzag = runs["zigzag"][-1]["attention_imbalance"]
     assert zigzag == pytest.approx(1.0) and contiguous > 1.5, (contiguous, zigzag)
     assert sum(runs["zigzag"][-1]["attention_flops_per_rank"]) == sum(
-        runs["contiguous"][-1]["attention_flops_per_rank"]), "same total work"  # fmt: skip
+        runs["contiguous"][-1]["attention_flops_per_rank"]
+    ), "same total work"
     # a zigzag checkpoint (position rows of two chunks per rank) resumes in contiguous at N=2
     res = torchrun_train(2, ["--mode", "lss", "--seq-parallel", "2", "--load",
                              str(tmp_path / "ck" / "step_00000002"),

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from tests.support import GLOBAL_BATCH, TOL, check_model, model_worker, run_ranks
 
 

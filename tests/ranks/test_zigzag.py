@@ -1,10 +1,10 @@
 """Zigzag LSS layout (causal load balance): rank n holds chunks n and 2N-1-n of l/(2N) tokens.
 
 Exactness as for the contiguous layout (fp32 on CPU, 1e-5: only accumulation order differs from
-the one-process reference): the operator against full attention, the GPT model's loss, every
-gradient and the per-token losses against the one-process Megatron model (the trainer's losses
-against serial: tests/e2e/test_zigzag.py). The balance itself: per-rank attention FLOPs (counted by the LSS core
-attention) have max/mean 1.0 under zigzag and > 1 under contiguous segments.
+the one-process reference): the operator against full attention, and the GPT model's loss, every
+gradient and the per-token losses against the one-process Megatron model. The trainer's losses
+against serial and the balance itself (per-rank attention FLOPs max/mean 1.0 under zigzag, > 1
+under contiguous segments): tests/e2e/test_zigzag.py.
 """
 
 from __future__ import annotations
@@ -37,13 +37,15 @@ def _operator_worker(rank, world, cases):
         with comm.record() as log:
             o = lss_attention(lq, lk, lv, causal=causal, layout="zigzag")
             o.backward(dout[idx].float())
-        out.append({
-            "out": (o.detach().double() - ref_out[idx]).abs().max().item(),
-            "dq": (lq.grad.double() - ref_dq[idx]).abs().max().item(),
-            "dk": (lk.grad.double() - ref_dk[idx]).abs().max().item(),
-            "dv": (lv.grad.double() - ref_dv[idx]).abs().max().item(),
-            "calls": log.count(category="sp"),
-        })  # fmt: skip
+        out.append(
+            {
+                "out": (o.detach().double() - ref_out[idx]).abs().max().item(),
+                "dq": (lq.grad.double() - ref_dq[idx]).abs().max().item(),
+                "dk": (lk.grad.double() - ref_dk[idx]).abs().max().item(),
+                "dv": (lv.grad.double() - ref_dv[idx]).abs().max().item(),
+                "calls": log.count(category="sp"),
+            }
+        )
     return out
 
 
@@ -75,8 +77,9 @@ def _model_worker(rank, world, layouts):
         ).validate()  # fmt: skip
         grid = initialize_grid(cfg.parallel)
         model = build_model(cfg.model, grid, mode=mode, seed=3)
-        local_loss, tok = forward_backward(model, step_micro_batches(cfg, grid, 1),
-                                           return_token_losses=True)  # fmt: skip
+        local_loss, tok = forward_backward(
+            model, step_micro_batches(cfg, grid, 1), return_token_losses=True
+        )
         GradientAverager(model, grid)()
         out.append({
             "key": (pos, layout), "loss": global_mean_loss(local_loss, grid),
@@ -91,8 +94,9 @@ def _model_worker(rank, world, layouts):
 def test_zigzag_model_matches_one_process():
     ref = {r["key"][0]: r for r in run_ranks(
         _model_worker, 1, [(1, p, "serial", "contiguous") for p in ("learned", "rope")])[0]}  # fmt: skip
-    runs = run_ranks(_model_worker, 4, [(4, p, "lss", "zigzag") for p in ("learned", "rope")],
-                     timeout=200)  # fmt: skip
+    runs = run_ranks(
+        _model_worker, 4, [(4, p, "lss", "zigzag") for p in ("learned", "rope")], timeout=200
+    )
     for rank_results in runs:
         for r in rank_results:
             pos = r["key"][0]

@@ -126,8 +126,9 @@ def test_plain_references_skip_variants(df):
     extra["variant"], extra["zero_stage"], extra["step_time_s"] = "nvidia-sp-zero1", 1, 0.1
     fast = row(df, "lss-zigzag", 2, 64).copy()
     fast["step_time_s"] = 0.01
-    again = tables.add_derived(pd.concat([df, extra.to_frame().T, fast.to_frame().T],
-                                         ignore_index=True), "strong")  # fmt: skip
+    again = tables.add_derived(
+        pd.concat([df, extra.to_frame().T, fast.to_frame().T], ignore_index=True), "strong"
+    )
     assert row(again, "lss", 2, 64)["speedup_vs_nvidia_sp"] == approx(1.2 / 0.6)
     assert row(again, "lss-kv4", 2, 64)["speedup_vs_lss"] == approx(0.6 / 0.64)
 
@@ -238,12 +239,16 @@ def test_variant_rows_to_costmodel(df):
     assert zero["train"]["zero_stage"] == 1
     plain = tables.config_from_row(row(df, "lss", 2, 64))
     assert plain["train"]["zero_stage"] == 0 and plain["parallel"]["lss_layout"] == "contiguous"
-    got = {k: tables.predicted_columns(c, predict) for k, c in
-           (("zigzag", zigzag), ("zero", zero), ("plain", plain))}  # fmt: skip
+    got = {
+        k: tables.predicted_columns(c, predict)
+        for k, c in (("zigzag", zigzag), ("zero", zero), ("plain", plain))
+    }
     assert got["zigzag"]["predicted_attention_imbalance"] == 1.0
     assert got["plain"]["predicted_attention_imbalance"] > 1.0  # causal, contiguous
-    ratio = (got["plain"]["predicted_optimizer_state_bytes"]
-             / got["zero"]["predicted_optimizer_state_bytes"])  # fmt: skip
+    ratio = (
+        got["plain"]["predicted_optimizer_state_bytes"]
+        / got["zero"]["predicted_optimizer_state_bytes"]
+    )
     assert 1.9 < ratio <= 2.0  # sharded over P = 2 (one 4-byte step each, padding)
 
 
@@ -270,8 +275,9 @@ def test_weak_efficiency_data(df):
 
 
 def test_memory_data(df):
-    data = figures.memory_data(df).set_index(["mode", "seq_parallel", "data_parallel",
-                                               "seq_length"])  # fmt: skip
+    data = figures.memory_data(df).set_index(
+        ["mode", "seq_parallel", "data_parallel", "seq_length"]
+    )
     assert data.loc[("lss", 2, 1, 128), "activation_bytes"] == 128000
     assert data.loc[("lss", 2, 1, 128), "state_bytes"] == 100000
     assert data.loc[("nvidia-sp", 2, 1, 64), "activation_bytes"] == 10 * 64**2 + 500 * 64
@@ -283,8 +289,10 @@ def test_memory_data(df):
 
 def test_longest_sequence_data_measured(df):
     data = figures.longest_sequence_data(df, source="measured")
-    got = {(m, n): x for m, n, x in zip(data["mode"], data["seq_parallel"],
-                                        data["max_seq_length"], strict=True)}  # fmt: skip
+    got = {
+        (m, n): x
+        for m, n, x in zip(data["mode"], data["seq_parallel"], data["max_seq_length"], strict=True)
+    }
     # budget 1e6 bytes (the table's column): solve the fixture's laws by hand
     assert got == {("lss", 2): 900, ("lss", 4): 1800,  # 1000 l + 1e5, 500 l + 1e5
                    ("nvidia-sp", 2): 284,  # 10 l^2 + 500 l + 5e4 <= 1e6: l <= 284.2, even
@@ -321,8 +329,10 @@ def test_longest_fitting_is_the_brute_force_answer():
     for step, limit in ((1, 1), (3, 100), (7, 1000), (384, 1 << 14)):
         for budget in (0, 5, 99, 1000, 10**6):
             size = lambda length: 3 * length + length * length / 50  # noqa: E731
-            want = max((k * step for k in range(1, limit // step + 1) if size(k * step) <= budget),
-                       default=0)  # fmt: skip
+            want = max(
+                (k * step for k in range(1, limit // step + 1) if size(k * step) <= budget),
+                default=0,
+            )
             assert longest_fitting(step, size, budget, limit) == want, (step, limit, budget)
 
 
@@ -437,8 +447,7 @@ def test_cluster_presets():
 def test_dry_run_prints_commands(tmp_path, capsys):
     assert compare.main(["--preset", "smoke", "--dry-run", "--out", str(tmp_path)]) == 0
     lines = [x for x in capsys.readouterr().out.splitlines() if "lss_megatron.train" in x]
-    assert len(lines) == 10 and all("--standalone" in x and "OMP_NUM_THREADS=1" in x
-                                    for x in lines)  # fmt: skip
+    assert len(lines) == 10 and all("--standalone" in x and "OMP_NUM_THREADS=1" in x for x in lines)
     assert not (tmp_path / "runs").exists()
 
 
@@ -448,8 +457,7 @@ def test_cluster_preset_is_not_launched(tmp_path, capsys):
 
 
 def _fake_launch(monkeypatch, code: str) -> None:
-    monkeypatch.setattr(compare, "torchrun_command",
-                        lambda run, out: [sys.executable, "-c", code])  # fmt: skip
+    monkeypatch.setattr(compare, "torchrun_command", lambda run, out: [sys.executable, "-c", code])
 
 
 def test_failed_run_is_recorded(tmp_path, monkeypatch):

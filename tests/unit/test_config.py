@@ -71,14 +71,18 @@ def test_vocab_padding_is_the_same_in_every_mode():
                    train={"global_batch_size": 1}).validate()  # fmt: skip
         assert cfg.to_dict()["model"]["padded_vocab_size"] == 768
     with pytest.raises(ConfigError, match="model vocabulary 256"):
-        _cfg(model={"hidden_size": 96, "num_heads": 6},
-             parallel={"mode": "nvidia-sp", "world_size": 6, "seq_parallel": 6}).validate()  # fmt: skip
+        _cfg(
+            model={"hidden_size": 96, "num_heads": 6},
+            parallel={"mode": "nvidia-sp", "world_size": 6, "seq_parallel": 6},
+        ).validate()
 
 
 def test_lss_has_no_head_cap():
     """The same head count nvidia-sp rejects runs under LSS (N = 4, 6 heads, 2 kv heads)."""
-    _cfg(model={"hidden_size": 48, "num_heads": 6, "num_kv_heads": 2},
-         parallel={"mode": "lss", "world_size": 4, "seq_parallel": 4}).validate()  # fmt: skip
+    _cfg(
+        model={"hidden_size": 48, "num_heads": 6, "num_kv_heads": 2},
+        parallel={"mode": "lss", "world_size": 4, "seq_parallel": 4},
+    ).validate()
 
 
 def test_nvidia_sp_guard_refuses_a_model_without_sequence_parallelism():

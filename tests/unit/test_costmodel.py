@@ -40,8 +40,9 @@ def test_model_flops_equal_trainer_formula():
 
 # --- pure unit tests ---------------------------------------------------------------------------
 def test_alpha_beta_intra_vs_inter_node():
-    net = Network(gpus_per_node=8, intra_bw=100e9, inter_bw_per_node=40e9, intra_alpha=1e-6,
-                  inter_alpha=1e-5)  # fmt: skip
+    net = Network(
+        gpus_per_node=8, intra_bw=100e9, inter_bw_per_node=40e9, intra_alpha=1e-6, inter_alpha=1e-5
+    )
     assert net.placement(8, 1) == (8, 1) and net.placement(16, 1) == (8, 2)
     assert net.placement(4, 8) == (1, 4)  # a data group strided by a node: one member per node
     assert net.link(8) == (1e-6, 100e9)  # inside a node
@@ -89,10 +90,11 @@ def test_buckets_follow_grad_sync():
 
 
 def test_step_time_and_peers_at_paper_scale():
-    kw = dict(num_layers=12, hidden_size=512, num_heads=8, seq_length=6912,
-              global_batch_size=4)  # fmt: skip
-    preds = {m: predict(make_config(m, 8, 4, **kw), device="a100") for m in
-             ("lss", "ulysses", "ring", "nvidia-sp")}  # fmt: skip
+    kw = dict(num_layers=12, hidden_size=512, num_heads=8, seq_length=6912, global_batch_size=4)
+    preds = {
+        m: predict(make_config(m, 8, 4, **kw), device="a100")
+        for m in ("lss", "ulysses", "ring", "nvidia-sp")
+    }
     for m, p in preds.items():
         assert p["step_time_s"] > 0 and p["achieved_flops_per_s"] > 0, m
         assert p["step_time_s"] == pytest.approx(sum(p["time_breakdown_s"].values()))
@@ -186,14 +188,14 @@ def test_layouts_the_trainer_refuses_are_refused_with_its_messages():
     assert layout_problems(ring) == []
     assert predict(ring)["mode"] == "ring"
     ring["model"]["seq_length"] = 6145
-    assert layout_problems(ring) == [
-        "--seq-length 6145 is not divisible by --seq-parallel 8"
-    ]  # fmt: skip
+    assert layout_problems(ring) == ["--seq-length 6145 is not divisible by --seq-parallel 8"]
 
 
 def test_cli_bad_input_is_one_error_and_exit_2(tmp_path):
-    for args, names in ((["--preset", "summit-paper", "--set", "num_heads=7"], "--num-heads 7"),
-                        (["--config", str(tmp_path / "missing.json")], "missing.json")):  # fmt: skip
+    for args, names in (
+        (["--preset", "summit-paper", "--set", "num_heads=7"], "--num-heads 7"),
+        (["--config", str(tmp_path / "missing.json")], "missing.json"),
+    ):
         res = subprocess.run([sys.executable, "-m", "analysis.costmodel", *args],
                              capture_output=True, text=True, timeout=60, cwd=ROOT)  # fmt: skip
         assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
@@ -230,8 +232,9 @@ def test_summit_paper_report():
 def test_summit_layout_what_if():
     from analysis.costmodel.paper import summit_layout
 
-    r = summit_layout("144", mode="nvidia-sp", seq_parallel=2, data_parallel=72,
-                      global_batch_size=72)  # fmt: skip
+    r = summit_layout(
+        "144", mode="nvidia-sp", seq_parallel=2, data_parallel=72, global_batch_size=72
+    )
     assert (r["mode"], r["world_size"], r["device"]) == (
         "nvidia-sp",
         144,

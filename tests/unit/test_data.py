@@ -281,8 +281,10 @@ def test_missing_file_is_named(tmp_path):
     missing = tmp_path / "nowhere" / "enwik8.zip"
     with pytest.raises(DataError, match=rf"{missing}: no such file"):
         _small(missing)
-    assert any(str(missing) in m and "no such file" in m for m in
-               check_data_config("enwik8", str(missing), 256))  # fmt: skip
+    assert any(
+        str(missing) in m and "no such file" in m
+        for m in check_data_config("enwik8", str(missing), 256)
+    )
 
 
 def test_wrong_size_raw_file(tmp_path):

@@ -131,8 +131,9 @@ def test_script_syntax(script):
 
 
 @pytest.mark.timeout(30)
-@pytest.mark.parametrize("script,flag", [("deepspeed.sh", "--num-gpus"),
-                                         ("torchrun.sh", "--nproc-per-node")])  # fmt: skip
+@pytest.mark.parametrize(
+    "script,flag", [("deepspeed.sh", "--num-gpus"), ("torchrun.sh", "--nproc-per-node")]
+)
 def test_usage(script, flag):
     res = ok(run_cmd(["bash", LAUNCH / script, "-h"], timeout=20))
     assert flag in res.stdout and "-- TRAINER ARGS" in res.stdout
@@ -177,8 +178,10 @@ def test_torchrun_sh_options():
     )
     res = ok(run_cmd(["bash", sh, "--nproc-per-node", "6", "--nnodes", "24", "--node-rank", "3",
                   "--rdzv-endpoint", "h41n01:29400", "--max-restarts=0", "--dry-run", "--"], 20))  # fmt: skip
-    assert ("--nnodes 24 --node-rank 3 --master-addr h41n01 --master-port 29400 --max-restarts=0"
-            " -m lss_megatron.train") in res.stderr  # fmt: skip
+    assert (
+        "--nnodes 24 --node-rank 3 --master-addr h41n01 --master-port 29400 --max-restarts=0"
+        " -m lss_megatron.train"
+    ) in res.stderr
     res = ok(run_cmd(["bash", sh, "--nproc-per-node", "6", "--nnodes", "2", "--rdzv-endpoint",
                   "h41n01:29400", "--dry-run", "--"], 20))  # fmt: skip
     assert "--rdzv-backend c10d --rdzv-endpoint h41n01:29400 --rdzv-id lss-megatron" in res.stderr
@@ -258,8 +261,9 @@ def stubs(tmp_path):
     """)  # fmt: skip
     out = tmp_path / "out"
     out.mkdir()
-    env = clean_env(PATH=f"{bin_}{os.pathsep}{os.environ.get('PATH', '')}", PYTHON=str(py),
-                    STUB_OUT=str(out))  # fmt: skip
+    env = clean_env(
+        PATH=f"{bin_}{os.pathsep}{os.environ.get('PATH', '')}", PYTHON=str(py), STUB_OUT=str(out)
+    )
     del env["OMP_NUM_THREADS"]
     return {"env": env, "out": out, "python": str(py), "dir": tmp_path}
 
@@ -283,7 +287,9 @@ def test_env_helper_slurm(stubs):
                    'MASTER_ADDR MASTER_PORT; do echo "$v=${!v}"; done'], 30, env)  # fmt: skip
     assert printed_env(sourced) == want
     # a MASTER_ADDR/PORT already exported (by the batch script) is kept
-    kept = printed_env(run_cmd(["bash", helper], 30, {**env, "MASTER_ADDR": "n9", "MASTER_PORT": "1"}))
+    kept = printed_env(
+        run_cmd(["bash", helper], 30, {**env, "MASTER_ADDR": "n9", "MASTER_PORT": "1"})
+    )
     assert (kept["MASTER_ADDR"], kept["MASTER_PORT"], kept["RANK"]) == ("n9", "1", "3")
 
 
@@ -360,7 +366,11 @@ def test_summit_jsrun(stubs):
     f.write_text("\n".join(["batch2"] + ["h41n07"] * 42 + ["h41n08"] * 42) + "\n")
     env = {**stubs["env"], "LSB_JOBID": "31337", "LSB_DJOB_HOSTFILE": str(f),
            "LS_SUBCWD": str(ROOT), "EXTRA_ARGS": "--steps 2"}  # fmt: skip
-    ok(run_cmd(["bash", LAUNCH / "summit_jsrun.sh", "--log-interval", "5"], 60, env, cwd=stubs["dir"]))
+    ok(
+        run_cmd(
+            ["bash", LAUNCH / "summit_jsrun.sh", "--log-interval", "5"], 60, env, cwd=stubs["dir"]
+        )
+    )
     jsrun_args = (stubs["out"] / "jsrun_args").read_text()
     assert "--smpiargs=-disable_gpu_hooks" in jsrun_args
     assert "-n 2 -r 1 -a 6 -g 6 -c 42" in jsrun_args

@@ -1,4 +1,4 @@
-"""The configuration errors of --zero-stage: named in one message, exit 2 from the trainer's main."""
+"""The configuration errors of --zero-stage: named together; exit 2 from the trainer's main."""
 
 from __future__ import annotations
 
