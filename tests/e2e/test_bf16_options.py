@@ -34,6 +34,7 @@ def serial_bf16(tmp_path_factory):
     return read_metrics(out)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("name", sorted(VARIANTS))
 def test_bf16_variant_tracks_serial(serial_bf16, tmp_path, name):

@@ -43,6 +43,7 @@ def lss4(tmp_path_factory):
     return {"full": _losses(full), "part": part, "ckpt": ckpt}
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_resume_same_layout_is_exact(lss4):
     part = lss4["part"]
@@ -57,6 +58,7 @@ def test_resume_same_layout_is_exact(lss4):
     assert cfg["runtime"]["resumed_from_step"] == 3
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("mode,n", [("lss", 2), ("serial", 1), ("nvidia-sp", 2)])
 def test_resume_in_another_layout_or_mode(lss4, tmp_path, mode, n):
@@ -70,6 +72,7 @@ def test_resume_in_another_layout_or_mode(lss4, tmp_path, mode, n):
         assert abs(resumed[step] - full[step]) < 1e-5, (mode, n, step, resumed[step], full[step])
 
 
+@pytest.mark.slow  # the checkpoint comes from the module's LSS N = 4 runs
 @pytest.mark.timeout(120)
 def test_mismatched_model_is_a_clear_error(lss4, tmp_path):
     args = [a if a != "32" else "48" for a in ARGS]  # hidden 48 and seq 48: another model

@@ -27,7 +27,8 @@ ROOT = Path(__file__).resolve().parents[2]
 HARD_TIMEOUT_S = 300
 FP32 = 4
 LOSS_TOL = 1e-5
-pytestmark = pytest.mark.timeout(HARD_TIMEOUT_S + 30)  # the module's first test runs the preset
+# the module's first test runs the preset (8 trainer launches)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(HARD_TIMEOUT_S + 30)]
 
 
 def ulysses_sp_bytes(n: int, length: int, model: dict, train: dict) -> int:

@@ -34,6 +34,7 @@ def lss_sp_bytes(n: int, length: int, model: dict, train: dict) -> int:
     return 2 * one_way * model["num-layers"] * micro_batches
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(360)
 def test_compare_smoke(tmp_path):
     from analysis import figures, tables

@@ -107,6 +107,7 @@ def runs(tmp_path_factory) -> dict:
     return result
 
 
+@pytest.mark.slow  # the module fixture launches six trainer runs
 @pytest.mark.parametrize("name", list(RUNS))
 def test_counts_match_trainer(runs, name):
     config, rows = runs[name]

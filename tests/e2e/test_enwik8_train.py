@@ -29,6 +29,7 @@ def enwik8_file(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_enwik8_serial_and_lss_agree(enwik8_file, tmp_path):
     runs = {}

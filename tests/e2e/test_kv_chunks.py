@@ -13,6 +13,7 @@ from tests.support import read_metrics, torchrun_train
 TOL = 1e-5
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_trainer_with_chunked_gathers_matches_serial(tmp_path):
     args = (

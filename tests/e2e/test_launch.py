@@ -54,6 +54,7 @@ def deepspeed_bin() -> Path:
     return Path(found)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_deepspeed_matches_torchrun(tmp_path):
     """Same trainer, same configuration, three launches: torchrun, launch/deepspeed.sh and the

@@ -43,6 +43,7 @@ def train_lss(n: int, out: Path) -> list[float]:
     return [r["loss"] for r in rows]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("n", [2, 4])
 def test_lss_beats_the_segment_local_floor(tmp_path, n):

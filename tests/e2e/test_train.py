@@ -72,6 +72,7 @@ def assert_losses_close(losses, ref, what):
         assert abs(a - b) < TOL, f"{what}, step {step}: {a} vs {b}"
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("n,d,pos", [(2, 1, "learned"), (4, 1, "rope"), (2, 2, "learned")])
 def test_three_way_parity(serial_runs, tmp_path, n, d, pos):
@@ -119,6 +120,7 @@ def test_three_way_parity(serial_runs, tmp_path, n, d, pos):
     assert nsp_info["summary"]["replicas"]["sharded_params"] > 0
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_lss_rope_two_by_two_matches_serial(serial_runs, tmp_path):
     losses, info = run_mode(tmp_path, "lss", 2, 2, "rope")
@@ -126,6 +128,7 @@ def test_lss_rope_two_by_two_matches_serial(serial_runs, tmp_path):
     assert info["metrics"][0]["grad_comm_calls"] == 1  # RoPE: no position slice to average
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_bf16_lss_tracks_serial(serial_runs, tmp_path):
     """bf16 autocast (fp32 master weights and gradient averaging): bf16 keeps ~3 significant

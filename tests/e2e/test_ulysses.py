@@ -33,6 +33,7 @@ COMMON = (
 ).split()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_ulysses_trainer_matches_serial(tmp_path):
     """torchrun, 10 SGD steps: every step's loss, gradient norm and validation loss equal

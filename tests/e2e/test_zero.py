@@ -79,6 +79,7 @@ def plain(tmp_path_factory) -> list[dict]:
     return train(tmp_path_factory.mktemp("plain"), LSS)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("stage", [1, 2])
 def test_lss_zero_matches_plain(plain, tmp_path, stage):
@@ -101,6 +102,7 @@ def test_lss_zero_matches_plain(plain, tmp_path, stage):
         assert z["grad_bytes"] < 0.4 * ref["grad_bytes"], (z, ref)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_nvidia_sp_zero1_matches_plain(tmp_path):
     """nvidia-sp (TP = 2, sequence_parallel) with ZeRO-1 over its D = 2 data replicas."""

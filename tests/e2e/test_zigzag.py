@@ -21,6 +21,7 @@ ARGS = (
 ).split()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_zigzag_training_balance_and_checkpoint(tmp_path):
     res = torchrun_train(1, ["--mode", "serial", "--out", str(tmp_path / "serial"), *ARGS])

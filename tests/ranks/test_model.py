@@ -33,25 +33,36 @@ def reference():
     return {(r["layout"][2], len(r["layout"]) == 4): r for r in res}
 
 
+# bidirectional attention, and gradient buckets of 4 KiB so averaging needs several all-reduces
+SMALL_BUCKETS_NONCAUSAL = (2, 1, "learned", "lss", False, 4096)
+LAYOUTS_BY_WORLD = {
+    2: [(2, 1, "learned", "lss"), (2, 1, "rope", "lss"), SMALL_BUCKETS_NONCAUSAL,
+        (2, 1, "rope", "nvidia-sp")],
+    4: [(4, 1, "learned", "lss"), (4, 1, "rope", "lss"), (2, 2, "learned", "lss"),
+        (2, 2, "rope", "lss"), (4, 1, "learned", "nvidia-sp"), (2, 2, "rope", "nvidia-sp")],
+}  # fmt: skip
+
+
+class _Runs(dict):
+    """(N, D, pos, mode[, causal, bucket_bytes]) -> the per-rank results of that layout; all the
+    layouts of one world size run together, on first use (the 2-rank ones without the 4-rank)."""
+
+    def __missing__(self, layout):
+        world = layout[0] * layout[1]
+        assert layout in LAYOUTS_BY_WORLD[world] and world not in self, layout
+        self[world] = True
+        for rank_results in run_ranks(model_worker, world, LAYOUTS_BY_WORLD[world], timeout=240):
+            for r in rank_results:
+                self.setdefault(r["layout"], []).append(r)
+        return self[layout]
+
+
 @pytest.fixture(scope="module")
 def parallel_runs():
-    layouts4 = [(4, 1, p, "lss") for p in ("learned", "rope")] + [
-        (2, 2, p, "lss") for p in ("learned", "rope")
-    ]
-    layouts4 += [(4, 1, "learned", "nvidia-sp"), (2, 2, "rope", "nvidia-sp")]
-    layouts2 = [(2, 1, p, "lss") for p in ("learned", "rope")]
-    layouts2 += [SMALL_BUCKETS_NONCAUSAL, (2, 1, "rope", "nvidia-sp")]
-    runs = {}
-    for world, layouts in ((2, layouts2), (4, layouts4)):
-        for rank_results in run_ranks(model_worker, world, layouts, timeout=240):
-            for r in rank_results:
-                runs.setdefault(r["layout"], []).append(r)
-    return runs
+    return _Runs()
 
 
 LAYOUTS = [(n, d, p) for n, d in ((2, 1), (4, 1), (2, 2)) for p in ("learned", "rope")]
-# bidirectional attention, and gradient buckets of 4 KiB so averaging needs several all-reduces
-SMALL_BUCKETS_NONCAUSAL = (2, 1, "learned", "lss", False, 4096)
 
 
 @pytest.mark.timeout(400)
