@@ -36,8 +36,9 @@ import sys
 import time
 from pathlib import Path
 
-from analysis import tables
-from analysis.presets import PRESETS, REPO, Plan, RunSpec, get_preset, make_plan
+from . import tables
+from .presets import PRESETS, REPO, Plan, RunSpec, get_preset, make_plan
+from .trainer_config import run_config
 
 STDERR_TAIL = 2000
 """Characters of a failed run's stderr kept in the table's ``error`` column."""
@@ -47,9 +48,7 @@ _DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_AD
 
 def effective_config(run: RunSpec) -> dict:
     """The trainer's effective configuration of `run` (`RunConfig.to_dict()`), without launching."""
-    from lss_megatron.train import config_from_args, parse_args
-
-    return config_from_args(parse_args(run.trainer_args("unused")), run.world_size).to_dict()
+    return run_config(run.trainer_args("unused"), run.world_size).to_dict()
 
 
 def torchrun_command(run: RunSpec, out: Path) -> list[str]:
@@ -69,7 +68,8 @@ def child_env() -> dict[str, str]:
     """This environment without rendezvous variables, with the repository importable."""
     env = {k: v for k, v in os.environ.items() if k not in _DIST_VARS}
     env["OMP_NUM_THREADS"] = "1"
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
+    if REPO is not None:  # a checkout: its code first (an installed wheel needs nothing)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
     env.setdefault("PYTHONWARNINGS", "ignore")
     return env
 
@@ -257,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
         outcomes = run_all(plan, out, timeout, progress=not args.no_progress)
     df, note = build_table(plan, out, outcomes)
     csv = tables.write_summary(df, out / "summary.csv")
-    from analysis.figures import make_figures
+    from .figures import make_figures
 
     figures = make_figures(df, out / "figures")
     print(tables.format_table(df))

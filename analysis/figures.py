@@ -27,7 +27,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from analysis.tables import config_from_row, load_costmodel, read_summary
+from .longest import longest_fitting
+from .tables import config_from_row, load_costmodel, read_summary
 
 MAX_SEQ_LENGTH = 1 << 24
 """Upper end of the longest-sequence search (tokens)."""
@@ -98,11 +99,13 @@ def weak_efficiency_data(df: pd.DataFrame) -> pd.DataFrame:
 
 def memory_data(df: pd.DataFrame) -> pd.DataFrame:
     """mode, seq_parallel, data_parallel, world_size, seq_length, activation_bytes,
-    state_bytes (parameters + gradients + optimizer state), peak_mem_bytes: rank 0, per rank."""
+    state_bytes (parameters + gradients + optimizer state), peak_mem_bytes: rank 0, per rank;
+    and the cost model's predicted_activation_bytes where the table has it."""
     ok = _ok(df).copy()
     ok["state_bytes"] = ok["param_bytes"] + ok["grad_bytes"] + ok["optimizer_state_bytes"]
     keys = ["mode", "seq_parallel", "data_parallel", "world_size", "seq_length"]
     values = ["activation_bytes", "state_bytes", "peak_mem_bytes"]
+    values += [c for c in ("predicted_activation_bytes",) if c in ok]
     return ok.groupby(keys)[values].median().reset_index().sort_values(keys, ignore_index=True)
 
 
@@ -120,21 +123,6 @@ def fit_memory(lengths, activation, state) -> tuple[Callable[[float], float], st
         a, c = float(np.dot(x, y) / np.dot(x, x)), 0.0
     s1, s0 = np.polyfit(x, np.asarray(state, dtype=float), 1)
     return (lambda length: a * length + c * length * length + s0 + s1 * length), "measured fit"
-
-
-def _largest_fitting(step: int, total: Callable[[int], float], budget: float) -> int:
-    """Largest multiple of `step` whose `total` stays within `budget` (0 if none does)."""
-    budget *= 1 + 1e-9  # a fit reproduces exact byte counts only up to rounding
-    lo, hi = 0, MAX_SEQ_LENGTH // step
-    if total(step) > budget:
-        return 0
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if total(mid * step) <= budget:
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo * step
 
 
 def longest_sequence_data(
@@ -175,8 +163,10 @@ def longest_sequence_data(
                                     group["state_bytes"])  # fmt: skip
         else:
             continue
+        cap = budget_bytes * (1 + 1e-9)  # a fit reproduces exact byte counts only up to rounding
+        longest = longest_fitting(int(n), total, cap, MAX_SEQ_LENGTH)
         rows.append({"mode": mode, "seq_parallel": n, "data_parallel": d, "world_size": p,
-                     "max_seq_length": _largest_fitting(int(n), total, budget_bytes),
+                     "max_seq_length": longest,
                      "source": how, "budget_bytes": budget_bytes})  # fmt: skip
     cols = ["mode", "seq_parallel", "data_parallel", "world_size", "max_seq_length", "source",
             "budget_bytes"]  # fmt: skip
@@ -197,6 +187,11 @@ def throughput_data(df: pd.DataFrame) -> pd.DataFrame:
 
 
 # --- plotting ------------------------------------------------------------------------------------
+# Conventions (every figure): one colour per mode (variant), one marker per sequence length (or
+# per N where the length is the x axis); filled markers and solid lines are measured, hollow
+# markers and dashed lines modelled (cost model, or a fit extrapolated from measurements); an
+# axis is logarithmic only where its values span more than `LOG_SPAN`; times in ms, bytes in
+# KiB/MiB/GiB; the title names the preset and the machine (`context`).
 def _pyplot():
     import matplotlib
 
@@ -206,36 +201,108 @@ def _pyplot():
     return plt
 
 
-STYLE = {"serial": dict(color="tab:gray", marker="s"), "lss": dict(color="tab:blue", marker="o"),
-         "nvidia-sp": dict(color="tab:red", marker="^"),
-         "ulysses": dict(color="tab:purple", marker="D")}  # fmt: skip
-MARKERS = ("v", "P", "X", "*", "h", "<", ">", "p")
-"""Markers of the other variants (lss-zigzag, lss-kv4, ...), in label order; colours cycle."""
+MODE_COLOURS = {"serial": "tab:gray", "lss": "tab:blue", "nvidia-sp": "tab:red",
+                "ulysses": "tab:purple"}  # fmt: skip
+VARIANT_COLOURS = ("tab:green", "tab:orange", "tab:brown", "tab:pink", "tab:olive", "tab:cyan",
+                   "black", "gold")  # fmt: skip
+"""Colours of the other variants (lss-zigzag, lss-kv4, ...), in label order."""
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "h", "<")
+"""Markers of the sequence lengths (or N), in increasing order."""
+LOG_SPAN = 30.0
+"""An axis turns logarithmic when its largest value exceeds its smallest by more than this."""
 
 
-LINESTYLES = ("-", "--", "-.", ":")
+class Palette:
+    """Colour per mode and marker per value (sequence length, or N), fixed for one figure."""
+
+    def __init__(self, modes, values):
+        modes = sorted(set(modes))
+        others = [m for m in modes if m not in MODE_COLOURS]
+        self.colours = {m: MODE_COLOURS.get(m) or VARIANT_COLOURS[others.index(m)
+                        % len(VARIANT_COLOURS)] for m in modes}  # fmt: skip
+        self.values = sorted(set(values))
+        self.markers = {v: MARKERS[i % len(MARKERS)] for i, v in enumerate(self.values)}
+
+    def style(self, mode, value, modelled: bool = False) -> dict:
+        """Line keywords; the label ``mode|value|measured`` (or ``modelled``) names the series
+        (the legend is `legend`'s, built from the palette)."""
+        colour = self.colours[mode]
+        kw = dict(color=colour, marker=self.markers[value], markersize=6,
+                  linestyle="--" if modelled else "-",
+                  label=f"{mode}|{value}|{'modelled' if modelled else 'measured'}")  # fmt: skip
+        if modelled:  # a larger ring under the measured point: agreement shows as a dot in it
+            kw.update(markerfacecolor="white", markeredgecolor=colour, markersize=10, zorder=1.5)
+        else:
+            kw["zorder"] = 2.5
+        return kw
+
+    def legend(self, ax, value_name: str, modelled_note: str | None = None,
+               measured: bool = True) -> None:  # fmt: skip
+        """Two legends in one box outside the axes: colours = modes, markers = values; then
+        what a measured (filled, solid) and a modelled (hollow, dashed) point look like."""
+        from matplotlib.lines import Line2D
+
+        handles = [Line2D([], [], color=c, linewidth=3, label=m) for m, c in self.colours.items()]
+        handles += [Line2D([], [], color="black", marker=self.markers[v], linestyle="none",
+                           label=f"{value_name}={v}") for v in self.values]  # fmt: skip
+        if measured:
+            handles.append(Line2D([], [], color="black", marker="o", label="measured"))
+        if modelled_note:
+            handles.append(Line2D([], [], color="black", marker="o", linestyle="--",
+                                  markerfacecolor="white", label=modelled_note))  # fmt: skip
+        ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0),
+                  borderaxespad=0.0)  # fmt: skip
 
 
-def _series(data: pd.DataFrame, by: list[str]):
-    """(key, rows, style) per series: colour and marker by mode (variant), line style by the
-    second key."""
-    second = sorted(data[by[1]].unique()) if len(by) > 1 and not data.empty else []
-    others = sorted(set(data[by[0]]) - set(STYLE)) if not data.empty else []
-    for key, group in data.groupby(by):
-        key = key if isinstance(key, tuple) else (key,)
-        style = dict(STYLE.get(key[0], {}))
-        if key[0] in others:
-            style["marker"] = MARKERS[others.index(key[0]) % len(MARKERS)]
-        if len(key) > 1:
-            style["linestyle"] = LINESTYLES[second.index(key[1]) % len(LINESTYLES)]
-        yield key, group, style
+def _scale(ax, axis: str, values, base: int = 10) -> None:
+    """Logarithmic only when the positive values span more than `LOG_SPAN`; integer ticks on a
+    rank axis."""
+    from matplotlib.ticker import ScalarFormatter
+
+    v = np.asarray([x for x in np.ravel(values) if np.isfinite(x) and x > 0], dtype=float)
+    if v.size and v.max() / v.min() > LOG_SPAN:
+        (ax.set_xscale if axis == "x" else ax.set_yscale)("log", base=base)
+    if axis == "x" and base == 2 and v.size:  # ranks: ticks at the measured P
+        ax.set_xticks(sorted(set(v.astype(int))))
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_locator(_pyplot().NullLocator())
+
+
+def _bytes_unit(values) -> tuple[float, str]:
+    """(divisor, unit) so that the largest value reads between 1 and 1024."""
+    top = np.nanmax(np.asarray(values, dtype=float)) if len(values) else 0.0
+    for div, unit in ((2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB")):
+        if top >= div:
+            return float(div), unit
+    return 1.0, "B"
+
+
+def context(df: pd.DataFrame) -> str:
+    """ "preset X · machine Y" of the ok runs (from the ``preset`` and ``machine`` columns)."""
+    ok = df[df["status"] == "ok"] if "status" in df else df
+
+    def names(column: str) -> str:
+        if column not in ok:
+            return ""
+        values = sorted({str(x) for x in ok[column].dropna() if str(x)})
+        return ", ".join(values)
+
+    preset = names("preset") or "preset not recorded"
+    return f"preset {preset} · {names('machine') or 'machine not recorded'}"
+
+
+def on_gpu(df: pd.DataFrame) -> bool:
+    """Whether every ok run recorded a CUDA machine (``machine`` column from config.json)."""
+    ok = df[df["status"] == "ok"] if "status" in df else df
+    machines = ok["machine"].dropna().astype(str) if "machine" in ok else pd.Series(dtype=str)
+    return bool(len(machines)) and all("nccl" in m or "CUDA" in m for m in machines)
 
 
 def _save(fig, stem: Path) -> list[Path]:
     paths = [stem.with_suffix(".png"), stem.with_suffix(".pdf")]
     fig.tight_layout()
     for path in paths:
-        fig.savefig(path, dpi=120)
+        fig.savefig(path, dpi=120, bbox_inches="tight")
     _pyplot().close(fig)
     return paths
 
@@ -245,122 +312,150 @@ def _empty(ax, why: str) -> None:
     ax.set_axis_off()
 
 
-def plot_strong_scaling(data: pd.DataFrame, stem: Path) -> list[Path]:
+def _title(fig, title: str, ctx: str) -> None:
+    fig.suptitle(f"{title}\n{ctx}" if ctx else title, fontsize=10)
+
+
+def plot_strong_scaling(data: pd.DataFrame, stem: Path, ctx: str = "") -> list[Path]:
     plt = _pyplot()
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     if data.empty:
         _empty(left, "no runs")
-    for (mode, length), g, style in _series(data, ["mode", "seq_length"]):
-        kw = dict(label=f"{mode}, l={length}", **style)
-        left.plot(g["world_size"], g["step_time_s"], **kw)
-        right.plot(g["world_size"], g["speedup"], **kw)
-    if not data.empty:
+    else:
+        pal = Palette(data["mode"], data["seq_length"])
+        for (mode, length), g in data.groupby(["mode", "seq_length"]):
+            left.plot(g["world_size"], g["step_time_s"] * 1e3, **pal.style(mode, length))
+            right.plot(g["world_size"], g["speedup"], **pal.style(mode, length))
         ranks = sorted(data["world_size"].unique())
-        right.plot(ranks, ranks, "k:", label="ideal (P)")
-    for ax, ylabel in ((left, "step time [s] (median after warm-up)"),
-                       (right, "speedup T_1 / T_P")):  # fmt: skip
-        ax.set_xlabel("ranks P")
-        ax.set_ylabel(ylabel)
-        ax.set_xscale("log", base=2)
-        ax.legend(fontsize=7)
-    left.set_yscale("log")
-    fig.suptitle("Strong scaling (T_1: serial on one rank at the same l)")
+        right.plot(ranks, ranks, "k:", linewidth=1)
+        right.annotate("ideal (P)", (ranks[-1], ranks[-1]), fontsize=7, ha="right", va="bottom")
+        for ax, ylabel, values in ((left, "step time [ms] (median after warm-up)",
+                                    data["step_time_s"] * 1e3),
+                                   (right, "speedup T_1 / T_P", data["speedup"])):  # fmt: skip
+            ax.set_xlabel("ranks P")
+            ax.set_ylabel(ylabel)
+            _scale(ax, "x", data["world_size"], base=2)
+            _scale(ax, "y", values)
+            ax.grid(alpha=0.3)
+        pal.legend(right, "l")
+    _title(fig, "Strong scaling (T_1: serial on one rank at the same l)", ctx)
     return _save(fig, stem)
 
 
-def plot_weak_efficiency(data: pd.DataFrame, stem: Path) -> list[Path]:
+def plot_weak_efficiency(data: pd.DataFrame, stem: Path, ctx: str = "") -> list[Path]:
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     if data.empty:
-        _empty(ax, "no weak-scaling pairs (l / N = a base length with a serial reference)")
-    bases = sorted(data["base_length"].unique()) if not data.empty else []
-    for (mode, base), g, style in _series(data, ["mode", "base_length"]):
-        style.pop("linestyle", None)
-        if bases.index(base) % 2:
-            style["markerfacecolor"] = "white"
-        if mode == "serial":
-            ax.plot(g["world_size"], g["time_efficiency"], linestyle="none",
-                    label=f"serial reference, l={base}", **style)  # fmt: skip
-            continue
-        ax.plot(g["world_size"], g["time_efficiency"], label=f"{mode}, l/N={base}: T_1/T_P",
-                **style)  # fmt: skip
-        ax.plot(g["world_size"], g["flops_efficiency"], linestyle="--", alpha=0.6,
-                label=f"{mode}, l/N={base}: FLOP rate", **style)  # fmt: skip
-    if not data.empty:
-        ax.axhline(1.0, color="k", linestyle=":", linewidth=1)
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("ranks P")
-        ax.set_ylabel("parallel efficiency")
-        ax.legend(fontsize=7)
-    ax.set_title("Weak scaling (l proportional to N)")
+        _empty(axes[0], "no weak-scaling pairs (l / N = a base length with a serial reference)")
+    else:
+        pal = Palette(data["mode"], data["base_length"])
+        for (mode, base), g in data.groupby(["mode", "base_length"]):
+            kw = pal.style(mode, base)
+            if mode == "serial":
+                kw["linestyle"] = "none"  # the reference point(s), efficiency 1
+            axes[0].plot(g["world_size"], g["time_efficiency"], **kw)
+            axes[1].plot(g["world_size"], g["flops_efficiency"], **kw)
+        for ax, what in zip(axes, ("time: T_1 / T_P", "FLOP rate per rank / reference's"),
+                            strict=True):  # fmt: skip
+            ax.axhline(1.0, color="k", linestyle=":", linewidth=1)
+            _scale(ax, "x", data["world_size"], base=2)
+            ax.set_xlabel("ranks P")
+            ax.set_title(what, fontsize=9)
+            ax.grid(alpha=0.3)
+        axes[0].set_ylabel("parallel efficiency")
+        pal.legend(axes[1], "l/N")
+    _title(fig, "Weak scaling (l proportional to N; reference: serial at l/N)", ctx)
     return _save(fig, stem)
 
 
-def plot_memory(data: pd.DataFrame, stem: Path) -> list[Path]:
+def _memory_panel(ax, data: pd.DataFrame, pal: Palette, column: str, div: float) -> None:
+    for (mode, n), g in data.groupby(["mode", "seq_parallel"]):
+        for _, gd in g.groupby("data_parallel"):
+            gd = gd.sort_values("seq_length")
+            ax.plot(gd["seq_length"], gd[column] / div, **pal.style(mode, n))
+            pred = f"predicted_{column}"
+            if pred in gd and gd[pred].notna().any():
+                ax.plot(gd["seq_length"], gd[pred] / div, **pal.style(mode, n, modelled=True))
+
+
+def plot_memory(data: pd.DataFrame, stem: Path, ctx: str = "", gpu: bool = False) -> list[Path]:
+    """Activations and activations + state per rank; peak memory only on GPU (on CPU it is the
+    process RSS, mostly the imported libraries, and says nothing about the method)."""
     plt = _pyplot()
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    panels = 3 if gpu else 2
+    fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4))
     if data.empty:
         _empty(axes[0], "no runs")
-    for (mode, n), g, style in _series(data, ["mode", "seq_parallel"]):
-        for d, gd in g.groupby("data_parallel"):
-            kw = dict(label=f"{mode}, N={n}, D={d}", **style)
-            axes[0].plot(gd["seq_length"], gd["activation_bytes"] / 2**20, **kw)
-            axes[1].plot(gd["seq_length"], (gd["activation_bytes"] + gd["state_bytes"]) / 2**20,
-                         **kw)  # fmt: skip
-            axes[2].plot(gd["seq_length"], gd["peak_mem_bytes"] / 2**20, **kw)
-    labels = ("activation bytes saved for backward [MiB]",
-              "activations + parameters, gradients, optimizer state [MiB]",
-              "peak memory [MiB] (CPU: process RSS, incl. imports)")  # fmt: skip
-    for ax, ylabel in zip(axes, labels, strict=True):
-        if data.empty:
-            continue
+        _title(fig, "Memory per rank", ctx)
+        return _save(fig, stem)
+    data = data.assign(total_bytes=data["activation_bytes"] + data["state_bytes"])
+    pal = Palette(data["mode"], data["seq_parallel"])
+    columns = [
+        ("activation_bytes", "activation bytes saved for backward"),
+        ("total_bytes", "activations + parameters, gradients, optimizer state"),
+    ]
+    if gpu:
+        columns.append(("peak_mem_bytes", "peak allocated GPU memory"))
+    for ax, (column, label) in zip(axes, columns, strict=True):
+        div, unit = _bytes_unit(data[column])
+        _memory_panel(ax, data, pal, column, div)
         ax.set_xlabel("sequence length l")
-        ax.set_ylabel(ylabel, fontsize=8)
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.legend(fontsize=7)
-    fig.suptitle("Memory per rank (rank 0; activations of one micro-batch)")
+        ax.set_ylabel(f"{label} [{unit}]", fontsize=8)
+        _scale(ax, "x", data["seq_length"], base=2)
+        _scale(ax, "y", data[column])
+        ax.grid(alpha=0.3)
+    modelled = data.get("predicted_activation_bytes")
+    pal.legend(axes[-1], "N", "cost model" if modelled is not None and modelled.notna().any()
+               else None)  # fmt: skip
+    note = "" if gpu else "; CPU: peak RSS (mostly imports) not drawn"
+    _title(fig, f"Memory per rank (rank 0; activations of one micro-batch{note})", ctx)
     return _save(fig, stem)
 
 
-def plot_longest_sequence(data: pd.DataFrame, stem: Path) -> list[Path]:
+def plot_longest_sequence(data: pd.DataFrame, stem: Path, ctx: str = "") -> list[Path]:
+    """Every point here is modelled (cost model, or a fit to measured lengths): hollow, dashed."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(7.5, 4))
     if data.empty:
         _empty(ax, "needs two sequence lengths per layout (or analysis.costmodel)")
-    for (mode,), g, style in _series(data, ["mode"]):
+        _title(fig, "Longest trainable sequence", ctx)
+        return _save(fig, stem)
+    pal = Palette(data["mode"], data["seq_parallel"])
+    for (mode, n), g in data.groupby(["mode", "seq_parallel"]):
         g = g.sort_values("world_size")
-        ax.plot(g["world_size"], g["max_seq_length"], label=mode, **style)
-    if not data.empty:
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log", base=2)
-        ax.set_xlabel("ranks P")
-        ax.set_ylabel("longest trainable sequence")
-        ax.legend(fontsize=7)
-        budget = data["budget_bytes"].iloc[0] / 2**30
-        ax.set_title(f"Under {budget:.3g} GiB per rank (from {data['source'].iloc[0]})")
+        ax.plot(g["world_size"], g["max_seq_length"], **pal.style(mode, n, modelled=True))
+    _scale(ax, "x", data["world_size"], base=2)
+    _scale(ax, "y", data["max_seq_length"], base=2)
+    ax.set_xlabel("ranks P")
+    ax.set_ylabel("longest trainable sequence l")
+    ax.grid(alpha=0.3)
+    source = ", ".join(sorted(set(data["source"])))
+    pal.legend(ax, "N", f"modelled ({source})", measured=False)
+    budget = data["budget_bytes"].iloc[0] / 2**30
+    _title(fig, f"Longest sequence under {budget:.3g} GiB per rank (modelled: {source})", ctx)
     return _save(fig, stem)
 
 
-def plot_throughput(data: pd.DataFrame, stem: Path) -> list[Path]:
+def plot_throughput(data: pd.DataFrame, stem: Path, ctx: str = "") -> list[Path]:
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(7.5, 4))
     if data.empty:
         _empty(ax, "no runs")
-    for (mode, length), g, style in _series(data, ["mode", "seq_length"]):
-        ax.plot(g["world_size"], g["tokens_per_s"], label=f"{mode}, l={length}", **style)
-    if not data.empty:
-        ax.set_xscale("log", base=2)
+    else:
+        pal = Palette(data["mode"], data["seq_length"])
+        for (mode, length), g in data.groupby(["mode", "seq_length"]):
+            ax.plot(g["world_size"], g["tokens_per_s"], **pal.style(mode, length))
+        _scale(ax, "x", data["world_size"], base=2)
+        _scale(ax, "y", data["tokens_per_s"])
         ax.set_xlabel("ranks P")
         ax.set_ylabel("tokens / s (global batch)")
-        ax.legend(fontsize=7)
-    ax.set_title("Throughput")
+        ax.grid(alpha=0.3)
+        pal.legend(ax, "l")
+    _title(fig, "Throughput", ctx)
     return _save(fig, stem)
 
 
-FIGURES: dict[
-    str, tuple[Callable[..., pd.DataFrame], Callable[[pd.DataFrame, Path], list[Path]]]
-] = {
+FIGURES: dict[str, tuple[Callable[..., pd.DataFrame], Callable[..., list[Path]]]] = {
     "strong_scaling": (strong_scaling_data, plot_strong_scaling),
     "weak_efficiency": (weak_efficiency_data, plot_weak_efficiency),
     "memory": (memory_data, plot_memory),
@@ -376,12 +471,14 @@ def make_figures(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths: list[Path] = []
+    ctx = context(df)
     for name, (data_fn, plot_fn) in FIGURES.items():
         if name == "longest_sequence":
             data = data_fn(df, budget_bytes, source)
         else:
             data = data_fn(df)
-        paths += plot_fn(data, out / name)
+        extra = {"gpu": on_gpu(df)} if name == "memory" else {}
+        paths += plot_fn(data, out / name, ctx, **extra)
     return paths
 
 

@@ -19,11 +19,11 @@ megatron-core from launch/wheels/, see docs/measurement.md), within 10 minutes:
    modes' losses agree (same model, same data: to 2e-2 in bf16);
 5. writes everything to ONE file, ``DIR/gpu_check.json``, rewritten after each phase (a run cut
    short keeps what it measured). It is the record the cost model reads: copy it to
-   ``analysis/data/gpu/<device>.json`` (`analysis.costmodel_hw.get_device` takes its matmul peak
+   ``analysis/data/gpu/<device>.json`` (`analysis.costmodel.hw.get_device` takes its matmul peak
    and its attention efficiency).
 
 Exit status 0 when every check passed, 1 otherwise (``failures`` in the JSON say which).
-``--dry-run`` runs the same code on the CPU at toy sizes (tests/test_gpu_check.py), where the
+``--dry-run`` runs the same code on the CPU at toy sizes (tests/e2e/test_gpu_check.py), where the
 expected kernel is the CPU flash kernel.
 """
 
@@ -117,8 +117,8 @@ CASES = [  # name, heads, kv heads, causal, layout, rank ("last": N-1)
 def _rank_attention(q, k, v, r, n, layout, causal, backend="auto"):
     """What LSS rank r of n computes after its gather: the compute-dtype cast (before the
     gather in the trainer), then its partial attention over the rank-ordered K/V."""
-    from lss_megatron.attention import to_compute_dtype
-    from lss_megatron.operator import _partial
+    from lss_megatron.lss.kernel import to_compute_dtype
+    from lss_megatron.lss.operator import _partial
 
     q, k, v = to_compute_dtype(q, k, v)
     return _partial(q, k, v, r, n, layout, causal, 1.0 / math.sqrt(q.shape[-1]), backend)
@@ -221,7 +221,7 @@ def attention_efficiency(device, peak: float, local: int, n: int, h: int, h_kv: 
 def trainer_run(mode: str, out: Path, size: str, timeout_s: float) -> dict:
     """`python -m lss_megatron.train` (one process: serial, or lss with N = 1) with the counters
     on; its metrics rows and the cost model's prediction of the counted fields beside them."""
-    from analysis.costmodel import predict
+    from .costmodel import predict
 
     args = [sys.executable, "-m", "lss_megatron.train", "--mode", mode, "--seq-parallel", "1",
             *TRAIN_ARGS[size], *COMMON_TRAIN, "--out", str(out)]  # fmt: skip

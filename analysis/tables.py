@@ -128,9 +128,9 @@ def read_run(run_dir: Path | str) -> dict:
         row[k] = statistics.median(s.get(k, math.nan) for s in steady)
     config = run_dir / "config.json"
     if config.exists():
-        row["core_attention"] = (
-            json.loads(config.read_text()).get("runtime", {}).get("core_attention", "")
-        )
+        runtime = json.loads(config.read_text()).get("runtime", {})
+        row["core_attention"] = runtime.get("core_attention", "")
+        row["machine"] = runtime.get("machine", "")  # an extra column, after `COLUMNS`
     return row
 
 
@@ -270,9 +270,9 @@ def read_summary(path: Path | str) -> pd.DataFrame:
 def load_costmodel() -> tuple[Callable[[dict], dict] | None, str]:
     """(`analysis.costmodel.predict`, "") when that module exists, else (None, why not)."""
     try:
-        costmodel = importlib.import_module("analysis.costmodel")
+        costmodel = importlib.import_module(".costmodel", __package__)
     except ModuleNotFoundError as e:
-        if e.name not in ("analysis.costmodel", "analysis"):
+        if e.name not in (f"{__package__}.costmodel", __package__):
             return None, f"analysis.costmodel could not be imported: {e}"
         return None, "analysis.costmodel is not available yet: predicted_* columns are empty"
     except Exception as e:  # noqa: BLE001 - a broken optional module must not stop the analysis

@@ -11,7 +11,7 @@ if [ -z "$PY" ]; then
 fi
 VENV="${VENV:-.venv}"
 STAMP="$VENV/.lss-installed"
-WANT="$(cat requirements.txt pyproject.toml | sha256sum | cut -d' ' -f1)"
+WANT="$(cat requirements.txt pyproject.toml setup.py | sha256sum | cut -d' ' -f1)"
 
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT" ] && [ -x "$VENV/bin/python" ]; then
   exit 0

@@ -10,14 +10,19 @@ import os
 from .base import DataError, Dataset
 from .synthetic import SyntheticRecall, synthetic_problems
 
-DATASETS = ("synthetic", "enwik8")
-"""`--data` choices: the built-in synthetic recall task, and enwik8 from `--data-path`."""
+DATASETS = ("synthetic", "enwik8", "megatron")
+"""`--data` choices: the built-in synthetic recall task, enwik8 from `--data-path`, and a Megatron
+indexed dataset (``--data-path PREFIX``: PREFIX.bin + PREFIX.idx)."""
 
 
-def check_data_config(name: str, path: str | None, vocab_size: int) -> list[str]:
+def check_data_config(
+    name: str, path: str | None, vocab_size: int, seq_length: int | None = None
+) -> list[str]:
     """Problems of ``--data name --data-path path --vocab-size V``, as messages naming the values
-    (missing file, wrong size, corrupt zip or missing member, vocabulary mismatch). Fast: reads
-    only file sizes and zip directories. Empty when the data can be used."""
+    (missing file, wrong size, corrupt zip or missing member, vocabulary mismatch; megatron: bad
+    index, a train split shorter than one sample of `seq_length` + 1 tokens, token ids outside
+    the vocabulary). Fast: reads only file sizes, zip directories and index headers (and small
+    token files). Empty when the data can be used."""
     if name == "synthetic":
         problems = synthetic_problems(vocab_size)
         if path is not None:
@@ -27,6 +32,10 @@ def check_data_config(name: str, path: str | None, vocab_size: int) -> list[str]
         from .enwik8 import enwik8_problems
 
         return enwik8_problems(path, vocab_size)
+    if name == "megatron":
+        from .megatron_indexed import indexed_problems
+
+        return indexed_problems(path, vocab_size, seq_length)
     return [f"--data {name!r} is not one of {DATASETS}"]
 
 
@@ -44,13 +53,22 @@ def build_dataset(
 
     `eval_batch_size` (the global batch G of an evaluation step) makes enwik8's valid/test reads
     contiguous windows (see `enwik8.py`); `cache_dir` is where a zip is extracted (default: next
-    to it). The synthetic task ignores both.
+    to it). The synthetic task ignores both. ``megatron`` needs `eval_batch_size`: it is the G of
+    every step, train included (samples are consumed in order, see `megatron_indexed.py`).
     """
-    problems = check_data_config(name, None if path is None else str(path), vocab_size)
+    problems = check_data_config(name, None if path is None else str(path), vocab_size,
+                                 seq_length)  # fmt: skip
     if problems:
         raise DataError("; ".join(problems))
     if name == "synthetic":
         return SyntheticRecall(seq_length=seq_length, vocab_size=vocab_size, seed=seed)
+    if name == "megatron":
+        from .megatron_indexed import MegatronIndexed
+
+        if eval_batch_size is None:
+            raise DataError("--data megatron needs the global batch size (eval_batch_size)")
+        return MegatronIndexed(path, seq_length=seq_length, vocab_size=vocab_size, seed=seed,
+                               global_batch_size=eval_batch_size)  # fmt: skip
     from .enwik8 import Enwik8
 
     assert path is not None  # checked above

@@ -1,0 +1,132 @@
+"""Rank 0's view of a run beside ``metrics.jsonl``: TensorBoard scalars and the iteration line.
+
+* `scalars(rec)`: the numbers of one metrics record as TensorBoard tags, named exactly like the
+  ``metrics.jsonl`` keys (``loss``, ``lr``, ``grad_norm``, ``step_time_s``, ...; a boolean as
+  0/1, a list ``k`` as ``k/0``, ``k/1``, ...), so one name finds a value in either place.
+* `Tracker`: on rank 0 it says where the outputs go (at the start and at the end), writes each
+  step's scalars with `torch.utils.tensorboard.SummaryWriter` when ``--tensorboard-dir`` is set
+  (a resumed run purges the events after its resume step, like ``metrics.jsonl``), and logs a
+  Megatron-LM-style iteration line every ``--log-interval`` steps. On other ranks it does nothing.
+* `iteration_line(rec, steps=, global_batch=)`: that line, e.g. ::
+
+    iteration       10/     100 | consumed samples:          80 | consumed tokens:        20480 |
+    elapsed time per iteration (ms): 41.2 | throughput per rank (TFLOP/s/rank): 0.003 |
+    learning rate: 1.000000E-03 | global batch size:     8 | lm loss: 2.079440E+00 |
+    grad norm: 0.512 | number of skipped iterations:   0 | peak memory (MiB): 612.4 (CPU RSS) |
+
+  (one line in the log). The throughput is the model FLOPs of the step (`metrics.
+  model_flops_per_step`, the same for every mode) over the step time and the P ranks.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from pathlib import Path
+
+from ..log import get_logger
+
+log = get_logger("train")
+
+
+def scalars(rec: dict) -> dict[str, float]:
+    """The numeric entries of a metrics record as ``{tag: value}`` (``step`` is the x axis)."""
+    out: dict[str, float] = {}
+    for key, value in rec.items():
+        if key == "step":
+            continue
+        if isinstance(value, bool | numbers.Real):
+            out[key] = float(value)
+        elif isinstance(value, list | tuple):
+            out.update({f"{key}/{i}": float(v) for i, v in enumerate(value)
+                        if isinstance(v, bool | numbers.Real)})  # fmt: skip
+    return out
+
+
+def iteration_line(rec: dict, *, steps: int, global_batch: int, device_type: str = "cpu") -> str:
+    """The Megatron-LM-style line of one step's record (module docstring)."""
+    mem = rec.get("peak_mem_bytes")
+    where = "GPU max allocated" if device_type == "cuda" else "CPU RSS"
+    parts = [
+        f"iteration {rec['step']:8d}/{steps:8d}",
+        f"consumed samples: {rec['consumed_samples']:12d}",
+        f"consumed tokens: {rec['consumed_tokens']:14d}",
+        f"elapsed time per iteration (ms): {rec['step_time_s'] * 1e3:.1f}",
+        f"throughput per rank (TFLOP/s/rank): {rec['tflops_per_s_per_rank']:.3g}",
+        f"learning rate: {rec['lr']:.6E}",
+        f"global batch size: {global_batch:5d}",
+        f"lm loss: {rec['loss']:.6E}",
+        f"grad norm: {rec['grad_norm']:.3f}",
+        f"number of skipped iterations: {rec.get('skipped_steps', 0):3d}",
+    ]
+    if mem is not None:
+        parts.append(f"peak memory (MiB): {mem / 2**20:.1f} ({where})")
+    return " | ".join(parts) + " |"
+
+
+def validation_line(rec: dict) -> str:
+    """Megatron's validation line: loss, perplexity and bits per token (bits per byte on bytes)."""
+    loss = rec["valid_loss"]
+    ppl = math.exp(min(loss, 20.0))
+    return (f"validation loss at iteration {rec['step']} | lm loss value: {loss:.6E} | "
+            f"lm loss PPL: {ppl:.6E} | bits per token: {rec['valid_bpb']:.4f} |")  # fmt: skip
+
+
+class Tracker:
+    """Rank 0's TensorBoard writer, iteration line and output-folder notes (module docstring)."""
+
+    def __init__(self, out: str | Path, *, rank: int, steps: int, global_batch: int,
+                 log_interval: int, tensorboard_dir: str | None = None, start: int = 0,
+                 device_type: str = "cpu"):  # fmt: skip
+        self.active = rank == 0
+        self.out = Path(out).resolve()
+        self.steps, self.global_batch, self.log_interval = steps, global_batch, log_interval
+        self.device_type = device_type
+        self.tb_dir = Path(tensorboard_dir).resolve() if tensorboard_dir else None
+        self.writer = None
+        if not self.active:
+            return
+        if self.tb_dir is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # purge_step: a resumed run drops the events after its resume step (the same steps
+            # metrics.jsonl drops), so a curve never holds two values for one step
+            self.writer = SummaryWriter(log_dir=str(self.tb_dir), purge_step=start + 1 if start
+                                        else None)  # fmt: skip
+        log.info("output folder: %s (metrics.jsonl, config.json, summary.json)%s", self.out,
+                 f"; TensorBoard: {self.tb_dir}" if self.tb_dir else "")  # fmt: skip
+
+    def step(self, rec: dict, *, last: int, quiet: bool = False) -> None:
+        """Write one step's record to TensorBoard; log its iteration line every `log_interval`
+        steps and at step `last`, unless `quiet` (a progress bar shows the steps instead)."""
+        if not self.active:
+            return
+        show = not quiet and (rec["step"] % self.log_interval == 0 or rec["step"] == last)
+        if self.writer is not None:
+            for tag, value in scalars(rec).items():
+                self.writer.add_scalar(tag, value, rec["step"])
+        if show:
+            log.info(
+                "%s",
+                iteration_line(
+                    rec,
+                    steps=self.steps,
+                    global_batch=self.global_batch,
+                    device_type=self.device_type,
+                ),
+            )
+        if show and "valid_loss" in rec:
+            log.info("%s", validation_line(rec))
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+    def finish(self) -> None:
+        """Close the writer and say once more where everything went."""
+        self.close()
+        if self.active:
+            log.info("outputs in %s%s", self.out,
+                     f"; TensorBoard events in {self.tb_dir} (tensorboard --logdir "
+                     f"{self.tb_dir})" if self.tb_dir else "")  # fmt: skip

@@ -1,0 +1,32 @@
+"""The Megatron-style iteration and validation lines and the TensorBoard scalars of a metrics
+record (lss_megatron/training/tracking.py); the run that writes them is tests/e2e/test_tensorboard.py."""
+
+from __future__ import annotations
+
+import math
+
+from lss_megatron.training.tracking import iteration_line, scalars, validation_line
+
+
+def test_scalars_are_the_numeric_metrics():
+    rec = {"step": 3, "loss": 1.5, "skipped": False, "note": "x", "per_rank": [4, 5],
+           "bytes": 7}  # fmt: skip
+    assert scalars(rec) == {"loss": 1.5, "skipped": 0.0, "per_rank/0": 4.0, "per_rank/1": 5.0,
+                            "bytes": 7.0}  # fmt: skip
+
+
+def test_iteration_line_fields():
+    rec = {"step": 7, "consumed_samples": 56, "consumed_tokens": 56 * 128, "step_time_s": 0.0412,
+           "tflops_per_s_per_rank": 0.00123, "lr": 1e-3, "loss": 2.07944, "grad_norm": 0.5123,
+           "skipped_steps": 1, "peak_mem_bytes": 612 * 2**20}  # fmt: skip
+    line = iteration_line(rec, steps=100, global_batch=8)
+    for frag in ("iteration        7/     100", "consumed samples:           56",
+                 "consumed tokens:           7168", "elapsed time per iteration (ms): 41.2",
+                 "throughput per rank (TFLOP/s/rank): 0.00123", "learning rate: 1.000000E-03",
+                 "global batch size:     8", "lm loss: 2.079440E+00", "grad norm: 0.512",
+                 "number of skipped iterations:   1", "peak memory (MiB): 612.0 (CPU RSS)"):  # fmt: skip
+        assert frag in line, (frag, line)
+    gpu = iteration_line(rec, steps=100, global_batch=8, device_type="cuda")
+    assert "(GPU max allocated)" in gpu
+    valid = validation_line({"step": 7, "valid_loss": 2.0, "valid_bpb": 2.0 / math.log(2)})
+    assert "lm loss value: 2.000000E+00" in valid and f"PPL: {math.exp(2):.6E}" in valid
