@@ -14,6 +14,7 @@ heavy, so a bad command line fails within a fraction of a second.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 from .data import DATASETS, LAYOUTS
@@ -30,6 +31,9 @@ OPTIMIZERS = ("sgd", "adamw")
 DTYPES = ("fp32", "bf16")
 LR_SCHEDULES = ("constant", "cosine")
 ZERO_STAGES = (0, 1, 2)
+MAX_SEED = 2**32 - 1
+"""Seeds feed numpy's and torch's generators; numpy's take 32-bit values."""
+MAX_DIST_TIMEOUT_S = 7 * 24 * 3600.0
 
 
 class ConfigError(ValueError):
@@ -171,8 +175,9 @@ class ParallelConfig:
             p.append(f"--kv-gather-chunks must be >= 1, got {self.kv_gather_chunks}")
         elif self.kv_gather_chunks > 1 and self.mode != "lss":
             p.append(f"--kv-gather-chunks applies to --mode lss only, not {self.mode}")
-        if self.dist_timeout_s <= 0:
-            p.append(f"--dist-timeout must be > 0 seconds, got {self.dist_timeout_s}")
+        if not 0 < self.dist_timeout_s <= MAX_DIST_TIMEOUT_S:  # NaN fails too
+            p.append(f"--dist-timeout must be in (0, {MAX_DIST_TIMEOUT_S:g}] seconds (one week), "
+                     f"got {self.dist_timeout_s}")  # fmt: skip
         return p
 
 
@@ -229,6 +234,12 @@ class TrainConfig:
     """DeepSpeed ZeRO stage over all ranks of the gradient group (lss_megatron/zero.py): 0 off
     (the trainer's own optimizer step), 1 optimizer state sharded, 2 also gradients. Needs
     DeepSpeed; no checkpoints (docs/zero.md)."""
+    max_consecutive_skips: int = 3
+    """With `skip_nonfinite`: stop (exit 3) when this many steps in a row were skipped."""
+    overwrite: bool = False
+    """Replace the outputs of another run in `out` and its checkpoints in `save` (runs.py)."""
+    memory_check: bool = True
+    """Refuse a run whose per-rank memory estimate exceeds the memory available (estimate.py)."""
 
     @property
     def final_lr(self) -> float:
@@ -257,8 +268,17 @@ class TrainConfig:
                 p.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.micro_batch_size is not None and self.micro_batch_size < 1:
             p.append(f"--micro-batch-size must be >= 1, got {self.micro_batch_size}")
-        if self.lr <= 0:
-            p.append(f"--lr must be > 0, got {self.lr}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            p.append(f"--lr must be a finite number > 0, got {self.lr}")
+        finite = ("weight_decay", "clip_grad") + (("min_lr",) if self.min_lr is not None else ())
+        for name in finite:
+            if not math.isfinite(getattr(self, name)):
+                p.append(f"--{name.replace('_', '-')} must be finite, got {getattr(self, name)}")
+        if not 0 <= self.seed <= MAX_SEED:
+            p.append(f"--seed must be in [0, 2**32 - 1], got {self.seed}")
+        for name in ("log_interval", "max_consecutive_skips"):
+            if getattr(self, name) < 1:
+                p.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.optimizer not in OPTIMIZERS:
             p.append(f"--optimizer {self.optimizer!r} is not one of {OPTIMIZERS}")
         if self.dtype not in DTYPES:
@@ -274,7 +294,9 @@ class TrainConfig:
             p.append(f"--eval-steps must be >= 1, got {self.eval_steps}")
         if self.warmup_steps >= max(self.steps, 1) and self.warmup_steps > 0:
             p.append(f"--warmup-steps {self.warmup_steps} must be < --steps {self.steps}")
-        if self.min_lr is not None and not 0 <= self.min_lr <= self.lr:
+        if self.min_lr is not None and math.isfinite(self.min_lr) and not (
+            0 <= self.min_lr <= self.lr
+        ):
             p.append(f"--min-lr {self.min_lr} must be in [0, --lr {self.lr}]")
         if self.stop_after is not None and not 1 <= self.stop_after <= self.steps:
             p.append(f"--stop-after {self.stop_after} must be in [1, --steps {self.steps}]")

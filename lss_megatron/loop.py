@@ -5,9 +5,11 @@ averaging, non-finite check, global-norm clipping, optimizer, metrics, checkpoin
 -> replica check -> summary. With ``--zero-stage 1|2`` DeepSpeed's ZeRO engine (zero.py) owns the
 gradient averaging, clipping and optimizer step; everything else is the same.
 
-Exit codes: 0 done; 1 a failure (exception, collective timeout, a dead peer); 2 a checkpoint that
-cannot be used; 3 a non-finite loss (without ``--skip-nonfinite``). Every rank takes the same
-decision on a non-finite loss because the loss it tests is the all-reduced global loss.
+Exit codes: 0 done; 1 a failure (exception, collective timeout, a dead peer, a checkpoint that
+could not be written); 2 a checkpoint that cannot be used, or a folder another run took since the
+up-front check; 3 a non-finite loss (without ``--skip-nonfinite``, or ``--max-consecutive-skips``
+skipped steps in a row, or non-finite parameters at a save). Every rank takes the same decision on
+a non-finite loss because the loss it tests is the all-reduced global loss.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -29,14 +30,15 @@ import torch.distributed as dist
 from . import comm
 from .checkpoint import (
     CheckpointError,
+    CheckpointWriteError,
     check_compatible,
-    find_latest,
     load_checkpoint,
     read_meta,
     save_checkpoint,
 )
 from .checks import check_replicas
 from .config import RunConfig
+from .envvars import omp_threads
 from .grad_sync import GradientAverager
 from .grid import destroy_grid, initialize_grid
 from .log import get_logger
@@ -49,14 +51,12 @@ from .metrics import (
     step_time_summary,
 )
 from .model import build_model
+from .nonfinite import NonFiniteLoss, SkipGuard, nonfinite_parameters
 from .optim import build_optimizer, clip_gradients, global_grad_norm, lr_at, set_lr
+from .runs import RunFolderError, claim, latest_checkpoint
 from .step import evaluate, forward_backward, global_mean_loss, step_micro_batches
 
 log = get_logger("train")
-
-
-class NonFiniteLoss(RuntimeError):
-    pass
 
 
 @dataclass
@@ -77,9 +77,8 @@ def init_distributed(cfg: RunConfig, rank: int) -> None:
         dist.init_process_group(
             backend, rank=rank, world_size=cfg.parallel.world_size, timeout=timeout
         )
-    elif cfg.parallel.world_size == 1:  # plain `python -m lss_megatron.train`
-        store = Path(tempfile.mkdtemp(prefix="lss_store_")) / "store"
-        dist.init_process_group(backend, init_method=f"file://{store}", rank=0, world_size=1,
+    elif cfg.parallel.world_size == 1:  # plain `python -m lss_megatron.train`: in-memory store
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
                                 timeout=timeout)  # fmt: skip
     else:
         raise RuntimeError("WORLD_SIZE > 1 but no MASTER_ADDR: launch with torchrun or deepspeed")
@@ -129,16 +128,21 @@ class _Progress:
 
 def run(cfg: RunConfig, rank: int) -> RunResult:
     """Train per `cfg`; returns the result on every rank (exit code, losses by step)."""
-    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+    torch.set_num_threads(omp_threads())
     owns_process_group = not dist.is_initialized()
     result = RunResult()
     try:
         if owns_process_group:
             init_distributed(cfg, rank)
         _train(cfg, rank, result)
-    except NonFiniteLoss as e:
-        log.error("%s", e)
+    except NonFiniteLoss as e:  # decided on global values: the same on every rank, said once
+        if rank == 0:
+            log.error("%s", e)
         result.exit_code = 3
+    except (CheckpointWriteError, RunFolderError) as e:  # decided on rank 0, shared: said once
+        if rank == 0:
+            log.error("%s", e)
+        result.exit_code = 1 if isinstance(e, CheckpointWriteError) else 2
     except CheckpointError as e:
         log.error("%s", e)
         result.exit_code = 2
@@ -173,9 +177,11 @@ def _train(cfg: RunConfig, rank: int, result: RunResult) -> None:
 
     start = 0
     if t.load:
-        path = find_latest(t.load)
+        path, note = latest_checkpoint(t.load)
         if path is None:
             raise CheckpointError(f"--load {t.load}: no complete checkpoint there")
+        if note and rank == 0:
+            log.warning("%s", note)
         check_compatible(read_meta(path), effective["model"], path)
         start = load_checkpoint(path, model, optimizer, grid)
         log.info("resumed from %s (step %d)", path, start)
@@ -184,8 +190,8 @@ def _train(cfg: RunConfig, rank: int, result: RunResult) -> None:
 
     out = Path(t.out)
     metrics_path = out / "metrics.jsonl"
+    effective["run_id"] = _claim_folders(cfg, rank, effective)  # before anything is written
     if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
         effective["runtime"] = _runtime(model, grid, params, start, t.load)
         if zero is not None:
             effective["runtime"]["zero"] = zero.describe()
@@ -204,6 +210,7 @@ def _train(cfg: RunConfig, rank: int, result: RunResult) -> None:
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if t.dtype == "bf16"
                 else contextlib.nullcontext())  # fmt: skip
     progress = _Progress(cfg, rank, start, last)
+    skips = SkipGuard(t.max_consecutive_skips)
     try:
         for step in range(start + 1, last + 1):
             t0 = time.perf_counter()
@@ -255,6 +262,7 @@ def _train(cfg: RunConfig, rank: int, result: RunResult) -> None:
             elif zero is None:
                 clip_gradients(model, grad_norm, t.clip_grad)
                 optimizer.step()
+            skips.record(step, skipped)  # stops the run after too many skips in a row
             dt = time.perf_counter() - t0
             step_times.append(dt)
             balance = _attention_balance(model, grid, device)
@@ -287,9 +295,7 @@ def _train(cfg: RunConfig, rank: int, result: RunResult) -> None:
                              f" valid {evals['valid_loss']:.4f} ({evals['valid_bpb']:.3f} bpb)"
                              if evals else "")  # fmt: skip
             if t.save and ((t.save_interval and step % t.save_interval == 0) or step == t.steps):
-                path = save_checkpoint(t.save, step, model, optimizer, grid, effective)
-                if path is not None:
-                    log.info("saved checkpoint %s", path)
+                _save(cfg, step, skipped, model, optimizer, grid, effective)
     finally:
         progress.close()
 
@@ -310,6 +316,43 @@ def _train(cfg: RunConfig, rank: int, result: RunResult) -> None:
     if not replicas["bitwise_equal"]:
         raise RuntimeError(f"replicated parameters diverged across ranks: {replicas['mismatched']}")
     log.info("done at step %d; replicas bitwise equal across %d ranks", last, grid.world_size)
+
+
+def _claim_folders(cfg: RunConfig, rank: int, effective: dict) -> str | None:
+    """Rank 0 takes --out and --save for this run (runs.claim); every rank learns the outcome, so
+    a refusal ends every rank the same way. Returns the run id (None on other ranks)."""
+    run_id, error = None, None
+    if rank == 0:
+        optim_keys = ("optimizer", "lr", "min_lr", "weight_decay", "lr_schedule", "warmup_steps",
+                      "clip_grad", "steps", "global_batch_size", "dtype", "seed")  # fmt: skip
+        record = {"model": effective["model"],
+                  "optimizer": {k: effective["train"][k] for k in optim_keys}}  # fmt: skip
+        try:
+            run_id = claim(cfg.train, record)
+        except (RunFolderError, OSError) as e:
+            error = str(e)
+    error = comm.all_gather_object(error, None)[0]
+    if error is not None:
+        raise RunFolderError(error)
+    return run_id
+
+
+def _save(cfg: RunConfig, step: int, skipped: bool, model, optimizer, grid, effective) -> None:
+    """Save a checkpoint, never from a skipped step or from non-finite parameters."""
+    if skipped:
+        if grid.rank == 0:
+            log.warning("step %d was skipped (non-finite loss): no checkpoint written for it", step)
+        return
+    bad = nonfinite_parameters(model)
+    flag = torch.tensor([float(len(bad))], device=next(model.parameters()).device)
+    comm.all_reduce_(flag, None, category="other")
+    if flag.item():
+        where = ", ".join(bad[:3]) or "on another rank"
+        raise NonFiniteLoss(f"parameters are not finite at step {step} ({where}): stopping "
+                            "without writing a checkpoint")  # fmt: skip
+    path = save_checkpoint(cfg.train.save, step, model, optimizer, grid, effective)
+    if path is not None:
+        log.info("saved checkpoint %s", path)
 
 
 def _attention_balance(model, grid, device) -> dict:

@@ -14,7 +14,6 @@ runs a short LSS job on 4 CPU processes. Outputs, in ``--out``:
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -122,6 +121,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="skip a step whose loss is not finite instead of stopping",
     )
     g.add_argument(
+        "--max-consecutive-skips",
+        type=int,
+        default=d_t.max_consecutive_skips,
+        metavar="K",
+        help="with --skip-nonfinite: stop (exit 3) after K skipped steps in a row",
+    )
+    g.add_argument(
         "--zero-stage",
         type=int,
         choices=ZERO_STAGES,
@@ -162,7 +168,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="end after step K as if interrupted; schedules still span --steps",
     )
     g.add_argument("--progress", choices=("auto", "on", "off"), default=d_t.progress)
-    g.add_argument("--out", default=d_t.out)
+    g.add_argument("--out", default=d_t.out, help="output folder (refused if it holds another "
+                   "run's outputs, unless --overwrite)")  # fmt: skip
+    g.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace another run's outputs in --out and its checkpoints in --save",
+    )
+    g.add_argument(
+        "--no-memory-check",
+        action="store_true",
+        help="start even when the per-rank memory estimate exceeds the memory available",
+    )
+    g.add_argument(
+        "--validate-only",
+        action="store_true",
+        help="check the configuration, folders and memory estimate, then exit (0: it would run)",
+    )
     g.add_argument("--log-interval", type=int, default=d_t.log_interval)
     # the DeepSpeed launcher passes --local_rank=i; LOCAL_RANK in the environment says the same
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
@@ -180,8 +202,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def load_yaml_preset(path: str, parser: argparse.ArgumentParser) -> dict:
-    """Read a YAML preset into argparse defaults; unknown keys and bad values are errors."""
+    """Read a YAML preset into argparse defaults; unknown keys and ill-typed values are errors
+    (strict_yaml.py: no coercion), all reported in one message."""
     import yaml
+
+    from .strict_yaml import check_value
 
     try:
         data = yaml.safe_load(Path(path).read_text()) or {}
@@ -192,20 +217,20 @@ def load_yaml_preset(path: str, parser: argparse.ArgumentParser) -> dict:
     if not isinstance(data, dict):
         parser.error(f"--config {path}: expected a mapping of flag names to values")
     actions = {a.dest: a for a in parser._actions}
-    out, unknown = {}, []
+    out, unknown, bad = {}, [], []
     for key, value in data.items():
         dest = str(key).lstrip("-").replace("-", "_")
-        if dest not in actions or dest in ("config", "help", "local_rank"):
+        if dest not in actions or dest in ("config", "help", "local_rank", "validate_only"):
             unknown.append(str(key))
             continue
-        action = actions[dest]
-        if action.type is not None and value is not None and not isinstance(value, bool):
-            value = action.type(value)
-        if action.choices is not None and value not in action.choices:
-            parser.error(f"--config {path}: {key}: {value!r} is not one of {list(action.choices)}")
+        value, problem = check_value(str(key), value, actions[dest])
+        if problem:
+            bad.append(problem)
         out[dest] = value
     if unknown:
-        parser.error(f"--config {path}: unknown keys {unknown}")
+        bad.insert(0, f"unknown keys {unknown}")
+    if bad:
+        parser.error(f"--config {path}: " + "; ".join(bad))
     return out
 
 
@@ -262,31 +287,74 @@ def config_from_args(args: argparse.Namespace, world_size: int) -> RunConfig:
             progress=args.progress,
             fault=args.fault,
             zero_stage=args.zero_stage,
+            max_consecutive_skips=args.max_consecutive_skips,
+            overwrite=args.overwrite,
+            memory_check=not args.no_memory_check,
         ),
     )
 
 
+def preflight(args: argparse.Namespace, env=None, env_problems=()) -> RunConfig:
+    """Everything checked before any process group exists, read-only: the launcher's environment,
+    the configuration, the folders (runs.py) and the per-rank memory estimate (estimate.py).
+    Raises `ConfigError` (one message per stage); returns the validated configuration."""
+    from .envvars import launch_env
+
+    if env is None:
+        env, env_problems = launch_env()
+    if env_problems:
+        raise ConfigError("invalid launch environment:\n  - " + "\n  - ".join(env_problems))
+    cfg = config_from_args(args, env.world_size).validate()
+    from .runs import plan
+
+    problems = plan(cfg.train).problems
+    if not problems and cfg.train.memory_check:
+        from .estimate import memory_problems
+
+        problems += memory_problems(cfg, env.local_rank, env.local_world_size)
+    if problems:
+        raise ConfigError("cannot start:\n  - " + "\n  - ".join(problems))
+    return cfg
+
+
 def main(argv: list[str] | None = None) -> int:
+    import contextlib
+    import io
     import warnings
+
+    from .envvars import launch_env
 
     # Megatron-Core warns about missing apex/TransformerEngine and deprecated defaults on every
     # rank; they are expected here (see docs/design.md) and drown the training log.
     warnings.filterwarnings("ignore", module=r"megatron\.core.*")
     warnings.filterwarnings("ignore", category=FutureWarning)
-    args = parse_args(argv)
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
+    env, env_problems = launch_env()
+    speaks = env.rank == 0  # bad input is the same on every rank: one of them says so (exit 2)
+    with contextlib.nullcontext() if speaks else contextlib.redirect_stderr(io.StringIO()):
+        args = parse_args(argv)
+    if env.launched and not args.validate_only:
+        from .lifeline import install
+
+        install()  # this rank ends within seconds of its launcher (lifeline.py)
     try:
-        cfg = config_from_args(args, world_size).validate()
+        cfg = preflight(args, env, env_problems)
     except ConfigError as e:
-        print(f"lss_megatron.train: error: {e}", file=sys.stderr)
+        if speaks:
+            print(f"lss_megatron.train: error: {e}", file=sys.stderr)
         return 2
+    if args.validate_only:
+        from .estimate import estimate
+
+        p = cfg.parallel
+        print(f"lss_megatron.train: valid: --mode {p.mode}, P = {p.world_size} = N {p.seq_parallel} "
+              f"x D {p.dp}; per-rank memory estimate {estimate(cfg).describe()}")  # fmt: skip
+        return 0
     from .log import setup_logging
 
-    setup_logging(rank)
+    setup_logging(env.rank)
     from .loop import run
 
-    return run(cfg, rank).exit_code
+    return run(cfg, env.rank).exit_code
 
 
 if __name__ == "__main__":
