@@ -256,10 +256,22 @@ def peers(
 def compare_run(run_dir: str | Path) -> dict:
     """Predicted against counted for a finished run: {field: (predicted, counted)} over every
     metrics.jsonl row (counted values must be the same in every row)."""
+    from .inputs import InputError, read_json_file
+
     run = Path(run_dir)
-    config = json.loads((run / "config.json").read_text())
-    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    pred = predict(config)
+    if not run.is_dir():
+        raise InputError(f"--run {run}: no such folder")
+    if not (run / "config.json").exists():
+        raise InputError(f"--run {run}: no config.json, not a trainer run folder")
+    config = read_json_file(run / "config.json", "the trainer's effective configuration")
+    try:
+        rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()
+                if x.strip()]  # fmt: skip
+    except (OSError, ValueError) as e:
+        raise InputError(f"--run {run}: unreadable metrics.jsonl ({e})") from None
+    if not rows:
+        raise InputError(f"--run {run}: metrics.jsonl has no steps (the run did not train)")
+    pred = _predict_input(config, f"--run {run}")
     out = {}
     for key in (*COUNTED, "activation_bytes"):
         counted = sorted({r[key] for r in rows if key in r})
@@ -278,7 +290,23 @@ def _print_prediction(pred: dict) -> None:
         print(f"{k:<{width}}  {v}")
 
 
+def _predict_input(config: dict, where: str, device: str | None = None) -> dict:
+    """`predict`, with a config that lacks what it needs reported as bad input."""
+    from .inputs import InputError
+
+    try:
+        return predict(config, device=device)
+    except (KeyError, TypeError, ValueError) as e:
+        raise InputError(f"{where}: not a usable trainer config ({type(e).__name__}: {e})") from None
+
+
 def main(argv: list[str] | None = None) -> int:
+    from .inputs import cli
+
+    return cli("analysis.costmodel", lambda: _main(argv))
+
+
+def _main(argv: list[str] | None) -> int:
     p = argparse.ArgumentParser(prog="python -m analysis.costmodel", description=__doc__.split(
         "\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     what = p.add_mutually_exclusive_group(required=True)
@@ -326,7 +354,10 @@ def main(argv: list[str] | None = None) -> int:
                 pr = f"{pr:,}" if isinstance(pr, int | float) else str(pr)
                 print(f"{k:<24} predicted {pr:>16}  counted {co!s:>16}")
         return 0
-    pred = predict(json.loads(Path(args.config).read_text()), device=args.device)
+    from .inputs import read_json_file
+
+    config = read_json_file(Path(args.config), "--config: a trainer config.json")
+    pred = _predict_input(config, f"--config {args.config}", args.device)
     print(json.dumps(pred, indent=2)) if args.json else _print_prediction(pred)
     return 0
 

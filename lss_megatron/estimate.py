@@ -134,6 +134,6 @@ def memory_problems(cfg, local_rank: int, local_ranks: int, available: int | Non
         available, where = available_memory(local_rank, local_ranks)
     if est.total <= available:
         return []
-    return [f"this run needs at least {est.describe()} per rank, more than the "
-            f"{available / GIB:.2f} GiB available ({where}); use a smaller model or batch, more "
-            "ranks, or --no-memory-check to start anyway"]  # fmt: skip
+    return [f"per-rank memory estimate {est.describe()} exceeds the {available / GIB:.2f} GiB "
+            f"available ({where}); use a smaller model or batch, more ranks, or "
+            "--no-memory-check to start anyway"]  # fmt: skip

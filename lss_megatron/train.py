@@ -297,23 +297,28 @@ def config_from_args(args: argparse.Namespace, world_size: int) -> RunConfig:
 def preflight(args: argparse.Namespace, env=None, env_problems=()) -> RunConfig:
     """Everything checked before any process group exists, read-only: the launcher's environment,
     the configuration, the folders (runs.py) and the per-rank memory estimate (estimate.py).
-    Raises `ConfigError` (one message per stage); returns the validated configuration."""
+    Raises one `ConfigError` listing every problem; returns the validated configuration."""
     from .envvars import launch_env
 
     if env is None:
         env, env_problems = launch_env()
     if env_problems:
         raise ConfigError("invalid launch environment:\n  - " + "\n  - ".join(env_problems))
-    cfg = config_from_args(args, env.world_size).validate()
     from .runs import plan
 
-    problems = plan(cfg.train).problems
+    cfg = config_from_args(args, env.world_size)
+    try:
+        cfg.validate()
+        problems = []
+    except ConfigError as e:  # "invalid configuration:" and one "  - problem" line each
+        problems = [x.strip()[2:] for x in str(e).splitlines()[1:]]
+    problems += plan(cfg.train).problems  # folders: independent of the rest
     if not problems and cfg.train.memory_check:
         from .estimate import memory_problems
 
         problems += memory_problems(cfg, env.local_rank, env.local_world_size)
     if problems:
-        raise ConfigError("cannot start:\n  - " + "\n  - ".join(problems))
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
     return cfg
 
 
