@@ -31,13 +31,17 @@ def fetch(url: str, dest: str | os.PathLike, timeout_s: float = 60.0, check=None
     try:
         got, expected = _stream(url, part, timeout_s)
         if expected is not None and got != expected:
-            raise DataError(f"download from {url} ended after {got:,} of {expected:,} bytes")
+            raise DataError(f"download from {url} ended after {got:,} of {expected:,} bytes; "
+                            "nothing kept")  # fmt: skip
         problems = check(part) if check is not None else []
         if problems:
-            raise DataError(f"download from {url} is not what was expected: {problems[0]}")
+            raise DataError(f"download from {url} is not what was expected, nothing kept: "
+                            f"{problems[0]}")  # fmt: skip
         os.replace(part, dest)
     except BaseException as e:
         part.unlink(missing_ok=True)
+        if isinstance(e, DataError):
+            raise
         if isinstance(e, (socket.timeout, TimeoutError)) or (
             isinstance(e, urllib.error.URLError) and isinstance(e.reason, socket.timeout)
         ):
