@@ -225,3 +225,23 @@ def test_yaml_on_the_command_line_is_one_message_exit_2(tmp_path):
 def test_finite_checks_leave_good_values_alone():
     cfg = RunConfig()
     assert cfg.validate() is cfg and math.isfinite(cfg.train.lr)
+
+
+@pytest.mark.timeout(120)
+def test_slurm_batch_validates_before_srun(tmp_path):
+    """launch/slurm.sbatch checks the configuration once before `srun` starts any task (a stub
+    srun records whether it was called)."""
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    (bin_ / "srun").write_text(f"#!/bin/sh\ntouch {tmp_path}/srun_called\n")
+    (bin_ / "srun").chmod(0o755)
+    env = env_without_launcher(
+        PATH=f"{bin_}:{env_without_launcher()['PATH']}", PYTHON=sys.executable,
+        SLURM_JOB_ID="4242", SLURM_JOB_NODELIST="node01", SLURM_NTASKS="8",
+        SLURM_NTASKS_PER_NODE="4", SLURM_SUBMIT_DIR=str(ROOT), MASTER_ADDR="node01")
+    res = subprocess.run(["bash", str(ROOT / "launch" / "slurm.sbatch"), "--lr", "nan", "--out",
+                          str(tmp_path / "o")], capture_output=True, text=True, timeout=100,
+                         env=env)  # fmt: skip
+    assert res.returncode == 2, res.stderr
+    assert res.stderr.count("--lr must be a finite number > 0, got nan") == 1, res.stderr
+    assert not (tmp_path / "srun_called").exists()
