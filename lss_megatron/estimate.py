@@ -23,6 +23,7 @@ Import-light: no torch unless `available_memory` asks CUDA.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 GIB = 2**30
@@ -110,23 +111,28 @@ def estimate(cfg) -> Estimate:
 
 def available_memory(local_rank: int, local_ranks: int) -> tuple[int, str]:
     """(bytes this rank may use, where that number comes from)."""
+    import glob
+    import sys
+
     import psutil
 
-    try:
+    # importing torch takes seconds: only where a GPU may be (or torch is loaded anyway)
+    gpu = "torch" in sys.modules or glob.glob("/dev/nvidia[0-9]*") or os.path.exists("/dev/kfd")
+    if gpu:
         import torch
 
         if torch.cuda.is_available():
             dev = local_rank % torch.cuda.device_count()
             free, _ = torch.cuda.mem_get_info(dev)
             return int(free), f"free on cuda:{dev}"
-    except ImportError:
-        pass
     avail = psutil.virtual_memory().available
     return avail // max(1, local_ranks), (
         f"host memory available ({avail / GIB:.1f} GiB) shared by {local_ranks} local rank(s)")
 
 
-def memory_problems(cfg, local_rank: int, local_ranks: int, available: int | None = None) -> list[str]:
+def memory_problems(
+    cfg, local_rank: int, local_ranks: int, available: int | None = None
+) -> list[str]:
     """One problem naming the estimate when it exceeds the memory available to this rank."""
     est = estimate(cfg)
     where = "given"

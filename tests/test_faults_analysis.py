@@ -135,6 +135,7 @@ def test_error_line_finds_the_runs_own_reason(stderr, want):
     assert error_line(stderr).startswith(want), error_line(stderr)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(200)
 def test_compare_keeps_a_failed_runs_own_error_line(tmp_path, monkeypatch):
     """A real torchrun launch of a run the trainer refuses: the table's error is the trainer's

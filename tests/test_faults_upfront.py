@@ -90,6 +90,7 @@ def test_estimate_against_the_cost_model():
                                                                               max(ratios))
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(200)
 def test_estimate_against_measured_bytes(tmp_path):
     """A real run: the trainer's measured param/grad/optimizer bytes equal the estimate exactly;
@@ -271,6 +272,7 @@ def test_loading_a_foreign_file_through_the_trainer(tmp_path):
 
 
 # --- temporary folders ------------------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.timeout(200)
 def test_one_process_run_leaks_no_temporary_folder(tmp_path):
     """The single-process rendezvous store used to be a fresh ``lss_store_*`` folder per run;
