@@ -5,7 +5,9 @@
 * `analysis.presets`: the grids (``smoke``, ``cpu-strong``, ``cpu-weak``, the paper's clusters);
 * `analysis.tables`: the table's columns, ratios and efficiencies;
 * `analysis.figures`: ``python -m analysis.figures DIR`` redraws the figures from the CSV;
-* `analysis.costmodel`: the analytic cost model (optional for the above).
+* `analysis.costmodel`: the analytic cost model (optional for the above);
+* `analysis.trainer_config`: the trainer's own configuration and validation, for all of these;
+* `analysis.longest`: the longest-sequence search (figures, cost model).
 
 What each number means: docs/measurement.md.
 """

@@ -39,6 +39,7 @@ from pathlib import Path
 from analysis import tables
 from analysis.inputs import InputError, cli, error_line
 from analysis.presets import PRESETS, REPO, Plan, RunSpec, get_preset, make_plan
+from analysis.trainer_config import run_config
 
 STDERR_TAIL = 2000
 """Characters of a failed run's stderr kept in the table's ``error`` column."""
@@ -48,9 +49,7 @@ _DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_AD
 
 def effective_config(run: RunSpec) -> dict:
     """The trainer's effective configuration of `run` (`RunConfig.to_dict()`), without launching."""
-    from lss_megatron.train import config_from_args, parse_args
-
-    return config_from_args(parse_args(run.trainer_args("unused")), run.world_size).to_dict()
+    return run_config(run.trainer_args("unused"), run.world_size).to_dict()
 
 
 def torchrun_command(run: RunSpec, out: Path) -> list[str]:

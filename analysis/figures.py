@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from analysis.longest import longest_fitting
 from analysis.tables import config_from_row, load_costmodel, read_summary
 
 MAX_SEQ_LENGTH = 1 << 24
@@ -126,21 +127,6 @@ def fit_memory(lengths, activation, state) -> tuple[Callable[[float], float], st
     return (lambda length: a * length + c * length * length + s0 + s1 * length), "measured fit"
 
 
-def _largest_fitting(step: int, total: Callable[[int], float], budget: float) -> int:
-    """Largest multiple of `step` whose `total` stays within `budget` (0 if none does)."""
-    budget *= 1 + 1e-9  # a fit reproduces exact byte counts only up to rounding
-    lo, hi = 0, MAX_SEQ_LENGTH // step
-    if total(step) > budget:
-        return 0
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if total(mid * step) <= budget:
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo * step
-
-
 def longest_sequence_data(
     df: pd.DataFrame, budget_bytes: float | None = None, source: str = "auto"
 ) -> pd.DataFrame:
@@ -179,8 +165,10 @@ def longest_sequence_data(
                                     group["state_bytes"])  # fmt: skip
         else:
             continue
+        cap = budget_bytes * (1 + 1e-9)  # a fit reproduces exact byte counts only up to rounding
+        longest = longest_fitting(int(n), total, cap, MAX_SEQ_LENGTH)
         rows.append({"mode": mode, "seq_parallel": n, "data_parallel": d, "world_size": p,
-                     "max_seq_length": _largest_fitting(int(n), total, budget_bytes),
+                     "max_seq_length": longest,
                      "source": how, "budget_bytes": budget_bytes})  # fmt: skip
     cols = ["mode", "seq_parallel", "data_parallel", "world_size", "max_seq_length", "source",
             "budget_bytes"]  # fmt: skip

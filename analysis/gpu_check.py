@@ -11,7 +11,7 @@
 
 and writes TFLOP/s (model FLOPs, backward = 2 x forward), fraction of the measured matmul peak
 and peak memory (`max_memory_allocated`) to ``analysis/data/gpu/<device>.json``. The cost model
-(`analysis.costmodel_hw.get_device`) uses the measured matmul peak when that file exists.
+(`analysis.costmodel.hw.get_device`) uses the measured matmul peak when that file exists.
 
 `--device cpu --tiny` runs the same code at toy sizes on the CPU (what the tests do), so the
 script stays runnable between the rare sessions that have a GPU.
@@ -65,7 +65,7 @@ def matmul_peak(device, dtype, n: int, repeats: int) -> float:
 def attention_check(device, dtype, seq: int, n: int, heads: int, kv_heads: int, dim: int,
                     repeats: int) -> dict:  # fmt: skip
     """Last rank of N: l/N causal queries at offset l - l/N against all l keys."""
-    from lss_megatron.attention import partial_attention
+    from lss_megatron.lss.kernel import partial_attention
 
     sq = seq // n
     _peak_reset(device)
@@ -88,7 +88,7 @@ def attention_check(device, dtype, seq: int, n: int, heads: int, kv_heads: int, 
 def layer_check(device, dtype, seq: int, n: int, hidden: int, heads: int, kv_heads: int,
                 ffn: int, repeats: int) -> dict:  # fmt: skip
     """One layer's forward + backward on the l/N local tokens (last rank) against all l keys."""
-    from lss_megatron.attention import partial_attention
+    from lss_megatron.lss.kernel import partial_attention
 
     d, sq = hidden // heads, seq // n
     _peak_reset(device)

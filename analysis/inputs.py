@@ -5,7 +5,8 @@
   on stderr and exit status 2.
 * `read_csv_table(path, required, numeric)`: a CSV as a DataFrame, or an `InputError` saying what
   is wrong with it.
-* `read_json_file(path, what)`: a JSON object, or an `InputError`.
+* `read_json_file(path, what)`: a JSON object, or an `InputError`; `check_run_folder(run, flag)`:
+  a finished trainer run folder, or an `InputError`.
 * `error_line(stderr)`: the line of a failed trainer run that says why it failed, out of a
   launcher's stderr (torchrun's own report around it is boilerplate).
 """
@@ -54,6 +55,22 @@ def read_csv_table(path: Path, required: Iterable[str] = (), numeric: Iterable[s
             if not bad.empty:
                 raise InputError(f"{path}: column {col!r} holds {bad.iloc[0]!r}, not a number")
     return df
+
+
+def check_run_folder(run: Path, flag: str) -> None:
+    """A finished trainer run folder: config.json (a JSON object) and metrics.jsonl with steps."""
+    if not run.is_dir():
+        raise InputError(f"{flag} {run}: no such folder")
+    if not (run / "config.json").exists():
+        raise InputError(f"{flag} {run}: no config.json, not a trainer run folder")
+    read_json_file(run / "config.json", "the trainer's effective configuration")
+    try:
+        rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()
+                if x.strip()]  # fmt: skip
+    except (OSError, ValueError) as e:
+        raise InputError(f"{flag} {run}: unreadable metrics.jsonl ({e})") from None
+    if not rows:
+        raise InputError(f"{flag} {run}: metrics.jsonl has no steps (the run did not train)")
 
 
 def read_json_file(path: Path, what: str) -> dict:

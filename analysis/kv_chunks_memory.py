@@ -4,7 +4,7 @@
 setting (a fresh process each) and reports, per setting, the peak growth of the heap in use during
 one fwd+bwd of `lss_attention` on rank 0, the bytes saved for backward, and the communication.
 
-Peak heap: `lss_megatron.metrics.heap_peak_mode` (glibc's bytes in use, sampled after every
+Peak heap: `lss_megatron.training.metrics.heap_peak_mode` (glibc's bytes in use, sampled after every
 torch operation); RSS would hide the transient buffers behind allocator caching.
 """
 
@@ -22,10 +22,9 @@ def _worker(rank, world, store, chunks, seq, heads, kv_heads, dim, q):
     import torch
     import torch.distributed as dist
 
-    from lss_megatron import comm
-    from lss_megatron.attention import count_saved_bytes
-    from lss_megatron.metrics import heap_peak_mode
-    from lss_megatron.operator import lss_attention
+    from lss_megatron.lss.operator import lss_attention
+    from lss_megatron.parallel import comm
+    from lss_megatron.training.metrics import count_saved_bytes, heap_peak_mode
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,

@@ -53,6 +53,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 
+from analysis.trainer_config import argv, problems, run_config, trainer_flags
+from lss_megatron.config import ConfigError
+
 REPO = Path(__file__).resolve().parents[1]
 PARALLEL_MODES = ("lss", "nvidia-sp")
 MiB = 1 << 20
@@ -166,14 +169,7 @@ class RunSpec:
 
     def trainer_args(self, out: Path | str) -> list[str]:
         """The trainer's command-line arguments, writing into `out`."""
-        args: list[str] = []
-        for key, value in self.flags.items():
-            if isinstance(value, bool):
-                if value:
-                    args.append(f"--{key}")
-            elif value is not None:
-                args += [f"--{key}", str(value)]
-        return args + ["--out", str(out), "--progress", "off"]
+        return argv(self.flags) + ["--out", str(out), "--progress", "off"]
 
 
 @dataclass(frozen=True)
@@ -363,37 +359,21 @@ def _run(preset: Preset, label: str, n: int, d: int, length: int, repeat: int, r
                    "" if label == variant.mode else label)  # fmt: skip
 
 
-def trainer_flags() -> frozenset[str]:
-    """Every option string the trainer's parser knows (``--zero-stage``, ...)."""
-    from lss_megatron.train import build_parser
-
-    return frozenset(s for a in build_parser()._actions for s in a.option_strings)
-
-
 def trainer_problem(run: RunSpec, data_elsewhere: bool = False) -> str | None:
     """The trainer's own verdict on `run` (None when it would start), without launching it.
 
     `data_elsewhere`: the data file lives on a cluster, so problems with ``--data-path`` here
     (typically: no such file) are not the run's.
     """
-    from lss_megatron.config import ConfigError
-    from lss_megatron.train import config_from_args, parse_args
-
     known = trainer_flags()
     missing = [f"--{k}" for k in run.flags if f"--{k}" not in known]
     if missing:
         return f"this trainer has no {', '.join(missing)} (variant {run.label})"
-    args = run.trainer_args("unused")
     try:
-        config_from_args(parse_args(args), run.world_size).validate()
+        cfg = run_config(run.trainer_args("unused"), run.world_size)
     except ConfigError as e:
-        items = [x.strip() for x in str(e).split("\n  - ")[1:]] or [str(e)]
-        if data_elsewhere:
-            items = [x for x in items if not x.startswith("--data-path")]
-        return "; ".join(" ".join(x.split()) for x in items) or None
-    except SystemExit:
-        return "the trainer rejects the arguments: " + " ".join(args)
-    return None
+        return str(e)
+    return "; ".join(problems(cfg, data_elsewhere)) or None
 
 
 def grid_points(preset: Preset) -> list[tuple[str, int, int, int]]:

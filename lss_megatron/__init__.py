@@ -8,15 +8,17 @@ Public API (imported lazily, so `import lss_megatron` stays light):
 * `LSSCoreAttention`: the `core_attention` module itself.
 """
 
+import importlib
+
 __version__ = "0.1.0"
 
 _LAZY = {
-    "lss_attention": ("lss_megatron.operator", "lss_attention"),
-    "partial_attention": ("lss_megatron.attention", "partial_attention"),
-    "get_lss_layer_spec": ("lss_megatron.model", "get_lss_layer_spec"),
-    "get_serial_layer_spec": ("lss_megatron.model", "get_serial_layer_spec"),
+    "lss_attention": ("lss_megatron.lss.operator", "lss_attention"),
+    "partial_attention": ("lss_megatron.lss.kernel", "partial_attention"),
+    "get_lss_layer_spec": ("lss_megatron.modes.lss", "get_lss_layer_spec"),
+    "get_serial_layer_spec": ("lss_megatron.modes.serial", "get_serial_layer_spec"),
     "build_model": ("lss_megatron.model", "build_model"),
-    "LSSCoreAttention": ("lss_megatron.core_attention", "LSSCoreAttention"),
+    "LSSCoreAttention": ("lss_megatron.lss.core_attention", "LSSCoreAttention"),
     "RunConfig": ("lss_megatron.config", "RunConfig"),
     "ModelConfig": ("lss_megatron.config", "ModelConfig"),
     "ParallelConfig": ("lss_megatron.config", "ParallelConfig"),
@@ -28,8 +30,6 @@ __all__ = sorted(_LAZY)
 
 def __getattr__(name):
     if name in _LAZY:
-        import importlib
-
         module, attr = _LAZY[name]
         return getattr(importlib.import_module(module), attr)
     raise AttributeError(f"module 'lss_megatron' has no attribute {name!r}")

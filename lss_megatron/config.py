@@ -1,4 +1,4 @@
-"""Validated, frozen configuration for one training run.
+"""Validated, frozen configuration for one training run, and every rule a run must obey.
 
 Three dataclasses, one per concern, and `RunConfig` that holds them:
 
@@ -6,31 +6,34 @@ Three dataclasses, one per concern, and `RunConfig` that holds them:
 * `ParallelConfig` the layout of the P = N x D ranks (N sequence segments, D data replicas);
 * `TrainConfig`    batch, steps, optimizer, data and output.
 
-`RunConfig.validate()` checks everything that can be checked without torch or a process group
-and raises `ConfigError` naming every offending value at once. This module imports nothing
-heavy, so a bad command line fails within a fraction of a second.
+Each field carries its command-line flag in its metadata (`_opt`: help, choices, flag name), so
+the trainer's CLI is derived from these classes (train.py) and each option is described once.
+
+`MODE_RULES` says, per parallel mode, which Megatron group has the degree N and which models the
+mode cannot run (the per-mode limits). `RunConfig.validate()` checks everything that can be
+checked without torch or a process group and raises `ConfigError` naming every offending value
+at once. This module imports nothing heavy, so a bad command line fails within a fraction of a
+second.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from .data import DATASETS, LAYOUTS
-
-MODES = ("serial", "lss", "nvidia-sp", "ulysses")
-"""Modes the trainer knows. `serial` is plain data parallelism (N = 1) with Megatron's stock
-attention; `lss` is LSS sequence parallelism over N segments; `nvidia-sp` is the baseline,
-Megatron tensor parallelism of degree N with `sequence_parallel=True` (baselines/nvidia_sp.py);
-`ulysses` is DeepSpeed-Ulysses, all-to-all over heads on the same N segments as LSS
-(baselines/ulysses.py)."""
+from .data import DATASETS, check_data_config
+from .layout import LAYOUTS
 
 POSITION_EMBEDDINGS = ("learned", "rope")
 OPTIMIZERS = ("sgd", "adamw")
 DTYPES = ("fp32", "bf16")
 LR_SCHEDULES = ("constant", "cosine")
 ZERO_STAGES = (0, 1, 2)
+PROGRESS = ("auto", "on", "off")
+FAULT_KINDS = ("crash", "hang", "nan")
 MAX_SEED = 2**32 - 1
 """Seeds feed numpy's and torch's generators; numpy's take 32-bit values."""
 MAX_DIST_TIMEOUT_S = 7 * 24 * 3600.0
@@ -40,33 +43,46 @@ class ConfigError(ValueError):
     """A configuration that cannot run. The message names every offending value."""
 
 
+def _opt(default, help: str, *, flag: str | None = None, choices=None, metavar=None,
+         section: str | None = None, cli_default=dataclasses.MISSING, hidden: bool = False):  # fmt: skip
+    """A config field that is also a command-line option (train.py builds the parser from it).
+
+    `flag` defaults to ``--field-name``; a bool field is a switch (``--no-x`` for a field that
+    defaults to True); `cli_default` is the option's default when it differs from the field's
+    (None: derived when the configuration is made); `hidden` keeps a testing aid out of --help."""
+    meta = {"help": help, "flag": flag, "choices": choices, "metavar": metavar,
+            "section": section, "cli_default": cli_default, "hidden": hidden}  # fmt: skip
+    return field(default=default, metadata=meta)
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """The GPT model. Every field is the same for every mode and layout."""
 
-    num_layers: int = 2
-    """Transformer layers L."""
-    hidden_size: int = 64
-    """Hidden size E."""
-    num_heads: int = 4
-    """Attention (query) heads h; head dim d = E / h."""
-    num_kv_heads: int | None = None
-    """Key/value heads h_kv (GQA/MQA); defaults to `num_heads` (multi-head attention)."""
-    ffn_hidden_size: int | None = None
-    """MLP hidden size; defaults to 4 E."""
-    seq_length: int = 256
-    """Sequence length l (tokens per sequence, after the one-token label shift)."""
-    vocab_size: int = 256
-    """Vocabulary size V of the data (256 = bytes)."""
-    make_vocab_size_divisible_by: int = 1
-    """Pad the model's vocabulary (embedding rows, logits) up to a multiple of this; the padding
-    rows never occur as tokens. Unlike Megatron-LM this does NOT scale with the tensor-parallel
-    size, so every mode and layout builds the same model (e.g. 768 lets nvidia-sp run at N = 6
-    with a 256-byte vocabulary)."""
-    position_embedding: str = "learned"
-    """`learned`: absolute table, sequence-distributed in LSS; `rope`: rotary, global positions."""
-    causal: bool = True
-    """Causal (decoder) attention; False attends to every token."""
+    num_layers: int = _opt(2, "transformer layers L")
+    hidden_size: int = _opt(64, "hidden size E")
+    num_heads: int = _opt(4, "attention (query) heads h; head dim d = E / h")
+    num_kv_heads: int | None = _opt(
+        None, "key/value heads h_kv (GQA/MQA); default: --num-heads (multi-head attention)"
+    )
+    ffn_hidden_size: int | None = _opt(None, "MLP hidden size; default 4 E")
+    seq_length: int = _opt(
+        256, "sequence length l (tokens per sequence, after the one-token label shift)"
+    )
+    vocab_size: int = _opt(256, "vocabulary size V of the data (256 = bytes)")
+    make_vocab_size_divisible_by: int = _opt(
+        1,
+        "pad the model vocabulary (embedding rows, logits) to a multiple of this, the same in "
+        "every mode; the padding rows never occur as tokens. Unlike Megatron-LM this does not "
+        "scale with the tensor-parallel size, so every mode and layout builds the same model "
+        "(e.g. 768 lets nvidia-sp run at N = 6 with a 256-byte vocabulary)",
+    )
+    position_embedding: str = _opt(
+        "learned",
+        "learned: absolute table, sequence-distributed in LSS; rope: rotary, global positions",
+        choices=POSITION_EMBEDDINGS,
+    )
+    causal: bool = _opt(True, "bidirectional attention (attend to every token)", flag="--no-causal")
 
     @property
     def kv_heads(self) -> int:
@@ -87,14 +103,8 @@ class ModelConfig:
 
     def problems(self) -> list[str]:
         p = []
-        for name in (
-            "num_layers",
-            "hidden_size",
-            "num_heads",
-            "seq_length",
-            "vocab_size",
-            "make_vocab_size_divisible_by",
-        ):
+        for name in ("num_layers", "hidden_size", "num_heads", "seq_length", "vocab_size",
+                     "make_vocab_size_divisible_by"):  # fmt: skip
             if getattr(self, name) < 1:
                 p.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.num_kv_heads is not None and self.num_kv_heads < 1:
@@ -118,34 +128,139 @@ class ModelConfig:
         return p
 
 
+# --- the parallel modes: degrees and limits (the torch side of each is modes/<name>.py) --------
+def _nvidia_sp_problems(model: ModelConfig, n: int) -> list[str]:
+    """Tensor parallelism of degree N splits attention heads, key/value heads, the MLP and the
+    vocabulary N ways, and sequence parallelism splits the sequence N ways."""
+    if n < 2:
+        return [
+            f"--mode nvidia-sp needs --seq-parallel N >= 2 (tensor parallelism of degree N), got "
+            f"{n}: with N = 1 Megatron runs without sequence parallelism, which would silently be "
+            "plain data parallelism; use --mode serial for that"
+        ]
+    hint = "(LSS splits only the sequence and has no such limit: try --mode lss)"
+    p = [f"--mode nvidia-sp: {flag} {value} is not divisible by N = {n} {hint}"
+         for flag, value in (("--num-heads", model.num_heads), ("--num-kv-heads", model.kv_heads))
+         if value % n]  # fmt: skip
+    if model.ffn_size % n:
+        p.append(
+            f"--mode nvidia-sp: --ffn-hidden-size {model.ffn_size} is not divisible by N = {n}"
+        )
+    if model.padded_vocab_size % n:
+        p.append(
+            f"--mode nvidia-sp: the model vocabulary {model.padded_vocab_size} (--vocab-size "
+            f"{model.vocab_size}, --make-vocab-size-divisible-by "
+            f"{model.make_vocab_size_divisible_by}) is not divisible by N = {n}: Megatron-Core "
+            "splits it over tensor-parallel ranks; pad it with --make-vocab-size-divisible-by"
+        )
+    return p
+
+
+def _ulysses_problems(model: ModelConfig, n: int) -> list[str]:
+    """Ulysses turns a sequence segment of every head into the whole sequence of h/N heads with an
+    all-to-all, so the N ranks must split the query and key/value heads evenly (DeepSpeed's own
+    uneven-head path needs its global sequence-parallel groups and is not used here)."""
+    hint = "(Ulysses splits heads over the sequence group; LSS has no head cap: try --mode lss)"
+    return [f"--mode ulysses: {flag} {value} is not divisible by N = {n} {hint}"
+            for flag, value in (("--num-heads", model.num_heads), ("--num-kv-heads", model.kv_heads))
+            if n >= 1 and value % n]  # fmt: skip
+
+
+def _no_problems(model: ModelConfig, n: int) -> list[str]:
+    return []
+
+
+@dataclass(frozen=True)
+class ModeRules:
+    """What a parallel mode asks of Megatron's groups for a degree N, and what it cannot run."""
+
+    name: str
+    degree_group: str | None
+    """The Megatron group of size N: ``context`` (the sequence group), ``tensor``, or None."""
+    sequence_parallel: bool = False
+    """Megatron's `sequence_parallel` flag (Korthikanti et al.)."""
+    problems: Callable[[ModelConfig, int], list[str]] = _no_problems
+    """(model config, N) -> messages for the configurations this mode cannot run."""
+
+    def tensor_parallel(self, n: int) -> int:
+        return n if self.degree_group == "tensor" else 1
+
+    def context_parallel(self, n: int) -> int:
+        return n if self.degree_group == "context" else 1
+
+
+MODE_RULES = {
+    r.name: r
+    for r in (
+        ModeRules("serial", None),
+        ModeRules("lss", "context"),
+        ModeRules("nvidia-sp", "tensor", sequence_parallel=True, problems=_nvidia_sp_problems),
+        ModeRules("ulysses", "context", problems=_ulysses_problems),
+    )
+}
+"""serial: N = 1, Megatron's stock attention, the reference; lss: LSS over a context-parallel
+(sequence) group of N; nvidia-sp: Megatron tensor parallelism of degree N with
+``sequence_parallel``; ulysses: DeepSpeed-Ulysses on the same sequence group as LSS."""
+MODES = tuple(MODE_RULES)
+
+
+def parse_fault(spec: str) -> tuple[str, int, int] | None:
+    """``KIND:RANK:STEP`` -> (kind, rank, step); None when `spec` is not of that form."""
+    parts = spec.split(":")
+    if len(parts) != 3 or parts[0] not in FAULT_KINDS or not all(x.isdigit() for x in parts[1:]):
+        return None
+    return parts[0], int(parts[1]), int(parts[2])
+
+
 @dataclass(frozen=True)
 class ParallelConfig:
     """The rank grid: P = N x D. Rank order follows Megatron (`tp-cp-ep-dp-pp`), so the N ranks
     of a sequence group are consecutive (inside a node) and the data groups are strided."""
 
-    mode: str = "lss"
-    """One of `MODES`."""
+    mode: str = _opt("lss", "parallel mode (see docs/modes.md)", choices=MODES)
     world_size: int = 1
-    """P, the number of processes (from the launcher)."""
-    seq_parallel: int = 1
-    """N: the sequence-parallel degree. LSS: segments per sequence = size of the sequence group
-    (Megatron's context-parallel group). nvidia-sp: the tensor-parallel size."""
-    data_parallel: int | None = None
-    """D: data-parallel replicas; defaults to P / N."""
-    lss_layout: str = "contiguous"
-    """LSS segments: `contiguous` (rank n holds [n l/N, (n+1) l/N), as in the paper) or `zigzag`
-    (2N chunks, rank n holds chunks n and 2N-1-n: equal causal attention work on every rank)."""
-    kv_gather_chunks: int = 1
-    """LSS: gather K/V in this many head chunks, double-buffered (the gather of chunk c+1 runs
-    while chunk c is attended); bounds the transient K/V buffers. Same result and bytes."""
-    dist_timeout_s: float = 300.0
-    """Timeout of every collective (seconds). A hung collective raises instead of hanging."""
+    """P, the number of processes (from the launcher; not an option)."""
+    seq_parallel: int = _opt(
+        1,
+        "N: the sequence-parallel degree (default: P, 1 for serial). LSS and Ulysses: segments "
+        "per sequence = size of the sequence group (Megatron's context-parallel group); "
+        "nvidia-sp: the tensor-parallel size",
+        cli_default=None,
+    )
+    data_parallel: int | None = _opt(None, "D: data-parallel replicas (default: P / N)")
+    lss_layout: str = _opt(
+        "contiguous",
+        "LSS segments: contiguous (rank n holds [n l/N, (n+1) l/N), as in the paper) or zigzag "
+        "(2N chunks, rank n holds chunks n and 2N-1-n: causal load balance)",
+        choices=LAYOUTS,
+    )
+    kv_gather_chunks: int = _opt(
+        1,
+        "LSS: gather K/V in C double-buffered head chunks (the gather of chunk c+1 runs while "
+        "chunk c is attended): bounded transient K/V buffers, same result and bytes",
+        metavar="C",
+    )
+    dist_timeout_s: float = _opt(
+        300.0, "seconds before a hung collective fails the job", flag="--dist-timeout"
+    )
 
     @property
     def dp(self) -> int:
         if self.data_parallel is not None:
             return self.data_parallel
         return self.world_size // self.seq_parallel if self.seq_parallel > 0 else 0
+
+    @property
+    def rules(self) -> ModeRules:
+        return MODE_RULES[self.mode]
+
+    @property
+    def tensor_parallel_size(self) -> int:
+        return self.rules.tensor_parallel(self.seq_parallel)
+
+    @property
+    def context_parallel_size(self) -> int:
+        return self.rules.context_parallel(self.seq_parallel)
 
     def problems(self) -> list[str]:
         p = []
@@ -181,65 +296,88 @@ class ParallelConfig:
         return p
 
 
+_DATA, _OUT = "data", "checkpoints and output"
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Batch, schedule, optimizer, data and output of a run."""
 
-    global_batch_size: int = 8
-    """G: sequences per optimizer step, the same for every mode and layout."""
-    micro_batch_size: int | None = None
-    """B: sequences per forward/backward on one rank; defaults to G / D (no accumulation)."""
-    steps: int = 10
-    """Optimizer steps."""
-    optimizer: str = "adamw"
-    lr: float = 1e-3
-    seed: int = 1234
-    """Seeds the initial weights and the synthetic data; nothing else does."""
-    dtype: str = "fp32"
-    data: str = "synthetic"
-    out: str = "runs/latest"
-    """Output folder: metrics.jsonl and config.json."""
-    log_interval: int = 1
-    """Log a line every this many steps (rank 0)."""
-    weight_decay: float = 0.0
-    lr_schedule: str = "cosine"
-    """`constant` or `cosine` (decay from lr to min_lr at the last of `steps`), after warmup."""
-    warmup_steps: int = 0
-    """Linear warmup from 0 to lr over this many steps."""
-    min_lr: float | None = None
-    """Final learning rate of the cosine schedule; defaults to lr / 10."""
-    clip_grad: float = 1.0
-    """Clip gradients to this global L2 norm (every parameter counted once); 0 disables."""
-    save: str | None = None
-    """Checkpoint folder (layout-independent, atomic); None: no checkpoints."""
-    save_interval: int = 0
-    """Save every this many steps (and at the end) when `save` is set; 0: only at the end."""
-    load: str | None = None
-    """Resume from the newest checkpoint in this folder."""
-    stop_after: int | None = None
-    """End after this step as if interrupted there; schedules stay planned over `steps`."""
-    skip_nonfinite: bool = False
-    """On a non-finite loss, skip the step (counted in the metrics) instead of stopping."""
-    data_path: str | None = None
-    """The data file (enwik8)."""
-    eval_interval: int = 0
-    """Evaluate on the validation split every this many steps (and at the end); 0: never."""
-    eval_steps: int = 2
-    """Batches of G sequences per evaluation."""
-    progress: str = "auto"
-    """Progress bar on rank 0: `on`, `off`, or `auto` (on when stderr is a terminal)."""
-    fault: str | None = None
-    """Testing aid: `crash:RANK:STEP`, `hang:RANK:STEP` or `nan:RANK:STEP` injects that failure."""
-    zero_stage: int = 0
-    """DeepSpeed ZeRO stage over all ranks of the gradient group (lss_megatron/zero.py): 0 off
-    (the trainer's own optimizer step), 1 optimizer state sharded, 2 also gradients. Needs
-    DeepSpeed; no checkpoints (docs/zero.md)."""
-    max_consecutive_skips: int = 3
-    """With `skip_nonfinite`: stop (exit 3) when this many steps in a row were skipped."""
-    overwrite: bool = False
-    """Replace the outputs of another run in `out` and its checkpoints in `save` (runs.py)."""
-    memory_check: bool = True
-    """Refuse a run whose per-rank memory estimate exceeds the memory available (estimate.py)."""
+    global_batch_size: int = _opt(
+        8, "G: sequences per optimizer step, the same for every mode and layout"
+    )
+    micro_batch_size: int | None = _opt(
+        None, "B: sequences per forward/backward on one rank (default: G / D, no accumulation)"
+    )
+    steps: int = _opt(10, "optimizer steps")
+    optimizer: str = _opt("adamw", "the optimizer", choices=OPTIMIZERS)
+    lr: float = _opt(1e-3, "peak learning rate")
+    seed: int = _opt(1234, "seeds the initial weights and the synthetic data; nothing else does")
+    dtype: str = _opt(
+        "fp32", "bf16: bf16 autocast compute, fp32 master weights and gradients", choices=DTYPES
+    )
+    data: str = _opt("synthetic", "the dataset", choices=DATASETS, section=_DATA)
+    out: str = _opt("runs/latest", "output folder: metrics.jsonl and config.json", section=_OUT)
+    log_interval: int = _opt(1, "log a line every this many steps (rank 0)", section=_OUT)
+    weight_decay: float = _opt(0.0, "decoupled weight decay")
+    lr_schedule: str = _opt(
+        "cosine",
+        "constant, or cosine (decay from lr to --min-lr at the last of --steps), after warmup",
+        choices=LR_SCHEDULES,
+    )
+    warmup_steps: int = _opt(0, "linear warmup from 0 to lr over this many steps")
+    min_lr: float | None = _opt(None, "final learning rate of the cosine (default lr/10)")
+    clip_grad: float = _opt(
+        1.0, "clip to this global gradient norm (every parameter counted once); 0 disables"
+    )
+    save: str | None = _opt(
+        None, "checkpoint folder (layout-independent, atomic)", metavar="DIR", section=_OUT
+    )
+    save_interval: int = _opt(
+        0, "save every K steps (and at the end) with --save; 0: only at the end", metavar="K",
+        section=_OUT,
+    )  # fmt: skip
+    load: str | None = _opt(
+        None,
+        "resume from the newest checkpoint in DIR, or from DIR/step_K itself (any layout or mode)",
+        metavar="DIR",
+        section=_OUT,
+    )
+    stop_after: int | None = _opt(
+        None, "end after step K as if interrupted; schedules still span --steps", metavar="K",
+        section=_OUT,
+    )  # fmt: skip
+    skip_nonfinite: bool = _opt(
+        False, "skip a step whose loss is not finite (counted in the metrics) instead of stopping"
+    )
+    data_path: str | None = _opt(None, "the data file (enwik8: raw or .zip)", section=_DATA)
+    eval_interval: int = _opt(0, "validate every K steps and at the end (0: never)", section=_DATA)
+    eval_steps: int = _opt(2, "validation batches (of G sequences) per evaluation", section=_DATA)
+    progress: str = _opt(
+        "auto", "progress bar on rank 0 (auto: when stderr is a terminal)", choices=PROGRESS,
+        section=_OUT,
+    )  # fmt: skip
+    fault: str | None = _opt(
+        None, "testing aid: KIND:RANK:STEP (KIND crash, hang or nan) injects that failure",
+        hidden=True,
+    )  # fmt: skip
+    zero_stage: int = _opt(
+        0,
+        "DeepSpeed ZeRO over all ranks of the gradient group (training/zero.py): 0 off, 1 shards "
+        "optimizer state, 2 also gradients. Needs DeepSpeed; no checkpoints (docs/zero.md)",
+        choices=ZERO_STAGES,
+    )
+    max_consecutive_skips: int = _opt(
+        3, "with --skip-nonfinite: stop (exit 3) after K skipped steps in a row", metavar="K"
+    )
+    overwrite: bool = _opt(
+        False, "replace another run's outputs in --out and its checkpoints in --save (runs.py)",
+        section=_OUT,
+    )  # fmt: skip
+    memory_check: bool = _opt(
+        True, "start even when the per-rank memory estimate exceeds the memory available "
+        "(estimate.py)", section=_OUT,
+    )  # fmt: skip
 
     @property
     def final_lr(self) -> float:
@@ -254,14 +392,12 @@ class TrainConfig:
              "optimizer state in flat per-rank partitions, not the canonical layout-independent "
              "checkpoint (docs/zero.md); use --zero-stage 0 to checkpoint"
              for flag, value in (("--save", self.save), ("--load", self.load)) if value]  # fmt: skip
-        import importlib.util
-
         if importlib.util.find_spec("deepspeed") is None:
             p.append(f"--zero-stage {self.zero_stage} needs DeepSpeed: pip install "
                      "'lss-megatron[deepspeed]' (deepspeed==0.19.8, DS_BUILD_OPS=0)")  # fmt: skip
         return p
 
-    def problems(self, dp: int) -> list[str]:
+    def _value_problems(self) -> list[str]:
         p = []
         for name in ("global_batch_size", "steps"):
             if getattr(self, name) < 1:
@@ -279,19 +415,21 @@ class TrainConfig:
         for name in ("log_interval", "max_consecutive_skips"):
             if getattr(self, name) < 1:
                 p.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.optimizer not in OPTIMIZERS:
-            p.append(f"--optimizer {self.optimizer!r} is not one of {OPTIMIZERS}")
-        if self.dtype not in DTYPES:
-            p.append(f"--dtype {self.dtype!r} is not one of {DTYPES}")
-        if self.data not in DATASETS:
-            p.append(f"--data {self.data!r} is not one of {DATASETS}")
-        if self.lr_schedule not in LR_SCHEDULES:
-            p.append(f"--lr-schedule {self.lr_schedule!r} is not one of {LR_SCHEDULES}")
+        for flag, value, allowed in (("--optimizer", self.optimizer, OPTIMIZERS),
+                                     ("--dtype", self.dtype, DTYPES),
+                                     ("--data", self.data, DATASETS),
+                                     ("--lr-schedule", self.lr_schedule, LR_SCHEDULES)):  # fmt: skip
+            if value not in allowed:
+                p.append(f"{flag} {value!r} is not one of {allowed}")
         for name in ("warmup_steps", "save_interval", "eval_interval", "weight_decay", "clip_grad"):
             if getattr(self, name) < 0:
                 p.append(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if self.eval_steps < 1:
             p.append(f"--eval-steps must be >= 1, got {self.eval_steps}")
+        return p
+
+    def problems(self, dp: int) -> list[str]:
+        p = self._value_problems()
         if self.warmup_steps >= max(self.steps, 1) and self.warmup_steps > 0:
             p.append(f"--warmup-steps {self.warmup_steps} must be < --steps {self.steps}")
         if self.min_lr is not None and math.isfinite(self.min_lr) and not (
@@ -302,16 +440,10 @@ class TrainConfig:
             p.append(f"--stop-after {self.stop_after} must be in [1, --steps {self.steps}]")
         if self.save_interval and not self.save:
             p.append(f"--save-interval {self.save_interval} needs --save DIR")
-        if self.progress not in ("auto", "on", "off"):
-            p.append(f"--progress {self.progress!r} is not one of ('auto', 'on', 'off')")
-        if self.fault is not None:
-            parts = self.fault.split(":")
-            if (
-                len(parts) != 3
-                or parts[0] not in ("crash", "hang", "nan")
-                or not all(x.isdigit() for x in parts[1:])
-            ):
-                p.append(f"--fault {self.fault!r} must be KIND:RANK:STEP, KIND in crash|hang|nan")
+        if self.progress not in PROGRESS:
+            p.append(f"--progress {self.progress!r} is not one of {PROGRESS}")
+        if self.fault is not None and parse_fault(self.fault) is None:
+            p.append(f"--fault {self.fault!r} must be KIND:RANK:STEP, KIND in crash|hang|nan")
         p += self._zero_problems()
         if p or dp < 1:
             return p
@@ -345,31 +477,32 @@ class RunConfig:
     def num_micro_batches(self) -> int:
         return self.train.global_batch_size // (self.parallel.dp * self.micro_batch)
 
+    def _layout_problems(self) -> list[str]:
+        """How the mode and the segments fit the model (once model and layout are valid)."""
+        n, m, par = self.parallel.seq_parallel, self.model, self.parallel
+        p = par.rules.problems(m, n)
+        if p:
+            return p
+        if m.seq_length % n:
+            p.append(f"--seq-length {m.seq_length} is not divisible by --seq-parallel {n}")
+        if m.kv_heads % par.kv_gather_chunks:
+            p.append(
+                f"--kv-gather-chunks {par.kv_gather_chunks} does not divide the key/value heads "
+                f"{m.kv_heads}"
+            )
+        if not m.seq_length % n and par.lss_layout == "zigzag" and m.seq_length % (2 * n):
+            p.append(
+                f"--lss-layout zigzag needs --seq-length {m.seq_length} divisible by 2N = {2 * n}"
+            )
+        return p
+
     def validate(self) -> RunConfig:
         """Raise `ConfigError` listing every problem; return self when the run is possible."""
-        p = self.model.problems() + self.parallel.problems()
+        parallel_problems = self.parallel.problems()
+        p = self.model.problems() + parallel_problems
         if not p:
-            from .modes import mode_problems
-
-            p += mode_problems(self.parallel.mode, self.model, self.parallel.seq_parallel)
-        if not p:
-            n = self.parallel.seq_parallel
-            if self.model.seq_length % n:
-                p.append(
-                    f"--seq-length {self.model.seq_length} is not divisible by --seq-parallel {n}"
-                )
-            if self.model.kv_heads % self.parallel.kv_gather_chunks:
-                p.append(
-                    f"--kv-gather-chunks {self.parallel.kv_gather_chunks} does not divide the "
-                    f"key/value heads {self.model.kv_heads}"
-                )
-            if (not self.model.seq_length % n and self.parallel.lss_layout == "zigzag"
-                    and self.model.seq_length % (2 * n)):  # fmt: skip
-                p.append(
-                    f"--lss-layout zigzag needs --seq-length {self.model.seq_length} divisible by "
-                    f"2N = {2 * n}"
-                )
-        p += self.train.problems(self.parallel.dp if not self.parallel.problems() else 0)
+            p += self._layout_problems()
+        p += self.train.problems(self.parallel.dp if not parallel_problems else 0)
         if self.train.dtype == "bf16" and self.parallel.mode == "nvidia-sp":
             p.append(
                 "--dtype bf16 with --mode nvidia-sp is not supported: Megatron's sequence-parallel "
@@ -377,8 +510,6 @@ class RunConfig:
                 "optimizers), while this trainer's bf16 is autocast over fp32 weights; use fp32"
             )
         if self.train.data in DATASETS:
-            from .data import check_data_config
-
             p += check_data_config(self.train.data, self.train.data_path, self.model.vocab_size)
         if p:
             raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(p))

@@ -27,7 +27,6 @@ import os
 from dataclasses import dataclass
 
 GIB = 2**30
-SEQUENCE_MODES = ("lss", "ulysses")  # learned positions sequence-distributed, tokens split by N
 
 
 @dataclass(frozen=True)
@@ -49,9 +48,17 @@ class Estimate:
                 f"micro-batch with {self.kernel}, no recompute)")  # fmt: skip
 
 
+def _degrees(mode: str, n: int) -> tuple[int, bool]:
+    """(tensor-parallel size, whether the sequence group splits tokens), from the mode's rules."""
+    from .config import MODE_RULES
+
+    rules = MODE_RULES[mode]
+    return rules.tensor_parallel(n), rules.context_parallel(n) > 1
+
+
 def parameter_count(m, mode: str, n: int) -> tuple[int, int]:
     """(elements, tensors) of this rank's parameters (`m`: ModelConfig, `n`: the degree N)."""
-    t = n if mode == "nvidia-sp" else 1
+    t, split = _degrees(mode, n)
     e, d, f, v = m.hidden_size, m.head_dim, m.ffn_size, m.padded_vocab_size
     qkv = (m.num_heads + 2 * m.kv_heads) * d
     layer = 4 * e + e * m.num_heads * d // t + e + qkv // t * e + qkv // t
@@ -59,7 +66,7 @@ def parameter_count(m, mode: str, n: int) -> tuple[int, int]:
     count = 2 * (v // t) * e + m.num_layers * layer + 2 * e
     tensors = 3 + 12 * m.num_layers
     if m.position_embedding == "learned":
-        count += (m.seq_length // n if mode in SEQUENCE_MODES else m.seq_length) * e
+        count += (m.seq_length // n if split else m.seq_length) * e
         tensors += 2
     else:
         tensors += 1
@@ -69,8 +76,8 @@ def parameter_count(m, mode: str, n: int) -> tuple[int, int]:
 def _attention_saved(m, mode: str, n: int, b: int, es: int) -> tuple[int, str]:
     ll, d, h, kv = m.seq_length, m.head_dim, m.num_heads, m.kv_heads
     seg = ll // n
-    if mode in ("serial", "nvidia-sp"):
-        t = n if mode == "nvidia-sp" else 1
+    if mode in ("serial", "nvidia-sp"):  # Megatron's own DotProductAttention
+        t, _ = _degrees(mode, n)
         saved = ll * b * (h + 2 * kv) // t * d * es + ll * b * h // t * d * es  # qkv, context
         saved += b * (h // t) * ll * ll * es + (ll * ll if m.causal else 0)  # probs, mask
         return saved, "DotProductAttention (scores materialised)"
@@ -84,7 +91,7 @@ def _attention_saved(m, mode: str, n: int, b: int, es: int) -> tuple[int, str]:
 def activation_bytes(m, mode: str, n: int, micro_batch: int, dtype: str) -> tuple[int, str]:
     """(bytes saved for backward in one micro-batch's forward, the attention kernel)."""
     es = 2 if dtype == "bf16" else 4
-    t = n if mode == "nvidia-sp" else 1
+    t, _ = _degrees(mode, n)
     b, e = micro_batch, m.hidden_size
     local = m.seq_length if mode == "serial" else m.seq_length // n  # norm / residual regions
     tp_tokens = m.seq_length if mode in ("serial", "nvidia-sp") else m.seq_length // n

@@ -1,8 +1,9 @@
-"""Layer specs and the Megatron-Core `GPTModel` builder for every mode.
+"""The Megatron-Core `GPTModel` builder for every mode.
 
-The model is Megatron's own `GPTModel` with its local (no TransformerEngine) layer spec; LSS
-changes exactly one field of it, `SelfAttentionSubmodules.core_attention`, and then makes the
-positional encoding sequence-distributed. Megatron's files are never edited or copied.
+The model is Megatron's own `GPTModel` with its local (no TransformerEngine) layer spec; a mode
+(modes/) says which spec (LSS changes exactly one field of it, `SelfAttentionSubmodules.
+core_attention`) and what to change on the built model (LSS: sequence-distributed positions).
+Megatron's files are never edited or copied.
 
 Initial weights depend only on the seed: `use_cpu_initialization=True` draws every master weight
 from the CPU generator in the same order on every rank, whatever the layout.
@@ -10,36 +11,15 @@ from the CPU generator in the same order on every rank, whatever the layout.
 
 from __future__ import annotations
 
-import copy
-
 import torch
+from megatron.core.models.gpt import GPTModel
+from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+from megatron.core.transformer.transformer_config import TransformerConfig
 
+from .compat import cpu
 from .config import ModelConfig
-from .grid import Grid
-
-
-def _attn_mask_type(causal: bool):
-    from megatron.core.transformer.enums import AttnMaskType
-
-    return AttnMaskType.causal if causal else AttnMaskType.no_mask
-
-
-def get_serial_layer_spec(causal: bool = True):
-    """Megatron's stock local GPT layer spec (its `DotProductAttention`): the one-process reference."""
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-
-    spec = copy.deepcopy(get_gpt_layer_local_spec())
-    spec.submodules.self_attention.params["attn_mask_type"] = _attn_mask_type(causal)
-    return spec
-
-
-def get_lss_layer_spec(causal: bool = True):
-    """Megatron's local GPT layer spec with `LSSCoreAttention` as its core attention."""
-    from .core_attention import LSSCoreAttention
-
-    spec = get_serial_layer_spec(causal)
-    spec.submodules.self_attention.submodules.core_attention = LSSCoreAttention
-    return spec
+from .modes import get_mode
+from .parallel.grid import Grid
 
 
 def transformer_config(
@@ -49,10 +29,8 @@ def transformer_config(
     tensor_parallel: int = 1,
     sequence_parallel: bool = False,
     params_dtype=torch.float32,
-):
+) -> TransformerConfig:
     """The Megatron `TransformerConfig` for `model` (CPU-safe: every fusion off, no dropout)."""
-    from megatron.core.transformer.transformer_config import TransformerConfig
-
     return TransformerConfig(
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,
@@ -78,31 +56,25 @@ def transformer_config(
     )
 
 
-def build_model(model: ModelConfig, grid: Grid, *, mode: str, seed: int):
-    """Build the `GPTModel` of `mode` ("serial", "lss" or "nvidia-sp") on this rank.
+def build_model(model: ModelConfig, grid: Grid, *, mode: str, seed: int) -> GPTModel:
+    """Build the `GPTModel` of `mode` (one of `config.MODES`) on this rank.
 
     Same seed -> same initial (master) weights for every mode and layout. In LSS mode the learned
-    position table is cut to this rank's segment and RoPE uses global positions (positions.py).
+    position table is cut to this rank's segment and RoPE uses global positions (lss/positions.py).
     """
-    from megatron.core import tensor_parallel
-    from megatron.core.models.gpt import GPTModel
-
-    from .compat import cpu
-    from .modes import get_mode
-
     cpu.apply()
     m = get_mode(mode)
     n = max(grid.seq_size, grid.tp_size)
-    if (m.context_parallel(n), m.tensor_parallel(n)) != (grid.seq_size, grid.tp_size):
+    if (m.rules.context_parallel(n), m.rules.tensor_parallel(n)) != (grid.seq_size, grid.tp_size):
         raise ValueError(f"build_model: mode {mode!r} does not match the grid {grid}")
-    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)
     torch.manual_seed(seed)
     gpt = GPTModel(
         config=transformer_config(
             model,
             context_parallel=grid.seq_size,
             tensor_parallel=grid.tp_size,
-            sequence_parallel=m.sequence_parallel,
+            sequence_parallel=m.rules.sequence_parallel,
         ),
         transformer_layer_spec=m.layer_spec(model),
         vocab_size=model.padded_vocab_size,

@@ -2,8 +2,11 @@
 
 Parse -> validate (before any process group exists) -> init -> build -> loop -> metrics.
 
-Every flag has a small built-in default, so ``torchrun --nproc-per-node 4 -m lss_megatron.train``
-runs a short LSS job on 4 CPU processes. Outputs, in ``--out``:
+The command line is derived from the config dataclasses (config.py): one option per field, with
+the field's flag, type, choices and help; a ``--config FILE.yaml`` preset supplies defaults the
+flags override. Every flag has a small built-in default, so
+``torchrun --nproc-per-node 4 -m lss_megatron.train`` runs a short LSS job on 4 CPU processes.
+Outputs, in ``--out``:
 
 * ``metrics.jsonl``: one JSON object per optimizer step (rank 0): ``step`` (1-based), ``loss`` (the
   global per-token mean training loss of that step), ``step_time_s``, ``tokens_per_s`` and this
@@ -14,31 +17,82 @@ runs a short LSS job on 4 CPU processes. Outputs, in ``--out``:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
+import typing
+import warnings
 from pathlib import Path
 
-from .config import (
-    DATASETS,
-    DTYPES,
-    LR_SCHEDULES,
-    MODES,
-    ZERO_STAGES,
-    ConfigError,
-    ModelConfig,
-    ParallelConfig,
-    RunConfig,
-    TrainConfig,
-)
+import yaml
+
+from .config import ConfigError, ModelConfig, ParallelConfig, RunConfig, TrainConfig
+from .log import setup_logging
+
+PROG = "python -m lss_megatron.train"
+SECTIONS = {ParallelConfig: "parallel layout", ModelConfig: "model", TrainConfig: "training"}
+"""Each config class and the --help section of its options (a field's metadata may move one)."""
+_NOT_PRESET_KEYS = ("config", "help", "local_rank", "validate_only")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m lss_megatron.train",
+@dataclasses.dataclass(frozen=True)
+class Option:
+    """One command-line option: a config field seen from the command line."""
+
+    owner: type
+    field: dataclasses.Field
+
+    @property
+    def flag(self) -> str:
+        return self.field.metadata["flag"] or "--" + self.field.name.replace("_", "-")
+
+    @property
+    def dest(self) -> str:
+        """The argparse name, and the key of a YAML preset (with '-' or '_')."""
+        return self.flag.lstrip("-").replace("-", "_")
+
+    @property
+    def negated(self) -> bool:
+        """A ``--no-x`` switch for a bool field that defaults to True."""
+        return self.flag.startswith("--no-")
+
+    def add_to(self, group) -> None:
+        meta, f = self.field.metadata, self.field
+        kind = _base_type(typing.get_type_hints(self.owner)[f.name])
+        default = f.default if meta["cli_default"] is dataclasses.MISSING else meta["cli_default"]
+        kwargs = {"help": argparse.SUPPRESS if meta["hidden"] else meta["help"].replace("%", "%%")}
+        if kind is bool:
+            kwargs["action"] = "store_true"
+        else:
+            kwargs.update(default=default, choices=meta["choices"], metavar=meta["metavar"])
+            if kind is not str:  # strings stay argparse's own (no type), as YAML values do
+                kwargs["type"] = kind
+        group.add_argument(self.flag, dest=self.dest, **kwargs)
+
+    def value(self, args: argparse.Namespace):
+        v = getattr(args, self.dest)
+        return not v if self.negated else v
+
+
+def _base_type(hint) -> type:
+    """int | None -> int."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if args else hint
+
+
+def options() -> list[Option]:
+    """Every command-line option, in --help order."""
+    return [Option(cls, f) for cls in SECTIONS for f in dataclasses.fields(cls) if f.metadata]
+
+
+def build_parser(*, exit_on_error: bool = True) -> argparse.ArgumentParser:
+    """The trainer's parser; on a bad argument it prints usage and exits 2 (argparse's way), or,
+    with ``exit_on_error=False``, raises `ArgsError`."""
+    p = (argparse.ArgumentParser if exit_on_error else _RaisingParser)(
+        prog=PROG,
         description="Train a Megatron-Core GPT model with LSS sequence parallelism, the NVIDIA "
-        "sequence-parallel baseline, or serially.",
+        "sequence-parallel or DeepSpeed-Ulysses baselines, or serially.",
         allow_abbrev=False,
     )
-    d_m, d_t = ModelConfig(), TrainConfig()
     p.add_argument(
         "--config",
         metavar="FILE.yaml",
@@ -46,154 +100,42 @@ def build_parser() -> argparse.ArgumentParser:
         help="YAML preset: keys are flag names (e.g. seq-length: 1024); flags given "
         "on the command line override it",
     )
-    g = p.add_argument_group("parallel layout")
-    g.add_argument("--mode", choices=MODES, default="lss")
-    g.add_argument(
-        "--seq-parallel",
-        type=int,
-        default=None,
-        help="N, segments per sequence (default: P for lss, 1 for serial)",
-    )
-    g.add_argument("--data-parallel", type=int, default=None, help="D (default: P / N)")
-    g.add_argument(
-        "--kv-gather-chunks",
-        type=int,
-        default=1,
-        metavar="C",
-        help="LSS: gather K/V in C double-buffered head chunks (bounded memory)",
-    )
-    g.add_argument(
-        "--lss-layout",
-        choices=("contiguous", "zigzag"),
-        default="contiguous",
-        help="LSS segments: contiguous (paper) or zigzag (causal load balance)",
-    )
-    g.add_argument(
-        "--dist-timeout",
-        type=float,
-        default=300.0,
-        help="seconds before a hung collective fails the job",
-    )
-    g = p.add_argument_group("model")
-    g.add_argument("--num-layers", type=int, default=d_m.num_layers)
-    g.add_argument("--hidden-size", type=int, default=d_m.hidden_size)
-    g.add_argument("--num-heads", type=int, default=d_m.num_heads)
-    g.add_argument("--num-kv-heads", type=int, default=None)
-    g.add_argument("--ffn-hidden-size", type=int, default=None)
-    g.add_argument("--seq-length", type=int, default=d_m.seq_length)
-    g.add_argument("--vocab-size", type=int, default=d_m.vocab_size)
-    g.add_argument(
-        "--make-vocab-size-divisible-by",
-        type=int,
-        default=d_m.make_vocab_size_divisible_by,
-        help="pad the model vocabulary to a multiple of this (same in every mode)",
-    )
-    g.add_argument(
-        "--position-embedding", default=d_m.position_embedding, choices=("learned", "rope")
-    )
-    g.add_argument("--no-causal", action="store_true", help="bidirectional attention")
-    g = p.add_argument_group("training")
-    g.add_argument("--global-batch-size", type=int, default=d_t.global_batch_size)
-    g.add_argument("--micro-batch-size", type=int, default=None)
-    g.add_argument("--steps", type=int, default=d_t.steps)
-    g.add_argument("--optimizer", choices=("sgd", "adamw"), default=d_t.optimizer)
-    g.add_argument("--lr", type=float, default=d_t.lr)
-    g.add_argument("--seed", type=int, default=d_t.seed)
-    g.add_argument(
-        "--dtype",
-        choices=DTYPES,
-        default=d_t.dtype,
-        help="bf16: bf16 autocast compute, fp32 master weights and gradients",
-    )
-    g.add_argument("--weight-decay", type=float, default=d_t.weight_decay)
-    g.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=d_t.lr_schedule)
-    g.add_argument("--warmup-steps", type=int, default=d_t.warmup_steps)
-    g.add_argument("--min-lr", type=float, default=None, help="cosine floor (default lr/10)")
-    g.add_argument(
-        "--clip-grad",
-        type=float,
-        default=d_t.clip_grad,
-        help="clip to this global gradient norm; 0 disables",
-    )
-    g.add_argument(
-        "--skip-nonfinite",
-        action="store_true",
-        help="skip a step whose loss is not finite instead of stopping",
-    )
-    g.add_argument(
-        "--max-consecutive-skips",
-        type=int,
-        default=d_t.max_consecutive_skips,
-        metavar="K",
-        help="with --skip-nonfinite: stop (exit 3) after K skipped steps in a row",
-    )
-    g.add_argument(
-        "--zero-stage",
-        type=int,
-        choices=ZERO_STAGES,
-        default=d_t.zero_stage,
-        help="DeepSpeed ZeRO over all P ranks: 1 shards optimizer state, 2 also gradients",
-    )
-    g.add_argument("--fault", default=None, help=argparse.SUPPRESS)  # testing aid, see config.py
-    g = p.add_argument_group("data")
-    g.add_argument("--data", choices=DATASETS, default=d_t.data)
-    g.add_argument("--data-path", default=None, help="the data file (enwik8: raw or .zip)")
-    g.add_argument(
-        "--eval-interval",
-        type=int,
-        default=d_t.eval_interval,
-        help="validate every K steps and at the end (0: never)",
-    )
-    g.add_argument(
-        "--eval-steps",
-        type=int,
-        default=d_t.eval_steps,
-        help="validation batches (of G sequences) per evaluation",
-    )
-    g = p.add_argument_group("checkpoints and output")
-    g.add_argument("--save", default=None, metavar="DIR", help="checkpoint folder")
-    g.add_argument("--save-interval", type=int, default=d_t.save_interval, metavar="K")
-    g.add_argument(
-        "--load",
-        default=None,
-        metavar="DIR",
-        help="resume from the newest checkpoint in DIR, or from DIR/step_K itself "
-        "(any layout or mode)",
-    )
-    g.add_argument(
-        "--stop-after",
-        type=int,
-        default=None,
-        metavar="K",
-        help="end after step K as if interrupted; schedules still span --steps",
-    )
-    g.add_argument("--progress", choices=("auto", "on", "off"), default=d_t.progress)
-    g.add_argument("--out", default=d_t.out, help="output folder (refused if it holds another "
-                   "run's outputs, unless --overwrite)")  # fmt: skip
-    g.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="replace another run's outputs in --out and its checkpoints in --save",
-    )
-    g.add_argument(
-        "--no-memory-check",
-        action="store_true",
-        help="start even when the per-rank memory estimate exceeds the memory available",
-    )
-    g.add_argument(
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for opt in options():
+        section = opt.field.metadata["section"] or SECTIONS[opt.owner]
+        if section not in groups:
+            groups[section] = p.add_argument_group(section)
+        opt.add_to(groups[section])
+    p.add_argument(
         "--validate-only",
         action="store_true",
         help="check the configuration, folders and memory estimate, then exit (0: it would run)",
     )
-    g.add_argument("--log-interval", type=int, default=d_t.log_interval)
     # the DeepSpeed launcher passes --local_rank=i; LOCAL_RANK in the environment says the same
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return p
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Parse the command line; a ``--config FILE.yaml`` supplies defaults the flags override."""
-    parser = build_parser()
+class ArgsError(ConfigError):
+    """A command line (or preset) that does not parse; `usage` is the parser's usage line."""
+
+    def __init__(self, message: str, usage: str):
+        super().__init__(message)
+        self.usage = usage
+
+
+class _RaisingParser(argparse.ArgumentParser):
+    """Raises `ArgsError` instead of exiting, so a caller gets an error it can handle."""
+
+    def error(self, message: str):
+        raise ArgsError(message, self.format_usage())
+
+
+def parse_args(argv: list[str] | None = None, *, exit_on_error: bool = True) -> argparse.Namespace:
+    """Parse the command line; a ``--config FILE.yaml`` supplies defaults the flags override.
+    What does not parse exits 2 with argparse's message, or raises `ArgsError` (a `ConfigError`)
+    with ``exit_on_error=False``."""
+    parser = build_parser(exit_on_error=exit_on_error)
     args = parser.parse_args(argv)
     if args.config:
         parser.set_defaults(**load_yaml_preset(args.config, parser))
@@ -204,8 +146,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def load_yaml_preset(path: str, parser: argparse.ArgumentParser) -> dict:
     """Read a YAML preset into argparse defaults; unknown keys and ill-typed values are errors
     (strict_yaml.py: no coercion), all reported in one message."""
-    import yaml
-
     from .strict_yaml import check_value
 
     try:
@@ -220,7 +160,7 @@ def load_yaml_preset(path: str, parser: argparse.ArgumentParser) -> dict:
     out, unknown, bad = {}, [], []
     for key, value in data.items():
         dest = str(key).lstrip("-").replace("-", "_")
-        if dest not in actions or dest in ("config", "help", "local_rank", "validate_only"):
+        if dest not in actions or dest in _NOT_PRESET_KEYS:
             unknown.append(str(key))
             continue
         value, problem = check_value(str(key), value, actions[dest])
@@ -235,63 +175,25 @@ def load_yaml_preset(path: str, parser: argparse.ArgumentParser) -> dict:
 
 
 def config_from_args(args: argparse.Namespace, world_size: int) -> RunConfig:
-    n = args.seq_parallel
-    if n is None:
-        n = 1 if args.mode == "serial" else world_size
+    """The (not yet validated) configuration of parsed `args` on `world_size` processes; N
+    defaults to P (1 for serial)."""
+    values: dict[type, dict] = {cls: {} for cls in SECTIONS}
+    for opt in options():
+        values[opt.owner][opt.field.name] = opt.value(args)
+    parallel = values[ParallelConfig]
+    if parallel["seq_parallel"] is None:
+        parallel["seq_parallel"] = 1 if parallel["mode"] == "serial" else world_size
     return RunConfig(
-        model=ModelConfig(
-            num_layers=args.num_layers,
-            hidden_size=args.hidden_size,
-            num_heads=args.num_heads,
-            num_kv_heads=args.num_kv_heads,
-            ffn_hidden_size=args.ffn_hidden_size,
-            seq_length=args.seq_length,
-            vocab_size=args.vocab_size,
-            make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
-            position_embedding=args.position_embedding,
-            causal=not args.no_causal,
-        ),
-        parallel=ParallelConfig(
-            mode=args.mode,
-            world_size=world_size,
-            seq_parallel=n,
-            data_parallel=args.data_parallel,
-            dist_timeout_s=args.dist_timeout,
-            lss_layout=args.lss_layout,
-            kv_gather_chunks=args.kv_gather_chunks,
-        ),
-        train=TrainConfig(
-            global_batch_size=args.global_batch_size,
-            micro_batch_size=args.micro_batch_size,
-            steps=args.steps,
-            optimizer=args.optimizer,
-            lr=args.lr,
-            seed=args.seed,
-            dtype=args.dtype,
-            data=args.data,
-            out=args.out,
-            log_interval=args.log_interval,
-            weight_decay=args.weight_decay,
-            lr_schedule=args.lr_schedule,
-            warmup_steps=args.warmup_steps,
-            min_lr=args.min_lr,
-            clip_grad=args.clip_grad,
-            save=args.save,
-            save_interval=args.save_interval,
-            load=args.load,
-            stop_after=args.stop_after,
-            skip_nonfinite=args.skip_nonfinite,
-            data_path=args.data_path,
-            eval_interval=args.eval_interval,
-            eval_steps=args.eval_steps,
-            progress=args.progress,
-            fault=args.fault,
-            zero_stage=args.zero_stage,
-            max_consecutive_skips=args.max_consecutive_skips,
-            overwrite=args.overwrite,
-            memory_check=not args.no_memory_check,
-        ),
+        model=ModelConfig(**values[ModelConfig]),
+        parallel=ParallelConfig(world_size=world_size, **parallel),
+        train=TrainConfig(**values[TrainConfig]),
     )
+
+
+def config_from_argv(argv: list[str], world_size: int) -> RunConfig:
+    """Parse `argv` (with its ``--config`` preset), derive and validate, for `world_size`
+    processes. Raises `ConfigError` naming every problem; builds no process group."""
+    return config_from_args(parse_args(argv, exit_on_error=False), world_size).validate()
 
 
 def preflight(args: argparse.Namespace, env=None, env_problems=()) -> RunConfig:
@@ -299,13 +201,12 @@ def preflight(args: argparse.Namespace, env=None, env_problems=()) -> RunConfig:
     the configuration, the folders (runs.py) and the per-rank memory estimate (estimate.py).
     Raises one `ConfigError` listing every problem; returns the validated configuration."""
     from .envvars import launch_env
+    from .runs import plan
 
     if env is None:
         env, env_problems = launch_env()
     if env_problems:
         raise ConfigError("invalid launch environment:\n  - " + "\n  - ".join(env_problems))
-    from .runs import plan
-
     cfg = config_from_args(args, env.world_size)
     try:
         cfg.validate()
@@ -323,10 +224,6 @@ def preflight(args: argparse.Namespace, env=None, env_problems=()) -> RunConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import contextlib
-    import io
-    import warnings
-
     from .envvars import launch_env
 
     # Megatron-Core warns about missing apex/TransformerEngine and deprecated defaults on every
@@ -335,8 +232,12 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=FutureWarning)
     env, env_problems = launch_env()
     speaks = env.rank == 0  # bad input is the same on every rank: one of them says so (exit 2)
-    with contextlib.nullcontext() if speaks else contextlib.redirect_stderr(io.StringIO()):
-        args = parse_args(argv)
+    try:
+        args = parse_args(sys.argv[1:] if argv is None else argv, exit_on_error=False)
+    except ArgsError as e:  # as argparse itself: usage, the message, exit status 2
+        if speaks:
+            sys.stderr.write(f"{e.usage}{PROG}: error: {e}\n")
+        raise SystemExit(2) from None
     if env.launched and not args.validate_only:
         from .lifeline import install
 
@@ -354,11 +255,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lss_megatron.train: valid: --mode {p.mode}, P = {p.world_size} = N {p.seq_parallel} "
               f"x D {p.dp}; per-rank memory estimate {estimate(cfg).describe()}")  # fmt: skip
         return 0
-    from .log import setup_logging
+    from .training.loop import run  # torch and Megatron load only once the config is valid
 
     setup_logging(env.rank)
-    from .loop import run
-
     return run(cfg, env.rank).exit_code
 
 

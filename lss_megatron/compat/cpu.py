@@ -11,12 +11,7 @@ machine without CUDA, `apply()` installs these replacements (and nothing else):
    builds its mask on "cuda"; the replacement builds the same mask on the CPU.
 4. ``torch.cuda.synchronize`` and the stream API are no-ops (megatron-core 0.19's DDP touches them).
 
-Also here, for the NVIDIA sequence-parallel baseline without apex: `sequence_parallel_norm()`
-returns apex's `FusedLayerNorm` when apex is importable, else `TorchNormSP`, a plain torch
-LayerNorm whose parameters carry ``sequence_parallel=True`` (Megatron's `WrappedTorchNorm` refuses
-sequence parallelism). Each tensor-parallel rank then sees only its l/N tokens, so those
-gradients must be summed over the tensor-parallel group, which `grad_sync.GradientAverager` does
-for every parameter so tagged (as Megatron's `finalize_model_grads` would).
+The LayerNorm that nvidia-sp needs without apex is the mode's own (`modes/nvidia_sp.py`).
 
 `apply()` does nothing when CUDA is available, is idempotent, and returns the names it applied.
 """
@@ -26,6 +21,9 @@ from __future__ import annotations
 import contextlib
 import logging
 
+import megatron.core.fusions.fused_softmax as fused_softmax
+import megatron.core.tensor_parallel.random as mrandom
+import megatron.core.transformer.utils as tutils
 import torch
 
 log = logging.getLogger(__name__)
@@ -59,8 +57,6 @@ def apply() -> list[str]:
     torch.cuda.current_device = lambda: torch.device("cpu")
     _applied.append("current_device")
 
-    import megatron.core.tensor_parallel.random as mrandom
-
     mrandom._get_cuda_rng_state = lambda device="cuda", clone=False, graph_safe=False: (
         torch.get_rng_state()
     )
@@ -71,9 +67,6 @@ def apply() -> list[str]:
     torch.cuda.set_rng_state = lambda new_state, device="cuda": torch.set_rng_state(new_state)
     torch.cuda.manual_seed = torch.manual_seed
     _applied.append("rng_tracker_on_cpu_generator")
-
-    import megatron.core.fusions.fused_softmax as fused_softmax
-    import megatron.core.transformer.utils as tutils
 
     tutils.get_default_causal_mask = _cpu_causal_mask
     fused_softmax.get_default_causal_mask = _cpu_causal_mask
@@ -87,26 +80,3 @@ def apply() -> list[str]:
 
     log.debug("Megatron-Core CPU accommodations applied: %s", _applied)
     return list(_applied)
-
-
-class TorchNormSP(torch.nn.Module):
-    """A torch LayerNorm/RMSNorm built like Megatron's norms (`config, hidden_size, eps`) whose
-    parameters carry ``sequence_parallel`` (= ``config.sequence_parallel``)."""
-
-    def __new__(cls, config, hidden_size: int, eps: float = 1e-5, **_):
-        norm_cls = torch.nn.RMSNorm if config.normalization == "RMSNorm" else torch.nn.LayerNorm
-        module = norm_cls(hidden_size, eps=eps)
-        for p in module.parameters():
-            p.sequence_parallel = bool(config.sequence_parallel)
-        return module
-
-
-def sequence_parallel_norm():
-    """The LayerNorm class to use under ``sequence_parallel=True``: apex's if present, else ours."""
-    try:
-        import apex  # noqa: F401
-        from megatron.core.fusions.fused_layer_norm import FusedLayerNorm
-
-        return FusedLayerNorm
-    except ImportError:
-        return TorchNormSP

@@ -11,16 +11,10 @@ Import-light: numpy only (torch is imported when tensors are built, enwik8's mod
   task. See docs/data.md.
 """
 
+from ..layout import LAYOUTS, segment_bounds, segment_chunks
 from .base import SPLITS, DataError, Dataset
 from .registry import DATASETS, build_dataset, check_data_config
-from .sharding import (
-    LAYOUTS,
-    replica_sample_indices,
-    segment_batch,
-    segment_bounds,
-    segment_chunks,
-    shard_segment,
-)
+from .sharding import replica_sample_indices, segment_batch, shard_segment
 from .synthetic import (
     SyntheticRecall,
     full_attention_loss_floor,

@@ -14,6 +14,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
+from ..layout import segment_bounds, segment_chunks
 from .base import Dataset
 
 
@@ -21,38 +22,6 @@ def replica_sample_indices(global_batch: int, data_rank: int, data_size: int) ->
     """Global sample indices (within a step) of data replica `data_rank`: a contiguous block."""
     per = global_batch // data_size
     return range(data_rank * per, (data_rank + 1) * per)
-
-
-def segment_bounds(seq_length: int, seq_rank: int, seq_size: int) -> tuple[int, int]:
-    """Global positions ``[lo, hi)`` of segment `seq_rank` of `seq_size`."""
-    if seq_size < 1 or seq_length % seq_size:
-        raise ValueError(f"sequence length {seq_length} not divisible by N = {seq_size}")
-    if not 0 <= seq_rank < seq_size:
-        raise ValueError(f"segment {seq_rank} is not in 0..{seq_size - 1}")
-    seg = seq_length // seq_size
-    return seq_rank * seg, (seq_rank + 1) * seg
-
-
-LAYOUTS = ("contiguous", "zigzag")
-
-
-def segment_chunks(seq_length: int, seq_rank: int, seq_size: int, layout: str = "contiguous"):
-    """The global position ranges ``[(lo, hi), ...]`` rank `seq_rank` holds, in local order.
-
-    ``contiguous``: one segment, positions [n l/N, (n+1) l/N). ``zigzag`` (causal load balance):
-    the sequence is cut into 2N chunks of l/(2N) and rank n holds chunks n and 2N-1-n, so every
-    rank has one early (cheap) and one late (expensive) chunk of causal attention.
-    """
-    if layout == "contiguous":
-        return [segment_bounds(seq_length, seq_rank, seq_size)]
-    if layout != "zigzag":
-        raise ValueError(f"unknown segment layout {layout!r}; expected one of {LAYOUTS}")
-    if seq_length % (2 * seq_size):
-        raise ValueError(f"zigzag needs the sequence length {seq_length} divisible by 2N = "
-                         f"{2 * seq_size}")  # fmt: skip
-    c = seq_length // (2 * seq_size)
-    a, b = seq_rank, 2 * seq_size - 1 - seq_rank
-    return [(a * c, (a + 1) * c), (b * c, (b + 1) * c)]
 
 
 def _to_segment(window: np.ndarray, lo: int):

@@ -1,0 +1,163 @@
+"""Analytic cost model: FLOPs, communication bytes, memory and step time per rank.
+
+Modes: ``serial``, ``lss``, ``nvidia-sp`` (what the trainer runs; bytes communicated and saved for
+backward are derived from its code and Megatron-Core's, and agree exactly with what it counts),
+and ``ulysses`` (DeepSpeed-Ulysses) and ``ring`` (ring attention), peers the trainer does not run.
+Step times come from a roofline plus an alpha-beta network with intra- and inter-node links
+(`hw`), for device presets ``v100-summit``, ``a100``, ``h100``, ``h200``.
+
+    from analysis.costmodel import predict, make_config
+    predict(json.load(open("runs/x/config.json")))            # the trainer's effective config
+    predict(make_config("lss", 144, 24, num_layers=12, hidden_size=512, num_heads=8,
+                        seq_length=50112, global_batch_size=24), device="v100-summit")
+
+The package, from the ground up: `counts` (exact per-rank counts: its own formulas, the check on
+the trainer's counters), `hw` (devices, network), `time` (step time), `configs` (configurations
+from the trainer's own schema and validation, plus what-ifs), this module (the API: `predict`,
+`peers`, `compare_run`), `paper` (the summit-paper preset) and `__main__` (the CLI)::
+
+    python -m analysis.costmodel --preset summit-paper      # the paper's claims vs this model
+    python -m analysis.costmodel --preset summit-paper --set mode=ulysses   # a hypothetical layout
+    python -m analysis.costmodel --run runs/latest          # a finished run: predicted vs counted
+    python -m analysis.costmodel --config runs/x/config.json --device h200
+
+Formulas, network model and assumptions: docs/costmodel.md.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .configs import config_from_preset, layout_problems, make_config
+from .counts import (
+    MODES,
+    activation_bytes,
+    attention_imbalance,
+    grad_comm,
+    kv_transient_bytes,
+    layout_from_config,
+    model_flops_per_step,
+    optimizer_state_bytes,
+    other_comm,
+    param_count,
+    parameters,
+    shape_from_config,
+    sp_bytes_per_micro_batch,
+    sp_calls_per_micro_batch,
+    zero_counts,
+)
+from .hw import DEVICES, Device, Network, get_device
+from .time import Assumptions, step_time
+
+__all__ = [
+    "DEVICES",
+    "MODES",
+    "Assumptions",
+    "Device",
+    "Network",
+    "compare_run",
+    "config_from_preset",
+    "layout_problems",
+    "make_config",
+    "peers",
+    "predict",
+]
+
+COUNTED = ("sp_comm_bytes", "grad_comm_bytes", "other_comm_bytes", "param_bytes", "grad_bytes",
+           "optimizer_state_bytes", "model_flops_per_step")  # fmt: skip
+"""Fields the trainer writes to metrics.jsonl that `predict` must reproduce exactly."""
+
+
+def predict(
+    config: dict, device: str | Device | None = None, assumptions: Assumptions | None = None
+) -> dict:
+    """Per-rank costs of one optimizer step of the run `config` (the trainer's config.json).
+
+    Counts (rank 0, per step, as the trainer counts them): ``sp_comm_bytes``,
+    ``grad_comm_bytes``, ``other_comm_bytes`` (+ ``*_calls``), ``activation_bytes`` (one
+    micro-batch), ``param_bytes``, ``grad_bytes``, ``optimizer_state_bytes``, ``memory_bytes``
+    (their sum), ``model_flops_per_step``; for LSS ``attention_imbalance`` (max / mean
+    attention pairs over the sequence group) and ``kv_transient_bytes`` (one gather's full-length
+    [dK | dV], divided by ``--kv-gather-chunks``). With ``train.zero_stage`` 1 or 2 the
+    parameter, gradient and optimizer bytes and the gradient traffic are DeepSpeed ZeRO's
+    (`counts.zero_counts`: state about 1/P, padded partitions). With a `device`:
+    ``step_time_s``, ``time_breakdown_s``, ``achieved_flops_per_s``, ``fits_memory``.
+    """
+    s = shape_from_config(config["model"])
+    lay = layout_from_config(config)
+    optimizer = config["train"].get("optimizer", "adamw")
+    grad_b, grad_c = grad_comm(s, lay)
+    other_b, other_c = other_comm(s, lay)
+    params = param_count(s, lay)
+    out: dict = {
+        "mode": lay.mode,
+        "world_size": lay.world,
+        "seq_parallel": lay.n,
+        "data_parallel": lay.d,
+        "attention_kernel": lay.attention_kernel,
+        "sp_comm_bytes": lay.micro_batches * sp_bytes_per_micro_batch(s, lay),
+        "sp_comm_calls": lay.micro_batches * sp_calls_per_micro_batch(s, lay),
+        "grad_comm_bytes": grad_b,
+        "grad_comm_calls": grad_c,
+        "other_comm_bytes": other_b,
+        "other_comm_calls": other_c,
+        "activation_bytes": activation_bytes(s, lay),
+        "parameters_per_rank": params,
+        "param_tensors": len(parameters(s, lay)),
+        "param_bytes": params * lay.param_bytes,
+        "grad_bytes": params * lay.param_bytes,
+        "optimizer_state_bytes": optimizer_state_bytes(s, lay, optimizer),
+        "model_flops_per_step": model_flops_per_step(s, lay.global_batch),
+        "attention_imbalance": attention_imbalance(s, lay),
+        "kv_transient_bytes": kv_transient_bytes(s, lay),
+        "zero_stage": lay.zero_stage,
+    }
+    if lay.zero_stage:
+        out.update(zero_counts(s, lay, optimizer))
+    out["memory_bytes"] = (
+        out["param_bytes"] + out["grad_bytes"] + out["optimizer_state_bytes"]
+        + out["activation_bytes"]
+    )  # fmt: skip
+    if device is not None:
+        dev = get_device(device)
+        timing = step_time(s, lay, dev, assumptions or Assumptions(), optimizer)
+        out.update(timing)
+        out["device"] = dev.name
+        out["achieved_flops_per_s"] = out["model_flops_per_step"] / timing["step_time_s"]
+        out["fits_memory"] = out["memory_bytes"] <= dev.memory_bytes
+    return out
+
+
+def peers(
+    config: dict,
+    device: str | Device | None = None,
+    modes: tuple[str, ...] = ("lss", "nvidia-sp", "ulysses", "ring"),
+    assumptions: Assumptions | None = None,
+) -> dict:
+    """The same model, batch and N x D grid under each of `modes`: {mode: prediction}, or
+    {mode: {"problems": [...]}} for a mode that cannot run this layout."""
+    out = {}
+    for mode in modes:
+        c = json.loads(json.dumps(config))
+        c["parallel"]["mode"] = mode
+        c.setdefault("costmodel", {})["attention_kernel"] = c.get("costmodel", {}).get(
+            "attention_kernel", "auto"
+        )
+        problems = layout_problems(c)
+        out[mode] = {"problems": problems} if problems else predict(c, device, assumptions)
+    return out
+
+
+def compare_run(run_dir: str | Path) -> dict:
+    """Predicted against counted for a finished run: {field: (predicted, counted)} over every
+    metrics.jsonl row (counted values must be the same in every row)."""
+    run = Path(run_dir)
+    config = json.loads((run / "config.json").read_text())
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    pred = predict(config)
+    out = {}
+    for key in (*COUNTED, "activation_bytes"):
+        counted = sorted({r[key] for r in rows if key in r})
+        out[key] = (pred[key], counted[0] if len(counted) == 1 else counted)
+    return out

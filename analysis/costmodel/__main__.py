@@ -1,0 +1,117 @@
+"""``python -m analysis.costmodel``: the cost model's command line.
+
+    python -m analysis.costmodel --preset summit-paper      # the paper's claims vs this model
+    python -m analysis.costmodel --preset summit-paper --set mode=ulysses   # a hypothetical layout
+    python -m analysis.costmodel --run runs/latest          # a finished run: predicted vs counted
+    python -m analysis.costmodel --config runs/x/config.json --device h200
+
+Bad input (a layout the trainer would refuse, a missing, empty or malformed file or run folder)
+is one error line and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from lss_megatron.config import ConfigError
+
+from ..inputs import InputError, check_run_folder, read_json_file
+from . import DEVICES, compare_run, predict
+from .paper import print_report, summit_layout, summit_paper
+
+PROG = "python -m analysis.costmodel"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description="Analytic cost model: FLOPs, communication "
+                                "bytes, memory and step time per rank.",
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--preset", choices=("summit-paper",), help="the paper's claims vs the model")
+    what.add_argument("--config", help="a config.json (the trainer's or make_config's)")
+    what.add_argument("--run", help="a finished run folder: predicted vs counted")
+    p.add_argument("--device", choices=sorted(DEVICES), default=None, help="for step times")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="with --preset summit-paper: predict a hypothetical layout instead, the "
+        "--base preset with make_config arguments changed (e.g. mode=ulysses)",
+    )
+    p.add_argument("--base", choices=("144", "3456"), default="144",
+                   help="the preset --set starts from")  # fmt: skip
+    return p
+
+
+def _print_prediction(pred: dict) -> None:
+    width = max(len(k) for k in pred)
+    for k, v in pred.items():
+        if isinstance(v, dict):
+            v = ", ".join(f"{a}={b:.4g}" if isinstance(b, float) else f"{a}={b}"
+                          for a, b in v.items())  # fmt: skip
+        elif isinstance(v, float):
+            v = f"{v:.4g}"
+        print(f"{k:<{width}}  {v}")
+
+
+def _print_comparison(cmp: dict) -> None:
+    for k, (pr, co) in cmp.items():
+        pr = f"{pr:,}" if isinstance(pr, int | float) else str(pr)
+        print(f"{k:<24} predicted {pr:>16}  counted {co!s:>16}")
+
+
+def _changes(items: list[str]) -> dict:
+    """``--set KEY=VALUE`` items as make_config arguments (integers where they look like one)."""
+    changes = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        changes[key] = int(value) if value.lstrip("-").isdigit() else value
+    return changes
+
+
+def _run(args: argparse.Namespace) -> tuple[object, Callable[[object], None]]:
+    """(what to print, how to print it as text) for the parsed command line."""
+    if args.preset and args.set:
+        return summit_layout(args.base, **_changes(args.set)), _print_prediction
+    if args.preset:
+        return summit_paper(), print_report
+    if args.run:
+        check_run_folder(Path(args.run), "--run")
+        return _usable(lambda: compare_run(args.run), f"--run {args.run}"), _print_comparison
+    config = read_json_file(Path(args.config), "--config: a trainer config.json")
+    return (_usable(lambda: predict(config, device=args.device), f"--config {args.config}"),
+            _print_prediction)  # fmt: skip
+
+
+def _usable(fn: Callable[[], object], where: str):
+    """`fn()`, with a config that lacks what the model needs reported as bad input."""
+    try:
+        return fn()
+    except ConfigError:
+        raise
+    except (KeyError, TypeError, ValueError) as e:
+        raise InputError(f"{where}: not a usable trainer config ({type(e).__name__}: {e})") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
+    args = p.parse_args(argv)
+    try:
+        result, show = _run(args)
+    except (ConfigError, InputError, OSError, json.JSONDecodeError) as e:
+        p.error(str(e))
+    if args.json:
+        print(json.dumps(result, indent=2, default=str))
+    else:
+        show(result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,504 @@
+"""Exact per-rank counts of the cost model: parameters, bytes communicated, bytes saved for backward.
+
+Pure Python (no torch), so the model runs anywhere in milliseconds. Its formulas are its own (the
+check on the trainer's counters), following what the trainer (`lss_megatron`) does and counts,
+derived from its code and Megatron-Core 0.16's:
+
+* bytes communicated use `lss_megatron.parallel.comm`'s convention (what one rank sends under ring
+  algorithms on a group of n ranks): all-gather / reduce-scatter (n-1) x the local shard,
+  all-reduce ``2 (n-1) M // n`` per call (integer floor division, as comm.py), all-to-all
+  ``(n-1) M // n`` of the local tensor, point-to-point the bytes sent; groups of one rank cost 0;
+* gradients are all-reduced in buckets of at most 25 MiB built over the parameters in reverse
+  registration order (`lss_megatron.lss.grad_sync._buckets`);
+* ``activation_bytes`` enumerates the unique storages autograd saves in one micro-batch's forward
+  (`lss_megatron.training.metrics.SavedBytes`), tensor by tensor, for Megatron's local GPT layer.
+
+Modes: ``serial``, ``lss``, ``nvidia-sp`` (what the trainer runs: exact), ``ulysses`` and ``ring``
+(peers at paper scale: the same conventions applied to DeepSpeed-Ulysses' four all-to-alls per
+layer and ring attention's K/V passing, not validated against a counted run).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MODES = ("serial", "lss", "nvidia-sp", "ulysses", "ring")
+SEQUENCE_MODES = ("lss", "ulysses", "ring")
+"""Modes whose sequence group splits every sequence into N segments (TP = 1): positions are
+sequence-distributed and gradients doubly averaged as in LSS (the trainer's Ulysses does so)."""
+BUCKET_BYTES = 25 * 1024 * 1024
+INT64, BOOL, FP32 = 8, 1, 4
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp64": 8}
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The GPT model (the trainer's `config.json` "model" section)."""
+
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    ffn: int
+    seq: int
+    vocab: int
+    padded_vocab: int
+    head_dim: int
+    learned_positions: bool
+    causal: bool
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How the P = N x D ranks split the work, and the batch of one step."""
+
+    mode: str
+    n: int  # sequence-parallel degree (lss, ulysses, ring: sequence group; nvidia-sp: TP size)
+    d: int  # data-parallel replicas
+    micro_batch: int  # B, sequences per forward/backward on one rank
+    micro_batches: int  # M, micro-batches per optimizer step
+    global_batch: int  # G
+    act_bytes: int  # element size of activations (fp32 4, bf16/fp16 2)
+    param_bytes: int = 4  # element size of parameters and their gradients
+    kernel: str = "auto"  # attention kernel: "flash" (no score tensor), "materialized", or auto
+    cpu_autocast: bool = False  # the trainer's bf16 on CPU: only DotProductAttention runs in bf16
+    zigzag: bool = False  # LSS zigzag layout: rank n holds chunks n and 2N-1-n of 2N
+    kv_chunks: int = 1  # LSS --kv-gather-chunks C: K/V gathered in C head chunks
+    zero_stage: int = 0  # --zero-stage: DeepSpeed ZeRO over the gradient group (0: off)
+
+    @property
+    def world(self) -> int:
+        return self.n * self.d
+
+    @property
+    def tp(self) -> int:
+        return self.n if self.mode == "nvidia-sp" else 1
+
+    @property
+    def attention_kernel(self) -> str:
+        """auto: Megatron's DotProductAttention (scores materialised) for serial and nvidia-sp, a
+        memory-efficient kernel (LSS's cpu_flash / sdpa, ring's and Ulysses' flash) otherwise."""
+        if self.kernel != "auto":
+            return self.kernel
+        return "materialized" if self.mode in ("serial", "nvidia-sp") else "flash"
+
+
+def shape_from_config(model: dict) -> Shape:
+    """`Shape` from the "model" section of the trainer's config.json."""
+    heads = int(model["num_heads"])
+    hidden = int(model["hidden_size"])
+    kv = model.get("num_kv_heads") or heads
+    ffn = model.get("ffn_hidden_size") or 4 * hidden
+    vocab = int(model["vocab_size"])
+    return Shape(
+        layers=int(model["num_layers"]),
+        hidden=hidden,
+        heads=heads,
+        kv_heads=int(kv),
+        ffn=int(ffn),
+        seq=int(model["seq_length"]),
+        vocab=vocab,
+        padded_vocab=int(model.get("padded_vocab_size") or vocab),
+        head_dim=int(model.get("head_dim") or hidden // heads),
+        learned_positions=model.get("position_embedding", "learned") == "learned",
+        causal=bool(model.get("causal", True)),
+    )
+
+
+def layout_from_config(config: dict) -> Layout:
+    """`Layout` from the "parallel" and "train" sections (and an optional "costmodel" section:
+    ``attention_kernel``, ``param_dtype``)."""
+    par, train = config["parallel"], config["train"]
+    extra = config.get("costmodel", {})
+    dtype = train.get("dtype", "fp32")
+    # measured: under torch.autocast("cpu", bf16) Megatron's linear layers (custom_fwd for CUDA)
+    # and LSS's attention stay fp32; only DotProductAttention's bmm inputs and outputs are bf16
+    cpu_autocast = dtype != "fp32" and config.get("runtime", {}).get("backend") == "gloo"
+    mode = par["mode"]
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
+    n = int(par.get("seq_parallel") or 1)
+    d = int(par.get("data_parallel") or int(par["world_size"]) // n)
+    g = int(train["global_batch_size"])
+    b = int(train.get("micro_batch_size") or g // d)
+    m = int(train.get("num_micro_batches") or g // (d * b))
+    return Layout(
+        mode=mode,
+        n=n,
+        d=d,
+        micro_batch=b,
+        micro_batches=m,
+        global_batch=g,
+        act_bytes=4 if cpu_autocast else DTYPE_BYTES[dtype],
+        param_bytes=DTYPE_BYTES[extra.get("param_dtype", "fp32")],
+        kernel=extra.get("attention_kernel", "auto"),
+        cpu_autocast=cpu_autocast,
+        zigzag=par.get("lss_layout", "contiguous") == "zigzag",
+        kv_chunks=int(par.get("kv_gather_chunks") or 1) if mode == "lss" else 1,
+        zero_stage=int(train.get("zero_stage") or 0),
+    )
+
+
+# --- parameters ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Param:
+    name: str
+    numel: int
+    tp_partial: bool = False  # Megatron's `sequence_parallel` tag: grads summed over TP first
+    seq_local: bool = False  # LSS position slice: averaged over the data group only
+
+
+def parameters(s: Shape, lay: Layout) -> list[Param]:
+    """This rank's parameters in `GPTModel.parameters()` order (biases on, untied embeddings)."""
+    t = lay.tp
+    sp = lay.mode == "nvidia-sp"
+    e, qkv = s.hidden, (s.heads + 2 * s.kv_heads) * s.head_dim
+    out = [Param("embedding.word_embeddings.weight", s.padded_vocab // t * e)]
+    if s.learned_positions:  # sequence-distributed in every mode that splits the sequence
+        local = lay.mode in SEQUENCE_MODES
+        rows = s.seq // lay.n if local else s.seq
+        out.append(Param("embedding.position_embeddings.weight", rows * e, seq_local=local))
+    for i in range(s.layers):
+        p = f"decoder.layers.{i}."
+        out += [
+            Param(p + "input_layernorm.weight", e, tp_partial=sp),
+            Param(p + "input_layernorm.bias", e, tp_partial=sp),
+            Param(p + "self_attention.linear_proj.weight", e * s.heads * s.head_dim // t),
+            Param(p + "self_attention.linear_proj.bias", e, tp_partial=sp),
+            Param(p + "self_attention.linear_qkv.weight", qkv // t * e),
+            Param(p + "self_attention.linear_qkv.bias", qkv // t),
+            Param(p + "pre_mlp_layernorm.weight", e, tp_partial=sp),
+            Param(p + "pre_mlp_layernorm.bias", e, tp_partial=sp),
+            Param(p + "mlp.linear_fc1.weight", s.ffn // t * e),
+            Param(p + "mlp.linear_fc1.bias", s.ffn // t),
+            Param(p + "mlp.linear_fc2.weight", e * s.ffn // t),
+            Param(p + "mlp.linear_fc2.bias", e, tp_partial=sp),
+        ]
+    out += [
+        Param("decoder.final_layernorm.weight", s.hidden, tp_partial=sp),
+        Param("decoder.final_layernorm.bias", s.hidden, tp_partial=sp),
+        Param("output_layer.weight", s.padded_vocab // t * e),
+    ]
+    return out
+
+
+def buckets(sizes: list[int], bucket_bytes: int = BUCKET_BYTES) -> list[int]:
+    """Bucket byte sizes as `grad_sync._buckets` forms them (reverse order, <= bucket_bytes)."""
+    out: list[int] = []
+    cur = 0
+    started = False
+    for nbytes in reversed(sizes):
+        if started and cur + nbytes > bucket_bytes:
+            out.append(cur)
+            cur = 0
+        cur += nbytes
+        started = True
+    if started:
+        out.append(cur)
+    return out
+
+
+def all_reduce_bytes(nbytes: int, n: int) -> int:
+    return 2 * (n - 1) * nbytes // n if n > 1 else 0
+
+
+def gather_bytes(local_nbytes: int, n: int) -> int:
+    """All-gather of a local shard, or reduce-scatter into one: (n-1) x the local shard."""
+    return (n - 1) * local_nbytes if n > 1 else 0
+
+
+def all_to_all_bytes(local_nbytes: int, n: int) -> int:
+    return (n - 1) * local_nbytes // n if n > 1 else 0
+
+
+# --- communication per optimizer step ------------------------------------------------------------
+def sp_bytes_per_micro_batch(s: Shape, lay: Layout) -> int:
+    """Activation traffic (category sp) of one micro-batch's forward and backward, this rank."""
+    n, b, es, ll = lay.n, lay.micro_batch, lay.act_bytes, s.seq
+    if n == 1:
+        return 0
+    seg = ll // n
+    kv = seg * b * 2 * s.kv_heads * s.head_dim * es  # local [K | V]
+    if lay.mode == "lss":  # one all-gather of [K|V] forward, one reduce-scatter backward, per layer
+        return s.layers * 2 * gather_bytes(kv, n)
+    if lay.mode == "ring":  # forward passes K/V n-1 times; backward K/V and dK/dV n-1 times each
+        return s.layers * 3 * (n - 1) * kv
+    if lay.mode == "ulysses":  # q, k, v and output all-to-all, forward and backward
+        q = seg * b * s.heads * s.head_dim * es
+        k = seg * b * s.kv_heads * s.head_dim * es
+        per_dir = 2 * all_to_all_bytes(q, n) + 2 * all_to_all_bytes(k, n)
+        return s.layers * 2 * per_dir
+    if lay.mode == "nvidia-sp":
+        u = gather_bytes(seg * b * s.hidden * es, n)  # one sequence-parallel AG or RS
+        # per layer: forward AG before QKV and FC1, RS after proj and FC2 (4); backward the
+        # adjoints (4) plus Megatron's re-gather of QKV's and FC1's inputs for weight grads (2)
+        total = s.layers * 10 * u
+        total += 3 * u  # output layer: AG forward, re-gather and RS of the input grad backward
+        total += 3 * all_reduce_bytes(ll * b * es, n)  # vocab-parallel CE: max, target, sum-exp
+        if s.learned_positions:  # word embedding all-reduce, then scatter (backward: AG)
+            total += all_reduce_bytes(b * ll * s.hidden * es, n) + u
+        else:  # embedding reduce-scatter straight into the sequence shard (backward: AG)
+            total += 2 * u
+        return total
+    return 0
+
+
+def sp_calls_per_micro_batch(s: Shape, lay: Layout) -> int:
+    if lay.n == 1:
+        return 0
+    return {"lss": 2 * s.layers * lay.kv_chunks, "ring": 3 * (lay.n - 1) * s.layers, "ulysses": 8 * s.layers,
+            "nvidia-sp": 10 * s.layers + 3 + 3 + 2}.get(lay.mode, 0)  # fmt: skip
+
+
+def grad_comm(s: Shape, lay: Layout) -> tuple[int, int]:
+    """(bytes, calls) of gradient synchronisation per step (`grad_sync.GradientAverager`)."""
+    params = parameters(s, lay)
+    pb = lay.param_bytes
+
+    def reduce(ps: list[Param], n: int) -> tuple[int, int]:
+        if n <= 1:
+            return 0, 0
+        bs = buckets([p.numel * pb for p in ps])
+        return sum(all_reduce_bytes(x, n) for x in bs), len(bs)
+
+    groups: list[tuple[list[Param], int]] = []
+    if lay.mode == "nvidia-sp":
+        groups.append(([p for p in params if p.tp_partial], lay.n))  # TP sums first
+        groups.append((params, lay.d))  # gradient group = data group
+    else:
+        groups.append(([p for p in params if not p.seq_local], lay.world))
+        groups.append(([p for p in params if p.seq_local], lay.d))
+    total = [reduce(ps, n) for ps, n in groups if ps]
+    return sum(x for x, _ in total), sum(c for _, c in total)
+
+
+def other_comm(s: Shape, lay: Layout) -> tuple[int, int]:
+    """(bytes, calls) per step: the fp64 loss all-reduce and the global-norm partial sums."""
+    grad_group = lay.d if lay.mode == "nvidia-sp" else lay.world
+    parts = [all_reduce_bytes(8, grad_group)]
+    if lay.mode in SEQUENCE_MODES:
+        parts.append(all_reduce_bytes(8, lay.n))  # sequence-local squared norms
+    if lay.mode == "nvidia-sp":
+        parts.append(all_reduce_bytes(8, lay.n))  # tensor-parallel squared norms
+    return sum(parts), sum(1 for x in parts if x)
+
+
+# --- bytes saved for backward (one micro-batch, this rank) -----------------------------------------
+def _dpa_saved(s: Shape, lay: Layout, sq: int) -> int:
+    """Megatron's DotProductAttention on hp = h/t heads over sq tokens (serial, nvidia-sp)."""
+    t, b, es, d = lay.tp, lay.micro_batch, lay.act_bytes, s.head_dim
+    hp, kvp = s.heads // t, s.kv_heads // t
+    grouped, rope = s.heads > s.kv_heads, not s.learned_positions
+    if lay.cpu_autocast:  # bf16 copies of q, k, v made by the autocast bmm; bf16 probs, context
+        total = 3 * sq * b * hp * d * 2 + sq * b * hp * d * 2 + b * hp * sq * sq * 2
+        total += 4 * sq * d * es if rope else 0
+        return total + (sq * sq * BOOL if s.causal else 0)
+    full = sq * b * hp * d * es
+    # q stays a view of the fused QKV output unless RoPE rewrites it or the head split needs a
+    # copy: [sq, b, ng, g*d] -> [sq*b*hp, d] is a view only if g == 1, or ng == 1 and b == 1
+    q_view = not rope and (not grouped or (kvp == 1 and b == 1))
+    k_view, v_view = not (rope or grouped), not grouped
+    total = 0 if q_view else full  # rope output, or a copy when heads are grouped
+    if grouped:
+        total += 2 * full  # k and v repeated to hp heads
+    elif rope:
+        total += sq * b * kvp * d * es  # rope output of k
+    if q_view or k_view or v_view:
+        total += sq * b * (hp + 2 * kvp) * d * es  # the fused QKV output they are views of
+    if rope:
+        total += 4 * sq * d * es  # cos and sin, for q and for k
+    if lay.attention_kernel == "materialized":
+        total += sq * sq * BOOL if s.causal else 0  # the causal mask, rebuilt per layer
+        total += b * hp * sq * sq * es  # softmax probabilities
+    else:  # a fused kernel: output and log-sum-exp instead of scores
+        total += b * hp * sq * FP32
+    return total + sq * b * hp * d * es  # input of the output projection (context)
+
+
+def _lss_saved(s: Shape, lay: Layout) -> int:
+    """LSS core attention: q, the gathered [K|V] buffer, output (= proj input), lse."""
+    b, es, d, seg = lay.micro_batch, lay.act_bytes, s.head_dim, s.seq // lay.n
+    rope, grouped = not s.learned_positions, s.heads > s.kv_heads
+    if rope or (grouped and s.kv_heads > 1):  # rope output, or a copy of grouped heads
+        q = seg * b * s.heads * d * es
+    else:
+        q = seg * b * (s.heads + 2 * s.kv_heads) * d * es  # a view of the fused QKV output
+    total = q + s.seq * b * 2 * s.kv_heads * d * es + seg * b * s.heads * d * es
+    total += 4 * seg * d * es if rope else 0
+    if lay.zigzag:  # K, V re-ordered by index_select (the gathered buffer is then not saved),
+        # two chunk outputs and their concatenation (the proj input), the chunk order index
+        total += seg * b * s.heads * d * es + 2 * lay.n * INT64
+        total += (lay.kv_chunks - 1) * 2 * lay.n * INT64  # one chunk order index per K/V chunk
+    elif lay.kv_chunks > 1:  # per-chunk outputs, then their concatenation (the proj input)
+        total += seg * b * s.heads * d * es
+    if lay.attention_kernel == "materialized":  # scores of the local queries against all keys
+        total += b * s.heads * seg * s.seq * es
+    else:
+        total += b * s.heads * seg * (8 if es == 8 else FP32)
+    return total
+
+
+def _sequence_local_core_saved(s: Shape, lay: Layout) -> int:
+    """Ulysses (all heads' tokens after the all-to-all, h/N heads) and ring attention cores."""
+    b, es, d, n, ll = lay.micro_batch, lay.act_bytes, s.head_dim, lay.n, s.seq
+    seg = ll // n
+    if lay.mode == "ulysses":  # q, k, v, out on [l, b, h/N, d] + lse, proj input on l/N tokens
+        h, kv = s.heads // n, max(1, s.kv_heads // n)
+        core = ll * b * (2 * h + 2 * kv) * d * es + b * h * ll * FP32
+        if lay.attention_kernel == "materialized":
+            core += b * h * ll * ll * es
+        return core + seg * b * s.heads * d * es
+    # ring: q, local k, v, out, lse (kv blocks of other ranks are received, not saved)
+    return seg * b * (2 * s.heads + 2 * s.kv_heads) * d * es + b * s.heads * seg * FP32
+
+
+def activation_bytes(s: Shape, lay: Layout) -> int:
+    """Bytes autograd saves for one micro-batch's forward on this rank (unique storages)."""
+    t, b, es, n, ll = lay.tp, lay.micro_batch, lay.act_bytes, lay.n, s.seq
+    local = ll if lay.mode == "serial" else ll // n  # tokens in norm / residual regions
+    tp_tokens = ll if lay.mode in ("serial", "nvidia-sp") else ll // n  # tokens in TP regions
+    hidden = local * b * s.hidden * es
+    stats = 2 * local * b * FP32  # LayerNorm mean and rstd
+
+    per_layer = 2 * (hidden + stats)  # input_layernorm, pre_mlp_layernorm inputs
+    per_layer += 2 * hidden  # inputs of linear_qkv and linear_fc1 (local shard under SP)
+    per_layer += 2 * tp_tokens * b * (s.ffn // t) * es  # GeLU input, linear_fc2 input
+    if lay.mode in ("serial", "nvidia-sp"):
+        per_layer += _dpa_saved(s, lay, ll)
+    elif lay.mode == "lss":
+        per_layer += _lss_saved(s, lay)
+    else:
+        per_layer += _sequence_local_core_saved(s, lay)
+        per_layer += 4 * local * s.head_dim * es if not s.learned_positions else 0
+
+    emb_tokens = ll if lay.mode == "nvidia-sp" else local
+    embed = b * emb_tokens * INT64  # token ids (masked copy under TP)
+    embed += b * emb_tokens * BOOL if t > 1 else 0  # out-of-shard vocabulary mask
+    embed += b * emb_tokens * INT64 if s.learned_positions else 0  # position ids
+    final = hidden + stats + hidden  # final layernorm input, output layer input
+    loss = tp_tokens * b * ((s.padded_vocab // t) * es + BOOL + INT64)  # softmax, mask, targets
+    return s.layers * per_layer + embed + final + loss
+
+
+def param_count(s: Shape, lay: Layout) -> int:
+    return sum(p.numel for p in parameters(s, lay))
+
+
+def optimizer_state_bytes(s: Shape, lay: Layout, optimizer: str) -> int:
+    """torch AdamW: exp_avg and exp_avg_sq like the parameter, plus a 4-byte step per tensor;
+    SGD without momentum keeps no state."""
+    if optimizer != "adamw":
+        return 0
+    ps = parameters(s, lay)
+    return sum(2 * p.numel * lay.param_bytes + FP32 for p in ps)
+
+
+# --- FLOPs ---------------------------------------------------------------------------------------
+def attention_pairs(seq: int, causal: bool) -> int:
+    return seq * (seq + 1) // 2 if causal else seq * seq
+
+
+def model_flops_per_step(s: Shape, global_batch: int) -> int:
+    """The trainer's `metrics.model_flops_per_step`: 3 x forward over G sequences."""
+    d, kv = s.head_dim, s.kv_heads
+    per_token = (
+        s.layers
+        * (
+            2 * s.hidden * (s.heads * d + 2 * kv * d)
+            + 2 * s.heads * d * s.hidden
+            + 4 * s.hidden * s.ffn
+        )
+        + 2 * s.hidden * s.vocab
+    )
+    attention = s.layers * 4 * s.heads * d * attention_pairs(s.seq, s.causal)
+    return 3 * global_batch * (s.seq * per_token + attention)
+
+
+# --- beyond the paper: causal balance, chunked K/V gathers, ZeRO ---------------------------------
+def attention_imbalance(s: Shape, lay: Layout) -> float | None:
+    """LSS: max / mean over the sequence group of the (query, key) pairs each rank attends (the
+    trainer's ``attention_imbalance``); None for other modes. Contiguous causal segments: rank r
+    attends s_loc (r s_loc) + s_loc (s_loc + 1) / 2 pairs, so the last rank does most; zigzag
+    (chunks r and 2N-1-r of length c = l/2N) gives every rank c^2 (2N-1) + c (c+1): 1.0."""
+    if lay.mode != "lss":
+        return None
+    n, seg = lay.n, s.seq // lay.n
+    if not s.causal or n == 1 or lay.zigzag:
+        return 1.0
+    pairs = [seg * r * seg + seg * (seg + 1) // 2 for r in range(n)]
+    return max(pairs) / (sum(pairs) / n)
+
+
+def kv_transient_bytes(s: Shape, lay: Layout) -> int | None:
+    """LSS: the largest full-length K/V buffer that exists only transiently in one layer, the
+    concatenated [dK | dV] of one gather before its reduce-scatter, l b 2 (h_kv / C) d es: C-fold
+    smaller with --kv-gather-chunks C (the gathered K/V itself is saved for backward either way,
+    so it is in ``activation_bytes``). None for other modes. An indicator of what chunking saves,
+    not the whole measured ``transient_peak_bytes`` (which also holds everything else step 1
+    allocates)."""
+    if lay.mode != "lss" or lay.n == 1:
+        return None
+    return s.seq * lay.micro_batch * 2 * (s.kv_heads // lay.kv_chunks) * s.head_dim * lay.act_bytes
+
+
+ZERO_ALIGNMENT = 2
+"""DeepSpeed's ``nccl_start_alignment_factor``: each flat parameter group is padded to a multiple
+of 2 x (group size) elements before it is cut into equal partitions."""
+
+
+def zero_parameters(s: Shape, lay: Layout) -> list[Param]:
+    """Parameters under ZeRO: the learned position table is replicated whole, [l, E], on every
+    rank of a sequence-splitting mode (`lss_megatron.training.zero.replicate_positions`)."""
+    ps = parameters(s, lay)
+    return [Param(p.name, s.seq * s.hidden) if p.seq_local else p for p in ps]
+
+
+def zero_counts(s: Shape, lay: Layout, optimizer: str) -> dict:
+    """Per-rank (rank 0) memory and gradient traffic of DeepSpeed ZeRO stage 1 / 2 over the
+    gradient group (all P ranks; the D replicas in nvidia-sp), one flat parameter group:
+
+    * ``optimizer_state_bytes``: AdamW's two moments of this rank's partition, padded elements
+      included (the flat buffer is padded to a multiple of 2 x group, then cut into equal
+      partitions), plus one 4-byte step; about 1/P of the plain run;
+    * ``grad_bytes``: stage 1 every gradient; stage 2 the whole gradients of the parameters that
+      overlap rank 0's partition (what the trainer counts before the step: DeepSpeed keeps
+      a parameter's full ``.grad`` until its bucket is reduced), between 1/P and 1/P + one tensor;
+    * ``grad_comm_bytes`` / ``_calls``: the gradients all-reduced in 25 MiB buckets (stage 1 once
+      per step, stage 2 after every micro-batch's backward), the updated partitions all-gathered,
+      and DeepSpeed's fp32 norm all-reduced (category grad). Exact for the runs counted so far (one bucket, no
+      padding); with several buckets or padding the bucket boundaries may differ slightly.
+      None for nvidia-sp (its tensor-parallel gradient sums are not modelled under ZeRO).
+    """
+    ps = zero_parameters(s, lay)
+    group = lay.d if lay.mode == "nvidia-sp" else lay.world
+    pb = lay.param_bytes
+    numel = sum(p.numel for p in ps)
+    align = ZERO_ALIGNMENT * group
+    part = -(-numel // align) * align // group  # elements of one rank's partition
+    held, start = 0, 0
+    for p in ps:  # rank 0's partition is [0, part) of the flat buffer, in registration order
+        if start < part:
+            held += p.numel
+        start += p.numel
+    out: dict = {
+        "param_bytes": numel * pb,
+        "grad_bytes": (numel if lay.zero_stage == 1 else held) * pb,
+        "optimizer_state_bytes": 2 * part * pb + FP32 if optimizer == "adamw" else 0,
+        "grad_comm_bytes": None,
+        "grad_comm_calls": None,
+        # DeepSpeed computes the norm: only the loss all-reduce is left in category other
+        "other_comm_bytes": all_reduce_bytes(8, group),
+        "other_comm_calls": 1 if group > 1 else 0,
+    }
+    if lay.mode != "nvidia-sp" and group > 1:
+        bs = buckets([p.numel * pb for p in ps])
+        reductions = 1 if lay.zero_stage == 1 else lay.micro_batches
+        out["grad_comm_bytes"] = (
+            reductions * sum(all_reduce_bytes(x, group) for x in bs)
+            + gather_bytes(part * pb, group)
+            + all_reduce_bytes(FP32, group)
+        )
+        out["grad_comm_calls"] = reductions * len(bs) + 2
+    elif group == 1:
+        out["grad_comm_bytes"], out["grad_comm_calls"] = 0, 0
+    return out

@@ -1,0 +1,174 @@
+"""Devices and an alpha-beta network that knows intra-node and inter-node links.
+
+A collective on a group of n ranks costs ``steps * alpha + bytes / bandwidth`` (ring algorithms:
+n - 1 steps for all-gather, reduce-scatter and all-to-all, 2 (n - 1) for all-reduce), where
+``bytes`` is what one rank sends (`lss_megatron.parallel.comm`'s convention) and ``bandwidth``
+the slowest link a ring over the group's placement uses:
+
+* a group inside one node uses the intra-node link: NVLink GPU to GPU, or, on nodes with several
+  sockets (Summit: 3 GPUs per POWER9 socket), the slower socket link once the group spans sockets;
+* a group spanning nodes is a ring that enters and leaves every node once, so each node's network
+  interface carries one stream per group; every group of the same kind runs at the same time (all
+  data groups reduce together), so a node's interface bandwidth is shared by the
+  ``gpus_per_node / members_per_node`` groups that cross it. The link is the slower of that share
+  and the intra-node link (when the group has several members per node).
+
+All-reduces take the cheaper of a ring and a tree (``2 ceil(log2 n)`` latency steps, about the
+ring's bytes), as NCCL picks trees when latency dominates. Ranks are placed in order (rank r on
+node r // gpus_per_node), as Megatron orders them (tp-cp-ep-dp-pp): a sequence or
+tensor-parallel group is consecutive, a data group strided by N.
+Figures are datasheet values or stated assumptions (docs/costmodel.md, shared/docs/hardware.md).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+GB = 1e9
+
+
+@dataclass(frozen=True)
+class Network:
+    """Alpha-beta links of one kind of node. Bandwidths are bytes/s per direction."""
+
+    gpus_per_node: int
+    intra_bw: float  # GPU to GPU inside a socket / NVSwitch domain
+    inter_bw_per_node: float  # the node's network interface(s), shared by its GPUs
+    intra_alpha: float = 5e-6  # seconds per ring step inside a node
+    inter_alpha: float = 10e-6  # seconds per ring step between nodes
+    gpus_per_socket: int = 0  # 0: one domain per node (NVSwitch)
+    cross_socket_bw: float = 0.0  # per direction, between the sockets of a node
+
+    def placement(self, n: int, stride: int = 1) -> tuple[int, int]:
+        """(members per node, nodes spanned) of a group of n ranks spaced `stride` apart, the
+        group starting on a node boundary."""
+        per_node = max(1, min(n, self.gpus_per_node // max(1, stride)))
+        return per_node, math.ceil(n / per_node)
+
+    def concurrent(self, n: int, stride: int = 1) -> int:
+        """Groups of this kind whose rings cross one node's interface at the same time."""
+        return max(1, self.gpus_per_node // self.placement(n, stride)[0])
+
+    def link(self, n: int, stride: int = 1) -> tuple[float, float]:
+        """(alpha, bandwidth) of the slowest link a ring over this group uses."""
+        per_node, nodes = self.placement(n, stride)
+        intra = self.intra_bw
+        if self.gpus_per_socket and (per_node - 1) * max(1, stride) >= self.gpus_per_socket:
+            intra = min(intra, self.cross_socket_bw)  # the ring crosses the socket link
+        if nodes == 1:
+            return self.intra_alpha, intra
+        share = self.inter_bw_per_node / self.concurrent(n, stride)
+        return self.inter_alpha, min(share, intra) if per_node > 1 else share
+
+    def time(self, op: str, nbytes: float, n: int, stride: int = 1) -> float:
+        """Seconds for one collective: `op` in all_gather, reduce_scatter, all_reduce,
+        all_to_all, p2p (one send of `nbytes`); `nbytes` is what one rank sends."""
+        if n <= 1 or nbytes <= 0:
+            return 0.0
+        alpha, bw = self.link(n, stride)
+        steps = {"all_reduce": 2 * (n - 1), "p2p": 1}.get(op, n - 1)
+        per_node, nodes = self.placement(n, stride)
+        if op == "all_to_all" and nodes > 1:
+            # the off-node share of every rank's data leaves through the node's interface
+            off_node = nbytes * (n - per_node) / (n - 1)
+            node_out = off_node * per_node * self.concurrent(n, stride)
+            return steps * alpha + max(node_out / self.inter_bw_per_node, nbytes / self.intra_bw)
+        ring = steps * alpha + nbytes / bw
+        if op == "all_reduce":  # NCCL switches to (double binary) trees when latency dominates
+            tree = 2 * math.ceil(math.log2(n)) * alpha + nbytes * n / (n - 1) / bw
+            return min(ring, tree)
+        return ring
+
+
+@dataclass(frozen=True)
+class Device:
+    """One accelerator and the network of its nodes."""
+
+    name: str
+    memory_bytes: float
+    hbm_bw: float  # bytes/s
+    peak_flops: dict  # precision -> dense FLOP/s ("fp32", "fp16", "bf16")
+    network: Network
+    note: str = ""
+
+    def peak(self, precision: str) -> float:
+        if precision not in self.peak_flops:
+            raise ValueError(f"{self.name} has no {precision} peak; has {sorted(self.peak_flops)}")
+        return self.peak_flops[precision]
+
+
+SUMMIT = Network(
+    gpus_per_node=6,
+    intra_bw=50 * GB,  # NVLink 2.0, 2 bricks GPU-GPU inside a socket
+    inter_bw_per_node=23 * GB,  # dual-rail EDR InfiniBand, 2 x 100 Gb/s, ~23 GB/s achievable
+    intra_alpha=5e-6,
+    inter_alpha=10e-6,
+    gpus_per_socket=3,
+    cross_socket_bw=32 * GB,  # X-Bus 64 GB/s bidirectional
+)
+DGX_A100 = Network(gpus_per_node=8, intra_bw=300 * GB, inter_bw_per_node=8 * 25 * GB)
+DGX_H100 = Network(gpus_per_node=8, intra_bw=450 * GB, inter_bw_per_node=8 * 50 * GB)
+
+DEVICES: dict[str, Device] = {
+    "v100-summit": Device(
+        "V100 SXM2 16 GB (Summit)", 16 * GB, 900 * GB,
+        {"fp32": 15.7e12, "fp16": 125e12}, SUMMIT,
+        "6 GPUs per node, 3 per POWER9 socket; no bf16",
+    ),
+    "a100": Device(
+        "A100 SXM 80 GB (DGX A100-class)", 80 * GB, 2.0e12,
+        {"fp32": 19.5e12, "tf32": 156e12, "bf16": 312e12, "fp16": 312e12}, DGX_A100,
+        "8 GPUs per node on NVSwitch; HDR 200 Gb/s per GPU",
+    ),
+    "h100": Device(
+        "H100 SXM 80 GB (DGX H100-class)", 80 * GB, 3.35e12,
+        {"fp32": 67e12, "tf32": 495e12, "bf16": 989e12, "fp16": 989e12}, DGX_H100,
+        "8 GPUs per node on NVSwitch; NDR 400 Gb/s per GPU",
+    ),
+    "h200": Device(
+        "H200 141 GB (measured matmul and copy rates)", 141 * GB, 4.3e12,
+        {"fp32": 67e12, "tf32": 495e12, "bf16": 790e12, "fp16": 790e12}, DGX_H100,
+        "bf16 8192^3 matmul and device copy measured on the lent H200; node as DGX H100",
+    ),
+}  # fmt: skip
+
+
+MEASURED_DIR = Path(__file__).resolve().parents[1] / "data" / "gpu"
+
+
+def measured_bf16_peak(preset: str, directory: Path = MEASURED_DIR) -> float | None:
+    """The bf16 matmul peak measured by `launch/gpu_check.sh` on a device of this preset's kind
+    (analysis/data/gpu/*.json whose device name contains e.g. "h200"), or None."""
+    token = preset.split("-")[0].lower()
+    for path in sorted(directory.glob("*.json")):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if token in str(data.get("device", "")).lower() and data.get("matmul_peak_flops"):
+            return float(data["matmul_peak_flops"])
+    return None
+
+
+def get_device(device: str | Device) -> Device:
+    """A device preset; where launch/gpu_check.sh measured this kind of GPU, its measured bf16
+    (and fp16) matmul peak replaces the preset's."""
+    if isinstance(device, Device):
+        return device
+    try:
+        preset = DEVICES[device]
+    except KeyError:
+        raise ValueError(f"unknown device {device!r}; presets: {sorted(DEVICES)}") from None
+    peak = measured_bf16_peak(device)
+    if peak is None:
+        return preset
+    flops = {**preset.peak_flops, "bf16": peak, "fp16": peak}
+    return replace(preset, peak_flops=flops, note=preset.note + "; bf16 peak measured")
+
+
+def with_network(device: Device, **changes) -> Device:
+    """A copy of `device` whose network has `changes` (e.g. inter_bw_per_node=...)."""
+    return replace(device, network=replace(device.network, **changes))

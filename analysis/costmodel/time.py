@@ -1,0 +1,193 @@
+"""Step time of one optimizer step on the slowest rank: a roofline for compute plus alpha-beta
+communication (`hw`), with every efficiency an explicit, stated assumption.
+
+    step = M x (GEMMs + attention + memory-bound elementwise + exposed activation traffic)
+           + gradient synchronisation + optimizer update
+
+* GEMMs: executed FLOPs (forward + backward = 3 x forward) / (peak x ``gemm_efficiency``);
+* attention: a flash-style kernel visits the attended (query, key) pairs at
+  ``attention_efficiency`` of peak; a materialising kernel (Megatron's DotProductAttention) runs
+  two GEMMs over the FULL l x l square (it does not skip masked blocks) and moves the score tensor
+  through HBM ``score_passes`` times (scores, mask, softmax, dropout-free probabilities, their
+  gradients);
+* LSS and ring attention with contiguous causal segments: the last segment's rank attends to
+  the most keys and sets the pace;
+* communication is not overlapped with compute (the trainer gathers K/V and reduces gradients
+  synchronously), except ring attention, whose K/V passing hides behind the attention compute;
+* elementwise work (LayerNorm, GeLU, residual and bias adds, loss): ``elementwise_passes_hidden``
+  passes over every [tokens, E] activation and ``elementwise_passes_ffn`` over every [tokens, F]
+  one, at HBM bandwidth; the optimizer reads and writes its state once per step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from .counts import (
+    Layout,
+    Shape,
+    all_reduce_bytes,
+    attention_pairs,
+    buckets,
+    gather_bytes,
+    param_count,
+    parameters,
+)
+from .hw import Device
+
+
+@dataclass(frozen=True)
+class Assumptions:
+    """Efficiencies of the time model (fractions of datasheet peaks)."""
+
+    gemm_efficiency: float = 0.7
+    attention_efficiency: float = 0.5
+    score_passes: int = 15
+    elementwise_passes_hidden: int = 30
+    elementwise_passes_ffn: int = 10
+    overlap_ring: bool = True
+
+
+def precision_of(lay: Layout) -> str:
+    return "fp32" if lay.act_bytes == 4 else "fp16"
+
+
+def _peak(dev: Device, lay: Layout) -> float:
+    prec = precision_of(lay)
+    if prec == "fp16" and "fp16" not in dev.peak_flops:
+        prec = "bf16"
+    return dev.peak(prec)
+
+
+def gemm_flops(s: Shape, lay: Layout) -> float:
+    """Executed GEMM FLOPs of one micro-batch, forward + backward, this rank."""
+    per_token = (
+        s.layers
+        * (
+            2 * s.hidden * (s.heads + 2 * s.kv_heads) * s.head_dim
+            + 2 * s.heads * s.head_dim * s.hidden
+            + 4 * s.hidden * s.ffn
+        )
+        + 2 * s.hidden * s.padded_vocab
+    )
+    return 3.0 * lay.micro_batch * (s.seq / lay.n) * per_token
+
+
+def attention_work(s: Shape, lay: Layout) -> tuple[float, float]:
+    """(executed attention FLOPs forward + backward, score bytes through HBM) of one micro-batch on
+    the slowest rank."""
+    b, d, ll, n = lay.micro_batch, s.head_dim, s.seq, lay.n
+    seg = ll // n
+    kernel = lay.attention_kernel
+    if lay.mode in ("serial", "nvidia-sp", "ulysses"):
+        heads, sq = s.heads // (lay.tp if lay.mode != "ulysses" else n), ll
+        pairs = sq * ll if kernel == "materialized" else attention_pairs(ll, s.causal)
+    else:  # lss, ring: local queries against all keys; the last segment sees the most
+        heads, sq = s.heads, seg
+        if kernel == "materialized":
+            pairs = seg * ll
+        elif not s.causal:
+            pairs = seg * ll
+        elif lay.zigzag:  # balanced: every rank does 1/N of the causal pairs (+ rounding)
+            pairs = -(-attention_pairs(ll, True) // n)
+        else:
+            pairs = seg * (ll - seg) + attention_pairs(seg, True)
+    flops = 3.0 * 4 * b * heads * d * pairs * s.layers
+    scores = (
+        float(b * heads * sq * ll * lay.act_bytes * s.layers) if kernel == "materialized" else 0.0
+    )
+    return flops, scores
+
+
+def elementwise_bytes(s: Shape, lay: Layout, a: Assumptions) -> float:
+    ll, b, es, t = s.seq, lay.micro_batch, lay.act_bytes, lay.tp
+    norm_tokens = ll if lay.mode == "serial" else ll // lay.n
+    tp_tokens = ll if lay.mode in ("serial", "nvidia-sp") else ll // lay.n
+    per_layer = a.elementwise_passes_hidden * norm_tokens * s.hidden
+    per_layer += a.elementwise_passes_ffn * tp_tokens * (s.ffn // t)
+    loss = 6 * tp_tokens * (s.padded_vocab // t)
+    return float(b * es * (s.layers * per_layer + loss))
+
+
+def sp_comm_time(s: Shape, lay: Layout, dev: Device) -> float:
+    """Seconds of activation traffic for one micro-batch (forward + backward), this rank."""
+    net, n, b, es, ll = dev.network, lay.n, lay.micro_batch, lay.act_bytes, s.seq
+    if n == 1:
+        return 0.0
+    seg = ll // n
+    kv = seg * b * 2 * s.kv_heads * s.head_dim * es
+    if lay.mode == "lss":
+        return s.layers * 2 * net.time("all_gather", gather_bytes(kv, n), n)
+    if lay.mode == "ring":
+        alpha, bw = net.link(n)  # every step, every rank sends a block to its ring neighbour
+        return s.layers * 3 * (n - 1) * (alpha + kv / bw)
+    if lay.mode == "ulysses":
+        q = seg * b * s.heads * s.head_dim * es
+        k = seg * b * s.kv_heads * s.head_dim * es
+        one = [q, k, k, q]  # q, k, v in; output back
+        return s.layers * 2 * sum(net.time("all_to_all", (n - 1) * x / n, n) for x in one)
+    if lay.mode == "nvidia-sp":
+        u = net.time("all_gather", gather_bytes(seg * b * s.hidden * es, n), n)
+        t = (10 * s.layers + 3) * u
+        t += 3 * net.time("all_reduce", all_reduce_bytes(ll * b * es, n), n)
+        if s.learned_positions:
+            t += net.time("all_reduce", all_reduce_bytes(b * ll * s.hidden * es, n), n) + u
+        else:
+            t += 2 * u
+        return t
+    return 0.0
+
+
+def grad_comm_time(s: Shape, lay: Layout, dev: Device) -> float:
+    """Seconds of gradient synchronisation per step (bucketed all-reduces, no overlap)."""
+    net, pb = dev.network, lay.param_bytes
+    ps = parameters(s, lay)
+
+    def reduce(sel, n: int, stride: int) -> float:
+        if n <= 1 or not sel:
+            return 0.0
+        return sum(
+            net.time("all_reduce", all_reduce_bytes(x, n), n, stride)
+            for x in buckets([p.numel * pb for p in sel])
+        )
+
+    if lay.mode == "nvidia-sp":
+        return reduce([p for p in ps if p.tp_partial], lay.n, 1) + reduce(ps, lay.d, lay.n)
+    return reduce([p for p in ps if not p.seq_local], lay.world, 1) + reduce(
+        [p for p in ps if p.seq_local], lay.d, lay.n
+    )
+
+
+def step_time(s: Shape, lay: Layout, dev: Device, a: Assumptions, optimizer: str) -> dict:
+    """Seconds per optimizer step on the slowest rank, with its breakdown."""
+    peak, hbm = _peak(dev, lay), dev.hbm_bw
+    gemm = gemm_flops(s, lay) / (peak * a.gemm_efficiency)
+    att_flops, score_bytes = attention_work(s, lay)
+    if lay.attention_kernel == "materialized":
+        attention = att_flops / (peak * a.gemm_efficiency) + a.score_passes * score_bytes / hbm
+    else:
+        attention = att_flops / (peak * a.attention_efficiency)
+    elementwise = elementwise_bytes(s, lay, a) / hbm
+    sp = sp_comm_time(s, lay, dev)
+    if lay.mode == "ring" and a.overlap_ring:
+        sp = max(0.0, sp - attention)
+    per_micro = gemm + attention + elementwise + sp
+    grad = grad_comm_time(s, lay, dev)
+    update_bytes = 28 if optimizer == "adamw" else 12  # fp32 param, grad, state: read + write
+    opt = param_count(s, lay) * update_bytes / hbm
+    m = lay.micro_batches
+    total = m * per_micro + grad + opt
+    return {
+        "step_time_s": total,
+        "time_breakdown_s": {
+            "gemm": m * gemm,
+            "attention": m * attention,
+            "elementwise": m * elementwise,
+            "sp_comm_exposed": m * sp,
+            "grad_comm": grad,
+            "optimizer": opt,
+        },
+        "assumptions": asdict(a),
+        "precision": precision_of(lay),
+        "peak_flops": peak,
+    }

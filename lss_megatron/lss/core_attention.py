@@ -1,0 +1,122 @@
+"""`LSSCoreAttention`: the LSS operator as Megatron-Core's `core_attention` module.
+
+It plugs into the `core_attention` field of `SelfAttentionSubmodules` (`modes.lss.get_lss_layer_spec`)
+and is built and called by Megatron's `SelfAttention` like its own `DotProductAttention`:
+
+    core_attention(query [s/N, b, h, d], key [s/N, b, h_kv, d], value [s/N, b, h_kv, d],
+                   attention_mask, attn_mask_type=..., attention_bias=None,
+                   packed_seq_params=None) -> [s/N, b, h*d]
+
+RoPE has already been applied to query and key with global positions (positions.py). The
+sequence group is Megatron's context-parallel group (`pg_collection.cp`).
+
+`SequenceCoreAttention` is the part every sequence-splitting core attention shares (the checks,
+the sequence group, the softmax scale, the output reshape); Ulysses' (`modes/ulysses.py`) is one
+too.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+
+from ..layout import attended_pairs
+from .operator import lss_attention
+
+
+class SequenceCoreAttention(MegatronModule):
+    """A `core_attention` over the context-parallel (sequence) group: causal or no mask, no
+    dropout, no attention mask, bias or packed sequences. Subclasses implement `attend`."""
+
+    def __init__(
+        self,
+        config,
+        layer_number: int,
+        attn_mask_type: AttnMaskType,
+        attention_type: str = "self",
+        attention_dropout: float | None = None,
+        softmax_scale: float | None = None,
+        cp_comm_type: str | None = None,
+        pg_collection=None,
+    ):
+        super().__init__(config=config)
+        name = type(self).__name__
+        dropout = config.attention_dropout if attention_dropout is None else attention_dropout
+        if dropout:
+            raise ValueError(f"{name}: attention dropout {dropout} is not supported (use 0.0)")
+        if getattr(config, "apply_query_key_layer_scaling", False):
+            raise ValueError(f"{name}: apply_query_key_layer_scaling is not supported")
+        if attn_mask_type not in (AttnMaskType.causal, AttnMaskType.no_mask):
+            raise ValueError(
+                f"{name}: attn_mask_type {attn_mask_type} unsupported (causal or no_mask)"
+            )
+        self.layer_number = max(1, layer_number)
+        self.attn_mask_type = attn_mask_type
+        cp = getattr(pg_collection, "cp", None) if pg_collection is not None else None
+        self.seq_group = cp if cp is not None else parallel_state.get_context_parallel_group()
+        head_dim = config.kv_channels
+        self.softmax_scale = (
+            softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
+        )
+
+    def attend(self, query, key, value, causal: bool) -> torch.Tensor:
+        """q [s/N, b, h, d], k/v [s/N, b, h_kv, d] -> [s/N, b, h, d]."""
+        raise NotImplementedError
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        attn_mask_type: AttnMaskType | None = None,
+        attention_bias: torch.Tensor | None = None,
+        packed_seq_params=None,
+    ) -> torch.Tensor:
+        name = type(self).__name__
+        if attention_mask is not None:
+            raise NotImplementedError(
+                f"{name} masks by global position itself; pass attention_mask=None "
+                f"(got a tensor of shape {tuple(attention_mask.shape)})"
+            )
+        if attention_bias is not None or packed_seq_params is not None:
+            raise NotImplementedError(
+                f"{name}: attention_bias and packed sequences are not supported"
+            )
+        mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
+        out = self.attend(query, key, value, mask_type == AttnMaskType.causal)  # [s/N, b, h, d]
+        sq, b, h, d = out.shape
+        return out.reshape(sq, b, h * d)  # [s/N, b, h*d]
+
+
+class LSSCoreAttention(SequenceCoreAttention):
+    """Exact LSS partial attention over the context-parallel (sequence) group."""
+
+    def __init__(self, config, layer_number: int, attn_mask_type: AttnMaskType, **kwargs):
+        super().__init__(config, layer_number, attn_mask_type, **kwargs)
+        self.layout = "contiguous"  # set by the LSS mode after the model is built (modes/lss.py)
+        self.kv_chunks = 1  # likewise
+        self.attention_flops = 0
+        """Forward attention FLOPs (4 b h d x attended pairs) since the last reset: this rank's
+        share of the attention work, read by the trainer to report the load balance."""
+
+    def attend(self, query, key, value, causal: bool) -> torch.Tensor:
+        out = lss_attention(
+            query,
+            key,
+            value,
+            self.seq_group,
+            causal=causal,
+            softmax_scale=self.softmax_scale,
+            layout=self.layout,
+            kv_chunks=self.kv_chunks,
+        )  # [s/N, b, h, d]
+        sq, b, h, d = out.shape
+        n = self.seq_group.size()
+        pairs = attended_pairs(n * sq, self.seq_group.rank(), n, causal, self.layout)
+        self.attention_flops += 4 * b * h * d * pairs
+        return out

@@ -1,0 +1,135 @@
+"""`lss_attention`: the LSS operator (fused K/V gather + exact partial attention).
+
+Forward, on rank r of the sequence group (N ranks, rank r holds the r-th contiguous segment):
+
+1. fused communication: [K | V] of the local segment are concatenated and all-gathered in ONE
+   collective (`kv_gather.fused_kv_all_gather`); only the h_kv key/value heads travel;
+2. partial self-attention: the local queries attend to all l keys (`kernel.partial_attention`),
+   causal by GLOBAL position (query r*l/N + i sees keys j <= r*l/N + i), so every softmax row is
+   complete on this rank and exact without any cross-rank correction.
+
+Backward: the adjoint of the gather is ONE reduce-scatter (sum) of [dK | dV]: rank r receives
+every rank's contribution to its own K and V.
+
+Saved for backward: q [l/N, b, h, d], the gathered K and V [l, b, h_kv, d] (views of the one
+gathered buffer), the output [l/N, b, h, d] and the log-sum-exp [b, h, l/N] (fp32); see
+kernel.py for the per-backend detail. No [b, h, l/N, l] score tensor is stored.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+from ..layout import LAYOUTS, zigzag_gather_order
+from ..parallel import comm
+from .kernel import partial_attention
+from .kv_gather import finish_kv_all_gather, fused_kv_all_gather, start_kv_all_gather
+
+
+def lss_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    group=None,
+    *,
+    causal: bool = True,
+    softmax_scale: float | None = None,
+    backend: str = "auto",
+    layout: str = "contiguous",
+    kv_chunks: int = 1,
+) -> torch.Tensor:
+    """LSS partial attention over a sequence-parallel group.
+
+    Args:
+        q: local queries ``[s/N, b, h, d]`` (sbhd, as in Megatron).
+        k, v: local keys and values ``[s/N, b, h_kv, d]``, ``h % h_kv == 0`` (GQA/MQA).
+        group: the sequence-parallel process group (default: the whole world).
+        causal: mask by global position (bottom-right aligned); False attends to every key.
+        softmax_scale: defaults to ``1/sqrt(d)``.
+        backend: attention kernel, see `kernel.partial_attention`.
+        layout: ``contiguous`` (rank r holds segment r) or ``zigzag`` (rank r holds chunks r and
+            2N-1-r of l/(2N) tokens, concatenated in that order; balances causal work).
+        kv_chunks: gather K/V in this many head chunks, double-buffered (async gather of chunk
+            c+1 while chunk c is attended); bounds the transient gathered/gradient buffers to one
+            chunk. Same result and bytes; the one all-gather and the one reduce-scatter become
+            `kv_chunks` of each.
+
+    Returns:
+        ``[s/N, b, h, d]``.
+    """
+    _check_inputs(q, k, v, layout, kv_chunks)
+    group = group if group is not None else dist.group.WORLD
+    n = comm.group_size(group)
+    r = comm.group_rank(group)
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[3])
+
+    def attend(q_, k_full, v_full):  # local queries x all keys of the gathered heads
+        return _partial(q_, k_full, v_full, r, n, layout, causal, scale, backend)
+
+    if kv_chunks <= 1:
+        k_full, v_full = fused_kv_all_gather(k, v, group)  # 2 x [s, b, h_kv, d]
+        return attend(q, k_full, v_full)  # [s/N, b, h, d]
+    # Bounded, overlapped gathers: kv heads in `kv_chunks` chunks; the gather of chunk c+1 is in
+    # flight while chunk c is attended; backward reduce-scatters each chunk's gradients.
+    h, h_kv = q.shape[2], k.shape[2]
+    hc = h_kv // kv_chunks  # kv heads per chunk
+    qc = hc * (h // h_kv)  # query heads per chunk (GQA groups stay whole)
+    chunk = [slice(c * hc, (c + 1) * hc) for c in range(kv_chunks)]
+    pending = start_kv_all_gather(k[:, :, chunk[0]], v[:, :, chunk[0]], group)
+    outs = []
+    for c in range(kv_chunks):
+        k_c, v_c = k[:, :, chunk[c]], v[:, :, chunk[c]]  # [s/N, b, hc, d]
+        upcoming = (start_kv_all_gather(k[:, :, chunk[c + 1]], v[:, :, chunk[c + 1]], group)
+                    if c + 1 < kv_chunks else None)  # fmt: skip
+        k_full, v_full = finish_kv_all_gather(k_c, v_c, pending)  # 2 x [s, b, hc, d]
+        outs.append(attend(q[:, :, c * qc : (c + 1) * qc], k_full, v_full))  # [s/N, b, qc, d]
+        pending = upcoming
+    return torch.cat(outs, dim=2)  # [s/N, b, h, d]
+
+
+def _check_inputs(q, k, v, layout: str, kv_chunks: int) -> None:
+    """Raise ValueError naming the shapes or options `lss_attention` cannot take."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(
+            f"lss_attention expects sbhd tensors: q {tuple(q.shape)}, k {tuple(k.shape)}, "
+            f"v {tuple(v.shape)}"
+        )
+    sq, b, h, d = q.shape
+    if k.shape != v.shape or k.shape[0] != sq or k.shape[1] != b or k.shape[3] != d:
+        raise ValueError(
+            f"lss_attention: k {tuple(k.shape)} and v {tuple(v.shape)} must both be "
+            f"[s/N={sq}, b={b}, h_kv, d={d}] to match q {tuple(q.shape)}"
+        )
+    h_kv = k.shape[2]
+    if h % h_kv:
+        raise ValueError(f"lss_attention: heads h={h} not divisible by kv heads h_kv={h_kv}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"lss_attention: unknown layout {layout!r}")
+    if layout == "zigzag" and sq % 2:
+        raise ValueError(f"lss_attention: zigzag needs an even local length, got {sq}")
+    if kv_chunks > 1 and h_kv % kv_chunks:
+        raise ValueError(f"lss_attention: kv heads {h_kv} not divisible by kv_chunks {kv_chunks}")
+
+
+def _partial(
+    q, k_full, v_full, r: int, n: int, layout: str, causal: bool, scale: float, backend: str
+) -> torch.Tensor:
+    """Partial attention of this rank's queries against the gathered (rank-ordered) K/V."""
+    sq = q.shape[0]
+    if layout == "contiguous":
+        return partial_attention(
+            q, k_full, v_full, q_offset=r * sq, causal=causal, softmax_scale=scale, backend=backend
+        )  # [s/N, b, h, d]
+    c = sq // 2  # zigzag chunk length l/(2N)
+    perm = torch.tensor(zigzag_gather_order(n), device=k_full.device)  # [2N]: slot of chunk j
+    k_glob = k_full.view(2 * n, c, *k_full.shape[1:]).index_select(0, perm).flatten(0, 1)
+    v_glob = v_full.view(2 * n, c, *v_full.shape[1:]).index_select(0, perm).flatten(0, 1)
+    outs = [
+        partial_attention(q[i * c : (i + 1) * c], k_glob, v_glob, q_offset=chunk * c,
+                          causal=causal, softmax_scale=scale, backend=backend)  # [c, b, h, d]
+        for i, chunk in enumerate((r, 2 * n - 1 - r))
+    ]  # fmt: skip
+    return torch.cat(outs, dim=0)  # [s/N, b, h, d]

@@ -1,0 +1,108 @@
+"""ulysses: DeepSpeed-Ulysses (Jacobs et al. 2023) as the core attention of the same Megatron GPT model.
+
+Like LSS, rank n of a sequence group of N ranks (Megatron's context-parallel group, TP = 1)
+holds the contiguous segment [n l/N, (n+1) l/N) of every sequence, with the same
+sequence-distributed positions (`lss.positions.distribute_positions`), data sharding and double
+gradient averaging. Only the core attention differs: DeepSpeed's own
+`deepspeed.sequence.layer.DistributedAttention` all-to-alls q, k and v from
+[l/N, b, heads, d] to [l, b, heads/N, d] (the whole sequence, this rank's heads), a local attention
+runs on them (`lss.kernel.partial_attention` with q_offset = 0: memory-efficient, causal), and a
+fourth all-to-all brings the output back to [l/N, b, h, d]. Backward: the same four all-to-alls
+in reverse. Per layer and micro-batch a rank sends, in each direction,
+``(N-1)/N * (l/N) * b * d * es * (2 h + 2 h_kv)`` bytes (q and out: h heads, k and v: h_kv).
+
+Query head i of rank r is global head r h/N + i and its key/value head is r h_kv/N + i // (h/h_kv),
+which is Megatron's GQA grouping, so GQA is exact when N divides h and h_kv (the limits,
+`config.MODE_RULES["ulysses"]`).
+
+DeepSpeed's collectives go through `deepspeed.comm`, which dispatches to a process-wide backend.
+When none is set, `compat.deepspeed.deepspeed_backend()` installs DeepSpeed's `TorchBackend` on
+the existing torch.distributed groups without its CPU shared-memory op and with
+`all_to_all_single` passing its tensors positionally, so `parallel.comm.record()` sees every
+all-to-all with its bytes (category ``sp``: the sequence group is tagged). `deepspeed` is imported
+only when the first Ulysses layer is built.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..compat.deepspeed import deepspeed_backend
+from ..lss.core_attention import SequenceCoreAttention
+from ..lss.kernel import partial_attention
+from ..lss.positions import distribute_positions
+from .base import Mode
+from .serial import get_serial_layer_spec
+
+_BATCH_DIM = 1  # Megatron's sbhd layout: [s, b, h, d]
+
+
+class _FullSequenceAttention(torch.nn.Module):
+    """The local attention inside DistributedAttention: every query of the sequence against every
+    key, on this rank's heads. q [l, b, h/N, d], k/v [l, b, h_kv/N, d] -> [l, b, h/N, d]."""
+
+    def __init__(self, softmax_scale: float):
+        super().__init__()
+        self.softmax_scale = softmax_scale
+
+    def forward(self, q, k, v, causal: bool):
+        return partial_attention(
+            q, k, v, q_offset=0, causal=causal, softmax_scale=self.softmax_scale
+        )
+
+
+class UlyssesCoreAttention(SequenceCoreAttention):
+    """DeepSpeed-Ulysses over the context-parallel (sequence) group, as Megatron's
+    `core_attention`: (q [l/N, b, h, d], k/v [l/N, b, h_kv, d], mask None) -> [l/N, b, h*d]."""
+
+    def __init__(self, config, layer_number: int, attn_mask_type, **kwargs):
+        super().__init__(config, layer_number, attn_mask_type, **kwargs)
+        from deepspeed.sequence.layer import DistributedAttention  # optional dependency
+
+        deepspeed_backend()
+        self.ulysses = DistributedAttention(
+            _FullSequenceAttention(self.softmax_scale), self.seq_group, scatter_idx=2,
+            gather_idx=0,
+        )  # fmt: skip
+
+    def attend(self, query, key, value, causal: bool) -> torch.Tensor:
+        return self.ulysses(query, key, value, _BATCH_DIM, None, causal=causal)  # [l/N, b, h, d]
+
+
+def layer_spec(model):
+    """Megatron's local GPT layer spec with `UlyssesCoreAttention` as its core attention."""
+    spec = get_serial_layer_spec(model.causal)
+    spec.submodules.self_attention.submodules.core_attention = UlyssesCoreAttention
+    return spec
+
+
+def post_build(model, grid) -> None:
+    """Contiguous sequence-distributed positions (as LSS), and a guard that every layer really
+    runs Ulysses on the N-rank sequence group with TP = 1."""
+    if getattr(grid, "layout", "contiguous") != "contiguous":
+        raise ValueError(f"ulysses needs contiguous segments, got layout {grid.layout!r}")
+    distribute_positions(model, grid.seq_rank, grid.seq_size)
+    cores = [layer.self_attention.core_attention for layer in model.decoder.layers]
+    cfg = model.config
+    if (
+        not all(isinstance(c, UlyssesCoreAttention) for c in cores)
+        or any(torch.distributed.get_world_size(c.seq_group) != grid.seq_size for c in cores)
+        or (cfg.context_parallel_size, cfg.tensor_model_parallel_size) != (grid.seq_size, 1)
+    ):
+        raise RuntimeError(
+            f"ulysses: the model does not run UlyssesCoreAttention on a sequence group of "
+            f"{grid.seq_size} ranks with TP = 1 (core attention {type(cores[0]).__name__}, "
+            f"CP {cfg.context_parallel_size}, TP {cfg.tensor_model_parallel_size})"
+        )
+
+
+def sp_bytes_per_layer(model, n: int, micro_batch: int, element_size: int = 4) -> int:
+    """Bytes one rank sends in the four forward all-to-alls of one layer and micro-batch (the
+    backward sends the same), by `parallel.comm`'s convention: (n-1)/n of the local tensor.
+    q and the output hold (l/N) b h d elements on a rank, k and v (l/N) b h_kv d."""
+    head = (model.seq_length // n) * micro_batch * model.head_dim * element_size
+    heads = (model.num_heads, model.kv_heads, model.kv_heads, model.num_heads)  # q, k, v, out
+    return sum((n - 1) * h * head // n for h in heads)
+
+
+MODE = Mode(name="ulysses", layer_spec=layer_spec, post_build=post_build)

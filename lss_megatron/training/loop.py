@@ -1,0 +1,402 @@
+"""The training loop behind `python -m lss_megatron.train` (train.py parses and validates).
+
+`run()`: set up (init, grid, model, stepper, [resume], outputs) -> per step: train step (data,
+forward/backward, gradient sync, non-finite check, update), record (metrics.jsonl, log), evaluate
+and save -> finish (replica check, summary). The optimizer step is a `Stepper` (stepper.py): the
+trainer's own (double gradient averaging, global-norm clipping, a torch optimizer) or, with
+``--zero-stage 1|2``, DeepSpeed's ZeRO engine (zero.py); everything else is the same.
+
+Exit codes: 0 done; 1 a failure (exception, collective timeout, a dead peer, a checkpoint that
+could not be written); 2 a checkpoint that cannot be used, or a folder another run took since the
+up-front check; 3 a non-finite loss (without ``--skip-nonfinite``, or ``--max-consecutive-skips``
+skipped steps in a row, or non-finite parameters at a save). Every rank takes the same decision on
+a non-finite loss because the loss it tests is the all-reduced global loss (docs/reliability.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from ..config import RunConfig
+from ..envvars import omp_threads
+from ..log import get_logger
+from ..model import build_model
+from ..parallel import comm
+from ..parallel.grid import Grid, destroy_grid, initialize_grid
+from ..runs import RunFolderError, claim, latest_checkpoint
+from . import faults
+from .checkpoint import (
+    CheckpointError,
+    CheckpointWriteError,
+    check_compatible,
+    load_checkpoint,
+    read_meta,
+    save_checkpoint,
+)
+from .metrics import (
+    SavedBytes,
+    TransientPeak,
+    attention_balance,
+    model_flops_per_step,
+    peak_mem_bytes,
+    runtime_info,
+    step_time_summary,
+)
+from .nonfinite import NonFiniteLoss, SkipGuard, nonfinite_parameters
+from .optim import lr_at, set_lr
+from .replicas import check_replicas
+from .step import evaluate, global_mean_loss, step_micro_batches
+from .stepper import PlainStepper, Stepper
+from .zero import ZeroEngine
+
+log = get_logger("train")
+
+
+@dataclass
+class RunResult:
+    exit_code: int = 0
+    losses: dict[int, float] = field(default_factory=dict)
+    valid: dict[int, float] = field(default_factory=dict)
+    skipped_steps: int = 0
+
+
+@dataclass
+class _Run:
+    """What a run sets up once and every step uses."""
+
+    cfg: RunConfig
+    rank: int
+    grid: Grid
+    device: torch.device
+    model: torch.nn.Module
+    stepper: Stepper
+    effective: dict
+    """`cfg.to_dict()`: config.json, and the config stored with checkpoints."""
+    start: int
+    """The step resumed from (0: a fresh run)."""
+    step_times: list[float] = field(default_factory=list)
+
+    @property
+    def last(self) -> int:
+        return self.cfg.train.stop_after or self.cfg.train.steps
+
+    @property
+    def out(self) -> Path:
+        return Path(self.cfg.train.out)
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.cfg.train.global_batch_size * self.cfg.model.seq_length
+
+    @property
+    def flops_per_step(self) -> int:
+        return model_flops_per_step(self.cfg.model, self.cfg.train.global_batch_size)
+
+    def autocast(self):
+        if self.cfg.train.dtype == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+
+def init_distributed(cfg: RunConfig, rank: int) -> None:
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    timeout = timedelta(seconds=cfg.parallel.dist_timeout_s)
+    if "MASTER_ADDR" in os.environ:
+        if torch.cuda.is_available():
+            # schedulers that give each task only its own GPU expose one device: wrap around
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+        dist.init_process_group(
+            backend, rank=rank, world_size=cfg.parallel.world_size, timeout=timeout
+        )
+    elif cfg.parallel.world_size == 1:  # plain `python -m lss_megatron.train`: in-memory store
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
+                                timeout=timeout)  # fmt: skip
+    else:
+        raise RuntimeError("WORLD_SIZE > 1 but no MASTER_ADDR: launch with torchrun or deepspeed")
+
+
+def _explain(exc: BaseException, cfg: RunConfig) -> str:
+    text = str(exc)
+    low = text.lower()
+    if "timed out" in low or "timeout" in low:
+        return (f"a collective timed out after {cfg.parallel.dist_timeout_s:g} s (--dist-timeout): "
+                "a peer rank is hung or gone")  # fmt: skip
+    if "connection closed" in low or "connection reset" in low or "broken pipe" in low:
+        return "a peer rank died (its connection closed)"
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+class _Progress:
+    """tqdm bar on rank 0 (step, loss, tokens/s), or nothing."""
+
+    def __init__(self, cfg: RunConfig, rank: int, start: int, last: int):
+        want = cfg.train.progress == "on" or (cfg.train.progress == "auto" and sys.stderr.isatty())
+        self.bar = None
+        if rank == 0 and want:
+            self.bar = tqdm(
+                total=last, initial=start, desc="train", unit="step", dynamic_ncols=True
+            )
+
+    def update(self, loss: float, tokens_per_s: float) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}")
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def run(cfg: RunConfig, rank: int) -> RunResult:
+    """Train per `cfg`; returns the result on every rank (exit code, losses by step)."""
+    torch.set_num_threads(omp_threads())
+    owns_process_group = not dist.is_initialized()
+    result = RunResult()
+    try:
+        if owns_process_group:
+            init_distributed(cfg, rank)
+        _train(cfg, rank, result)
+    except NonFiniteLoss as e:  # decided on global values: the same on every rank, said once
+        if rank == 0:
+            log.error("%s", e)
+        result.exit_code = 3
+    except (CheckpointWriteError, RunFolderError) as e:  # decided on rank 0, shared: said once
+        if rank == 0:
+            log.error("%s", e)
+        result.exit_code = 1 if isinstance(e, CheckpointWriteError) else 2
+    except CheckpointError as e:
+        log.error("%s", e)
+        result.exit_code = 2
+    except Exception as e:  # noqa: BLE001 - every failure ends this rank non-zero, with a reason
+        log.error("rank %d failed: %s", rank, _explain(e, cfg), exc_info=True)
+        result.exit_code = 1
+    finally:
+        destroy_grid()
+        if owns_process_group and dist.is_initialized() and result.exit_code == 0:
+            dist.destroy_process_group()
+    return result
+
+
+def _train(cfg: RunConfig, rank: int, result: RunResult) -> None:
+    r = _set_up(cfg, rank)
+    progress = _Progress(cfg, rank, r.start, r.last)
+    skips = SkipGuard(cfg.train.max_consecutive_skips)
+    try:
+        for step in range(r.start + 1, r.last + 1):
+            rec, transient = _train_step(r, step, result)
+            skips.record(step, rec["skipped"])  # stops the run after too many skips in a row
+            rec.update(_measure(r, transient))
+            rec.update(_evaluate(r, step, result))
+            _record(r, rec, progress)
+            _save(r, step, rec["skipped"])
+    finally:
+        progress.close()
+    _finish(r, result)
+
+
+# --- set up ------------------------------------------------------------------------------------
+def _set_up(cfg: RunConfig, rank: int) -> _Run:
+    """Grid, model (on its device), stepper, the resumed step, and the run's output folder."""
+    t = cfg.train
+    grid = initialize_grid(cfg.parallel)
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+        else torch.device("cpu")  # fmt: skip
+    model = build_model(cfg.model, grid, mode=cfg.parallel.mode, seed=t.seed)
+    model.to(device)
+    # DeepSpeed's ZeRO owns gradient sync and the optimizer step (zero.py)
+    stepper = ZeroEngine(model, cfg, grid) if t.zero_stage else PlainStepper(model, cfg, grid)
+    effective = cfg.to_dict()
+    start = _resume(cfg, model, stepper.optimizer, grid, effective) if t.load else 0
+    r = _Run(cfg, rank, grid, device, model, stepper, effective, start)
+    effective["run_id"] = _claim_folders(r)  # before anything is written
+    if rank == 0:
+        _open_outputs(r)
+    log.info("run: %s, %s", grid, cfg.model)
+    return r
+
+
+def _resume(cfg: RunConfig, model, optimizer, grid: Grid, effective: dict) -> int:
+    """Load the newest checkpoint of ``--load``; returns its step."""
+    t = cfg.train
+    path, note = latest_checkpoint(t.load)
+    if path is None:
+        raise CheckpointError(f"--load {t.load}: no complete checkpoint there")
+    if note and grid.rank == 0:
+        log.warning("%s", note)
+    check_compatible(read_meta(path), effective["model"], path)
+    start = load_checkpoint(path, model, optimizer, grid)
+    log.info("resumed from %s (step %d)", path, start)
+    if start >= t.steps:
+        raise CheckpointError(f"--load {path}: already at step {start} >= --steps {t.steps}")
+    return start
+
+
+def _claim_folders(r: _Run) -> str | None:
+    """Rank 0 takes --out and --save for this run (runs.claim); every rank learns the outcome, so
+    a refusal ends every rank the same way. Returns the run id (None on other ranks)."""
+    run_id, error = None, None
+    if r.rank == 0:
+        optim_keys = ("optimizer", "lr", "min_lr", "weight_decay", "lr_schedule", "warmup_steps",
+                      "clip_grad", "steps", "global_batch_size", "dtype", "seed")  # fmt: skip
+        record = {"model": r.effective["model"],
+                  "optimizer": {k: r.effective["train"][k] for k in optim_keys}}  # fmt: skip
+        try:
+            run_id = claim(r.cfg.train, record)
+        except (RunFolderError, OSError) as e:
+            error = str(e)
+    error = comm.all_gather_object(error, None)[0]
+    if error is not None:
+        raise RunFolderError(error)
+    return run_id
+
+
+def _open_outputs(r: _Run) -> None:
+    """config.json (with what really runs), and metrics.jsonl emptied, or on resume cut back to
+    the steps up to the one resumed from (rank 0)."""
+    r.out.mkdir(parents=True, exist_ok=True)
+    r.effective["runtime"] = runtime_info(r.model, r.grid, r.start, r.cfg.train.load)
+    described = r.stepper.describe()
+    if described is not None:
+        r.effective["runtime"]["zero"] = described
+    (r.out / "config.json").write_text(json.dumps(r.effective, indent=2) + "\n")
+    metrics_path = r.out / "metrics.jsonl"
+    kept = []
+    if r.start and metrics_path.exists():  # resuming into the same folder: keep steps <= start
+        kept = [x for x in metrics_path.read_text().splitlines()
+                if x.strip() and json.loads(x).get("step", 0) <= r.start]  # fmt: skip
+    metrics_path.write_text("".join(x + "\n" for x in kept))
+
+
+# --- one step ----------------------------------------------------------------------------------
+def _train_step(r: _Run, step: int, result: RunResult) -> tuple[dict, object]:
+    """Forward, backward, gradient sync and update of `step`; returns its record (loss, lr, norm,
+    time, collectives, bytes saved for backward) and the memory probe it ran under."""
+    t, stepper = r.cfg.train, r.stepper
+    t0 = time.perf_counter()
+    fault = faults.planned(r.cfg, r.rank, step)
+    faults.crash_or_hang(fault, step)
+    lr = lr_at(step, lr=t.lr, schedule=t.lr_schedule, warmup_steps=t.warmup_steps,
+               total_steps=t.steps, min_lr=t.final_lr)  # fmt: skip
+    set_lr(stepper.optimizer, lr)
+    stepper.zero_grad()
+    saved = SavedBytes(r.model)
+    # first step only: the peak of the heap in use during forward + backward (slows every op a
+    # little; step 1 is excluded from the step-time median anyway)
+    transient = TransientPeak(r.device) if step == r.start + 1 else contextlib.nullcontext()
+    with comm.record() as clog:
+        micro = step_micro_batches(r.cfg, r.grid, step, r.device)
+        with r.autocast(), transient:
+            local_loss = stepper.forward_backward(micro, saved=saved)
+        local_loss = faults.poison(fault, local_loss)
+        stepper.sync_gradients()
+        loss = global_mean_loss(local_loss, r.grid)
+        skipped = not math.isfinite(loss)
+        if skipped and not t.skip_nonfinite:
+            raise NonFiniteLoss(f"non-finite loss {loss} at step {step}: stopping "
+                                "(--skip-nonfinite would skip such steps)")  # fmt: skip
+        grad_norm = stepper.step(skip=skipped)
+    dt = time.perf_counter() - t0
+    r.step_times.append(dt)
+    if skipped:
+        result.skipped_steps += 1
+        log.warning("non-finite loss at step %d: step skipped (%d so far)", step,
+                    result.skipped_steps)  # fmt: skip
+    result.losses[step] = loss
+    return {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "step_time_s": dt,
+            "tokens_per_s": r.tokens_per_step / dt, "skipped": skipped,
+            "skipped_steps": result.skipped_steps, **clog.summary(),
+            "activation_bytes": saved.peak}, transient  # fmt: skip
+
+
+def _measure(r: _Run, transient) -> dict:
+    """After the step: attention balance (collective), memory, FLOP rates."""
+    balance = attention_balance(r.model, r.grid, r.device)
+    if isinstance(transient, TransientPeak):
+        balance["transient_peak_bytes"] = transient.bytes
+    return {**r.stepper.memory_stats(), "peak_mem_bytes": peak_mem_bytes(r.device),
+            "model_flops_per_step": r.flops_per_step,
+            "achieved_flops_per_s": r.flops_per_step / r.step_times[-1], **balance}  # fmt: skip
+
+
+def _evaluate(r: _Run, step: int, result: RunResult) -> dict:
+    """Validation loss every ``--eval-interval`` steps and at the last (collective)."""
+    t = r.cfg.train
+    if not t.eval_interval or (step % t.eval_interval and step != r.last):
+        return {}
+    with r.autocast():
+        valid = evaluate(r.model, r.cfg, r.grid, r.device)
+    result.valid[step] = valid
+    # bits per token; for byte-level data (enwik8) bits per byte
+    return {"valid_loss": valid, "valid_bpb": valid / math.log(2)}
+
+
+def _record(r: _Run, rec: dict, progress: _Progress) -> None:
+    """A line of metrics.jsonl, the progress bar and the log (rank 0)."""
+    if r.rank != 0:
+        return
+    with (r.out / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps(rec) + "\n")
+    progress.update(rec["loss"], rec["tokens_per_s"])
+    step, t = rec["step"], r.cfg.train
+    if progress.bar is None and (step % t.log_interval == 0 or step == r.last):
+        valid = (f" valid {rec['valid_loss']:.4f} ({rec['valid_bpb']:.3f} bpb)"
+                 if "valid_loss" in rec else "")  # fmt: skip
+        log.info("step %d/%d loss %.6f lr %.3g grad_norm %.3f (%.3f s, %.0f tok/s)%s", step,
+                 t.steps, rec["loss"], rec["lr"], rec["grad_norm"], rec["step_time_s"],
+                 rec["tokens_per_s"], valid)  # fmt: skip
+
+
+def _save(r: _Run, step: int, skipped: bool) -> None:
+    """A checkpoint every ``--save-interval`` steps and at the last of ``--steps`` (collective),
+    never from a skipped step or from non-finite parameters (on any rank)."""
+    t = r.cfg.train
+    if not t.save or not ((t.save_interval and step % t.save_interval == 0) or step == t.steps):
+        return
+    if skipped:
+        if r.rank == 0:
+            log.warning("step %d was skipped (non-finite loss): no checkpoint written for it", step)
+        return
+    bad = nonfinite_parameters(r.model)
+    flag = torch.tensor([float(len(bad))], device=r.device)
+    comm.all_reduce_(flag, None, category="other")
+    if flag.item():
+        where = ", ".join(bad[:3]) or "on another rank"
+        raise NonFiniteLoss(f"parameters are not finite at step {step} ({where}): stopping "
+                            "without writing a checkpoint")  # fmt: skip
+    path = save_checkpoint(t.save, step, r.model, r.stepper.optimizer, r.grid, r.effective)
+    if path is not None:
+        log.info("saved checkpoint %s", path)
+
+
+# --- finish ------------------------------------------------------------------------------------
+def _finish(r: _Run, result: RunResult) -> None:
+    """The replica check (collective), summary.json (rank 0); fails the run on diverged replicas."""
+    replicas = check_replicas(r.model, r.grid)
+    if r.rank == 0:
+        final = result.losses[max(result.losses)] if result.losses else None
+        timing = step_time_summary(r.step_times)
+        summary = {"steps": len(result.losses), "last_step": r.last, "final_loss": final,
+                   "skipped_steps": result.skipped_steps, **timing,
+                   "tokens_per_s": r.tokens_per_step / timing["step_time_s"],
+                   "achieved_flops_per_s": r.flops_per_step / timing["step_time_s"],
+                   "peak_mem_bytes": peak_mem_bytes(r.device), "replicas": replicas}  # fmt: skip
+        if result.valid:
+            last_eval = max(result.valid)
+            summary.update(valid_loss=result.valid[last_eval],
+                           valid_bpb=result.valid[last_eval] / math.log(2))  # fmt: skip
+        (r.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if not replicas["bitwise_equal"]:
+        raise RuntimeError(f"replicated parameters diverged across ranks: {replicas['mismatched']}")
+    log.info("done at step %d; replicas bitwise equal across %d ranks", r.last, r.grid.world_size)

@@ -1,0 +1,102 @@
+"""One optimizer step's data and forward/backward, shared by the trainer and the tests.
+
+Loss: the global per-token mean over the G x l tokens of the step. Each rank's backward uses
+``sum(its token losses) / (its tokens this step)``; all ranks hold equally many tokens, so the
+global mean is the average of the ranks' losses, which is what double gradient averaging
+(lss/grad_sync.py) turns the gradients into. The micro-batch loop is `forward_backward`, for the
+plain model and for DeepSpeed's engine alike.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import torch
+
+from ..config import RunConfig
+from ..data import build_dataset, replica_sample_indices, segment_batch
+from ..parallel import comm
+from ..parallel.grid import Grid
+
+
+@functools.lru_cache(maxsize=4)
+def _dataset(name: str, seq_length: int, vocab_size: int, seed: int, path: str | None,
+             eval_batch: int):  # fmt: skip
+    return build_dataset(name, seq_length=seq_length, vocab_size=vocab_size, seed=seed, path=path,
+                         eval_batch_size=eval_batch)  # fmt: skip
+
+
+def dataset_for(cfg: RunConfig):
+    """The run's dataset (built once per process; the data vocabulary, not the padded one)."""
+    m, t = cfg.model, cfg.train
+    return _dataset(t.data, m.seq_length, m.vocab_size, t.seed, t.data_path, t.global_batch_size)
+
+
+def step_micro_batches(cfg: RunConfig, grid: Grid, step: int, device=None, split: str = "train"):
+    """This rank's micro-batches of step `step` (1-based; for split "valid"/"test": the eval
+    step): list of (tokens, labels, position_ids), each [B, l/N], on `device` (default: CPU).
+    Only this rank's segment of its data replica's samples is read."""
+    ds = dataset_for(cfg)
+    indices = replica_sample_indices(cfg.train.global_batch_size, grid.data_rank, grid.data_size)
+    b = cfg.micro_batch
+    micro = [
+        segment_batch(
+            ds, split, step, indices[i : i + b], grid.seq_rank, grid.seq_size, grid.layout
+        )
+        for i in range(0, len(indices), b)
+    ]
+    if device is not None:
+        micro = [tuple(t.to(device, non_blocking=True) for t in mb) for mb in micro]
+    return micro
+
+
+def _backward(loss: torch.Tensor) -> None:
+    loss.backward()
+
+
+def forward_backward(
+    model, micro_batches, *, return_token_losses: bool = False, saved=None, backward=_backward
+):
+    """Run forward and backward over the micro-batches; gradients accumulate in `.grad`.
+
+    `model`: the GPT model, or anything called like it (DeepSpeed's engine); `backward(loss)`
+    runs the backward of one micro-batch's loss (default: `loss.backward()`).
+    `saved`: an optional `metrics.SavedBytes` measuring what each forward saves for backward.
+    Returns (local mean loss as a float64 tensor, per-token losses [B_total, l/N] or None).
+    """
+    n_tokens = sum(tok.numel() for tok, _, _ in micro_batches)
+    total = torch.zeros((), dtype=torch.float64, device=micro_batches[0][0].device)
+    token_losses = []
+    for tokens, labels, positions in micro_batches:
+        with saved.measure() if saved is not None else contextlib.nullcontext():
+            per_token = model(tokens, positions, None, labels=labels)  # [B, l/N]
+        loss = per_token.float().sum() / n_tokens
+        backward(loss)
+        total += loss.detach().double()
+        if return_token_losses:
+            token_losses.append(per_token.detach())
+    return total, (torch.cat(token_losses) if return_token_losses else None)
+
+
+@torch.no_grad()
+def evaluate(model, cfg: RunConfig, grid: Grid, device, split: str = "valid") -> float:
+    """Global per-token mean loss over `--eval-steps` batches of G sequences of `split`."""
+    was_training = model.training
+    model.eval()
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for eval_step in range(1, cfg.train.eval_steps + 1):
+        micro = step_micro_batches(cfg, grid, eval_step, device, split=split)
+        n_tokens = sum(tok.numel() for tok, _, _ in micro)
+        for tokens, labels, positions in micro:
+            per_token = model(tokens, positions, None, labels=labels)  # [B, l/N]
+            total += per_token.double().sum() / n_tokens
+    model.train(was_training)
+    return global_mean_loss(total / cfg.train.eval_steps, grid)
+
+
+def global_mean_loss(local_loss: torch.Tensor, grid: Grid) -> float:
+    """Average of the ranks' local mean losses = the global per-token mean loss."""
+    buf = local_loss.detach().double().reshape(1).clone()
+    comm.all_reduce_(buf, grid.grad_group, category="other")
+    return float(buf.item()) / (grid.seq_size * grid.data_size)

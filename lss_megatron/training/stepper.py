@@ -1,0 +1,89 @@
+"""One optimizer step's work behind one interface, so the loop does not care who owns it.
+
+A step is: `zero_grad()` before the forward; `forward_backward(micro, saved=)` over this rank's
+micro-batches (measured: it runs under autocast and the transient-memory probe); then
+`sync_gradients()`; then, once the loss is known to be finite or not, `step(skip)`, which updates
+(or, when skipped, drops the gradients) and returns the global gradient norm before clipping.
+
+* `PlainStepper`: the trainer's own path: double gradient averaging (`lss.grad_sync`), the global
+  norm with every parameter counted once, clipping and a torch optimizer (optim.py);
+* `zero.ZeroEngine`: DeepSpeed's ZeRO engine owns averaging, clipping and the update.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+
+from ..config import RunConfig
+from ..lss.grad_sync import GradientAverager
+from ..parallel.grid import Grid
+from .metrics import memory_stats
+from .optim import build_optimizer, clip_gradients, global_grad_norm
+from .step import forward_backward
+
+
+class Stepper(ABC):
+    """The optimizer step of a run (see module doc)."""
+
+    optimizer: torch.optim.Optimizer
+    """Its param groups take the learning rate; checkpoints save its state."""
+
+    @abstractmethod
+    def zero_grad(self) -> None:
+        """Clear the previous step's gradients (before this step's forward)."""
+
+    @abstractmethod
+    def forward_backward(self, micro_batches, *, saved=None) -> torch.Tensor:
+        """Forward and backward over the micro-batches; returns the local mean loss (float64)."""
+
+    @abstractmethod
+    def sync_gradients(self) -> None:
+        """Make the gradients those of the global loss, where that happens before `step`."""
+
+    @abstractmethod
+    def step(self, skip: bool = False) -> float:
+        """Update (or, `skip`: drop this step's gradients, no update, on every rank alike).
+        Returns the global gradient norm before clipping (nan when skipped)."""
+
+    @abstractmethod
+    def memory_stats(self) -> dict:
+        """This rank's parameter, gradient and optimizer-state bytes."""
+
+    def describe(self) -> dict | None:
+        """What runs the step, for config.json (None: the trainer's own path)."""
+        return None
+
+
+class PlainStepper(Stepper):
+    """Double gradient averaging, global-norm clipping and a torch optimizer."""
+
+    def __init__(self, model: torch.nn.Module, cfg: RunConfig, grid: Grid):
+        t = cfg.train
+        self.model, self.grid, self.clip = model, grid, t.clip_grad
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(params, t.optimizer, t.lr, t.weight_decay)
+        self.average_gradients = GradientAverager(model, grid)
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def forward_backward(self, micro_batches, *, saved=None) -> torch.Tensor:
+        local_loss, _ = forward_backward(self.model, micro_batches, saved=saved)
+        return local_loss
+
+    def sync_gradients(self) -> None:
+        self.average_gradients()
+
+    def step(self, skip: bool = False) -> float:
+        if skip:
+            self.optimizer.zero_grad(set_to_none=True)
+            return float("nan")
+        norm = global_grad_norm(self.model, self.grid)
+        clip_gradients(self.model, norm, self.clip)
+        self.optimizer.step()
+        return norm
+
+    def memory_stats(self) -> dict:
+        return memory_stats(self.model, self.optimizer)
