@@ -18,13 +18,15 @@ These are the tensors that must coexist at the peak; temporary buffers, the fram
 and allocator slack come on top, so the estimate is a lower bound and a run it refuses cannot fit.
 The exact per-tensor enumeration is the cost model's (analysis/costmodel_counts.py, kept apart on
 purpose); tests/test_faults_upfront.py holds this estimate against it and against measured bytes.
-Import-light: no torch unless `available_memory` asks CUDA.
+Import-light: no torch unless `available_memory` asks CUDA (only where a GPU device exists).
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+
+from .config import MODE_RULES
 
 GIB = 2**30
 
@@ -50,8 +52,6 @@ class Estimate:
 
 def _degrees(mode: str, n: int) -> tuple[int, bool]:
     """(tensor-parallel size, whether the sequence group splits tokens), from the mode's rules."""
-    from .config import MODE_RULES
-
     rules = MODE_RULES[mode]
     return rules.tensor_parallel(n), rules.context_parallel(n) > 1
 

@@ -26,7 +26,12 @@ from pathlib import Path
 import yaml
 
 from .config import ConfigError, ModelConfig, ParallelConfig, RunConfig, TrainConfig
+from .envvars import launch_env
+from .estimate import estimate, memory_problems
+from .lifeline import install as install_lifeline
 from .log import setup_logging
+from .runs import plan
+from .strict_yaml import check_value
 
 PROG = "python -m lss_megatron.train"
 SECTIONS = {ParallelConfig: "parallel layout", ModelConfig: "model", TrainConfig: "training"}
@@ -146,8 +151,6 @@ def parse_args(argv: list[str] | None = None, *, exit_on_error: bool = True) -> 
 def load_yaml_preset(path: str, parser: argparse.ArgumentParser) -> dict:
     """Read a YAML preset into argparse defaults; unknown keys and ill-typed values are errors
     (strict_yaml.py: no coercion), all reported in one message."""
-    from .strict_yaml import check_value
-
     try:
         data = yaml.safe_load(Path(path).read_text()) or {}
     except FileNotFoundError:
@@ -200,9 +203,6 @@ def preflight(args: argparse.Namespace, env=None, env_problems=()) -> RunConfig:
     """Everything checked before any process group exists, read-only: the launcher's environment,
     the configuration, the folders (runs.py) and the per-rank memory estimate (estimate.py).
     Raises one `ConfigError` listing every problem; returns the validated configuration."""
-    from .envvars import launch_env
-    from .runs import plan
-
     if env is None:
         env, env_problems = launch_env()
     if env_problems:
@@ -215,8 +215,6 @@ def preflight(args: argparse.Namespace, env=None, env_problems=()) -> RunConfig:
         problems = [x.strip()[2:] for x in str(e).splitlines()[1:]]
     problems += plan(cfg.train).problems  # folders: independent of the rest
     if not problems and cfg.train.memory_check:
-        from .estimate import memory_problems
-
         problems += memory_problems(cfg, env.local_rank, env.local_world_size)
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
@@ -224,8 +222,6 @@ def preflight(args: argparse.Namespace, env=None, env_problems=()) -> RunConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .envvars import launch_env
-
     # Megatron-Core warns about missing apex/TransformerEngine and deprecated defaults on every
     # rank; they are expected here (see docs/design.md) and drown the training log.
     warnings.filterwarnings("ignore", module=r"megatron\.core.*")
@@ -239,9 +235,7 @@ def main(argv: list[str] | None = None) -> int:
             sys.stderr.write(f"{e.usage}{PROG}: error: {e}\n")
         raise SystemExit(2) from None
     if env.launched and not args.validate_only:
-        from .lifeline import install
-
-        install()  # this rank ends within seconds of its launcher (lifeline.py)
+        install_lifeline()  # this rank ends within seconds of its launcher (lifeline.py)
     try:
         cfg = preflight(args, env, env_problems)
     except ConfigError as e:
@@ -249,8 +243,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"lss_megatron.train: error: {e}", file=sys.stderr)
         return 2
     if args.validate_only:
-        from .estimate import estimate
-
         p = cfg.parallel
         print(f"lss_megatron.train: valid: --mode {p.mode}, P = {p.world_size} = N {p.seq_parallel} "
               f"x D {p.dp}; per-rank memory estimate {estimate(cfg).describe()}")  # fmt: skip
