@@ -376,7 +376,7 @@ class TrainConfig:
     )  # fmt: skip
     memory_check: bool = _opt(
         True, "start even when the per-rank memory estimate exceeds the memory available "
-        "(estimate.py)", section=_OUT,
+        "(estimate.py)", flag="--no-memory-check", section=_OUT,
     )  # fmt: skip
 
     @property

@@ -24,7 +24,7 @@ def _nan_params_worker(rank, world, directory):
     cfg = RunConfig(model=ModelConfig(num_layers=1, hidden_size=16, num_heads=2, seq_length=8,
                                       vocab_size=32),
                     parallel=ParallelConfig(mode="lss", world_size=world, seq_parallel=world),
-                    train=TrainConfig(save=str(directory)))  # fmt: skip
+                    train=TrainConfig(save=str(directory), steps=4))  # fmt: skip
     grid = initialize_grid(cfg.parallel)
     model = build_model(cfg.model, grid, mode="lss", seed=1)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -34,7 +34,7 @@ def _nan_params_worker(rank, world, directory):
     run = SimpleNamespace(cfg=cfg, rank=rank, grid=grid, device=torch.device("cpu"), model=model,
                           stepper=SimpleNamespace(optimizer=opt), effective={"model": {}})
     try:
-        loop._save(run, 4, False)
+        loop._save(run, 4, False)  # step 4 of 4: a save step
         outcome = "saved"
     except NonFiniteLoss as e:
         outcome = str(e)

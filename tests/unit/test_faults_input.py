@@ -148,3 +148,12 @@ def test_empty_folder_names_are_refused(flag, tmp_path, monkeypatch):
 def test_finite_checks_leave_good_values_alone():
     cfg = RunConfig()
     assert cfg.validate() is cfg and math.isfinite(cfg.train.lr)
+
+
+def test_new_switches_default_to_the_safe_side():
+    """--no-memory-check and --overwrite are opt-in: by default the memory check runs and another
+    run's folders are refused."""
+    cfg = config_from_args(parse_args([]), 1)
+    assert cfg.train.memory_check is True and cfg.train.overwrite is False
+    cfg = config_from_args(parse_args(["--no-memory-check", "--overwrite"]), 1)
+    assert cfg.train.memory_check is False and cfg.train.overwrite is True
