@@ -2,7 +2,8 @@
 
 * `InputError`: a missing, empty or malformed file or folder; the message names it.
 * `cli(prog, main)`: run a command's ``main``; an `InputError` becomes ``PROG: error: MESSAGE``
-  on stderr and exit status 2.
+  on stderr and exit status 2 (an `OSError`, e.g. an output folder that cannot be written, the
+  same line and exit status 1).
 * `read_csv_table(path, required, numeric)`: a CSV as a DataFrame, or an `InputError` saying what
   is wrong with it.
 * `read_json_file(path, what)`: a JSON object, or an `InputError`; `check_run_folder(run, flag)`:
@@ -30,6 +31,9 @@ def cli(prog: str, main: Callable[[], int]) -> int:
     except InputError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # an output that cannot be written: one line too (a failure, exit 1)
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 1
 
 
 def read_csv_table(path: Path, required: Iterable[str] = (), numeric: Iterable[str] = ()):

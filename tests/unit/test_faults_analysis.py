@@ -146,3 +146,12 @@ Failures:
 ])  # fmt: skip
 def test_error_line_finds_the_runs_own_reason(stderr, want):
     assert error_line(stderr).startswith(want), error_line(stderr)
+
+
+def test_figures_into_an_unwritable_folder_is_one_line(tmp_path, capsys):
+    """An output that cannot be written (--out under a regular file) is one line, exit 1."""
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    code = figures.main([str(FIXTURE), "--out", str(blocker / "figs")])
+    err = capsys.readouterr().err
+    assert code == 1 and len(error_lines(err)) == 1 and "Traceback" not in err, err
