@@ -37,6 +37,7 @@ import time
 from pathlib import Path
 
 from . import tables
+from .inputs import InputError, cli, error_line
 from .presets import PRESETS, REPO, Plan, RunSpec, get_preset, make_plan
 from .trainer_config import run_config
 
@@ -116,7 +117,7 @@ def launch(run: RunSpec, run_dir: Path, timeout_s: float) -> dict:
     if status == "ok" and not (run_dir / "summary.json").exists():
         status, error = "failed", "exit status 0 but no summary.json: "
     if status != "ok":
-        error += _tail(run_dir / "stderr.log")
+        error += error_line(_tail(run_dir / "stderr.log", 50_000))
     return {"status": status, "error": error, "wall_s": wall}
 
 
@@ -126,8 +127,9 @@ def collect(run: RunSpec, run_dir: Path, outcome: dict | None) -> dict:
         outcome = {"status": "ok", "error": "", "wall_s": math.nan}
         if not (run_dir / "summary.json").exists():
             why = "no run folder" if not run_dir.exists() else "no summary.json"
-            outcome = {"status": "missing", "error": why + ": " + _tail(run_dir / "stderr.log"),
-                       "wall_s": math.nan}  # fmt: skip
+            stderr = _tail(run_dir / "stderr.log", 50_000)
+            outcome = {"status": "missing", "wall_s": math.nan,
+                       "error": why + (": " + error_line(stderr) if stderr else "")}  # fmt: skip
     row = dict(outcome)
     if outcome["status"] == "ok":
         try:
@@ -233,6 +235,10 @@ def run_all(plan: Plan, out: Path, timeout_s: float, progress: bool) -> dict[str
 
 
 def main(argv: list[str] | None = None) -> int:
+    return cli("analysis.compare", lambda: _main(argv))
+
+
+def _main(argv: list[str] | None) -> int:
     t0 = time.perf_counter()
     args = parse_args(argv)
     if args.list:
@@ -249,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
               "its sbatch commands with --dry-run, run them, then build the table with --collect",
               file=sys.stderr)  # fmt: skip
         return 2
+    if args.collect and not (out / "runs").is_dir():
+        raise InputError(f"--collect {out}: no runs/ folder there (nothing was launched into it)")
     out.mkdir(parents=True, exist_ok=True)
     _write_plan(plan, out)
     outcomes = None

@@ -32,6 +32,10 @@ from .tables import config_from_row, load_costmodel, read_summary
 
 MAX_SEQ_LENGTH = 1 << 24
 """Upper end of the longest-sequence search (tokens)."""
+NUMERIC = ("seq_length", "world_size", "seq_parallel", "data_parallel", "step_time_s",
+           "tokens_per_s", "model_flops_per_step", "activation_bytes", "param_bytes", "grad_bytes",
+           "optimizer_state_bytes", "peak_mem_bytes")  # fmt: skip
+"""The columns every figure reads (besides run_id, status and mode)."""
 
 
 def _ok(df: pd.DataFrame) -> pd.DataFrame:
@@ -483,6 +487,12 @@ def make_figures(
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .inputs import cli
+
+    return cli("analysis.figures", lambda: _main(argv))
+
+
+def _main(argv: list[str] | None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m analysis.figures", description=__doc__.split("\n")[0]
     )
@@ -494,7 +504,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--source", choices=("auto", "measured", "costmodel"), default="auto",
                    help="longest-sequence memory model (auto: cost model if present)")  # fmt: skip
     args = p.parse_args(argv)
-    df = read_summary(args.dir)
+    df = read_summary(args.dir, ("mode", *NUMERIC), NUMERIC)
+    if not (df["status"] == "ok").any():
+        from analysis.inputs import InputError
+
+        raise InputError(f"{args.dir}: no run with status ok in the table, nothing to plot")
     base = Path(args.dir)
     out = Path(args.out) if args.out else (base if base.is_dir() else base.parent) / "figures"
     budget = args.budget_gib * 2**30 if args.budget_gib is not None else None

@@ -255,12 +255,19 @@ def write_summary(df: pd.DataFrame, path: Path | str) -> Path:
     return path
 
 
-def read_summary(path: Path | str) -> pd.DataFrame:
-    """summary.csv (or a folder holding it) as a DataFrame."""
+def read_summary(path: Path | str, required=(), numeric=()) -> pd.DataFrame:
+    """summary.csv (or a folder holding it) as a DataFrame; `analysis.inputs.InputError` when it
+    is missing, empty or malformed (lacks a `required` column, text in a `numeric` one)."""
+    from .inputs import InputError, read_csv_table
+
     path = Path(path)
     if path.is_dir():
+        if not (path / "summary.csv").exists():
+            raise InputError(f"{path}: no summary.csv here (python -m analysis.compare writes it)")
         path = path / "summary.csv"
-    df = pd.read_csv(path, keep_default_na=True)
+    elif not path.exists():
+        raise InputError(f"{path}: no such file or folder")
+    df = read_csv_table(path, ("run_id", "status", *required), numeric)
     if "error" in df:
         df["error"] = df["error"].fillna("").astype(str)
     return df

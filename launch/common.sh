@@ -6,6 +6,7 @@
 #                  else the repository's ./.venv (launch/setup_env.sh), else python3 on PATH
 #   lss_free_port  a TCP port that was free on this host a moment ago
 #   lss_die        print "SCRIPT: error: MESSAGE" to stderr and exit 2
+#   lss_validate   run the trainer's --validate-only once for the whole job (before any rank)
 
 LSS_ROOT="${LSS_ROOT:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}"
 
@@ -32,6 +33,17 @@ lss_free_port() {
 lss_die() {
   echo "$(basename "$0"): error: $*" >&2
   exit 2
+}
+
+# lss_validate PY P LOCAL TRAINER_ARGS...: check the trainer's configuration, folders and memory
+# estimate once, here, for P processes (LOCAL of them on this host), before any rank starts, so a
+# bad configuration is one message and exit status 2 instead of one per rank. Its summary line
+# goes to stderr beside the launch command.
+lss_validate() {
+  local py="$1" world="$2" local_ranks="$3"
+  shift 3
+  WORLD_SIZE="$world" RANK=0 LOCAL_RANK=0 LOCAL_WORLD_SIZE="$local_ranks" \
+    "$py" -m lss_megatron.train --validate-only "$@" >&2
 }
 
 # make `python -m lss_megatron.train` importable from any working directory, installed or not

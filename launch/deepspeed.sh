@@ -34,6 +34,8 @@
 #                       underscores, values after `=`): passed through unchanged, e.g.
 #                       --bind_cores_to_rank, --launcher=openmpi, --enable_each_rank_log=logs.
 #
+# On one node, with --num-gpus or --include HOST:SLOTS, the trainer checks the configuration once
+# (--validate-only) before any rank starts: a bad one is one message and exit status 2.
 # Environment: OMP_NUM_THREADS defaults to 1 (DeepSpeed sets none, unlike torchrun, unless
 # --bind_cores_to_rank); PYTHON picks the interpreter (default: active venv, else ./.venv, else
 # python3), which must have deepspeed installed. DeepSpeed passes --local_rank=I to every process;
@@ -120,4 +122,16 @@ cmd+=("${passthrough[@]}" --module lss_megatron.train "$@")
 [ "$dry_run" = 0 ] || exit 0
 "$PY" -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec("deepspeed") is None)' ||
   lss_die "$PY has no deepspeed: run launch/setup_env.sh, or set PYTHON to a Python that has it"
+# validate once before any rank starts, where this host knows the world size (single node)
+world=""
+if [ "$multi_node" = 0 ] && [ -z "$exclude" ]; then
+  if [ -n "$include" ] && [[ "$include" != *@* ]] && [[ "$include" == *:* ]]; then
+    world="$(printf '%s\n' "${include#*:}" | tr ',' '\n' | grep -c .)"
+  elif [ -z "$include" ] && [ -n "$num_gpus" ]; then
+    world="$num_gpus"
+  fi
+fi
+if [ -n "$world" ]; then
+  lss_validate "$PY" "$world" "$world" "$@" || exit $?
+fi
 exec "${cmd[@]}"

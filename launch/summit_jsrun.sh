@@ -74,6 +74,12 @@ echo "summit_jsrun.sh: job ${LSB_JOBID:-?}, $NODES nodes x $GPUS_PER_NODE GPUs,"
   "MASTER_ADDR=$MASTER_ADDR MASTER_PORT=$MASTER_PORT, CONFIG=$CONFIG" >&2
 
 # shellcheck disable=SC2086  # EXTRA_ARGS is a list of words
+# The configuration is checked once, here, before any rank starts (exit 2, one message). Memory is
+# checked by each rank on its compute node (this is the launch node).
+# shellcheck disable=SC2086
+lss_validate "$PY" "$((NODES * GPUS_PER_NODE))" "$GPUS_PER_NODE" --config "$CONFIG" \
+  ${EXTRA_ARGS:-} "$@" --no-memory-check || exit $?
+
 jsrun --smpiargs="-disable_gpu_hooks" \
   -n "$NODES" -r 1 -a "$GPUS_PER_NODE" -g "$GPUS_PER_NODE" -c "$CORES_PER_NODE" \
   -b "packed:$OMP_NUM_THREADS" -d packed \

@@ -19,12 +19,13 @@
 #                           c10d rendezvous, torchrun numbers the nodes itself.
 #   --rdzv-endpoint H:PORT  node 0's address and a port free there.
 #   --rdzv-id ID            job id shared by the nodes (c10d only; default lss-megatron).
-#   --dry-run               print the command, run nothing.
+#   --dry-run               print the command, run nothing (no validation either).
 #   -h, --help              this text.
 #   --other-option[=V]      any other torchrun option (e.g. --max-restarts=0, --log-dir=logs),
 #                           values after `=`: passed through unchanged.
 #
-# One node uses `--standalone`: torchrun picks a free port itself, so concurrent launches do not
+# Before starting ranks the trainer checks the configuration once (--validate-only, exit 2 and
+# one message when it is bad). One node uses `--standalone`: torchrun picks a free port itself, so concurrent launches do not
 # collide. torchrun sets OMP_NUM_THREADS=1 when it is unset. PYTHON picks the interpreter
 # (default: active venv, else ./.venv, else python3). Ranks are contiguous per node, so the N
 # ranks of a sequence group (consecutive ranks) stay inside a node when N divides P.
@@ -89,4 +90,5 @@ cmd+=("${passthrough[@]}" -m lss_megatron.train "$@")
   printf '\n'
 } >&2
 [ "$dry_run" = 0 ] || exit 0
+lss_validate "$PY" "$((nproc * nnodes))" "$nproc" "$@" || exit $?
 exec "${cmd[@]}"

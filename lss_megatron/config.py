@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -35,6 +36,9 @@ LR_SCHEDULES = ("constant", "cosine")
 ZERO_STAGES = (0, 1, 2)
 PROGRESS = ("auto", "on", "off")
 FAULT_KINDS = ("crash", "hang", "nan")
+MAX_SEED = 2**32 - 1
+"""Seeds feed numpy's and torch's generators; numpy's take 32-bit values."""
+MAX_DIST_TIMEOUT_S = 7 * 24 * 3600.0
 
 
 class ConfigError(ValueError):
@@ -301,8 +305,9 @@ class ParallelConfig:
             p.append(f"--kv-gather-chunks must be >= 1, got {self.kv_gather_chunks}")
         elif self.kv_gather_chunks > 1 and self.mode != "lss":
             p.append(f"--kv-gather-chunks applies to --mode lss only, not {self.mode}")
-        if self.dist_timeout_s <= 0:
-            p.append(f"--dist-timeout must be > 0 seconds, got {self.dist_timeout_s}")
+        if not 0 < self.dist_timeout_s <= MAX_DIST_TIMEOUT_S:  # NaN fails too
+            p.append(f"--dist-timeout must be in (0, {MAX_DIST_TIMEOUT_S:g}] seconds (one week), "
+                     f"got {self.dist_timeout_s}")  # fmt: skip
         return p
 
 
@@ -392,6 +397,17 @@ class TrainConfig:
         None, "also write TensorBoard event files (the metrics.jsonl scalars) here (rank 0)",
         metavar="DIR", section=_OUT,
     )  # fmt: skip
+    max_consecutive_skips: int = _opt(
+        3, "with --skip-nonfinite: stop (exit 3) after K skipped steps in a row", metavar="K"
+    )
+    overwrite: bool = _opt(
+        False, "replace another run's outputs in --out and its checkpoints in --save (runs.py)",
+        section=_OUT,
+    )  # fmt: skip
+    memory_check: bool = _opt(
+        True, "start even when the per-rank memory estimate exceeds the memory available "
+        "(estimate.py)", flag="--no-memory-check", section=_OUT,
+    )  # fmt: skip
 
     @property
     def final_lr(self) -> float:
@@ -421,8 +437,17 @@ class TrainConfig:
                 p.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.micro_batch_size is not None and self.micro_batch_size < 1:
             p.append(f"--micro-batch-size must be >= 1, got {self.micro_batch_size}")
-        if self.lr <= 0:
-            p.append(f"--lr must be > 0, got {self.lr}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            p.append(f"--lr must be a finite number > 0, got {self.lr}")
+        finite = ("weight_decay", "clip_grad") + (("min_lr",) if self.min_lr is not None else ())
+        for name in finite:
+            if not math.isfinite(getattr(self, name)):
+                p.append(f"--{name.replace('_', '-')} must be finite, got {getattr(self, name)}")
+        if not 0 <= self.seed <= MAX_SEED:
+            p.append(f"--seed must be in [0, 2**32 - 1], got {self.seed}")
+        for name in ("log_interval", "max_consecutive_skips"):
+            if getattr(self, name) < 1:
+                p.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         for flag, value, allowed in (("--optimizer", self.optimizer, OPTIMIZERS),
                                      ("--dtype", self.dtype, DTYPES),
                                      ("--data", self.data, DATASETS),
@@ -440,7 +465,9 @@ class TrainConfig:
         p = self._value_problems()
         if self.warmup_steps >= max(self.steps, 1) and self.warmup_steps > 0:
             p.append(f"--warmup-steps {self.warmup_steps} must be < --steps {self.steps}")
-        if self.min_lr is not None and not 0 <= self.min_lr <= self.lr:
+        if self.min_lr is not None and math.isfinite(self.min_lr) and not (
+            0 <= self.min_lr <= self.lr
+        ):
             p.append(f"--min-lr {self.min_lr} must be in [0, --lr {self.lr}]")
         if self.stop_after is not None and not 1 <= self.stop_after <= self.steps:
             p.append(f"--stop-after {self.stop_after} must be in [1, --steps {self.steps}]")

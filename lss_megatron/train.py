@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import sys
 import typing
 import warnings
@@ -27,12 +26,17 @@ from pathlib import Path
 import yaml
 
 from .config import ConfigError, ModelConfig, ParallelConfig, RunConfig, TrainConfig
+from .envvars import launch_env
+from .estimate import estimate, memory_problems
+from .lifeline import install as install_lifeline
 from .log import setup_logging
+from .runs import plan
+from .strict_yaml import check_value
 
 PROG = "python -m lss_megatron.train"
 SECTIONS = {ParallelConfig: "parallel layout", ModelConfig: "model", TrainConfig: "training"}
 """Each config class and the --help section of its options (a field's metadata may move one)."""
-_NOT_PRESET_KEYS = ("config", "help", "local_rank")
+_NOT_PRESET_KEYS = ("config", "help", "local_rank", "validate_only")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,6 +111,11 @@ def build_parser(*, exit_on_error: bool = True) -> argparse.ArgumentParser:
         if section not in groups:
             groups[section] = p.add_argument_group(section)
         opt.add_to(groups[section])
+    p.add_argument(
+        "--validate-only",
+        action="store_true",
+        help="check the configuration, folders and memory estimate, then exit (0: it would run)",
+    )
     # the DeepSpeed launcher passes --local_rank=i; LOCAL_RANK in the environment says the same
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return p
@@ -140,7 +149,8 @@ def parse_args(argv: list[str] | None = None, *, exit_on_error: bool = True) -> 
 
 
 def load_yaml_preset(path: str, parser: argparse.ArgumentParser) -> dict:
-    """Read a YAML preset into argparse defaults; unknown keys and bad values are errors."""
+    """Read a YAML preset into argparse defaults; unknown keys and ill-typed values are errors
+    (strict_yaml.py: no coercion), all reported in one message."""
     try:
         data = yaml.safe_load(Path(path).read_text()) or {}
     except FileNotFoundError:
@@ -150,20 +160,20 @@ def load_yaml_preset(path: str, parser: argparse.ArgumentParser) -> dict:
     if not isinstance(data, dict):
         parser.error(f"--config {path}: expected a mapping of flag names to values")
     actions = {a.dest: a for a in parser._actions}
-    out, unknown = {}, []
+    out, unknown, bad = {}, [], []
     for key, value in data.items():
         dest = str(key).lstrip("-").replace("-", "_")
         if dest not in actions or dest in _NOT_PRESET_KEYS:
             unknown.append(str(key))
             continue
-        action = actions[dest]
-        if action.type is not None and value is not None and not isinstance(value, bool):
-            value = action.type(value)
-        if action.choices is not None and value not in action.choices:
-            parser.error(f"--config {path}: {key}: {value!r} is not one of {list(action.choices)}")
+        value, problem = check_value(str(key), value, actions[dest])
+        if problem:
+            bad.append(problem)
         out[dest] = value
     if unknown:
-        parser.error(f"--config {path}: unknown keys {unknown}")
+        bad.insert(0, f"unknown keys {unknown}")
+    if bad:
+        parser.error(f"--config {path}: " + "; ".join(bad))
     return out
 
 
@@ -189,25 +199,58 @@ def config_from_argv(argv: list[str], world_size: int) -> RunConfig:
     return config_from_args(parse_args(argv, exit_on_error=False), world_size).validate()
 
 
+def preflight(args: argparse.Namespace, env=None, env_problems=()) -> RunConfig:
+    """Everything checked before any process group exists, read-only: the launcher's environment,
+    the configuration, the folders (runs.py) and the per-rank memory estimate (estimate.py).
+    Raises one `ConfigError` listing every problem; returns the validated configuration."""
+    if env is None:
+        env, env_problems = launch_env()
+    if env_problems:
+        raise ConfigError("invalid launch environment:\n  - " + "\n  - ".join(env_problems))
+    cfg = config_from_args(args, env.world_size)
+    try:
+        cfg.validate()
+        problems = []
+    except ConfigError as e:  # "invalid configuration:" and one "  - problem" line each
+        problems = [x.strip()[2:] for x in str(e).splitlines()[1:]]
+    problems += plan(cfg.train).problems  # folders: independent of the rest
+    if not problems and cfg.train.memory_check:
+        problems += memory_problems(cfg, env.local_rank, env.local_world_size)
+    if problems:
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+    return cfg
+
+
 def main(argv: list[str] | None = None) -> int:
     # Megatron-Core warns about missing apex/TransformerEngine and deprecated defaults on every
     # rank; they are expected here (see docs/design.md) and drown the training log.
     warnings.filterwarnings("ignore", module=r"megatron\.core.*")
     warnings.filterwarnings("ignore", category=FutureWarning)
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
+    env, env_problems = launch_env()
+    speaks = env.rank == 0  # bad input is the same on every rank: one of them says so (exit 2)
     try:
-        cfg = config_from_argv(sys.argv[1:] if argv is None else argv, world_size)
+        args = parse_args(sys.argv[1:] if argv is None else argv, exit_on_error=False)
     except ArgsError as e:  # as argparse itself: usage, the message, exit status 2
-        sys.stderr.write(f"{e.usage}{PROG}: error: {e}\n")
+        if speaks:
+            sys.stderr.write(f"{e.usage}{PROG}: error: {e}\n")
         raise SystemExit(2) from None
+    if env.launched and not args.validate_only:
+        install_lifeline()  # this rank ends within seconds of its launcher (lifeline.py)
+    try:
+        cfg = preflight(args, env, env_problems)
     except ConfigError as e:
-        print(f"lss_megatron.train: error: {e}", file=sys.stderr)
+        if speaks:
+            print(f"lss_megatron.train: error: {e}", file=sys.stderr)
         return 2
+    if args.validate_only:
+        p = cfg.parallel
+        print(f"lss_megatron.train: valid: --mode {p.mode}, P = {p.world_size} = N {p.seq_parallel} "
+              f"x D {p.dp}; per-rank memory estimate {estimate(cfg).describe()}")  # fmt: skip
+        return 0
     from .training.loop import run  # torch and Megatron load only once the config is valid
 
-    setup_logging(rank)
-    return run(cfg, rank).exit_code
+    setup_logging(env.rank)
+    return run(cfg, env.rank).exit_code
 
 
 if __name__ == "__main__":

@@ -9,6 +9,9 @@
 * `torchrun_train(nproc, args)` runs `python -m lss_megatron.train` under torchrun on CPU
   processes; `read_metrics(out)` reads the run's metrics.jsonl; `clean_env`, `run_cmd` and `ok`
   run launcher scripts without the caller's rendezvous or scheduler variables.
+* the faults tier: `TINY` (a one-process run of seconds), `train(args)` (it, as a subprocess),
+  `snapshot(folder)` (hashes of every file, to show a refused run changed nothing) and
+  `error_lines(stderr)`.
 * `attention_inputs` / `reference_attention`: float64 full-sequence attention with autograd, the
   reference of every distributed attention test.
 * `model_worker` / `check_model`: one forward/backward step and gradient averaging of the GPT
@@ -124,7 +127,8 @@ def read_metrics(out) -> list[dict]:
 
 
 # --- launcher scripts ----------------------------------------------------------------------------
-DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT")
+DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT",
+             "LOCAL_WORLD_SIZE", "TORCHELASTIC_RUN_ID", "GROUP_RANK")  # fmt: skip
 SCHED_PREFIXES = ("SLURM_", "OMPI_", "JSM_", "PMIX_", "PMI_", "LSB_", "LS_SUBCWD", "LSS_")
 
 
@@ -154,6 +158,35 @@ def ok(res):
     """`res`, after asserting it exited 0 (the message shows the ends of its output)."""
     assert res.returncode == 0, f"rc {res.returncode}\n{res.stdout[-2000:]}\n{res.stderr[-4000:]}"
     return res
+
+
+# --- the faults tier (test_faults_*.py): a user's runs, folders compared byte for byte ------------
+TINY = ("--mode serial --num-layers 1 --hidden-size 32 --num-heads 2 --seq-length 32 "
+        "--global-batch-size 2 --vocab-size 64 --steps 2 --dist-timeout 60").split()  # fmt: skip
+"""A one-process run of a few seconds."""
+
+
+def train(args, timeout: float = 180, env: dict | None = None):
+    """`python -m lss_megatron.train ARGS` in one process (no launcher), in `clean_env()`."""
+    import sys
+
+    return run_cmd([sys.executable, "-m", "lss_megatron.train", *args], timeout, env=env)
+
+
+def snapshot(folder) -> dict[str, str]:
+    """sha256 of every file under `folder`, by relative path (folders as entries too)."""
+    import hashlib
+
+    out = {}
+    for p in sorted(Path(folder).rglob("*")):
+        rel = str(p.relative_to(folder))
+        out[rel] = hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "<dir>"
+    return out
+
+
+def error_lines(stderr: str) -> list[str]:
+    """The lines that report an error (the trainer's and the analysis commands' `error:`)."""
+    return [x for x in stderr.splitlines() if "error:" in x or "Traceback" in x]
 
 
 # --- single-process attention reference ----------------------------------------------------------

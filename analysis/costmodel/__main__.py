@@ -5,7 +5,8 @@
     python -m analysis.costmodel --run runs/latest          # a finished run: predicted vs counted
     python -m analysis.costmodel --config runs/x/config.json --device h200
 
-Bad input (a layout the trainer would refuse, a missing file) is one error line and exit code 2.
+Bad input (a layout the trainer would refuse, a missing, empty or malformed file or run folder)
+is one error line and exit code 2.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 
 from lss_megatron.config import ConfigError
 
+from ..inputs import InputError, check_run_folder, read_json_file
 from . import DEVICES, compare_run, predict
 from .paper import print_report, summit_layout, summit_paper
 
@@ -80,9 +82,21 @@ def _run(args: argparse.Namespace) -> tuple[object, Callable[[object], None]]:
     if args.preset:
         return summit_paper(), print_report
     if args.run:
-        return compare_run(args.run), _print_comparison
-    config = json.loads(Path(args.config).read_text())
-    return predict(config, device=args.device), _print_prediction
+        check_run_folder(Path(args.run), "--run")
+        return _usable(lambda: compare_run(args.run), f"--run {args.run}"), _print_comparison
+    config = read_json_file(Path(args.config), "--config: a trainer config.json")
+    return (_usable(lambda: predict(config, device=args.device), f"--config {args.config}"),
+            _print_prediction)  # fmt: skip
+
+
+def _usable(fn: Callable[[], object], where: str):
+    """`fn()`, with a config that lacks what the model needs reported as bad input."""
+    try:
+        return fn()
+    except ConfigError:
+        raise
+    except (KeyError, TypeError, ValueError) as e:
+        raise InputError(f"{where}: not a usable trainer config ({type(e).__name__}: {e})") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         result, show = _run(args)
-    except (ConfigError, OSError, json.JSONDecodeError) as e:
+    except (ConfigError, InputError, OSError, json.JSONDecodeError) as e:
         p.error(str(e))
     if args.json:
         print(json.dumps(result, indent=2, default=str))

@@ -282,10 +282,11 @@ class Enwik8:
         return out
 
 
-def download(folder: str | os.PathLike, url: str = ENWIK8_URL) -> Path:
-    """Download ``enwik8.zip`` into `folder` (to a ``.part`` file, renamed once its member checks
-    out); return its path. Does nothing when a good ``enwik8.zip`` is already there."""
-    import urllib.request
+def download(folder: str | os.PathLike, url: str = ENWIK8_URL, timeout_s: float = 60.0) -> Path:
+    """Download ``enwik8.zip`` into `folder` (to a ``.part`` file, renamed once complete and its
+    member checks out; removed on any failure, data/fetch.py); return its path. Does nothing when
+    a good ``enwik8.zip`` is already there. `timeout_s`: the longest wait for the server."""
+    from .fetch import fetch
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -293,14 +294,8 @@ def download(folder: str | os.PathLike, url: str = ENWIK8_URL) -> Path:
     if target.exists() and not enwik8_file_problems(target):
         log.info("%s already present", target)
         return target
-    part = folder / "enwik8.zip.part"
     log.info("downloading %s to %s", url, target)
-    urllib.request.urlretrieve(url, part)
-    problems = enwik8_file_problems(part)
-    if problems:
-        raise DataError(f"download from {url} is not enwik8: {problems[0]}")
-    os.replace(part, target)
-    return target
+    return fetch(url, target, timeout_s, check=enwik8_file_problems)  # via enwik8.zip.part
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -311,11 +306,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--download", metavar="DIR", required=True, help="folder for enwik8.zip")
     p.add_argument("--url", default=ENWIK8_URL)
+    p.add_argument("--timeout", type=float, default=60.0, metavar="S",
+                   help="give up when the server sends nothing for S seconds (default 60)")
     p.add_argument("--extract", action="store_true", help="also extract the raw file next to it")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        path = download(args.download, args.url)
+        path = download(args.download, args.url, args.timeout)
         if args.extract:
             path = extract_zip(path)
     except (DataError, OSError) as e:

@@ -15,25 +15,31 @@ Layout on disk (``--save DIR``)::
 
 Writes are atomic: rank 0 writes into a temporary folder, fsyncs, renames it into place, then
 replaces ``latest``. A crash during a save leaves the previous checkpoint, and ``latest``
-pointing at it, intact. Loading takes ``latest`` or, if that is missing or stale, the newest
-``step_*`` folder with a ``meta.json``. The data position is the step: batches are a pure function
-of (seed, step, sample index).
+pointing at it, intact; a failed write (a full disk) is one `CheckpointWriteError` on every rank
+naming the folder and its free space. Loading trusts ``latest`` when it names a complete
+checkpoint, else falls back to the newest complete ``step_*`` folder and says so (runs.py, which
+also records which run owns the folder). The data position is the step: batches are a pure
+function of (seed, step, sample index).
 
 Every rank must be able to read DIR when loading (a shared file system on clusters).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
 
 import torch
 
+from ..parallel import comm
 from ..parallel.grid import Grid
 from ..parallel.params import to_full, to_local
+from ..runs import latest_checkpoint
 
 FORMAT_VERSION = 1
 MODEL_KEYS = ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "ffn_hidden_size",
@@ -42,6 +48,10 @@ MODEL_KEYS = ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "ffn_hid
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used for this run (missing, corrupt or another model)."""
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint that could not be written (disk full, unwritable); the same on every rank."""
 
 
 # --- canonical <-> local tensors (`parallel.params`) -------------------------------------------
@@ -72,17 +82,27 @@ def save_checkpoint(
                 (v.detach().cpu().clone() if torch.is_tensor(v) else v))
             for k, v in sorted(st.items())
         }  # fmt: skip
-    if grid.rank != 0:
-        return None
-    directory = Path(directory)
+    error, final = None, None
+    if grid.rank == 0:
+        state = {"model": model_state, "optimizer": optim_state, "torch_rng": torch.get_rng_state()}
+        meta = {"format_version": FORMAT_VERSION, "step": step, "config": config}
+        try:
+            final = _write_atomically(Path(directory), f"step_{step:08d}", state, meta)
+        except OSError as e:
+            error = _write_failure(Path(directory), step, e)
+    error = comm.all_gather_object(error, None)[0]  # rank 0's outcome, on every rank
+    if error is not None:
+        raise CheckpointWriteError(error)
+    return final
+
+
+def _write_atomically(directory: Path, name: str, state: dict, meta: dict) -> Path:
+    """Write ``directory/name`` through a temporary folder, then point ``latest`` at it."""
     directory.mkdir(parents=True, exist_ok=True)
-    name = f"step_{step:08d}"
     final = directory / name
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=directory))
     try:
-        state = {"model": model_state, "optimizer": optim_state, "torch_rng": torch.get_rng_state()}
         _write_synced(tmp / "state.pt", lambda f: torch.save(state, f))
-        meta = {"format_version": FORMAT_VERSION, "step": step, "config": config}
         _write_synced(tmp / "meta.json", lambda f: f.write(json.dumps(meta, indent=2).encode()))
         _fsync_dir(tmp)
         if final.exists():  # re-saving a step: move the old one aside first
@@ -99,7 +119,20 @@ def save_checkpoint(
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+        (directory / ".latest.tmp").unlink(missing_ok=True)
     return final
+
+
+def _write_failure(directory: Path, step: int, e: OSError) -> str:
+    """One line: what was not written, where, why, the free space, what is still there."""
+    try:
+        free = f"{shutil.disk_usage(directory).free / 2**20:,.1f} MiB free"
+    except OSError:
+        free = "free space unknown"
+    why = "no space left" if e.errno in (errno.ENOSPC, errno.EDQUOT) else (e.strerror or str(e))
+    kept, _ = latest_checkpoint(directory) if directory.is_dir() else (None, "")
+    still = f"the previous checkpoint {kept.name} is intact" if kept else "no earlier checkpoint"
+    return f"checkpoint step {step} not written to {directory}: {why} ({free}); {still}"
 
 
 def _write_synced(path: Path, write) -> None:
@@ -119,36 +152,19 @@ def _fsync_dir(path: Path) -> None:
 
 # --- load --------------------------------------------------------------------------------------
 def find_latest(directory: str | Path) -> Path | None:
-    """The newest complete checkpoint in `directory` (or `directory` itself when it is one, e.g.
-    ``DIR/step_00000010``), or None when there is none."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        return None
-    if (directory / "meta.json").is_file() and (directory / "state.pt").is_file():
-        return directory
-    latest = directory / "latest"
-    if latest.is_file():
-        cand = directory / latest.read_text().strip()
-        if (cand / "meta.json").is_file() and (cand / "state.pt").is_file():
-            newer = _complete(directory)
-            if not newer or newer[-1] == cand:
-                return cand
-    done = _complete(directory)
-    return done[-1] if done else None
-
-
-def _complete(directory: Path) -> list[Path]:
-    return sorted(
-        d for d in directory.glob("step_*")
-        if (d / "meta.json").is_file() and (d / "state.pt").is_file()
-    )  # fmt: skip
+    """The checkpoint ``--load directory`` resumes from: the one ``latest`` names when complete,
+    else the newest complete one (`runs.latest_checkpoint`, which also says why), or None."""
+    return latest_checkpoint(directory)[0]
 
 
 def read_meta(path: Path) -> dict:
     try:
-        return json.loads((path / "meta.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        meta = json.loads((path / "meta.json").read_text())
+    except (OSError, ValueError) as e:
         raise CheckpointError(f"checkpoint {path}: unreadable meta.json: {e}") from e
+    if not isinstance(meta, dict) or not isinstance(meta.get("step"), int):
+        raise CheckpointError(f"checkpoint {path}: meta.json has no integer 'step'")
+    return meta
 
 
 def check_compatible(meta: dict, model_config: dict, path: Path) -> None:
@@ -167,7 +183,9 @@ def load_checkpoint(path: Path, model, optimizer, grid: Grid) -> int:
     try:
         state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure is a corrupt checkpoint
-        raise CheckpointError(f"checkpoint {path}: cannot read state.pt: {e}") from e
+        raise CheckpointError(f"checkpoint {path}: cannot read state.pt: it is corrupt, truncated "
+                              f"or not a checkpoint ({_load_failure(e)})") from None  # fmt: skip
+    _check_structure(state, path)
     params = dict(model.named_parameters())
     missing = sorted(set(params) - set(state["model"]))
     extra = sorted(set(state["model"]) - set(params))
@@ -188,3 +206,25 @@ def load_checkpoint(path: Path, model, optimizer, grid: Grid) -> int:
             }  # fmt: skip
     torch.set_rng_state(state["torch_rng"])
     return int(read_meta(path)["step"])
+
+
+def _load_failure(e: Exception) -> str:
+    """torch.load's reason in a few words, without its advice to retry with weights_only=False
+    (unsafe, and never the remedy for a damaged checkpoint)."""
+    text = str(e)
+    m = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\n\s*\n|\. Please|$)", text, re.S)
+    reason = m.group(1) if m else re.split(r"\.\s", text, maxsplit=1)[0]
+    return " ".join(reason.split())[:200] or type(e).__name__
+
+
+def _check_structure(state, path: Path) -> None:
+    """A loadable torch file that is not one of ours is a clear error, not a KeyError."""
+    want = {"model": dict, "optimizer": dict, "torch_rng": torch.Tensor}
+    if not isinstance(state, dict):
+        got = type(state).__name__
+    else:
+        bad = [k for k, kind in want.items() if not isinstance(state.get(k), kind)]
+        got = f"missing or wrong {bad}" if bad else ""
+    if got:
+        raise CheckpointError(f"checkpoint {path}: state.pt is a valid torch file but not an "
+                              f"lss_megatron checkpoint ({got}; expected {sorted(want)})")  # fmt: skip

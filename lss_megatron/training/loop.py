@@ -6,10 +6,12 @@ and save -> finish (replica check, summary). The optimizer step is a `Stepper` (
 trainer's own (double gradient averaging, global-norm clipping, a torch optimizer) or, with
 ``--zero-stage 1|2``, DeepSpeed's ZeRO engine (zero.py); everything else is the same.
 
-Exit codes: 0 done; 1 a failure (exception, collective timeout, a dead peer); 2 a checkpoint that
-cannot be used, or a GPU that several ranks would share (devices.py); 3 a non-finite loss (without
-``--skip-nonfinite``). Every rank takes the same
-decision on a non-finite loss because the loss it tests is the all-reduced global loss.
+Exit codes: 0 done; 1 a failure (exception, collective timeout, a dead peer, a checkpoint that
+could not be written); 2 a checkpoint that cannot be used, a GPU that several ranks would share
+(devices.py), or a folder another run took since the up-front check; 3 a non-finite loss (without
+``--skip-nonfinite``, or ``--max-consecutive-skips`` skipped steps in a row, or non-finite
+parameters at a save). Every rank takes the same decision on a non-finite loss because the loss it
+tests is the all-reduced global loss (docs/reliability.md).
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -30,15 +31,17 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from ..config import RunConfig
+from ..envvars import omp_threads
 from ..log import get_logger
 from ..model import build_model
 from ..parallel import comm
 from ..parallel.grid import Grid, destroy_grid, initialize_grid
+from ..runs import RunFolderError, claim, latest_checkpoint
 from . import faults
 from .checkpoint import (
     CheckpointError,
+    CheckpointWriteError,
     check_compatible,
-    find_latest,
     load_checkpoint,
     read_meta,
     save_checkpoint,
@@ -53,6 +56,7 @@ from .metrics import (
     runtime_info,
     step_time_summary,
 )
+from .nonfinite import NonFiniteLoss, SkipGuard, nonfinite_parameters
 from .optim import lr_at, set_lr
 from .replicas import check_replicas
 from .step import evaluate, global_mean_loss, step_micro_batches
@@ -61,10 +65,6 @@ from .tracking import Tracker
 from .zero import ZeroEngine
 
 log = get_logger("train")
-
-
-class NonFiniteLoss(RuntimeError):
-    pass
 
 
 @dataclass
@@ -122,9 +122,8 @@ def init_distributed(cfg: RunConfig, rank: int) -> None:
         dist.init_process_group(
             backend, rank=rank, world_size=cfg.parallel.world_size, timeout=timeout
         )
-    elif cfg.parallel.world_size == 1:  # plain `python -m lss_megatron.train`
-        store = Path(tempfile.mkdtemp(prefix="lss_store_")) / "store"
-        dist.init_process_group(backend, init_method=f"file://{store}", rank=0, world_size=1,
+    elif cfg.parallel.world_size == 1:  # plain `python -m lss_megatron.train`: in-memory store
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
                                 timeout=timeout)  # fmt: skip
     else:
         raise RuntimeError("WORLD_SIZE > 1 but no MASTER_ADDR: launch with torchrun or deepspeed")
@@ -166,16 +165,21 @@ class _Progress:
 
 def run(cfg: RunConfig, rank: int) -> RunResult:
     """Train per `cfg`; returns the result on every rank (exit code, losses by step)."""
-    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+    torch.set_num_threads(omp_threads())
     owns_process_group = not dist.is_initialized()
     result = RunResult()
     try:
         if owns_process_group:
             init_distributed(cfg, rank)
         _train(cfg, rank, result)
-    except NonFiniteLoss as e:
-        log.error("%s", e)
+    except NonFiniteLoss as e:  # decided on global values: the same on every rank, said once
+        if rank == 0:
+            log.error("%s", e)
         result.exit_code = 3
+    except (CheckpointWriteError, RunFolderError) as e:  # decided on rank 0, shared: said once
+        if rank == 0:
+            log.error("%s", e)
+        result.exit_code = 1 if isinstance(e, CheckpointWriteError) else 2
     except (CheckpointError, DeviceError) as e:
         log.error("%s", e)
         result.exit_code = 2
@@ -196,13 +200,15 @@ def _train(cfg: RunConfig, rank: int, result: RunResult) -> None:
     tracker = Tracker(r.out, rank=rank, steps=t.steps, global_batch=t.global_batch_size,
                       log_interval=t.log_interval, tensorboard_dir=t.tensorboard_dir,
                       start=r.start, device_type=r.device.type)  # fmt: skip
+    skips = SkipGuard(cfg.train.max_consecutive_skips)
     try:
         for step in range(r.start + 1, r.last + 1):
             rec, transient = _train_step(r, step, result)
+            skips.record(step, rec["skipped"])  # stops the run after too many skips in a row
             rec.update(_measure(r, transient))
             rec.update(_evaluate(r, step, result))
             _record(r, rec, progress, tracker)
-            _save(r, step)
+            _save(r, step, rec["skipped"])
     finally:
         progress.close()
         tracker.close()
@@ -224,6 +230,7 @@ def _set_up(cfg: RunConfig, rank: int) -> _Run:
     effective = cfg.to_dict()
     start = _resume(cfg, model, stepper.optimizer, grid, effective) if t.load else 0
     r = _Run(cfg, rank, grid, device, model, stepper, effective, start)
+    effective["run_id"] = _claim_folders(r)  # before anything is written
     if rank == 0:
         _open_outputs(r)
     log.info("run: %s, %s", grid, cfg.model)
@@ -233,15 +240,36 @@ def _set_up(cfg: RunConfig, rank: int) -> _Run:
 def _resume(cfg: RunConfig, model, optimizer, grid: Grid, effective: dict) -> int:
     """Load the newest checkpoint of ``--load``; returns its step."""
     t = cfg.train
-    path = find_latest(t.load)
+    path, note = latest_checkpoint(t.load)
     if path is None:
         raise CheckpointError(f"--load {t.load}: no complete checkpoint there")
+    if note and grid.rank == 0:
+        log.warning("%s", note)
     check_compatible(read_meta(path), effective["model"], path)
     start = load_checkpoint(path, model, optimizer, grid)
     log.info("resumed from %s (step %d)", path, start)
     if start >= t.steps:
         raise CheckpointError(f"--load {path}: already at step {start} >= --steps {t.steps}")
     return start
+
+
+def _claim_folders(r: _Run) -> str | None:
+    """Rank 0 takes --out and --save for this run (runs.claim); every rank learns the outcome, so
+    a refusal ends every rank the same way. Returns the run id (None on other ranks)."""
+    run_id, error = None, None
+    if r.rank == 0:
+        optim_keys = ("optimizer", "lr", "min_lr", "weight_decay", "lr_schedule", "warmup_steps",
+                      "clip_grad", "steps", "global_batch_size", "dtype", "seed")  # fmt: skip
+        record = {"model": r.effective["model"],
+                  "optimizer": {k: r.effective["train"][k] for k in optim_keys}}  # fmt: skip
+        try:
+            run_id = claim(r.cfg.train, record)
+        except (RunFolderError, OSError) as e:
+            error = str(e)
+    error = comm.all_gather_object(error, None)[0]
+    if error is not None:
+        raise RunFolderError(error)
+    return run_id
 
 
 def _open_outputs(r: _Run) -> None:
@@ -342,13 +370,26 @@ def _record(r: _Run, rec: dict, progress: _Progress, tracker: Tracker) -> None:
     tracker.step(rec, last=r.last, quiet=progress.bar is not None)
 
 
-def _save(r: _Run, step: int) -> None:
-    """A checkpoint every ``--save-interval`` steps and at the last of ``--steps`` (collective)."""
+def _save(r: _Run, step: int, skipped: bool) -> None:
+    """A checkpoint every ``--save-interval`` steps and at the last of ``--steps`` (collective),
+    never from a skipped step or from non-finite parameters (on any rank)."""
     t = r.cfg.train
-    if t.save and ((t.save_interval and step % t.save_interval == 0) or step == t.steps):
-        path = save_checkpoint(t.save, step, r.model, r.stepper.optimizer, r.grid, r.effective)
-        if path is not None:
-            log.info("saved checkpoint %s", path)
+    if not t.save or not ((t.save_interval and step % t.save_interval == 0) or step == t.steps):
+        return
+    if skipped:
+        if r.rank == 0:
+            log.warning("step %d was skipped (non-finite loss): no checkpoint written for it", step)
+        return
+    bad = nonfinite_parameters(r.model)
+    flag = torch.tensor([float(len(bad))], device=r.device)
+    comm.all_reduce_(flag, None, category="other")
+    if flag.item():
+        where = ", ".join(bad[:3]) or "on another rank"
+        raise NonFiniteLoss(f"parameters are not finite at step {step} ({where}): stopping "
+                            "without writing a checkpoint")  # fmt: skip
+    path = save_checkpoint(t.save, step, r.model, r.stepper.optimizer, r.grid, r.effective)
+    if path is not None:
+        log.info("saved checkpoint %s", path)
 
 
 # --- finish ------------------------------------------------------------------------------------

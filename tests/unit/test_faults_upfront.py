@@ -1,0 +1,131 @@
+"""Up-front checks and checkpoint files, in process: folders must be creatable and writable; the
+per-rank memory estimate against the cost model's independent enumeration, and the refusal that
+names it; files that are not checkpoints are one clear line without PyTorch's
+``weights_only=False`` advice."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+
+import pytest
+import torch
+
+from lss_megatron import estimate as est
+from lss_megatron import runs
+from lss_megatron.config import ModelConfig, ParallelConfig, RunConfig, TrainConfig
+
+pytestmark = pytest.mark.faults
+
+
+# --- folders ----------------------------------------------------------------------------------------
+def test_folder_checks(tmp_path, monkeypatch):
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    assert runs.folder_problem("--out", str(tmp_path / "new" / "deep")) is None
+    assert "exists and is not a folder" in runs.folder_problem("--out", str(a_file))
+    msg = runs.folder_problem("--save", str(a_file / "ck"))
+    assert msg == f"--save {a_file / 'ck'}: cannot be created, {a_file} is a file, not a folder"
+    assert runs.folder_problem("--out", "") == "--out must name a folder, got ''"
+    # we run as root, so permission bits do not stop us: stand in for a read-only mount
+    monkeypatch.setattr(os, "access", lambda path, mode: False)
+    assert "cannot be created in" in runs.folder_problem("--out", str(tmp_path / "x"))
+    assert runs.folder_problem("--out", str(tmp_path)).endswith("is not writable")
+
+
+# --- the memory estimate ----------------------------------------------------------------------------
+
+def _configs():
+    grid = itertools.product(["serial", "lss", "nvidia-sp", "ulysses"], [1, 2, 4],
+                             ["learned", "rope"], [None, 2], [True, False], ["adamw", "sgd"],
+                             [1, 2], [64, 256])  # fmt: skip
+    for mode, n, pos, kv, causal, opt, b, seq in grid:
+        if (mode == "serial") != (n == 1) or (mode in ("nvidia-sp", "ulysses") and (kv or 4) % n):
+            continue
+        model = ModelConfig(num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=kv,
+                            seq_length=seq, position_embedding=pos, causal=causal)  # fmt: skip
+        yield RunConfig(model=model, parallel=ParallelConfig(mode=mode, world_size=n,
+                                                             seq_parallel=n),
+                        train=TrainConfig(global_batch_size=b, optimizer=opt))  # fmt: skip
+
+
+def test_estimate_against_the_cost_model():
+    """Parameters and optimizer state are exact (the cost model enumerates every tensor
+    independently); activations are a per-layer formula, within 25% of the cost model's exact
+    enumeration of saved tensors over modes, N, positions, GQA, masks, batch and length."""
+    from analysis.costmodel import counts as cm
+
+    ratios = []
+    for cfg in _configs():
+        d = {**cfg.to_dict(), "runtime": {"backend": "gloo"}}
+        shape, lay = cm.shape_from_config(d["model"]), cm.layout_from_config(d)
+        e = est.estimate(cfg)
+        assert e.params == e.grads == 4 * cm.param_count(shape, lay), cfg
+        assert e.optimizer == cm.optimizer_state_bytes(shape, lay, cfg.train.optimizer), cfg
+        ratios.append(e.activations / cm.activation_bytes(shape, lay))
+    assert len(ratios) > 100 and 0.75 <= min(ratios) and max(ratios) <= 1.25, (min(ratios),
+                                                                              max(ratios))
+
+
+def test_a_run_that_cannot_fit_is_refused_naming_the_estimate():
+    cfg = RunConfig(model=ModelConfig(hidden_size=16384, num_heads=16))
+    (msg,) = est.memory_problems(cfg, 0, 1, available=2**30)
+    assert msg.startswith("per-rank memory estimate 100.9") and "parameters 24.05" in msg
+    assert "optimizer state 48.10" in msg and "exceeds the 1.00 GiB available" in msg
+    assert "--no-memory-check" in msg
+    assert est.memory_problems(RunConfig(), 0, 1, available=2**30) == []
+
+
+# --- files that are not checkpoints -----------------------------------------------------------------
+
+def _state_file(tmp_path, payload):
+    d = tmp_path / "step_00000001"
+    d.mkdir()
+    (d / "meta.json").write_text(json.dumps({"step": 1, "format_version": 1, "config": {}}))
+    if isinstance(payload, bytes):
+        (d / "state.pt").write_bytes(payload)
+    else:
+        torch.save(payload, d / "state.pt")
+    return d
+
+
+@pytest.mark.parametrize("payload,fragment", [
+    ({"weights": torch.zeros(2)}, "state.pt is a valid torch file but not an lss_megatron "
+                                  "checkpoint (missing or wrong ['model', 'optimizer', "
+                                  "'torch_rng']"),
+    ([1, 2, 3], "state.pt is a valid torch file but not an lss_megatron checkpoint (list"),
+    (b"not a checkpoint", "cannot read state.pt: it is corrupt, truncated or not a checkpoint"),
+    ("truncated", "cannot read state.pt: it is corrupt, truncated or not a checkpoint "
+                  "(PytorchStreamReader failed reading zip archive"),
+    ("pickled-object", "Unsupported global: GLOBAL datetime.datetime"),
+])  # fmt: skip
+def test_foreign_and_corrupt_state_files(tmp_path, payload, fragment):
+    import datetime
+
+    from lss_megatron.training.checkpoint import CheckpointError, load_checkpoint
+
+    if payload == "truncated":
+        d = _state_file(tmp_path, {"model": {"w": torch.zeros(1000)}})
+        data = (d / "state.pt").read_bytes()
+        (d / "state.pt").write_bytes(data[: len(data) // 2])
+    elif payload == "pickled-object":
+        d = _state_file(tmp_path, {"model": {}, "when": datetime.datetime(2020, 1, 1)})
+    else:
+        d = _state_file(tmp_path, payload)
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(d, None, None, None)  # fails before the model is touched
+    msg = str(e.value)
+    assert fragment in msg, msg
+    assert "weights_only" not in msg and "\n" not in msg and len(msg) < 400
+
+
+def test_meta_without_a_step_is_a_clear_error(tmp_path):
+    from lss_megatron.training.checkpoint import CheckpointError, read_meta
+
+    (tmp_path / "meta.json").write_text('{"format_version": 1}')
+    with pytest.raises(CheckpointError, match="meta.json has no integer 'step'"):
+        read_meta(tmp_path)
+    (tmp_path / "meta.json").write_text("[1]")
+    with pytest.raises(CheckpointError, match="meta.json has no integer 'step'"):
+        read_meta(tmp_path)
