@@ -506,7 +506,7 @@ def _main(argv: list[str] | None) -> int:
     args = p.parse_args(argv)
     df = read_summary(args.dir, ("mode", *NUMERIC), NUMERIC)
     if not (df["status"] == "ok").any():
-        from analysis.inputs import InputError
+        from .inputs import InputError
 
         raise InputError(f"{args.dir}: no run with status ok in the table, nothing to plot")
     base = Path(args.dir)
