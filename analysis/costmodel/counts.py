@@ -381,7 +381,7 @@ def _sequence_local_core_saved(s: Shape, lay: Layout) -> int:
 
 def activation_bytes(s: Shape, lay: Layout) -> int:
     """Bytes autograd saves for one micro-batch's forward on this rank (unique storages)."""
-    t, b, es, n, ll = lay.tp, lay.micro_batch, lay.act_bytes, lay.n, s.seq
+    t, b, es, ll = lay.tp, lay.micro_batch, lay.act_bytes, s.seq
     tp_tokens = lay.tp_tokens(ll)  # tokens in TP regions (l, or the segment l/N)
     local = tp_tokens // t  # tokens in norm / residual regions (split t ways by SP)
     hidden = local * b * s.hidden * es

@@ -164,8 +164,10 @@ def grad_comm_time(s: Shape, lay: Layout, dev: Device) -> float:
     tp_sums = reduce([p for p in ps if p.tp_partial], lay.tp, 1)
     if lay.mode == "nvidia-sp":
         return tp_sums + reduce(ps, lay.d, lay.n)
-    return tp_sums + reduce([p for p in ps if not p.seq_local], lay.grad_group, lay.t) + reduce(
-        [p for p in ps if p.seq_local], lay.d, lay.n * lay.t
+    return (
+        tp_sums
+        + reduce([p for p in ps if not p.seq_local], lay.grad_group, lay.t)
+        + reduce([p for p in ps if p.seq_local], lay.d, lay.n * lay.t)
     )
 
 

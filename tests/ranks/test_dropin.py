@@ -251,13 +251,19 @@ def _refusal_worker(rank, world):
     expect("bad layout prepare", ValueError,
            lambda: prepare_lss_model(_build(world, "learned", get_lss_layer_spec())[1],
                                      layout="diagonal"))  # fmt: skip
-    expect("stock spec", ValueError,
-           lambda: prepare_lss_model(_build(1, "learned", get_gpt_layer_local_spec())[1]))
+    expect(
+        "stock spec",
+        ValueError,
+        lambda: prepare_lss_model(_build(1, "learned", get_gpt_layer_local_spec())[1]),
+    )
     expect("layout mismatch", ValueError,
            lambda: prepare_lss_model(_build(world, "rope", get_lss_layer_spec(layout="zigzag"))[1],
                                      layout="contiguous"))  # fmt: skip
-    expect("cp mismatch", ValueError,
-           lambda: prepare_lss_model(_build(1, "learned", get_lss_layer_spec())[1]))
+    expect(
+        "cp mismatch",
+        ValueError,
+        lambda: prepare_lss_model(_build(1, "learned", get_lss_layer_spec())[1]),
+    )
     expect("length", ValueError,
            lambda: prepare_lss_model(_build(world, "rope", get_lss_layer_spec(layout="zigzag"),
                                             seq=18)[1], layout="zigzag"))  # fmt: skip
