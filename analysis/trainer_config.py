@@ -43,14 +43,15 @@ def trainer_flags() -> frozenset[str]:
 
 def run_config(args: Sequence[str], world_size: int | None = None) -> RunConfig:
     """The trainer's `RunConfig` of the command line `args`, not validated. `world_size` P
-    defaults to the command line's N x D (either one absent counts 1). Arguments the trainer's
+    defaults to the command line's N x T x D (one absent counts 1). Arguments the trainer's
     parser refuses (an unknown flag, a value outside its choices) raise `ConfigError`."""
     try:
         parsed = parse_args(list(args), exit_on_error=False)
     except ArgsError as e:
         raise ConfigError(f"the trainer rejects the arguments: {shlex.join(args)} ({e})") from None
     if world_size is None:
-        world_size = (parsed.seq_parallel or 1) * (parsed.data_parallel or 1)
+        world_size = (parsed.seq_parallel or 1) * (parsed.tensor_parallel or 1) * \
+            (parsed.data_parallel or 1)  # fmt: skip
     return config_from_args(parsed, world_size)
 
 

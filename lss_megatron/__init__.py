@@ -1,11 +1,18 @@
 """lss-megatron: LSS Transformer sequence parallelism for Megatron-Core.
 
-Public API (imported lazily, so `import lss_megatron` stays light):
+Public API (imported lazily, so `import lss_megatron` stays light). For a Megatron-Core user:
 
-* `lss_attention(q, k, v, group=None, *, causal=True, softmax_scale=None)`: the operator;
-* `get_lss_layer_spec(causal=True)`: Megatron's local GPT layer spec with LSS core attention;
-* `build_model(model_cfg, grid, mode=..., seed=...)`: a Megatron-Core `GPTModel` in that mode;
-* `LSSCoreAttention`: the `core_attention` module itself.
+* `get_lss_layer_spec(*, causal=True, layout="contiguous", kv_chunks=1)`: Megatron's local GPT
+  layer spec with `LSSCoreAttention` as its core attention (layout and K/V chunking are spec
+  parameters);
+* `prepare_lss_model(model, *, layout="contiguous")`: once, on the built `GPTModel`, on every rank
+  of the context-parallel group: checks the model and makes its positions exact for the layout
+  (feed batches cut by that layout, with GLOBAL position ids; README "In Megatron-Core");
+* on machines without CUDA, call `lss_megatron.compat.cpu.apply()` before building the model.
+
+Also: `lss_attention(q, k, v, group=None, *, causal=True, softmax_scale=None, layout=...)` (the
+operator), `partial_attention`, `LSSCoreAttention`, `get_serial_layer_spec`, and the trainer's
+`build_model(model_cfg, grid, mode=..., seed=...)` and configs.
 """
 
 import importlib
@@ -16,6 +23,7 @@ _LAZY = {
     "lss_attention": ("lss_megatron.lss.operator", "lss_attention"),
     "partial_attention": ("lss_megatron.lss.kernel", "partial_attention"),
     "get_lss_layer_spec": ("lss_megatron.modes.lss", "get_lss_layer_spec"),
+    "prepare_lss_model": ("lss_megatron.modes.lss", "prepare_lss_model"),
     "get_serial_layer_spec": ("lss_megatron.modes.serial", "get_serial_layer_spec"),
     "build_model": ("lss_megatron.model", "build_model"),
     "LSSCoreAttention": ("lss_megatron.lss.core_attention", "LSSCoreAttention"),

@@ -144,6 +144,26 @@ class ModelConfig:
 
 
 # --- the parallel modes: degrees and limits (the torch side of each is modes/<name>.py) --------
+def tensor_parallel_problems(model: ModelConfig, t: int, who: str, degree: str,
+                             hint: str = "") -> list[str]:  # fmt: skip
+    """Megatron's tensor parallelism of degree `t` splits attention heads, key/value heads, the
+    MLP and the (padded) vocabulary `t` ways. `who` and `degree` name the flags in messages."""
+    p = [f"{who}: {flag} {value} is not divisible by {degree} = {t}{hint}"
+         for flag, value in (("--num-heads", model.num_heads), ("--num-kv-heads", model.kv_heads))
+         if value % t]  # fmt: skip
+    if model.ffn_size % t:
+        p.append(f"{who}: --ffn-hidden-size {model.ffn_size} is not divisible by {degree} = {t}")
+    if model.padded_vocab_size % t:
+        p.append(
+            f"{who}: the model vocabulary {model.padded_vocab_size} (--vocab-size "
+            f"{model.vocab_size}, --make-vocab-size-divisible-by "
+            f"{model.make_vocab_size_divisible_by}) is not divisible by {degree} = {t}: "
+            "Megatron-Core splits it over tensor-parallel ranks; pad it with "
+            "--make-vocab-size-divisible-by"
+        )
+    return p
+
+
 def _nvidia_sp_problems(model: ModelConfig, n: int) -> list[str]:
     """Tensor parallelism of degree N splits attention heads, key/value heads, the MLP and the
     vocabulary N ways, and sequence parallelism splits the sequence N ways."""
@@ -153,22 +173,8 @@ def _nvidia_sp_problems(model: ModelConfig, n: int) -> list[str]:
             f"{n}: with N = 1 Megatron runs without sequence parallelism, which would silently be "
             "plain data parallelism; use --mode serial for that"
         ]
-    hint = "(LSS splits only the sequence and has no such limit: try --mode lss)"
-    p = [f"--mode nvidia-sp: {flag} {value} is not divisible by N = {n} {hint}"
-         for flag, value in (("--num-heads", model.num_heads), ("--num-kv-heads", model.kv_heads))
-         if value % n]  # fmt: skip
-    if model.ffn_size % n:
-        p.append(
-            f"--mode nvidia-sp: --ffn-hidden-size {model.ffn_size} is not divisible by N = {n}"
-        )
-    if model.padded_vocab_size % n:
-        p.append(
-            f"--mode nvidia-sp: the model vocabulary {model.padded_vocab_size} (--vocab-size "
-            f"{model.vocab_size}, --make-vocab-size-divisible-by "
-            f"{model.make_vocab_size_divisible_by}) is not divisible by N = {n}: Megatron-Core "
-            "splits it over tensor-parallel ranks; pad it with --make-vocab-size-divisible-by"
-        )
-    return p
+    hint = " (LSS splits only the sequence and has no such limit: try --mode lss)"
+    return tensor_parallel_problems(model, n, "--mode nvidia-sp", "N", hint)
 
 
 def _ulysses_problems(model: ModelConfig, n: int) -> list[str]:
@@ -196,9 +202,12 @@ class ModeRules:
     """Megatron's `sequence_parallel` flag (Korthikanti et al.)."""
     problems: Callable[[ModelConfig, int], list[str]] = _no_problems
     """(model config, N) -> messages for the configurations this mode cannot run."""
+    composes_with_tp: bool = False
+    """Runs with ``--tensor-parallel T > 1``: Megatron TP (with sequence_parallel) inside each
+    rank of its sequence group."""
 
-    def tensor_parallel(self, n: int) -> int:
-        return n if self.degree_group == "tensor" else 1
+    def tensor_parallel(self, n: int, t: int = 1) -> int:
+        return n if self.degree_group == "tensor" else t
 
     def context_parallel(self, n: int) -> int:
         return n if self.degree_group == "context" else 1
@@ -208,13 +217,13 @@ MODE_RULES = {
     r.name: r
     for r in (
         ModeRules("serial", None),
-        ModeRules("lss", "context"),
+        ModeRules("lss", "context", composes_with_tp=True),
         ModeRules("nvidia-sp", "tensor", sequence_parallel=True, problems=_nvidia_sp_problems),
         ModeRules("ulysses", "context", problems=_ulysses_problems),
     )
 }
 """serial: N = 1, Megatron's stock attention, the reference; lss: LSS over a context-parallel
-(sequence) group of N; nvidia-sp: Megatron tensor parallelism of degree N with
+(sequence) group of N, optionally with Megatron TP of degree T inside each sequence rank; nvidia-sp: Megatron tensor parallelism of degree N with
 ``sequence_parallel``; ulysses: DeepSpeed-Ulysses on the same sequence group as LSS."""
 MODES = tuple(MODE_RULES)
 
@@ -229,8 +238,9 @@ def parse_fault(spec: str) -> tuple[str, int, int] | None:
 
 @dataclass(frozen=True)
 class ParallelConfig:
-    """The rank grid: P = N x D. Rank order follows Megatron (`tp-cp-ep-dp-pp`), so the N ranks
-    of a sequence group are consecutive (inside a node) and the data groups are strided."""
+    """The rank grid: P = N x T x D (T = 1 unless ``--tensor-parallel``). Rank order follows
+    Megatron (`tp-cp-ep-dp-pp`), so the T ranks of a tensor-parallel group are consecutive, then
+    the N x T ranks of a sequence group (inside a node), and the data groups are strided."""
 
     mode: str = _opt("lss", "parallel mode (see docs/modes.md)", choices=MODES)
     world_size: int = 1
@@ -242,7 +252,13 @@ class ParallelConfig:
         "nvidia-sp: the tensor-parallel size",
         cli_default=None,
     )
-    data_parallel: int | None = _opt(None, "D: data-parallel replicas (default: P / N)")
+    tensor_parallel: int = _opt(
+        1,
+        "T (--mode lss): Megatron tensor parallelism with sequence_parallel inside each sequence "
+        "rank, P = N x T x D; T must divide the heads, key/value heads, MLP and padded vocabulary",
+        metavar="T",
+    )
+    data_parallel: int | None = _opt(None, "D: data-parallel replicas (default: P / (N T))")
     lss_layout: str = _opt(
         "contiguous",
         "LSS segments: contiguous (rank n holds [n l/N, (n+1) l/N), as in the paper) or zigzag "
@@ -263,7 +279,8 @@ class ParallelConfig:
     def dp(self) -> int:
         if self.data_parallel is not None:
             return self.data_parallel
-        return self.world_size // self.seq_parallel if self.seq_parallel > 0 else 0
+        model_parallel = self.seq_parallel * self.tensor_parallel
+        return self.world_size // model_parallel if model_parallel > 0 else 0
 
     @property
     def rules(self) -> ModeRules:
@@ -271,7 +288,12 @@ class ParallelConfig:
 
     @property
     def tensor_parallel_size(self) -> int:
-        return self.rules.tensor_parallel(self.seq_parallel)
+        return self.rules.tensor_parallel(self.seq_parallel, self.tensor_parallel)
+
+    @property
+    def sequence_parallel(self) -> bool:
+        """Megatron's `sequence_parallel` flag: the mode's, and on with any tensor parallelism."""
+        return self.rules.sequence_parallel or self.tensor_parallel_size > 1
 
     @property
     def context_parallel_size(self) -> int:
@@ -287,12 +309,27 @@ class ParallelConfig:
         if self.data_parallel is not None and self.data_parallel < 1:
             p.append(f"--data-parallel must be >= 1, got {self.data_parallel}")
             return p
+        if self.tensor_parallel < 1:
+            p.append(f"--tensor-parallel must be >= 1, got {self.tensor_parallel}")
+            return p
+        if self.tensor_parallel > 1 and self.mode in MODES and not self.rules.composes_with_tp:
+            p.append(
+                f"--tensor-parallel {self.tensor_parallel} applies to --mode lss only, not "
+                f"{self.mode}" + (" (its tensor-parallel degree is --seq-parallel N)"
+                                  if self.mode == "nvidia-sp" else "")
+            )  # fmt: skip
         if self.mode == "serial" and self.seq_parallel != 1:
             p.append(
                 f"--mode serial means no sequence parallelism (N = 1), got --seq-parallel "
                 f"{self.seq_parallel}; use --mode lss for N > 1"
             )
-        if self.seq_parallel * self.dp != self.world_size:
+        n, t, d = self.seq_parallel, self.tensor_parallel, self.dp
+        if n * t * d != self.world_size and t > 1:
+            p.append(
+                f"P = {self.world_size} processes must equal --seq-parallel N x --tensor-parallel "
+                f"T x --data-parallel D = {n} x {t} x {d} = {n * t * d}"
+            )
+        elif n * d != self.world_size and t == 1:
             p.append(
                 f"P = {self.world_size} processes must equal --seq-parallel N x --data-parallel D = "
                 f"{self.seq_parallel} x {self.dp} = {self.seq_parallel * self.dp}"
@@ -519,14 +556,18 @@ class RunConfig:
         """How the mode and the segments fit the model (once model and layout are valid)."""
         n, m, par = self.parallel.seq_parallel, self.model, self.parallel
         p = par.rules.problems(m, n)
+        if par.tensor_parallel > 1:
+            p += tensor_parallel_problems(m, par.tensor_parallel, "--tensor-parallel", "T")
         if p:
             return p
         if m.seq_length % n:
             p.append(f"--seq-length {m.seq_length} is not divisible by --seq-parallel {n}")
-        if m.kv_heads % par.kv_gather_chunks:
+        local_kv = m.kv_heads // par.tensor_parallel  # each rank's K/V heads
+        if local_kv % par.kv_gather_chunks:
+            per_rank = f" / T = {local_kv} per rank" if par.tensor_parallel > 1 else ""
             p.append(
                 f"--kv-gather-chunks {par.kv_gather_chunks} does not divide the key/value heads "
-                f"{m.kv_heads}"
+                f"{m.kv_heads}{per_rank}"
             )
         if not m.seq_length % n and par.lss_layout == "zigzag" and m.seq_length % (2 * n):
             p.append(
@@ -546,6 +587,17 @@ class RunConfig:
                 "--dtype bf16 with --mode nvidia-sp is not supported: Megatron's sequence-parallel "
                 "layers need bf16 parameters (Megatron's own mixed precision, CUDA-only "
                 "optimizers), while this trainer's bf16 is autocast over fp32 weights; use fp32"
+            )
+        elif self.train.dtype == "bf16" and self.parallel.tensor_parallel > 1:
+            p.append(
+                "--dtype bf16 with --tensor-parallel > 1 is not supported: Megatron's "
+                "sequence-parallel layers need bf16 parameters, while this trainer's bf16 is "
+                "autocast over fp32 weights; use fp32"
+            )
+        if self.train.zero_stage and self.parallel.tensor_parallel > 1:
+            p.append(
+                f"--zero-stage {self.train.zero_stage} with --tensor-parallel "
+                f"{self.parallel.tensor_parallel} is not supported (untested); use --zero-stage 0"
             )
         if self.train.data in DATASETS:
             p += check_data_config(self.train.data, self.train.data_path, self.model.vocab_size,

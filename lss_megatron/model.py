@@ -60,12 +60,17 @@ def build_model(model: ModelConfig, grid: Grid, *, mode: str, seed: int) -> GPTM
     """Build the `GPTModel` of `mode` (one of `config.MODES`) on this rank.
 
     Same seed -> same initial (master) weights for every mode and layout. In LSS mode the learned
-    position table is cut to this rank's segment and RoPE uses global positions (lss/positions.py).
+    position table is cut to this rank's segment and RoPE uses global positions (lss/positions.py);
+    with tensor parallelism (LSS x TP) Megatron's TP runs with ``sequence_parallel`` inside each
+    sequence rank.
     """
     cpu.apply()
     m = get_mode(mode)
-    n = max(grid.seq_size, grid.tp_size)
-    if (m.rules.context_parallel(n), m.rules.tensor_parallel(n)) != (grid.seq_size, grid.tp_size):
+    by_tp = m.rules.degree_group == "tensor"
+    n, t = (grid.tp_size, 1) if by_tp else (grid.seq_size, grid.tp_size)
+    if (t > 1 and not m.rules.composes_with_tp) or \
+            (m.rules.context_parallel(n), m.rules.tensor_parallel(n, t)) != \
+            (grid.seq_size, grid.tp_size):  # fmt: skip
         raise ValueError(f"build_model: mode {mode!r} does not match the grid {grid}")
     model_parallel_cuda_manual_seed(seed)
     torch.manual_seed(seed)
@@ -74,9 +79,9 @@ def build_model(model: ModelConfig, grid: Grid, *, mode: str, seed: int) -> GPTM
             model,
             context_parallel=grid.seq_size,
             tensor_parallel=grid.tp_size,
-            sequence_parallel=m.rules.sequence_parallel,
+            sequence_parallel=m.rules.sequence_parallel or grid.tp_size > 1,
         ),
-        transformer_layer_spec=m.layer_spec(model),
+        transformer_layer_spec=m.layer_spec(model, grid),
         vocab_size=model.padded_vocab_size,
         max_sequence_length=model.seq_length,
         position_embedding_type="learned_absolute"

@@ -179,13 +179,16 @@ def load_yaml_preset(path: str, parser: argparse.ArgumentParser) -> dict:
 
 def config_from_args(args: argparse.Namespace, world_size: int) -> RunConfig:
     """The (not yet validated) configuration of parsed `args` on `world_size` processes; N
-    defaults to P (1 for serial)."""
+    defaults to P / T (1 for serial)."""
     values: dict[type, dict] = {cls: {} for cls in SECTIONS}
     for opt in options():
         values[opt.owner][opt.field.name] = opt.value(args)
     parallel = values[ParallelConfig]
-    if parallel["seq_parallel"] is None:
-        parallel["seq_parallel"] = 1 if parallel["mode"] == "serial" else world_size
+    if parallel["seq_parallel"] is None:  # N = P / T (T = --tensor-parallel, 1 by default)
+        t = parallel.get("tensor_parallel") or 1
+        whole = t >= 1 and world_size % t == 0
+        parallel["seq_parallel"] = 1 if parallel["mode"] == "serial" else \
+            (world_size // t if whole else world_size)  # fmt: skip
     return RunConfig(
         model=ModelConfig(**values[ModelConfig]),
         parallel=ParallelConfig(world_size=world_size, **parallel),

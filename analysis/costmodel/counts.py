@@ -13,6 +13,11 @@ derived from its code and Megatron-Core 0.16's:
 * ``activation_bytes`` enumerates the unique storages autograd saves in one micro-batch's forward
   (`lss_megatron.training.metrics.SavedBytes`), tensor by tensor, for Megatron's local GPT layer.
 
+LSS composes with Megatron tensor parallelism (``t`` > 1, the trainer's ``--tensor-parallel``):
+Megatron's TP with ``sequence_parallel`` runs inside each sequence rank on l/N tokens (its
+collectives are the nvidia-sp formulas on l/N tokens and a group of t), and the K/V gather
+moves this rank's h_kv/t heads.
+
 Modes: ``serial``, ``lss``, ``nvidia-sp`` (what the trainer runs: exact), ``ulysses`` and ``ring``
 (peers at paper scale: the same conventions applied to DeepSpeed-Ulysses' four all-to-alls per
 layer and ring attention's K/V passing, not validated against a counted run).
@@ -65,10 +70,11 @@ class Layout:
     zigzag: bool = False  # LSS zigzag layout: rank n holds chunks n and 2N-1-n of 2N
     kv_chunks: int = 1  # LSS --kv-gather-chunks C: K/V gathered in C head chunks
     zero_stage: int = 0  # --zero-stage: DeepSpeed ZeRO over the gradient group (0: off)
+    t: int = 1  # lss --tensor-parallel T: Megatron TP with sequence_parallel inside each segment
 
     @property
     def world(self) -> int:
-        return self.n * self.d
+        return self.n * self.t * self.d
 
     @property
     def attn_bytes(self) -> int:
@@ -85,7 +91,19 @@ class Layout:
 
     @property
     def tp(self) -> int:
-        return self.n if self.mode == "nvidia-sp" else 1
+        """Megatron's tensor-parallel size."""
+        return self.n if self.mode == "nvidia-sp" else self.t
+
+    @property
+    def grad_group(self) -> int:
+        """Ranks replicated weights are averaged over: the data group in nvidia-sp, the
+        sequence x data group (all P / T ranks of one tensor-parallel rank) otherwise."""
+        return self.d if self.mode == "nvidia-sp" else self.n * self.d
+
+    def tp_tokens(self, seq: int) -> int:
+        """Tokens of a sequence in this rank's tensor-parallel regions (QKV, attention, MLP,
+        loss): all l in serial and nvidia-sp, the segment l/N in sequence modes."""
+        return seq if self.mode in ("serial", "nvidia-sp") else seq // self.n
 
     @property
     def attention_kernel(self) -> str:
@@ -132,7 +150,8 @@ def layout_from_config(config: dict) -> Layout:
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
     n = int(par.get("seq_parallel") or 1)
-    d = int(par.get("data_parallel") or int(par["world_size"]) // n)
+    t = int(par.get("tensor_parallel") or 1)
+    d = int(par.get("data_parallel") or int(par["world_size"]) // (n * t))
     g = int(train["global_batch_size"])
     b = int(train.get("micro_batch_size") or g // d)
     m = int(train.get("num_micro_batches") or g // (d * b))
@@ -150,6 +169,7 @@ def layout_from_config(config: dict) -> Layout:
         zigzag=par.get("lss_layout", "contiguous") == "zigzag",
         kv_chunks=int(par.get("kv_gather_chunks") or 1) if mode == "lss" else 1,
         zero_stage=int(train.get("zero_stage") or 0),
+        t=t,
     )
 
 
@@ -165,7 +185,7 @@ class Param:
 def parameters(s: Shape, lay: Layout) -> list[Param]:
     """This rank's parameters in `GPTModel.parameters()` order (biases on, untied embeddings)."""
     t = lay.tp
-    sp = lay.mode == "nvidia-sp"
+    sp = t > 1  # Megatron's sequence_parallel (nvidia-sp, and LSS x TP)
     e, qkv = s.hidden, (s.heads + 2 * s.kv_heads) * s.head_dim
     out = [Param("embedding.word_embeddings.weight", s.padded_vocab // t * e)]
     if s.learned_positions:  # sequence-distributed in every mode that splits the sequence
@@ -226,44 +246,53 @@ def all_to_all_bytes(local_nbytes: int, n: int) -> int:
 
 
 # --- communication per optimizer step ------------------------------------------------------------
+def megatron_sp_bytes(s: Shape, tokens: int, b: int, t: int, es: int) -> int:
+    """Megatron TP of degree t with sequence_parallel on `tokens` tokens per sequence (nvidia-sp:
+    l; LSS x TP: l/N): its gathers, reduce-scatters and all-reduces of one micro-batch."""
+    if t == 1:
+        return 0
+    u = gather_bytes(tokens // t * b * s.hidden * es, t)  # one sequence-parallel AG or RS
+    # per layer: forward AG before QKV and FC1, RS after proj and FC2 (4); backward the
+    # adjoints (4) plus Megatron's re-gather of QKV's and FC1's inputs for weight grads (2)
+    total = s.layers * 10 * u
+    total += 3 * u  # output layer: AG forward, re-gather and RS of the input grad backward
+    total += 3 * all_reduce_bytes(tokens * b * es, t)  # vocab-parallel CE: max, target, sum-exp
+    if s.learned_positions:  # word embedding all-reduce, then scatter (backward: AG)
+        total += all_reduce_bytes(b * tokens * s.hidden * es, t) + u
+    else:  # embedding reduce-scatter straight into the sequence shard (backward: AG)
+        total += 2 * u
+    return total
+
+
 def sp_bytes_per_micro_batch(s: Shape, lay: Layout) -> int:
     """Activation traffic (category sp) of one micro-batch's forward and backward, this rank."""
     n, b, es, ll = lay.n, lay.micro_batch, lay.act_bytes, s.seq
-    if n == 1:
+    if n == 1 and lay.tp == 1:
         return 0
     seg = ll // n
-    if lay.mode in ("lss", "ulysses"):
-        es = lay.attn_bytes  # q, k, v cast to the compute dtype before they travel
-    kv = seg * b * 2 * s.kv_heads * s.head_dim * es  # local [K | V]
+    kes = lay.attn_bytes if lay.mode in ("lss", "ulysses") else es  # q, k, v cast to the
+    # compute dtype before they travel (Megatron's own TP traffic stays in es)
+    kv = seg * b * 2 * (s.kv_heads // lay.t) * s.head_dim * kes  # local [K | V], h_kv/T heads
     if lay.mode == "lss":  # one all-gather of [K|V] forward, one reduce-scatter backward, per layer
-        return s.layers * 2 * gather_bytes(kv, n)
+        return s.layers * 2 * gather_bytes(kv, n) + megatron_sp_bytes(s, seg, b, lay.t, es)
     if lay.mode == "ring":  # forward passes K/V n-1 times; backward K/V and dK/dV n-1 times each
         return s.layers * 3 * (n - 1) * kv
     if lay.mode == "ulysses":  # q, k, v and output all-to-all, forward and backward
-        q = seg * b * s.heads * s.head_dim * es
-        k = seg * b * s.kv_heads * s.head_dim * es
+        q = seg * b * s.heads * s.head_dim * kes
+        k = seg * b * s.kv_heads * s.head_dim * kes
         per_dir = 2 * all_to_all_bytes(q, n) + 2 * all_to_all_bytes(k, n)
         return s.layers * 2 * per_dir
     if lay.mode == "nvidia-sp":
-        u = gather_bytes(seg * b * s.hidden * es, n)  # one sequence-parallel AG or RS
-        # per layer: forward AG before QKV and FC1, RS after proj and FC2 (4); backward the
-        # adjoints (4) plus Megatron's re-gather of QKV's and FC1's inputs for weight grads (2)
-        total = s.layers * 10 * u
-        total += 3 * u  # output layer: AG forward, re-gather and RS of the input grad backward
-        total += 3 * all_reduce_bytes(ll * b * es, n)  # vocab-parallel CE: max, target, sum-exp
-        if s.learned_positions:  # word embedding all-reduce, then scatter (backward: AG)
-            total += all_reduce_bytes(b * ll * s.hidden * es, n) + u
-        else:  # embedding reduce-scatter straight into the sequence shard (backward: AG)
-            total += 2 * u
-        return total
+        return megatron_sp_bytes(s, ll, b, n, es)
     return 0
 
 
 def sp_calls_per_micro_batch(s: Shape, lay: Layout) -> int:
+    megatron = 10 * s.layers + 3 + 3 + 2 if lay.tp > 1 else 0  # Megatron's TP + SP collectives
     if lay.n == 1:
-        return 0
-    return {"lss": 2 * s.layers * lay.kv_chunks, "ring": 3 * (lay.n - 1) * s.layers, "ulysses": 8 * s.layers,
-            "nvidia-sp": 10 * s.layers + 3 + 3 + 2}.get(lay.mode, 0)  # fmt: skip
+        return megatron
+    return {"lss": 2 * s.layers * lay.kv_chunks + megatron, "ring": 3 * (lay.n - 1) * s.layers,
+            "ulysses": 8 * s.layers, "nvidia-sp": megatron}.get(lay.mode, 0)  # fmt: skip
 
 
 def grad_comm(s: Shape, lay: Layout) -> tuple[int, int]:
@@ -278,24 +307,20 @@ def grad_comm(s: Shape, lay: Layout) -> tuple[int, int]:
         return sum(all_reduce_bytes(x, n) for x in bs), len(bs)
 
     groups: list[tuple[list[Param], int]] = []
-    if lay.mode == "nvidia-sp":
-        groups.append(([p for p in params if p.tp_partial], lay.n))  # TP sums first
-        groups.append((params, lay.d))  # gradient group = data group
-    else:
-        groups.append(([p for p in params if not p.seq_local], lay.world))
-        groups.append(([p for p in params if p.seq_local], lay.d))
+    if lay.tp > 1:
+        groups.append(([p for p in params if p.tp_partial], lay.tp))  # TP sums first
+    groups.append(([p for p in params if not p.seq_local], lay.grad_group))
+    groups.append(([p for p in params if p.seq_local], lay.d))
     total = [reduce(ps, n) for ps, n in groups if ps]
     return sum(x for x, _ in total), sum(c for _, c in total)
 
 
 def other_comm(s: Shape, lay: Layout) -> tuple[int, int]:
     """(bytes, calls) per step: the fp64 loss all-reduce and the global-norm partial sums."""
-    grad_group = lay.d if lay.mode == "nvidia-sp" else lay.world
-    parts = [all_reduce_bytes(8, grad_group)]
+    parts = [all_reduce_bytes(8, lay.grad_group)]
     if lay.mode in SEQUENCE_MODES:
         parts.append(all_reduce_bytes(8, lay.n))  # sequence-local squared norms
-    if lay.mode == "nvidia-sp":
-        parts.append(all_reduce_bytes(8, lay.n))  # tensor-parallel squared norms
+    parts.append(all_reduce_bytes(8, lay.tp))  # tensor-parallel squared norms
     return sum(parts), sum(1 for x in parts if x)
 
 
@@ -332,25 +357,27 @@ def _dpa_saved(s: Shape, lay: Layout, sq: int) -> int:
 
 
 def _lss_saved(s: Shape, lay: Layout) -> int:
-    """LSS core attention: q, the gathered [K|V] buffer, output (= proj input), lse."""
+    """LSS core attention on this rank's h/T heads: q, the gathered [K|V] buffer, output (= proj
+    input), lse."""
     b, es, d, seg = lay.micro_batch, lay.attn_bytes, s.head_dim, s.seq // lay.n
+    h, kv = s.heads // lay.t, s.kv_heads // lay.t
     rope, grouped = not s.learned_positions, s.heads > s.kv_heads
-    if rope or (grouped and s.kv_heads > 1) or lay.attn_cast:  # rope output, a copy of grouped
-        q = seg * b * s.heads * d * es  # heads, or the cast to the compute dtype
+    if rope or (grouped and kv > 1) or lay.attn_cast:  # rope output, a copy of grouped heads,
+        q = seg * b * h * d * es  # or the cast to the compute dtype
     else:
-        q = seg * b * (s.heads + 2 * s.kv_heads) * d * es  # a view of the fused QKV output
-    total = q + s.seq * b * 2 * s.kv_heads * d * es + seg * b * s.heads * d * es
+        q = seg * b * (h + 2 * kv) * d * es  # a view of the fused QKV output
+    total = q + s.seq * b * 2 * kv * d * es + seg * b * h * d * es
     total += 4 * seg * d * lay.act_bytes if rope else 0  # cos and sin (not cast)
     if lay.zigzag:  # K, V re-ordered by index_select (the gathered buffer is then not saved),
         # two chunk outputs and their concatenation (the proj input), the chunk order index
-        total += seg * b * s.heads * d * es + 2 * lay.n * INT64
+        total += seg * b * h * d * es + 2 * lay.n * INT64
         total += (lay.kv_chunks - 1) * 2 * lay.n * INT64  # one chunk order index per K/V chunk
     elif lay.kv_chunks > 1:  # per-chunk outputs, then their concatenation (the proj input)
-        total += seg * b * s.heads * d * es
+        total += seg * b * h * d * es
     if lay.attention_kernel == "materialized":  # scores of the local queries against all keys
-        total += b * s.heads * seg * s.seq * es
+        total += b * h * seg * s.seq * es
     else:
-        total += b * s.heads * seg * (8 if es == 8 else FP32)
+        total += b * h * seg * (8 if es == 8 else FP32)
     return total
 
 
@@ -371,9 +398,9 @@ def _sequence_local_core_saved(s: Shape, lay: Layout) -> int:
 
 def activation_bytes(s: Shape, lay: Layout) -> int:
     """Bytes autograd saves for one micro-batch's forward on this rank (unique storages)."""
-    t, b, es, n, ll = lay.tp, lay.micro_batch, lay.act_bytes, lay.n, s.seq
-    local = ll if lay.mode == "serial" else ll // n  # tokens in norm / residual regions
-    tp_tokens = ll if lay.mode in ("serial", "nvidia-sp") else ll // n  # tokens in TP regions
+    t, b, es, ll = lay.tp, lay.micro_batch, lay.act_bytes, s.seq
+    tp_tokens = lay.tp_tokens(ll)  # tokens in TP regions (l, or the segment l/N)
+    local = tp_tokens // t  # tokens in norm / residual regions (split t ways by SP)
     hidden = local * b * s.hidden * es
     stats = 2 * local * b * FP32  # LayerNorm mean and rstd
 
@@ -388,7 +415,7 @@ def activation_bytes(s: Shape, lay: Layout) -> int:
         per_layer += _sequence_local_core_saved(s, lay)
         per_layer += 4 * local * s.head_dim * es if not s.learned_positions else 0
 
-    emb_tokens = ll if lay.mode == "nvidia-sp" else local
+    emb_tokens = tp_tokens  # the embedding runs before the sequence-parallel scatter
     embed = b * emb_tokens * INT64  # token ids (masked copy under TP)
     embed += b * emb_tokens * BOOL if t > 1 else 0  # out-of-shard vocabulary mask
     embed += b * emb_tokens * INT64 if s.learned_positions else 0  # position ids
@@ -455,7 +482,8 @@ def kv_transient_bytes(s: Shape, lay: Layout) -> int | None:
     allocates)."""
     if lay.mode != "lss" or lay.n == 1:
         return None
-    return s.seq * lay.micro_batch * 2 * (s.kv_heads // lay.kv_chunks) * s.head_dim * lay.attn_bytes
+    kv = s.kv_heads // lay.t // lay.kv_chunks  # this rank's heads of one chunk
+    return s.seq * lay.micro_batch * 2 * kv * s.head_dim * lay.attn_bytes
 
 
 ZERO_ALIGNMENT = 2
@@ -487,7 +515,7 @@ def zero_counts(s: Shape, lay: Layout, optimizer: str) -> dict:
       None for nvidia-sp (its tensor-parallel gradient sums are not modelled under ZeRO).
     """
     ps = zero_parameters(s, lay)
-    group = lay.d if lay.mode == "nvidia-sp" else lay.world
+    group = lay.grad_group
     pb = lay.param_bytes
     numel = sum(p.numel for p in ps)
     align = ZERO_ALIGNMENT * group

@@ -70,7 +70,7 @@ def gemm_flops(s: Shape, lay: Layout) -> float:
         )
         + 2 * s.hidden * s.padded_vocab
     )
-    return 3.0 * lay.micro_batch * (s.seq / lay.n) * per_token
+    return 3.0 * lay.micro_batch * (s.seq / (lay.n * lay.t)) * per_token
 
 
 def attention_work(s: Shape, lay: Layout) -> tuple[float, float]:
@@ -83,7 +83,7 @@ def attention_work(s: Shape, lay: Layout) -> tuple[float, float]:
         heads, sq = s.heads // (lay.tp if lay.mode != "ulysses" else n), ll
         pairs = sq * ll if kernel == "materialized" else attention_pairs(ll, s.causal)
     else:  # lss, ring: local queries against all keys; the last segment sees the most
-        heads, sq = s.heads, seg
+        heads, sq = s.heads // lay.t, seg
         if kernel == "materialized":
             pairs = seg * ll
         elif not s.causal:
@@ -101,8 +101,8 @@ def attention_work(s: Shape, lay: Layout) -> tuple[float, float]:
 
 def elementwise_bytes(s: Shape, lay: Layout, a: Assumptions) -> float:
     ll, b, es, t = s.seq, lay.micro_batch, lay.act_bytes, lay.tp
-    norm_tokens = ll if lay.mode == "serial" else ll // lay.n
-    tp_tokens = ll if lay.mode in ("serial", "nvidia-sp") else ll // lay.n
+    tp_tokens = lay.tp_tokens(ll)
+    norm_tokens = tp_tokens // t
     per_layer = a.elementwise_passes_hidden * norm_tokens * s.hidden
     per_layer += a.elementwise_passes_ffn * tp_tokens * (s.ffn // t)
     loss = 6 * tp_tokens * (s.padded_vocab // t)
@@ -112,31 +112,41 @@ def elementwise_bytes(s: Shape, lay: Layout, a: Assumptions) -> float:
 def sp_comm_time(s: Shape, lay: Layout, dev: Device) -> float:
     """Seconds of activation traffic for one micro-batch (forward + backward), this rank."""
     net, n, b, es, ll = dev.network, lay.n, lay.micro_batch, lay.act_bytes, s.seq
-    if n == 1:
+    if n == 1 and lay.tp == 1:
         return 0.0
     seg = ll // n
-    es = lay.attn_bytes if lay.mode in ("lss", "ulysses") else es  # cast before they travel
-    kv = seg * b * 2 * s.kv_heads * s.head_dim * es
+    kes = lay.attn_bytes if lay.mode in ("lss", "ulysses") else es  # cast before they travel
+    kv = seg * b * 2 * (s.kv_heads // lay.t) * s.head_dim * kes
     if lay.mode == "lss":
-        return s.layers * 2 * net.time("all_gather", gather_bytes(kv, n), n)
+        # the N ranks of a sequence group are T apart (Megatron's order tp-cp-dp)
+        gathers = s.layers * 2 * net.time("all_gather", gather_bytes(kv, n), n, lay.t)
+        return gathers + _megatron_sp_time(s, seg, lay, dev)
     if lay.mode == "ring":
         alpha, bw = net.link(n)  # every step, every rank sends a block to its ring neighbour
         return s.layers * 3 * (n - 1) * (alpha + kv / bw)
     if lay.mode == "ulysses":
-        q = seg * b * s.heads * s.head_dim * es
-        k = seg * b * s.kv_heads * s.head_dim * es
+        q = seg * b * s.heads * s.head_dim * kes
+        k = seg * b * s.kv_heads * s.head_dim * kes
         one = [q, k, k, q]  # q, k, v in; output back
         return s.layers * 2 * sum(net.time("all_to_all", (n - 1) * x / n, n) for x in one)
     if lay.mode == "nvidia-sp":
-        u = net.time("all_gather", gather_bytes(seg * b * s.hidden * es, n), n)
-        t = (10 * s.layers + 3) * u
-        t += 3 * net.time("all_reduce", all_reduce_bytes(ll * b * es, n), n)
-        if s.learned_positions:
-            t += net.time("all_reduce", all_reduce_bytes(b * ll * s.hidden * es, n), n) + u
-        else:
-            t += 2 * u
-        return t
+        return _megatron_sp_time(s, ll, lay, dev)
     return 0.0
+
+
+def _megatron_sp_time(s: Shape, tokens: int, lay: Layout, dev: Device) -> float:
+    """Megatron TP + sequence_parallel over `tokens` tokens per sequence on lay.tp ranks."""
+    net, t, b, es = dev.network, lay.tp, lay.micro_batch, lay.act_bytes
+    if t == 1:
+        return 0.0
+    u = net.time("all_gather", gather_bytes(tokens // t * b * s.hidden * es, t), t)
+    total = (10 * s.layers + 3) * u
+    total += 3 * net.time("all_reduce", all_reduce_bytes(tokens * b * es, t), t)
+    if s.learned_positions:
+        total += net.time("all_reduce", all_reduce_bytes(b * tokens * s.hidden * es, t), t) + u
+    else:
+        total += 2 * u
+    return total
 
 
 def grad_comm_time(s: Shape, lay: Layout, dev: Device) -> float:
@@ -152,10 +162,13 @@ def grad_comm_time(s: Shape, lay: Layout, dev: Device) -> float:
             for x in buckets([p.numel * pb for p in sel])
         )
 
+    tp_sums = reduce([p for p in ps if p.tp_partial], lay.tp, 1)
     if lay.mode == "nvidia-sp":
-        return reduce([p for p in ps if p.tp_partial], lay.n, 1) + reduce(ps, lay.d, lay.n)
-    return reduce([p for p in ps if not p.seq_local], lay.world, 1) + reduce(
-        [p for p in ps if p.seq_local], lay.d, lay.n
+        return tp_sums + reduce(ps, lay.d, lay.n)
+    return (
+        tp_sums
+        + reduce([p for p in ps if not p.seq_local], lay.grad_group, lay.t)
+        + reduce([p for p in ps if p.seq_local], lay.d, lay.n * lay.t)
     )
 
 

@@ -24,7 +24,7 @@ from megatron.core import parallel_state
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 
-from ..layout import attended_pairs
+from ..layout import LAYOUTS, attended_pairs
 from .kernel import to_compute_dtype
 from .operator import lss_attention
 
@@ -101,10 +101,31 @@ class SequenceCoreAttention(MegatronModule):
 class LSSCoreAttention(SequenceCoreAttention):
     """Exact LSS partial attention over the context-parallel (sequence) group."""
 
-    def __init__(self, config, layer_number: int, attn_mask_type: AttnMaskType, **kwargs):
+    def __init__(
+        self,
+        config,
+        layer_number: int,
+        attn_mask_type: AttnMaskType,
+        *,
+        layout: str = "contiguous",
+        kv_chunks: int = 1,
+        **kwargs,
+    ):
         super().__init__(config, layer_number, attn_mask_type, **kwargs)
-        self.layout = "contiguous"  # set by the LSS mode after the model is built (modes/lss.py)
-        self.kv_chunks = 1  # likewise
+        if layout not in LAYOUTS:
+            raise ValueError(f"LSSCoreAttention: layout {layout!r} is not one of {LAYOUTS}")
+        local_kv = config.num_query_groups or config.num_attention_heads
+        local_kv //= config.tensor_model_parallel_size  # this rank's h_kv / T key/value heads
+        if kv_chunks < 1 or local_kv % kv_chunks:
+            raise ValueError(
+                f"LSSCoreAttention: kv_chunks {kv_chunks} does not divide this rank's "
+                f"{local_kv} key/value heads"
+            )
+        self.layout = layout
+        """Which tokens this rank holds (`layout.LAYOUTS`): a spec parameter
+        (`modes.lss.get_lss_layer_spec(layout=...)`), checked by `prepare_lss_model`."""
+        self.kv_chunks = kv_chunks
+        """K/V are gathered in this many double-buffered head chunks (a spec parameter)."""
         self.attention_flops = 0
         """Forward attention FLOPs (4 b h d x attended pairs) since the last reset: this rank's
         share of the attention work, read by the trainer to report the load balance."""

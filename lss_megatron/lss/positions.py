@@ -5,8 +5,9 @@
   OWN parameter (`SegmentPositionEmbedding`). It is never
   communicated along the sequence; its gradient is averaged over the data group only (see
   grad_sync.py), and the parameter is marked sequence-local (`parallel.params`) to say so.
-* RoPE: no parameter; `SegmentRotaryEmbedding` hands Megatron the rotary angles of the segment's
-  GLOBAL positions (contiguous segments; Megatron's own CP slicing is zig-zag and CUDA-only).
+* RoPE: no parameter; `SegmentRotaryEmbedding` hands Megatron the rotary angles of the GLOBAL
+  positions this rank holds under the layout (Megatron's own CP slicing is always zig-zag and
+  CUDA-only).
 
 `distribute_positions(model, seq_rank, seq_size, layout)` swaps these into a built `GPTModel`.
 """
@@ -35,10 +36,12 @@ class SegmentPositionEmbedding(torch.nn.Module):
 
     def __init__(self, table: torch.Tensor, rows: torch.Tensor):
         super().__init__()
+        rows = rows.to(table.device)
         self.weight = torch.nn.Parameter(table[rows].detach().clone())  # [l/N, E]
-        mark_sequence_local(self.weight, rows)
-        local_of = torch.full((table.shape[0],), -1, dtype=torch.long)  # [l]: global -> local row
-        local_of[rows] = torch.arange(rows.numel())
+        mark_sequence_local(self.weight, rows.cpu())
+        local_of = torch.full((table.shape[0],), -1, dtype=torch.long, device=table.device)  # [l]
+        local_of[rows] = torch.arange(rows.numel(), device=table.device)  # global -> local row
+        rows = rows.cpu()
         self.register_buffer("local_of", local_of, persistent=False)
         self.contiguous_offset = (
             int(rows[0]) if torch.equal(rows, torch.arange(int(rows[0]), int(rows[0]) + rows.numel()))
@@ -46,6 +49,12 @@ class SegmentPositionEmbedding(torch.nn.Module):
         )  # fmt: skip
 
     def forward(self, position_ids: torch.Tensor) -> torch.Tensor:
+        if position_ids.shape[-1] != self.weight.shape[0]:
+            raise ValueError(
+                f"learned positions: this rank got {position_ids.shape[-1]} tokens per sequence "
+                f"but holds the {self.weight.shape[0]} rows of its layout; feed sequences of "
+                f"max_sequence_length = {self.local_of.numel()} tokens cut by the layout"
+            )
         if self.contiguous_offset is not None:
             local = position_ids - self.contiguous_offset  # [b, l/N]
         else:
@@ -66,16 +75,20 @@ class SegmentPositionEmbedding(torch.nn.Module):
 
 
 class SegmentRotaryEmbedding(torch.nn.Module):
-    """Wraps Megatron's `RotaryEmbedding`; returns the angles of this rank's global positions.
+    """Wraps Megatron's `RotaryEmbedding`; returns the angles of this rank's global positions
+    under `layout` (contiguous segment, or zigzag chunks n and 2N-1-n).
 
-    Megatron asks for ``rotary_seq_len = local_len * cp_size`` (the full length l); we compute the
-    angles for all l positions and keep this rank's rows.
+    Megatron asks for ``rotary_seq_len = local_len * cp_size`` (the full length l; with
+    ``sequence_parallel`` also times the tensor-parallel size, which undoes its split); we compute
+    the angles for all l positions and keep this rank's rows. Megatron's own context-parallel
+    slicing (`get_pos_emb_on_this_cp_rank`) is always zig-zag and CUDA-only, so it is bypassed.
     """
 
-    def __init__(self, inner, positions: torch.Tensor):
+    def __init__(self, inner, seq_rank: int, seq_size: int, layout: str = "contiguous"):
         super().__init__()
         self.inner = inner
-        self.register_buffer("positions", positions.clone(), persistent=False)  # [l/N]
+        self.seq_rank, self.seq_size, self.layout = seq_rank, seq_size, layout
+        self._positions: dict[tuple[int, str], torch.Tensor] = {}
 
     def get_rotary_seq_len(self, *args, **kwargs) -> int:
         return self.inner.get_rotary_seq_len(*args, **kwargs)
@@ -83,11 +96,22 @@ class SegmentRotaryEmbedding(torch.nn.Module):
     def get_cos_sin(self, *args, **kwargs):
         return self.inner.get_cos_sin(*args, **kwargs)
 
+    def positions(self, seq_length: int, device) -> torch.Tensor:
+        """This rank's global positions of a sequence of `seq_length` tokens: [l/N]."""
+        key = (seq_length, str(device))
+        if key not in self._positions:
+            pos = local_positions(seq_length, self.seq_rank, self.seq_size, self.layout)
+            self._positions[key] = pos.to(device)
+        return self._positions[key]
+
     def forward(self, max_seq_len: int, offset: int = 0, packed_seq: bool = False, cp_group=None):
         if packed_seq:
             raise NotImplementedError("LSS does not support packed (THD) sequences")
         emb = self.inner.get_emb(max_seq_len, offset)  # [l, 1, 1, d_rot]
-        return emb[self.positions.to(emb.device)]  # [l/N, 1, 1, d_rot]
+        return emb[self.positions(max_seq_len, emb.device)]  # [l/N, 1, 1, d_rot]
+
+    def extra_repr(self) -> str:
+        return f"segment {self.seq_rank} of {self.seq_size}, layout={self.layout}"
 
 
 def distribute_positions(model, seq_rank: int, seq_size: int, layout: str = "contiguous") -> None:
@@ -96,11 +120,12 @@ def distribute_positions(model, seq_rank: int, seq_size: int, layout: str = "con
     The full learned table was initialised identically on every rank (same seed), so the rows a
     rank keeps equal the corresponding rows of the one-process model's table.
     """
-    seq_length = model.max_sequence_length
-    rows = local_positions(seq_length, seq_rank, seq_size, layout)  # [l/N]
     emb = getattr(model, "embedding", None)
     if emb is not None and getattr(emb, "add_position_embedding", False):
+        rows = local_positions(model.max_sequence_length, seq_rank, seq_size, layout)  # [l/N]
         full = emb.position_embeddings.weight  # [l, E]
         emb.position_embeddings = SegmentPositionEmbedding(full.data, rows)
     if getattr(model, "position_embedding_type", None) == "rope":
-        model.rotary_pos_emb = SegmentRotaryEmbedding(model.rotary_pos_emb, rows)
+        model.rotary_pos_emb = SegmentRotaryEmbedding(
+            model.rotary_pos_emb, seq_rank, seq_size, layout
+        )

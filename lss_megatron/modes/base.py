@@ -23,8 +23,9 @@ def _noop(model, grid) -> None:
 class Mode:
     name: str
     """One of `config.MODES`."""
-    layer_spec: Callable[[ModelConfig], object]
-    """The `transformer_layer_spec` handed to `GPTModel` (a ModuleSpec or block submodules)."""
+    layer_spec: Callable[[ModelConfig, object], object]
+    """(model config, grid) -> the `transformer_layer_spec` handed to `GPTModel` (a ModuleSpec
+    or block submodules)."""
     post_build: Callable[[object, object], None] = field(default=_noop)
     """(model, grid) -> None: in-place changes after `GPTModel` is built."""
 

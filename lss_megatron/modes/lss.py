@@ -1,29 +1,148 @@
-"""lss: the LSS Transformer on Megatron's context-parallel group of N ranks: Megatron's local GPT
-layer spec with `LSSCoreAttention` as its one changed field, then sequence-distributed positions
-and the segment layout on every LSS core attention."""
+"""lss: the LSS Transformer on Megatron's context-parallel group of N ranks, and its public API.
+
+Two calls make a Megatron-Core `GPTModel` an LSS model (the trainer's lss mode uses exactly them):
+
+* `get_lss_layer_spec(causal=..., layout=..., kv_chunks=...)`: Megatron's local GPT layer spec
+  with `LSSCoreAttention` as its one changed field; the segment layout and the K/V gather
+  chunking are parameters of that spec (`ModuleSpec.params`), so every layer is built with them;
+* `prepare_lss_model(model, layout=...)`: once, on the built model, on every rank of the
+  context-parallel group: checks that the model is one LSS can make exact, then makes positions
+  sequence-distributed (learned rows, RoPE angles) for the layout.
+
+Batches must then be cut by the same layout (contiguous segment n, or zigzag chunks n and 2N-1-n,
+which is Megatron-LM's `get_batch_on_this_cp_rank`) and carry GLOBAL position ids.
+"""
 
 from __future__ import annotations
 
+from megatron.core.transformer.spec_utils import ModuleSpec
+
+from ..layout import LAYOUTS, segment_chunks
 from ..lss.core_attention import LSSCoreAttention
-from ..lss.positions import distribute_positions
+from ..lss.positions import SegmentPositionEmbedding, SegmentRotaryEmbedding, distribute_positions
 from .base import Mode
+from .nvidia_sp import with_sequence_parallel_norms
 from .serial import get_serial_layer_spec
 
+POSITION_TYPES = ("learned_absolute", "rope", "none")
+"""`GPTModel.position_embedding_type`s LSS makes exact (yarn and mrope are refused)."""
 
-def get_lss_layer_spec(causal: bool = True):
-    """Megatron's local GPT layer spec with `LSSCoreAttention` as its core attention."""
+
+def get_lss_layer_spec(*, causal: bool = True, layout: str = "contiguous", kv_chunks: int = 1):
+    """Megatron's local GPT layer spec with `LSSCoreAttention` as its core attention.
+
+    `layout`: ``contiguous`` (rank n holds [n l/N, (n+1) l/N)) or ``zigzag`` (chunks n and
+    2N-1-n of 2N); `kv_chunks`: gather K/V in this many double-buffered head chunks (it must
+    divide each rank's key/value heads, h_kv / tensor-parallel size)."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"get_lss_layer_spec: layout {layout!r} is not one of {LAYOUTS}")
+    if not isinstance(kv_chunks, int) or kv_chunks < 1:
+        raise ValueError(f"get_lss_layer_spec: kv_chunks must be an int >= 1, got {kv_chunks!r}")
     spec = get_serial_layer_spec(causal)
-    spec.submodules.self_attention.submodules.core_attention = LSSCoreAttention
+    spec.submodules.self_attention.submodules.core_attention = ModuleSpec(
+        module=LSSCoreAttention, params={"layout": layout, "kv_chunks": kv_chunks}
+    )
     return spec
 
 
-def post_build(model, grid) -> None:
-    """Sequence-distributed positions, and the segment layout on every LSS core attention."""
-    distribute_positions(model, grid.seq_rank, grid.seq_size, grid.layout)
-    for module in model.modules():
-        if isinstance(module, LSSCoreAttention):
-            module.layout = grid.layout
-            module.kv_chunks = grid.kv_gather_chunks
+def _unwrap(model):
+    """The GPTModel inside Megatron's wrappers (DDP, Float16Module: ``.module``)."""
+    from megatron.core.models.gpt import GPTModel
+
+    inner = model
+    while not isinstance(inner, GPTModel) and hasattr(inner, "module"):
+        inner = inner.module
+    if not isinstance(inner, GPTModel):
+        raise TypeError(
+            f"prepare_lss_model: expected a Megatron-Core GPTModel, got {type(model).__name__}"
+        )
+    return inner
 
 
-MODE = Mode(name="lss", layer_spec=lambda m: get_lss_layer_spec(m.causal), post_build=post_build)
+def _check_attention(gpt, layout: str) -> list[LSSCoreAttention]:
+    """Every core attention is an LSSCoreAttention built for `layout` on one group."""
+    attentions = [m for m in gpt.modules() if hasattr(m, "core_attention")]
+    cores = [a.core_attention for a in attentions]
+    other = sorted({type(c).__name__ for c in cores if not isinstance(c, LSSCoreAttention)})
+    if not cores or other:
+        raise ValueError(
+            "prepare_lss_model: the model's core attention is "
+            f"{other or 'missing'}, not LSSCoreAttention: build the GPTModel with "
+            "transformer_layer_spec=get_lss_layer_spec(...)"
+        )
+    wrong = sorted({c.layout for c in cores if c.layout != layout})
+    if wrong:
+        raise ValueError(
+            f"prepare_lss_model: layout {layout!r}, but the model was built with "
+            f"get_lss_layer_spec(layout={wrong[0]!r}); use the same layout in both"
+        )
+    if len({id(c.seq_group) for c in cores}) != 1:
+        raise ValueError("prepare_lss_model: the layers attend over different process groups")
+    return cores
+
+
+def _check_model(gpt, n: int, layout: str) -> None:
+    """Megatron's config, the sequence length and the positional encoding fit N and `layout`."""
+    cfg = gpt.config
+    if cfg.context_parallel_size != n:
+        raise ValueError(
+            f"prepare_lss_model: the model was built with context_parallel_size="
+            f"{cfg.context_parallel_size} but its attention runs on a context-parallel group of "
+            f"{n} ranks; build it after initialize_model_parallel(context_parallel_size={n})"
+        )
+    try:
+        segment_chunks(gpt.max_sequence_length, 0, n, layout)
+    except ValueError as e:
+        raise ValueError(f"prepare_lss_model: max_sequence_length: {e}") from None
+    kind = gpt.position_embedding_type
+    if kind not in POSITION_TYPES:
+        raise ValueError(
+            f"prepare_lss_model: position_embedding_type {kind!r} is not supported "
+            f"(one of {POSITION_TYPES})"
+        )
+    emb = getattr(gpt, "embedding", None)
+    if isinstance(getattr(emb, "position_embeddings", None), SegmentPositionEmbedding) or \
+            isinstance(getattr(gpt, "rotary_pos_emb", None), SegmentRotaryEmbedding):  # fmt: skip
+        raise RuntimeError("prepare_lss_model: this model is already prepared (call it once)")
+    if kind == "rope" and not hasattr(gpt.rotary_pos_emb, "get_emb"):
+        raise ValueError(
+            f"prepare_lss_model: rotary embedding {type(gpt.rotary_pos_emb).__name__} has no "
+            "get_emb(); only Megatron's RotaryEmbedding is supported"
+        )
+
+
+def prepare_lss_model(model, *, layout: str = "contiguous"):
+    """Make a built Megatron-Core `GPTModel` (or a wrapper with ``.module``) exact under LSS.
+
+    Call once on every rank of the context-parallel group, after `GPTModel(...,
+    transformer_layer_spec=get_lss_layer_spec(layout=layout, ...))` and before training. It
+    refuses (ValueError/TypeError) a model whose core attention is not `LSSCoreAttention` for this
+    layout, whose config disagrees with the group, whose max_sequence_length the layout cannot
+    cut, or whose positional encoding it cannot make exact; then it keeps only this rank's rows of
+    a learned position table (a sequence-local parameter: average its gradient over the data
+    group only, see docs/megatron-lm.md) and makes RoPE use this rank's global positions.
+    Returns `model`."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"prepare_lss_model: layout {layout!r} is not one of {LAYOUTS}")
+    gpt = _unwrap(model)
+    cores = _check_attention(gpt, layout)
+    group = cores[0].seq_group
+    n, rank = group.size(), group.rank()
+    _check_model(gpt, n, layout)
+    distribute_positions(gpt, rank, n, layout)
+    return model
+
+
+def _layer_spec(model, grid):
+    """The trainer's LSS spec; with tensor parallelism (T > 1) Megatron's TP runs with
+    sequence_parallel inside each sequence rank, so its LayerNorms must accept it."""
+    spec = get_lss_layer_spec(causal=model.causal, layout=grid.layout,
+                              kv_chunks=grid.kv_gather_chunks)  # fmt: skip
+    return with_sequence_parallel_norms(spec, model.num_layers) if grid.tp_size > 1 else spec
+
+
+def _post_build(model, grid) -> None:
+    prepare_lss_model(model, layout=grid.layout)
+
+
+MODE = Mode(name="lss", layer_spec=_layer_spec, post_build=_post_build)

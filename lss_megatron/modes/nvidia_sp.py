@@ -50,14 +50,19 @@ def sequence_parallel_norm():
         return TorchNormSP
 
 
-def layer_spec(model):
-    """Megatron's local GPT layer spec with sequence-parallel-capable LayerNorms, wrapped as block
-    submodules so the final LayerNorm is one as well."""
+def with_sequence_parallel_norms(spec, num_layers: int) -> TransformerBlockSubmodules:
+    """A layer spec with sequence-parallel-capable LayerNorms, wrapped as block submodules so
+    the final LayerNorm is one as well (nvidia-sp, and LSS x TP)."""
     norm = sequence_parallel_norm()
-    spec = copy.deepcopy(get_serial_layer_spec(model.causal))
+    spec = copy.deepcopy(spec)
     spec.submodules.input_layernorm = norm
     spec.submodules.pre_mlp_layernorm = norm
-    return TransformerBlockSubmodules(layer_specs=[spec] * model.num_layers, layer_norm=norm)
+    return TransformerBlockSubmodules(layer_specs=[spec] * num_layers, layer_norm=norm)
+
+
+def layer_spec(model, grid):
+    """Megatron's local GPT layer spec with sequence-parallel-capable LayerNorms."""
+    return with_sequence_parallel_norms(get_serial_layer_spec(model.causal), model.num_layers)
 
 
 def verify_sequence_parallel(model, grid) -> None:

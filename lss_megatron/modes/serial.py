@@ -20,4 +20,4 @@ def get_serial_layer_spec(causal: bool = True):
     return spec
 
 
-MODE = Mode(name="serial", layer_spec=lambda m: get_serial_layer_spec(m.causal))
+MODE = Mode(name="serial", layer_spec=lambda m, grid: get_serial_layer_spec(m.causal))

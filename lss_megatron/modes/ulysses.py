@@ -69,7 +69,7 @@ class UlyssesCoreAttention(SequenceCoreAttention):
         return self.ulysses(query, key, value, _BATCH_DIM, None, causal=causal)  # [l/N, b, h, d]
 
 
-def layer_spec(model):
+def layer_spec(model, grid):
     """Megatron's local GPT layer spec with `UlyssesCoreAttention` as its core attention."""
     spec = get_serial_layer_spec(model.causal)
     spec.submodules.self_attention.submodules.core_attention = UlyssesCoreAttention
