@@ -6,7 +6,7 @@ sequence-distributed positions (`positions.distribute_positions`), data sharding
 gradient averaging. Only the core attention differs: DeepSpeed's own
 `deepspeed.sequence.layer.DistributedAttention` all-to-alls q, k and v from
 [l/N, b, heads, d] to [l, b, heads/N, d] (the whole sequence, this rank's heads), a local attention
-runs on them (`attention.partial_attention` with q_offset = 0: memory-efficient, causal), and a
+runs on them (`local_attention.attend` with q_offset = 0 and the run's kernel, causal), and a
 fourth all-to-all brings the output back to [l/N, b, h, d]. Backward: the same four all-to-alls
 in reverse. Per layer and micro-batch a rank sends, in each direction,
 ``(N-1)/N * (l/N) * b * d * es * (2 h + 2 h_kv)`` bytes (q and out: h heads, k and v: h_kv).
@@ -25,15 +25,12 @@ group is tagged). `deepspeed` is imported only when the first Ulysses layer is b
 
 from __future__ import annotations
 
-import math
 from datetime import timedelta
 
 import torch
-from megatron.core import parallel_state
 from megatron.core.transformer.enums import AttnMaskType
-from megatron.core.transformer.module import MegatronModule
 
-from lss_megatron.attention import partial_attention
+from lss_megatron.local_attention import CoreAttentionBase, attend
 from lss_megatron.modes import Mode
 
 from .ulysses_limits import problems
@@ -75,51 +72,33 @@ def _deepspeed_backend():
 
 class _FullSequenceAttention(torch.nn.Module):
     """The local attention inside DistributedAttention: every query of the sequence against every
-    key, on this rank's heads. q [l, b, h/N, d], k/v [l, b, h_kv/N, d] -> [l, b, h/N, d]."""
+    key, on this rank's heads, with the run's kernel (`local_attention.attend`: flash or dense).
+    q [l, b, h/N, d], k/v [l, b, h_kv/N, d] -> [l, b, h/N, d]."""
 
-    def __init__(self, softmax_scale: float):
+    def __init__(self, softmax_scale: float, kernel: str):
         super().__init__()
         self.softmax_scale = softmax_scale
+        self.kernel = kernel
 
     def forward(self, q, k, v, causal: bool):
-        return partial_attention(
-            q, k, v, q_offset=0, causal=causal, softmax_scale=self.softmax_scale
-        )
+        return attend(q, k, v, kernel=self.kernel, q_offset=0, causal=causal,
+                      softmax_scale=self.softmax_scale)  # fmt: skip
 
 
-class UlyssesCoreAttention(MegatronModule):
+class UlyssesCoreAttention(CoreAttentionBase):
     """DeepSpeed-Ulysses over the context-parallel (sequence) group, as Megatron's
-    `core_attention`: (q [l/N, b, h, d], k/v [l/N, b, h_kv, d], mask None) -> [l/N, b, h*d]."""
+    `core_attention`: (q [l/N, b, h, d], k/v [l/N, b, h_kv, d], mask None) -> [l/N, b, h*d].
+    Constructor and checks: `local_attention.CoreAttentionBase` (``kernel``: flash or dense)."""
 
-    def __init__(
-        self,
-        config,
-        layer_number: int,
-        attn_mask_type: AttnMaskType,
-        attention_type: str = "self",
-        attention_dropout: float | None = None,
-        softmax_scale: float | None = None,
-        cp_comm_type: str | None = None,
-        pg_collection=None,
-    ):
-        super().__init__(config=config)
+    def __init__(self, config, layer_number: int, attn_mask_type: AttnMaskType, **kwargs):
+        super().__init__(config, layer_number, attn_mask_type, **kwargs)
         from deepspeed.sequence.layer import DistributedAttention
 
-        dropout = config.attention_dropout if attention_dropout is None else attention_dropout
-        if dropout or getattr(config, "apply_query_key_layer_scaling", False):
-            raise ValueError("UlyssesCoreAttention: attention dropout and query-key layer "
-                             "scaling are not supported")  # fmt: skip
-        if attn_mask_type not in (AttnMaskType.causal, AttnMaskType.no_mask):
-            raise ValueError(f"UlyssesCoreAttention: attn_mask_type {attn_mask_type} unsupported")
-        self.layer_number = max(1, layer_number)
-        self.attn_mask_type = attn_mask_type
-        cp = getattr(pg_collection, "cp", None) if pg_collection is not None else None
-        self.seq_group = cp if cp is not None else parallel_state.get_context_parallel_group()
-        scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(config.kv_channels)
         _deepspeed_backend()
         self.ulysses = DistributedAttention(
-            _FullSequenceAttention(scale), self.seq_group, scatter_idx=2, gather_idx=0
-        )
+            _FullSequenceAttention(self.softmax_scale, self.kernel), self.seq_group,
+            scatter_idx=2, gather_idx=0,
+        )  # fmt: skip
 
     def forward(
         self,
@@ -131,25 +110,25 @@ class UlyssesCoreAttention(MegatronModule):
         attention_bias: torch.Tensor | None = None,
         packed_seq_params=None,
     ) -> torch.Tensor:
-        if attention_mask is not None or attention_bias is not None or packed_seq_params:
-            raise NotImplementedError(
-                "UlyssesCoreAttention masks causally itself; attention_mask, attention_bias and "
-                "packed sequences are not supported"
-            )
-        mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
+        self.check_inputs(attention_mask, attention_bias, packed_seq_params)
         out = self.ulysses(
-            query, key, value, _BATCH_DIM, None, causal=mask_type == AttnMaskType.causal
+            query, key, value, _BATCH_DIM, None, causal=self.is_causal(attn_mask_type)
         )  # [l/N, b, h, d]
         sq, b, h, d = out.shape
         return out.reshape(sq, b, h * d)
 
 
-def layer_spec(model):
-    """Megatron's local GPT layer spec with `UlyssesCoreAttention` as its core attention."""
+def layer_spec(model, kernel: str = "flash"):
+    """Megatron's local GPT layer spec with `UlyssesCoreAttention` (running `kernel`) as its core
+    attention."""
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
     from lss_megatron.model import get_serial_layer_spec
 
     spec = get_serial_layer_spec(model.causal)
-    spec.submodules.self_attention.submodules.core_attention = UlyssesCoreAttention
+    spec.submodules.self_attention.submodules.core_attention = ModuleSpec(
+        module=UlyssesCoreAttention, params={"kernel": kernel}
+    )
     return spec
 
 

@@ -28,6 +28,13 @@ Megatron tensor parallelism of degree N with `sequence_parallel=True` (baselines
 POSITION_EMBEDDINGS = ("learned", "rope")
 OPTIMIZERS = ("sgd", "adamw")
 DTYPES = ("fp32", "bf16")
+ATTENTION_KERNELS = ("flash", "dense")
+"""`flash`: a memory-efficient kernel in every mode (nothing quadratic in l is saved); `dense`:
+scores materialised and probabilities saved in every mode (Megatron's `DotProductAttention` for
+serial and nvidia-sp). Same kernel family in every mode, so modes compare like for like."""
+RECOMPUTE = ("none", "selective", "full")
+"""Megatron's activation recompute (`TransformerConfig.recompute_granularity`): `selective`
+recomputes the core attention in backward, `full` every transformer layer (uniform, 1 layer)."""
 LR_SCHEDULES = ("constant", "cosine")
 ZERO_STAGES = (0, 1, 2)
 
@@ -191,6 +198,12 @@ class TrainConfig:
     seed: int = 1234
     """Seeds the initial weights and the synthetic data; nothing else does."""
     dtype: str = "fp32"
+    """`fp32`, or `bf16`: Megatron's mixed precision (bf16 parameters and activations, fp32 master
+    weights, optimizer state and gradient reduction; lss_megatron/precision.py)."""
+    attention_kernel: str = "flash"
+    """One of `ATTENTION_KERNELS`, the same in every mode."""
+    recompute: str = "none"
+    """One of `RECOMPUTE`: Megatron's own activation recompute, the same in every mode."""
     data: str = "synthetic"
     out: str = "runs/latest"
     """Output folder: metrics.jsonl and config.json."""
@@ -263,6 +276,11 @@ class TrainConfig:
             p.append(f"--optimizer {self.optimizer!r} is not one of {OPTIMIZERS}")
         if self.dtype not in DTYPES:
             p.append(f"--dtype {self.dtype!r} is not one of {DTYPES}")
+        if self.attention_kernel not in ATTENTION_KERNELS:
+            p.append(f"--attention-kernel {self.attention_kernel!r} is not one of "
+                     f"{ATTENTION_KERNELS}")  # fmt: skip
+        if self.recompute not in RECOMPUTE:
+            p.append(f"--recompute {self.recompute!r} is not one of {RECOMPUTE}")
         if self.data not in DATASETS:
             p.append(f"--data {self.data!r} is not one of {DATASETS}")
         if self.lr_schedule not in LR_SCHEDULES:
@@ -348,12 +366,6 @@ class RunConfig:
                     f"2N = {2 * n}"
                 )
         p += self.train.problems(self.parallel.dp if not self.parallel.problems() else 0)
-        if self.train.dtype == "bf16" and self.parallel.mode == "nvidia-sp":
-            p.append(
-                "--dtype bf16 with --mode nvidia-sp is not supported: Megatron's sequence-parallel "
-                "layers need bf16 parameters (Megatron's own mixed precision, CUDA-only "
-                "optimizers), while this trainer's bf16 is autocast over fp32 weights; use fp32"
-            )
         if self.train.data in DATASETS:
             from .data import check_data_config
 

@@ -5,7 +5,8 @@ which layer spec the GPT model is built from, what to change on the built model,
 configurations it cannot run (checked before any process group exists). Everything else (data,
 loss, gradient averaging, optimizer, metrics) is shared, so modes compare on equal terms.
 
-* ``serial``: N = 1, Megatron's stock local spec (`DotProductAttention`): the reference;
+* ``serial``: N = 1, Megatron's stock local spec (`DotProductAttention` for the dense kernel,
+  `local_attention.FlashCoreAttention` for flash): the reference;
 * ``lss``: context-parallel group of size N with `LSSCoreAttention` and sequence-distributed
   positions (lss_megatron.model);
 * ``nvidia-sp``: tensor parallelism of degree N with ``sequence_parallel=True``
@@ -37,8 +38,9 @@ class Mode:
     """N -> Megatron tensor-parallel size."""
     context_parallel: Callable[[int], int]
     """N -> Megatron context-parallel size (the LSS sequence group)."""
-    layer_spec: Callable[[ModelConfig], object]
-    """The `transformer_layer_spec` handed to `GPTModel` (a ModuleSpec or block submodules)."""
+    layer_spec: Callable[[ModelConfig, str], object]
+    """(model config, attention kernel) -> the `transformer_layer_spec` handed to `GPTModel` (a
+    ModuleSpec or block submodules)."""
     sequence_parallel: bool = False
     """Megatron's `sequence_parallel` flag (Korthikanti et al.)."""
     post_build: Callable[[object, object], None] = field(default=_noop)
@@ -54,7 +56,7 @@ def _serial() -> Mode:
         name="serial",
         tensor_parallel=lambda n: 1,
         context_parallel=lambda n: 1,
-        layer_spec=lambda m: get_serial_layer_spec(m.causal),
+        layer_spec=lambda m, kernel: get_serial_layer_spec(m.causal, kernel),
     )
 
 
@@ -77,7 +79,7 @@ def _lss() -> Mode:
         name="lss",
         tensor_parallel=lambda n: 1,
         context_parallel=lambda n: n,
-        layer_spec=lambda m: get_lss_layer_spec(m.causal),
+        layer_spec=lambda m, kernel: get_lss_layer_spec(m.causal, kernel),
         post_build=_lss_post_build,
     )
 

@@ -18,6 +18,7 @@ attention.py for the per-backend detail. No [b, h, l/N, l] score tensor is store
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -25,6 +26,7 @@ import torch.distributed as dist
 
 from . import comm
 from .attention import partial_attention
+from .dense_attention import dense_attention
 
 
 def lss_attention(
@@ -47,7 +49,8 @@ def lss_attention(
         group: the sequence-parallel process group (default: the whole world).
         causal: mask by global position (bottom-right aligned); False attends to every key.
         softmax_scale: defaults to ``1/sqrt(d)``.
-        backend: attention kernel, see `attention.partial_attention`.
+        backend: attention kernel: ``dense`` (`dense_attention`: scores materialised) or a
+            backend of `attention.partial_attention` (``auto``: the flash path).
         layout: ``contiguous`` (rank r holds segment r) or ``zigzag`` (rank r holds chunks r and
             2N-1-r of l/(2N) tokens, concatenated in that order; balances causal work).
         kv_chunks: gather K/V in this many head chunks, double-buffered (async gather of chunk
@@ -112,17 +115,19 @@ def _partial(
 ) -> torch.Tensor:
     """Partial attention of this rank's queries against the gathered (rank-ordered) K/V."""
     sq = q.shape[0]
+    kernel = (dense_attention if backend == "dense"
+              else functools.partial(partial_attention, backend=backend))  # fmt: skip
     if layout == "contiguous":
-        return partial_attention(
-            q, k_full, v_full, q_offset=r * sq, causal=causal, softmax_scale=scale, backend=backend
+        return kernel(
+            q, k_full, v_full, q_offset=r * sq, causal=causal, softmax_scale=scale
         )  # [s/N, b, h, d]
     c = sq // 2  # zigzag chunk length l/(2N)
     perm = zigzag_gather_order(n, device=k_full.device)  # buffer chunk of each global chunk
     k_glob = k_full.view(2 * n, c, *k_full.shape[1:]).index_select(0, perm).flatten(0, 1)
     v_glob = v_full.view(2 * n, c, *v_full.shape[1:]).index_select(0, perm).flatten(0, 1)
     outs = [
-        partial_attention(q[i * c : (i + 1) * c], k_glob, v_glob, q_offset=chunk * c,
-                          causal=causal, softmax_scale=scale, backend=backend)  # [c, b, h, d]
+        kernel(q[i * c : (i + 1) * c], k_glob, v_glob, q_offset=chunk * c, causal=causal,
+               softmax_scale=scale)  # [c, b, h, d]
         for i, chunk in enumerate((r, 2 * n - 1 - r))
     ]  # fmt: skip
     return torch.cat(outs, dim=0)  # [s/N, b, h, d]

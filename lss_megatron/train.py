@@ -19,10 +19,12 @@ import sys
 from pathlib import Path
 
 from .config import (
+    ATTENTION_KERNELS,
     DATASETS,
     DTYPES,
     LR_SCHEDULES,
     MODES,
+    RECOMPUTE,
     ZERO_STAGES,
     ConfigError,
     ModelConfig,
@@ -104,7 +106,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype",
         choices=DTYPES,
         default=d_t.dtype,
-        help="bf16: bf16 autocast compute, fp32 master weights and gradients",
+        help="bf16: Megatron mixed precision (bf16 parameters and activations, fp32 master "
+        "weights, optimizer state and gradient reduction)",
+    )
+    g.add_argument(
+        "--attention-kernel",
+        choices=ATTENTION_KERNELS,
+        default=d_t.attention_kernel,
+        help="flash: memory-efficient attention in every mode (nothing quadratic saved); "
+        "dense: scores materialised and probabilities saved in every mode",
+    )
+    g.add_argument(
+        "--recompute",
+        choices=RECOMPUTE,
+        default=d_t.recompute,
+        help="Megatron activation recompute: selective (core attention) or full (every layer)",
     )
     g.add_argument("--weight-decay", type=float, default=d_t.weight_decay)
     g.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=d_t.lr_schedule)
@@ -243,6 +259,8 @@ def config_from_args(args: argparse.Namespace, world_size: int) -> RunConfig:
             lr=args.lr,
             seed=args.seed,
             dtype=args.dtype,
+            attention_kernel=args.attention_kernel,
+            recompute=args.recompute,
             data=args.data,
             out=args.out,
             log_interval=args.log_interval,
