@@ -10,15 +10,19 @@ from __future__ import annotations
 
 import hashlib
 
+import torch
+
 from . import comm
 from .grid import Grid
 from .positions import is_sequence_local
 
 
 def parameter_digests(model) -> dict[str, str]:
-    """sha1 of every parameter's bytes, by name."""
+    """sha1 of every parameter's bytes (any dtype, bf16 included), by name."""
     return {
-        name: hashlib.sha1(p.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+        name: hashlib.sha1(
+            p.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        ).hexdigest()
         for name, p in model.named_parameters()
     }
 

@@ -48,8 +48,15 @@ from .metrics import (
     peak_mem_bytes,
     step_time_summary,
 )
-from .model import build_model
-from .optim import build_optimizer, clip_gradients, global_grad_norm, lr_at, set_lr
+from .model import build_model, check_settings
+from .optim import (
+    MasterWeights,
+    build_optimizer,
+    clip_gradients,
+    global_grad_norm,
+    lr_at,
+    set_lr,
+)
 from .step import evaluate, forward_backward, global_mean_loss, step_micro_batches
 
 log = get_logger("train")
@@ -157,18 +164,25 @@ def _train(cfg: RunConfig, rank: int, result: RunResult) -> None:
     grid = initialize_grid(cfg.parallel)
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
         else torch.device("cpu")  # fmt: skip
-    model = build_model(cfg.model, grid, mode=cfg.parallel.mode, seed=t.seed)
+    model = build_model(cfg.model, grid, mode=cfg.parallel.mode, seed=t.seed,
+                        kernel=t.attention_kernel, recompute=t.recompute, dtype=t.dtype)  # fmt: skip
     model.to(device)
+    settings = check_settings(model, {"attention_kernel": t.attention_kernel,
+                                      "recompute": t.recompute, "dtype": t.dtype})  # fmt: skip
     zero = None
+    # the parameters the optimizer steps: the model's own, or fp32 masters of a bf16 model
+    trainable = model
     if t.zero_stage:  # DeepSpeed ZeRO owns gradient sync and the optimizer step (zero.py)
         from .zero import ZeroEngine
 
         zero = ZeroEngine(model, cfg, grid)
         optimizer = zero.optimizer
-    params = [p for p in model.parameters() if p.requires_grad]
+    elif t.dtype == "bf16":
+        trainable = MasterWeights(model)
+    params = [p for p in trainable.parameters() if p.requires_grad]
     if zero is None:
         optimizer = build_optimizer(params, t.optimizer, t.lr, t.weight_decay)
-        average_gradients = GradientAverager(model, grid)
+        average_gradients = GradientAverager(trainable, grid)
     effective = cfg.to_dict()
 
     start = 0
@@ -177,7 +191,9 @@ def _train(cfg: RunConfig, rank: int, result: RunResult) -> None:
         if path is None:
             raise CheckpointError(f"--load {t.load}: no complete checkpoint there")
         check_compatible(read_meta(path), effective["model"], path)
-        start = load_checkpoint(path, model, optimizer, grid)
+        start = load_checkpoint(path, trainable, optimizer, grid)
+        if isinstance(trainable, MasterWeights):
+            trainable.copy_to_model()
         log.info("resumed from %s (step %d)", path, start)
         if start >= t.steps:
             raise CheckpointError(f"--load {path}: already at step {start} >= --steps {t.steps}")
@@ -186,7 +202,7 @@ def _train(cfg: RunConfig, rank: int, result: RunResult) -> None:
     metrics_path = out / "metrics.jsonl"
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        effective["runtime"] = _runtime(model, grid, params, start, t.load)
+        effective["runtime"] = {**_runtime(model, grid, params, start, t.load), **settings}
         if zero is not None:
             effective["runtime"]["zero"] = zero.describe()
         (out / "config.json").write_text(json.dumps(effective, indent=2) + "\n")
@@ -201,8 +217,6 @@ def _train(cfg: RunConfig, rank: int, result: RunResult) -> None:
     flops_per_step = model_flops_per_step(cfg.model, t.global_batch_size)
     step_times: list[float] = []
     last = t.stop_after or t.steps
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if t.dtype == "bf16"
-                else contextlib.nullcontext())  # fmt: skip
     progress = _Progress(cfg, rank, start, last)
     try:
         for step in range(start + 1, last + 1):
@@ -226,7 +240,7 @@ def _train(cfg: RunConfig, rank: int, result: RunResult) -> None:
             transient = TransientPeak(device) if step == start + 1 else contextlib.nullcontext()
             with comm.record() as clog:
                 micro = step_micro_batches(cfg, grid, step, device)
-                with autocast, transient:
+                with transient:
                     if zero is None:
                         local_loss, _ = forward_backward(model, micro, saved=saved)
                     else:
@@ -245,7 +259,7 @@ def _train(cfg: RunConfig, rank: int, result: RunResult) -> None:
                 if zero is not None:  # reduce (stage 1), clip, update, gather: DeepSpeed's norm
                     grad_norm = zero.step(skip=skipped)
                 else:
-                    grad_norm = float("nan") if skipped else global_grad_norm(model, grid)
+                    grad_norm = float("nan") if skipped else global_grad_norm(trainable, grid)
             if skipped:
                 result.skipped_steps += 1
                 if zero is None:
@@ -253,18 +267,20 @@ def _train(cfg: RunConfig, rank: int, result: RunResult) -> None:
                 log.warning("non-finite loss at step %d: step skipped (%d so far)", step,
                             result.skipped_steps)  # fmt: skip
             elif zero is None:
-                clip_gradients(model, grad_norm, t.clip_grad)
+                clip_gradients(trainable, grad_norm, t.clip_grad)
                 optimizer.step()
+                if isinstance(trainable, MasterWeights):
+                    trainable.copy_to_model()
             dt = time.perf_counter() - t0
             step_times.append(dt)
             balance = _attention_balance(model, grid, device)
             if isinstance(transient, TransientPeak):
                 balance["transient_peak_bytes"] = transient.bytes
-            mem = zero.memory_stats() if zero is not None else memory_stats(model, optimizer)
+            mem = zero.memory_stats() if zero is not None else memory_stats(model, optimizer,
+                                                                            trainable)  # fmt: skip
             evals = {}
             if t.eval_interval and (step % t.eval_interval == 0 or step == last):
-                with autocast:
-                    valid = evaluate(model, cfg, grid, device)
+                valid = evaluate(model, cfg, grid, device)
                 # bits per token; for byte-level data (enwik8) bits per byte
                 evals = {"valid_loss": valid, "valid_bpb": valid / math.log(2)}
                 result.valid[step] = valid
@@ -287,7 +303,7 @@ def _train(cfg: RunConfig, rank: int, result: RunResult) -> None:
                              f" valid {evals['valid_loss']:.4f} ({evals['valid_bpb']:.3f} bpb)"
                              if evals else "")  # fmt: skip
             if t.save and ((t.save_interval and step % t.save_interval == 0) or step == t.steps):
-                path = save_checkpoint(t.save, step, model, optimizer, grid, effective)
+                path = save_checkpoint(t.save, step, trainable, optimizer, grid, effective)
                 if path is not None:
                     log.info("saved checkpoint %s", path)
     finally:

@@ -69,6 +69,30 @@ def attention_kernel_of(model) -> str:
     return kernels.pop()
 
 
+def model_settings(model) -> dict:
+    """``attention_kernel``, ``recompute`` and ``dtype`` the built model really runs, read back
+    from its modules, its Megatron config and its parameters."""
+    dtypes = {p.dtype for p in model.parameters()}
+    names = {torch.float32: "fp32", torch.bfloat16: "bf16"}
+    return {
+        "attention_kernel": attention_kernel_of(model),
+        "recompute": model.config.recompute_granularity or "none",
+        "dtype": names.get(dtypes.pop(), "other") if len(dtypes) == 1 else "mixed",
+    }
+
+
+def check_settings(model, requested: dict) -> dict:
+    """`model_settings`, after checking it equals `requested` (same keys); raises RuntimeError
+    naming every difference, so a run never starts with something other than what was asked."""
+    ran = model_settings(model)
+    diffs = [f"{k}: requested {requested[k]!r}, the model runs {ran[k]!r}"
+             for k in ran if ran[k] != requested[k]]  # fmt: skip
+    if diffs:
+        raise RuntimeError("the built model does not run the requested settings: "
+                           + "; ".join(diffs))  # fmt: skip
+    return ran
+
+
 def transformer_config(
     model: ModelConfig,
     *,

@@ -30,7 +30,9 @@ model-parallel group). How it keeps the plain trainer's semantics:
   scheduler.
 * **Non-finite loss.** A skipped step goes through DeepSpeed's own overflow path (gradients and
   partitions cleared, no update, ``engine.skipped_steps`` counts it), forced on every rank alike.
-* **bf16.** ``--dtype bf16`` stays autocast over fp32 weights: DeepSpeed's bf16 and fp16 are off.
+* **bf16.** ``--dtype bf16``: the model is Megatron's bf16 model (`model.build_model`) and
+  DeepSpeed's bf16 mode keeps the fp32 master partitions and optimizer state; gradients are
+  reduced in fp32 (``communication_data_type``), as the plain trainer's `optim.MasterWeights`.
 * **No compilation.** A client `torch.optim` optimizer (never a ds-config one, which JIT-builds
   ``fused_adam``) and no shared-memory comm op (`_no_shm_op`), so nothing is compiled.
 
@@ -159,7 +161,8 @@ def _no_shm_op():
 
 
 def ds_config(cfg: RunConfig, dp_world: int, bucket_elements: int) -> dict:
-    """The DeepSpeed config of a ZeRO run (no ds-config optimizer, no scheduler, fp32 engine)."""
+    """The DeepSpeed config of a ZeRO run (no ds-config optimizer, no scheduler; a bf16 engine
+    with fp32 gradient reduction under ``--dtype bf16``, else fp32)."""
     t = cfg.train
     return {
         "train_micro_batch_size_per_gpu": cfg.micro_batch,
@@ -176,7 +179,8 @@ def ds_config(cfg: RunConfig, dp_world: int, bucket_elements: int) -> dict:
             "allgather_bucket_size": bucket_elements,
         },
         "zero_allow_untested_optimizer": True,
-        "bf16": {"enabled": False},
+        "bf16": {"enabled": t.dtype == "bf16"},
+        **({"communication_data_type": "fp32"} if t.dtype == "bf16" else {}),
         "fp16": {"enabled": False},
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
