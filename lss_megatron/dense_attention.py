@@ -1,21 +1,22 @@
-"""The dense attention kernel: scores materialised, probabilities saved (``--attention-kernel
-dense``), with the semantics of Megatron-Core's local `DotProductAttention` (unfused path).
+"""The dense attention kernel of LSS and Ulysses (``--attention-kernel dense``): scores
+materialised and probabilities saved, the maths of Megatron-Core's local `DotProductAttention`.
 
-`dense_attention(q [sq, b, h, d], k/v [sk, b, h_kv, d], q_offset, causal, softmax_scale)` is what
-`DotProductAttention.forward` computes, generalised to queries at global positions
-``q_offset + i`` (LSS's ``[l/N, l]`` block of rank r: q_offset = r l/N) so LSS and Ulysses run the
-same dense maths as serial and nvidia-sp:
+`dense_attention(q [sq, b, h, d], k/v [sk, b, h_kv, d], q_offset, causal, softmax_scale)`
+computes what `DotProductAttention` computes (serial and nvidia-sp run Megatron's own class),
+generalised to queries at global positions ``q_offset + i`` (LSS's ``[l/N, l]`` block of rank r:
+q_offset = r l/N; Ulysses: q_offset = 0 on h/N heads):
 
-1. GQA: k and v are expanded to h heads with ``repeat_interleave`` (copies, as Megatron does);
-2. scores = ``baddbmm(empty, q, k^T, beta=0, alpha=scale)`` -> ``[b*h, sq, sk]``;
-3. Megatron's `FusedScaleMaskSoftmax` torch path: bf16/fp16 scores go to fp32 first
+1. q, k and v are laid out as contiguous ``[b h_kv, g sq, d]`` and ``[b h_kv, sk, d]`` copies
+   (g = h / h_kv query heads per key/value head fold into the query length, so grouped heads
+   share k and v without expanding them); scores = q k^T * scale, ``[b, h_kv, g, sq, sk]``;
+2. Megatron's `FusedScaleMaskSoftmax` torch path: bf16/fp16 scores go to fp32 first
    (``attention_softmax_in_fp32=True``, Megatron's default), masked keys (``j > q_offset + i``)
    are filled with -10000 (`attention_mask_func`), softmax, probabilities back to the input dtype;
-4. context = ``bmm(probs, v)`` -> ``[sq, b, h, d]``.
+3. context = probs v -> ``[sq, b, h, d]``.
 
-Saved for backward (es = element size of q): q (a copy when the head split needs one), the
-expanded k and v (views when h == h_kv), the probabilities ``[b, h, sq, sk]`` (es, plus their
-fp32 original for bf16 inputs) and the causal mask ``[sq, sk]`` (bool): quadratic in the keys.
+Saved for backward (es = element size of q): the q, k and v copies (``sq b h d``, ``sk b h_kv d``
+each, es), the probabilities ``[b, h, sq, sk]`` (es, plus their fp32 original for bf16 inputs)
+and the causal mask ``[sq, sk]`` (bool): quadratic in the keys. The output is not saved.
 """
 
 from __future__ import annotations
@@ -52,24 +53,18 @@ def dense_attention(
     if causal and not (0 <= q_offset and q_offset + sq <= sk):
         raise ValueError(f"causal needs 0 <= q_offset and q_offset + sq <= sk ({q_offset=})")
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
-    if h // h_kv > 1:
-        k = k.repeat_interleave(h // h_kv, dim=2)  # [sk, b, h, d]
-        v = v.repeat_interleave(h // h_kv, dim=2)  # [sk, b, h, d]
-    qb = q.reshape(sq, b * h, d)  # [sq, b*h, d]
-    kb = k.view(sk, b * h, d)  # [sk, b*h, d]
-    scores = torch.baddbmm(
-        torch.empty(b * h, sq, sk, dtype=q.dtype, device=q.device),
-        qb.transpose(0, 1),  # [b*h, sq, d]
-        kb.transpose(0, 1).transpose(1, 2),  # [b*h, d, sk]
-        beta=0.0,
-        alpha=scale,
-    ).view(b, h, sq, sk)  # [b, h, sq, sk]
+    g = h // h_kv
+    qb = q.permute(1, 2, 0, 3).contiguous().view(b * h_kv, g * sq, d)  # [b*h_kv, g*sq, d]
+    kb = k.permute(1, 2, 0, 3).contiguous().view(b * h_kv, sk, d)  # [b*h_kv, sk, d]
+    vb = v.permute(1, 2, 0, 3).contiguous().view(b * h_kv, sk, d)  # [b*h_kv, sk, d]
+    scores = torch.bmm(qb, kb.transpose(1, 2)) * scale  # [b*h_kv, g*sq, sk]
     half = q.dtype in (torch.float16, torch.bfloat16)
-    x = scores.float() if half else scores
+    x = scores.view(b, h_kv, g, sq, sk)  # [b, h_kv, g, sq, sk]
+    x = x.float() if half else x
     if causal:
         x = x.masked_fill_(causal_mask(sq, sk, q_offset, q.device), MASKED_SCORE)
-    probs = torch.nn.functional.softmax(x, dim=-1)  # [b, h, sq, sk]
+    probs = torch.nn.functional.softmax(x, dim=-1)  # [b, h_kv, g, sq, sk]
     if half:
         probs = probs.to(q.dtype)
-    context = torch.bmm(probs.view(b * h, sq, sk), v.view(sk, b * h, d).transpose(0, 1))
-    return context.view(b, h, sq, d).permute(2, 0, 1, 3).contiguous()  # [sq, b, h, d]
+    context = torch.bmm(probs.view(b * h_kv, g * sq, sk), vb)  # [b*h_kv, g*sq, d]
+    return context.view(b, h, sq, d).permute(2, 0, 1, 3)  # [sq, b, h, d]

@@ -271,7 +271,7 @@ def _train(cfg: RunConfig, rank: int, result: RunResult) -> None:
                 optimizer.step()
                 if isinstance(trainable, MasterWeights):
                     trainable.copy_to_model()
-            dt = time.perf_counter() - t0
+            dt = _slowest_rank(time.perf_counter() - t0, device)
             step_times.append(dt)
             balance = _attention_balance(model, grid, device)
             if isinstance(transient, TransientPeak):
@@ -326,6 +326,13 @@ def _train(cfg: RunConfig, rank: int, result: RunResult) -> None:
     if not replicas["bitwise_equal"]:
         raise RuntimeError(f"replicated parameters diverged across ranks: {replicas['mismatched']}")
     log.info("done at step %d; replicas bitwise equal across %d ranks", last, grid.world_size)
+
+
+def _slowest_rank(seconds: float, device) -> float:
+    """The step time of the slowest rank (the step ends when every rank has finished it); the
+    gather runs after the step's clock stopped and outside its communication counters."""
+    mine = torch.tensor([seconds], dtype=torch.float64, device=device)
+    return float(comm.all_gather_dim0(mine, dist.group.WORLD, category="other").max())
 
 
 def _attention_balance(model, grid, device) -> dict:
