@@ -54,9 +54,11 @@ def dense_attention(
         raise ValueError(f"causal needs 0 <= q_offset and q_offset + sq <= sk ({q_offset=})")
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
     g = h // h_kv
-    qb = q.permute(1, 2, 0, 3).contiguous().view(b * h_kv, g * sq, d)  # [b*h_kv, g*sq, d]
-    kb = k.permute(1, 2, 0, 3).contiguous().view(b * h_kv, sk, d)  # [b*h_kv, sk, d]
-    vb = v.permute(1, 2, 0, 3).contiguous().view(b * h_kv, sk, d)  # [b*h_kv, sk, d]
+    # always copies (also when a permute happens to be contiguous): what is saved is predictable
+    bhsd = {"memory_format": torch.contiguous_format}
+    qb = q.permute(1, 2, 0, 3).clone(**bhsd).view(b * h_kv, g * sq, d)  # [b*h_kv, g*sq, d]
+    kb = k.permute(1, 2, 0, 3).clone(**bhsd).view(b * h_kv, sk, d)  # [b*h_kv, sk, d]
+    vb = v.permute(1, 2, 0, 3).clone(**bhsd).view(b * h_kv, sk, d)  # [b*h_kv, sk, d]
     scores = torch.bmm(qb, kb.transpose(1, 2)) * scale  # [b*h_kv, g*sq, sk]
     half = q.dtype in (torch.float16, torch.bfloat16)
     x = scores.view(b, h_kv, g, sq, sk)  # [b, h_kv, g, sq, sk]
