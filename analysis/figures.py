@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from analysis.tables import config_from_row, load_costmodel, read_summary
+from analysis.tables import config_from_row, load_costmodel, read_summary, setting_label
 
 MAX_SEQ_LENGTH = 1 << 24
 """Upper end of the longest-sequence search (tokens)."""
@@ -35,11 +35,18 @@ MAX_SEQ_LENGTH = 1 << 24
 
 def _ok(df: pd.DataFrame) -> pd.DataFrame:
     """The ok runs, with ``mode`` = the variant label (``lss-zigzag``, ...) where the table has
-    one, so that every variant is its own series; the trainer's mode stays in ``trainer_mode``."""
+    one, so that every variant is its own series; the trainer's mode stays in ``trainer_mode``;
+    ``setting`` = attention kernel, recompute and dtype (`tables.setting_label`): series,
+    references and ratios never mix settings."""
     ok = df[df["status"] == "ok"]
     if "variant" in ok:
         ok = ok.assign(trainer_mode=ok["mode"], mode=ok["variant"].fillna(ok["mode"]))
-    return ok
+    return ok.assign(setting=setting_label(ok))
+
+
+def _label(mode: str, setting: str) -> str:
+    """A series' legend label: the mode (variant) and, always, its kernel setting."""
+    return f"{mode} [{setting}]" if setting else mode
 
 
 def _best_layout(
@@ -54,15 +61,16 @@ def _best_layout(
 
 # --- data functions ------------------------------------------------------------------------------
 def strong_scaling_data(df: pd.DataFrame) -> pd.DataFrame:
-    """mode, seq_length, world_size, seq_parallel, data_parallel, step_time_s, speedup.
+    """mode, setting, seq_length, world_size, seq_parallel, data_parallel, step_time_s, speedup.
 
-    speedup = T_1 / T_P, T_1 the serial run on one rank at the same length (NaN without it).
+    speedup = T_1 / T_P, T_1 the serial run on one rank at the same length and setting (NaN
+    without it).
     """
     ok = _ok(df)
-    out = _best_layout(ok, "step_time_s", ["mode", "seq_length", "world_size"], True)
+    out = _best_layout(ok, "step_time_s", ["mode", "setting", "seq_length", "world_size"], True)
     t1 = ok[(ok["mode"] == "serial") & (ok["world_size"] == 1)]
-    t1 = t1.groupby("seq_length")["step_time_s"].median().rename("t1")
-    out = out.join(t1, on="seq_length")
+    t1 = t1.groupby(["setting", "seq_length"])["step_time_s"].median().rename("t1")
+    out = out.join(t1, on=["setting", "seq_length"])
     out["speedup"] = out.pop("t1") / out["step_time_s"]
     return out
 
@@ -76,18 +84,20 @@ def weak_efficiency_data(df: pd.DataFrame) -> pd.DataFrame:
     """
     ok = _ok(df).copy()
     ok["base_length"] = ok["seq_length"] // ok["seq_parallel"]
-    keys = ["mode", "base_length", "world_size", "seq_parallel", "data_parallel", "seq_length"]
+    keys = ["mode", "setting", "base_length", "world_size", "seq_parallel", "data_parallel",
+            "seq_length"]  # fmt: skip
     med = ok.groupby(keys)[["step_time_s", "model_flops_per_step"]].median().reset_index()
     med["achieved_flops_per_s"] = med["model_flops_per_step"] / med["step_time_s"]
     ref = med[(med["mode"] == "serial") & (med["seq_parallel"] == 1)]
-    ref = ref[["data_parallel", "seq_length", "step_time_s", "achieved_flops_per_s"]].rename(
+    ref = ref[["setting", "data_parallel", "seq_length", "step_time_s",
+               "achieved_flops_per_s"]].rename(
         columns={"seq_length": "base_length", "step_time_s": "t1", "achieved_flops_per_s": "f1"}
-    )
-    out = med.merge(ref, on=["data_parallel", "base_length"], how="inner")
-    scaled = out[out["seq_parallel"] > 1][["data_parallel", "base_length"]].drop_duplicates()
+    )  # fmt: skip
+    on = ["setting", "data_parallel", "base_length"]
+    out = med.merge(ref, on=on, how="inner")
+    scaled = out[out["seq_parallel"] > 1][on].drop_duplicates()
     refs = out[(out["mode"] == "serial") & (out["world_size"] == out["data_parallel"])]
-    out = pd.concat([out[out["seq_parallel"] > 1],
-                     refs.merge(scaled, on=["data_parallel", "base_length"])])  # fmt: skip
+    out = pd.concat([out[out["seq_parallel"] > 1], refs.merge(scaled, on=on)])
     out["time_efficiency"] = out["t1"] / out["step_time_s"]
     out["flops_efficiency"] = (out["achieved_flops_per_s"] / out["world_size"]) / (
         out["f1"] / out["data_parallel"]
@@ -97,11 +107,11 @@ def weak_efficiency_data(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def memory_data(df: pd.DataFrame) -> pd.DataFrame:
-    """mode, seq_parallel, data_parallel, world_size, seq_length, activation_bytes,
+    """mode, setting, seq_parallel, data_parallel, world_size, seq_length, activation_bytes,
     state_bytes (parameters + gradients + optimizer state), peak_mem_bytes: rank 0, per rank."""
     ok = _ok(df).copy()
     ok["state_bytes"] = ok["param_bytes"] + ok["grad_bytes"] + ok["optimizer_state_bytes"]
-    keys = ["mode", "seq_parallel", "data_parallel", "world_size", "seq_length"]
+    keys = ["mode", "setting", "seq_parallel", "data_parallel", "world_size", "seq_length"]
     values = ["activation_bytes", "state_bytes", "peak_mem_bytes"]
     return ok.groupby(keys)[values].median().reset_index().sort_values(keys, ignore_index=True)
 
@@ -155,10 +165,11 @@ def longest_sequence_data(
         raise RuntimeError("source='costmodel' but analysis.costmodel is not available")
     mem, ok = memory_data(df), _ok(df)
     rows = []
-    for (mode, n, d, p), group in mem.groupby(["mode", "seq_parallel", "data_parallel",
-                                                "world_size"]):  # fmt: skip
+    for (mode, setting, n, d, p), group in mem.groupby(["mode", "setting", "seq_parallel",
+                                                         "data_parallel", "world_size"]):  # fmt: skip
         if predict is not None:
-            same = (ok["mode"] == mode) & (ok["seq_parallel"] == n) & (ok["data_parallel"] == d)
+            same = ((ok["mode"] == mode) & (ok["setting"] == setting) & (ok["seq_parallel"] == n)
+                    & (ok["data_parallel"] == d))  # fmt: skip
             first = ok[same].iloc[0].copy()
             first["mode"] = first.get("trainer_mode", mode)  # the trainer's mode, not the label
             state = float(group["state_bytes"].iloc[0])
@@ -175,23 +186,23 @@ def longest_sequence_data(
                                     group["state_bytes"])  # fmt: skip
         else:
             continue
-        rows.append({"mode": mode, "seq_parallel": n, "data_parallel": d, "world_size": p,
+        rows.append({"mode": mode, "setting": setting, "seq_parallel": n, "data_parallel": d,
+                     "world_size": p,
                      "max_seq_length": _largest_fitting(int(n), total, budget_bytes),
                      "source": how, "budget_bytes": budget_bytes})  # fmt: skip
-    cols = ["mode", "seq_parallel", "data_parallel", "world_size", "max_seq_length", "source",
-            "budget_bytes"]  # fmt: skip
+    cols = ["mode", "setting", "seq_parallel", "data_parallel", "world_size", "max_seq_length",
+            "source", "budget_bytes"]  # fmt: skip
     return pd.DataFrame(rows, columns=cols)
 
 
 def throughput_data(df: pd.DataFrame) -> pd.DataFrame:
-    """mode, seq_length, world_size, seq_parallel, data_parallel, tokens_per_s,
-    tokens_per_s_per_rank, achieved_flops_per_s (best layout per mode, l, P)."""
+    """mode, setting, seq_length, world_size, seq_parallel, data_parallel, tokens_per_s,
+    tokens_per_s_per_rank, achieved_flops_per_s (best layout per mode, setting, l, P)."""
     ok = _ok(df)
-    out = _best_layout(ok, "tokens_per_s", ["mode", "seq_length", "world_size"], False)
-    flops = ok.groupby(["mode", "seq_length", "seq_parallel", "data_parallel"])[
-        "achieved_flops_per_s"
-    ].median()
-    out = out.join(flops, on=["mode", "seq_length", "seq_parallel", "data_parallel"])
+    out = _best_layout(ok, "tokens_per_s", ["mode", "setting", "seq_length", "world_size"], False)
+    keys = ["mode", "setting", "seq_length", "seq_parallel", "data_parallel"]
+    flops = ok.groupby(keys)["achieved_flops_per_s"].median()
+    out = out.join(flops, on=keys)
     out["tokens_per_s_per_rank"] = out["tokens_per_s"] / out["world_size"]
     return out
 
@@ -217,17 +228,26 @@ LINESTYLES = ("-", "--", "-.", ":")
 
 
 def _series(data: pd.DataFrame, by: list[str]):
-    """(key, rows, style) per series: colour and marker by mode (variant), line style by the
-    second key."""
-    second = sorted(data[by[1]].unique()) if len(by) > 1 and not data.empty else []
-    others = sorted(set(data[by[0]]) - set(STYLE)) if not data.empty else []
+    """(key, rows, style) per series of `by` = [mode, ...] and the setting: colour and marker by
+    mode (variant), line style by the setting and the second key; the key's mode is the legend
+    label `_label` (mode and kernel setting)."""
+    if data.empty:
+        return
+    data = data.assign(series_label=[_label(m, s) for m, s in zip(data["mode"], data["setting"],
+                                                                     strict=True)])  # fmt: skip
+    by = ["series_label", *by[1:]]
+    lines = sorted({(r["setting"], *(r[k] for k in by[1:2])) for _, r in data.iterrows()})
+    modes = dict(zip(data["series_label"], data["mode"], strict=True))
+    others = sorted(set(modes.values()) - set(STYLE))
     for key, group in data.groupby(by):
         key = key if isinstance(key, tuple) else (key,)
-        style = dict(STYLE.get(key[0], {}))
-        if key[0] in others:
-            style["marker"] = MARKERS[others.index(key[0]) % len(MARKERS)]
-        if len(key) > 1:
-            style["linestyle"] = LINESTYLES[second.index(key[1]) % len(LINESTYLES)]
+        mode = modes[key[0]]
+        style = dict(STYLE.get(mode, {}))
+        if mode in others:
+            style["marker"] = MARKERS[others.index(mode) % len(MARKERS)]
+        line = (group["setting"].iloc[0], *key[1:2])
+        if len(lines) > 1:
+            style["linestyle"] = LINESTYLES[lines.index(line) % len(LINESTYLES)]
         yield key, group, style
 
 
@@ -278,9 +298,9 @@ def plot_weak_efficiency(data: pd.DataFrame, stem: Path) -> list[Path]:
         style.pop("linestyle", None)
         if bases.index(base) % 2:
             style["markerfacecolor"] = "white"
-        if mode == "serial":
+        if g["mode"].iloc[0] == "serial":
             ax.plot(g["world_size"], g["time_efficiency"], linestyle="none",
-                    label=f"serial reference, l={base}", **style)  # fmt: skip
+                    label=f"{mode} reference, l={base}", **style)  # fmt: skip
             continue
         ax.plot(g["world_size"], g["time_efficiency"], label=f"{mode}, l/N={base}: T_1/T_P",
                 **style)  # fmt: skip
