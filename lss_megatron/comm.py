@@ -187,12 +187,17 @@ _installs = 0
 _warned: set[str] = set()
 
 
+def _strict() -> bool:
+    """Under tests (pytest imported, or ``LSS_STRICT_COMM=1``) unreadable bytes are an error."""
+    return os.environ.get(STRICT_ENV) == "1" or "pytest" in sys.modules
+
+
 def _unreadable(name: str, exc: Exception) -> int:
     """Bytes of a collective whose arguments could not be read: raise under tests, else warn
     once per op and count 0."""
     msg = (f"comm.record: cannot read the bytes of a {name} call ({type(exc).__name__}: {exc}); "
            "counted as 0 bytes")  # fmt: skip
-    if os.environ.get(STRICT_ENV) == "1" or "pytest" in sys.modules:
+    if _strict():
         raise RuntimeError(msg) from exc
     if name not in _warned:
         _warned.add(name)
