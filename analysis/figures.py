@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 
 from .longest import longest_fitting
-from .tables import config_from_row, load_costmodel, read_summary
+from .tables import config_from_row, load_costmodel, read_summary, setting_label
 
 MAX_SEQ_LENGTH = 1 << 24
 """Upper end of the longest-sequence search (tokens)."""
@@ -40,11 +40,18 @@ NUMERIC = ("seq_length", "world_size", "seq_parallel", "data_parallel", "step_ti
 
 def _ok(df: pd.DataFrame) -> pd.DataFrame:
     """The ok runs, with ``mode`` = the variant label (``lss-zigzag``, ...) where the table has
-    one, so that every variant is its own series; the trainer's mode stays in ``trainer_mode``."""
+    one, so that every variant is its own series; the trainer's mode stays in ``trainer_mode``;
+    ``setting`` = attention kernel, recompute and dtype (`tables.setting_label`): series,
+    references and ratios never mix settings."""
     ok = df[df["status"] == "ok"]
     if "variant" in ok:
         ok = ok.assign(trainer_mode=ok["mode"], mode=ok["variant"].fillna(ok["mode"]))
-    return ok
+    return ok.assign(setting=setting_label(ok))
+
+
+def _label(mode: str, setting: str) -> str:
+    """A series' legend label: the mode (variant) and its kernel setting."""
+    return f"{mode} [{setting}]" if setting else mode
 
 
 def _best_layout(
@@ -59,15 +66,16 @@ def _best_layout(
 
 # --- data functions ------------------------------------------------------------------------------
 def strong_scaling_data(df: pd.DataFrame) -> pd.DataFrame:
-    """mode, seq_length, world_size, seq_parallel, data_parallel, step_time_s, speedup.
+    """mode, setting, seq_length, world_size, seq_parallel, data_parallel, step_time_s, speedup.
 
-    speedup = T_1 / T_P, T_1 the serial run on one rank at the same length (NaN without it).
+    speedup = T_1 / T_P, T_1 the serial run on one rank at the same length and setting (NaN
+    without it).
     """
     ok = _ok(df)
-    out = _best_layout(ok, "step_time_s", ["mode", "seq_length", "world_size"], True)
+    out = _best_layout(ok, "step_time_s", ["mode", "setting", "seq_length", "world_size"], True)
     t1 = ok[(ok["mode"] == "serial") & (ok["world_size"] == 1)]
-    t1 = t1.groupby("seq_length")["step_time_s"].median().rename("t1")
-    out = out.join(t1, on="seq_length")
+    t1 = t1.groupby(["setting", "seq_length"])["step_time_s"].median().rename("t1")
+    out = out.join(t1, on=["setting", "seq_length"])
     out["speedup"] = out.pop("t1") / out["step_time_s"]
     return out
 
@@ -81,18 +89,20 @@ def weak_efficiency_data(df: pd.DataFrame) -> pd.DataFrame:
     """
     ok = _ok(df).copy()
     ok["base_length"] = ok["seq_length"] // ok["seq_parallel"]
-    keys = ["mode", "base_length", "world_size", "seq_parallel", "data_parallel", "seq_length"]
+    keys = ["mode", "setting", "base_length", "world_size", "seq_parallel", "data_parallel",
+            "seq_length"]  # fmt: skip
     med = ok.groupby(keys)[["step_time_s", "model_flops_per_step"]].median().reset_index()
     med["achieved_flops_per_s"] = med["model_flops_per_step"] / med["step_time_s"]
     ref = med[(med["mode"] == "serial") & (med["seq_parallel"] == 1)]
-    ref = ref[["data_parallel", "seq_length", "step_time_s", "achieved_flops_per_s"]].rename(
+    ref = ref[["setting", "data_parallel", "seq_length", "step_time_s",
+               "achieved_flops_per_s"]].rename(
         columns={"seq_length": "base_length", "step_time_s": "t1", "achieved_flops_per_s": "f1"}
-    )
-    out = med.merge(ref, on=["data_parallel", "base_length"], how="inner")
-    scaled = out[out["seq_parallel"] > 1][["data_parallel", "base_length"]].drop_duplicates()
+    )  # fmt: skip
+    on = ["setting", "data_parallel", "base_length"]
+    out = med.merge(ref, on=on, how="inner")
+    scaled = out[out["seq_parallel"] > 1][on].drop_duplicates()
     refs = out[(out["mode"] == "serial") & (out["world_size"] == out["data_parallel"])]
-    out = pd.concat([out[out["seq_parallel"] > 1],
-                     refs.merge(scaled, on=["data_parallel", "base_length"])])  # fmt: skip
+    out = pd.concat([out[out["seq_parallel"] > 1], refs.merge(scaled, on=on)])
     out["time_efficiency"] = out["t1"] / out["step_time_s"]
     out["flops_efficiency"] = (out["achieved_flops_per_s"] / out["world_size"]) / (
         out["f1"] / out["data_parallel"]
@@ -102,12 +112,12 @@ def weak_efficiency_data(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def memory_data(df: pd.DataFrame) -> pd.DataFrame:
-    """mode, seq_parallel, data_parallel, world_size, seq_length, activation_bytes,
+    """mode, setting, seq_parallel, data_parallel, world_size, seq_length, activation_bytes,
     state_bytes (parameters + gradients + optimizer state), peak_mem_bytes: rank 0, per rank;
     and the cost model's predicted_activation_bytes where the table has it."""
     ok = _ok(df).copy()
     ok["state_bytes"] = ok["param_bytes"] + ok["grad_bytes"] + ok["optimizer_state_bytes"]
-    keys = ["mode", "seq_parallel", "data_parallel", "world_size", "seq_length"]
+    keys = ["mode", "setting", "seq_parallel", "data_parallel", "world_size", "seq_length"]
     values = ["activation_bytes", "state_bytes", "peak_mem_bytes"]
     values += [c for c in ("predicted_activation_bytes",) if c in ok]
     return ok.groupby(keys)[values].median().reset_index().sort_values(keys, ignore_index=True)
@@ -147,10 +157,11 @@ def longest_sequence_data(
         raise RuntimeError("source='costmodel' but analysis.costmodel is not available")
     mem, ok = memory_data(df), _ok(df)
     rows = []
-    for (mode, n, d, p), group in mem.groupby(["mode", "seq_parallel", "data_parallel",
-                                                "world_size"]):  # fmt: skip
+    for (mode, setting, n, d, p), group in mem.groupby(["mode", "setting", "seq_parallel",
+                                                         "data_parallel", "world_size"]):  # fmt: skip
         if predict is not None:
-            same = (ok["mode"] == mode) & (ok["seq_parallel"] == n) & (ok["data_parallel"] == d)
+            same = ((ok["mode"] == mode) & (ok["setting"] == setting) & (ok["seq_parallel"] == n)
+                    & (ok["data_parallel"] == d))  # fmt: skip
             first = ok[same].iloc[0].copy()
             first["mode"] = first.get("trainer_mode", mode)  # the trainer's mode, not the label
             state = float(group["state_bytes"].iloc[0])
@@ -169,23 +180,22 @@ def longest_sequence_data(
             continue
         cap = budget_bytes * (1 + 1e-9)  # a fit reproduces exact byte counts only up to rounding
         longest = longest_fitting(int(n), total, cap, MAX_SEQ_LENGTH)
-        rows.append({"mode": mode, "seq_parallel": n, "data_parallel": d, "world_size": p,
+        rows.append({"mode": mode, "setting": setting, "seq_parallel": n, "data_parallel": d, "world_size": p,
                      "max_seq_length": longest,
                      "source": how, "budget_bytes": budget_bytes})  # fmt: skip
-    cols = ["mode", "seq_parallel", "data_parallel", "world_size", "max_seq_length", "source",
-            "budget_bytes"]  # fmt: skip
+    cols = ["mode", "setting", "seq_parallel", "data_parallel", "world_size", "max_seq_length",
+            "source", "budget_bytes"]  # fmt: skip
     return pd.DataFrame(rows, columns=cols)
 
 
 def throughput_data(df: pd.DataFrame) -> pd.DataFrame:
-    """mode, seq_length, world_size, seq_parallel, data_parallel, tokens_per_s,
-    tokens_per_s_per_rank, achieved_flops_per_s (best layout per mode, l, P)."""
+    """mode, setting, seq_length, world_size, seq_parallel, data_parallel, tokens_per_s,
+    tokens_per_s_per_rank, achieved_flops_per_s (best layout per mode, setting, l, P)."""
     ok = _ok(df)
-    out = _best_layout(ok, "tokens_per_s", ["mode", "seq_length", "world_size"], False)
-    flops = ok.groupby(["mode", "seq_length", "seq_parallel", "data_parallel"])[
-        "achieved_flops_per_s"
-    ].median()
-    out = out.join(flops, on=["mode", "seq_length", "seq_parallel", "data_parallel"])
+    out = _best_layout(ok, "tokens_per_s", ["mode", "setting", "seq_length", "world_size"], False)
+    keys = ["mode", "setting", "seq_length", "seq_parallel", "data_parallel"]
+    flops = ok.groupby(keys)["achieved_flops_per_s"].median()
+    out = out.join(flops, on=keys)
     out["tokens_per_s_per_rank"] = out["tokens_per_s"] / out["world_size"]
     return out
 
@@ -302,6 +312,16 @@ def on_gpu(df: pd.DataFrame) -> bool:
     return bool(len(machines)) and all("nccl" in m or "CUDA" in m for m in machines)
 
 
+def _labelled(data: pd.DataFrame) -> pd.DataFrame:
+    """`data` with ``mode`` = its series label (`_label`: the mode and its kernel setting) when
+    it holds several settings, so that every setting is its own series (its own colour) and no
+    line joins two settings; one setting keeps the plain mode names (and their colours)."""
+    if data.empty or "setting" not in data or data["setting"].nunique() < 2:
+        return data
+    return data.assign(mode=[_label(m, s) for m, s in zip(data["mode"], data["setting"],
+                                                          strict=True)])  # fmt: skip
+
+
 def _save(fig, stem: Path) -> list[Path]:
     paths = [stem.with_suffix(".png"), stem.with_suffix(".pdf")]
     fig.tight_layout()
@@ -321,6 +341,7 @@ def _title(fig, title: str, ctx: str) -> None:
 
 
 def plot_strong_scaling(data: pd.DataFrame, stem: Path, ctx: str = "") -> list[Path]:
+    data = _labelled(data)
     plt = _pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     if data.empty:
@@ -347,6 +368,7 @@ def plot_strong_scaling(data: pd.DataFrame, stem: Path, ctx: str = "") -> list[P
 
 
 def plot_weak_efficiency(data: pd.DataFrame, stem: Path, ctx: str = "") -> list[Path]:
+    data = _labelled(data)
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     if data.empty:
@@ -355,7 +377,7 @@ def plot_weak_efficiency(data: pd.DataFrame, stem: Path, ctx: str = "") -> list[
         pal = Palette(data["mode"], data["base_length"])
         for (mode, base), g in data.groupby(["mode", "base_length"]):
             kw = pal.style(mode, base)
-            if mode == "serial":
+            if mode.split(" [")[0] == "serial":  # the label: mode [setting]
                 kw["linestyle"] = "none"  # the reference point(s), efficiency 1
             axes[0].plot(g["world_size"], g["time_efficiency"], **kw)
             axes[1].plot(g["world_size"], g["flops_efficiency"], **kw)
@@ -385,6 +407,7 @@ def _memory_panel(ax, data: pd.DataFrame, pal: Palette, column: str, div: float)
 def plot_memory(data: pd.DataFrame, stem: Path, ctx: str = "", gpu: bool = False) -> list[Path]:
     """Activations and activations + state per rank; peak memory only on GPU (on CPU it is the
     process RSS, mostly the imported libraries, and says nothing about the method)."""
+    data = _labelled(data)
     plt = _pyplot()
     panels = 3 if gpu else 2
     fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4))
@@ -418,6 +441,7 @@ def plot_memory(data: pd.DataFrame, stem: Path, ctx: str = "", gpu: bool = False
 
 def plot_longest_sequence(data: pd.DataFrame, stem: Path, ctx: str = "") -> list[Path]:
     """Every point here is modelled (cost model, or a fit to measured lengths): hollow, dashed."""
+    data = _labelled(data)
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 4))
     if data.empty:
@@ -441,6 +465,7 @@ def plot_longest_sequence(data: pd.DataFrame, stem: Path, ctx: str = "") -> list
 
 
 def plot_throughput(data: pd.DataFrame, stem: Path, ctx: str = "") -> list[Path]:
+    data = _labelled(data)
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 4))
     if data.empty:

@@ -1,7 +1,8 @@
 """Comparison presets: the runs `python -m analysis.compare --preset NAME` makes, and their order.
 
 A preset is a grid of sequence-parallel degrees N, data-parallel sizes D and sequence lengths l,
-one model and one training recipe. For every grid point (N, D, l) it runs each of its
+one model, one training recipe and the attention kernels and recompute settings to run (default:
+flash, no recompute, the trainer's defaults, for every mode). For every grid point (N, D, l) it runs each of its
 **variants** on P = N x D ranks (and, with ``serial_at_scale``, ``serial`` = plain data
 parallelism on the same P ranks), plus the **serial reference** the efficiencies need:
 
@@ -34,6 +35,10 @@ Presets (`PRESETS`):
                           RoPE, l = 1024, N = 4: lss, lss-zigzag, lss-kv4, ulysses, nvidia-sp,
                           lss-zero1, lss-zero2 and the serial reference, 3 steps: 8 runs,
                           ~2.5 min on 2 CPU cores
+``cpu-kernels``           like for like: serial, lss, nvidia-sp and ulysses x attention kernel
+                          {flash, dense} x recompute {none, selective}, MHA, N = 4, l = 1024:
+                          16 runs (the kernel effect and the scheme effect side by side)
+``cpu-kernels-gqa``       the same with GQA 4:1 at N = 2: 16 runs
 ``paper-enwik8-144gpu``   cluster: the paper's 144-GPU comparison with NVIDIA SP, strong
                           scaling of N = 6 x D in {1, 4, 24} at l in {3072, 6144, 12288}
 ``paper-enwik8-3456gpu``  cluster: weak scaling, 348 tokens per GPU, D = 24, N up to 144:
@@ -122,6 +127,10 @@ class Preset:
     """Variant labels (`VARIANTS`; plain modes are their own labels) run at every grid point."""
     serial_at_scale: bool = False
     """Also run `serial` (plain data parallelism, N = 1, D = P) at every grid point's P."""
+    kernels: tuple[str, ...] = ("flash",)
+    """``--attention-kernel`` values: every variant and reference runs with each."""
+    recomputes: tuple[str, ...] = ("none",)
+    """``--recompute`` values: every variant and reference runs with each."""
     repeats: int = 1
     timeout_s: float = 120.0
     """Hard limit per run (launch, imports and all steps)."""
@@ -167,9 +176,17 @@ class RunSpec:
         return self.seq_parallel * self.data_parallel
 
     @property
+    def setting(self) -> str:
+        """``_dense``, ``_selective``, ``_dense_selective``; empty for flash without recompute."""
+        kernel = self.flags.get("attention-kernel", "flash")
+        recompute = self.flags.get("recompute", "none")
+        return (f"_{kernel}" if kernel != "flash" else "") + (
+            f"_{recompute}" if recompute != "none" else "")  # fmt: skip
+
+    @property
     def run_id(self) -> str:
         return (f"{self.label}_N{self.seq_parallel}_D{self.data_parallel}_l{self.seq_length}"
-                f"_r{self.repeat}")  # fmt: skip
+                f"{self.setting}_r{self.repeat}")  # fmt: skip
 
     def trainer_args(self, out: Path | str) -> list[str]:
         """The trainer's command-line arguments, writing into `out`."""
@@ -192,6 +209,8 @@ _PAPER_TRAIN = {"global-batch-size": 24, "micro-batch-size": 1, "optimizer": "ad
                 "data-path": "data/enwik8.zip"}  # fmt: skip
 _OPTION_VARIANTS = ("lss", "lss-zigzag", "lss-kv4", "ulysses", "nvidia-sp", "lss-zero1",
                     "lss-zero2")  # fmt: skip
+_KERNELS_MODEL = {"num-layers": 2, "hidden-size": 256, "num-heads": 8, "ffn-hidden-size": 512,
+                  "vocab-size": 256, "position-embedding": "learned"}  # fmt: skip
 _CPU_MODEL = {"num-layers": 4, "hidden-size": 128, "num-heads": 8, "num-kv-heads": 4,
               "ffn-hidden-size": 512, "vocab-size": 256,
               "position-embedding": "learned"}  # fmt: skip
@@ -286,6 +305,43 @@ PRESETS: dict[str, Preset] = {
             "Every variant is exact against the serial reference.",
         ),
         Preset(
+            name="cpu-kernels",
+            summary="like for like: serial, lss, nvidia-sp, ulysses x {flash, dense} x recompute "
+            "{none, selective}; MHA, N = 4, l = 1024: 16 runs",
+            scaling="strong",
+            degrees=(4,),
+            seq_lengths=(1024,),
+            model={**_KERNELS_MODEL, "num-kv-heads": 8},
+            train={**_SMALL_TRAIN, "global-batch-size": 2, "micro-batch-size": 1, "steps": 3},
+            modes=("lss", "nvidia-sp", "ulysses"),
+            kernels=("flash", "dense"),
+            recomputes=("none", "selective"),
+            timeout_s=300.0,
+            memory_budget_bytes=256 * MiB,
+            notes="The same attention kernel, recompute and precision in every mode, so the "
+            "table separates the kernel effect (flash vs dense, in each mode) from the parallel "
+            "scheme (modes at one setting). Multi-head attention (8 heads, 8 key/value heads), "
+            "causal, learned positions, fp32, 2 micro-batches per step. Ratios and efficiencies "
+            "only between runs of the same setting.",
+        ),
+        Preset(
+            name="cpu-kernels-gqa",
+            summary="cpu-kernels with GQA 4:1 (8 heads, 2 key/value heads) at N = 2: 16 runs",
+            scaling="strong",
+            degrees=(2,),
+            seq_lengths=(1024,),
+            model={**_KERNELS_MODEL, "num-kv-heads": 2},
+            train={**_SMALL_TRAIN, "global-batch-size": 2, "micro-batch-size": 1, "steps": 3},
+            modes=("lss", "nvidia-sp", "ulysses"),
+            kernels=("flash", "dense"),
+            recomputes=("none", "selective"),
+            timeout_s=300.0,
+            memory_budget_bytes=256 * MiB,
+            notes="As cpu-kernels, with grouped-query attention 4:1, where LSS gathers a quarter "
+            "of the K/V heads; N = 2 so that nvidia-sp and Ulysses can split the 2 key/value "
+            "heads.",
+        ),
+        Preset(
             name="paper-enwik8-144gpu",
             summary="cluster: LSS vs NVIDIA SP on up to 144 GPUs (24 Summit nodes), enwik8",
             scaling="strong",
@@ -346,7 +402,8 @@ def get_preset(name: str) -> Preset:
     return PRESETS[name]
 
 
-def _flags(preset: Preset, label: str, n: int, d: int, length: int) -> dict[str, object]:
+def _flags(preset: Preset, label: str, n: int, d: int, length: int,
+           setting: tuple[str, str] = ("flash", "none")) -> dict[str, object]:  # fmt: skip
     variant = get_variant(label)
     flags: dict[str, object] = dict(
         mode=variant.mode, **{"seq-parallel": n, "data-parallel": d, "seq-length": length}
@@ -354,12 +411,17 @@ def _flags(preset: Preset, label: str, n: int, d: int, length: int) -> dict[str,
     flags.update(preset.model)
     flags.update(preset.train)
     flags.update(variant.flags)
+    kernel, recompute = setting
+    if (kernel, recompute) != ("flash", "none"):  # the trainer's defaults stay implicit
+        flags.update({"attention-kernel": kernel, "recompute": recompute})
     return flags
 
 
-def _run(preset: Preset, label: str, n: int, d: int, length: int, repeat: int, role: str):
+def _run(preset: Preset, label: str, n: int, d: int, length: int, repeat: int, role: str,
+         setting: tuple[str, str] = ("flash", "none")):  # fmt: skip
     variant = get_variant(label)
-    return RunSpec(variant.mode, n, d, length, repeat, role, _flags(preset, label, n, d, length),
+    return RunSpec(variant.mode, n, d, length, repeat, role,
+                   _flags(preset, label, n, d, length, setting),
                    "" if label == variant.mode else label)  # fmt: skip
 
 
@@ -401,6 +463,7 @@ def make_plan(preset: Preset, repeats: int | None = None) -> Plan:
     repeats = preset.repeats if repeats is None else repeats
     runs: list[RunSpec] = []
     skipped: list[tuple[str, str]] = []
+    settings = [(k, r) for k in preset.kernels for r in preset.recomputes]
     for index, (role, n, d, length) in enumerate(grid_points(preset)):
         if role == "reference":
             specs = [("serial", 1, d)]
@@ -408,16 +471,17 @@ def make_plan(preset: Preset, repeats: int | None = None) -> Plan:
             specs = [(m, n, d) for m in preset.modes]
             if preset.serial_at_scale:
                 specs.append(("serial", 1, n * d))
+        specs = [(*spec, setting) for setting in settings for spec in specs]
         valid = []
-        for label, sn, sd in specs:
-            spec = _run(preset, label, sn, sd, length, 0, role)
+        for label, sn, sd, setting in specs:
+            spec = _run(preset, label, sn, sd, length, 0, role, setting)
             problem = trainer_problem(spec, data_elsewhere=preset.cluster)
             if problem is None:
-                valid.append((label, sn, sd))
+                valid.append((label, sn, sd, setting))
             else:
                 skipped.append((spec.run_id.removesuffix("_r0"), problem))
         for r in range(repeats):
             shift = (index + r) % len(valid) if valid else 0
-            for label, sn, sd in valid[shift:] + valid[:shift]:
-                runs.append(_run(preset, label, sn, sd, length, r, role))
+            for label, sn, sd, setting in valid[shift:] + valid[:shift]:
+                runs.append(_run(preset, label, sn, sd, length, r, role, setting))
     return Plan(preset, tuple(runs), tuple(skipped))

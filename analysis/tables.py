@@ -3,6 +3,9 @@
 Built by `analysis.compare` and written to ``DIR/summary.csv``; `analysis.figures` reads nothing
 else. Definitions (docs/measurement.md has the full text):
 
+Every ratio and efficiency compares runs with the same attention kernel, recompute and dtype
+(`SETTING_KEY`, part of `MODEL_KEY`), l and P; never across them.
+
 * ``speedup_vs_nvidia_sp`` = nvidia-sp's step time / this run's step time, and
   ``memory_ratio_vs_nvidia_sp`` / ``activation_ratio_vs_nvidia_sp`` /
   ``sp_comm_ratio_vs_nvidia_sp`` = nvidia-sp's peak memory / activation bytes / sp bytes over
@@ -32,10 +35,14 @@ from pathlib import Path
 
 import pandas as pd
 
+SETTING_KEY = ("attention_kernel", "recompute", "dtype")
+"""The kernel, recompute and precision a run used: ratios and efficiencies are only ever formed
+between runs that agree on all three (like for like), never across."""
 MODEL_KEY = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "ffn_hidden_size",
              "vocab_size", "make_vocab_size_divisible_by", "position_embedding", "causal",
-             "global_batch_size", "micro_batch_size", "optimizer", "dtype")  # fmt: skip
-"""Columns that must agree for two runs to be compared (same model, same work per step)."""
+             "global_batch_size", "micro_batch_size", "optimizer", *SETTING_KEY)  # fmt: skip
+"""Columns that must agree for two runs to be compared (same model, same work per step, same
+attention kernel, recompute and dtype)."""
 LAYOUT_KEY = ("seq_parallel", "data_parallel", "seq_length", *MODEL_KEY)
 
 IDENTITY = ("run_id", "preset", "mode", "variant", "status", "role", "repeat", "seq_parallel",
@@ -43,7 +50,8 @@ IDENTITY = ("run_id", "preset", "mode", "variant", "status", "role", "repeat", "
             "seq_length", "hidden_size", "num_layers", "num_heads",
             "num_kv_heads", "ffn_hidden_size", "vocab_size", "make_vocab_size_divisible_by",
             "position_embedding", "causal", "global_batch_size", "micro_batch_size",
-            "num_micro_batches", "steps", "optimizer", "dtype")  # fmt: skip
+            "num_micro_batches", "steps", "optimizer", "dtype", "attention_kernel",
+            "recompute")  # fmt: skip
 MEASURED = ("step_time_s", "tokens_per_s", "model_flops_per_step", "achieved_flops_per_s",
             "sp_comm_bytes", "grad_comm_bytes", "other_comm_bytes", "sp_comm_calls",
             "grad_comm_calls", "sp_comm_time_s", "grad_comm_time_s", "activation_bytes",
@@ -93,6 +101,8 @@ def identity_row(config: Mapping, run_id: str, role: str, repeat: int, preset: s
         "global_batch_size": t["global_batch_size"], "micro_batch_size": t["micro_batch_size"],
         "num_micro_batches": t["num_micro_batches"], "steps": t["steps"],
         "optimizer": t["optimizer"], "dtype": t["dtype"],
+        "attention_kernel": t.get("attention_kernel", "flash"),
+        "recompute": t.get("recompute", "none"),
     }  # fmt: skip
 
 
@@ -215,6 +225,35 @@ def _efficiency(df: pd.DataFrame, scaling: str) -> tuple[pd.Series, pd.Series, p
     return merged["ref_time"], time_eff, flops_eff
 
 
+def _fill_settings(df: pd.DataFrame) -> None:
+    """Setting columns of a table from before they existed: the kernel from ``core_attention``
+    (Megatron's DotProductAttention was dense, the others flash), no recompute, fp32."""
+    if "attention_kernel" not in df:
+        core = df["core_attention"] if "core_attention" in df else pd.Series("", index=df.index)
+        df["attention_kernel"] = core.map(
+            lambda c: "dense" if c == "DotProductAttention" else ("flash" if c else math.nan)
+        )
+    if "recompute" not in df:
+        df["recompute"] = "none"
+    if "dtype" not in df:
+        df["dtype"] = "fp32"
+
+
+def setting_label(df: pd.DataFrame) -> pd.Series:
+    """Per row: the kernel, then the recompute and the dtype where not the default
+    (``flash``, ``dense, selective``, ``flash, bf16``); empty where the table does not say."""
+
+    def label(row) -> str:
+        parts = [str(row.get("attention_kernel") or "")]
+        if str(row.get("recompute") or "none") not in ("none", "nan"):
+            parts.append(str(row["recompute"]))
+        if str(row.get("dtype") or "fp32") not in ("fp32", "nan"):
+            parts.append(str(row["dtype"]))
+        return ", ".join(p for p in parts if p and p != "nan")
+
+    return pd.Series([label(r) for _, r in df.iterrows()], index=df.index, dtype=object)
+
+
 def add_derived(df: pd.DataFrame, scaling: str) -> pd.DataFrame:
     """`df` with the ratio and efficiency columns filled in (see the module docstring)."""
     if scaling not in ("strong", "weak"):
@@ -223,6 +262,7 @@ def add_derived(df: pd.DataFrame, scaling: str) -> pd.DataFrame:
     for value in (*_RATIOS.values(), *_LSS_RATIOS.values()):
         if value not in df:  # a table from before that column existed
             df[value] = math.nan
+    _fill_settings(df)
     ok = df["status"] == "ok"
     for reference, ratios in ((_nvidia_reference, _RATIOS), (_lss_reference, _LSS_RATIOS)):
         ref = reference(df)
@@ -303,7 +343,8 @@ def predicted_columns(config: Mapping, predict: Callable[[dict], dict] | None) -
 
 
 # --- printing ------------------------------------------------------------------------------------
-_SHOWN = {"mode": "mode", "seq_parallel": "N", "data_parallel": "D", "world_size": "P",
+_SHOWN = {"mode": "mode", "attention_kernel": "kernel", "recompute": "recomp", "dtype": "dtype",
+          "seq_parallel": "N", "data_parallel": "D", "world_size": "P",
           "seq_length": "l", "repeat": "rep", "status": "status", "step_time_s": "step_s",
           "tokens_per_s": "tok/s", "sp_comm_bytes": "sp_MiB", "grad_comm_bytes": "grad_MiB",
           "activation_bytes": "act_MiB", "peak_mem_bytes": "peak_MiB",
@@ -364,7 +405,9 @@ def format_table(df: pd.DataFrame) -> str:
     footer = (f"eff = parallel efficiency ({what.get(kind, kind)}); flops_eff = achieved "
               "FLOP/s per rank over the same reference's; speedup_vs_nsp, act_ratio, mem_ratio = "
               "nvidia-sp's step time, activation bytes, peak memory over this run's "
-              "(same N, D, l); bytes are rank 0's.")  # fmt: skip
+              "(same N, D, l); every ratio and efficiency is between runs of the same kernel, "
+              "recomp and dtype, never across; bytes are rank 0's; step_s is the slowest "
+              "rank's.")  # fmt: skip
     if extra:
         footer += (" imbal = max/mean per-rank attention FLOPs (LSS); trans = peak heap growth "
                    "of step 1's forward + backward; opt, gradmem = optimizer-state and gradient "
@@ -402,6 +445,8 @@ def config_from_row(row: Mapping, seq_length: int | None = None) -> dict:
                                 kv_gather_chunks=option("kv_gather_chunks", 1)),
         train=TrainConfig(global_batch_size=i("global_batch_size"),
                           micro_batch_size=i("micro_batch_size"), optimizer=str(row["optimizer"]),
-                          dtype=str(row["dtype"]), zero_stage=option("zero_stage", 0)),
+                          dtype=str(row["dtype"]), zero_stage=option("zero_stage", 0),
+                          attention_kernel=option("attention_kernel", "flash"),
+                          recompute=option("recompute", "none")),
     )  # fmt: skip
     return cfg.to_dict()

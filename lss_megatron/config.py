@@ -32,6 +32,13 @@ from .layout import LAYOUTS
 POSITION_EMBEDDINGS = ("learned", "rope")
 OPTIMIZERS = ("sgd", "adamw")
 DTYPES = ("fp32", "bf16")
+ATTENTION_KERNELS = ("flash", "dense")
+"""`flash`: a memory-efficient kernel in every mode (nothing quadratic in l is saved); `dense`:
+scores materialised and probabilities saved in every mode (Megatron's `DotProductAttention` for
+serial and nvidia-sp). Same kernel family in every mode, so modes compare like for like."""
+RECOMPUTE = ("none", "selective", "full")
+"""Megatron's activation recompute (`TransformerConfig.recompute_granularity`): `selective`
+recomputes the core attention in backward, `full` every transformer layer (uniform, 1 layer)."""
 LR_SCHEDULES = ("constant", "cosine")
 ZERO_STAGES = (0, 1, 2)
 PROGRESS = ("auto", "on", "off")
@@ -366,7 +373,18 @@ class TrainConfig:
     lr: float = _opt(1e-3, "peak learning rate")
     seed: int = _opt(1234, "seeds the initial weights and the synthetic data; nothing else does")
     dtype: str = _opt(
-        "fp32", "bf16: bf16 autocast compute, fp32 master weights and gradients", choices=DTYPES
+        "fp32", "bf16: Megatron mixed precision (bf16 parameters and activations, fp32 master "
+        "weights, optimizer state and gradient reduction; training/optim.py MasterWeights)",
+        choices=DTYPES,
+    )
+    attention_kernel: str = _opt(
+        "flash", "flash: memory-efficient attention in every mode (nothing quadratic saved); "
+        "dense: scores materialised and probabilities saved in every mode",
+        choices=ATTENTION_KERNELS,
+    )
+    recompute: str = _opt(
+        "none", "Megatron activation recompute: selective (core attention) or full (every layer)",
+        choices=RECOMPUTE,
     )
     data: str = _opt("synthetic", "the dataset", choices=DATASETS, section=_DATA)
     out: str = _opt(
@@ -487,6 +505,9 @@ class TrainConfig:
                 p.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         for flag, value, allowed in (("--optimizer", self.optimizer, OPTIMIZERS),
                                      ("--dtype", self.dtype, DTYPES),
+                                     ("--attention-kernel", self.attention_kernel,
+                                      ATTENTION_KERNELS),
+                                     ("--recompute", self.recompute, RECOMPUTE),
                                      ("--data", self.data, DATASETS),
                                      ("--lr-schedule", self.lr_schedule, LR_SCHEDULES)):  # fmt: skip
             if value not in allowed:
@@ -582,17 +603,10 @@ class RunConfig:
         if not p:
             p += self._layout_problems()
         p += self.train.problems(self.parallel.dp if not parallel_problems else 0)
-        if self.train.dtype == "bf16" and self.parallel.mode == "nvidia-sp":
+        if self.train.dtype == "bf16" and self.parallel.tensor_parallel > 1:
             p.append(
-                "--dtype bf16 with --mode nvidia-sp is not supported: Megatron's sequence-parallel "
-                "layers need bf16 parameters (Megatron's own mixed precision, CUDA-only "
-                "optimizers), while this trainer's bf16 is autocast over fp32 weights; use fp32"
-            )
-        elif self.train.dtype == "bf16" and self.parallel.tensor_parallel > 1:
-            p.append(
-                "--dtype bf16 with --tensor-parallel > 1 is not supported: Megatron's "
-                "sequence-parallel layers need bf16 parameters, while this trainer's bf16 is "
-                "autocast over fp32 weights; use fp32"
+                "--dtype bf16 with --tensor-parallel > 1 is not supported: LSS x TP has not been "
+                "tested with Megatron's bf16 model yet; use fp32"
             )
         if self.train.zero_stage and self.parallel.tensor_parallel > 1:
             p.append(

@@ -4,15 +4,18 @@
 
 * parameters: Megatron's local GPT layer (biases on, untied embeddings) as this rank holds it:
   tensor-parallel shards (nvidia-sp, t = N), sequence-distributed learned positions (lss,
-  ulysses: l/N rows); fp32 master weights (bf16 is autocast over fp32 weights);
+  ulysses: l/N rows); under ``--dtype bf16`` the bf16 model plus its fp32 master weights
+  (ZeRO: DeepSpeed's fp32 partitions, a 1/P share);
 * gradients: one fp32 gradient per parameter (ZeRO stage 2: a 1/P share);
 * optimizer state: AdamW's exp_avg and exp_avg_sq plus a 4-byte step per tensor, none for SGD
   (ZeRO stage 1 and 2: a 1/P share);
-* activations: what autograd saves for backward in one micro-batch, for the attention kernel this
-  mode runs and without recomputation (the trainer has none): Megatron's DotProductAttention
-  (serial, nvidia-sp) materialises the [b, h/t, l, l] softmax probabilities and the causal mask;
-  LSS keeps its local queries, the gathered [K|V] of the whole sequence, its output and the
-  log-sum-exp; Ulysses holds all l tokens of h/N heads after its all-to-all.
+* activations: what autograd saves for backward in one micro-batch, for the run's attention
+  kernel (``--attention-kernel``) and ``--recompute``: the dense kernel materialises the softmax
+  probabilities (serial, nvidia-sp: Megatron's DotProductAttention, [b, h/t, l, l], and the
+  causal mask; LSS [b, h, l/N, l]; Ulysses [b, h/N, l, l]), the flash kernel keeps a
+  log-sum-exp instead; LSS keeps the gathered [K|V] of the whole sequence, Ulysses all l tokens
+  of h/N heads after its all-to-all. Selective recompute keeps only the core attention's inputs,
+  full recompute each layer's input.
 
 These are the tensors that must coexist at the peak; temporary buffers, the framework's own memory
 and allocator slack come on top, so the estimate is a lower bound and a run it refuses cannot fit.
@@ -47,7 +50,7 @@ class Estimate:
         g = lambda x: f"{x / GIB:.2f}"  # noqa: E731
         return (f"{g(self.total)} GiB (parameters {g(self.params)}, gradients {g(self.grads)}, "
                 f"optimizer state {g(self.optimizer)}, activations {g(self.activations)} for one "
-                f"micro-batch with {self.kernel}, no recompute)")  # fmt: skip
+                f"micro-batch with {self.kernel})")  # fmt: skip
 
 
 def _degrees(mode: str, n: int) -> tuple[int, bool]:
@@ -73,46 +76,66 @@ def parameter_count(m, mode: str, n: int) -> tuple[int, int]:
     return count, tensors
 
 
-def _attention_saved(m, mode: str, n: int, b: int, es: int) -> tuple[int, str]:
+def _attention_saved(m, mode: str, n: int, b: int, es: int, kernel: str) -> tuple[int, str]:
     ll, d, h, kv = m.seq_length, m.head_dim, m.num_heads, m.kv_heads
     seg = ll // n
-    if mode in ("serial", "nvidia-sp"):  # Megatron's own DotProductAttention
+    dense = kernel == "dense"
+    if mode in ("serial", "nvidia-sp"):  # DotProductAttention (dense) or FlashCoreAttention
         t, _ = _degrees(mode, n)
         saved = ll * b * (h + 2 * kv) // t * d * es + ll * b * h // t * d * es  # qkv, context
-        saved += b * (h // t) * ll * ll * es + (ll * ll if m.causal else 0)  # probs, mask
-        return saved, "DotProductAttention (scores materialised)"
+        if dense:
+            saved += b * (h // t) * ll * ll * es + (ll * ll if m.causal else 0)  # probs, mask
+            return saved, "DotProductAttention (scores materialised)"
+        return saved + b * (h // t) * ll * 4, "flash attention"  # lse
     if mode == "ulysses":
-        saved = ll * b * (2 * h // n + 2 * max(1, kv // n)) * d * es + b * (h // n) * ll * 4
-        return saved + seg * b * h * d * es, "Ulysses flash-type attention"
+        saved = ll * b * (2 * h // n + 2 * max(1, kv // n)) * d * es + seg * b * h * d * es
+        if dense:
+            saved += b * (h // n) * ll * ll * es + (ll * ll if m.causal else 0)
+            return saved, "Ulysses dense attention (scores materialised)"
+        return saved + b * (h // n) * ll * 4, "Ulysses flash attention"
     saved = seg * b * (h + 2 * kv) * d * es + ll * b * 2 * kv * d * es  # qkv, gathered [K|V]
-    return saved + seg * b * h * d * es + b * h * seg * 4, "LSS flash-type attention"
+    saved += seg * b * h * d * es  # output
+    if dense:
+        saved += b * h * seg * ll * es + (seg * ll if m.causal else 0)
+        return saved, "LSS dense attention (scores materialised)"
+    return saved + b * h * seg * 4, "LSS flash attention"
 
 
-def activation_bytes(m, mode: str, n: int, micro_batch: int, dtype: str) -> tuple[int, str]:
+def activation_bytes(m, mode: str, n: int, micro_batch: int, dtype: str, kernel: str = "flash",
+                     recompute: str = "none") -> tuple[int, str]:  # fmt: skip
     """(bytes saved for backward in one micro-batch's forward, the attention kernel)."""
     es = 2 if dtype == "bf16" else 4
     t, _ = _degrees(mode, n)
     b, e = micro_batch, m.hidden_size
     local = m.seq_length if mode == "serial" else m.seq_length // n  # norm / residual regions
     tp_tokens = m.seq_length if mode in ("serial", "nvidia-sp") else m.seq_length // n
-    attention, kernel = _attention_saved(m, mode, n, b, es)
+    attention, name = _attention_saved(m, mode, n, b, es, kernel)
+    if recompute == "selective":  # the checkpoint keeps q, k, v (the fused QKV output), context
+        attention = tp_tokens * b * (2 * m.num_heads + 2 * m.kv_heads) // t * m.head_dim * es
     layer = 4 * local * b * e * es + 2 * tp_tokens * b * (m.ffn_size // t) * es + attention
+    if recompute == "full":  # each layer's input only
+        layer = local * b * e * es
     head = 2 * local * b * e * es + tp_tokens * b * (m.padded_vocab_size // t) * es
-    return m.num_layers * layer + head, kernel
+    suffix = "" if recompute == "none" else f", {recompute} recompute"
+    return m.num_layers * layer + head, name + suffix
 
 
 def estimate(cfg) -> Estimate:
     """This rank's memory for `cfg` (a validated RunConfig)."""
     mode, n = cfg.parallel.mode, cfg.parallel.seq_parallel
     count, tensors = parameter_count(cfg.model, mode, n)
+    t = cfg.train
     params = grads = 4 * count
-    optimizer = 8 * count + 4 * tensors if cfg.train.optimizer == "adamw" else 0
+    optimizer = 8 * count + 4 * tensors if t.optimizer == "adamw" else 0
     world = cfg.parallel.world_size
-    if cfg.train.zero_stage >= 1:
+    if t.dtype == "bf16":  # the bf16 model plus fp32 masters (ZeRO: DeepSpeed's partitions)
+        params = 2 * count + (-(-4 * count // world) if t.zero_stage else 4 * count)
+    if t.zero_stage >= 1:
         optimizer = -(-optimizer // world)
-    if cfg.train.zero_stage >= 2:
+    if t.zero_stage >= 2:
         grads = -(-grads // world)
-    acts, kernel = activation_bytes(cfg.model, mode, n, cfg.micro_batch, cfg.train.dtype)
+    acts, kernel = activation_bytes(cfg.model, mode, n, cfg.micro_batch, t.dtype,
+                                    t.attention_kernel, t.recompute)  # fmt: skip
     return Estimate(params, grads, optimizer, acts, kernel)
 
 

@@ -22,15 +22,67 @@ from .modes import get_mode
 from .parallel.grid import Grid
 
 
+def attention_kernel_of(model) -> str:
+    """The attention kernel the built model runs, read back from its core attention modules:
+    ``dense`` for Megatron's `DotProductAttention`, else the module's own ``kernel``. Raises if
+    the layers disagree."""
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    kernels = {
+        "dense" if isinstance(core, DotProductAttention) else getattr(core, "kernel", "unknown")
+        for core in (layer.self_attention.core_attention for layer in model.decoder.layers)
+    }
+    if len(kernels) != 1:
+        raise RuntimeError(f"the model's layers run different attention kernels: {kernels}")
+    return kernels.pop()
+
+
+def model_settings(model) -> dict:
+    """``attention_kernel``, ``recompute`` and ``dtype`` the built model really runs, read back
+    from its modules, its Megatron config and its parameters."""
+    dtypes = {p.dtype for p in model.parameters()}
+    names = {torch.float32: "fp32", torch.bfloat16: "bf16"}
+    return {
+        "attention_kernel": attention_kernel_of(model),
+        "recompute": model.config.recompute_granularity or "none",
+        "dtype": names.get(dtypes.pop(), "other") if len(dtypes) == 1 else "mixed",
+    }
+
+
+def check_settings(model, requested: dict) -> dict:
+    """`model_settings`, after checking it equals `requested` (same keys); raises RuntimeError
+    naming every difference, so a run never starts with something other than what was asked."""
+    ran = model_settings(model)
+    diffs = [f"{k}: requested {requested[k]!r}, the model runs {ran[k]!r}"
+             for k in ran if ran[k] != requested[k]]  # fmt: skip
+    if diffs:
+        raise RuntimeError("the built model does not run the requested settings: "
+                           + "; ".join(diffs))  # fmt: skip
+    return ran
+
+
 def transformer_config(
     model: ModelConfig,
     *,
     context_parallel: int = 1,
     tensor_parallel: int = 1,
     sequence_parallel: bool = False,
-    params_dtype=torch.float32,
+    dtype: str = "fp32",
+    recompute: str = "none",
+
 ) -> TransformerConfig:
-    """The Megatron `TransformerConfig` for `model` (CPU-safe: every fusion off, no dropout)."""
+    """The Megatron `TransformerConfig` for `model` (CPU-safe: every fusion off, no dropout).
+
+    `dtype` ``bf16``: Megatron's ``bf16=True`` with bf16 ``params_dtype``. `recompute` maps to
+    Megatron's own activation recompute: ``selective`` is ``recompute_granularity="selective"``
+    (Megatron's default module list, the core attention), ``full`` is ``"full"`` with
+    ``recompute_method="uniform"`` and ``recompute_num_layers=1`` (every layer checkpointed)."""
+    recompute_args = {
+        "none": {},
+        "selective": {"recompute_granularity": "selective"},
+        "full": {"recompute_granularity": "full", "recompute_method": "uniform",
+                 "recompute_num_layers": 1},
+    }[recompute]  # fmt: skip
     return TransformerConfig(
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,
@@ -43,7 +95,8 @@ def transformer_config(
         sequence_parallel=sequence_parallel,
         use_cpu_initialization=True,
         perform_initialization=True,
-        params_dtype=params_dtype,
+        params_dtype=torch.bfloat16 if dtype == "bf16" else torch.float32,
+        bf16=dtype == "bf16",
         hidden_dropout=0.0,
         attention_dropout=0.0,
         init_method_std=0.02,
@@ -53,16 +106,31 @@ def transformer_config(
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
         persist_layer_norm=False,
+        **recompute_args,
     )
 
 
-def build_model(model: ModelConfig, grid: Grid, *, mode: str, seed: int) -> GPTModel:
-    """Build the `GPTModel` of `mode` (one of `config.MODES`) on this rank.
+def build_model(
+    model: ModelConfig,
+    grid: Grid,
+    *,
+    mode: str,
+    seed: int,
+    kernel: str = "flash",
+    recompute: str = "none",
+    dtype: str = "fp32",
+) -> GPTModel:
+    """Build the `GPTModel` of `mode` on this rank, running attention `kernel` (flash / dense),
+    Megatron's activation `recompute` (none / selective / full) in `dtype` (fp32 / bf16).
 
     Same seed -> same initial (master) weights for every mode and layout. In LSS mode the learned
     position table is cut to this rank's segment and RoPE uses global positions (lss/positions.py);
     with tensor parallelism (LSS x TP) Megatron's TP runs with ``sequence_parallel`` inside each
     sequence rank.
+    bf16: Megatron's mixed precision model, as its `Float16Module` makes it (``module.bfloat16()``:
+    every parameter and activation bf16; the fp32 master weights are training/optim.py's). The wrapper
+    itself is not kept: its forward only casts floating inputs (ours are token ids) and the
+    output (step.py takes the loss in fp32), and it would rename every parameter ``module.*``.
     """
     cpu.apply()
     m = get_mode(mode)
@@ -80,8 +148,10 @@ def build_model(model: ModelConfig, grid: Grid, *, mode: str, seed: int) -> GPTM
             context_parallel=grid.seq_size,
             tensor_parallel=grid.tp_size,
             sequence_parallel=m.rules.sequence_parallel or grid.tp_size > 1,
+            dtype=dtype,
+            recompute=recompute,
         ),
-        transformer_layer_spec=m.layer_spec(model, grid),
+        transformer_layer_spec=m.layer_spec(model, grid, kernel),
         vocab_size=model.padded_vocab_size,
         max_sequence_length=model.seq_length,
         position_embedding_type="learned_absolute"
@@ -90,4 +160,6 @@ def build_model(model: ModelConfig, grid: Grid, *, mode: str, seed: int) -> GPTM
         share_embeddings_and_output_weights=False,
     )
     m.post_build(gpt, grid)
+    if dtype == "bf16":
+        gpt = gpt.bfloat16()  # after post_build: the position slices it makes convert too
     return gpt

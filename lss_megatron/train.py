@@ -9,9 +9,12 @@ flags override. Every flag has a small built-in default, so
 Outputs, in ``--out``:
 
 * ``metrics.jsonl``: one JSON object per optimizer step (rank 0): ``step`` (1-based), ``loss`` (the
-  global per-token mean training loss of that step), ``step_time_s``, ``tokens_per_s`` and this
-  rank's communication counters (``sp_comm_bytes``, ``grad_comm_bytes``, calls);
-* ``config.json``: the effective configuration after all derivations, plus what really ran.
+  global per-token mean training loss of that step), ``step_time_s`` (the slowest rank's),
+  ``tokens_per_s`` and this rank's communication counters (``sp_comm_bytes``,
+  ``grad_comm_bytes``, calls);
+* ``config.json``: the effective configuration after all derivations, plus what really ran
+  (``runtime``: among others the attention kernel, recompute and dtype read back from the built
+  model; a model that runs other settings than requested refuses to start).
 """
 
 from __future__ import annotations

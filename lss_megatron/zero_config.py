@@ -11,8 +11,8 @@ merged over them. Torch-free, so a bad file fails at validation, before any proc
   ``--micro-batch-size`` and the grid), ``gradient_clipping`` (``--clip-grad``) and
   ``zero_optimization.stage`` (``--zero-stage``) may be given only as ``"auto"`` or the trainer's
   value; a ds-config ``optimizer``/``scheduler`` (the trainer passes its own torch optimizer and
-  sets the lr itself), DeepSpeed ``fp16``/``bf16`` enabled (``--dtype bf16`` is autocast over
-  fp32 weights) and ``offload_optimizer``/``offload_param`` (DeepSpeed's compiled CPU Adam) are
+  sets the lr itself), DeepSpeed ``fp16``/``bf16`` enabled (``--dtype`` sets DeepSpeed's
+  ``bf16``: the engine follows the model's dtype) and ``offload_optimizer``/``offload_param`` (DeepSpeed's compiled CPU Adam) are
   refused. Everything else (bucket sizes, ``overlap_comm``, ``contiguous_gradients``,
   ``reduce_scatter``, ``round_robin_gradients``, ``communication_data_type``,
   ``steps_per_print``, ...) is DeepSpeed's to read.
@@ -51,8 +51,9 @@ def overlap_comm_default(cuda: bool) -> tuple[bool, str]:
 
 
 def defaults(*, micro: int, accumulation: int, data_ranks: int, clip: float, stage: int,
-             bucket_elements: int, overlap_comm: bool) -> dict:  # fmt: skip
-    """The trainer's DeepSpeed config (no ds-config optimizer, no scheduler, fp32 engine)."""
+             bucket_elements: int, overlap_comm: bool, bf16: bool = False) -> dict:  # fmt: skip
+    """The trainer's DeepSpeed config (no ds-config optimizer, no scheduler; a bf16 engine with
+    fp32 gradient reduction when `bf16` (``--dtype bf16``: Megatron's bf16 model), else fp32)."""
     return {
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": accumulation,
@@ -68,7 +69,8 @@ def defaults(*, micro: int, accumulation: int, data_ranks: int, clip: float, sta
             "allgather_bucket_size": bucket_elements,
         },
         "zero_allow_untested_optimizer": True,
-        "bf16": {"enabled": False},
+        "bf16": {"enabled": bf16},
+        **({"communication_data_type": "fp32"} if bf16 else {}),
         "fp16": {"enabled": False},
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
@@ -126,8 +128,8 @@ def file_problems(path: str, expected: dict) -> list[str]:
             p.append(f"--deepspeed-config {path}: {key} is not supported: {why}")
     for key in ("fp16", "bf16"):
         if isinstance(user.get(key), dict) and user[key].get("enabled") not in (False, AUTO, None):
-            p.append(f"--deepspeed-config {path}: {key}.enabled is not supported: --dtype bf16 is "
-                     "autocast over fp32 weights, DeepSpeed's engine stays fp32")  # fmt: skip
+            p.append(f"--deepspeed-config {path}: {key}.enabled is not supported: --dtype sets it "
+                     "(--dtype bf16: DeepSpeed's bf16 mode over Megatron's bf16 model)")  # fmt: skip
     for key in ("offload_optimizer", "offload_param"):
         if zero.get(key) not in (None, {}) and (not isinstance(zero[key], dict) or
                                                 zero[key].get("device", "none") != "none"):  # fmt: skip

@@ -19,6 +19,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 # are `bash launch/gpu_check.sh`, not this suite).
 if os.environ.get("LSS_TEST_CUDA") != "1":
     os.environ["CUDA_VISIBLE_DEVICES"] = ""
+# a collective whose bytes comm.record() cannot read fails the test (launched trainers inherit it)
+os.environ.setdefault("LSS_STRICT_COMM", "1")
 warnings.filterwarnings("ignore", category=FutureWarning)
 
 TIERS = ("unit", "ranks", "e2e")

@@ -31,6 +31,7 @@ from pathlib import Path
 
 from .configs import config_from_preset, layout_problems, make_config
 from .counts import (
+    FP32,
     MODES,
     activation_bytes,
     attention_imbalance,
@@ -96,6 +97,7 @@ def predict(
         "seq_parallel": lay.n,
         "data_parallel": lay.d,
         "attention_kernel": lay.attention_kernel,
+        "recompute": lay.recompute,
         "sp_comm_bytes": lay.micro_batches * sp_bytes_per_micro_batch(s, lay),
         "sp_comm_calls": lay.micro_batches * sp_calls_per_micro_batch(s, lay),
         "grad_comm_bytes": grad_b,
@@ -106,7 +108,7 @@ def predict(
         "parameters_per_rank": params,
         "param_tensors": len(parameters(s, lay)),
         "param_bytes": params * lay.param_bytes,
-        "grad_bytes": params * lay.param_bytes,
+        "grad_bytes": params * lay.grad_elem,
         "optimizer_state_bytes": optimizer_state_bytes(s, lay, optimizer),
         "model_flops_per_step": model_flops_per_step(s, lay.global_batch),
         "attention_imbalance": attention_imbalance(s, lay),
@@ -115,9 +117,11 @@ def predict(
     }
     if lay.zero_stage:
         out.update(zero_counts(s, lay, optimizer))
+    if lay.master_weights and not lay.zero_stage:
+        out["master_param_bytes"] = params * FP32
     out["memory_bytes"] = (
-        out["param_bytes"] + out["grad_bytes"] + out["optimizer_state_bytes"]
-        + out["activation_bytes"]
+        out["param_bytes"] + out.get("master_param_bytes", 0) + out["grad_bytes"]
+        + out["optimizer_state_bytes"] + out["activation_bytes"]
     )  # fmt: skip
     if device is not None:
         dev = get_device(device)

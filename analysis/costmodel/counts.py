@@ -32,7 +32,7 @@ SEQUENCE_MODES = ("lss", "ulysses", "ring")
 """Modes whose sequence group splits every sequence into N segments (TP = 1): positions are
 sequence-distributed and gradients doubly averaged as in LSS (the trainer's Ulysses does so)."""
 BUCKET_BYTES = 25 * 1024 * 1024
-INT64, BOOL, FP32 = 8, 1, 4
+INT64, INT32, BOOL, FP32 = 8, 4, 1, 4
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp64": 8}
 
 
@@ -64,13 +64,27 @@ class Layout:
     micro_batches: int  # M, micro-batches per optimizer step
     global_batch: int  # G
     act_bytes: int  # element size of activations (fp32 4, bf16/fp16 2)
-    param_bytes: int = 4  # element size of parameters and their gradients
+    param_bytes: int = 4  # element size of the model's parameters (the bf16 model: 2)
     kernel: str = "auto"  # attention kernel: "flash" (no score tensor), "materialized", or auto
-    cpu_autocast: bool = False  # the trainer's bf16 on CPU: only DotProductAttention runs in bf16
+    recompute: str = "none"  # Megatron activation recompute: "none", "selective", "full"
+    master_weights: bool = False  # bf16 model + fp32 master weights, gradients, optimizer state
     zigzag: bool = False  # LSS zigzag layout: rank n holds chunks n and 2N-1-n of 2N
     kv_chunks: int = 1  # LSS --kv-gather-chunks C: K/V gathered in C head chunks
     zero_stage: int = 0  # --zero-stage: DeepSpeed ZeRO over the gradient group (0: off)
     t: int = 1  # lss --tensor-parallel T: Megatron TP with sequence_parallel inside each segment
+    cpu: bool = False  # the trainer on CPU (gloo): bf16 LayerNorm keeps bf16 mean/rstd there
+
+    @property
+    def stats_elem(self) -> int:
+        """Element size of LayerNorm's saved mean and rstd: fp32, but in the input dtype on CPU
+        (torch 2.13's CPU layer_norm for bf16 input returns bf16 statistics)."""
+        return self.act_bytes if self.cpu else max(self.act_bytes, FP32)
+
+    @property
+    def grad_elem(self) -> int:
+        """Element size of gradients, their reduction and the optimizer state (fp32 under
+        master weights, else the parameters')."""
+        return FP32 if self.master_weights else self.param_bytes
 
     @property
     def world(self) -> int:
@@ -79,15 +93,16 @@ class Layout:
     @property
     def attn_bytes(self) -> int:
         """Element size of what LSS and Ulysses attention gather, exchange and save (q, K/V,
-        output): the compute dtype. Under the trainer's bf16 autocast on the CPU, Megatron's layers
-        stay fp32 but attention casts q, k, v to bf16 itself (`lss.kernel.compute_dtype`)."""
-        return 2 if self.cpu_autocast else self.act_bytes
+        output): the compute dtype (`lss.kernel.compute_dtype`, cast before any communication).
+        The trainer's bf16 is Megatron's bf16 model, so that is the activations' dtype; a half
+        dtype over fp32 parameters (``param_dtype`` fp32) computes in the half dtype too."""
+        return self.act_bytes
 
     @property
     def attn_cast(self) -> bool:
-        """Autocast over wider parameters: q, k, v reach attention as cast copies (never views of
-        the fused QKV output, whose bias add runs in fp32)."""
-        return self.cpu_autocast or self.act_bytes < self.param_bytes
+        """A half compute dtype over wider parameters: q, k, v reach attention as cast copies
+        (never views of the fused QKV output, whose bias add runs in the parameters' dtype)."""
+        return self.act_bytes < self.param_bytes
 
     @property
     def tp(self) -> int:
@@ -136,16 +151,20 @@ def shape_from_config(model: dict) -> Shape:
     )
 
 
+KERNEL_NAMES = {"flash": "flash", "dense": "materialized", "materialized": "materialized",
+                "auto": "auto"}  # fmt: skip
+"""The trainer's ``--attention-kernel`` (and this model's own names) -> `Layout.kernel`."""
+
+
 def layout_from_config(config: dict) -> Layout:
-    """`Layout` from the "parallel" and "train" sections (and an optional "costmodel" section:
-    ``attention_kernel``, ``param_dtype``)."""
+    """`Layout` from the "parallel" and "train" sections (the trainer's ``attention_kernel``,
+    ``recompute``, ``dtype``), or for a hypothetical layout an optional "costmodel" section
+    (`configs.make_config`'s; its ``attention_kernel``, ``auto`` by default: dense for serial
+    and nvidia-sp, flash otherwise, as in the paper, overrides the trainer's; ``param_dtype``
+    fp32 keeps fp32 parameters under a half dtype)."""
     par, train = config["parallel"], config["train"]
     extra = config.get("costmodel", {})
     dtype = train.get("dtype", "fp32")
-    # measured: under torch.autocast("cpu", bf16) Megatron's linear layers (custom_fwd for CUDA)
-    # stay fp32; DotProductAttention's bmm inputs and outputs are bf16, and LSS's and Ulysses'
-    # attention cast q, k, v to bf16 themselves (Layout.attn_bytes)
-    cpu_autocast = dtype != "fp32" and config.get("runtime", {}).get("backend") == "gloo"
     mode = par["mode"]
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
@@ -155,6 +174,7 @@ def layout_from_config(config: dict) -> Layout:
     g = int(train["global_batch_size"])
     b = int(train.get("micro_batch_size") or g // d)
     m = int(train.get("num_micro_batches") or g // (d * b))
+    half = dtype != "fp32" and extra.get("param_dtype") != "fp32"  # Megatron mixed precision
     return Layout(
         mode=mode,
         n=n,
@@ -162,14 +182,17 @@ def layout_from_config(config: dict) -> Layout:
         micro_batch=b,
         micro_batches=m,
         global_batch=g,
-        act_bytes=4 if cpu_autocast else DTYPE_BYTES[dtype],
-        param_bytes=DTYPE_BYTES[extra.get("param_dtype", "fp32")],
-        kernel=extra.get("attention_kernel", "auto"),
-        cpu_autocast=cpu_autocast,
+        act_bytes=DTYPE_BYTES[dtype],
+        param_bytes=DTYPE_BYTES[dtype] if half else FP32,
+        kernel=KERNEL_NAMES[extra.get("attention_kernel") or train.get("attention_kernel")
+                            or "auto"],
+        recompute=train.get("recompute") or "none",
+        master_weights=half,
         zigzag=par.get("lss_layout", "contiguous") == "zigzag",
         kv_chunks=int(par.get("kv_gather_chunks") or 1) if mode == "lss" else 1,
         zero_stage=int(train.get("zero_stage") or 0),
         t=t,
+        cpu=config.get("runtime", {}).get("backend") == "gloo",
     )
 
 
@@ -246,22 +269,34 @@ def all_to_all_bytes(local_nbytes: int, n: int) -> int:
 
 
 # --- communication per optimizer step ------------------------------------------------------------
-def megatron_sp_bytes(s: Shape, tokens: int, b: int, t: int, es: int) -> int:
+def megatron_sp_bytes(s: Shape, tokens: int, b: int, t: int, es: int, fwd: int = 1) -> int:
     """Megatron TP of degree t with sequence_parallel on `tokens` tokens per sequence (nvidia-sp:
-    l; LSS x TP: l/N): its gathers, reduce-scatters and all-reduces of one micro-batch."""
+    l; LSS x TP: l/N): its gathers, reduce-scatters and all-reduces of one micro-batch; `fwd`:
+    how often the layers' forward collectives run (2 under full recompute)."""
     if t == 1:
         return 0
     u = gather_bytes(tokens // t * b * s.hidden * es, t)  # one sequence-parallel AG or RS
-    # per layer: forward AG before QKV and FC1, RS after proj and FC2 (4); backward the
+    # per layer: forward AG before QKV and FC1, RS after proj and FC2 (4, x fwd); backward the
     # adjoints (4) plus Megatron's re-gather of QKV's and FC1's inputs for weight grads (2)
-    total = s.layers * 10 * u
+    total = s.layers * (4 * fwd + 6) * u
     total += 3 * u  # output layer: AG forward, re-gather and RS of the input grad backward
-    total += 3 * all_reduce_bytes(tokens * b * es, t)  # vocab-parallel CE: max, target, sum-exp
+    # vocab-parallel cross-entropy in fp32 (Megatron casts the logits): max, target, sum-exp
+    total += 3 * all_reduce_bytes(tokens * b * FP32, t)
     if s.learned_positions:  # word embedding all-reduce, then scatter (backward: AG)
         total += all_reduce_bytes(b * tokens * s.hidden * es, t) + u
     else:  # embedding reduce-scatter straight into the sequence shard (backward: AG)
         total += 2 * u
     return total
+
+
+def _forward_repeats(lay: Layout) -> int:
+    """How often a layer's forward communication runs per micro-batch: twice under recompute
+    (Megatron re-runs the checkpointed part in backward). LSS and Ulysses communicate inside the
+    core attention, so selective and full recompute both repeat it; nvidia-sp's sequence-parallel
+    collectives sit around the linear layers, so only full recompute repeats them."""
+    if lay.recompute == "full" or (lay.recompute == "selective" and lay.mode != "nvidia-sp"):
+        return 2
+    return 1
 
 
 def sp_bytes_per_micro_batch(s: Shape, lay: Layout) -> int:
@@ -270,35 +305,42 @@ def sp_bytes_per_micro_batch(s: Shape, lay: Layout) -> int:
     if n == 1 and lay.tp == 1:
         return 0
     seg = ll // n
+    fwd = _forward_repeats(lay)
+    tp_fwd = 2 if lay.recompute == "full" else 1  # Megatron's TP collectives around the linears
     kes = lay.attn_bytes if lay.mode in ("lss", "ulysses") else es  # q, k, v cast to the
     # compute dtype before they travel (Megatron's own TP traffic stays in es)
     kv = seg * b * 2 * (s.kv_heads // lay.t) * s.head_dim * kes  # local [K | V], h_kv/T heads
-    if lay.mode == "lss":  # one all-gather of [K|V] forward, one reduce-scatter backward, per layer
-        return s.layers * 2 * gather_bytes(kv, n) + megatron_sp_bytes(s, seg, b, lay.t, es)
+    if lay.mode == "lss":  # all-gather of [K|V] per forward (x fwd), one reduce-scatter backward
+        return (s.layers * (fwd + 1) * gather_bytes(kv, n)
+                + megatron_sp_bytes(s, seg, b, lay.t, es, tp_fwd))  # fmt: skip
     if lay.mode == "ring":  # forward passes K/V n-1 times; backward K/V and dK/dV n-1 times each
         return s.layers * 3 * (n - 1) * kv
-    if lay.mode == "ulysses":  # q, k, v and output all-to-all, forward and backward
+    if lay.mode == "ulysses":  # q, k, v and output all-to-all, forward (x fwd) and backward
         q = seg * b * s.heads * s.head_dim * kes
         k = seg * b * s.kv_heads * s.head_dim * kes
         per_dir = 2 * all_to_all_bytes(q, n) + 2 * all_to_all_bytes(k, n)
-        return s.layers * 2 * per_dir
+        return s.layers * (fwd + 1) * per_dir
     if lay.mode == "nvidia-sp":
-        return megatron_sp_bytes(s, ll, b, n, es)
+        return megatron_sp_bytes(s, ll, b, n, es, fwd)
     return 0
 
 
 def sp_calls_per_micro_batch(s: Shape, lay: Layout) -> int:
-    megatron = 10 * s.layers + 3 + 3 + 2 if lay.tp > 1 else 0  # Megatron's TP + SP collectives
+    tp_fwd = 2 if lay.recompute == "full" else 1  # Megatron's TP forward collectives repeat
+    # only under full recompute (they sit around the linear layers)
+    megatron = (4 * tp_fwd + 6) * s.layers + 3 + 3 + 2 if lay.tp > 1 else 0  # TP + SP calls
     if lay.n == 1:
         return megatron
-    return {"lss": 2 * s.layers * lay.kv_chunks + megatron, "ring": 3 * (lay.n - 1) * s.layers,
-            "ulysses": 8 * s.layers, "nvidia-sp": megatron}.get(lay.mode, 0)  # fmt: skip
+    fwd = _forward_repeats(lay)
+    return {"lss": (fwd + 1) * s.layers * lay.kv_chunks + megatron,
+            "ring": 3 * (lay.n - 1) * s.layers, "ulysses": 4 * (fwd + 1) * s.layers,
+            "nvidia-sp": megatron}.get(lay.mode, 0)  # fmt: skip
 
 
 def grad_comm(s: Shape, lay: Layout) -> tuple[int, int]:
     """(bytes, calls) of gradient synchronisation per step (`grad_sync.GradientAverager`)."""
     params = parameters(s, lay)
-    pb = lay.param_bytes
+    pb = lay.grad_elem
 
     def reduce(ps: list[Param], n: int) -> tuple[int, int]:
         if n <= 1:
@@ -325,15 +367,34 @@ def other_comm(s: Shape, lay: Layout) -> tuple[int, int]:
 
 
 # --- bytes saved for backward (one micro-batch, this rank) -----------------------------------------
+def _lse(b: int, heads: int, tokens: int, es: int) -> int:
+    """A flash kernel's log-sum-exp [b, heads, tokens]: fp32 (fp64 for fp64 inputs)."""
+    return b * heads * tokens * (8 if es == 8 else FP32)
+
+
+def _probs(b: int, heads: int, rows: int, keys: int, es: int) -> int:
+    """Saved probabilities [b, heads, rows, keys]; bf16/fp16 also keep the fp32 softmax output
+    (Megatron's ``attention_softmax_in_fp32``)."""
+    return b * heads * rows * keys * (es + (FP32 if es < FP32 else 0))
+
+
+def _core_inputs(s: Shape, lay: Layout, tokens: int, hp: int, kvp: int) -> int:
+    """Storages behind q, k and v as Megatron hands them to the core attention (tokens, hp query
+    and kvp key/value heads on this rank): the fused QKV output (v is always a view of it), plus
+    q's copy when the head split or RoPE makes one, plus k's RoPE output."""
+    b, es, d = lay.micro_batch, lay.act_bytes, s.head_dim
+    rope = not s.learned_positions
+    total = tokens * b * (hp + 2 * kvp) * d * es
+    if rope or (hp > kvp > 1):
+        total += tokens * b * hp * d * es
+    return total + (tokens * b * kvp * d * es if rope else 0)
+
+
 def _dpa_saved(s: Shape, lay: Layout, sq: int) -> int:
     """Megatron's DotProductAttention on hp = h/t heads over sq tokens (serial, nvidia-sp)."""
     t, b, es, d = lay.tp, lay.micro_batch, lay.act_bytes, s.head_dim
     hp, kvp = s.heads // t, s.kv_heads // t
     grouped, rope = s.heads > s.kv_heads, not s.learned_positions
-    if lay.cpu_autocast:  # bf16 copies of q, k, v made by the autocast bmm; bf16 probs, context
-        total = 3 * sq * b * hp * d * 2 + sq * b * hp * d * 2 + b * hp * sq * sq * 2
-        total += 4 * sq * d * es if rope else 0
-        return total + (sq * sq * BOOL if s.causal else 0)
     full = sq * b * hp * d * es
     # q stays a view of the fused QKV output unless RoPE rewrites it or the head split needs a
     # copy: [sq, b, ng, g*d] -> [sq*b*hp, d] is a view only if g == 1, or ng == 1 and b == 1
@@ -346,38 +407,41 @@ def _dpa_saved(s: Shape, lay: Layout, sq: int) -> int:
         total += sq * b * kvp * d * es  # rope output of k
     if q_view or k_view or v_view:
         total += sq * b * (hp + 2 * kvp) * d * es  # the fused QKV output they are views of
-    if rope:
-        total += 4 * sq * d * es  # cos and sin, for q and for k
-    if lay.attention_kernel == "materialized":
-        total += sq * sq * BOOL if s.causal else 0  # the causal mask, rebuilt per layer
-        total += b * hp * sq * sq * es  # softmax probabilities
-    else:  # a fused kernel: output and log-sum-exp instead of scores
-        total += b * hp * sq * FP32
-    return total + sq * b * hp * d * es  # input of the output projection (context)
+    total += sq * sq * BOOL if s.causal else 0  # the causal mask, rebuilt per layer
+    return total + _probs(b, hp, sq, sq, es) + full  # probabilities, context (proj input)
+
+
+def _flash_saved(s: Shape, lay: Layout, sq: int) -> int:
+    """`FlashCoreAttention` on hp = h/t heads over sq tokens (serial, nvidia-sp): its inputs
+    q, k, v, the output (= the projection's input) and the log-sum-exp."""
+    hp, kvp, b = s.heads // lay.tp, s.kv_heads // lay.tp, lay.micro_batch
+    out = sq * b * hp * s.head_dim * lay.act_bytes
+    return _core_inputs(s, lay, sq, hp, kvp) + out + _lse(b, hp, sq, lay.act_bytes)
 
 
 def _lss_saved(s: Shape, lay: Layout) -> int:
-    """LSS core attention on this rank's h/T heads: q, the gathered [K|V] buffer, output (= proj
-    input), lse."""
-    b, es, d, seg = lay.micro_batch, lay.attn_bytes, s.head_dim, s.seq // lay.n
-    h, kv = s.heads // lay.t, s.kv_heads // lay.t
+    """LSS core attention on this rank's h/T heads, flash: q, the gathered [K|V] buffer, output
+    (= proj input), lse; dense: contiguous copies of q and of the gathered K and V,
+    probabilities [b, h, l/N, l] and masks [rows, l] per kernel call, output (= proj input).
+    q, K/V and the output are in the compute dtype (`Layout.attn_bytes`)."""
+    b, es, d, seg, ll = lay.micro_batch, lay.attn_bytes, s.head_dim, s.seq // lay.n, s.seq
+    h, kvh = s.heads // lay.t, s.kv_heads // lay.t
     rope, grouped = not s.learned_positions, s.heads > s.kv_heads
-    if rope or (grouped and kv > 1) or lay.attn_cast:  # rope output, a copy of grouped heads,
+    out = seg * b * h * d * es
+    kv = ll * b * 2 * kvh * d * es  # the gathered [K | V]
+    index = (2 * lay.n * INT64) * lay.kv_chunks if lay.zigzag else 0  # chunk order, per gather
+    if lay.attention_kernel == "materialized":
+        calls = 2 if lay.zigzag else 1  # each zigzag chunk copies the whole (re-ordered) K, V
+        total = seg * b * h * d * es + calls * kv + out + index
+        total += _probs(b, h, seg, ll, es)
+        return total + (lay.kv_chunks * seg * ll * BOOL if s.causal else 0)
+    if rope or (grouped and kvh > 1) or lay.attn_cast:  # rope output, a copy of grouped heads,
         q = seg * b * h * d * es  # or the cast to the compute dtype
     else:
-        q = seg * b * (h + 2 * kv) * d * es  # a view of the fused QKV output
-    total = q + s.seq * b * 2 * kv * d * es + seg * b * h * d * es
-    total += 4 * seg * d * lay.act_bytes if rope else 0  # cos and sin (not cast)
-    if lay.zigzag:  # K, V re-ordered by index_select (the gathered buffer is then not saved),
-        # two chunk outputs and their concatenation (the proj input), the chunk order index
-        total += seg * b * h * d * es + 2 * lay.n * INT64
-        total += (lay.kv_chunks - 1) * 2 * lay.n * INT64  # one chunk order index per K/V chunk
-    elif lay.kv_chunks > 1:  # per-chunk outputs, then their concatenation (the proj input)
-        total += seg * b * h * d * es
-    if lay.attention_kernel == "materialized":  # scores of the local queries against all keys
-        total += b * h * seg * s.seq * es
-    else:
-        total += b * h * seg * (8 if es == 8 else FP32)
+        q = seg * b * (h + 2 * kvh) * d * es  # a view of the fused QKV output
+    total = q + kv + out + _lse(b, h, seg, es) + index
+    if lay.zigzag or lay.kv_chunks > 1:  # chunk outputs, then their concatenation (proj input)
+        total += out
     return total
 
 
@@ -385,15 +449,32 @@ def _sequence_local_core_saved(s: Shape, lay: Layout) -> int:
     """Ulysses (all heads' tokens after the all-to-all, h/N heads) and ring attention cores."""
     b, es, d, n, ll = lay.micro_batch, lay.act_bytes, s.head_dim, lay.n, s.seq
     seg = ll // n
-    if lay.mode == "ulysses":  # q, k, v, out on [l, b, h/N, d] + lse, proj input on l/N tokens
+    if lay.mode == "ulysses":  # q, k, v on [l, b, h/N, d] (dense: their copies), proj input
         es = lay.attn_bytes  # q, k, v cast to the compute dtype before the all-to-alls
         h, kv = s.heads // n, max(1, s.kv_heads // n)
-        core = ll * b * (2 * h + 2 * kv) * d * es + b * h * ll * FP32
-        if lay.attention_kernel == "materialized":
-            core += b * h * ll * ll * es
-        return core + seg * b * s.heads * d * es
+        core = ll * b * (h + 2 * kv) * d * es + seg * b * s.heads * d * es
+        if lay.attention_kernel == "materialized":  # probabilities, mask; the output is not saved
+            return core + _probs(b, h, ll, ll, es) + (ll * ll * BOOL if s.causal else 0)
+        return core + ll * b * h * d * es + _lse(b, h, ll, es)  # flash: output, lse
     # ring: q, local k, v, out, lse (kv blocks of other ranks are received, not saved)
     return seg * b * (2 * s.heads + 2 * s.kv_heads) * d * es + b * s.heads * seg * FP32
+
+
+def _attention_saved(s: Shape, lay: Layout) -> int:
+    """One layer's attention block between QKV and the output projection (RoPE included)."""
+    b, es, d, n, ll = lay.micro_batch, lay.act_bytes, s.head_dim, lay.n, s.seq
+    tokens = ll if lay.mode in ("serial", "nvidia-sp") else ll // n  # tokens of q, k, v
+    rope = 4 * tokens * d * es if not s.learned_positions else 0  # cos, sin for q and for k
+    if lay.recompute == "selective":  # Megatron's checkpoint keeps q, k, v and a mask-type int
+        hp, kvp = s.heads // lay.tp, s.kv_heads // lay.tp
+        proj_input = tokens * b * hp * d * es
+        return rope + _core_inputs(s, lay, tokens, hp, kvp) + INT32 + proj_input
+    if lay.mode == "lss":
+        return rope + _lss_saved(s, lay)
+    if lay.mode in ("serial", "nvidia-sp"):
+        dense = lay.attention_kernel == "materialized"
+        return rope + (_dpa_saved(s, lay, ll) if dense else _flash_saved(s, lay, ll))
+    return rope + _sequence_local_core_saved(s, lay)
 
 
 def activation_bytes(s: Shape, lay: Layout) -> int:
@@ -402,26 +483,26 @@ def activation_bytes(s: Shape, lay: Layout) -> int:
     tp_tokens = lay.tp_tokens(ll)  # tokens in TP regions (l, or the segment l/N)
     local = tp_tokens // t  # tokens in norm / residual regions (split t ways by SP)
     hidden = local * b * s.hidden * es
-    stats = 2 * local * b * FP32  # LayerNorm mean and rstd
+    stats = 2 * local * b * lay.stats_elem  # LayerNorm mean and rstd
 
-    per_layer = 2 * (hidden + stats)  # input_layernorm, pre_mlp_layernorm inputs
-    per_layer += 2 * hidden  # inputs of linear_qkv and linear_fc1 (local shard under SP)
-    per_layer += 2 * tp_tokens * b * (s.ffn // t) * es  # GeLU input, linear_fc2 input
-    if lay.mode in ("serial", "nvidia-sp"):
-        per_layer += _dpa_saved(s, lay, ll)
-    elif lay.mode == "lss":
-        per_layer += _lss_saved(s, lay)
+    extra = 0
+    if lay.recompute == "full":  # Megatron's checkpoint keeps each layer's input only, and the
+        per_layer = hidden  # rotary angles [tokens, 1, 1, d] (fp32, one tensor for all layers)
+        extra = tp_tokens * s.head_dim * FP32 if not s.learned_positions else 0
     else:
-        per_layer += _sequence_local_core_saved(s, lay)
-        per_layer += 4 * local * s.head_dim * es if not s.learned_positions else 0
+        per_layer = 2 * (hidden + stats)  # input_layernorm, pre_mlp_layernorm inputs
+        per_layer += 2 * hidden  # inputs of linear_qkv and linear_fc1 (local shard under SP)
+        per_layer += 2 * tp_tokens * b * (s.ffn // t) * es  # GeLU input, linear_fc2 input
+        per_layer += _attention_saved(s, lay)
 
     emb_tokens = tp_tokens  # the embedding runs before the sequence-parallel scatter
     embed = b * emb_tokens * INT64  # token ids (masked copy under TP)
     embed += b * emb_tokens * BOOL if t > 1 else 0  # out-of-shard vocabulary mask
     embed += b * emb_tokens * INT64 if s.learned_positions else 0  # position ids
     final = hidden + stats + hidden  # final layernorm input, output layer input
-    loss = tp_tokens * b * ((s.padded_vocab // t) * es + BOOL + INT64)  # softmax, mask, targets
-    return s.layers * per_layer + embed + final + loss
+    # fp32 softmax (Megatron's cross-entropy casts the logits), mask, targets
+    loss = tp_tokens * b * ((s.padded_vocab // t) * FP32 + BOOL + INT64)
+    return s.layers * per_layer + embed + final + loss + extra
 
 
 def param_count(s: Shape, lay: Layout) -> int:
@@ -429,12 +510,12 @@ def param_count(s: Shape, lay: Layout) -> int:
 
 
 def optimizer_state_bytes(s: Shape, lay: Layout, optimizer: str) -> int:
-    """torch AdamW: exp_avg and exp_avg_sq like the parameter, plus a 4-byte step per tensor;
-    SGD without momentum keeps no state."""
+    """torch AdamW: exp_avg and exp_avg_sq like the (master) parameter, plus a 4-byte step per
+    tensor; SGD without momentum keeps no state."""
     if optimizer != "adamw":
         return 0
     ps = parameters(s, lay)
-    return sum(2 * p.numel * lay.param_bytes + FP32 for p in ps)
+    return sum(2 * p.numel * lay.grad_elem + FP32 for p in ps)
 
 
 # --- FLOPs ---------------------------------------------------------------------------------------
@@ -528,7 +609,7 @@ def zero_counts(s: Shape, lay: Layout, optimizer: str) -> dict:
     out: dict = {
         "param_bytes": numel * pb,
         "grad_bytes": (numel if lay.zero_stage == 1 else held) * pb,
-        "optimizer_state_bytes": 2 * part * pb + FP32 if optimizer == "adamw" else 0,
+        "optimizer_state_bytes": 2 * part * lay.grad_elem + FP32 if optimizer == "adamw" else 0,
         "grad_comm_bytes": None,
         "grad_comm_calls": None,
         # DeepSpeed computes the norm: only the loss all-reduce is left in category other

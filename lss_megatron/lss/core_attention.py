@@ -13,6 +13,9 @@ sequence group is Megatron's context-parallel group (`pg_collection.cp`).
 `SequenceCoreAttention` is the part every sequence-splitting core attention shares (the checks,
 the sequence group, the softmax scale, the output reshape); Ulysses' (`modes/ulysses.py`) is one
 too.
+`FlashCoreAttention` (serial, nvidia-sp) is one as well: the flash kernel over the whole sequence
+on this rank's heads. ``kernel`` (a spec parameter, ``--attention-kernel``) picks flash or dense
+attention (`attend`) in every mode, so modes compare parallel schemes, not kernels.
 """
 
 from __future__ import annotations
@@ -21,12 +24,29 @@ import math
 
 import torch
 from megatron.core import parallel_state
+from megatron.core.tensor_parallel.random import is_checkpointing
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 
 from ..layout import LAYOUTS, attended_pairs
-from .kernel import to_compute_dtype
+from .dense_attention import dense_attention
+from .kernel import partial_attention, to_compute_dtype
 from .operator import lss_attention
+
+KERNELS = ("flash", "dense")
+
+
+def attend(q, k, v, *, kernel: str, q_offset: int, causal: bool, softmax_scale: float):
+    """q [sq, b, h, d], k/v [sk, b, h_kv, d] -> [sq, b, h, d] with `kernel`: ``flash``
+    (`kernel.partial_attention`: nothing quadratic in l saved) or ``dense`` (`dense_attention`:
+    scores materialised and probabilities saved)."""
+    if kernel == "flash":
+        return partial_attention(q, k, v, q_offset=q_offset, causal=causal,
+                                 softmax_scale=softmax_scale)  # fmt: skip
+    if kernel == "dense":
+        return dense_attention(q, k, v, q_offset=q_offset, causal=causal,
+                               softmax_scale=softmax_scale)  # fmt: skip
+    raise ValueError(f"unknown attention kernel {kernel!r}; expected one of {KERNELS}")
 
 
 class SequenceCoreAttention(MegatronModule):
@@ -43,6 +63,7 @@ class SequenceCoreAttention(MegatronModule):
         softmax_scale: float | None = None,
         cp_comm_type: str | None = None,
         pg_collection=None,
+        kernel: str = "flash",
     ):
         super().__init__(config=config)
         name = type(self).__name__
@@ -55,6 +76,9 @@ class SequenceCoreAttention(MegatronModule):
             raise ValueError(
                 f"{name}: attn_mask_type {attn_mask_type} unsupported (causal or no_mask)"
             )
+        if kernel not in KERNELS:
+            raise ValueError(f"{name}: unknown attention kernel {kernel!r}; expected {KERNELS}")
+        self.kernel = kernel
         self.layer_number = max(1, layer_number)
         self.attn_mask_type = attn_mask_type
         cp = getattr(pg_collection, "cp", None) if pg_collection is not None else None
@@ -63,6 +87,17 @@ class SequenceCoreAttention(MegatronModule):
         self.softmax_scale = (
             softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
         )
+        self.attention_flops = 0
+        """Forward attention FLOPs (4 b h d x attended pairs) of the training forwards since the
+        last reset (`count_flops`): this rank's share of the attention work."""
+
+    def count_flops(self, flops: int) -> None:
+        """Add one forward's attention FLOPs, except in evaluation (not training) and in
+        Megatron's recompute during backward (checkpointing with grad enabled): each training
+        step counts each layer's forward once."""
+        if not self.training or (is_checkpointing() and torch.is_grad_enabled()):
+            return
+        self.attention_flops += flops
 
     def attend(self, query, key, value, causal: bool) -> torch.Tensor:
         """q [s/N, b, h, d], k/v [s/N, b, h_kv, d] -> [s/N, b, h, d]."""
@@ -98,6 +133,15 @@ class SequenceCoreAttention(MegatronModule):
         return out.reshape(sq, b, h * d)  # [s/N, b, h*d]
 
 
+class FlashCoreAttention(SequenceCoreAttention):
+    """The flash kernel on this rank's heads over the whole sequence (serial, nvidia-sp; Megatron
+    gathers the sequence before QKV): q [l, b, hp, d], k/v [l, b, hp_kv, d] -> [l, b, hp, d]."""
+
+    def attend(self, query, key, value, causal: bool) -> torch.Tensor:
+        return attend(query, key, value, kernel="flash", q_offset=0, causal=causal,
+                      softmax_scale=self.softmax_scale)  # [l, b, hp, d]  # fmt: skip
+
+
 class LSSCoreAttention(SequenceCoreAttention):
     """Exact LSS partial attention over the context-parallel (sequence) group."""
 
@@ -126,9 +170,6 @@ class LSSCoreAttention(SequenceCoreAttention):
         (`modes.lss.get_lss_layer_spec(layout=...)`), checked by `prepare_lss_model`."""
         self.kv_chunks = kv_chunks
         """K/V are gathered in this many double-buffered head chunks (a spec parameter)."""
-        self.attention_flops = 0
-        """Forward attention FLOPs (4 b h d x attended pairs) since the last reset: this rank's
-        share of the attention work, read by the trainer to report the load balance."""
 
     def attend(self, query, key, value, causal: bool) -> torch.Tensor:
         out = lss_attention(
@@ -138,11 +179,12 @@ class LSSCoreAttention(SequenceCoreAttention):
             self.seq_group,
             causal=causal,
             softmax_scale=self.softmax_scale,
+            backend="dense" if self.kernel == "dense" else "auto",
             layout=self.layout,
             kv_chunks=self.kv_chunks,
         )  # [s/N, b, h, d], in the compute dtype
         sq, b, h, d = out.shape
         n = self.seq_group.size()
         pairs = attended_pairs(n * sq, self.seq_group.rank(), n, causal, self.layout)
-        self.attention_flops += 4 * b * h * d * pairs
+        self.count_flops(4 * b * h * d * pairs)
         return out

@@ -18,6 +18,7 @@ kernel.py for the per-backend detail. No [b, h, l/N, l] score tensor is stored.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -25,6 +26,7 @@ import torch.distributed as dist
 
 from ..layout import LAYOUTS, zigzag_gather_order
 from ..parallel import comm
+from .dense_attention import dense_attention
 from .kernel import partial_attention, to_compute_dtype
 from .kv_gather import finish_kv_all_gather, fused_kv_all_gather, start_kv_all_gather
 
@@ -54,7 +56,8 @@ def lss_attention(
             (the autocast dtype under autocast, else a 16-bit `params_dtype`, else theirs) BEFORE
             the K/V gather, so K/V travel and attention runs in the compute dtype; the result is
             in that dtype.
-        backend: attention kernel, see `kernel.partial_attention`.
+        backend: attention kernel: ``dense`` (`dense_attention`: scores materialised) or a
+            backend of `kernel.partial_attention` (``auto``: the flash path).
         layout: ``contiguous`` (rank r holds segment r) or ``zigzag`` (rank r holds chunks r and
             2N-1-r of l/(2N) tokens, concatenated in that order; balances causal work).
         kv_chunks: gather K/V in this many head chunks, double-buffered (async gather of chunk
@@ -125,17 +128,19 @@ def _partial(
 ) -> torch.Tensor:
     """Partial attention of this rank's queries against the gathered (rank-ordered) K/V."""
     sq = q.shape[0]
+    kernel = (dense_attention if backend == "dense"
+              else functools.partial(partial_attention, backend=backend))  # fmt: skip
     if layout == "contiguous":
-        return partial_attention(
-            q, k_full, v_full, q_offset=r * sq, causal=causal, softmax_scale=scale, backend=backend
+        return kernel(
+            q, k_full, v_full, q_offset=r * sq, causal=causal, softmax_scale=scale
         )  # [s/N, b, h, d]
     c = sq // 2  # zigzag chunk length l/(2N)
     perm = torch.tensor(zigzag_gather_order(n), device=k_full.device)  # [2N]: slot of chunk j
     k_glob = k_full.view(2 * n, c, *k_full.shape[1:]).index_select(0, perm).flatten(0, 1)
     v_glob = v_full.view(2 * n, c, *v_full.shape[1:]).index_select(0, perm).flatten(0, 1)
     outs = [
-        partial_attention(q[i * c : (i + 1) * c], k_glob, v_glob, q_offset=chunk * c,
-                          causal=causal, softmax_scale=scale, backend=backend)  # [c, b, h, d]
+        kernel(q[i * c : (i + 1) * c], k_glob, v_glob, q_offset=chunk * c, causal=causal,
+               softmax_scale=scale)  # [c, b, h, d]
         for i, chunk in enumerate((r, 2 * n - 1 - r))
     ]  # fmt: skip
     return torch.cat(outs, dim=0)  # [s/N, b, h, d]

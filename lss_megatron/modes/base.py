@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ..config import MODE_RULES, ModelConfig, ModeRules
+from ..config import MODE_RULES, ModeRules
 
 
 def _noop(model, grid) -> None:
@@ -23,8 +23,8 @@ def _noop(model, grid) -> None:
 class Mode:
     name: str
     """One of `config.MODES`."""
-    layer_spec: Callable[[ModelConfig, object], object]
-    """(model config, grid) -> the `transformer_layer_spec` handed to `GPTModel` (a ModuleSpec
+    layer_spec: Callable[..., object]
+    """(model config, grid, attention kernel) -> the `transformer_layer_spec` handed to `GPTModel` (a ModuleSpec
     or block submodules)."""
     post_build: Callable[[object, object], None] = field(default=_noop)
     """(model, grid) -> None: in-place changes after `GPTModel` is built."""

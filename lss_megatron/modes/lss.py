@@ -28,8 +28,11 @@ POSITION_TYPES = ("learned_absolute", "rope", "none")
 """`GPTModel.position_embedding_type`s LSS makes exact (yarn and mrope are refused)."""
 
 
-def get_lss_layer_spec(*, causal: bool = True, layout: str = "contiguous", kv_chunks: int = 1):
-    """Megatron's local GPT layer spec with `LSSCoreAttention` as its core attention.
+def get_lss_layer_spec(
+    *, causal: bool = True, layout: str = "contiguous", kv_chunks: int = 1, kernel: str = "flash"
+):
+    """Megatron's local GPT layer spec with `LSSCoreAttention` (running `kernel`: flash or dense)
+    as its core attention.
 
     `layout`: ``contiguous`` (rank n holds [n l/N, (n+1) l/N)) or ``zigzag`` (chunks n and
     2N-1-n of 2N); `kv_chunks`: gather K/V in this many double-buffered head chunks (it must
@@ -40,7 +43,8 @@ def get_lss_layer_spec(*, causal: bool = True, layout: str = "contiguous", kv_ch
         raise ValueError(f"get_lss_layer_spec: kv_chunks must be an int >= 1, got {kv_chunks!r}")
     spec = get_serial_layer_spec(causal)
     spec.submodules.self_attention.submodules.core_attention = ModuleSpec(
-        module=LSSCoreAttention, params={"layout": layout, "kv_chunks": kv_chunks}
+        module=LSSCoreAttention,
+        params={"layout": layout, "kv_chunks": kv_chunks, "kernel": kernel},
     )
     return spec
 
@@ -133,11 +137,11 @@ def prepare_lss_model(model, *, layout: str = "contiguous"):
     return model
 
 
-def _layer_spec(model, grid):
+def _layer_spec(model, grid, kernel: str = "flash"):
     """The trainer's LSS spec; with tensor parallelism (T > 1) Megatron's TP runs with
     sequence_parallel inside each sequence rank, so its LayerNorms must accept it."""
     spec = get_lss_layer_spec(causal=model.causal, layout=grid.layout,
-                              kv_chunks=grid.kv_gather_chunks)  # fmt: skip
+                              kv_chunks=grid.kv_gather_chunks, kernel=kernel)  # fmt: skip
     return with_sequence_parallel_norms(spec, model.num_layers) if grid.tp_size > 1 else spec
 
 

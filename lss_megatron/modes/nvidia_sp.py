@@ -60,9 +60,12 @@ def with_sequence_parallel_norms(spec, num_layers: int) -> TransformerBlockSubmo
     return TransformerBlockSubmodules(layer_specs=[spec] * num_layers, layer_norm=norm)
 
 
-def layer_spec(model, grid):
-    """Megatron's local GPT layer spec with sequence-parallel-capable LayerNorms."""
-    return with_sequence_parallel_norms(get_serial_layer_spec(model.causal), model.num_layers)
+def layer_spec(model, grid, kernel: str = "flash"):
+    """Megatron's local GPT layer spec with sequence-parallel-capable LayerNorms; core attention
+    per `kernel` (flash: `FlashCoreAttention` on this rank's h/N heads; dense: Megatron's
+    `DotProductAttention`)."""
+    spec = get_serial_layer_spec(model.causal, kernel)
+    return with_sequence_parallel_norms(spec, model.num_layers)
 
 
 def verify_sequence_parallel(model, grid) -> None:

@@ -26,10 +26,10 @@ only when the first Ulysses layer is built.
 from __future__ import annotations
 
 import torch
+from megatron.core.transformer.spec_utils import ModuleSpec
 
 from ..compat.deepspeed import deepspeed_backend
-from ..lss.core_attention import SequenceCoreAttention
-from ..lss.kernel import partial_attention
+from ..lss.core_attention import SequenceCoreAttention, attend
 from ..lss.positions import distribute_positions
 from .base import Mode
 from .serial import get_serial_layer_spec
@@ -39,16 +39,17 @@ _BATCH_DIM = 1  # Megatron's sbhd layout: [s, b, h, d]
 
 class _FullSequenceAttention(torch.nn.Module):
     """The local attention inside DistributedAttention: every query of the sequence against every
-    key, on this rank's heads. q [l, b, h/N, d], k/v [l, b, h_kv/N, d] -> [l, b, h/N, d]."""
+    key, on this rank's heads, with the run's kernel (`core_attention.attend`: flash or dense).
+    q [l, b, h/N, d], k/v [l, b, h_kv/N, d] -> [l, b, h/N, d]."""
 
-    def __init__(self, softmax_scale: float):
+    def __init__(self, softmax_scale: float, kernel: str):
         super().__init__()
         self.softmax_scale = softmax_scale
+        self.kernel = kernel
 
     def forward(self, q, k, v, causal: bool):
-        return partial_attention(
-            q, k, v, q_offset=0, causal=causal, softmax_scale=self.softmax_scale
-        )
+        return attend(q, k, v, kernel=self.kernel, q_offset=0, causal=causal,
+                      softmax_scale=self.softmax_scale)  # fmt: skip
 
 
 class UlyssesCoreAttention(SequenceCoreAttention):
@@ -61,7 +62,7 @@ class UlyssesCoreAttention(SequenceCoreAttention):
 
         deepspeed_backend()
         self.ulysses = DistributedAttention(
-            _FullSequenceAttention(self.softmax_scale), self.seq_group, scatter_idx=2,
+            _FullSequenceAttention(self.softmax_scale, self.kernel), self.seq_group, scatter_idx=2,
             gather_idx=0,
         )  # fmt: skip
 
@@ -69,10 +70,13 @@ class UlyssesCoreAttention(SequenceCoreAttention):
         return self.ulysses(query, key, value, _BATCH_DIM, None, causal=causal)  # [l/N, b, h, d]
 
 
-def layer_spec(model, grid):
-    """Megatron's local GPT layer spec with `UlyssesCoreAttention` as its core attention."""
+def layer_spec(model, grid, kernel: str = "flash"):
+    """Megatron's local GPT layer spec with `UlyssesCoreAttention` (running `kernel`) as its core
+    attention."""
     spec = get_serial_layer_spec(model.causal)
-    spec.submodules.self_attention.submodules.core_attention = UlyssesCoreAttention
+    spec.submodules.self_attention.submodules.core_attention = ModuleSpec(
+        module=UlyssesCoreAttention, params={"kernel": kernel}
+    )
     return spec
 
 

@@ -33,7 +33,7 @@ from tqdm import tqdm
 from ..config import RunConfig
 from ..envvars import omp_threads
 from ..log import get_logger
-from ..model import build_model
+from ..model import build_model, check_settings
 from ..parallel import comm
 from ..parallel.grid import Grid, destroy_grid, initialize_grid
 from ..runs import RunFolderError, claim, latest_checkpoint
@@ -57,7 +57,7 @@ from .metrics import (
     step_time_summary,
 )
 from .nonfinite import NonFiniteLoss, SkipGuard, nonfinite_parameters
-from .optim import lr_at, set_lr
+from .optim import MasterWeights, lr_at, set_lr
 from .replicas import check_replicas
 from .step import evaluate, global_mean_loss, step_micro_batches
 from .stepper import PlainStepper, Stepper
@@ -90,6 +90,8 @@ class _Run:
     start: int
     """The step resumed from (0: a fresh run)."""
     step_times: list[float] = field(default_factory=list)
+    settings: dict = field(default_factory=dict)
+    """Attention kernel, recompute and dtype read back from the built model (config.json)."""
 
     @property
     def last(self) -> int:
@@ -106,11 +108,6 @@ class _Run:
     @property
     def flops_per_step(self) -> int:
         return model_flops_per_step(self.cfg.model, self.cfg.train.global_batch_size)
-
-    def autocast(self):
-        if self.cfg.train.dtype == "bf16":
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
 
 
 def init_distributed(cfg: RunConfig, rank: int) -> None:
@@ -223,13 +220,16 @@ def _set_up(cfg: RunConfig, rank: int) -> _Run:
     grid = initialize_grid(cfg.parallel)
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
         else torch.device("cpu")  # fmt: skip
-    model = build_model(cfg.model, grid, mode=cfg.parallel.mode, seed=t.seed)
+    model = build_model(cfg.model, grid, mode=cfg.parallel.mode, seed=t.seed,
+                        kernel=t.attention_kernel, recompute=t.recompute, dtype=t.dtype)  # fmt: skip
     model.to(device)
+    settings = check_settings(model, {"attention_kernel": t.attention_kernel,
+                                      "recompute": t.recompute, "dtype": t.dtype})  # fmt: skip
     # DeepSpeed's ZeRO owns gradient sync and the optimizer step (zero.py)
     stepper = ZeroEngine(model, cfg, grid) if t.zero_stage else PlainStepper(model, cfg, grid)
     effective = cfg.to_dict()
-    start = _resume(cfg, model, stepper.optimizer, grid, effective) if t.load else 0
-    r = _Run(cfg, rank, grid, device, model, stepper, effective, start)
+    start = _resume(cfg, stepper, grid, effective) if t.load else 0
+    r = _Run(cfg, rank, grid, device, model, stepper, effective, start, settings=settings)
     effective["run_id"] = _claim_folders(r)  # before anything is written
     if rank == 0:
         _open_outputs(r)
@@ -237,8 +237,9 @@ def _set_up(cfg: RunConfig, rank: int) -> _Run:
     return r
 
 
-def _resume(cfg: RunConfig, model, optimizer, grid: Grid, effective: dict) -> int:
-    """Load the newest checkpoint of ``--load``; returns its step."""
+def _resume(cfg: RunConfig, stepper: Stepper, grid: Grid, effective: dict) -> int:
+    """Load the newest checkpoint of ``--load`` into what the stepper steps (the model, or its
+    fp32 masters under bf16, then copied into the model); returns its step."""
     t = cfg.train
     path, note = latest_checkpoint(t.load)
     if path is None:
@@ -246,11 +247,18 @@ def _resume(cfg: RunConfig, model, optimizer, grid: Grid, effective: dict) -> in
     if note and grid.rank == 0:
         log.warning("%s", note)
     check_compatible(read_meta(path), effective["model"], path)
-    start = load_checkpoint(path, model, optimizer, grid)
+    start = load_checkpoint(path, _trainable(stepper), stepper.optimizer, grid)
+    if isinstance(_trainable(stepper), MasterWeights):
+        stepper.trainable.copy_to_model()
     log.info("resumed from %s (step %d)", path, start)
     if start >= t.steps:
         raise CheckpointError(f"--load {path}: already at step {start} >= --steps {t.steps}")
     return start
+
+
+def _trainable(stepper: Stepper):
+    """What checkpoints hold: the plain stepper's model or fp32 masters; ZeRO's model."""
+    return getattr(stepper, "trainable", None) or stepper.model
 
 
 def _claim_folders(r: _Run) -> str | None:
@@ -276,7 +284,8 @@ def _open_outputs(r: _Run) -> None:
     """config.json (with what really runs), and metrics.jsonl emptied, or on resume cut back to
     the steps up to the one resumed from (rank 0)."""
     r.out.mkdir(parents=True, exist_ok=True)
-    r.effective["runtime"] = runtime_info(r.model, r.grid, r.start, r.cfg.train.load)
+    r.effective["runtime"] = {**runtime_info(r.model, r.grid, r.start, r.cfg.train.load),
+                              **r.settings}  # fmt: skip
     described = r.stepper.describe()
     if described is not None:
         r.effective["runtime"]["zero"] = described
@@ -308,7 +317,7 @@ def _train_step(r: _Run, step: int, result: RunResult) -> tuple[dict, object]:
     transient = TransientPeak(r.device) if step == r.start + 1 else contextlib.nullcontext()
     with comm.record() as clog:
         micro = step_micro_batches(r.cfg, r.grid, step, r.device)
-        with r.autocast(), transient:
+        with transient:
             local_loss = stepper.forward_backward(micro, saved=saved)
         local_loss = faults.poison(fault, local_loss)
         stepper.sync_gradients()
@@ -353,8 +362,7 @@ def _evaluate(r: _Run, step: int, result: RunResult) -> dict:
     t = r.cfg.train
     if not t.eval_interval or (step % t.eval_interval and step != r.last):
         return {}
-    with r.autocast():
-        valid = evaluate(r.model, r.cfg, r.grid, r.device)
+    valid = evaluate(r.model, r.cfg, r.grid, r.device)
     result.valid[step] = valid
     # bits per token; for byte-level data (enwik8) bits per byte
     return {"valid_loss": valid, "valid_bpb": valid / math.log(2)}
@@ -387,7 +395,8 @@ def _save(r: _Run, step: int, skipped: bool) -> None:
         where = ", ".join(bad[:3]) or "on another rank"
         raise NonFiniteLoss(f"parameters are not finite at step {step} ({where}): stopping "
                             "without writing a checkpoint")  # fmt: skip
-    path = save_checkpoint(t.save, step, r.model, r.stepper.optimizer, r.grid, r.effective)
+    path = save_checkpoint(t.save, step, _trainable(r.stepper), r.stepper.optimizer, r.grid,
+                           r.effective)  # fmt: skip
     if path is not None:
         log.info("saved checkpoint %s", path)
 

@@ -92,14 +92,21 @@ def tensor_bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
-def memory_stats(model: torch.nn.Module, optimizer) -> dict:
+def memory_stats(model: torch.nn.Module, optimizer, trainable=None) -> dict:
+    """The model's parameter bytes; gradient and optimizer-state bytes of what the optimizer
+    steps (`trainable`: the model, or `optim.MasterWeights` under bf16, whose fp32 master
+    weights are then ``master_param_bytes``)."""
     params = list(model.parameters())
+    stepped = list((trainable or model).parameters())
     state = [v for st in optimizer.state.values() for v in st.values() if torch.is_tensor(v)]
-    return {
+    out = {
         "param_bytes": tensor_bytes(params),
-        "grad_bytes": tensor_bytes(p.grad for p in params),
+        "grad_bytes": tensor_bytes(p.grad for p in stepped),
         "optimizer_state_bytes": tensor_bytes(state),
     }
+    if trainable is not None and trainable is not model:
+        out["master_param_bytes"] = tensor_bytes(stepped)
+    return out
 
 
 def peak_mem_bytes(device: torch.device) -> int:

@@ -9,7 +9,9 @@ The global gradient norm counts every parameter exactly once, whatever the layou
 * tensor-parallel shards (nvidia-sp): squared norms summed over the tensor-parallel group.
 
 So the norm, and hence the clipping, is identical on every rank and equal to the one-process
-model's. Megatron's optimizers hard-code CUDA, so these are torch optimizers.
+model's. Megatron's optimizers hard-code CUDA, so these are torch optimizers; under ``--dtype
+bf16`` they step `MasterWeights`, the fp32 master copies of Megatron's bf16 model (what Megatron's
+mixed-precision optimizer keeps).
 """
 
 from __future__ import annotations
@@ -21,6 +23,60 @@ import torch
 from ..parallel import comm
 from ..parallel.grid import Grid
 from ..parallel.params import SEQUENCE_LOCAL, TENSOR_PARALLEL, param_kind
+
+
+class MasterWeights:
+    """fp32 master weights of a bf16 model, kept the way Megatron's mixed precision keeps them.
+
+    * Masters: fp32 copies of the bf16 parameters (as Megatron's mixed-precision optimizer makes
+      them), carrying the same attributes (tensor-/sequence-parallel and sequence-local tags,
+      global rows), so gradient averaging, the global norm and checkpoints treat them as the
+      model's parameters.
+    * Gradients: as soon as backward has accumulated a bf16 parameter's gradient, a hook adds it
+      into the master's fp32 ``.grad`` and drops the bf16 one (Megatron's DDP does the same into
+      ``main_grad``): micro-batches accumulate in fp32, and gradient averaging all-reduces fp32
+      (Megatron-LM's bf16 default, ``accumulate_allreduce_grads_in_fp32``).
+    * The optimizer (its state fp32) steps the masters; `copy_to_model` writes them back, rounded
+      to bf16.
+
+    Duck-types the module interface the trainer's gradient code uses: `parameters()`,
+    `named_parameters()`.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        self._pairs = []
+        for name, p in model.named_parameters():
+            if not p.requires_grad:
+                continue
+            master = torch.nn.Parameter(p.detach().to(torch.float32, copy=True))
+            master.__dict__.update(p.__dict__)  # Megatron's and LSS's tags
+            p.register_post_accumulate_grad_hook(self._accumulate_into(master))
+            self._pairs.append((name, p, master))
+
+    @staticmethod
+    def _accumulate_into(master: torch.nn.Parameter):
+        def hook(p: torch.nn.Parameter) -> None:
+            if master.grad is None:
+                master.grad = p.grad.to(torch.float32, copy=True)
+            else:
+                master.grad.add_(p.grad)
+            p.grad = None
+
+        return hook
+
+    def parameters(self):
+        return iter([m for _, _, m in self._pairs])
+
+    def named_parameters(self):
+        return iter([(name, m) for name, _, m in self._pairs])
+
+    def model_parameters(self):
+        return [p for _, p, _ in self._pairs]
+
+    @torch.no_grad()
+    def copy_to_model(self) -> None:
+        for _, p, master in self._pairs:
+            p.copy_(master)
 
 
 def build_optimizer(params, name: str, lr: float, weight_decay: float = 0.0):

@@ -11,15 +11,19 @@ from __future__ import annotations
 
 import hashlib
 
+import torch
+
 from ..parallel import comm
 from ..parallel.grid import Grid
 from ..parallel.params import REPLICATED, SEQUENCE_LOCAL, param_kind
 
 
 def parameter_digests(model) -> dict[str, str]:
-    """sha1 of every parameter's bytes, by name."""
+    """sha1 of every parameter's bytes (any dtype, bf16 included), by name."""
     return {
-        name: hashlib.sha1(p.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+        name: hashlib.sha1(
+            p.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        ).hexdigest()
         for name, p in model.named_parameters()
     }
 

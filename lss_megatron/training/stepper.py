@@ -1,7 +1,7 @@
 """One optimizer step's work behind one interface, so the loop does not care who owns it.
 
 A step is: `zero_grad()` before the forward; `forward_backward(micro, saved=)` over this rank's
-micro-batches (measured: it runs under autocast and the transient-memory probe); then
+micro-batches (measured: it runs under the transient-memory probe); then
 `sync_gradients()`; then, once the loss is known to be finite or not, `step(skip)`, which updates
 (or, when skipped, drops the gradients) and returns the global gradient norm before clipping.
 
@@ -20,7 +20,7 @@ from ..config import RunConfig
 from ..lss.grad_sync import GradientAverager
 from ..parallel.grid import Grid
 from .metrics import memory_stats
-from .optim import build_optimizer, clip_gradients, global_grad_norm
+from .optim import MasterWeights, build_optimizer, clip_gradients, global_grad_norm
 from .step import forward_backward
 
 
@@ -57,14 +57,18 @@ class Stepper(ABC):
 
 
 class PlainStepper(Stepper):
-    """Double gradient averaging, global-norm clipping and a torch optimizer."""
+    """Double gradient averaging, global-norm clipping and a torch optimizer. Under ``--dtype
+    bf16`` (a bf16 model) the optimizer steps `optim.MasterWeights`, fp32 masters of the model's
+    parameters (``trainable``; else the model itself), copied back after each update."""
 
     def __init__(self, model: torch.nn.Module, cfg: RunConfig, grid: Grid):
         t = cfg.train
         self.model, self.grid, self.clip = model, grid, t.clip_grad
-        params = [p for p in model.parameters() if p.requires_grad]
+        self.trainable = MasterWeights(model) if t.dtype == "bf16" else model
+        """What the optimizer steps and checkpoints save: the model or its fp32 masters."""
+        params = [p for p in self.trainable.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(params, t.optimizer, t.lr, t.weight_decay)
-        self.average_gradients = GradientAverager(model, grid)
+        self.average_gradients = GradientAverager(self.trainable, grid)
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -80,10 +84,12 @@ class PlainStepper(Stepper):
         if skip:
             self.optimizer.zero_grad(set_to_none=True)
             return float("nan")
-        norm = global_grad_norm(self.model, self.grid)
-        clip_gradients(self.model, norm, self.clip)
+        norm = global_grad_norm(self.trainable, self.grid)
+        clip_gradients(self.trainable, norm, self.clip)
         self.optimizer.step()
+        if isinstance(self.trainable, MasterWeights):
+            self.trainable.copy_to_model()
         return norm
 
     def memory_stats(self) -> dict:
-        return memory_stats(self.model, self.optimizer)
+        return memory_stats(self.model, self.optimizer, self.trainable)

@@ -30,7 +30,9 @@ model-parallel group). How it keeps the plain trainer's semantics:
   scheduler.
 * **Non-finite loss.** A skipped step goes through DeepSpeed's own overflow path (gradients and
   partitions cleared, no update, ``engine.skipped_steps`` counts it), forced on every rank alike.
-* **bf16.** ``--dtype bf16`` stays autocast over fp32 weights: DeepSpeed's bf16 and fp16 are off.
+* **bf16.** ``--dtype bf16``: the model is Megatron's bf16 model (`model.build_model`) and
+  DeepSpeed's bf16 mode keeps the fp32 master partitions and optimizer state; gradients are
+  reduced in fp32 (``communication_data_type``), as the plain trainer's `optim.MasterWeights`.
 * **No compilation.** A client `torch.optim` optimizer (never a ds-config one, which JIT-builds
   ``fused_adam``) and no shared-memory comm op (`compat.deepspeed.no_shm_op`), so nothing is
   compiled.
@@ -148,7 +150,8 @@ def ds_config(
     t = cfg.train
     base = defaults(micro=cfg.micro_batch, accumulation=cfg.num_micro_batches,
                     data_ranks=dp_world, clip=t.clip_grad, stage=t.zero_stage,
-                    bucket_elements=bucket_elements, overlap_comm=overlap)  # fmt: skip
+                    bucket_elements=bucket_elements, overlap_comm=overlap,
+                    bf16=t.dtype == "bf16")  # fmt: skip
     if not t.deepspeed_config:
         return base, why
     config = merge(base, read_file(t.deepspeed_config))

@@ -1,9 +1,10 @@
-"""bf16 (autocast over fp32 master weights) for the options beyond the paper.
+"""bf16 (Megatron mixed precision: bf16 model, fp32 master weights) for the options beyond the
+paper and for nvidia-sp.
 
 Tolerance: bf16 keeps 8 bits of mantissa (~3 significant digits); the variants differ from the
 serial bf16 run in kernels, chunking and reduction order, all rounded at bf16, so per-step losses
-agree to 2e-2 (as in test_train.py's bf16 test), over a few steps. nvidia-sp with bf16 is refused
-(see test_config.py): Megatron's sequence-parallel layers need Megatron's own bf16 parameters.
+agree to 2e-2 (as in test_train.py's bf16 test), over a few steps. nvidia-sp runs Megatron's own
+bf16 tensor-parallel layers (its former refusal is gone); ZeRO runs DeepSpeed's bf16 mode.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ VARIANTS = {  # name: (processes, flags)
     ),
     "ulysses": (2, "--mode ulysses --seq-parallel 2".split()),
     "lss-zero1": (4, "--mode lss --seq-parallel 2 --zero-stage 1".split()),
+    "nvidia-sp": (2, "--mode nvidia-sp --seq-parallel 2".split()),
 }
 
 

@@ -4,7 +4,7 @@ Trainer runs (fp32, small models, micro-batching) cover serial, lss (N=2 D=1, N=
 N=4 rope) and nvidia-sp (N=2, N=2 D=2); they are launched together under torchrun with a hard
 timeout (each run spends most of its time importing, so running them side by side is faster than
 in a row even on 2 cores). Every metrics row must show exactly the predicted ``sp_comm_bytes``,
-``grad_comm_bytes`` (and other counters), and ``activation_bytes`` within 10% (it is exact today).
+``grad_comm_bytes`` (and other counters), and ``activation_bytes``, exactly.
 """
 
 from __future__ import annotations
@@ -116,8 +116,6 @@ def test_counts_match_trainer(runs, name):
     for row in rows:  # the first step counts the same collectives as the others
         for key in EXACT:
             assert pred[key] == row[key], (name, row["step"], key, pred[key], row[key])
-        assert (
-            abs(pred["activation_bytes"] - row["activation_bytes"])
-            <= 0.10 * row["activation_bytes"]
-        ), (name, pred["activation_bytes"], row["activation_bytes"])
+        assert pred["activation_bytes"] == row["activation_bytes"], (
+            name, pred["activation_bytes"], row["activation_bytes"])  # fmt: skip
     assert pred["parameters_per_rank"] == config["runtime"]["parameters_per_rank"]

@@ -131,9 +131,9 @@ def test_lss_rope_two_by_two_matches_serial(serial_runs, tmp_path):
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_bf16_lss_tracks_serial(serial_runs, tmp_path):
-    """bf16 autocast (fp32 master weights and gradient averaging): bf16 keeps ~3 significant
-    digits, so LSS-bf16 vs serial-bf16 (different kernels and reduction orders in bf16) agree to
-    2e-2 per step, and bf16 stays within 5e-2 of the fp32 run over 10 steps."""
+    """bf16 (Megatron mixed precision: bf16 model, fp32 master weights and gradient averaging):
+    bf16 keeps ~3 significant digits, so LSS-bf16 vs serial-bf16 (different reduction orders in
+    bf16) agree to 2e-2 per step, and bf16 stays within 5e-2 of the fp32 run over 10 steps."""
     bf16 = ["--dtype", "bf16"]
     lss, _ = run_mode(tmp_path, "lss", 2, 1, "learned", bf16)
     ser, _ = run_mode(tmp_path, "serial", 1, 1, "learned", bf16)

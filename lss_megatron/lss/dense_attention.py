@@ -1,0 +1,72 @@
+"""The dense attention kernel of LSS and Ulysses (``--attention-kernel dense``): scores
+materialised and probabilities saved, the maths of Megatron-Core's local `DotProductAttention`.
+
+`dense_attention(q [sq, b, h, d], k/v [sk, b, h_kv, d], q_offset, causal, softmax_scale)`
+computes what `DotProductAttention` computes (serial and nvidia-sp run Megatron's own class),
+generalised to queries at global positions ``q_offset + i`` (LSS's ``[l/N, l]`` block of rank r:
+q_offset = r l/N; Ulysses: q_offset = 0 on h/N heads):
+
+1. q, k and v are laid out as contiguous ``[b h_kv, g sq, d]`` and ``[b h_kv, sk, d]`` copies
+   (g = h / h_kv query heads per key/value head fold into the query length, so grouped heads
+   share k and v without expanding them); scores = q k^T * scale, ``[b, h_kv, g, sq, sk]``;
+2. Megatron's `FusedScaleMaskSoftmax` torch path: bf16/fp16 scores go to fp32 first
+   (``attention_softmax_in_fp32=True``, Megatron's default), masked keys (``j > q_offset + i``)
+   are filled with -10000 (`attention_mask_func`), softmax, probabilities back to the input dtype;
+3. context = probs v -> ``[sq, b, h, d]``.
+
+Saved for backward (es = element size of q): the q, k and v copies (``sq b h d``, ``sk b h_kv d``
+each, es), the probabilities ``[b, h, sq, sk]`` (es, plus their fp32 original for bf16 inputs)
+and the causal mask ``[sq, sk]`` (bool): quadratic in the keys. The output is not saved.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+MASKED_SCORE = -10000.0
+"""What Megatron's `attention_mask_func` writes into masked scores."""
+
+
+def causal_mask(sq: int, sk: int, q_offset: int, device=None) -> torch.Tensor:
+    """[sq, sk] bool, True = masked: key j is invisible to the query at global q_offset + i."""
+    rows = torch.arange(sq, device=device)[:, None] + q_offset  # [sq, 1]
+    return torch.arange(sk, device=device)[None, :] > rows  # [sq, sk]
+
+
+def dense_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    q_offset: int,
+    causal: bool,
+    softmax_scale: float | None = None,
+) -> torch.Tensor:
+    """softmax(q k^T * scale + mask) v, materialised; q [sq, b, h, d], k/v [sk, b, h_kv, d] ->
+    [sq, b, h, d]."""
+    sq, b, h, d = q.shape
+    sk, h_kv = k.shape[0], k.shape[2]
+    if k.shape != v.shape or k.shape[1] != b or k.shape[3] != d or h % h_kv:
+        raise ValueError(f"bad shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if causal and not (0 <= q_offset and q_offset + sq <= sk):
+        raise ValueError(f"causal needs 0 <= q_offset and q_offset + sq <= sk ({q_offset=})")
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
+    g = h // h_kv
+    # always copies (also when a permute happens to be contiguous): what is saved is predictable
+    bhsd = {"memory_format": torch.contiguous_format}
+    qb = q.permute(1, 2, 0, 3).clone(**bhsd).view(b * h_kv, g * sq, d)  # [b*h_kv, g*sq, d]
+    kb = k.permute(1, 2, 0, 3).clone(**bhsd).view(b * h_kv, sk, d)  # [b*h_kv, sk, d]
+    vb = v.permute(1, 2, 0, 3).clone(**bhsd).view(b * h_kv, sk, d)  # [b*h_kv, sk, d]
+    scores = torch.bmm(qb, kb.transpose(1, 2)) * scale  # [b*h_kv, g*sq, sk]
+    half = q.dtype in (torch.float16, torch.bfloat16)
+    x = scores.view(b, h_kv, g, sq, sk)  # [b, h_kv, g, sq, sk]
+    x = x.float() if half else x
+    if causal:
+        x = x.masked_fill_(causal_mask(sq, sk, q_offset, q.device), MASKED_SCORE)
+    probs = torch.nn.functional.softmax(x, dim=-1)  # [b, h_kv, g, sq, sk]
+    if half:
+        probs = probs.to(q.dtype)
+    context = torch.bmm(probs.view(b * h_kv, g * sq, sk), vb)  # [b*h_kv, g*sq, d]
+    return context.view(b, h, sq, d).permute(2, 0, 1, 3)  # [sq, b, h, d]

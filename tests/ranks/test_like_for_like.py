@@ -1,0 +1,274 @@
+"""Like for like: every mode x attention kernel x recompute against serial with the flash kernel,
+and what the kernel, recompute and bf16 do to the bytes saved for backward and communicated.
+
+Each mode runs once (CPU, gloo; serial on 1 rank, lss / nvidia-sp / ulysses at N = 2) through a
+list of jobs on a tiny GQA model (2 layers, E 32, 4 heads, 2 key/value heads, learned positions,
+G 2, B 1: two micro-batches), one step each:
+
+* parity: {flash, dense} x {none, selective, full} in fp32. Loss and every parameter gradient
+  (after gradient averaging, tensor-parallel shards and position slices put back together)
+  equal serial-flash's within 1e-5 absolute AND 1e-3 relative to the tensor's largest gradient.
+  fp32 on CPU: the kernels and gloo sums add in different orders, which moves values by ~1e-7;
+  the relative bound keeps small gradients (LayerNorm) from hiding behind the absolute one.
+* growth in l: bytes saved for backward (`metrics.SavedBytes`, counted over unique storages) at
+  l = 16, 32, 48, 64 are exactly linear in l with flash (second difference 0) and exactly
+  quadratic with dense (third difference 0, second difference > 0), in every mode.
+* recompute through Megatron's own checkpointing: LSS and Ulysses repeat their forward
+  communication in backward (sp bytes exactly 1.5x, one more all-gather / four more all-to-alls
+  per layer and micro-batch) and save fewer bytes.
+* bf16 (Megatron mixed precision, fp32 master weights): sp and saved bytes exactly half of fp32's
+  where the tensors are bf16 (counted per dtype), and loss / gradients track serial bf16.
+* the cost model (analysis.costmodel.predict) reproduces every counted byte exactly.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from tests.support import run_ranks
+
+pytestmark = pytest.mark.slow  # ~40 s of CPU for the four modes; minutes on a loaded machine
+
+MODEL = dict(num_layers=2, hidden_size=32, num_heads=4, num_kv_heads=2, seq_length=16,
+             vocab_size=64)  # fmt: skip
+WORLD = {"serial": 1, "lss": 2, "nvidia-sp": 2, "ulysses": 2}
+SETTINGS = list(itertools.product(("flash", "dense"), ("none", "selective", "full")))
+LENGTHS = (16, 32, 48, 64)
+ABS_TOL, REL_TOL = 1e-5, 1e-3
+BF16_LOSS_TOL, BF16_REL_TOL = 2e-3, 5e-2
+"""bf16 keeps 8 mantissa bits (relative rounding 2^-9): parameters, activations and the K/V that
+travel are rounded in different orders per mode, so losses agree to ~1e-4 and gradients to a few
+percent of the tensor's largest entry; 2e-3 / 5e-2 bound that with margin."""
+
+
+def _config(mode: str, world: int, kernel="flash", recompute="none", dtype="fp32", length=16):
+    from lss_megatron.config import ModelConfig, ParallelConfig, RunConfig, TrainConfig
+
+    return RunConfig(
+        model=ModelConfig(**{**MODEL, "seq_length": length}),
+        parallel=ParallelConfig(mode=mode, world_size=world, seq_parallel=world),
+        train=TrainConfig(global_batch_size=2, micro_batch_size=1, seed=3, dtype=dtype,
+                          attention_kernel=kernel, recompute=recompute),
+    ).validate()  # fmt: skip
+
+
+def _full_gradients(trainable, grid) -> dict:
+    """Every gradient as the one-process model's tensor: tensor-parallel shards concatenated
+    along their partition dim, sequence-local position slices put at their global rows."""
+    import torch
+
+    from lss_megatron.parallel import comm
+    from lss_megatron.parallel.params import ROWS_ATTR, is_sequence_local
+
+    out = {}
+    for name, p in trainable.named_parameters():
+        g = p.grad.detach().float()
+        if getattr(p, "tensor_model_parallel", False) and grid.tp_size > 1:
+            dim = p.partition_dim
+            parts = comm.all_gather_dim0(g.movedim(dim, 0).contiguous(), grid.tp_group,
+                                         category="other")  # fmt: skip
+            g = parts.movedim(0, dim)
+        if is_sequence_local(p):
+            rows = comm.all_gather_dim0(getattr(p, ROWS_ATTR), grid.seq_group, category="other")
+            local = comm.all_gather_dim0(g.contiguous(), grid.seq_group, category="other")
+            g = torch.empty_like(local)
+            g[rows] = local
+        out[name] = g.numpy().copy()
+    return out
+
+
+def _saved_by_dtype(model, micro):
+    """(total bytes, {dtype: bytes}) autograd saves in the forward of the first micro-batch
+    (unique storages, parameters excluded, as `metrics.SavedBytes`)."""
+    import torch
+
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages: dict[int, tuple[int, str]] = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in params:
+            storages[st.data_ptr()] = (st.nbytes(), str(t.dtype).removeprefix("torch."))
+        return t
+
+    tokens, labels, positions = micro[0]
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(tokens, positions, None, labels=labels)
+    by: dict[str, int] = {}
+    for nbytes, dtype in storages.values():
+        by[dtype] = by.get(dtype, 0) + nbytes
+    return sum(by.values()), by
+
+
+def _job(mode, world, kernel, recompute, dtype, length, want_grads):
+    from lss_megatron.lss.grad_sync import GradientAverager
+    from lss_megatron.model import build_model, model_settings
+    from lss_megatron.parallel import comm
+    from lss_megatron.parallel.grid import destroy_grid, initialize_grid
+    from lss_megatron.training.metrics import SavedBytes
+    from lss_megatron.training.optim import MasterWeights
+    from lss_megatron.training.step import forward_backward, global_mean_loss, step_micro_batches
+
+    cfg = _config(mode, world, kernel, recompute, dtype, length)
+    grid = initialize_grid(cfg.parallel)
+    model = build_model(cfg.model, grid, mode=mode, seed=3, kernel=kernel, recompute=recompute,
+                        dtype=dtype)  # fmt: skip
+    trainable = MasterWeights(model) if dtype == "bf16" else model
+    micro = step_micro_batches(cfg, grid, step=1)
+    saved = SavedBytes(model)
+    with comm.record() as log:
+        local, _ = forward_backward(model, micro, saved=saved)
+    GradientAverager(trainable, grid)()
+    total, by_dtype = _saved_by_dtype(model, micro)
+    result = {
+        "settings": model_settings(model),
+        "loss": global_mean_loss(local, grid),
+        "saved": saved.peak,
+        "saved_again": total,
+        "saved_by_dtype": by_dtype,
+        "sp_bytes": log.nbytes("sp"),
+        "sp_calls": log.count(category="sp"),
+        "sp_all_gathers": log.count("all_gather", "sp"),
+        "sp_all_to_alls": log.count("all_to_all", "sp"),
+        "config": cfg.to_dict(),
+        "grads": _full_gradients(trainable, grid) if want_grads else None,
+    }
+    destroy_grid()
+    return result
+
+
+def _worker(rank, world, mode, jobs):
+    return {job: _job(mode, world, *job) for job in jobs}
+
+
+def _jobs(mode: str) -> list[tuple]:
+    jobs = [(k, r, "fp32", 16, True) for k, r in SETTINGS]
+    jobs += [("flash", "none", "bf16", 16, True)]
+    jobs += [(k, "none", "fp32", length, False) for k in ("flash", "dense") for length in LENGTHS
+             if length != 16]  # fmt: skip
+    return jobs
+
+
+_RESULTS: dict[str, dict] = {}
+
+
+def results(mode: str) -> dict:
+    """{(kernel, recompute, dtype, l, grads?): result} of `mode` (rank 0), computed once."""
+    if mode not in _RESULTS:
+        _RESULTS[mode] = run_ranks(_worker, WORLD[mode], mode, _jobs(mode), timeout=240)[0]
+    return _RESULTS[mode]
+
+
+def _get(mode, kernel="flash", recompute="none", dtype="fp32", length=16):
+    res = results(mode)
+    want = (kernel, recompute, dtype, length)
+    return next(v for k, v in res.items() if k[:4] == want)
+
+
+def _assert_grads_close(got: dict, ref: dict, abs_tol: float, rel_tol: float, tag: str):
+    assert set(got) == set(ref), tag
+    for name, r in ref.items():
+        g = got[name]
+        assert g.shape == r.shape, (tag, name)
+        err, scale = float(np.abs(g - r).max()), float(np.abs(r).max())
+        assert err <= abs_tol, f"{tag}: grad {name}: max error {err:.3e} > {abs_tol}"
+        assert err <= rel_tol * scale, (
+            f"{tag}: grad {name}: max error {err:.3e} > {rel_tol} x its largest entry {scale:.3e}"
+        )
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("mode", list(WORLD))
+def test_every_kernel_and_recompute_matches_serial_flash(mode):
+    ref = _get("serial")
+    for kernel, recompute in SETTINGS:
+        got = _get(mode, kernel, recompute)
+        tag = f"{mode} {kernel} recompute={recompute}"
+        assert got["settings"] == {"attention_kernel": kernel, "recompute": recompute,
+                                   "dtype": "fp32"}, tag  # fmt: skip
+        assert abs(got["loss"] - ref["loss"]) <= ABS_TOL, (tag, got["loss"], ref["loss"])
+        _assert_grads_close(got["grads"], ref["grads"], ABS_TOL, REL_TOL, tag)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("mode", list(WORLD))
+def test_saved_bytes_linear_with_flash_quadratic_with_dense(mode):
+    for kernel in ("flash", "dense"):
+        a = [_get(mode, kernel, length=length)["saved"] for length in LENGTHS]  # equal steps in l
+        d1 = np.diff(a)
+        d2 = np.diff(a, 2)
+        d3 = np.diff(a, 3)
+        assert (d1 > 0).all(), (mode, kernel, a)
+        if kernel == "flash":
+            assert (d2 == 0).all(), f"{mode} flash: saved bytes {a} not linear in l"
+        else:
+            assert (d3 == 0).all() and (d2 > 0).all(), f"{mode} dense: {a} not quadratic in l"
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("mode", list(WORLD))
+def test_cost_model_predicts_every_count_exactly(mode):
+    from analysis.costmodel import predict
+
+    for key, got in results(mode).items():
+        config = {**got["config"], "runtime": {"backend": "gloo"}}
+        pred = predict(config)
+        assert got["saved"] == got["saved_again"], key  # both counters agree
+        assert (pred["activation_bytes"], pred["sp_comm_bytes"], pred["sp_comm_calls"]) == (
+            got["saved"], got["sp_bytes"], got["sp_calls"]), (mode, key)  # fmt: skip
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("mode", ["lss", "ulysses"])
+def test_selective_recompute_repeats_the_forward_communication(mode):
+    """LSS keeps no gathered K/V: its fused gather runs again in backward (Ulysses: its four
+    all-to-alls). sp bytes exactly 1.5x, one more gather (four more all-to-alls) per layer and
+    micro-batch, fewer bytes saved; the result is exact against serial (the parity test)."""
+    layers, micro = MODEL["num_layers"], 2
+    for kernel in ("flash", "dense"):
+        none, sel = _get(mode, kernel, "none"), _get(mode, kernel, "selective")
+        assert 2 * sel["sp_bytes"] == 3 * none["sp_bytes"] > 0, (mode, kernel)
+        if mode == "lss":
+            assert sel["sp_all_gathers"] == none["sp_all_gathers"] + layers * micro
+        else:
+            assert sel["sp_all_to_alls"] == none["sp_all_to_alls"] + 4 * layers * micro
+        assert sel["saved"] < none["saved"], (mode, kernel, sel["saved"], none["saved"])
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("mode", list(WORLD))
+def test_bf16_halves_the_bytes_of_bf16_tensors(mode):
+    """Flash kernel: every saved tensor is either bf16 in the bf16 run and fp32 (same size) in the
+    fp32 run, or fp32 in both (the log-sum-exp, the cross-entropy softmax), or an integer. So
+    2 x bf16 bytes + fp32 bytes of the bf16 run = fp32 bytes of the fp32 run, exactly. sp bytes:
+    exactly half, except nvidia-sp's three fp32 cross-entropy all-reduces (Megatron computes the
+    loss in fp32)."""
+    fp32, bf16 = _get(mode), _get(mode, dtype="bf16")
+    assert bf16["settings"]["dtype"] == "bf16"
+    f, h = fp32["saved_by_dtype"], bf16["saved_by_dtype"]
+    assert h.get("bfloat16", 0) > 0 and "bfloat16" not in f
+    assert 2 * h["bfloat16"] + h.get("float32", 0) == f["float32"], (mode, f, h)
+    ints = {k: v for k, v in h.items() if k not in ("bfloat16", "float32")}
+    assert ints == {k: v for k, v in f.items() if k != "float32"}, (mode, f, h)
+    assert bf16["saved"] < fp32["saved"]
+    if mode == "nvidia-sp":
+        n, tokens = WORLD[mode], MODEL["seq_length"]  # b = 1
+        cross_entropy = 3 * 2 * (n - 1) * tokens * 4 // n * 2  # 3 all-reduces x 2 micro-batches
+        assert 2 * bf16["sp_bytes"] - fp32["sp_bytes"] == cross_entropy
+    else:
+        assert 2 * bf16["sp_bytes"] == fp32["sp_bytes"]
+    if mode == "lss":  # K/V travel in bf16: exactly half
+        assert bf16["sp_bytes"] > 0
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("mode", ["lss", "nvidia-sp", "ulysses"])
+def test_bf16_tracks_serial_bf16(mode):
+    ref, got = _get("serial", dtype="bf16"), _get(mode, dtype="bf16")
+    assert abs(got["loss"] - ref["loss"]) <= BF16_LOSS_TOL, (mode, got["loss"], ref["loss"])
+    _assert_grads_close(got["grads"], ref["grads"], float("inf"), BF16_REL_TOL, f"{mode} bf16")
+    fp32 = _get("serial")
+    assert abs(ref["loss"] - fp32["loss"]) > 0, "bf16 must change the numerics"
