@@ -27,6 +27,7 @@ def _async_wait_worker(rank, world):
     from lss_megatron.parallel import comm
 
     k = torch.ones(4, 1, 2, 8) * rank  # [s/N, b, h_kv, d]
+    torch.distributed.barrier()  # both ranks start together: rank 1's delay is all straggling
     if rank == 1:
         time.sleep(STRAGGLER_S)  # rank 0 waits for this rank inside finish_kv_all_gather
     with comm.record() as log:
