@@ -360,6 +360,8 @@ def byte_corpus(n_docs: int = 60, seed: int = 0, separator: bytes = b"<END>") ->
     import numpy as np
 
     rng = np.random.default_rng(seed)
-    docs = [rng.integers(0, 250, rng.integers(20, 300), dtype=np.uint8).tobytes() + separator
-            for _ in range(n_docs)]  # fmt: skip
+    docs = [
+        rng.integers(0, 250, rng.integers(20, 300), dtype=np.uint8).tobytes() + separator
+        for _ in range(n_docs)
+    ]
     return b"".join(docs)

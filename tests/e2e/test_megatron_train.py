@@ -51,8 +51,10 @@ def test_serial_and_lss_train_on_it_alike(tmp_path):
               "--lr", "0.5", "--seed", str(SEED), "--dist-timeout", "60", "--progress", "off",
               "--eval-interval", "3", "--eval-steps", "1"]  # fmt: skip
     runs = {}
-    for name, nproc, extra in (("serial", 1, ["--mode", "serial"]),
-                               ("lss", 2, ["--mode", "lss", "--seq-parallel", "2"])):  # fmt: skip
+    for name, nproc, extra in (
+        ("serial", 1, ["--mode", "serial"]),
+        ("lss", 2, ["--mode", "lss", "--seq-parallel", "2"]),
+    ):
         out = tmp_path / name
         res = torchrun_train(nproc, [*common, *extra, "--out", str(out)])
         assert res.returncode == 0, res.stderr[-3000:]

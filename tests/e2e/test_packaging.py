@@ -63,8 +63,7 @@ def test_wheel_contents(wheel):
     names = z.namelist()
     dist_info = next(n.split("/")[0] for n in names if n.endswith(".dist-info/METADATA"))
     assert {n.split("/")[0] for n in names} == {"lss_megatron", dist_info}
-    packages = {str(Path(n).parent).replace("/", ".") for n in names
-                if n.endswith("__init__.py")}  # fmt: skip
+    packages = {str(Path(n).parent).replace("/", ".") for n in names if n.endswith("__init__.py")}
     assert _package_folders() <= packages, _package_folders() - packages
     presets = sorted(p.name for p in (ROOT / "launch" / "presets").glob("*.yaml"))
     assert presets and all(f"lss_megatron/presets/{p}" in names for p in presets)
@@ -90,8 +89,7 @@ def test_installed_wheel_runs_outside_the_checkout(wheel, tmp_path):
 
     def run(*args, script: str | None = None) -> subprocess.CompletedProcess:
         cmd = [str(site / "bin" / script), *args] if script else [sys.executable, *args]
-        return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=work,
-                              timeout=300)  # fmt: skip
+        return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=work, timeout=300)
 
     where = run("-c", "import lss_megatron, lss_megatron.analysis, lss_megatron.baselines; "
                 "from lss_megatron.resources import presets_dir, source_root; "

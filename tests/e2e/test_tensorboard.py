@@ -18,12 +18,11 @@ import pytest
 from lss_megatron.training.tracking import scalars
 from tests.support import ROOT, read_metrics, torchrun_train
 
-COMMON = [
-    "--num-layers", "1", "--hidden-size", "32", "--num-heads", "4", "--seq-length", "16",
-    "--global-batch-size", "2", "--vocab-size", "64", "--steps", "4", "--optimizer", "sgd",
-    "--lr", "0.1", "--seed", "3", "--dist-timeout", "60", "--progress", "off",
-    "--eval-interval", "2", "--eval-steps", "1",
-]  # fmt: skip
+COMMON = (
+    "--num-layers 1 --hidden-size 32 --num-heads 4 --seq-length 16 --global-batch-size 2 "
+    "--vocab-size 64 --steps 4 --optimizer sgd --lr 0.1 --seed 3 --dist-timeout 60 --progress off "
+    "--eval-interval 2 --eval-steps 1"
+).split()
 F32_REL = 1e-6
 
 
@@ -41,8 +40,9 @@ def test_tensorboard_events_equal_metrics_and_log_lines(tmp_path):
     (--log-interval 1) and a validation line at steps 2 and 4; the output folder named at the
     start and at the end; only rank 0 writes events."""
     out, tb = tmp_path / "out", tmp_path / "tb"
-    res = torchrun_train(2, ["--mode", "lss", "--out", str(out), "--tensorboard-dir", str(tb),
-                             *COMMON])  # fmt: skip
+    res = torchrun_train(
+        2, ["--mode", "lss", "--out", str(out), "--tensorboard-dir", str(tb), *COMMON]
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     rows = read_metrics(out)
     assert [r["step"] for r in rows] == [1, 2, 3, 4]

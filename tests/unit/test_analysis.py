@@ -69,6 +69,17 @@ def test_fixture_is_what_the_code_computes(df):
         pd.testing.assert_series_equal(again[column], df[column], check_names=False)
 
 
+def test_fixture_file_is_what_make_fixture_writes(tmp_path, monkeypatch):
+    """analysis/fixtures/summary.csv is, byte for byte, what `python -m
+    analysis.fixtures.make_fixture` writes, so the numbers worked out by hand here are the
+    generator's."""
+    from analysis.fixtures import make_fixture
+
+    monkeypatch.setattr(make_fixture, "HERE", tmp_path)
+    make_fixture.main()
+    assert (tmp_path / "summary.csv").read_bytes() == FIXTURE.read_bytes()
+
+
 def test_ratios_vs_nvidia_sp(df):
     lss = row(df, "lss", 2, 64)
     assert lss["speedup_vs_nvidia_sp"] == approx(1.2 / 0.6)

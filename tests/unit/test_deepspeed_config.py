@@ -65,9 +65,11 @@ def test_validation_computes_deepspeeds_data_ranks(tmp_path):
     path = _file(tmp_path, {"train_batch_size": 8})
 
     def cfg(mode: str):
-        return RunConfig(model=ModelConfig(), parallel=ParallelConfig(mode=mode, world_size=4,
-                         seq_parallel=2), train=TrainConfig(global_batch_size=4, zero_stage=1,
-                         deepspeed_config=path))  # fmt: skip
+        return RunConfig(
+            model=ModelConfig(),
+            parallel=ParallelConfig(mode=mode, world_size=4, seq_parallel=2),
+            train=TrainConfig(global_batch_size=4, zero_stage=1, deepspeed_config=path),
+        )
 
     assert cfg("lss")._deepspeed_file_problems(batch_known=True) == []  # micro 2 x 1 x 4 ranks
     probs = cfg("nvidia-sp")._deepspeed_file_problems(batch_known=True)

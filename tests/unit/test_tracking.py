@@ -9,8 +9,7 @@ from lss_megatron.training.tracking import iteration_line, scalars, validation_l
 
 
 def test_scalars_are_the_numeric_metrics():
-    rec = {"step": 3, "loss": 1.5, "skipped": False, "note": "x", "per_rank": [4, 5],
-           "bytes": 7}  # fmt: skip
+    rec = {"step": 3, "loss": 1.5, "skipped": False, "note": "x", "per_rank": [4, 5], "bytes": 7}
     assert scalars(rec) == {"loss": 1.5, "skipped": 0.0, "per_rank/0": 4.0, "per_rank/1": 5.0,
                             "bytes": 7.0}  # fmt: skip
 
