@@ -7,6 +7,10 @@ machine without CUDA, `apply()` installs these replacements (and nothing else):
    (tensor_parallel/mappings.py, layers.py, utils.GlobalMemoryBuffer, RoPE's inv_freq).
 2. The "CUDA" RNG used by Megatron's RNG tracker (tensor_parallel/random.py) is mapped onto the
    CPU generator. The tracker only forks and restores it, so the CPU stream is left as it was.
+   This also makes Megatron's activation recompute (`tensor_parallel.checkpoint`, which
+   ``--recompute selective|full`` uses through `TransformerConfig.recompute_granularity`) run on
+   CPU: its `CheckpointFunction` saves and restores these states around the recomputation, and
+   nothing else in it needs CUDA (checked: exact gradients, tests/ranks/test_like_for_like.py).
 3. ``get_default_causal_mask`` (transformer/utils.py, also bound in fusions/fused_softmax.py)
    builds its mask on "cuda"; the replacement builds the same mask on the CPU.
 4. ``torch.cuda.synchronize`` and the stream API are no-ops (megatron-core 0.19's DDP touches them).

@@ -12,7 +12,9 @@
   chunked K/V gathers save). On GPU: growth of ``max_memory_allocated`` over the step.
 * ``model_flops_per_step``: analytic FLOPs of one optimizer step of the whole model over the
   global batch (forward x 3 for forward + backward, no recomputation), the same for every mode;
-* ``attention_flops_per_rank``, ``attention_imbalance``: the causal load balance of LSS;
+* ``attention_flops_per_rank``, ``attention_imbalance``: the causal load balance of LSS, analytic
+  (4 b h d x the (query, key) pairs each training forward attends, summed by the LSS core
+  attention modules; evaluation and Megatron's recompute add nothing), not timed;
 * ``runtime`` (config.json): what really ran, read back from the built model.
 
 Storage bytes are counted in one way everywhere (`unique_storage_bytes`, `saved_storages`): a
@@ -239,8 +241,9 @@ class TransientPeak:
 
 def attention_balance(model, grid, device) -> dict:
     """Per-rank attention FLOPs of this step (forward + backward = 3 x forward) across the
-    sequence group, counted by the LSS core attention modules, and max/mean: the causal load
-    imbalance (1.0 = balanced). Empty for modes without LSS core attention."""
+    sequence group, and max/mean: the causal load imbalance (1.0 = balanced). Analytic: the LSS
+    core attention modules add 4 b h d x the pairs each training forward attends. Empty for
+    modes without LSS core attention."""
     modules = [m for m in model.modules() if isinstance(m, LSSCoreAttention)]
     if not modules:
         return {}

@@ -5,7 +5,8 @@ kernel check at start-up.
 * a collective whose bytes cannot be read raises under tests, and otherwise warns once and
   counts 0;
 * the step time is the slowest rank's;
-* attention FLOPs count training forwards once: not evaluation, not Megatron's recompute;
+* attention FLOPs (analytic: 4 b h d x attended pairs, added per forward) count training
+  forwards once: not evaluation, not Megatron's recompute;
 * a model that does not run the requested kernel / recompute / dtype refuses to start.
 """
 

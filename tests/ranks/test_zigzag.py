@@ -3,7 +3,8 @@
 Exactness as for the contiguous layout (fp32 on CPU, 1e-5: only accumulation order differs from
 the one-process reference): the operator against full attention, and the GPT model's loss, every
 gradient and the per-token losses against the one-process Megatron model. The trainer's losses
-against serial and the balance itself (per-rank attention FLOPs max/mean 1.0 under zigzag, > 1
+against serial and the balance itself (per-rank attention FLOPs, analytic from the attended
+pairs: max/mean 1.0 under zigzag, > 1
 under contiguous segments): tests/e2e/test_zigzag.py.
 """
 
