@@ -218,7 +218,6 @@ def test_public_api_matches_stock_megatron_one_process(reference, runs2, n, pos,
     _check(reference[pos], runs2[(n, pos, layout)])
 
 
-@pytest.mark.slow
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("n,pos,layout", CASES4)
 def test_megatron_lm_step_with_data_parallel(reference, runs4, n, pos, layout):

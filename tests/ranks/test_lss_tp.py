@@ -135,7 +135,6 @@ LAYOUTS4 = [(2, 2, 1, "learned", "contiguous"), (2, 2, 1, "rope", "zigzag")]
 LAYOUTS8 = [(2, 2, 2, "learned", "zigzag"), (2, 2, 2, "rope", "contiguous")]
 
 
-@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_lss_x_tp_n2_t2_d1(reference):
     """4 ranks: learned contiguous and RoPE zigzag."""
