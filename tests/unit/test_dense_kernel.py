@@ -1,4 +1,4 @@
-"""The dense attention kernel of LSS and Ulysses (`lss.dense_kernel.dense_attention`), one
+"""The dense attention kernel of LSS and Ulysses (`lss.dense_attention.dense_attention`), one
 process: against a float64 reference written here (explicit mask from q_offset, GQA by
 repeat_interleave), and what it saves for backward, counted per storage.
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lss_megatron.lss.dense_kernel import dense_attention
+from lss_megatron.lss.dense_attention import dense_attention
 from lss_megatron.training.metrics import count_saved_bytes
 
 
