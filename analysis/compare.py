@@ -11,6 +11,8 @@ out is recorded with its status and the tail of its stderr; the driver goes on. 
 
 * ``DIR/summary.csv``: one row per run (analysis/tables.py, docs/measurement.md);
 * ``DIR/figures/*.png|pdf`` (analysis/figures.py);
+* ``DIR/best_layouts.csv`` (equal-ranks presets such as ``cpu-equal-ranks``): each mode's
+  fastest layout on the preset's P ranks against nvidia-sp's (`tables.best_layouts`);
 * ``DIR/plan.json``: the preset, every command, the runs the trainer would reject;
 * ``DIR/runs/RUN_ID/``: each run's trainer output plus ``stdout.log`` / ``stderr.log``;
 
@@ -99,9 +101,14 @@ def _tail(path: Path, chars: int = STDERR_TAIL) -> str:
 
 def launch(run: RunSpec, run_dir: Path, timeout_s: float) -> dict:
     """Run one launch; returns status (ok / failed / timeout), error (stderr tail), wall_s."""
+    return run_trainer(torchrun_command(run, run_dir), run_dir, timeout_s)
+
+
+def run_trainer(cmd: list[str], run_dir: Path, timeout_s: float) -> dict:
+    """Run the trainer command `cmd` writing into `run_dir` (emptied first), under a hard
+    timeout; returns status (ok / failed / timeout), error (stderr tail), wall_s."""
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
-    cmd = torchrun_command(run, run_dir)
     t0 = time.perf_counter()
     with (run_dir / "stdout.log").open("w") as out, (run_dir / "stderr.log").open("w") as err:
         proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=child_env(), cwd=REPO,
@@ -270,6 +277,11 @@ def _main(argv: list[str] | None) -> int:
     figures = make_figures(df, out / "figures")
     print(tables.format_table(df))
     print()
+    if preset.ranks is not None:  # equal ranks: each mode's best layout
+        best = tables.best_layouts(df)
+        best.to_csv(out / "best_layouts.csv", index=False)
+        print(tables.format_best_layouts(best))
+        print()
     for run_id, why in plan.skipped:
         print(f"skipped (the trainer would reject it) {run_id}: {why}")
     if note:

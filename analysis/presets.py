@@ -123,6 +123,10 @@ class Preset:
     """Trainer flags of the recipe (batch, steps, optimizer, data, ...), the same for every run."""
     data_parallel: tuple[int, ...] = (1,)
     """Data-parallel sizes D of the grid (P = N x D)."""
+    ranks: int | None = None
+    """Equal ranks: every grid run uses exactly this many ranks P, at each degree N of `degrees`
+    that divides it (D = P / N; `data_parallel` is then unused), so that each mode runs at every
+    layout the trainer allows it on P ranks and the best layout per mode can be compared."""
     modes: tuple[str, ...] = PARALLEL_MODES
     """Variant labels (`VARIANTS`; plain modes are their own labels) run at every grid point."""
     serial_at_scale: bool = False
@@ -342,6 +346,40 @@ PRESETS: dict[str, Preset] = {
             "heads.",
         ),
         Preset(
+            name="cpu-equal-ranks",
+            summary="the paper's mechanism on P = 4 ranks: a 2-head model caps nvidia-sp at t = 2, "
+            "LSS spreads one sequence over all 4; every mode at every legal layout: 6 runs",
+            scaling="strong",
+            degrees=(2, 4),
+            ranks=4,
+            seq_lengths=(2048,),
+            model={
+                "num-layers": 2,
+                "hidden-size": 128,
+                "num-heads": 2,
+                "ffn-hidden-size": 512,
+                "vocab-size": 256,
+                "position-embedding": "learned",
+            },  # fmt: skip
+            train={
+                **_SMALL_TRAIN,
+                "global-batch-size": 4,
+                "micro-batch-size": 1,
+                "steps": 5,
+                "dist-timeout": 300,
+            },  # fmt: skip
+            modes=("lss", "nvidia-sp", "ulysses"),
+            serial_at_scale=True,
+            timeout_s=300.0,
+            memory_budget_bytes=256 * MiB,
+            notes="Equal ranks, not equal degree: the same P = 4, global batch (4 sequences), "
+            "l, model, flash kernel, no recompute and fp32 for every run; each mode at each "
+            "layout the trainer accepts (lss N = 4 x D = 1 and N = 2 x D = 2; nvidia-sp "
+            "t = 2 x D = 2, its t = 4 refused as 4 does not divide the 2 heads; ulysses "
+            "N = 2 x D = 2; serial D = 4). best_layouts.csv names each mode's fastest layout and "
+            "its step time, tokens/s and saved bytes per rank against nvidia-sp's best.",
+        ),
+        Preset(
             name="paper-enwik8-144gpu",
             summary="cluster: LSS vs NVIDIA SP on up to 144 GPUs (24 Summit nodes), enwik8",
             scaling="strong",
@@ -445,6 +483,12 @@ def trainer_problem(run: RunSpec, data_elsewhere: bool = False) -> str | None:
 def grid_points(preset: Preset) -> list[tuple[str, int, int, int]]:
     """(role, N, D, l) in run order: each reference before the grid points that use it."""
     points: list[tuple[str, int, int, int]] = []
+    if preset.ranks is not None:  # equal ranks: P fixed, every N x D = P
+        for length in preset.seq_lengths:
+            points.append(("reference", 1, 1, length))
+            points += [("grid", n, preset.ranks // n, length) for n in preset.degrees
+                       if preset.ranks % n == 0]  # fmt: skip
+        return points
     for l0 in preset.seq_lengths:
         for d in preset.data_parallel:
             if preset.scaling == "weak":
@@ -464,6 +508,7 @@ def make_plan(preset: Preset, repeats: int | None = None) -> Plan:
     runs: list[RunSpec] = []
     skipped: list[tuple[str, str]] = []
     settings = [(k, r) for k in preset.kernels for r in preset.recomputes]
+    planned: set[tuple] = set()
     for index, (role, n, d, length) in enumerate(grid_points(preset)):
         if role == "reference":
             specs = [("serial", 1, d)]
@@ -472,6 +517,8 @@ def make_plan(preset: Preset, repeats: int | None = None) -> Plan:
             if preset.serial_at_scale:
                 specs.append(("serial", 1, n * d))
         specs = [(*spec, setting) for setting in settings for spec in specs]
+        specs = [s for s in specs if (s, length) not in planned]  # serial at P: once per l
+        planned.update((s, length) for s in specs)
         valid = []
         for label, sn, sd, setting in specs:
             spec = _run(preset, label, sn, sd, length, 0, role, setting)

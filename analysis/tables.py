@@ -416,6 +416,70 @@ def format_table(df: pd.DataFrame) -> str:
     return f"{text}\n\n{footer}"
 
 
+BEST_COLUMNS = ("mode", "setting", "seq_length", "world_size", "best_layout", "layouts_tried",
+                "step_time_s", "tokens_per_s", "activation_bytes", "transient_peak_bytes",
+                "speedup_vs_nvidia_sp_best", "activation_ratio_vs_nvidia_sp_best")  # fmt: skip
+
+
+def best_layouts(df: pd.DataFrame) -> pd.DataFrame:
+    """Equal ranks: per mode (variant label), setting, l, P and model, the layout with the
+    shortest median step time, with its tokens/s and bytes saved for backward per rank (rank 0's),
+    and nvidia-sp's best over it (``speedup_vs_nvidia_sp_best`` = nvidia-sp's best step time /
+    this mode's best; ``activation_ratio_vs_nvidia_sp_best`` likewise for saved bytes: above 1,
+    this mode is faster / smaller). Only runs of the same kernel, recompute and dtype meet."""
+    ok = df[df["status"] == "ok"].copy()
+    if ok.empty:
+        return pd.DataFrame(columns=list(BEST_COLUMNS))
+    _fill_settings(ok)
+    ok["label"] = ok["variant"].where(ok["variant"].notna() & (ok["variant"] != ""), ok["mode"]) \
+        if "variant" in ok else ok["mode"]  # fmt: skip
+    ok["setting"] = setting_label(ok)
+    ok["layout"] = ("N" + ok["seq_parallel"].astype(int).astype(str) + " x D"
+                    + ok["data_parallel"].astype(int).astype(str))  # fmt: skip
+    group = ["label", "seq_length", "world_size", *MODEL_KEY]
+    values = ["step_time_s", "tokens_per_s", "activation_bytes", "transient_peak_bytes"]
+    med = ok.groupby([*group, "setting", "layout"], dropna=False)[values].median().reset_index()
+    rows = []
+    for _, g in med.groupby(group, dropna=False):
+        best = g.loc[g["step_time_s"].idxmin()]
+        rows.append({**best.to_dict(), "mode": best["label"], "best_layout": best["layout"],
+                     "layouts_tried": ", ".join(sorted(g["layout"]))})  # fmt: skip
+    out = pd.DataFrame(rows)
+    nsp = out[out["mode"] == "nvidia-sp"]
+    keys = ["seq_length", "world_size", *MODEL_KEY]
+    ref = out[keys].merge(nsp[[*keys, "step_time_s", "activation_bytes"]], on=keys, how="left",
+                          suffixes=("", "_nsp"))  # fmt: skip
+    out["speedup_vs_nvidia_sp_best"] = (ref["step_time_s"].values / out["step_time_s"]).astype(
+        float
+    )
+    out["activation_ratio_vs_nvidia_sp_best"] = (ref["activation_bytes"].values
+                                                 / out["activation_bytes"]).astype(float)  # fmt: skip
+    return out[list(BEST_COLUMNS)].sort_values(["seq_length", "mode"]).reset_index(drop=True)
+
+
+def format_best_layouts(best: pd.DataFrame) -> str:
+    """The best-layout table as text (bytes in MiB)."""
+    shown = best.copy()
+    for column in ("activation_bytes", "transient_peak_bytes"):
+        shown[column] = shown[column] / 2**20
+    shown = shown.rename(
+        columns={
+            "activation_bytes": "saved_MiB",
+            "transient_peak_bytes": "trans_MiB",
+            "speedup_vs_nvidia_sp_best": "speedup_vs_nsp_best",
+            "activation_ratio_vs_nvidia_sp_best": "saved_ratio_vs_nsp",
+        }
+    )
+    text = shown.to_string(index=False, float_format=lambda x: f"{x:.4g}", na_rep="-")
+    return (
+        f"best layout per mode at equal ranks (fastest median step):\n{text}\n\n"
+        "speedup_vs_nsp_best = nvidia-sp's best step time / this mode's best (same P, l, "
+        "model, kernel, recompute, dtype); saved_ratio_vs_nsp = nvidia-sp's bytes saved for "
+        "backward per rank (at its best layout) / this mode's; above 1: this mode is "
+        "faster / smaller. Bytes are rank 0's."
+    )
+
+
 def config_from_row(row: Mapping, seq_length: int | None = None) -> dict:
     """The effective configuration (`RunConfig.to_dict()`) of a table row, optionally at another
     sequence length: what `analysis.costmodel.predict` takes."""

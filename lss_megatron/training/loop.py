@@ -348,9 +348,16 @@ def _train_step(r: _Run, step: int, result: RunResult) -> tuple[dict, object]:
 def _measure(r: _Run, transient) -> dict:
     """After the step: attention balance (collective), memory, FLOP rates."""
     balance = attention_balance(r.model, r.grid, r.device)
+    memory = r.stepper.memory_stats()
     if isinstance(transient, TransientPeak):
         balance["transient_peak_bytes"] = transient.bytes
-    return {**r.stepper.memory_stats(), "peak_mem_bytes": peak_mem_bytes(r.device),
+        # what one rank needs for this step: its weights, masters and optimizer state, plus the
+        # heap growth of forward + backward (saved activations, transients and the gradients,
+        # which the first backward allocates); the largest over ranks (analysis.longest)
+        held = sum(memory.get(k, 0) for k in ("param_bytes", "master_param_bytes",
+                                               "optimizer_state_bytes"))  # fmt: skip
+        balance["rank_bytes_max"] = int(comm.max_over_ranks(held + transient.bytes, r.device))
+    return {**memory, "peak_mem_bytes": peak_mem_bytes(r.device),
             "model_flops_per_step": r.flops_per_step,
             "achieved_flops_per_s": r.flops_per_step / r.step_times[-1],
             "tflops_per_s_per_rank": r.flops_per_step / r.step_times[-1] / r.grid.world_size / 1e12,
