@@ -317,7 +317,7 @@ def _main(argv: list[str] | None) -> int:
               f"recompute {s.recompute}:", flush=True)  # fmt: skip
         before = len(log_rows)
         length, rec = search_longest(s, budget, args.max_seq_length,
-                                     lambda x, l: launch_one(x, l, out, args.timeout), log)  # fmt: skip
+                                     lambda x, n: launch_one(x, n, out, args.timeout), log)  # fmt: skip
         rows.append(longest_row(s, length, rec, budget, s.step, len(log_rows) - before))
     table = best_rows(rows)
     _write_csv(out / "longest.csv", table, COLUMNS)
@@ -341,7 +341,7 @@ def plot_longest(rows: list[dict], stem: Path, budget: int) -> list[Path]:
     for mode in MODES:
         pts = sorted((r["world_size"], r["longest_seq_length"]) for r in rows if r["mode"] == mode)
         if pts:
-            ax.plot(*zip(*pts), marker="o", color=MODE_COLOURS.get(mode), label=mode)
+            ax.plot(*zip(*pts, strict=True), marker="o", color=MODE_COLOURS.get(mode), label=mode)
     ax.set_xlabel("ranks P")
     ax.set_ylabel("longest sequence length l (tokens)")
     ax.set_xticks(sorted({r["world_size"] for r in rows}))

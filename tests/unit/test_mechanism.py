@@ -128,8 +128,8 @@ def test_a_failed_run_does_not_fit_and_nothing_is_extrapolated():
 
 
 def test_best_rows_keep_the_recompute_setting_reaching_furthest():
-    rows = [{"mode": "lss", "world_size": 4, "longest_seq_length": l, "bytes_at_longest": b,
-             "recompute": r} for l, b, r in ((2048, 9, "none"), (4096, 7, "full"),
+    rows = [{"mode": "lss", "world_size": 4, "longest_seq_length": n, "bytes_at_longest": b,
+             "recompute": r} for n, b, r in ((2048, 9, "none"), (4096, 7, "full"),
                                              (4096, 5, "selective"))]  # fmt: skip
     (best,) = longest.best_rows(rows)
     assert best["recompute"] == "selective"  # same l as full, fewer bytes
