@@ -149,3 +149,22 @@ def test_cli_one_assumption_set_names_every_claim():
         assert "paper-2023:" in row and "modern" not in row
     assert "layouts under paper-2023: lss fp16 materialized; nvidia-sp fp16 materialized" in (
         res.stdout)  # fmt: skip
+
+
+def test_preset_comments_quote_the_model():
+    """The paper presets' comments carry the cost model's numbers (computed as they say)."""
+    from analysis.costmodel.paper import summit_layout
+
+    text = (ROOT / "launch/presets/paper-enwik8-144gpu.yaml").read_text()
+    probs_and_mask = _probs(1, 12 // 6, 6144, 6144, 4) + 6144 * 6144  # fp32, t = 6, bool mask
+    assert f"{probs_and_mask / 1e9:.2f} GB per layer (4.7 GB of activations" in text
+    dense = summit_layout("144", mode="nvidia-sp", attention_kernel="materialized")
+    assert f"{dense['peak_bytes'] / 1e9:.1f} GB peak" in text
+    big = (ROOT / "launch/presets/paper-enwik8-3456gpu.yaml").read_text()
+    flash = summit_layout("3456", attention_kernel="flash")
+    dense = summit_layout("3456", attention_kernel="materialized")
+    kv = 50112 * 2 * 512 * 4  # the gathered [K | V] of one layer, fp32
+    assert (
+        f"backward {kv / 1e9:.2f} GB" in big and f"peak {flash['peak_bytes'] / 1e9:.1f} GB" in big
+    )
+    assert f"{dense['peak_bytes'] / 1e9:.1f} GB peak" in big
