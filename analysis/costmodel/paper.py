@@ -20,7 +20,8 @@ import pandas as pd
 
 from ..longest import longest_fitting
 from . import predict
-from .counts import model_flops_per_step, shape_from_config
+from .configs import config_from_preset
+from .counts import layout_from_config, model_flops_per_step, shape_from_config
 from .hw import get_device
 from .scenarios import (
     ASSUMPTION_SETS,
@@ -29,6 +30,8 @@ from .scenarios import (
     EQUAL_RANKS_LSS,
     LSS_DEGREE,
     N_3456,
+    PRESET_144,
+    PRESET_3456,
     RANKS,
     SEQ_144,
     SEQ_3456,
@@ -101,9 +104,6 @@ def summit_layout(base: str = "144", **overrides) -> dict:
     """Predict a hypothetical layout on Summit V100s: the 144- or 3456-GPU preset with `overrides`
     in `make_config`'s names, e.g. ``summit_layout("144", mode="nvidia-sp", seq_parallel=2,
     data_parallel=72, global_batch_size=72)``. The 144 base pads the vocabulary to 768."""
-    from .configs import config_from_preset
-    from .scenarios import PRESET_144, PRESET_3456
-
     if base not in ("144", "3456"):
         raise ValueError(f"base must be '144' or '3456', got {base!r}")
     overrides.setdefault("dtype", "fp32")
@@ -296,8 +296,6 @@ def summit_paper(assumptions: tuple[str, ...] = SETS, options: Options | None = 
 
 def _layouts(a: AssumptionSet) -> dict:
     """The dtype and attention kernel each side runs under set `a` (from the configs used)."""
-    from .counts import layout_from_config
-
     out = {}
     for mode, degree in (("lss", LSS_DEGREE), ("nvidia-sp", SP_DEGREES[0])):
         cfg = setup_144(a, mode, degree)
