@@ -277,7 +277,7 @@ def _main(argv: list[str] | None) -> int:
     figures = make_figures(df, out / "figures")
     print(tables.format_table(df))
     print()
-    if preset.ranks is not None:  # equal ranks: each mode's best layout
+    if preset.ranks is not None or preset.layouts:  # equal ranks: each mode's best layout
         best = tables.best_layouts(df)
         best.to_csv(out / "best_layouts.csv", index=False)
         print(tables.format_best_layouts(best))

@@ -17,6 +17,10 @@ zigzag``), ``lss-kv2`` / ``lss-kv4`` (``--kv-gather-chunks``), ``lss-zero1`` / `
 names the run (``lss-zigzag_N4_D1_l512_r0``) and the table's ``variant`` column. A variant whose
 flag this trainer lacks is skipped with that reason, like any run the trainer would reject.
 
+A preset with explicit ``layouts`` ((label, N, D) triples) runs exactly those layouts at every
+length instead of the degrees x data-parallel grid: an equal-ranks series, where each mode
+runs at its own legal degrees on the same P ranks.
+
 Runs are ordered so that machine noise hits the modes alike: grid point by grid point, repeat by
 repeat, with the modes of a point in an order rotated by one each time. A run the trainer would
 reject (e.g. nvidia-sp needs heads, key/value heads, FFN and vocabulary divisible by N) is left
@@ -41,6 +45,9 @@ Presets (`PRESETS`):
 ``cpu-kernels-gqa``       the same with GQA 4:1 at N = 2: 16 runs
 ``paper-enwik8-144gpu``   cluster: the paper's 144-GPU comparison with NVIDIA SP, strong
                           scaling of N = 6 x D in {1, 4, 24} at l in {3072, 6144, 12288}
+``paper-enwik8-144gpu-``  cluster: the equal-ranks series on 144 GPUs, l 6,912: LSS at
+``equal-ranks``           N in {6, 24, 144} against NVIDIA SP at its head-capped t in {6, 12}
+                          (D = 144 / N), flash and dense kernels
 ``paper-enwik8-3456gpu``  cluster: weak scaling, 348 tokens per GPU, D = 24, N up to 144:
                           l = 50,112 on 3,456 GPUs
 ========================  ================================================================
@@ -145,11 +152,17 @@ class Preset:
     gpus_per_node: int = 6
     """Cluster presets: GPUs (tasks) per node of the printed sbatch commands."""
     notes: str = ""
+    layouts: tuple[tuple[str, int, int], ...] = ()
+    """Explicit (variant label, N, D) layouts, each run at every length of `seq_lengths` (strong
+    scaling) instead of the `degrees` x `data_parallel` grid: how an equal-ranks series gives
+    each mode its own legal degrees on the same P = N x D ranks."""
 
     def __post_init__(self) -> None:
         if self.scaling not in ("strong", "weak"):
             raise ValueError(f"preset {self.name}: scaling must be strong or weak")
-        for label in self.modes:
+        if self.layouts and self.scaling != "strong":
+            raise ValueError(f"preset {self.name}: explicit layouts need strong scaling")
+        for label in (*self.modes, *(x[0] for x in self.layouts)):
             get_variant(label)
         object.__setattr__(self, "model", MappingProxyType(dict(self.model)))
         object.__setattr__(self, "train", MappingProxyType(dict(self.train)))
@@ -211,6 +224,10 @@ _PAPER_TRAIN = {"global-batch-size": 24, "micro-batch-size": 1, "optimizer": "ad
                 "lr": 2.5e-4, "lr-schedule": "cosine", "warmup-steps": 5, "weight-decay": 0.0,
                 "clip-grad": 0.25, "seed": 1234, "dtype": "fp32", "data": "enwik8",
                 "data-path": "data/enwik8.zip"}  # fmt: skip
+_PAPER_144_MODEL = {"num-layers": 12, "hidden-size": 768, "num-heads": 12,
+                    "ffn-hidden-size": 3072, "vocab-size": 256,
+                    "make-vocab-size-divisible-by": 768,
+                    "position-embedding": "learned"}  # fmt: skip
 _OPTION_VARIANTS = ("lss", "lss-zigzag", "lss-kv4", "ulysses", "nvidia-sp", "lss-zero1",
                     "lss-zero2")  # fmt: skip
 _KERNELS_MODEL = {"num-layers": 2, "hidden-size": 256, "num-heads": 8, "ffn-hidden-size": 512,
@@ -386,26 +403,52 @@ PRESETS: dict[str, Preset] = {
             degrees=(6,),
             data_parallel=(1, 4, 24),
             seq_lengths=(3072, 6144, 12288),
-            model={
-                "num-layers": 12,
-                "hidden-size": 768,
-                "num-heads": 12,
-                "ffn-hidden-size": 3072,
-                "vocab-size": 256,
-                "make-vocab-size-divisible-by": 768,
-                "position-embedding": "learned",
-            },  # fmt: skip
+            model=_PAPER_144_MODEL,
             train={**_PAPER_TRAIN, "steps": 50, "dist-timeout": 1800},
             timeout_s=3600.0,
             memory_budget_bytes=16 * GiB,
             cluster=True,
             notes="N = 6 (one sequence group per 6-GPU node) x D = 1, 4, 24: P = 6, 24, 144. "
             "The vocabulary is padded to 768 so nvidia-sp can split it 6 ways (same model in "
-            "every mode). Materialised fp32 scores and probabilities take 2 x 4 h/N l^2 bytes per "
-            "layer: nvidia-sp at 12,288 needs ~2.4 GB per layer (~29 GB for 12), and the 1-GPU "
-            "serial references need 6x that, so they do not fit a 16 GB V100 beyond l = 3,072. "
-            "Such a run is recorded as failed (out of memory), which is itself the memory "
-            "result; strong-scaling efficiencies then exist only at l = 3,072.",
+            "every mode). Peak bytes per GPU in the cost model (fp32; weights, gradients, AdamW, "
+            "saved activations and one layer's attention-backward transient, `analysis."
+            "costmodel.paper.summit_layout(...)['peak_bytes']`) at l = 3,072 / 6,144 / 12,288: "
+            "with this preset's flash kernel nvidia-sp 0.6 / 0.9 / 1.6 GB and the 1-GPU serial "
+            "references 3.3 / 5.2 / 9.0 GB, so every run fits a 16 GB V100. With "
+            "--attention-kernel dense (probabilities [h/N, l, l] and the causal mask [l, l] "
+            "saved per layer: 0.34 GB for nvidia-sp at 6,144) nvidia-sp needs 1.8 / 5.6 / 20.4 "
+            "GB and serial 9.7 / 31 / 112 GB: the serial references beyond 3,072 and nvidia-sp "
+            "at 12,288 run out of memory, which is itself the memory result. The equal-ranks "
+            "series is its own preset, paper-enwik8-144gpu-equal-ranks.",
+        ),
+        Preset(
+            name="paper-enwik8-144gpu-equal-ranks",
+            summary="cluster: equal ranks on 144 GPUs: LSS N in {6, 24, 144} vs NVIDIA SP "
+            "t in {6, 12}, l 6,912, flash and dense",
+            scaling="strong",
+            degrees=(),
+            seq_lengths=(6912,),
+            model=_PAPER_144_MODEL,
+            train={**_PAPER_TRAIN, "steps": 50, "dist-timeout": 1800},
+            modes=PARALLEL_MODES,
+            layouts=(("lss", 6, 24), ("lss", 24, 6), ("lss", 144, 1), ("nvidia-sp", 6, 24),
+                     ("nvidia-sp", 12, 12)),  # fmt: skip
+            kernels=("flash", "dense"),
+            timeout_s=3600.0,
+            memory_budget_bytes=16 * GiB,
+            cluster=True,
+            notes="The mechanism behind the paper's 144-GPU claim (issue 13): NVIDIA SP's "
+            "degree is capped by the 12 heads (t = 6 inside a Summit node, 12 across two), LSS "
+            "spreads a sequence over up to all 144 GPUs. P = 144 for every layout, D = 144 / N; "
+            "l = 6,912 = 144 x 48 (N = 144 must divide it); 24 sequences per step in every "
+            "layout (equal tokens per step; LSS at N = 144 runs them as 24 micro-batches, so "
+            "its time per micro-batch is the one-sequence-per-iteration reading). Flash and "
+            "dense kernels, the same in every mode (the modern and paper-2023 assumption sets "
+            "of `python -m analysis.costmodel --preset summit-paper`; the trainer has no fp16, "
+            "so fp32 here). Cost-model peak bytes per GPU (fp32, flash / dense): lss N 6 2.6 / "
+            "8.0 GB, N 24 2.1 / 3.5, N 144 2.0 / 2.2; nvidia-sp t 6 1.0 / 6.9, t 12 0.6 / 3.8: "
+            "all fit 16 GB. The 1-GPU serial reference needs 5.7 GB (flash) and 38 GB (dense: "
+            "out of memory).",
         ),
         Preset(
             name="paper-enwik8-3456gpu",
@@ -483,6 +526,12 @@ def trainer_problem(run: RunSpec, data_elsewhere: bool = False) -> str | None:
 def grid_points(preset: Preset) -> list[tuple[str, int, int, int]]:
     """(role, N, D, l) in run order: each reference before the grid points that use it."""
     points: list[tuple[str, int, int, int]] = []
+    if preset.layouts:
+        for length in preset.seq_lengths:
+            points.append(("reference", 1, 1, length))
+            for n, d in dict.fromkeys((n, d) for _, n, d in preset.layouts):
+                points.append(("grid", n, d, length))
+        return points
     if preset.ranks is not None:  # equal ranks: P fixed, every N x D = P
         for length in preset.seq_lengths:
             points.append(("reference", 1, 1, length))
@@ -513,7 +562,8 @@ def make_plan(preset: Preset, repeats: int | None = None) -> Plan:
         if role == "reference":
             specs = [("serial", 1, d)]
         else:
-            specs = [(m, n, d) for m in preset.modes]
+            specs = [(m, n, d) for m in preset.modes
+                     if not preset.layouts or (m, n, d) in preset.layouts]  # fmt: skip
             if preset.serial_at_scale:
                 specs.append(("serial", 1, n * d))
         specs = [(*spec, setting) for setting in settings for spec in specs]

@@ -46,6 +46,7 @@ from .counts import (
     shape_from_config,
     sp_bytes_per_micro_batch,
     sp_calls_per_micro_batch,
+    transient_bytes,
     zero_counts,
 )
 from .hw import DEVICES, Device, Network, get_device
@@ -80,10 +81,14 @@ def predict(
     micro-batch), ``param_bytes``, ``grad_bytes``, ``optimizer_state_bytes``, ``memory_bytes``
     (their sum), ``model_flops_per_step``; for LSS ``attention_imbalance`` (max / mean
     attention pairs over the sequence group) and ``kv_transient_bytes`` (one gather's full-length
-    [dK | dV], divided by ``--kv-gather-chunks``). With ``train.zero_stage`` 1 or 2 the
+    [dK | dV], divided by ``--kv-gather-chunks``); ``transient_bytes`` (an estimate of one
+    layer's attention-backward transient: input gradients, and with materialised scores the
+    score gradients, `counts.transient_bytes`) and ``peak_bytes`` = ``memory_bytes`` + it.
+    With ``train.zero_stage`` 1 or 2 the
     parameter, gradient and optimizer bytes and the gradient traffic are DeepSpeed ZeRO's
     (`counts.zero_counts`: state about 1/P, padded partitions). With a `device`:
-    ``step_time_s``, ``time_breakdown_s``, ``achieved_flops_per_s``, ``fits_memory``.
+    ``step_time_s``, ``time_breakdown_s``, ``achieved_flops_per_s``, ``fits_memory``
+    (``peak_bytes`` within the device's memory).
     """
     s = shape_from_config(config["model"])
     lay = layout_from_config(config)
@@ -123,13 +128,15 @@ def predict(
         out["param_bytes"] + out.get("master_param_bytes", 0) + out["grad_bytes"]
         + out["optimizer_state_bytes"] + out["activation_bytes"]
     )  # fmt: skip
+    out["transient_bytes"] = transient_bytes(s, lay)
+    out["peak_bytes"] = out["memory_bytes"] + out["transient_bytes"]
     if device is not None:
         dev = get_device(device)
         timing = step_time(s, lay, dev, assumptions or Assumptions(), optimizer)
         out.update(timing)
         out["device"] = dev.name
         out["achieved_flops_per_s"] = out["model_flops_per_step"] / timing["step_time_s"]
-        out["fits_memory"] = out["memory_bytes"] <= dev.memory_bytes
+        out["fits_memory"] = out["peak_bytes"] <= dev.memory_bytes
     return out
 
 

@@ -1,6 +1,7 @@
 """``python -m analysis.costmodel``: the cost model's command line.
 
     python -m analysis.costmodel --preset summit-paper      # the paper's claims vs this model
+    python -m analysis.costmodel --preset summit-paper --assumptions paper-2023  # one set
     python -m analysis.costmodel --preset summit-paper --set mode=ulysses   # a hypothetical layout
     python -m analysis.costmodel --run runs/latest          # a finished run: predicted vs counted
     python -m analysis.costmodel --config runs/x/config.json --device h200
@@ -21,7 +22,7 @@ from lss_megatron.config import ConfigError
 
 from ..inputs import InputError, check_run_folder, read_json_file
 from . import DEVICES, compare_run, predict
-from .paper import print_report, summit_layout, summit_paper
+from .paper import SETS, Options, print_report, summit_layout, summit_paper
 
 PROG = "python -m analysis.costmodel"
 
@@ -46,6 +47,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--base", choices=("144", "3456"), default="144",
                    help="the preset --set starts from")  # fmt: skip
+    p.add_argument("--assumptions", choices=SETS, default=None,
+                   help="with --preset summit-paper: one named assumption set (default: both; "
+                   "docs/costmodel.md)")  # fmt: skip
+    p.add_argument(
+        "--overlap-kv-gather",
+        action="store_true",
+        help="with --preset summit-paper: LSS's K/V gather hides behind attention",
+    )
+    p.add_argument(
+        "--baseline-recompute",
+        choices=("none", "selective"),
+        default="none",
+        help="with --preset summit-paper: NVIDIA SP's activation recompute",
+    )
     return p
 
 
@@ -80,7 +95,9 @@ def _run(args: argparse.Namespace) -> tuple[object, Callable[[object], None]]:
     if args.preset and args.set:
         return summit_layout(args.base, **_changes(args.set)), _print_prediction
     if args.preset:
-        return summit_paper(), print_report
+        sets = (args.assumptions,) if args.assumptions else SETS
+        opts = Options(args.overlap_kv_gather, args.baseline_recompute)
+        return summit_paper(sets, opts), print_report
     if args.run:
         check_run_folder(Path(args.run), "--run")
         return _usable(lambda: compare_run(args.run), f"--run {args.run}"), _print_comparison

@@ -567,6 +567,34 @@ def kv_transient_bytes(s: Shape, lay: Layout) -> int | None:
     return s.seq * lay.micro_batch * 2 * kv * s.head_dim * lay.attn_bytes
 
 
+def transient_bytes(s: Shape, lay: Layout) -> int:
+    """An estimate (not a count) of the largest attention transient beyond the saved bytes: what
+    one layer's attention backward holds at once on this rank, for the memory-fits checks.
+
+    * the core's input gradients: dq over its queries and dK, dV over all its keys (LSS: the
+      full-length [dK | dV] of one gather, `kv_transient_bytes`, before its reduce-scatter);
+    * with materialised scores, also the probabilities' gradient (in the element sizes the
+      probabilities are saved in, `_probs`: es, plus fp32 under Megatron's fp32 softmax) and
+      the scores' gradient (es), [b, heads, queries, keys] each. A flash kernel's blockwise
+      transients are tiles, left out.
+    """
+    b, es, d, ll, n = lay.micro_batch, lay.attn_bytes, s.head_dim, s.seq, lay.n
+    if lay.mode in ("serial", "nvidia-sp"):
+        heads, kvh, queries, keys = s.heads // lay.tp, s.kv_heads // lay.tp, ll, ll
+    elif lay.mode == "ulysses":
+        heads, kvh, queries, keys = s.heads // n, max(1, s.kv_heads // n), ll, ll
+    else:  # lss, ring: local queries against all keys
+        heads, kvh, queries, keys = s.heads // lay.t, s.kv_heads // lay.t, ll // n, ll
+    grads = queries * b * heads * d * es
+    if lay.mode == "lss" and n > 1:
+        grads += kv_transient_bytes(s, lay) or 0
+    else:
+        grads += keys * b * 2 * kvh * d * es
+    if lay.attention_kernel != "materialized":
+        return grads
+    return grads + _probs(b, heads, queries, keys, es) + b * heads * queries * keys * es
+
+
 ZERO_ALIGNMENT = 2
 """DeepSpeed's ``nccl_start_alignment_factor``: each flat parameter group is padded to a multiple
 of 2 x (group size) elements before it is cut into equal partitions."""

@@ -13,7 +13,13 @@ communication (`hw`), with every efficiency an explicit, stated assumption.
 * LSS and ring attention with contiguous causal segments: the last segment's rank attends to
   the most keys and sets the pace;
 * communication is not overlapped with compute (the trainer gathers K/V and reduces gradients
-  synchronously), except ring attention, whose K/V passing hides behind the attention compute;
+  synchronously), except ring attention, whose K/V passing hides behind the attention compute,
+  and, with ``overlap_kv_gather``, LSS's K/V gather and reduce-scatter, which then hide behind
+  the attention compute in the same way (a pipelined, chunked gather; the trainer does not);
+* recompute (``train.recompute``) re-runs the checkpointed forward in backward: selective the
+  attention core (one third of its forward + backward time, and LSS's / Ulysses' forward
+  communication once more), full the whole layer (a third of GEMM, attention and elementwise
+  time, and every forward collective once more), as `counts` counts the repeated traffic;
 * elementwise work (LayerNorm, GeLU, residual and bias adds, loss): ``elementwise_passes_hidden``
   passes over every [tokens, E] activation and ``elementwise_passes_ffn`` over every [tokens, F]
   one, at HBM bandwidth; the optimizer reads and writes its state once per step.
@@ -26,6 +32,7 @@ from dataclasses import asdict, dataclass
 from .counts import (
     Layout,
     Shape,
+    _forward_repeats,
     all_reduce_bytes,
     attention_pairs,
     buckets,
@@ -46,6 +53,7 @@ class Assumptions:
     elementwise_passes_hidden: int = 30
     elementwise_passes_ffn: int = 10
     overlap_ring: bool = True
+    overlap_kv_gather: bool = False
 
 
 def precision_of(lay: Layout) -> str:
@@ -119,7 +127,11 @@ def sp_comm_time(s: Shape, lay: Layout, dev: Device) -> float:
     kv = seg * b * 2 * (s.kv_heads // lay.t) * s.head_dim * kes
     if lay.mode == "lss":
         # the N ranks of a sequence group are T apart (Megatron's order tp-cp-dp)
-        gathers = s.layers * 2 * net.time("all_gather", gather_bytes(kv, n), n, lay.t)
+        gathers = (
+            s.layers
+            * (_forward_repeats(lay) + 1)
+            * net.time("all_gather", gather_bytes(kv, n), n, lay.t)
+        )
         return gathers + _megatron_sp_time(s, seg, lay, dev)
     if lay.mode == "ring":
         alpha, bw = net.link(n)  # every step, every rank sends a block to its ring neighbour
@@ -128,7 +140,8 @@ def sp_comm_time(s: Shape, lay: Layout, dev: Device) -> float:
         q = seg * b * s.heads * s.head_dim * kes
         k = seg * b * s.kv_heads * s.head_dim * kes
         one = [q, k, k, q]  # q, k, v in; output back
-        return s.layers * 2 * sum(net.time("all_to_all", (n - 1) * x / n, n) for x in one)
+        repeats = _forward_repeats(lay) + 1
+        return s.layers * repeats * sum(net.time("all_to_all", (n - 1) * x / n, n) for x in one)
     if lay.mode == "nvidia-sp":
         return _megatron_sp_time(s, ll, lay, dev)
     return 0.0
@@ -140,7 +153,8 @@ def _megatron_sp_time(s: Shape, tokens: int, lay: Layout, dev: Device) -> float:
     if t == 1:
         return 0.0
     u = net.time("all_gather", gather_bytes(tokens // t * b * s.hidden * es, t), t)
-    total = (10 * s.layers + 3) * u
+    fwd = 2 if lay.recompute == "full" else 1  # forward collectives repeat under full recompute
+    total = ((4 * fwd + 6) * s.layers + 3) * u
     total += 3 * net.time("all_reduce", all_reduce_bytes(tokens * b * es, t), t)
     if s.learned_positions:
         total += net.time("all_reduce", all_reduce_bytes(b * tokens * s.hidden * es, t), t) + u
@@ -192,9 +206,12 @@ def step_time(s: Shape, lay: Layout, dev: Device, a: Assumptions, optimizer: str
         attention = att_flops / (peak * attention_efficiency(s, lay, dev, a))
     elementwise = elementwise_bytes(s, lay, a) / hbm
     sp = sp_comm_time(s, lay, dev)
-    if lay.mode == "ring" and a.overlap_ring:
+    if (lay.mode == "ring" and a.overlap_ring) or (lay.mode == "lss" and a.overlap_kv_gather):
         sp = max(0.0, sp - attention)
-    per_micro = gemm + attention + elementwise + sp
+    redo = attention / 3  # recompute: the forward share (1 of 3) of what is re-run
+    redo += (gemm + elementwise) / 3 if lay.recompute == "full" else 0.0
+    recompute = redo if lay.recompute in ("selective", "full") else 0.0
+    per_micro = gemm + attention + elementwise + sp + recompute
     grad = grad_comm_time(s, lay, dev)
     update_bytes = 28 if optimizer == "adamw" else 12  # fp32 param, grad, state: read + write
     opt = param_count(s, lay) * update_bytes / hbm
@@ -207,6 +224,7 @@ def step_time(s: Shape, lay: Layout, dev: Device, a: Assumptions, optimizer: str
             "attention": m * attention,
             "elementwise": m * elementwise,
             "sp_comm_exposed": m * sp,
+            "recompute": m * recompute,
             "grad_comm": grad,
             "optimizer": opt,
         },

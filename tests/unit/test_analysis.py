@@ -454,6 +454,21 @@ def test_cluster_presets():
     assert cmd.startswith("sbatch --nodes=576 --ntasks-per-node=6 --gpus-per-node=6 ")
 
 
+def test_equal_ranks_preset():
+    """Each mode at its own legal degrees on the same 144 GPUs (explicit layouts)."""
+    plan = presets.make_plan(presets.get_preset("paper-enwik8-144gpu-equal-ranks"))
+    grid = [r for r in plan.runs if r.role == "grid"]
+    assert {(r.mode, r.seq_parallel, r.data_parallel, r.setting) for r in grid} == {
+        (m, n, 144 // n, s) for m, ns in (("lss", (6, 24, 144)), ("nvidia-sp", (6, 12)))
+        for n in ns for s in ("", "_dense")}  # fmt: skip
+    assert not plan.skipped and {r.world_size for r in grid} == {144}
+    assert {(r.mode, r.world_size) for r in plan.runs if r.role == "reference"} == {("serial", 1)}
+    assert {r.seq_length for r in plan.runs} == {6912}
+    with pytest.raises(ValueError, match="explicit layouts need strong scaling"):
+        presets.Preset(name="x", summary="", scaling="weak", degrees=(), seq_lengths=(64,),
+                       model={}, train={}, layouts=(("lss", 2, 1),))  # fmt: skip
+
+
 # --- the driver's plumbing (no trainer launches) -------------------------------------------------
 def test_dry_run_prints_commands(tmp_path, capsys):
     assert compare.main(["--preset", "smoke", "--dry-run", "--out", str(tmp_path)]) == 0

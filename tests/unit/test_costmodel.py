@@ -203,29 +203,33 @@ def test_cli_bad_input_is_one_error_and_exit_2(tmp_path):
 
 
 def test_summit_paper_report():
-    from analysis.costmodel.paper import summit_paper
+    from analysis.costmodel.paper import PAPER_CLAIMS, summit_layout, summit_paper
 
     rep = summit_paper()
-    assert {c["paper"] for c in rep["claims"]} == {5.6, 10.2, 161.0, 32.0}
+    assert {c["paper"] for c in rep["claims"]} == {5.6, 10.2, 161.0, 32.0, 50112.0}
     for c in rep["claims"]:
-        assert set(c["model"]) == {"fp32", "fp16"}
-        assert all(v > 0 for v in c["model"].values())
-        assert c["label"] and c["assumptions"] and c["why"]
-        assert c["reached"] == any(r >= 0.8 for r in c["model_over_paper"].values())
-    by_label = {c["label"]: c for c in rep["claims"]}
-    assert by_label["speed vs NVIDIA SP, 144 V100"]["model"]["fp32"] > 1.0  # faster, not 5.6x
-    assert by_label["memory vs NVIDIA SP, 144 V100: bytes per GPU"]["model"]["fp32"] > 1.0
-    d = rep["details"]["144"]["fp32"]
-    assert d["lss"]["world_size"] == d["nvidia-sp"]["world_size"] == 144
-    assert (
-        d["lss"]["time_breakdown_s"]["sp_comm_exposed"]
-        < d["nvidia-sp"]["time_breakdown_s"]["sp_comm_exposed"]
-    )
-    assert d["max_seq_length"]["lss"] > d["max_seq_length"]["nvidia-sp"]
-    big = rep["details"]["3456"]["fp32"]
-    assert big["run"]["world_size"] == 3456 and big["tokens_per_gpu"] == 348
-    assert big["petaflops"] == pytest.approx(
-        big["run"]["model_flops_per_step"] / big["run"]["step_time_s"] / 1e15
+        assert set(c["model"]) == {"paper-2023", "modern"} and "reached" not in c
+        assert all(v > 0 for m in c["model"].values() for v in m.values())
+        assert c["label"] and c["assumptions"] and all(c["driven_by"].values())
+        for s, readings in c["model"].items():  # the ratio is model / claim, reading by reading
+            for r, v in readings.items():
+                assert c["model_over_claim"][s][r] == pytest.approx(v / c["paper"])
+        assert c["paper"] == PAPER_CLAIMS[c["claim"]]["value"]
+    by = {c["claim"]: c for c in rep["claims"]}
+    assert by["speedup"]["model"]["paper-2023"]["per_iteration_t6"] > 1.0  # faster, not 5.6x
+    assert by["memory"]["model"]["paper-2023"]["bytes_per_gpu_t6"] > 1.0
+    d = rep["details"]["paper-2023"]["144"][6]
+    assert d["lss"]["world_size"] == d["sp"]["world_size"] == 144
+    assert (d["lss"]["seq_parallel"], d["sp"]["seq_parallel"]) == (144, 6)
+    assert d["longest"]["lss"] > d["longest"]["nvidia-sp"]
+    # at the same degree N = 6 inside a node, LSS's K/V gather is cheaper than SP's collectives
+    same = {m: summit_layout("144", mode=m) for m in ("lss", "nvidia-sp")}
+    assert (same["lss"]["time_breakdown_s"]["sp_comm_exposed"]
+            < same["nvidia-sp"]["time_breakdown_s"]["sp_comm_exposed"])  # fmt: skip
+    big = rep["details"]["paper-2023"]["3456"]
+    assert big["run"]["world_size"] == 3456 and big["seq_length"] == 50112
+    assert big["flops_per_s"] == pytest.approx(
+        big["run"]["model_flops_per_step"] / big["run"]["step_time_s"]
     )
 
 
@@ -249,12 +253,13 @@ def test_cli_prints_each_claim_beside_the_model():
                          capture_output=True, text=True, timeout=60, cwd=ROOT)  # fmt: skip
     assert res.returncode == 0, res.stderr
     lines = res.stdout.splitlines()
-    for label, paper in (("speed vs NVIDIA SP", "5.60x"), ("bytes per GPU", "10.20x"),
-                         ("longest l", "10.20x"), ("parallel efficiency", "161.0%"),
-                         ("throughput", "32.0PFLOP/s")):  # fmt: skip
-        row = next(x for x in lines if label in x and paper in x)
-        assert row.rstrip().endswith(("yes", "NO")) and len(row.split()) >= 6
-    assert "assumptions:" in res.stdout and "why not reached" in res.stdout
+    for label, paper in (("speed vs NVIDIA SP", "5.60x"), ("memory vs NVIDIA SP", "10.20x"),
+                         ("parallel efficiency", "161%"), ("throughput", "32 PFLOP/s"),
+                         ("sequence length on 3,456", "50,112 tokens")):  # fmt: skip
+        (row,) = [x for x in lines if x.startswith(f"{label}") and paper in x]
+        assert len(row.split(" | ")) == 5  # claim | paper-2023 | modern | ratios | driven by
+        assert "paper-2023:" in row and "modern:" in row
+    assert "reached" not in res.stdout and "assumption | value | source" in res.stdout
 
 
 def _options_config(mode, n, d, *, zero=0, layout="contiguous", chunks=1, **model) -> dict:
