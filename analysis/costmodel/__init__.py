@@ -12,7 +12,7 @@ Step times come from a roofline plus an alpha-beta network with intra- and inter
                         seq_length=50112, global_batch_size=24), device="v100-summit")
 
 The package, from the ground up: `counts` (exact per-rank counts: its own formulas, the check on
-the trainer's counters), `hw` (devices, network), `time` (step time), `configs` (configurations
+the trainer's counters), `hw` (devices, network), `steptime` (step time), `configs` (configurations
 from the trainer's own schema and validation, plus what-ifs), this module (the API: `predict`,
 `peers`, `compare_run`), `paper` (the summit-paper preset) and `__main__` (the CLI)::
 
@@ -49,7 +49,7 @@ from .counts import (
     zero_counts,
 )
 from .hw import DEVICES, Device, Network, get_device
-from .time import Assumptions, step_time
+from .steptime import Assumptions, step_time
 
 __all__ = [
     "DEVICES",
