@@ -6,7 +6,7 @@ per-micro-batch and per-micro-batch-and-layer seconds.
 Serial on one rank at (L, M) in {1, 5} x {2, 6}: residual = a + e L + M (b + c L), four runs,
 four unknowns. Each parallel mode at N = 2 (L = 1 and 5, M = 2) then gets its own b and c (its
 extra layer work: gathers, all-to-alls, scatters), with a and e from serial; residuals are
-divided by the measured two-process slowdown first. ``--quick`` times a plain PyTorch layer
+divided by the modelled two-process core share first. ``--quick`` times a plain PyTorch layer
 instead (not the trainer: its numbers are only a stand-in, marked in the file)."""
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def from_trainer(record: dict, modes: tuple[str, ...]) -> tuple[dict, list[dict]
                 run = _run(mode, n, L, M, Path(tmp) / f"{mode}-{L}-{M}")
                 runs.append({"mode": mode, "n": n, "layers": L, "micro": M,
                              "measured": run["measured"], "residual": _residual(run, base)})  # fmt: skip
-    return solve(runs, float(record["concurrency"].get("2", 1.0))), runs
+    return solve(runs, device_from_dict(base).share(2)), runs
 
 
 def solve(runs: list[dict], share2: float) -> dict:

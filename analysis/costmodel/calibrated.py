@@ -12,7 +12,7 @@ nearest point outside their range):
 * ``collectives``: {op: {ranks: [alpha s, bytes/s]}} fitted to gloo timings of the comm module's
   all-gather, reduce-scatter, all-reduce and all-to-all (bytes as the trainer counts them);
 * ``concurrency``: {ranks: slowdown} of a matmul when that many single-thread processes run at
-  once (cores = ``len(os.sched_getaffinity(0))``; past the measured counts ranks / cores);
+  once, a record; the model shares max(1, ranks / cores), cores = ``len(os.sched_getaffinity(0))``;
 * ``overheads``: fixed seconds per step, per step and layer, per micro-batch and per micro-batch
   and layer (the last two per mode), fitted by calibrate to tiny trainer runs after subtracting
   this model's compute and communication (Python, autograd and kernel-launch costs).
@@ -108,11 +108,10 @@ class CalibratedDevice:
     load_avg: list = field(default_factory=list)
 
     def share(self, ranks: int) -> float:
-        """Slowdown of each rank's compute when `ranks` single-thread processes run at once."""
-        if ranks in self.concurrency:
-            return self.concurrency[ranks]
-        top = max(self.concurrency)
-        return max(self.concurrency[top], ranks / self.cores) if ranks > top else 1.0
+        """Slowdown of each rank's compute when `ranks` single-thread processes share the cores:
+        max(1, ranks / cores). The measured ``concurrency`` table is kept as a record only: on a
+        shared machine it measures the other users' load as much as this machine."""
+        return max(1.0, ranks / self.cores)
 
     def gemm_rate(self, flops: float) -> float:
         return interpolate(self.gemm, flops)
