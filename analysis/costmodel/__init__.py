@@ -12,7 +12,7 @@ Step times come from a roofline plus an alpha-beta network with intra- and inter
                         seq_length=50112, global_batch_size=24), device="v100-summit")
 
 The package, from the ground up: `counts` (exact per-rank counts: its own formulas, the check on
-the trainer's counters), `hw` (devices, network), `time` (step time), `configs` (configurations
+the trainer's counters), `hw` (devices, network), `steptime` (step time), `configs` (configurations
 from the trainer's own schema and validation, plus what-ifs), this module (the API: `predict`,
 `peers`, `compare_run`), `paper` (the summit-paper preset) and `__main__` (the CLI)::
 
@@ -27,8 +27,10 @@ Formulas, network model and assumptions: docs/costmodel.md.
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 
+from .calibrated import CalibratedDevice, cpu_step_time, find_device_file, load_device_file
 from .configs import config_from_preset, layout_problems, make_config
 from .counts import (
     FP32,
@@ -50,15 +52,18 @@ from .counts import (
     zero_counts,
 )
 from .hw import DEVICES, Device, Network, get_device
-from .time import Assumptions, step_time
+from .steptime import Assumptions, step_time
 
 __all__ = [
     "DEVICES",
     "MODES",
     "Assumptions",
+    "CalibratedDevice",
     "Device",
     "Network",
     "compare_run",
+    "find_device_file",
+    "load_device_file",
     "config_from_preset",
     "layout_problems",
     "make_config",
@@ -72,7 +77,9 @@ COUNTED = ("sp_comm_bytes", "grad_comm_bytes", "other_comm_bytes", "param_bytes"
 
 
 def predict(
-    config: dict, device: str | Device | None = None, assumptions: Assumptions | None = None
+    config: dict,
+    device: str | Device | CalibratedDevice | None = None,
+    assumptions: Assumptions | None = None,
 ) -> dict:
     """Per-rank costs of one optimizer step of the run `config` (the trainer's config.json).
 
@@ -88,7 +95,9 @@ def predict(
     parameter, gradient and optimizer bytes and the gradient traffic are DeepSpeed ZeRO's
     (`counts.zero_counts`: state about 1/P, padded partitions). With a `device`:
     ``step_time_s``, ``time_breakdown_s``, ``achieved_flops_per_s``, ``fits_memory``
-    (``peak_bytes`` within the device's memory).
+    (``peak_bytes`` within the device's memory); a `CalibratedDevice` (``python -m
+    analysis.calibrate``) times the run with the measured CPU model (`calibrated.cpu_step_time`)
+    instead of the GPU roofline.
     """
     s = shape_from_config(config["model"])
     lay = layout_from_config(config)
@@ -131,8 +140,11 @@ def predict(
     out["transient_bytes"] = transient_bytes(s, lay)
     out["peak_bytes"] = out["memory_bytes"] + out["transient_bytes"]
     if device is not None:
-        dev = get_device(device)
-        timing = step_time(s, lay, dev, assumptions or Assumptions(), optimizer)
+        dev = device if isinstance(device, CalibratedDevice) else get_device(device)
+        if isinstance(dev, CalibratedDevice):
+            timing = cpu_step_time(s, lay, dev, optimizer)
+        else:
+            timing = step_time(s, lay, dev, assumptions or Assumptions(), optimizer)
         out.update(timing)
         out["device"] = dev.name
         out["achieved_flops_per_s"] = out["model_flops_per_step"] / timing["step_time_s"]
@@ -160,15 +172,27 @@ def peers(
     return out
 
 
-def compare_run(run_dir: str | Path) -> dict:
+def measured_step_time(rows: list[dict]) -> float | None:
+    """The trainer's statistic (`metrics.step_time_summary`): the median over the steps after
+    the first of ``step_time_s`` (the slowest rank's), all steps when there is only one."""
+    times = [r["step_time_s"] for r in sorted(rows, key=lambda r: r.get("step", 0))
+             if isinstance(r.get("step_time_s"), int | float)]  # fmt: skip
+    steady = times[1:] if len(times) > 1 else times
+    return statistics.median(steady) if steady else None
+
+
+def compare_run(run_dir: str | Path, device: CalibratedDevice | None = None) -> dict:
     """Predicted against counted for a finished run: {field: (predicted, counted)} over every
-    metrics.jsonl row (counted values must be the same in every row)."""
+    metrics.jsonl row (counted values must be the same in every row); with a calibrated `device`
+    also ``step_time_s``: (predicted, measured by `measured_step_time`)."""
     run = Path(run_dir)
     config = json.loads((run / "config.json").read_text())
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    pred = predict(config)
+    pred = predict(config, device)
     out = {}
     for key in (*COUNTED, "activation_bytes"):
         counted = sorted({r[key] for r in rows if key in r})
         out[key] = (pred[key], counted[0] if len(counted) == 1 else counted)
+    if device is not None:
+        out["step_time_s"] = (pred["step_time_s"], measured_step_time(rows))
     return out

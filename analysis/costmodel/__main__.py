@@ -5,6 +5,11 @@
     python -m analysis.costmodel --preset summit-paper --set mode=ulysses   # a hypothetical layout
     python -m analysis.costmodel --run runs/latest          # a finished run: predicted vs counted
     python -m analysis.costmodel --config runs/x/config.json --device h200
+    python -m analysis.costmodel --run runs/latest --device-file analysis/data/cpu/host.json
+
+``--run`` times the run on this machine's calibration (``python -m analysis.calibrate``;
+analysis/data/cpu/<host>.json, found automatically, or ``--device-file``) and prints
+``step_time_s: predicted X measured Y`` beside the byte checks.
 
 Bad input (a layout the trainer would refuse, a missing, empty or malformed file or run folder)
 is one error line and exit code 2.
@@ -21,7 +26,7 @@ from pathlib import Path
 from lss_megatron.config import ConfigError
 
 from ..inputs import InputError, check_run_folder, read_json_file
-from . import DEVICES, compare_run, predict
+from . import DEVICES, compare_run, find_device_file, load_device_file, predict
 from .paper import SETS, Options, print_report, summit_layout, summit_paper
 
 PROG = "python -m analysis.costmodel"
@@ -36,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--config", help="a config.json (the trainer's or make_config's)")
     what.add_argument("--run", help="a finished run folder: predicted vs counted")
     p.add_argument("--device", choices=sorted(DEVICES), default=None, help="for step times")
+    p.add_argument("--device-file", default=None, metavar="FILE",
+                   help="a calibration written by python -m analysis.calibrate (step times on "
+                   "that CPU); --run uses this machine's when present")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument(
         "--set",
@@ -76,9 +84,38 @@ def _print_prediction(pred: dict) -> None:
 
 
 def _print_comparison(cmp: dict) -> None:
-    for k, (pr, co) in cmp.items():
+    for k, value in cmp.items():
+        if k == "device_file":
+            print(f"device: {value}")
+            continue
+        pr, co = value
+        if k == "step_time_s":
+            ratio = f"{pr / co:.3f}" if co else "n/a"
+            print(
+                f"step_time_s: predicted {pr:.4f} measured {co:.4f}  (ratio {ratio}; measured ="
+                " median over the steps after the first of the slowest rank's step_time_s)"
+            )
+            continue
         pr = f"{pr:,}" if isinstance(pr, int | float) else str(pr)
         print(f"{k:<24} predicted {pr:>16}  counted {co!s:>16}")
+
+
+def _calibration(args: argparse.Namespace):
+    """(the calibrated device, where it came from): --device-file, else for --run this
+    machine's calibration when there is one, else (None, why not)."""
+    if args.device_file:
+        return load_device_file(args.device_file), f"{args.device_file} (--device-file)"
+    path = find_device_file() if args.run else None
+    if path is None:
+        return None, "no calibration of this machine (python -m analysis.calibrate): bytes only"
+    return load_device_file(path), f"{path} (this machine's calibration, found automatically)"
+
+
+def _compare(args: argparse.Namespace) -> dict:
+    dev, where = _calibration(args)
+    out = {"device_file": where}
+    out.update(_usable(lambda: compare_run(args.run, dev), f"--run {args.run}"))
+    return out
 
 
 def _changes(items: list[str]) -> dict:
@@ -100,9 +137,10 @@ def _run(args: argparse.Namespace) -> tuple[object, Callable[[object], None]]:
         return summit_paper(sets, opts), print_report
     if args.run:
         check_run_folder(Path(args.run), "--run")
-        return _usable(lambda: compare_run(args.run), f"--run {args.run}"), _print_comparison
+        return _compare(args), _print_comparison
     config = read_json_file(Path(args.config), "--config: a trainer config.json")
-    return (_usable(lambda: predict(config, device=args.device), f"--config {args.config}"),
+    device = _calibration(args)[0] if args.device_file else args.device
+    return (_usable(lambda: predict(config, device=device), f"--config {args.config}"),
             _print_prediction)  # fmt: skip
 
 
@@ -113,7 +151,9 @@ def _usable(fn: Callable[[], object], where: str):
     except ConfigError:
         raise
     except (KeyError, TypeError, ValueError) as e:
-        raise InputError(f"{where}: not a usable trainer config ({type(e).__name__}: {e})") from None
+        raise InputError(
+            f"{where}: not a usable trainer config ({type(e).__name__}: {e})"
+        ) from None
 
 
 def main(argv: list[str] | None = None) -> int:

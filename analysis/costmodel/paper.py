@@ -45,7 +45,7 @@ from .scenarios import (
     setup_144,
     setup_3456,
 )
-from .time import Assumptions
+from .steptime import Assumptions
 
 PAPER_CLAIMS = {
     "speedup": {"value": 5.6, "unit": "x", "ranks": 144, "label": "speed vs NVIDIA SP, 144 V100",

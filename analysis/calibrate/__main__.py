@@ -1,0 +1,53 @@
+"""``python -m analysis.calibrate [--out FILE] [--ranks P ...] [--quick]``: measure this machine
+and write the device file the cost model reads (`analysis.calibrate`). Bad input: one error
+line, exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from ..costmodel.calibrated import default_path
+from . import calibrate
+
+PROG = "python -m analysis.calibrate"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description="Measure this CPU for the cost model.")
+    p.add_argument("--out", default=None, help=f"device file (default {default_path()})")
+    p.add_argument("--ranks", type=int, nargs="+", default=[2, 4], metavar="P",
+                   help="rank counts for collectives and core sharing (default 2 4)")  # fmt: skip
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="few sizes, no trainer runs (seconds; for tests, not for predictions)",
+    )
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
+    args = p.parse_args(argv)
+    bad = [r for r in args.ranks if r < 2 or r > 64]
+    if bad:
+        p.error(f"--ranks {bad[0]}: rank counts must be between 2 and 64")
+    out = Path(args.out) if args.out else default_path()
+    if out.exists() and out.is_dir():
+        p.error(f"--out {out}: is a folder, not a file")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        p.error(f"--out {out}: cannot create its folder ({e.strerror})")
+    record = calibrate(sorted(set(args.ranks)), quick=args.quick)
+    out.write_text(json.dumps(record, indent=1) + "\n")
+    load = record["load_avg"]
+    print(f"wrote {out} ({record['seconds']} s; load average {load[0][0]:.2f} -> {load[1][0]:.2f} "
+          f"on {record['cores']} cores)")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""Predicted against measured step times: ``python -m analysis.calibrate.validate``.
+
+Runs the cpu-strong grid (analysis/presets.py, one repeat) and shapes no preset uses (`SHAPES`),
+each a short trainer launch, predicts each with the calibrated device and writes one CSV row per
+run with the load average before and after it. Outliers (|ratio - 1| > 0.25) run once more and
+the run measured at the lower load average is kept (both are listed in the log).
+
+    python -m analysis.calibrate.validate --out analysis/data/cpu/validation.csv
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+from ..compare import child_env, torchrun_command
+from ..costmodel import compare_run, find_device_file, load_device_file
+from ..costmodel.calibrated import DATA_DIR
+from ..presets import get_preset, make_plan
+
+SHAPES = [  # (mode, N, D, layers, hidden, heads, kv heads, ffn, l, kernel)
+    ("serial", 1, 1, 2, 192, 6, 6, 384, 768, "flash"),
+    ("lss", 4, 1, 3, 96, 4, 2, 256, 1536, "flash"),
+    ("nvidia-sp", 2, 2, 2, 160, 4, 4, 320, 512, "flash"),
+    ("ulysses", 2, 1, 6, 64, 4, 2, 256, 2048, "flash"),
+    ("lss", 2, 2, 2, 256, 8, 8, 512, 768, "dense"),
+    ("serial", 1, 2, 3, 128, 4, 4, 256, 1024, "dense"),
+]
+COLUMNS = ["run_id", "set", "mode", "N", "D", "P", "layers", "hidden", "heads", "kv_heads",
+           "ffn", "seq_length", "kernel", "predicted_s", "measured_s", "ratio", "load1_before",
+           "load1_after"]  # fmt: skip
+
+
+def new_shape_runs(template) -> list:
+    """RunSpecs of `SHAPES`, from a cpu-strong run's flags with the model and layout changed."""
+    runs = []
+    for mode, n, d, layers, e, h, kv, f, ll, kernel in SHAPES:
+        flags = {**template.flags, "mode": mode, "seq-parallel": n, "data-parallel": d,
+                 "num-layers": layers, "hidden-size": e, "num-heads": h, "num-kv-heads": kv,
+                 "ffn-hidden-size": f, "seq-length": ll, "attention-kernel": kernel, "steps": 5}  # fmt: skip
+        runs.append(dataclasses.replace(template, mode=mode, seq_parallel=n, data_parallel=d,
+                                        seq_length=ll, flags=flags, variant=f"new{len(runs)}-{mode}"))  # fmt: skip
+    return runs
+
+
+def launch(run, out: Path) -> dict:
+    """One trainer launch; its CSV row fields (without the prediction)."""
+    before = os.getloadavg()[0]
+    res = subprocess.run(torchrun_command(run, out), env=child_env(), capture_output=True,
+                         text=True, timeout=600)  # fmt: skip
+    after = os.getloadavg()[0]
+    if res.returncode != 0:
+        raise RuntimeError(f"{run.run_id} failed: {res.stderr[-600:]}")
+    return {"load1_before": before, "load1_after": after}
+
+
+def row(run, set_name: str, out: Path, dev, load: dict) -> dict:
+    cmp = compare_run(out, dev)
+    pred, meas = cmp["step_time_s"]
+    m = json.loads((out / "config.json").read_text())["model"]
+    return {"run_id": run.run_id, "set": set_name, "mode": run.mode, "N": run.seq_parallel,
+            "D": run.data_parallel, "P": run.world_size, "layers": m["num_layers"],
+            "hidden": m["hidden_size"], "heads": m["num_heads"], "kv_heads": m.get("num_kv_heads"),
+            "ffn": m.get("ffn_hidden_size"), "seq_length": run.seq_length,
+            "kernel": run.flags.get("attention-kernel", "flash"), "predicted_s": round(pred, 5),
+            "measured_s": round(meas, 5), "ratio": round(pred / meas, 4), **load}  # fmt: skip
+
+
+def run_all(runs: list, runs_dir: Path, dev) -> list[dict]:
+    rows = []
+    for set_name, run in runs:
+        out = runs_dir / run.run_id
+        r = row(run, set_name, out, dev, launch(run, out))
+        if abs(r["ratio"] - 1) > 0.25:  # once more; keep the run at the lower load
+            out2 = runs_dir / (run.run_id + "_again")
+            r2 = row(run, set_name, out2, dev, launch(run, out2))
+            print(f"outlier {run.run_id}: ratio {r['ratio']} (load {r['load1_before']:.2f}), "
+                  f"again {r2['ratio']} (load {r2['load1_before']:.2f})", flush=True)  # fmt: skip
+            r = min(r, r2, key=lambda x: x["load1_before"] + x["load1_after"])
+        print(f"{r['run_id']:<40} predicted {r['predicted_s']:.4f} measured {r['measured_s']:.4f}"
+              f" ratio {r['ratio']:.3f} load {r['load1_before']:.2f}", flush=True)  # fmt: skip
+        rows.append(r)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m analysis.calibrate.validate")
+    p.add_argument("--out", default=str(DATA_DIR / "validation.csv"))
+    p.add_argument("--runs-dir", default="runs/calibrate-validation")
+    p.add_argument("--device-file", default=None)
+    p.add_argument("--only", choices=("cpu-strong", "new-shapes"), default=None)
+    args = p.parse_args(argv)
+    path = Path(args.device_file) if args.device_file else find_device_file()
+    if path is None:
+        p.error("no calibration of this machine: run python -m analysis.calibrate first")
+    dev = load_device_file(path)
+    plan = make_plan(get_preset("cpu-strong"), repeats=1).runs
+    runs = [] if args.only == "new-shapes" else [("cpu-strong", r) for r in plan]
+    if args.only != "cpu-strong":
+        runs += [("new-shape", r) for r in new_shape_runs(plan[0])]
+    rows = run_all(runs, Path(args.runs_dir), dev)
+    with open(args.out, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        w.writeheader()
+        w.writerows(rows)
+    err = [abs(r["ratio"] - 1) for r in rows]
+    print(
+        f"{len(rows)} runs, device {path}: median |error| {statistics.median(err):.1%}, "
+        f"max {max(err):.1%}, within 25%: {sum(e <= 0.25 for e in err)}/{len(err)}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

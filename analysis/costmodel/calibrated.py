@@ -1,0 +1,309 @@
+"""A CPU measured by ``python -m analysis.calibrate``, and the step time of a trainer run on it.
+
+The device file (JSON, ``analysis/data/cpu/<host>.json``) holds only measurements of this
+machine, each a table the model interpolates (linear in log-log between measured points, the
+nearest point outside their range):
+
+* ``gemm``: [flops per call, FLOP/s] of ``nn.functional.linear`` forward + backward (3 GEMMs)
+  at several shapes, one process, one thread (the trainer's OMP_NUM_THREADS=1);
+* ``attention``: {``flash``, ``dense``}: [executed FLOPs per call, FLOP/s] of the trainer's
+  attention kernels (``lss.kernel.partial_attention``, ``lss.dense_attention``), fwd + bwd;
+* ``elementwise``: [bytes per tensor, bytes/s] of a fused-free elementwise chain, fwd + bwd;
+* ``collectives``: {op: {ranks: [alpha s, bytes/s]}} fitted to gloo timings of the comm module's
+  all-gather, reduce-scatter, all-reduce and all-to-all (bytes as the trainer counts them);
+* ``concurrency``: {ranks: slowdown} of a matmul when that many single-thread processes run at
+  once, a record; the model shares max(1, ranks / cores), cores = ``len(os.sched_getaffinity(0))``;
+* ``overheads``: fixed seconds per step, per step and layer, per micro-batch and per micro-batch
+  and layer (the last two per mode), fitted by calibrate to tiny trainer runs after subtracting
+  this model's compute and communication (Python, autograd and kernel-launch costs).
+
+Step time (slowest rank): ``share(P) x [M (GEMMs + attention + elementwise + per-micro + L x
+per-layer) + per-step + L x per-step-layer + optimizer] + M x activation traffic + gradient
+sync + small all-reduces``, no overlap (the trainer communicates synchronously).
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..inputs import InputError, read_json_file
+from .counts import Layout, Shape, buckets, other_comm, param_count, parameters
+from .steptime import Assumptions, attention_work, elementwise_bytes, sp_comm_time
+
+DATA_DIR = Path(__file__).resolve().parents[1] / "data" / "cpu"
+SCHEMA = 1
+OPS = ("all_gather", "reduce_scatter", "all_reduce", "all_to_all")
+MODES = ("serial", "lss", "nvidia-sp", "ulysses")
+
+
+def default_path(directory: Path = DATA_DIR) -> Path:
+    """Where calibrate writes by default: <host>.json (this-machine.json without a hostname)."""
+    return directory / f"{socket.gethostname() or 'this-machine'}.json"
+
+
+def find_device_file(directory: Path = DATA_DIR) -> Path | None:
+    """This machine's calibration (`default_path`), else this-machine.json, else None."""
+    for path in (default_path(directory), directory / "this-machine.json"):
+        if path.is_file():
+            return path
+    return None
+
+
+def interpolate(points: list[tuple[float, float]], x: float) -> float:
+    """Linear in log-log between the measured (x, y) points; the nearest point outside."""
+    pts = sorted(points)
+    xs = [p[0] for p in pts]
+    i = bisect.bisect_left(xs, x)
+    if i == 0:
+        return pts[0][1]
+    if i == len(pts):
+        return pts[-1][1]
+    (x0, y0), (x1, y1) = pts[i - 1], pts[i]
+    w = math.log(x / x0) / math.log(x1 / x0)
+    return math.exp(math.log(y0) + w * (math.log(y1) - math.log(y0)))
+
+
+@dataclass(frozen=True)
+class CpuNetwork:
+    """gloo collectives as measured: one call costs alpha(op, n) + bytes / bw(op, n)."""
+
+    fits: dict  # op -> {n: (alpha, bw)}
+
+    def _fit(self, op: str, n: int) -> tuple[float, float]:
+        table = self.fits["all_gather" if op in ("p2p",) else op]
+        if n in table:
+            return table[n]
+        m = min(table, key=lambda k: abs(k - n))  # extrapolate latency by ring steps
+        alpha, bw = table[m]
+        return alpha * (n - 1) / (m - 1), bw
+
+    def link(self, n: int, stride: int = 1) -> tuple[float, float]:
+        return self._fit("all_gather", n)
+
+    def time(self, op: str, nbytes: float, n: int, stride: int = 1) -> float:
+        if n <= 1:
+            return 0.0
+        alpha, bw = self._fit(op, n)
+        return alpha + max(nbytes, 0) / bw
+
+
+@dataclass(frozen=True)
+class CalibratedDevice:
+    """A measured CPU (one process per rank, one thread each)."""
+
+    name: str
+    cores: int
+    memory_bytes: float
+    gemm: list
+    attention: dict
+    elementwise: list
+    network: CpuNetwork
+    concurrency: dict
+    overheads: dict
+    source: str = ""
+    load_avg: list = field(default_factory=list)
+
+    def share(self, ranks: int) -> float:
+        """Slowdown of each rank's compute when `ranks` single-thread processes share the cores:
+        max(1, ranks / cores). The measured ``concurrency`` table is kept as a record only: on a
+        shared machine it measures the other users' load as much as this machine."""
+        return max(1.0, ranks / self.cores)
+
+    def gemm_rate(self, flops: float) -> float:
+        return interpolate(self.gemm, flops)
+
+    def attention_rate(self, kernel: str, flops: float) -> float:
+        return interpolate(self.attention["dense" if kernel == "materialized" else "flash"], flops)
+
+    def elementwise_bw(self, nbytes: float) -> float:
+        return interpolate(self.elementwise, nbytes)
+
+    def overhead(self, key: str, mode: str) -> float:
+        v = self.overheads[key]
+        return float(v.get(mode, v["serial"]) if isinstance(v, dict) else v)
+
+
+# --- reading and checking a device file -----------------------------------------------------------
+def _positive(value, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InputError(f"{where}: {value!r} is not a number")
+    if not math.isfinite(value) or value <= 0:
+        raise InputError(f"{where}: {value!r} is not a positive finite number")
+    return float(value)
+
+
+def _table(rows, where: str) -> list[tuple[float, float]]:
+    if not isinstance(rows, list) or not rows:
+        raise InputError(f"{where}: expected a non-empty list of [x, y] pairs")
+    out = []
+    for i, row in enumerate(rows):
+        if not isinstance(row, list | tuple) or len(row) != 2:
+            raise InputError(f"{where}[{i}]: {row!r} is not an [x, y] pair")
+        out.append((_positive(row[0], f"{where}[{i}][0]"), _positive(row[1], f"{where}[{i}][1]")))
+    return out
+
+
+def _ranks_table(d, where: str, check) -> dict:
+    if not isinstance(d, dict) or not d:
+        raise InputError(f"{where}: expected an object keyed by rank count")
+    out = {}
+    for k, v in d.items():
+        if not str(k).isdigit() or int(k) < 1:
+            raise InputError(f"{where}: key {k!r} is not a rank count")
+        out[int(k)] = check(v, f"{where}.{k}")
+    return out
+
+
+def _overheads(d, where: str) -> dict:
+    out = {}
+    for key in ("per_step", "per_step_layer", "per_micro", "per_micro_layer"):
+        v = d.get(key) if isinstance(d, dict) else None
+        if isinstance(v, dict):
+            if "serial" not in v:
+                raise InputError(f"{where}.{key}: needs a 'serial' entry")
+            out[key] = {m: _nonneg(x, f"{where}.{key}.{m}") for m, x in v.items()}
+        else:
+            out[key] = _nonneg(v, f"{where}.{key}")
+    return out
+
+
+def _nonneg(value, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise InputError(f"{where}: {value!r} is not a finite number")
+    if value < 0:
+        raise InputError(f"{where}: {value!r} is negative")
+    return float(value)
+
+
+def device_from_dict(data: dict, source: str = "") -> CalibratedDevice:
+    """Check a calibration record and build the device; InputError naming the bad field."""
+    where = source or "device file"
+    if data.get("schema") != SCHEMA or data.get("kind") != "cpu-calibration":
+        raise InputError(f"{where}: not a calibration file of schema {SCHEMA} "
+                         f"(kind {data.get('kind')!r}, schema {data.get('schema')!r})")  # fmt: skip
+    for key in ("gemm", "attention", "elementwise", "collectives", "concurrency", "overheads"):
+        if key not in data:
+            raise InputError(f"{where}: missing {key!r}")
+    att = data["attention"]
+    if not isinstance(att, dict) or not {"flash", "dense"} <= set(att):
+        raise InputError(f"{where}: attention needs 'flash' and 'dense' tables")
+    coll = data["collectives"]
+    if not isinstance(coll, dict) or set(OPS) - set(coll):
+        raise InputError(f"{where}: collectives needs {list(OPS)}")
+
+    def pair(v, w):
+        return tuple(_positive(x, f"{w}[{i}]") for i, x in enumerate(_pairlist(v, w)))
+
+    return CalibratedDevice(
+        name=str(data.get("device", "calibrated CPU")),
+        cores=int(_positive(data.get("cores"), f"{where}: cores")),
+        memory_bytes=_positive(data.get("memory_bytes"), f"{where}: memory_bytes"),
+        gemm=_table(data["gemm"], f"{where}: gemm"),
+        attention={k: _table(att[k], f"{where}: attention.{k}") for k in ("flash", "dense")},
+        elementwise=_table(data["elementwise"], f"{where}: elementwise"),
+        network=CpuNetwork(
+            {op: _ranks_table(coll[op], f"{where}: collectives.{op}", pair) for op in OPS}
+        ),  # fmt: skip
+        concurrency=_ranks_table(data["concurrency"], f"{where}: concurrency", _positive),
+        overheads=_overheads(data["overheads"], f"{where}: overheads"),
+        source=source,
+        load_avg=list(data.get("load_avg", [])),
+    )
+
+
+def _pairlist(v, where: str) -> list:
+    if not isinstance(v, list | tuple) or len(v) != 2:
+        raise InputError(f"{where}: {v!r} is not an [alpha, bandwidth] pair")
+    return list(v)
+
+
+def load_device_file(path: str | Path) -> CalibratedDevice:
+    path = Path(path)
+    return device_from_dict(read_json_file(path, "a calibration from analysis.calibrate"),
+                            str(path))  # fmt: skip
+
+
+# --- the step time ------------------------------------------------------------------------------------
+def gemm_shapes(s: Shape, lay: Layout) -> list[tuple[int, int, int, int]]:
+    """(count per micro-batch, m, k, n) of this rank's forward GEMMs: QKV, proj, FC1, FC2 per
+    layer on the tokens of the tensor-parallel region with weights split T ways, the output layer."""
+    t, b = lay.tp, lay.micro_batch
+    m = b * lay.tp_tokens(s.seq)  # lss x TP: Megatron SP gathers the segment inside the region
+    qkv = (s.heads + 2 * s.kv_heads) * s.head_dim
+    return [
+        (s.layers, m, s.hidden, qkv // t),
+        (s.layers, m, s.heads * s.head_dim // t, s.hidden),
+        (s.layers, m, s.hidden, s.ffn // t),
+        (s.layers, m, s.ffn // t, s.hidden),
+        (1, m, s.hidden, s.padded_vocab // t),
+    ]
+
+
+def gemm_time(s: Shape, lay: Layout, dev: CalibratedDevice) -> float:
+    """Seconds of linear layers, forward + backward (3 GEMMs of 2mkn FLOPs each), one micro-batch."""
+    total = 0.0
+    for count, m, k, n in gemm_shapes(s, lay):
+        flops = 3.0 * 2 * m * k * n
+        total += count * flops / dev.gemm_rate(flops)
+    return total
+
+
+def comm_time(s: Shape, lay: Layout, dev: CalibratedDevice) -> dict:
+    """Seconds of activation traffic (one micro-batch), gradient sync and small all-reduces."""
+    net = dev.network
+    ps = parameters(s, lay)
+    pb = lay.grad_elem
+
+    def reduce(sel, n: int) -> float:
+        return sum(net.time("all_reduce", 2 * (n - 1) * x // n, n)
+                   for x in buckets([p.numel * pb for p in sel])) if n > 1 and sel else 0.0  # fmt: skip
+
+    if lay.mode == "nvidia-sp":
+        grad = reduce([p for p in ps if p.tp_partial], lay.tp) + reduce(ps, lay.d)
+    else:
+        grad = (reduce([p for p in ps if p.tp_partial], lay.tp)
+                + reduce([p for p in ps if not p.seq_local], lay.grad_group)
+                + reduce([p for p in ps if p.seq_local], lay.d))  # fmt: skip
+    calls = other_comm(s, lay)[1]
+    return {"sp": sp_comm_time(s, lay, dev), "grad": grad,
+            "other": calls * net.time("all_reduce", 16, lay.world)}  # fmt: skip
+
+
+def cpu_step_time(s: Shape, lay: Layout, dev: CalibratedDevice, optimizer: str) -> dict:
+    """Seconds per optimizer step on the slowest rank of a calibrated CPU, with its breakdown."""
+    mode, m, share = lay.mode, lay.micro_batches, dev.share(lay.world)
+    gemm = gemm_time(s, lay, dev)
+    att_flops, _ = attention_work(s, lay)
+    per_call = att_flops / s.layers / lay.micro_batch
+    attention = att_flops / dev.attention_rate(lay.attention_kernel, per_call) if att_flops else 0.0
+    el_bytes = elementwise_bytes(s, lay, Assumptions())
+    tensor = lay.micro_batch * lay.tp_tokens(s.seq) * s.hidden * lay.act_bytes
+    elementwise = el_bytes / dev.elementwise_bw(tensor)
+    fixed_micro = dev.overhead("per_micro", mode) + s.layers * dev.overhead("per_micro_layer", mode)
+    fixed_step = dev.overhead("per_step", mode) + s.layers * dev.overhead("per_step_layer", mode)
+    update_bytes = 28 if optimizer == "adamw" else 12
+    opt = param_count(s, lay) * update_bytes / dev.elementwise_bw(1 << 22)
+    comm = comm_time(s, lay, dev)
+    parts = {
+        "gemm": share * m * gemm,
+        "attention": share * m * attention,
+        "elementwise": share * m * elementwise,
+        "fixed_overhead": share * (m * fixed_micro + fixed_step),
+        "optimizer": share * opt,
+        "sp_comm_exposed": m * comm["sp"],
+        "grad_comm": comm["grad"],
+        "other_comm": comm["other"],
+    }
+    return {
+        "step_time_s": sum(parts.values()),
+        "time_breakdown_s": parts,
+        "compute_share": share,
+        "gemm_flops_per_s": [
+            dev.gemm_rate(3.0 * 2 * a * b * c) for _, a, b, c in gemm_shapes(s, lay)
+        ],  # fmt: skip
+        "precision": "fp32" if lay.act_bytes == 4 else "bf16",
+    }
