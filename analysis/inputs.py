@@ -98,12 +98,12 @@ def error_line(stderr: str, limit: int = 500) -> str:
     lines = [x.rstrip() for x in stderr.splitlines() if x.strip()]
     for i, line in enumerate(lines):
         if "lss_megatron.train: error:" in line:
-            items = [line[line.index("lss_megatron.train: error:"):]]
-            items += [x.strip() for x in lines[i + 1:] if x.startswith("  - ")][:8]
+            items = [line[line.index("lss_megatron.train: error:") :]]
+            items += [x.strip() for x in lines[i + 1 :] if x.startswith("  - ")][:8]
             return " ".join(items)[:limit]
     for line in lines:
         if re.search(r"\[rank \d+\] ERROR ", line):
-            return line[line.index("[rank"):][:limit]
+            return line[line.index("[rank") :][:limit]
     for line in reversed(lines):
         if _OWN.search(line) and "torch.distributed.elastic" not in line:
             return line.strip()[:limit]

@@ -34,7 +34,7 @@ import pandas as pd
 
 from . import tables
 from .figures import MODE_COLOURS, _pyplot, _save, context
-from .inputs import InputError, cli, read_csv_table
+from .inputs import cli, read_csv_table
 
 ASSUMPTIONS = ("paper-2023", "modern")
 MODELLED_STYLE = {"paper-2023": "--", "modern": ":"}
@@ -91,10 +91,12 @@ def read_inputs(compare: list[Path], longest: Path | None) -> dict[str, pd.DataF
     if frames:
         out["summary"] = pd.concat(frames, ignore_index=True)
     if longest is not None:
-        out["longest"] = read_csv_table(Path(longest) / "longest.csv",
-                                        required=("mode", "world_size", "longest_seq_length"))
-        out["searches"] = read_csv_table(Path(longest) / "searches.csv",
-                                         required=("mode", "seq_length", "rank_bytes_max"))
+        out["longest"] = read_csv_table(
+            Path(longest) / "longest.csv", required=("mode", "world_size", "longest_seq_length")
+        )
+        out["searches"] = read_csv_table(
+            Path(longest) / "searches.csv", required=("mode", "seq_length", "rank_bytes_max")
+        )
     return out
 
 
@@ -118,27 +120,50 @@ def fig_speedup(measured: dict, series: dict, claims: dict, stem: Path) -> list[
     else:
         for (mode, setting, length), g in best.groupby(["mode", "setting", "seq_length"]):
             g = g.sort_values("world_size")
-            left.plot(g["world_size"], g["speedup_vs_nvidia_sp_best"], marker="o",
-                      color=MODE_COLOURS.get(mode), label=f"{mode} ({setting}), l={length}")
+            left.plot(
+                g["world_size"],
+                g["speedup_vs_nvidia_sp_best"],
+                marker="o",
+                color=MODE_COLOURS.get(mode),
+                label=f"{mode} ({setting}), l={length}",
+            )
             for _, r in g.iterrows():
-                left.annotate(r["best_layout"], (r["world_size"], r["speedup_vs_nvidia_sp_best"]),
-                              fontsize=6, textcoords="offset points", xytext=(4, -10))
+                left.annotate(
+                    r["best_layout"],
+                    (r["world_size"], r["speedup_vs_nvidia_sp_best"]),
+                    fontsize=6,
+                    textcoords="offset points",
+                    xytext=(4, -10),
+                )
         left.axhline(1.0, color="gray", linewidth=0.8)
         left.set_xticks(sorted(best["world_size"].unique()))
-    _finish(left, "ranks P", "nvidia-sp best step time / mode's best",
-            f"measured, equal ranks: {context(df) if df is not None else ''}")
+    _finish(
+        left,
+        "ranks P",
+        "nvidia-sp best step time / mode's best",
+        f"measured, equal ranks: {context(df) if df is not None else ''}",
+    )
     for a, frames in series.items():
         s = frames["speedup_vs_ranks"]
         s = s[s["lss_seq_parallel"] == s["ranks"]]  # LSS over every rank: N = P
         for t, g in s.groupby("sp_tensor_parallel"):
-            right.plot(g["ranks"], g["speedup_per_iteration"], label=f"{a}: LSS N=P vs SP t={t}",
-                       **_hollow("tab:blue" if t == 6 else "tab:cyan", MODELLED_STYLE[a]))
+            right.plot(
+                g["ranks"],
+                g["speedup_per_iteration"],
+                label=f"{a}: LSS N=P vs SP t={t}",
+                **_hollow("tab:blue" if t == 6 else "tab:cyan", MODELLED_STYLE[a]),
+            )
     c = claims["speedup"]
     _claim(right, c["ranks"], c["value"], f"paper: {c['value']}x")
     right.set_ylim(0, c["value"] * 1.2)
     right.axhline(1.0, color="gray", linewidth=0.8)
-    _finish(right, "GPUs", "speedup per iteration (modelled)",
-            "modelled: Summit V100, one sequence per step", log_x=True)
+    _finish(
+        right,
+        "GPUs",
+        "speedup per iteration (modelled)",
+        "modelled: Summit V100, one sequence per step",
+        log_x=True,
+    )
     fig.suptitle("Per-iteration speedup of LSS over head-capped NVIDIA SP", fontsize=10)
     return _save(fig, stem)
 
@@ -156,13 +181,21 @@ def fig_memory(measured: dict, series: dict, claims: dict, stem: Path) -> list[P
             left.plot(g["seq_length"], g["rank_bytes_max"] / 2**20, marker="o",
                       color=MODE_COLOURS.get(mode), label=f"{mode} P={p} ({rec})",
                       linestyle="-" if rec == "none" else "-.")  # fmt: skip
-    _finish(left, "sequence length l", "MiB per rank (rank_bytes_max)",
-            "measured: analysis.longest runs, CPU (gloo), flash kernel")
+    _finish(
+        left,
+        "sequence length l",
+        "MiB per rank (rank_bytes_max)",
+        "measured: analysis.longest runs, CPU (gloo), flash kernel",
+    )
     for a, frames in series.items():
         m = frames["memory_vs_length"]
         for mode, g in m.groupby("mode"):
-            right.plot(g["seq_length"], g["bytes_per_rank"] / 2**30, label=f"{a}: {mode}",
-                       **_hollow(MODE_COLOURS.get(mode, "black"), MODELLED_STYLE[a]))
+            right.plot(
+                g["seq_length"],
+                g["bytes_per_rank"] / 2**30,
+                label=f"{a}: {mode}",
+                **_hollow(MODE_COLOURS.get(mode, "black"), MODELLED_STYLE[a]),
+            )
     right.axhline(16, color="gray", linewidth=0.8)
     right.annotate("16 GB V100", (right.get_xlim()[0], 16), fontsize=7)
     c = claims["memory"]
@@ -191,13 +224,21 @@ def fig_longest(measured: dict, series: dict, claims: dict, stem: Path) -> list[
         budget = lg["budget_bytes"].iloc[0] / 2**20 if "budget_bytes" in lg else float("nan")
         left.set_ylim(bottom=0)
     title = "measured: longest l that ran within the budget, CPU (gloo)"
-    _finish(left, "ranks P", "longest l (tokens)",
-            title + (f", {budget:,.0f} MiB per rank" if lg is not None and not lg.empty else ""))
+    _finish(
+        left,
+        "ranks P",
+        "longest l (tokens)",
+        title + (f", {budget:,.0f} MiB per rank" if lg is not None and not lg.empty else ""),
+    )
     for a, frames in series.items():
         m = frames["longest_vs_ranks"]
         for mode, g in m.groupby("mode"):
-            right.plot(g["ranks"], g["longest_seq_length"], label=f"{a}: {mode}",
-                       **_hollow(MODE_COLOURS.get(mode, "black"), MODELLED_STYLE[a]))
+            right.plot(
+                g["ranks"],
+                g["longest_seq_length"],
+                label=f"{a}: {mode}",
+                **_hollow(MODE_COLOURS.get(mode, "black"), MODELLED_STYLE[a]),
+            )
     c = claims["longest"]
     _claim(right, c["ranks"], c["value"], f"paper: l = {c['value']:,.0f}")
     _finish(right, "GPUs", "longest l (modelled, 16 GB)", "modelled: Summit V100", log_x=True)
@@ -218,33 +259,67 @@ def _vs_ranks(measured: dict, series: dict, claims: dict, stem: Path, *, key: st
             left.plot(g["world_size"], g[column] * scale, marker="o", color=MODE_COLOURS.get(mode),
                       label=mode)  # fmt: skip
         left.set_xticks(sorted(weak["world_size"].unique()))
-    _finish(left, "ranks P", ylabel, f"measured, weak scaling: {context(df) if df is not None else ''}")
+    _finish(
+        left, "ranks P", ylabel, f"measured, weak scaling: {context(df) if df is not None else ''}"
+    )
     for a, frames in series.items():
         m = frames[key]
-        right.plot(m["ranks"], m[model_column] * scale, label=f"{a}: LSS",
-                   **_hollow("tab:blue", MODELLED_STYLE[a]))
+        right.plot(
+            m["ranks"],
+            m[model_column] * scale,
+            label=f"{a}: LSS",
+            **_hollow("tab:blue", MODELLED_STYLE[a]),
+        )
     c = claims[key if key != "weak_scaling" else "efficiency"]
     _claim(right, c["ranks"], c["value"], f"paper: {c['value']:g} {c['unit']}")
-    _finish(right, "GPUs", ylabel + " (modelled)", "modelled: Summit V100, 348 tokens per GPU",
-            log_x=True)
+    _finish(
+        right,
+        "GPUs",
+        ylabel + " (modelled)",
+        "modelled: Summit V100, 348 tokens per GPU",
+        log_x=True,
+    )
     fig.suptitle(title, fontsize=10)
     return _save(fig, stem)
 
 
 def fig_weak(measured: dict, series: dict, claims: dict, stem: Path) -> list[Path]:
-    return _vs_ranks(measured, series, claims, stem, key="weak_scaling",
-                     column="parallel_efficiency", model_column="efficiency", scale=100.0,
-                     ylabel="weak-scaling efficiency (%)", title="Weak-scaling efficiency")
+    return _vs_ranks(
+        measured,
+        series,
+        claims,
+        stem,
+        key="weak_scaling",
+        column="parallel_efficiency",
+        model_column="efficiency",
+        scale=100.0,
+        ylabel="weak-scaling efficiency (%)",
+        title="Weak-scaling efficiency",
+    )
 
 
 def fig_throughput(measured: dict, series: dict, claims: dict, stem: Path) -> list[Path]:
-    return _vs_ranks(measured, series, claims, stem, key="throughput",
-                     column="achieved_flops_per_s", model_column="flops_per_s", scale=1e-15,
-                     ylabel="model PFLOP/s", title="Throughput (causal FLOPs)")
+    return _vs_ranks(
+        measured,
+        series,
+        claims,
+        stem,
+        key="throughput",
+        column="achieved_flops_per_s",
+        model_column="flops_per_s",
+        scale=1e-15,
+        ylabel="model PFLOP/s",
+        title="Throughput (causal FLOPs)",
+    )
 
 
-DRAW = {"speedup_vs_ranks": fig_speedup, "memory_vs_length": fig_memory,
-        "longest_vs_ranks": fig_longest, "weak_scaling": fig_weak, "throughput": fig_throughput}
+DRAW = {
+    "speedup_vs_ranks": fig_speedup,
+    "memory_vs_length": fig_memory,
+    "longest_vs_ranks": fig_longest,
+    "weak_scaling": fig_weak,
+    "throughput": fig_throughput,
+}
 
 
 def make_paper_figures(measured: dict, out: Path, assumptions=ASSUMPTIONS) -> list[Path]:
@@ -264,8 +339,13 @@ def _main(argv: list[str] | None) -> int:
     p = argparse.ArgumentParser(prog="python -m analysis.paper_figures", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--out", required=True, help="folder for the figures")
-    p.add_argument("--compare", nargs="*", default=[], type=Path,
-                   help="analysis.compare output folders (equal-ranks and weak-scaling runs)")
+    p.add_argument(
+        "--compare",
+        nargs="*",
+        default=[],
+        type=Path,
+        help="analysis.compare output folders (equal-ranks and weak-scaling runs)",
+    )
     p.add_argument("--longest", type=Path, help="an analysis.longest output folder")
     p.add_argument("--assumptions", nargs="+", choices=ASSUMPTIONS, default=list(ASSUMPTIONS))
     args = p.parse_args(argv)

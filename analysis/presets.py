@@ -431,8 +431,13 @@ PRESETS: dict[str, Preset] = {
             model=_PAPER_144_MODEL,
             train={**_PAPER_TRAIN, "steps": 50, "dist-timeout": 1800},
             modes=PARALLEL_MODES,
-            layouts=(("lss", 6, 24), ("lss", 24, 6), ("lss", 144, 1), ("nvidia-sp", 6, 24),
-                     ("nvidia-sp", 12, 12)),  # fmt: skip
+            layouts=(
+                ("lss", 6, 24),
+                ("lss", 24, 6),
+                ("lss", 144, 1),
+                ("nvidia-sp", 6, 24),
+                ("nvidia-sp", 12, 12),
+            ),  # fmt: skip
             kernels=("flash", "dense"),
             timeout_s=3600.0,
             memory_budget_bytes=16 * GiB,

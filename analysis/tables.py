@@ -418,12 +418,14 @@ def format_table(df: pd.DataFrame) -> str:
 
 BEST_COLUMNS = ("mode", "setting", "seq_length", "world_size", "best_layout", "layouts_tried",
                 "step_time_s", "tokens_per_s", "activation_bytes", "transient_peak_bytes",
-                "speedup_vs_nvidia_sp_best", "activation_ratio_vs_nvidia_sp_best")  # fmt: skip
+                "speedup_vs_nvidia_sp_best", "activation_ratio_vs_nvidia_sp_best",
+                "smallest_layout", "smallest_activation_bytes")  # fmt: skip
 
 
 def best_layouts(df: pd.DataFrame) -> pd.DataFrame:
     """Equal ranks: per mode (variant label), setting, l, P and model, the layout with the
     shortest median step time, with its tokens/s and bytes saved for backward per rank (rank 0's),
+    and the layout saving the fewest bytes for backward (``smallest_layout``, which may differ),
     and nvidia-sp's best over it (``speedup_vs_nvidia_sp_best`` = nvidia-sp's best step time /
     this mode's best; ``activation_ratio_vs_nvidia_sp_best`` likewise for saved bytes: above 1,
     this mode is faster / smaller). Only runs of the same kernel, recompute and dtype meet."""
@@ -442,8 +444,12 @@ def best_layouts(df: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for _, g in med.groupby(group, dropna=False):
         best = g.loc[g["step_time_s"].idxmin()]
+        small = g.loc[g["activation_bytes"].idxmin()] if g["activation_bytes"].notna().any() \
+            else best  # fmt: skip
         rows.append({**best.to_dict(), "mode": best["label"], "best_layout": best["layout"],
-                     "layouts_tried": ", ".join(sorted(g["layout"]))})  # fmt: skip
+                     "layouts_tried": ", ".join(sorted(g["layout"])),
+                     "smallest_layout": small["layout"],
+                     "smallest_activation_bytes": small["activation_bytes"]})  # fmt: skip
     out = pd.DataFrame(rows)
     nsp = out[out["mode"] == "nvidia-sp"]
     keys = ["seq_length", "world_size", *MODEL_KEY]
@@ -460,7 +466,7 @@ def best_layouts(df: pd.DataFrame) -> pd.DataFrame:
 def format_best_layouts(best: pd.DataFrame) -> str:
     """The best-layout table as text (bytes in MiB)."""
     shown = best.copy()
-    for column in ("activation_bytes", "transient_peak_bytes"):
+    for column in ("activation_bytes", "transient_peak_bytes", "smallest_activation_bytes"):
         shown[column] = shown[column] / 2**20
     shown = shown.rename(
         columns={
@@ -468,6 +474,7 @@ def format_best_layouts(best: pd.DataFrame) -> str:
             "transient_peak_bytes": "trans_MiB",
             "speedup_vs_nvidia_sp_best": "speedup_vs_nsp_best",
             "activation_ratio_vs_nvidia_sp_best": "saved_ratio_vs_nsp",
+            "smallest_activation_bytes": "smallest_saved_MiB",
         }
     )
     text = shown.to_string(index=False, float_format=lambda x: f"{x:.4g}", na_rep="-")
@@ -476,7 +483,8 @@ def format_best_layouts(best: pd.DataFrame) -> str:
         "speedup_vs_nsp_best = nvidia-sp's best step time / this mode's best (same P, l, "
         "model, kernel, recompute, dtype); saved_ratio_vs_nsp = nvidia-sp's bytes saved for "
         "backward per rank (at its best layout) / this mode's; above 1: this mode is "
-        "faster / smaller. Bytes are rank 0's."
+        "faster / smaller; smallest_layout = the mode's layout saving the fewest bytes "
+        "(smallest_saved_MiB). Bytes are rank 0's."
     )
 
 

@@ -184,8 +184,9 @@ def layout_from_config(config: dict) -> Layout:
         global_batch=g,
         act_bytes=DTYPE_BYTES[dtype],
         param_bytes=DTYPE_BYTES[dtype] if half else FP32,
-        kernel=KERNEL_NAMES[extra.get("attention_kernel") or train.get("attention_kernel")
-                            or "auto"],
+        kernel=KERNEL_NAMES[
+            extra.get("attention_kernel") or train.get("attention_kernel") or "auto"
+        ],
         recompute=train.get("recompute") or "none",
         master_weights=half,
         zigzag=par.get("lss_layout", "contiguous") == "zigzag",

@@ -30,6 +30,9 @@ SCRIPTS = {
     "lss-megatron-compare": "lss_megatron.analysis.compare:main",
     "lss-megatron-figures": "lss_megatron.analysis.figures:main",
     "lss-megatron-costmodel": "lss_megatron.analysis.costmodel.__main__:main",
+    "lss-megatron-longest": "lss_megatron.analysis.longest:main",
+    "lss-megatron-paper-figures": "lss_megatron.analysis.paper_figures:main",
+    "lss-megatron-calibrate": "lss_megatron.analysis.calibrate.__main__:main",
 }
 
 

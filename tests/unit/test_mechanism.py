@@ -59,6 +59,7 @@ def test_best_layouts_picks_the_fastest_layout_and_compares_best_with_best():
     best = tables.best_layouts(df).set_index(["mode", "setting"])
     lss = best.loc[("lss", "flash")]
     assert lss["best_layout"] == "N4 x D1" and lss["layouts_tried"] == "N2 x D2, N4 x D1"
+    assert lss["smallest_layout"] == "N4 x D1" and lss["smallest_activation_bytes"] == 100
     assert lss["speedup_vs_nvidia_sp_best"] == pytest.approx(1.5)  # 1.5 s / 1.0 s
     assert lss["activation_ratio_vs_nvidia_sp_best"] == pytest.approx(4.0)  # 400 / 100
     assert best.loc[("ulysses", "flash")]["speedup_vs_nvidia_sp_best"] == pytest.approx(0.5)
