@@ -227,7 +227,9 @@ def _prune(directory: Path, keep: int, run_id) -> None:
         for gone in prune_checkpoints(directory, keep, run_id):
             log.info("--keep-last %d: deleted %s", keep, gone)
     except OSError as e:
-        log.warning("--keep-last %d: could not delete old checkpoints in %s: %s", keep, directory, e)
+        log.warning(
+            "--keep-last %d: could not delete old checkpoints in %s: %s", keep, directory, e
+        )
 
 
 def _write_failure(directory: Path, step: int, e: OSError) -> str:

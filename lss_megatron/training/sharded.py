@@ -85,13 +85,13 @@ def fragment_pieces(flat: torch.Tensor, shape: tuple, start: int, base: tuple) -
     for offsets, sizes in flat_boxes(tuple(shape), start, flat.numel()):
         n = math.prod(sizes)
         box = flat[pos : pos + n].view(sizes)  # [*sizes]
-        pieces.append((tuple(b + o for b, o in zip(base, offsets)), box))
+        pieces.append((tuple(b + o for b, o in zip(base, offsets, strict=True)), box))
         pos += n
     return pieces
 
 
 def _narrow(t: torch.Tensor, offsets, lengths) -> torch.Tensor:
-    for dim, (o, n) in enumerate(zip(offsets, lengths)):
+    for dim, (o, n) in enumerate(zip(offsets, lengths, strict=True)):
         t = t.narrow(dim, o, n)
     return t
 
@@ -197,9 +197,7 @@ class SafeReader(FileSystemReader):
         path = self._get_metadata_path(kwargs.get("rank"))
         with self.fs.create_stream(path, "rb") as f:
             metadata = MetadataUnpickler(f).load()
-        if not isinstance(metadata, dcp_md.Metadata) or not isinstance(
-            metadata.storage_data, dict
-        ):
+        if not isinstance(metadata, dcp_md.Metadata) or not isinstance(metadata.storage_data, dict):
             raise pickle.UnpicklingError(f"{type(metadata).__name__} is not DCP metadata")
         for info in metadata.storage_data.values():  # payload files: plain names in the folder
             name = getattr(info, "relative_path", "")
@@ -230,7 +228,7 @@ class _Loader(LoadPlanner):
             got = [0] * len(chunks)
             for r in reads:
                 got[r.dest_index.index] += math.prod(r.lengths)
-            for (offsets, t), n in zip(pieces, got):
+            for (offsets, t), n in zip(pieces, got, strict=True):
                 if n != t.numel():
                     raise ShardError(f"{key}: it holds {n} of the {t.numel()} elements of the "
                                      f"box at {tuple(offsets)} size {tuple(t.shape)} (shape "
