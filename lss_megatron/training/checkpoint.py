@@ -162,7 +162,9 @@ def save_checkpoint(
     state = {"torch_rng": torch.get_rng_state()}
     final = agree(lambda: _publish(directory, name, tmp, write, results, state, meta),
                   only_rank0=True)[0]  # fmt: skip
-    if grid.rank == 0 and keep_last:
+    if grid.rank != 0:
+        return None
+    if keep_last:
         _prune(directory, keep_last, config.get("run_id"))
     return final
 
