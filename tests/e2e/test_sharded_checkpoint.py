@@ -79,7 +79,6 @@ def test_plain_tensor_parallel_checkpoint_resumes_under_zero(reference, tmp_path
     _assert_resumes(tmp_path / "zero", reference, "plain nvidia-sp T=2 -> ZeRO-1 LSS N=2")
 
 
-@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_keep_last(tmp_path):
     ck = tmp_path / "ck"

@@ -84,7 +84,6 @@ def _serial_load_worker(rank, world, directory):
     return {"step": step, "got": {k: v for k, v in got.items()}, "dtype": str(torch.float32)}
 
 
-@pytest.mark.slow
 @pytest.mark.timeout(200)
 def test_two_ranks_write_their_own_files_and_reshard_to_serial(tmp_path):
     import torch
