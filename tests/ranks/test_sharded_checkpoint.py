@@ -6,7 +6,8 @@ A 2-rank LSS zigzag run (N = 2) with a learned position table and one AdamW step
 folder holds one data file per rank. It is loaded back (a) by the same layout into a freshly
 initialised model and optimizer, (b) by a serial 1-rank model, whose parameters and optimizer
 state must equal the 2-rank run's canonical (gathered, `to_full`) tensors bitwise: loading only
-moves bytes, so the tolerance is 0.
+moves bytes, so the tolerance is 0. A version-1 checkpoint (one state.pt of full tensors) still
+loads, bitwise.
 """
 
 from __future__ import annotations
@@ -112,3 +113,40 @@ def test_two_ranks_write_their_own_files_and_reshard_to_serial(tmp_path):
     assert sorted(serial["got"]) == sorted(want)
     for k, v in want.items():  # moved bytes only: exact
         assert torch.equal(serial["got"][k], v), k
+
+
+def _version_1_worker(rank, world, directory):
+    """A version-1 checkpoint (one state.pt of full tensors, as earlier versions wrote) loads."""
+    import json
+
+    import torch
+
+    import lss_megatron.training.checkpoint as ck
+    from lss_megatron.config import ParallelConfig
+    from lss_megatron.parallel.grid import destroy_grid, initialize_grid
+
+    grid = initialize_grid(ParallelConfig(mode="serial", world_size=1))
+    model, opt = _model(grid, "serial", seed=1)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()
+    want = _canonical(model, opt, grid)
+    step_dir = directory / "step_00000002"
+    step_dir.mkdir(parents=True)
+    torch.save({"model": {n: p.detach() for n, p in model.named_parameters()},
+                "optimizer": {n: dict(opt.state[p]) for n, p in model.named_parameters()},
+                "torch_rng": torch.get_rng_state()}, step_dir / "state.pt")  # fmt: skip
+    (step_dir / "meta.json").write_text(json.dumps({"step": 2, "format_version": 1,
+                                                    "config": {}}))  # fmt: skip
+    model2, opt2 = _model(grid, "serial", seed=7)
+    step = ck.load_checkpoint(ck.find_latest(directory), model2, opt2, grid)
+    got = _canonical(model2, opt2, grid)
+    destroy_grid()
+    return {"step": step, "same": sorted(want) == sorted(got)
+            and all(torch.equal(want[k], got[k]) for k in want)}  # fmt: skip
+
+
+@pytest.mark.timeout(120)
+def test_version_1_checkpoints_still_load(tmp_path):
+    r = run_ranks(_version_1_worker, 1, tmp_path / "ck", timeout=90)[0]
+    assert r == {"step": 2, "same": True}
