@@ -410,6 +410,10 @@ class TrainConfig:
         0, "save every K steps (and at the end) with --save; 0: only at the end", metavar="K",
         section=_OUT,
     )  # fmt: skip
+    keep_last: int = _opt(
+        0, "with --save: after each save keep this run's newest K checkpoints (never the one "
+        "'latest' names); 0 keeps all", metavar="K", section=_OUT,
+    )  # fmt: skip
     load: str | None = _opt(
         None,
         "resume from the newest checkpoint in DIR, or from DIR/step_K itself (any layout or mode)",
@@ -476,10 +480,7 @@ class TrainConfig:
             return []
         if self.zero_stage not in ZERO_STAGES:
             return [f"--zero-stage {self.zero_stage} is not one of {ZERO_STAGES}"]
-        p = [f"{flag} is not supported with --zero-stage {self.zero_stage}: DeepSpeed keeps "
-             "optimizer state in flat per-rank partitions, not the canonical layout-independent "
-             "checkpoint (docs/zero.md); use --zero-stage 0 to checkpoint"
-             for flag, value in (("--save", self.save), ("--load", self.load)) if value]  # fmt: skip
+        p = []
         if importlib.util.find_spec("deepspeed") is None:
             p.append(f"--zero-stage {self.zero_stage} needs DeepSpeed: pip install "
                      "'lss-megatron[deepspeed]' (deepspeed==0.19.8, DS_BUILD_OPS=0)")  # fmt: skip
@@ -529,6 +530,10 @@ class TrainConfig:
             p.append(f"--min-lr {self.min_lr} must be in [0, --lr {self.lr}]")
         if self.stop_after is not None and not 1 <= self.stop_after <= self.steps:
             p.append(f"--stop-after {self.stop_after} must be in [1, --steps {self.steps}]")
+        if self.keep_last < 0:
+            p.append(f"--keep-last must be >= 0 (0 keeps every checkpoint), got {self.keep_last}")
+        elif self.keep_last and not self.save:
+            p.append(f"--keep-last {self.keep_last} needs --save DIR")
         if self.save_interval and not self.save:
             p.append(f"--save-interval {self.save_interval} needs --save DIR")
         if self.progress not in PROGRESS:

@@ -87,11 +87,14 @@ def folder_problem(flag: str, value: str | None) -> str | None:
 
 # --- checkpoint folders ----------------------------------------------------------------------------
 def _step_of(folder: Path) -> int | None:
-    """The step of a complete checkpoint folder (state.pt present, meta.json readable), else None."""
+    """The step of a complete checkpoint folder (state.pt present, meta.json readable, and from
+    format version 2 on DCP's ``.metadata`` index of the chunks), else None."""
     if not (folder / "state.pt").is_file():
         return None
     meta = read_json(folder / "meta.json")
     step = meta.get("step") if meta else None
+    if meta and meta.get("format_version", 1) != 1 and not (folder / ".metadata").is_file():
+        return None
     return step if isinstance(step, int) and not isinstance(step, bool) else None
 
 
@@ -120,6 +123,26 @@ def latest_checkpoint(directory: str | Path) -> tuple[Path | None, str]:
     why = (f"'latest' names {named!r}, which is not a complete checkpoint" if named
            else "it has no 'latest' file")  # fmt: skip
     return done[-1], f"--load {d}: {why}; falling back to the newest complete one, {done[-1].name}"
+
+
+def prune_checkpoints(directory: Path, keep: int, run_id: str | None) -> list[Path]:
+    """``--keep-last keep``: delete the oldest complete checkpoints of run `run_id` (all of them
+    when None) beyond the newest `keep`, never the one ``latest`` names. Each is first renamed
+    to a ``.old-`` folder (so a crash never leaves a half-deleted ``step_*`` that looks
+    complete), then removed. Returns the deleted folders."""
+    directory = Path(directory)
+    named = (directory / "latest").read_text(errors="replace").strip()
+    ours = [d for d in complete_checkpoints(directory)
+            if run_id is None or checkpoint_run_id(d) == run_id]  # fmt: skip
+    gone = []
+    for d in ours[: max(0, len(ours) - keep)]:
+        if d.name == named:
+            continue
+        trash = directory / f"{STALE_PREFIXES[1]}{d.name}-{uuid.uuid4().hex[:8]}"
+        os.rename(d, trash)
+        shutil.rmtree(trash)
+        gone.append(d)
+    return gone
 
 
 def checkpoint_run_id(path: Path) -> str | None:

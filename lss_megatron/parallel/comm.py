@@ -9,7 +9,7 @@ Every call carries a `category`:
 * ``sp``    sequence-parallel activation traffic (LSS's fused K/V gather and its reduce-scatter;
             Megatron's tensor/sequence-parallel gathers and reduce-scatters in nvidia-sp),
 * ``grad``  gradient synchronisation (double gradient averaging, DeepSpeed's reductions),
-* ``other`` everything else (loss reduction, checks, checkpoint gathers).
+* ``other`` everything else (loss reduction, checks, checkpoint plan and outcome exchanges).
 
 Counting: ``with comm.record() as log: ...`` collects every collective issued by this process
 inside the block into ``log`` (a `CommLog`): this module's own calls with the category they name,

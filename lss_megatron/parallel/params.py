@@ -105,3 +105,35 @@ def to_local(full: torch.Tensor, p: torch.Tensor, grid: Grid) -> torch.Tensor:
     if t.shape != p.shape:
         raise ValueError(f"shape {tuple(t.shape)} from checkpoint does not fit {tuple(p.shape)}")
     return t.to(device=p.device, dtype=p.dtype).contiguous()
+
+
+def full_shape(p: torch.Tensor, grid: Grid) -> tuple[int, ...]:
+    """The shape of `p` in the one-process model (sequence-local: every rank of the sequence group
+    holds the same number of rows; tensor-parallel: ``tp_size`` equal shards along the dim)."""
+    shape = list(p.shape)
+    if is_sequence_local(p):
+        shape[0] *= grid.seq_size
+    dim = _tp_dim(p, grid)
+    if dim is not None:
+        shape[dim] *= grid.tp_size
+    return tuple(shape)
+
+
+def local_pieces(t: torch.Tensor, p: torch.Tensor, grid: Grid) -> list[tuple[tuple, torch.Tensor]]:
+    """This rank's piece `t` of parameter-shaped tensor (`p`'s layout) as (global offsets, view)
+    boxes of the full tensor, without communication: one box for a replicated tensor or a
+    tensor-parallel shard (offset along ``partition_dim``); for a sequence-local table one box per
+    run of consecutive global rows (a zigzag layout holds two runs per rank)."""
+    zeros = [0] * t.dim()
+    if is_sequence_local(p):
+        rows = getattr(p, ROWS_ATTR).tolist()  # global row of each local row
+        pieces, start = [], 0
+        for i in range(1, len(rows) + 1):
+            if i == len(rows) or rows[i] != rows[i - 1] + 1:
+                pieces.append(((rows[start], *zeros[1:]), t[start:i]))  # [run, E]
+                start = i
+        return pieces
+    dim = _tp_dim(p, grid)
+    if dim is not None:
+        zeros[dim] = grid.tp_rank * t.shape[dim]
+    return [(tuple(zeros), t)]

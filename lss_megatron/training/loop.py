@@ -247,7 +247,8 @@ def _resume(cfg: RunConfig, stepper: Stepper, grid: Grid, effective: dict) -> in
     if note and grid.rank == 0:
         log.warning("%s", note)
     check_compatible(read_meta(path), effective["model"], path)
-    start = load_checkpoint(path, _trainable(stepper), stepper.optimizer, grid)
+    start = load_checkpoint(path, _trainable(stepper), stepper.optimizer, grid,
+                            layout=stepper.checkpoint_layout())  # fmt: skip
     if isinstance(_trainable(stepper), MasterWeights):
         stepper.trainable.copy_to_model()
     log.info("resumed from %s (step %d)", path, start)
@@ -403,7 +404,8 @@ def _save(r: _Run, step: int, skipped: bool) -> None:
         raise NonFiniteLoss(f"parameters are not finite at step {step} ({where}): stopping "
                             "without writing a checkpoint")  # fmt: skip
     path = save_checkpoint(t.save, step, _trainable(r.stepper), r.stepper.optimizer, r.grid,
-                           r.effective)  # fmt: skip
+                           r.effective, keep_last=t.keep_last,
+                           layout=r.stepper.checkpoint_layout())  # fmt: skip
     if path is not None:
         log.info("saved checkpoint %s", path)
 

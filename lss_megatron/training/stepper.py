@@ -55,6 +55,11 @@ class Stepper(ABC):
         """What runs the step, for config.json (None: the trainer's own path)."""
         return None
 
+    def checkpoint_layout(self):
+        """What this rank holds for a checkpoint (None: `checkpoint.PlainLayout` of the
+        trainable parameters and the optimizer)."""
+        return None
+
 
 class PlainStepper(Stepper):
     """Double gradient averaging, global-norm clipping and a torch optimizer. Under ``--dtype

@@ -47,7 +47,10 @@ The DeepSpeed config is zero_config.defaults with ``--deepspeed-config FILE`` me
 (zero_config.py says which keys the trainer owns); the effective one is in config.json
 (``runtime.zero.ds_config``), with why ``overlap_comm`` is on (CUDA) or off (CPU/gloo).
 
-Checkpoints are refused with ZeRO (config.py): see docs/zero.md.
+Checkpoints (`ZeroLayout`): the same sharded, canonical checkpoint as the plain trainer. Each rank
+saves, per parameter, the boxes its flat fp32 partition covers (DeepSpeed's ``_hp_mapping``
+fragments: master weights as ``model/<name>``, Adam's moments as ``optim/<name>/<key>``), so a
+ZeRO checkpoint loads into a plain run and a plain one into ZeRO, at any P (docs/zero.md).
 """
 
 from __future__ import annotations
@@ -62,10 +65,12 @@ from ..config import RunConfig
 from ..lss.positions import SegmentPositionEmbedding
 from ..parallel import comm
 from ..parallel.grid import Grid
-from ..parallel.params import grad_is_tp_partial, to_full
+from ..parallel.params import full_shape, grad_is_tp_partial, local_pieces, to_full
 from ..zero_config import defaults, merge, overlap_comm_default, read_file
+from .checkpoint import check_parameters, check_shape, optimizer_keys
 from .metrics import unique_storage_bytes
 from .optim import build_optimizer
+from .sharded import fragment_pieces
 from .step import forward_backward
 from .stepper import Stepper
 
@@ -271,6 +276,9 @@ class ZeroEngine(Stepper):
             del opt.check_overflow
         return float("nan")
 
+    def checkpoint_layout(self) -> ZeroLayout:
+        return ZeroLayout(self)
+
     def memory_stats(self) -> dict:
         """This rank's parameter, gradient and optimizer bytes (see module doc)."""
         opt = self.optimizer
@@ -284,3 +292,76 @@ class ZeroEngine(Stepper):
             "zero_bucket_bytes": self.bucket_bytes,
             "zero_stage": self.stage,
         }
+
+
+class ZeroLayout:
+    """What a ZeRO rank holds for a checkpoint (`checkpoint.PlainLayout`'s counterpart). A
+    parameter's ``_hp_mapping`` (DeepSpeed's tensor fragment) says which flat range
+    [start, start + numel) of the parameter (this rank's TP shard in nvidia-sp) lies in this
+    rank's fp32 partition: those elements of the master weights and of each optimizer state
+    tensor are saved as the boxes they cover (`sharded.fragment_pieces`), at global offsets.
+    Loading reads the same boxes into the partition and the model's weights whole, so the
+    model and DeepSpeed's masters agree."""
+
+    def __init__(self, engine: ZeroEngine):
+        self.model, self.grid, self.opt = engine.model, engine.grid, engine.optimizer
+        self._state: dict = {}
+
+    def _params(self):
+        """(name, parameter, its fragment or None, offsets of its local shard in the full one)."""
+        for name, p in self.model.named_parameters():
+            base = local_pieces(p, p, self.grid)[0][0]  # replicated or a TP shard: one box
+            yield name, p, getattr(p, "_hp_mapping", None), base
+
+    def _pieces(self, flat_fragment: torch.Tensor, p, m, base) -> list:
+        return fragment_pieces(flat_fragment, tuple(p.shape), m.lp_fragment_address.start, base)
+
+    def _partition(self, m):
+        """The flat fp32 partition holding fragment `m`, and `m`'s range in it."""
+        flat = self.opt.single_partition_of_fp32_groups[m.param_group_index]
+        return flat, m.hp_fragment_address.start, m.hp_fragment_address.numel
+
+    def entries(self) -> dict:
+        out = {}
+        for name, p, m, base in self._params():
+            shape = full_shape(p, self.grid)
+            if m is None:  # no element of it in this rank's partition
+                out[f"model/{name}"] = (shape, [])
+                continue
+            out[f"model/{name}"] = (shape, self._pieces(m.hp_fragment, p, m, base))
+            flat, start, n = self._partition(m)
+            for k, v in sorted(self.opt.optimizer.state.get(flat, {}).items()):
+                if torch.is_tensor(v) and v.shape == flat.shape:
+                    fragment = v.narrow(0, start, n)  # [numel] of this parameter
+                    out[f"optim/{name}/{k}"] = (shape, self._pieces(fragment, p, m, base))
+                else:  # a scalar (Adam's step): the same for every parameter
+                    v = v.detach() if torch.is_tensor(v) else torch.tensor(v)
+                    out[f"optim/{name}/{k}"] = (tuple(v.shape), [((0,) * v.dim(), v)])
+        return out
+
+    def targets(self, stored: dict) -> dict:
+        """The model's weights (whole or TP shard), the partition's masters and new optimizer
+        state for each flat partition (zeros in its padding; put in place by `commit`)."""
+        check_parameters(stored, dict(self.model.named_parameters()))
+        out, self._state = {}, {}
+        for name, p, m, base in self._params():
+            shape = check_shape(stored, name, full_shape(p, self.grid))
+            out[f"model/{name}"] = local_pieces(p.detach(), p, self.grid)
+            if m is None:
+                continue
+            out[f"model/{name}"] += self._pieces(m.hp_fragment, p, m, base)
+            flat, start, n = self._partition(m)
+            state = self._state.setdefault(id(flat), (flat, {}))[1]
+            for key, md in optimizer_keys(stored, name):
+                if tuple(md.size) == shape and shape:
+                    buf = state.setdefault(key, torch.zeros_like(flat))
+                    out[f"optim/{name}/{key}"] = self._pieces(buf.narrow(0, start, n), p, m, base)
+                elif key not in state:
+                    state[key] = torch.empty(tuple(md.size), dtype=md.properties.dtype)
+                    out[f"optim/{name}/{key}"] = [((0,) * len(md.size), state[key])]
+        return out
+
+    def commit(self) -> None:
+        for flat, state in self._state.values():
+            if state:
+                self.opt.optimizer.state[flat] = state

@@ -17,9 +17,10 @@ def _problems(**train) -> str:
 
 
 def test_config_errors(monkeypatch, tmp_path, capsys):
-    msg = _problems(zero_stage=1, save=str(tmp_path), load=str(tmp_path))
-    assert "--save is not supported with --zero-stage 1" in msg
-    assert "--load is not supported with --zero-stage 1" in msg
+    # ZeRO runs checkpoint (sharded format 2): --save/--load are no longer refused
+    msg = _problems(zero_stage=1, save=str(tmp_path), load=str(tmp_path), keep_last=-1)
+    assert "not supported with --zero-stage" not in msg
+    assert "--keep-last must be >= 0 (0 keeps every checkpoint), got -1" in msg
     assert "--zero-stage 3 is not one of (0, 1, 2)" in _problems(zero_stage=3)
 
     import importlib.util
@@ -33,8 +34,8 @@ def test_config_errors(monkeypatch, tmp_path, capsys):
     from lss_megatron.train import main
 
     monkeypatch.setenv("WORLD_SIZE", "4")
-    assert main(["--zero-stage", "1", "--save", str(tmp_path)]) == 2
-    assert "--save is not supported with --zero-stage 1" in capsys.readouterr().err
+    assert main(["--zero-stage", "1", "--keep-last", "2"]) == 2
+    assert "--keep-last 2 needs --save DIR" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
         main(["--zero-stage", "3"])
     assert e.value.code == 2
