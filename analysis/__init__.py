@@ -7,7 +7,10 @@
 * `analysis.figures`: ``python -m analysis.figures DIR`` redraws the figures from the CSV;
 * `analysis.costmodel`: the analytic cost model (optional for the above);
 * `analysis.trainer_config`: the trainer's own configuration and validation, for all of these;
-* `analysis.longest`: the longest-sequence search (figures, cost model).
+* `analysis.fitsearch`: the longest-sequence search (figures, cost model, `analysis.longest`);
+* `analysis.longest`: the longest l within a per-rank budget, measured by running the trainer;
+* `analysis.paper_figures`: the paper's figures, measured CPU runs beside the modelled paper scale;
+* `analysis.calibrate`: this machine measured for the cost model's step time.
 
 What each number means: docs/measurement.md.
 """

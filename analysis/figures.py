@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .longest import longest_fitting
+from .fitsearch import longest_fitting
 from .tables import config_from_row, load_costmodel, read_summary, setting_label
 
 MAX_SEQ_LENGTH = 1 << 24

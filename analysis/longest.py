@@ -1,6 +1,6 @@
-"""The longest sequence that fits a per-rank memory budget: one search (`longest_fitting`) for
-measured fits and for the cost model alike, and ``python -m analysis.longest``, which MEASURES
-them by running the trainer.
+"""The longest sequence that fits a per-rank memory budget, MEASURED by running the trainer:
+``python -m analysis.longest`` (the search itself, `fitsearch.longest_fitting`, is the one the
+cost model and the figures use too).
 
     python -m analysis.longest --ranks 4 --num-heads 2 --budget-mib 64 --out runs/longest
 
@@ -38,6 +38,7 @@ from pathlib import Path
 
 from lss_megatron.config import ConfigError
 
+from .fitsearch import longest_fitting
 from .inputs import InputError, cli
 
 MiB = 1 << 20
@@ -49,22 +50,6 @@ COLUMNS = ("mode", "seq_parallel", "tensor_parallel", "data_parallel", "longest_
 SEARCH_COLUMNS = ("mode", "world_size", "seq_parallel", "data_parallel", "recompute",
                   "seq_length", "rank_bytes_max", "fits", "status", "wall_s", "error",
                   "run_dir")  # fmt: skip
-
-
-def longest_fitting(step: int, size: Callable[[int], float], budget: float, limit: int) -> int:
-    """The largest multiple l of `step`, at most `limit`, with ``size(l) <= budget``; 0 when
-    even `step` does not fit. `size` must grow with l (memory does). Doubling, then bisection:
-    about 2 log2(answer / step) calls of `size`."""
-    if size(step) > budget:
-        return 0
-    lo, hi = 1, 2  # lo * step fits; hi * step is untested
-    while hi * step <= limit and size(hi * step) <= budget:
-        lo, hi = hi, hi * 2
-    hi = min(hi, limit // step + 1)
-    while hi - lo > 1:  # lo * step fits; hi * step does not, or lies past the limit
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if size(mid * step) <= budget else (lo, mid)
-    return lo * step
 
 
 # --- what to run ---------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 
 import pandas as pd
 
-from ..longest import longest_fitting
+from ..fitsearch import longest_fitting
 from . import predict
 from .configs import config_from_preset
 from .counts import layout_from_config, model_flops_per_step, shape_from_config

@@ -335,7 +335,7 @@ def test_longest_sequence_data_costmodel(df, monkeypatch):
 def test_longest_fitting_is_the_brute_force_answer():
     """One search for figures and the cost model: the largest multiple of step that fits, never
     past the limit, 0 when nothing fits; checked against trying every multiple."""
-    from analysis.longest import longest_fitting
+    from analysis.fitsearch import longest_fitting
 
     for step, limit in ((1, 1), (3, 100), (7, 1000), (384, 1 << 14)):
         for budget in (0, 5, 99, 1000, 10**6):
