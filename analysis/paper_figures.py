@@ -82,6 +82,14 @@ def _finish(ax, xlabel: str, ylabel: str, title: str, log_x: bool = False) -> No
         ax.legend(fontsize=7)
 
 
+def _modelled_by_mode(ax, series: dict, key: str, x: str, y: str, scale: float = 1.0) -> None:
+    """One hollow dashed (paper-2023) or dotted (modern) line per mode of frame `key`."""
+    for a, frames in series.items():
+        for mode, g in frames[key].groupby("mode"):
+            ax.plot(g[x], g[y] * scale, label=f"{a}: {mode}",
+                    **_hollow(MODE_COLOURS.get(mode, "black"), MODELLED_STYLE[a]))  # fmt: skip
+
+
 # --- the measured side ---------------------------------------------------------------------------
 def read_inputs(compare: list[Path], longest: Path | None) -> dict[str, pd.DataFrame]:
     """The measured tables: summary.csv of each compare folder (concatenated), longest.csv and
@@ -187,15 +195,7 @@ def fig_memory(measured: dict, series: dict, claims: dict, stem: Path) -> list[P
         "MiB per rank (rank_bytes_max)",
         "measured: analysis.longest runs, CPU (gloo), flash kernel",
     )
-    for a, frames in series.items():
-        m = frames["memory_vs_length"]
-        for mode, g in m.groupby("mode"):
-            right.plot(
-                g["seq_length"],
-                g["bytes_per_rank"] / 2**30,
-                label=f"{a}: {mode}",
-                **_hollow(MODE_COLOURS.get(mode, "black"), MODELLED_STYLE[a]),
-            )
+    _modelled_by_mode(right, series, "memory_vs_length", "seq_length", "bytes_per_rank", 2**-30)
     right.axhline(16, color="gray", linewidth=0.8)
     right.annotate("16 GB V100", (right.get_xlim()[0], 16), fontsize=7)
     c = claims["memory"]
@@ -230,15 +230,7 @@ def fig_longest(measured: dict, series: dict, claims: dict, stem: Path) -> list[
         "longest l (tokens)",
         title + (f", {budget:,.0f} MiB per rank" if lg is not None and not lg.empty else ""),
     )
-    for a, frames in series.items():
-        m = frames["longest_vs_ranks"]
-        for mode, g in m.groupby("mode"):
-            right.plot(
-                g["ranks"],
-                g["longest_seq_length"],
-                label=f"{a}: {mode}",
-                **_hollow(MODE_COLOURS.get(mode, "black"), MODELLED_STYLE[a]),
-            )
+    _modelled_by_mode(right, series, "longest_vs_ranks", "ranks", "longest_seq_length")
     c = claims["longest"]
     _claim(right, c["ranks"], c["value"], f"paper: l = {c['value']:,.0f}")
     _finish(right, "GPUs", "longest l (modelled, 16 GB)", "modelled: Summit V100", log_x=True)

@@ -175,3 +175,34 @@ def test_main_writes_the_table_the_searches_and_a_figure(tmp_path, monkeypatch):
     assert (rows["nvidia-sp"]["seq_parallel"], rows["nvidia-sp"]["tensor_parallel"]) == ("2", "2")
     assert rows["lss"]["run_dir"].endswith("lss_N4_D1_none_l4096")
     assert (out / "searches.csv").is_file() and (out / "figures/longest_seq_length.png").is_file()
+
+
+# --- analysis.paper_figures ---------------------------------------------------------------------
+def test_paper_figures_draw_measured_beside_modelled(tmp_path, monkeypatch):
+    from analysis import paper_figures
+
+    run, _ = _fake_runner({"lss": 1000.0, "nvidia-sp": 2000.0, "ulysses": 2000.0}, base=0)
+    monkeypatch.setattr(longest, "launch_one", lambda s, length, out, t: run(s, length))
+    lg = tmp_path / "longest"
+    assert longest.main(["--ranks", "2", "4", "--budget-mib", "4", "--out", str(lg),
+                         "--recompute", "none", *MODEL]) == 0  # fmt: skip
+    fixture = paper_figures.Path(__file__).resolve().parents[2] / "analysis" / "fixtures"
+    out = tmp_path / "figs"
+    argv = ["--out", str(out), "--compare", str(fixture), "--longest", str(lg),
+            "--assumptions", "paper-2023"]  # fmt: skip
+    assert paper_figures.main(argv) == 0
+    for name in paper_figures.FIGURES:
+        assert (out / f"{name}.png").stat().st_size > 10_000, name
+    # without measured inputs the figures still come, their left panels naming the command
+    assert paper_figures.main(["--out", str(tmp_path / "bare"), "--assumptions", "modern"]) == 0
+    assert len(list((tmp_path / "bare").glob("*.png"))) == len(paper_figures.FIGURES)
+
+
+def test_paper_figures_bad_input_is_one_line(tmp_path, capsys):
+    from analysis import paper_figures
+
+    argv = ["--out", str(tmp_path / "o"), "--longest", str(tmp_path / "nowhere")]
+    assert paper_figures.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("analysis.paper_figures: error:") and "longest.csv" in err
+    assert "\n" not in err
