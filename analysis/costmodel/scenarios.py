@@ -76,7 +76,7 @@ SOURCES = (
      "12 layers, E 512, 8 heads, FFN 2,048, N 144 x D 24 (3,456 GPUs)",
      "launch/presets/paper-enwik8-*.yaml (documented guesses)"),
     ("efficiencies", "GEMM 0.7, flash attention 0.5 of peak; 15 HBM passes over scores",
-     "time.Assumptions defaults, not fitted to the claims"),
+     "steptime.Assumptions defaults, not fitted to the claims"),
     ("network", "NVLink 50 GB/s in a socket, X-Bus 32 GB/s, EDR 23 GB/s per node; 5 / 10 us",
      "hw.SUMMIT (shared/docs/hardware.md)"),
     ("K/V-gather overlap", "off (--overlap-kv-gather)",
