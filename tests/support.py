@@ -22,6 +22,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import queue
 import tempfile
 import time
@@ -53,7 +54,9 @@ def _worker(fn, rank, world_size, store_path, results, args):
             timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S),
         )
         out = fn(rank, world_size, *args)
-        results.put((rank, "ok", out))
+        # by value (plain pickle): a queue would pass tensors as shared-memory file descriptors,
+        # which fail with ConnectionResetError when this process exits before the parent reads
+        results.put((rank, "ok", pickle.dumps(out)))
         dist.destroy_process_group()
     except BaseException:  # noqa: BLE001 - report anything, including SystemExit
         results.put((rank, "error", traceback.format_exc()))
@@ -92,7 +95,7 @@ def run_ranks(fn, world_size: int, *args, timeout: float = 180.0):
                     continue
                 if status == "error":
                     raise RuntimeError(f"rank {rank} failed:\n{payload}")
-                got[rank] = payload
+                got[rank] = pickle.loads(payload)
         finally:
             for p in procs:
                 p.join(timeout=5)
