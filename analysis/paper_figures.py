@@ -85,8 +85,12 @@ def _finish(ax, xlabel: str, ylabel: str, title: str, log_x: bool = False) -> No
 def _modelled_by_mode(ax, series: dict, key: str, x: str, y: str, scale: float = 1.0) -> None:
     """One hollow dashed (paper-2023) or dotted (modern) line per mode of frame `key`."""
     for a, frames in series.items():
-        for mode, g in frames[key].groupby("mode"):
-            ax.plot(g[x], g[y] * scale, label=f"{a}: {mode}",
+        frame = frames[key]
+        keys = ["mode", "degree"] if "degree" in frame and key == "memory_vs_length" else ["mode"]
+        for k, g in frame.groupby(keys):
+            mode = k[0] if isinstance(k, tuple) else k
+            label = f"{a}: {mode}" + (f" (degree {k[1]})" if len(keys) == 2 else "")
+            ax.plot(g[x], g[y] * scale, label=label,
                     **_hollow(MODE_COLOURS.get(mode, "black"), MODELLED_STYLE[a]))  # fmt: skip
 
 
@@ -108,6 +112,18 @@ def read_inputs(compare: list[Path], longest: Path | None) -> dict[str, pd.DataF
     return out
 
 
+def _equal_ranks(df: pd.DataFrame | None) -> pd.DataFrame | None:
+    """The runs of equal-ranks presets (every mode at each layout it may take on one P): the
+    only ones where each mode's best layout meets nvidia-sp's head-capped best."""
+    from .presets import PRESETS
+
+    if df is None or "preset" not in df:
+        return None
+    equal = {n for n, p in PRESETS.items() if p.ranks is not None or p.layouts}
+    df = df[df["preset"].isin(equal)]
+    return df if not df.empty else None
+
+
 def _weak(df: pd.DataFrame | None) -> pd.DataFrame:
     if df is None:
         return pd.DataFrame()
@@ -120,7 +136,7 @@ def _weak(df: pd.DataFrame | None) -> pd.DataFrame:
 def fig_speedup(measured: dict, series: dict, claims: dict, stem: Path) -> list[Path]:
     plt = _pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    df = measured.get("summary")
+    df = _equal_ranks(measured.get("summary"))
     best = tables.best_layouts(df) if df is not None else pd.DataFrame()
     best = best[best["speedup_vs_nvidia_sp_best"].notna()] if not best.empty else best
     if best.empty:
@@ -244,6 +260,8 @@ def _vs_ranks(measured: dict, series: dict, claims: dict, stem: Path, *, key: st
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     df = measured.get("summary")
     weak = _weak(df)
+    if df is not None:
+        df = df[df["efficiency_kind"] == "weak"]
     if weak.empty:
         _missing(left, "python -m analysis.compare --preset cpu-weak")
     else:
