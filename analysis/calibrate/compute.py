@@ -13,16 +13,20 @@ import torch
 from lss_megatron.lss.dense_attention import dense_attention
 from lss_megatron.lss.kernel import partial_attention
 
+from ..costmodel.calibrated import BASE_HEAD_DIM
+
 GEMM_SHAPES = {  # (m tokens, k, n)
     "full": [(m, k, n) for m in (32, 128, 512, 2048)
              for k, n in ((64, 64), (128, 384), (128, 512), (512, 128), (256, 1024))],
     "quick": [(64, 64, 64), (512, 128, 512), (2048, 256, 1024)],
 }  # fmt: skip
 ATTENTION_SHAPES = {  # (heads, kv heads, d, sq, sk): sq = sk is one causal block, sq < sk the last
-    "full": [(8, 4, 16, s, s) for s in (64, 256, 512, 1024)]  # segment of LSS
-    + [(8, 4, 16, s // n, s) for s in (512, 1024, 2048) for n in (2, 4)],
-    "quick": [(8, 4, 16, 128, 128), (8, 4, 16, 256, 1024)],
+    "full": [(h, h // 2, d, s, s) for h, d in ((8, 16), (4, 32)) for s in (64, 256, 512, 1024)]
+    + [(h, h // 2, d, s // n, s) for h, d in ((8, 16), (4, 32)) for s in (512, 1024, 2048)
+       for n in (2, 4)],  # segments of LSS
+    "quick": [(8, 4, 16, 128, 128), (8, 4, 16, 256, 1024), (4, 2, 32, 256, 256)],
 }
+
 ELEMENTWISE_ELEMS = {"full": [1 << 12, 1 << 15, 1 << 17, 1 << 20, 1 << 22],
                      "quick": [1 << 14, 1 << 20]}  # fmt: skip
 
@@ -66,7 +70,10 @@ def causal_pairs(sq: int, sk: int) -> int:
 
 def attention_rates(kind: str, min_time: float) -> dict:
     """{"flash": [[executed FLOPs, FLOP/s]], "dense": [...]} of the trainer's kernels forward +
-    backward: flash FLOPs 3 x 4 h d x visited pairs; dense 3 x 4 h d sq sk (the full square)."""
+    backward at head dimension `BASE_HEAD_DIM`, and ``flash_d32``, ``dense_d32`` at the others
+    (the rate of a kernel depends on d as well as on its FLOPs: a dense kernel's score traffic per
+    FLOP falls as 1/d); flash FLOPs 3 x 4 h d x visited pairs; dense 3 x 4 h d sq sk (the full
+    square)."""
     out: dict = {"flash": [], "dense": []}
     for h, hkv, d, sq, sk in ATTENTION_SHAPES[kind]:
         q = torch.randn(sq, 1, h, d, requires_grad=True)  # [sq, b, h, d]
@@ -80,7 +87,8 @@ def attention_rates(kind: str, min_time: float) -> dict:
                 fn(q, k, v, q_offset=off, causal=True).backward(g)
 
             flops = 3.0 * 4 * h * d * pairs
-            out[name].append([flops, flops / bench(step, min_time)])
+            key = name if d == BASE_HEAD_DIM else f"{name}_d{d}"
+            out.setdefault(key, []).append([flops, flops / bench(step, min_time)])
     return {k: sorted(v) for k, v in out.items()}
 
 

@@ -7,7 +7,8 @@ nearest point outside their range):
 * ``gemm``: [flops per call, FLOP/s] of ``nn.functional.linear`` forward + backward (3 GEMMs)
   at several shapes, one process, one thread (the trainer's OMP_NUM_THREADS=1);
 * ``attention``: {``flash``, ``dense``}: [executed FLOPs per call, FLOP/s] of the trainer's
-  attention kernels (``lss.kernel.partial_attention``, ``lss.dense_attention``), fwd + bwd;
+  attention kernels (``lss.kernel.partial_attention``, ``lss.dense_attention``), fwd + bwd, at
+  head dimension `BASE_HEAD_DIM` (and ``flash_d32``, ``dense_d32``: at d = 32; the nearest d is used);
 * ``elementwise``: [bytes per tensor, bytes/s] of a fused-free elementwise chain, fwd + bwd;
 * ``collectives``: {op: {ranks: [alpha s, bytes/s]}} fitted to gloo timings of the comm module's
   all-gather, reduce-scatter, all-reduce and all-to-all (bytes as the trainer counts them);
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import bisect
 import math
+import re
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +35,10 @@ from pathlib import Path
 from ..inputs import InputError, read_json_file
 from .counts import Layout, Shape, buckets, other_comm, param_count, parameters
 from .steptime import Assumptions, attention_work, elementwise_bytes, sp_comm_time
+
+BASE_HEAD_DIM = 16
+"""The head dimension of a calibration's plain ``flash`` / ``dense`` tables; tables measured at
+other head dimensions are named ``flash_d32``, ``dense_d32``, ..."""
 
 DATA_DIR = Path(__file__).resolve().parents[1] / "data" / "cpu"
 SCHEMA = 1
@@ -116,8 +122,14 @@ class CalibratedDevice:
     def gemm_rate(self, flops: float) -> float:
         return interpolate(self.gemm, flops)
 
-    def attention_rate(self, kernel: str, flops: float) -> float:
-        return interpolate(self.attention["dense" if kernel == "materialized" else "flash"], flops)
+    def attention_rate(self, kernel: str, flops: float, head_dim: int = BASE_HEAD_DIM) -> float:
+        """FLOP/s of `kernel` at `flops` per call, from the table measured at the head dimension
+        nearest `head_dim` (on a log scale; files without per-d tables: the one table)."""
+        name = "dense" if kernel == "materialized" else "flash"
+        dims = {BASE_HEAD_DIM: name} | {int(k.rsplit("_d", 1)[1]): k for k in self.attention
+                                        if k.startswith(f"{name}_d")}  # fmt: skip
+        nearest = min(dims, key=lambda d: abs(math.log(d / head_dim)))
+        return interpolate(self.attention[dims[nearest]], flops)
 
     def elementwise_bw(self, nbytes: float) -> float:
         return interpolate(self.elementwise, nbytes)
@@ -203,7 +215,8 @@ def device_from_dict(data: dict, source: str = "") -> CalibratedDevice:
         cores=int(_positive(data.get("cores"), f"{where}: cores")),
         memory_bytes=_positive(data.get("memory_bytes"), f"{where}: memory_bytes"),
         gemm=_table(data["gemm"], f"{where}: gemm"),
-        attention={k: _table(att[k], f"{where}: attention.{k}") for k in ("flash", "dense")},
+        attention={k: _table(v, f"{where}: attention.{k}") for k, v in att.items()
+                   if k in ("flash", "dense") or re.fullmatch(r"(flash|dense)_d[1-9][0-9]*", k)},
         elementwise=_table(data["elementwise"], f"{where}: elementwise"),
         network=CpuNetwork(
             {op: _ranks_table(coll[op], f"{where}: collectives.{op}", pair) for op in OPS}
@@ -279,7 +292,8 @@ def cpu_step_time(s: Shape, lay: Layout, dev: CalibratedDevice, optimizer: str) 
     gemm = gemm_time(s, lay, dev)
     att_flops, _ = attention_work(s, lay)
     per_call = att_flops / s.layers / lay.micro_batch
-    attention = att_flops / dev.attention_rate(lay.attention_kernel, per_call) if att_flops else 0.0
+    rate = dev.attention_rate(lay.attention_kernel, per_call, s.head_dim) if att_flops else 1.0
+    attention = att_flops / rate
     el_bytes = elementwise_bytes(s, lay, Assumptions())
     tensor = lay.micro_batch * lay.tp_tokens(s.seq) * s.hidden * lay.act_bytes
     elementwise = el_bytes / dev.elementwise_bw(tensor)

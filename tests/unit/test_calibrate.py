@@ -139,3 +139,18 @@ def test_device_file_that_is_not_json(tmp_path):
     path.write_text("{not json")
     with pytest.raises(InputError, match="not valid JSON"):
         load_device_file(path)
+
+
+def test_attention_rate_comes_from_the_nearest_head_dimension():
+    """A dense kernel's rate depends on d (its score traffic per FLOP falls as 1/d): a file with
+    a d = 32 table times d = 32 (and d = 64) attention from it, d = 16 and d = 8 from the base."""
+    data = json.loads(DEVICE.read_text())
+    data["attention"]["dense_d32"] = [[1e6, 2e10]]  # 4x the base table's 5e9
+    dev = device_from_dict(data, "test")
+    assert dev.attention_rate("materialized", 1e8, 32) == 2e10
+    assert dev.attention_rate("materialized", 1e8, 64) == 2e10  # nearest measured d
+    assert dev.attention_rate("materialized", 1e8, 16) == 5e9
+    assert dev.attention_rate("materialized", 1e8, 8) == 5e9
+    assert dev.attention_rate("flash", 1e8, 32) == 1e10  # no flash_d32: the base table
+    data["attention"]["dense_dx"] = [[1e6, 1e10]]  # not a table name: left out
+    assert "dense_dx" not in device_from_dict(data, "test").attention
