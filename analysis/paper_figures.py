@@ -215,12 +215,8 @@ def fig_memory(measured: dict, series: dict, claims: dict, stem: Path) -> list[P
     right.axhline(16, color="gray", linewidth=0.8)
     right.annotate("16 GB V100", (right.get_xlim()[0], 16), fontsize=7)
     c = claims["memory"]
-    right.set_title(f"modelled: Summit V100 (paper: {c['value']}x less memory at 144 GPUs)",
-                    fontsize=8)  # fmt: skip
-    right.set_xlabel("sequence length l")
-    right.set_ylabel("GiB per GPU (modelled)")
-    right.grid(alpha=0.3)
-    right.legend(fontsize=7)
+    _finish(right, "sequence length l", "GiB per GPU (modelled)",
+            f"modelled: Summit V100 (paper: {c['value']}x less memory at 144 GPUs)")
     fig.suptitle("Memory per rank vs sequence length", fontsize=10)
     return _save(fig, stem)
 

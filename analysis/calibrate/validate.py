@@ -16,11 +16,10 @@ import dataclasses
 import json
 import os
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
-from ..compare import child_env, torchrun_command
+from ..compare import run_trainer, torchrun_command
 from ..costmodel import compare_run, find_device_file, load_device_file
 from ..costmodel.calibrated import DATA_DIR
 from ..presets import get_preset, make_plan
@@ -51,13 +50,14 @@ def new_shape_runs(template) -> list:
 
 
 def launch(run, out: Path) -> dict:
-    """One trainer launch; its CSV row fields (without the prediction)."""
+    """One trainer launch into its own folder `out` (emptied first, as analysis.compare does);
+    its CSV row fields (without the prediction). A failed run ends the validation in one line."""
     before = os.getloadavg()[0]
-    res = subprocess.run(torchrun_command(run, out), env=child_env(), capture_output=True,
-                         text=True, timeout=600)  # fmt: skip
+    outcome = run_trainer(torchrun_command(run, out), out, timeout_s=600)
     after = os.getloadavg()[0]
-    if res.returncode != 0:
-        raise RuntimeError(f"{run.run_id} failed: {res.stderr[-600:]}")
+    if outcome["status"] != "ok":
+        raise SystemExit(f"analysis.calibrate.validate: {run.run_id} {outcome['status']}: "
+                         f"{outcome['error']}")  # fmt: skip
     return {"load1_before": before, "load1_after": after}
 
 
