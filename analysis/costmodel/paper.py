@@ -342,7 +342,7 @@ def _memory_rows(a: AssumptionSet, opts: Options) -> list[dict]:
             pred = predict(at_length(cfg, ll))
             rows.append({"mode": mode, "degree": degree, "seq_length": ll,
                          "bytes_per_rank": pred["peak_bytes"],
-                         "saved_bytes_per_rank": pred["memory_bytes"]})  # fmt: skip
+                         "held_bytes_per_rank": pred["memory_bytes"]})  # fmt: skip
     return rows
 
 
@@ -381,8 +381,9 @@ def paper_series(assumptions: str, options: Options | None = None) -> dict[str, 
     * ``speedup_vs_ranks``: ranks, lss_seq_parallel, sp_tensor_parallel,
       speedup_per_iteration, speedup_equal_tokens (LSS at N = ranks, and at 144 ranks the
       equal-ranks series N in {6, 24, 144}, against NVIDIA SP at t in {6, 12});
-    * ``memory_vs_length``: mode, degree, seq_length, bytes_per_rank (peak: saved +
-      transient), saved_bytes_per_rank (LSS N = 144; NVIDIA SP t = 6, 12; 144 GPUs);
+    * ``memory_vs_length``: mode, degree, seq_length, bytes_per_rank (peak: held +
+      transient), held_bytes_per_rank (weights, masters, gradients, optimizer state and saved
+      activations: the model's ``memory_bytes``) (LSS N = 144; NVIDIA SP t = 6, 12; 144 GPUs);
     * ``longest_vs_ranks``: mode, ranks, degree, longest_seq_length (LSS N = ranks, NVIDIA SP
       at its head-capped degree) within the V100's 16 GB;
     * ``weak_scaling``: ranks, efficiency (causal FLOP rate per GPU over one GPU's at l 348),
@@ -397,7 +398,7 @@ def paper_series(assumptions: str, options: Options | None = None) -> dict[str, 
                                    "sp_tensor_parallel", "speedup_per_iteration",
                                    "speedup_equal_tokens"], a.name),
         "memory_vs_length": _frame(_memory_rows(a, opts), ["mode", "degree", "seq_length",
-                                   "bytes_per_rank", "saved_bytes_per_rank"], a.name),
+                                   "bytes_per_rank", "held_bytes_per_rank"], a.name),
         "longest_vs_ranks": _frame(_longest_rows(a, opts), ["mode", "ranks", "degree",
                                    "longest_seq_length"], a.name),
         "weak_scaling": _frame(weak, ["ranks", "seq_parallel", "seq_length", "efficiency",
