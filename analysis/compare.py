@@ -45,8 +45,16 @@ from .trainer_config import run_config
 
 STDERR_TAIL = 2000
 """Characters of a failed run's stderr kept in the table's ``error`` column."""
-_DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-              "GROUP_RANK", "TORCHELASTIC_RUN_ID")  # fmt: skip
+_DIST_VARS = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "GROUP_RANK",
+    "TORCHELASTIC_RUN_ID",
+)
 
 
 def effective_config(run: RunSpec) -> dict:
@@ -55,16 +63,27 @@ def effective_config(run: RunSpec) -> dict:
 
 
 def torchrun_command(run: RunSpec, out: Path) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-            str(run.world_size), "-m", "lss_megatron.train", *run.trainer_args(out)]  # fmt: skip
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        str(run.world_size),
+        "-m",
+        "lss_megatron.train",
+        *run.trainer_args(out),
+    ]
 
 
 def sbatch_command(run: RunSpec, out: Path, gpus_per_node: int) -> str:
     """The launch/slurm.sbatch command of a cluster run (every trainer flag explicit)."""
     per_node = min(run.world_size, gpus_per_node)
     nodes = math.ceil(run.world_size / per_node)
-    return (f"sbatch --nodes={nodes} --ntasks-per-node={per_node} --gpus-per-node={per_node} "
-            f"launch/slurm.sbatch {shlex.join(run.trainer_args(out))}")  # fmt: skip
+    return (
+        f"sbatch --nodes={nodes} --ntasks-per-node={per_node} --gpus-per-node={per_node} "
+        f"launch/slurm.sbatch {shlex.join(run.trainer_args(out))}"
+    )
 
 
 def child_env() -> dict[str, str]:
@@ -111,8 +130,9 @@ def run_trainer(cmd: list[str], run_dir: Path, timeout_s: float) -> dict:
     run_dir.mkdir(parents=True)
     t0 = time.perf_counter()
     with (run_dir / "stdout.log").open("w") as out, (run_dir / "stderr.log").open("w") as err:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=child_env(), cwd=REPO,
-                                start_new_session=True)  # fmt: skip
+        proc = subprocess.Popen(
+            cmd, stdout=out, stderr=err, env=child_env(), cwd=REPO, start_new_session=True
+        )
         try:
             rc = proc.wait(timeout=timeout_s)
             status = "ok" if rc == 0 else "failed"
@@ -135,8 +155,11 @@ def collect(run: RunSpec, run_dir: Path, outcome: dict | None) -> dict:
         if not (run_dir / "summary.json").exists():
             why = "no run folder" if not run_dir.exists() else "no summary.json"
             stderr = _tail(run_dir / "stderr.log", 50_000)
-            outcome = {"status": "missing", "wall_s": math.nan,
-                       "error": why + (": " + error_line(stderr) if stderr else "")}  # fmt: skip
+            outcome = {
+                "status": "missing",
+                "wall_s": math.nan,
+                "error": why + (": " + error_line(stderr) if stderr else ""),
+            }
     row = dict(outcome)
     if outcome["status"] == "ok":
         try:
@@ -153,8 +176,9 @@ def build_table(plan: Plan, out: Path, outcomes: dict[str, dict] | None) -> tupl
     for run in plan.runs:
         run_dir = out / "runs" / run.run_id
         config = effective_config(run)
-        row = tables.identity_row(config, run.run_id, run.role, run.repeat, plan.preset.name,
-                                  run.label)  # fmt: skip
+        row = tables.identity_row(
+            config, run.run_id, run.role, run.repeat, plan.preset.name, run.label
+        )
         row.update(collect(run, run_dir, None if outcomes is None else outcomes[run.run_id]))
         row["run_dir"] = str(run_dir)
         try:
@@ -169,8 +193,10 @@ def build_table(plan: Plan, out: Path, outcomes: dict[str, dict] | None) -> tupl
 
 def _print_plan(plan: Plan, out: Path) -> None:
     preset = plan.preset
-    print(f"# preset {preset.name}: {preset.summary} ({len(plan.runs)} runs, {preset.scaling} "
-          "scaling)")  # fmt: skip
+    print(
+        f"# preset {preset.name}: {preset.summary} ({len(plan.runs)} runs, {preset.scaling} "
+        "scaling)"
+    )
     for run in plan.runs:
         run_dir = out / "runs" / run.run_id
         if preset.cluster:
@@ -184,13 +210,22 @@ def _print_plan(plan: Plan, out: Path) -> None:
 def _write_plan(plan: Plan, out: Path) -> None:
     preset = plan.preset
     doc = {
-        "preset": preset.name, "summary": preset.summary, "scaling": preset.scaling,
-        "notes": preset.notes, "timeout_s": preset.timeout_s,
+        "preset": preset.name,
+        "summary": preset.summary,
+        "scaling": preset.scaling,
+        "notes": preset.notes,
+        "timeout_s": preset.timeout_s,
         "memory_budget_bytes": preset.memory_budget_bytes,
-        "runs": [{"run_id": r.run_id, "role": r.role,
-                  "command": torchrun_command(r, out / "runs" / r.run_id)} for r in plan.runs],
+        "runs": [
+            {
+                "run_id": r.run_id,
+                "role": r.role,
+                "command": torchrun_command(r, out / "runs" / r.run_id),
+            }
+            for r in plan.runs
+        ],
         "skipped": [{"run_id": r, "reason": why} for r, why in plan.skipped],
-    }  # fmt: skip
+    }
     (out / "plan.json").write_text(json.dumps(doc, indent=2) + "\n")
 
 
@@ -209,11 +244,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--preset", choices=sorted(PRESETS), help="the grid (analysis/presets.py)")
     p.add_argument("--out", default=None, help="output folder (default runs/compare-PRESET)")
     p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
-    p.add_argument("--collect", action="store_true",
-                   help="build the table and figures from DIR/runs without launching")  # fmt: skip
+    p.add_argument(
+        "--collect",
+        action="store_true",
+        help="build the table and figures from DIR/runs without launching",
+    )
     p.add_argument("--repeats", type=int, default=None, help="override the preset's repeats")
-    p.add_argument("--timeout", type=float, default=None,
-                   help="override the preset's per-run timeout (seconds)")  # fmt: skip
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        help="override the preset's per-run timeout (seconds)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     p.add_argument("--list", action="store_true", help="list the presets and exit")
     args = p.parse_args(argv)
@@ -229,8 +271,14 @@ def run_all(plan: Plan, out: Path, timeout_s: float, progress: bool) -> dict[str
 
     outcomes: dict[str, dict] = {}
     failed = 0
-    bar = tqdm(plan.runs, desc="compare", unit="run", disable=not progress, file=sys.stderr,
-               dynamic_ncols=True)  # fmt: skip
+    bar = tqdm(
+        plan.runs,
+        desc="compare",
+        unit="run",
+        disable=not progress,
+        file=sys.stderr,
+        dynamic_ncols=True,
+    )
     for run in bar:
         bar.set_postfix_str(f"{run.run_id} (failed so far: {failed})")
         outcomes[run.run_id] = launch(run, out / "runs" / run.run_id, timeout_s)
@@ -258,9 +306,11 @@ def _main(argv: list[str] | None) -> int:
         _print_plan(plan, out)
         return 0
     if preset.cluster and not args.collect:
-        print(f"analysis.compare: preset {preset.name} needs a cluster ({preset.summary}): print "
-              "its sbatch commands with --dry-run, run them, then build the table with --collect",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"analysis.compare: preset {preset.name} needs a cluster ({preset.summary}): print "
+            "its sbatch commands with --dry-run, run them, then build the table with --collect",
+            file=sys.stderr,
+        )
         return 2
     if args.collect and not (out / "runs").is_dir():
         raise InputError(f"--collect {out}: no runs/ folder there (nothing was launched into it)")
@@ -289,8 +339,10 @@ def _main(argv: list[str] | None) -> int:
     bad = df[df["status"] != "ok"]
     for _, row in bad.iterrows():
         print(f"{row['status']}: {row['run_id']}: {str(row['error'])[-500:]}")
-    print(f"{len(df) - len(bad)}/{len(df)} runs ok; wrote {csv} and {len(figures)} figure files "
-          f"in {out / 'figures'}; {time.perf_counter() - t0:.0f} s")  # fmt: skip
+    print(
+        f"{len(df) - len(bad)}/{len(df)} runs ok; wrote {csv} and {len(figures)} figure files "
+        f"in {out / 'figures'}; {time.perf_counter() - t0:.0f} s"
+    )
     return 0 if bad.empty else 3
 
 

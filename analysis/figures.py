@@ -32,9 +32,20 @@ from .tables import config_from_row, load_costmodel, read_summary, setting_label
 
 MAX_SEQ_LENGTH = 1 << 24
 """Upper end of the longest-sequence search (tokens)."""
-NUMERIC = ("seq_length", "world_size", "seq_parallel", "data_parallel", "step_time_s",
-           "tokens_per_s", "model_flops_per_step", "activation_bytes", "param_bytes", "grad_bytes",
-           "optimizer_state_bytes", "peak_mem_bytes")  # fmt: skip
+NUMERIC = (
+    "seq_length",
+    "world_size",
+    "seq_parallel",
+    "data_parallel",
+    "step_time_s",
+    "tokens_per_s",
+    "model_flops_per_step",
+    "activation_bytes",
+    "param_bytes",
+    "grad_bytes",
+    "optimizer_state_bytes",
+    "peak_mem_bytes",
+)
 """The columns every figure reads (besides run_id, status and mode)."""
 
 
@@ -89,15 +100,23 @@ def weak_efficiency_data(df: pd.DataFrame) -> pd.DataFrame:
     """
     ok = _ok(df).copy()
     ok["base_length"] = ok["seq_length"] // ok["seq_parallel"]
-    keys = ["mode", "setting", "base_length", "world_size", "seq_parallel", "data_parallel",
-            "seq_length"]  # fmt: skip
+    keys = [
+        "mode",
+        "setting",
+        "base_length",
+        "world_size",
+        "seq_parallel",
+        "data_parallel",
+        "seq_length",
+    ]
     med = ok.groupby(keys)[["step_time_s", "model_flops_per_step"]].median().reset_index()
     med["achieved_flops_per_s"] = med["model_flops_per_step"] / med["step_time_s"]
     ref = med[(med["mode"] == "serial") & (med["seq_parallel"] == 1)]
-    ref = ref[["setting", "data_parallel", "seq_length", "step_time_s",
-               "achieved_flops_per_s"]].rename(
+    ref = ref[
+        ["setting", "data_parallel", "seq_length", "step_time_s", "achieved_flops_per_s"]
+    ].rename(
         columns={"seq_length": "base_length", "step_time_s": "t1", "achieved_flops_per_s": "f1"}
-    )  # fmt: skip
+    )
     on = ["setting", "data_parallel", "base_length"]
     out = med.merge(ref, on=on, how="inner")
     scaled = out[out["seq_parallel"] > 1][on].drop_duplicates()
@@ -157,11 +176,16 @@ def longest_sequence_data(
         raise RuntimeError("source='costmodel' but analysis.costmodel is not available")
     mem, ok = memory_data(df), _ok(df)
     rows = []
-    for (mode, setting, n, d, p), group in mem.groupby(["mode", "setting", "seq_parallel",
-                                                         "data_parallel", "world_size"]):  # fmt: skip
+    for (mode, setting, n, d, p), group in mem.groupby(
+        ["mode", "setting", "seq_parallel", "data_parallel", "world_size"]
+    ):
         if predict is not None:
-            same = ((ok["mode"] == mode) & (ok["setting"] == setting) & (ok["seq_parallel"] == n)
-                    & (ok["data_parallel"] == d))  # fmt: skip
+            same = (
+                (ok["mode"] == mode)
+                & (ok["setting"] == setting)
+                & (ok["seq_parallel"] == n)
+                & (ok["data_parallel"] == d)
+            )
             first = ok[same].iloc[0].copy()
             first["mode"] = first.get("trainer_mode", mode)  # the trainer's mode, not the label
             state = float(group["state_bytes"].iloc[0])
@@ -174,17 +198,35 @@ def longest_sequence_data(
 
             how = "costmodel"
         elif group["seq_length"].nunique() >= 2:
-            total, how = fit_memory(group["seq_length"], group["activation_bytes"],
-                                    group["state_bytes"])  # fmt: skip
+            total, how = fit_memory(
+                group["seq_length"], group["activation_bytes"], group["state_bytes"]
+            )
         else:
             continue
         cap = budget_bytes * (1 + 1e-9)  # a fit reproduces exact byte counts only up to rounding
         longest = longest_fitting(int(n), total, cap, MAX_SEQ_LENGTH)
-        rows.append({"mode": mode, "setting": setting, "seq_parallel": n, "data_parallel": d, "world_size": p,
-                     "max_seq_length": longest,
-                     "source": how, "budget_bytes": budget_bytes})  # fmt: skip
-    cols = ["mode", "setting", "seq_parallel", "data_parallel", "world_size", "max_seq_length",
-            "source", "budget_bytes"]  # fmt: skip
+        rows.append(
+            {
+                "mode": mode,
+                "setting": setting,
+                "seq_parallel": n,
+                "data_parallel": d,
+                "world_size": p,
+                "max_seq_length": longest,
+                "source": how,
+                "budget_bytes": budget_bytes,
+            }
+        )
+    cols = [
+        "mode",
+        "setting",
+        "seq_parallel",
+        "data_parallel",
+        "world_size",
+        "max_seq_length",
+        "source",
+        "budget_bytes",
+    ]
     return pd.DataFrame(rows, columns=cols)
 
 
@@ -215,10 +257,22 @@ def _pyplot():
     return plt
 
 
-MODE_COLOURS = {"serial": "tab:gray", "lss": "tab:blue", "nvidia-sp": "tab:red",
-                "ulysses": "tab:purple"}  # fmt: skip
-VARIANT_COLOURS = ("tab:green", "tab:orange", "tab:brown", "tab:pink", "tab:olive", "tab:cyan",
-                   "black", "gold")  # fmt: skip
+MODE_COLOURS = {
+    "serial": "tab:gray",
+    "lss": "tab:blue",
+    "nvidia-sp": "tab:red",
+    "ulysses": "tab:purple",
+}
+VARIANT_COLOURS = (
+    "tab:green",
+    "tab:orange",
+    "tab:brown",
+    "tab:pink",
+    "tab:olive",
+    "tab:cyan",
+    "black",
+    "gold",
+)
 """Colours of the other variants (lss-zigzag, lss-kv4, ...), in label order."""
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "h", "<")
 """Markers of the sequence lengths (or N), in increasing order."""
@@ -232,8 +286,10 @@ class Palette:
     def __init__(self, modes, values):
         modes = sorted(set(modes))
         others = [m for m in modes if m not in MODE_COLOURS]
-        self.colours = {m: MODE_COLOURS.get(m) or VARIANT_COLOURS[others.index(m)
-                        % len(VARIANT_COLOURS)] for m in modes}  # fmt: skip
+        self.colours = {
+            m: MODE_COLOURS.get(m) or VARIANT_COLOURS[others.index(m) % len(VARIANT_COLOURS)]
+            for m in modes
+        }
         self.values = sorted(set(values))
         self.markers = {v: MARKERS[i % len(MARKERS)] for i, v in enumerate(self.values)}
 
@@ -241,31 +297,59 @@ class Palette:
         """Line keywords; the label ``mode|value|measured`` (or ``modelled``) names the series
         (the legend is `legend`'s, built from the palette)."""
         colour = self.colours[mode]
-        kw = dict(color=colour, marker=self.markers[value], markersize=6,
-                  linestyle="--" if modelled else "-",
-                  label=f"{mode}|{value}|{'modelled' if modelled else 'measured'}")  # fmt: skip
+        kw = dict(
+            color=colour,
+            marker=self.markers[value],
+            markersize=6,
+            linestyle="--" if modelled else "-",
+            label=f"{mode}|{value}|{'modelled' if modelled else 'measured'}",
+        )
         if modelled:  # a larger ring under the measured point: agreement shows as a dot in it
             kw.update(markerfacecolor="white", markeredgecolor=colour, markersize=10, zorder=1.5)
         else:
             kw["zorder"] = 2.5
         return kw
 
-    def legend(self, ax, value_name: str, modelled_note: str | None = None,
-               measured: bool = True) -> None:  # fmt: skip
+    def legend(
+        self, ax, value_name: str, modelled_note: str | None = None, measured: bool = True
+    ) -> None:
         """Two legends in one box outside the axes: colours = modes, markers = values; then
         what a measured (filled, solid) and a modelled (hollow, dashed) point look like."""
         from matplotlib.lines import Line2D
 
         handles = [Line2D([], [], color=c, linewidth=3, label=m) for m, c in self.colours.items()]
-        handles += [Line2D([], [], color="black", marker=self.markers[v], linestyle="none",
-                           label=f"{value_name}={v}") for v in self.values]  # fmt: skip
+        handles += [
+            Line2D(
+                [],
+                [],
+                color="black",
+                marker=self.markers[v],
+                linestyle="none",
+                label=f"{value_name}={v}",
+            )
+            for v in self.values
+        ]
         if measured:
             handles.append(Line2D([], [], color="black", marker="o", label="measured"))
         if modelled_note:
-            handles.append(Line2D([], [], color="black", marker="o", linestyle="--",
-                                  markerfacecolor="white", label=modelled_note))  # fmt: skip
-        ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0),
-                  borderaxespad=0.0)  # fmt: skip
+            handles.append(
+                Line2D(
+                    [],
+                    [],
+                    color="black",
+                    marker="o",
+                    linestyle="--",
+                    markerfacecolor="white",
+                    label=modelled_note,
+                )
+            )
+        ax.legend(
+            handles=handles,
+            fontsize=7,
+            loc="upper left",
+            bbox_to_anchor=(1.02, 1.0),
+            borderaxespad=0.0,
+        )
 
 
 def _scale(ax, axis: str, values, base: int = 10) -> None:
@@ -318,8 +402,9 @@ def _labelled(data: pd.DataFrame) -> pd.DataFrame:
     line joins two settings; one setting keeps the plain mode names (and their colours)."""
     if data.empty or "setting" not in data or data["setting"].nunique() < 2:
         return data
-    return data.assign(mode=[_label(m, s) for m, s in zip(data["mode"], data["setting"],
-                                                          strict=True)])  # fmt: skip
+    return data.assign(
+        mode=[_label(m, s) for m, s in zip(data["mode"], data["setting"], strict=True)]
+    )
 
 
 def _save(fig, stem: Path) -> list[Path]:
@@ -354,9 +439,10 @@ def plot_strong_scaling(data: pd.DataFrame, stem: Path, ctx: str = "") -> list[P
         ranks = sorted(data["world_size"].unique())
         right.plot(ranks, ranks, "k:", linewidth=1)
         right.annotate("ideal (P)", (ranks[-1], ranks[-1]), fontsize=7, ha="right", va="bottom")
-        for ax, ylabel, values in ((left, "step time [ms] (median after warm-up)",
-                                    data["step_time_s"] * 1e3),
-                                   (right, "speedup T_1 / T_P", data["speedup"])):  # fmt: skip
+        for ax, ylabel, values in (
+            (left, "step time [ms] (median after warm-up)", data["step_time_s"] * 1e3),
+            (right, "speedup T_1 / T_P", data["speedup"]),
+        ):
             ax.set_xlabel("ranks P")
             ax.set_ylabel(ylabel)
             _scale(ax, "x", data["world_size"], base=2)
@@ -381,8 +467,9 @@ def plot_weak_efficiency(data: pd.DataFrame, stem: Path, ctx: str = "") -> list[
                 kw["linestyle"] = "none"  # the reference point(s), efficiency 1
             axes[0].plot(g["world_size"], g["time_efficiency"], **kw)
             axes[1].plot(g["world_size"], g["flops_efficiency"], **kw)
-        for ax, what in zip(axes, ("time: T_1 / T_P", "FLOP rate per rank / reference's"),
-                            strict=True):  # fmt: skip
+        for ax, what in zip(
+            axes, ("time: T_1 / T_P", "FLOP rate per rank / reference's"), strict=True
+        ):
             ax.axhline(1.0, color="k", linestyle=":", linewidth=1)
             _scale(ax, "x", data["world_size"], base=2)
             ax.set_xlabel("ranks P")
@@ -432,8 +519,9 @@ def plot_memory(data: pd.DataFrame, stem: Path, ctx: str = "", gpu: bool = False
         _scale(ax, "y", data[column])
         ax.grid(alpha=0.3)
     modelled = data.get("predicted_activation_bytes")
-    pal.legend(axes[-1], "N", "cost model" if modelled is not None and modelled.notna().any()
-               else None)  # fmt: skip
+    pal.legend(
+        axes[-1], "N", "cost model" if modelled is not None and modelled.notna().any() else None
+    )
     note = "" if gpu else "; CPU: peak RSS (mostly imports) not drawn"
     _title(fig, f"Memory per rank (rank 0; activations of one micro-batch{note})", ctx)
     return _save(fig, stem)
@@ -523,11 +611,19 @@ def _main(argv: list[str] | None) -> int:
     )
     p.add_argument("dir", help="a compare output folder (or its summary.csv)")
     p.add_argument("--out", default=None, help="figure folder (default DIR/figures)")
-    p.add_argument("--budget-gib", type=float, default=None,
-                   help="per-rank memory budget of the longest-sequence figure "
-                   "(default: the table's memory_budget_bytes)")  # fmt: skip
-    p.add_argument("--source", choices=("auto", "measured", "costmodel"), default="auto",
-                   help="longest-sequence memory model (auto: cost model if present)")  # fmt: skip
+    p.add_argument(
+        "--budget-gib",
+        type=float,
+        default=None,
+        help="per-rank memory budget of the longest-sequence figure "
+        "(default: the table's memory_budget_bytes)",
+    )
+    p.add_argument(
+        "--source",
+        choices=("auto", "measured", "costmodel"),
+        default="auto",
+        help="longest-sequence memory model (auto: cost model if present)",
+    )
     args = p.parse_args(argv)
     df = read_summary(args.dir, ("mode", *NUMERIC), NUMERIC)
     if not (df["status"] == "ok").any():

@@ -54,30 +54,91 @@ KERNEL_OPS = {
 }
 """aten ops of the fused SDPA kernels (forward) and the kernel each one is. The math kernel has
 no op of its own (it decomposes into matmuls): no fused op seen means math ran."""
-EXPECTED = {("cuda", torch.bfloat16): {"flash", "cudnn"}, ("cuda", torch.float32): {"efficient"},
-            ("cpu", torch.bfloat16): {"cpu_flash"}, ("cpu", torch.float32): {"cpu_flash"}}  # fmt: skip
+EXPECTED = {
+    ("cuda", torch.bfloat16): {"flash", "cudnn"},
+    ("cuda", torch.float32): {"efficient"},
+    ("cpu", torch.bfloat16): {"cpu_flash"},
+    ("cpu", torch.float32): {"cpu_flash"},
+}
 TOLERANCE = {torch.bfloat16: (2e-2, 5e-2), torch.float32: (1e-4, 1e-4)}
 """(output, gradients) max error relative to the reference's largest magnitude. bf16: inputs and
 output rounded to 8 mantissa bits (2^-9 ~ 2e-3 each), sums over the keys in fp32: a few 1e-3,
 gradients (sums over all queries) a few times that. fp32: the kernel accumulates in fp32 in a
 different order than the float64 reference: ~1e-6; 1e-4 leaves room for long rows."""
 SIZES = {
-    "gpu": dict(check=dict(sq=256, n=4, b=2, d=64), mm=8192, mm_reps=20, eff_n=8,
-                eff_local=[4096, 8192, 16384, 32768, 65536], eff=dict(h=32, h_kv=8, d=128),
-                eff_reps=2),
-    "dry": dict(check=dict(sq=16, n=2, b=2, d=16), mm=128, mm_reps=2, eff_n=2,
-                eff_local=[32, 64], eff=dict(h=4, h_kv=2, d=16), eff_reps=1),
-}  # fmt: skip
+    "gpu": dict(
+        check=dict(sq=256, n=4, b=2, d=64),
+        mm=8192,
+        mm_reps=20,
+        eff_n=8,
+        eff_local=[4096, 8192, 16384, 32768, 65536],
+        eff=dict(h=32, h_kv=8, d=128),
+        eff_reps=2,
+    ),
+    "dry": dict(
+        check=dict(sq=16, n=2, b=2, d=16),
+        mm=128,
+        mm_reps=2,
+        eff_n=2,
+        eff_local=[32, 64],
+        eff=dict(h=4, h_kv=2, d=16),
+        eff_reps=1,
+    ),
+}
 TRAIN_ARGS = {
-    "gpu": ["--num-layers", "4", "--hidden-size", "2048", "--num-heads", "16", "--num-kv-heads",
-            "4", "--seq-length", "8192", "--vocab-size", "32000", "--global-batch-size", "2",
-            "--micro-batch-size", "1", "--steps", "5", "--position-embedding", "rope"],
-    "dry": ["--num-layers", "2", "--hidden-size", "32", "--num-heads", "4", "--num-kv-heads", "2",
-            "--seq-length", "64", "--vocab-size", "64", "--global-batch-size", "2", "--steps",
-            "2"],
-}  # fmt: skip
-COMMON_TRAIN = ["--dtype", "bf16", "--optimizer", "adamw", "--progress", "off",
-                "--eval-interval", "0", "--dist-timeout", "120"]  # fmt: skip
+    "gpu": [
+        "--num-layers",
+        "4",
+        "--hidden-size",
+        "2048",
+        "--num-heads",
+        "16",
+        "--num-kv-heads",
+        "4",
+        "--seq-length",
+        "8192",
+        "--vocab-size",
+        "32000",
+        "--global-batch-size",
+        "2",
+        "--micro-batch-size",
+        "1",
+        "--steps",
+        "5",
+        "--position-embedding",
+        "rope",
+    ],
+    "dry": [
+        "--num-layers",
+        "2",
+        "--hidden-size",
+        "32",
+        "--num-heads",
+        "4",
+        "--num-kv-heads",
+        "2",
+        "--seq-length",
+        "64",
+        "--vocab-size",
+        "64",
+        "--global-batch-size",
+        "2",
+        "--steps",
+        "2",
+    ],
+}
+COMMON_TRAIN = [
+    "--dtype",
+    "bf16",
+    "--optimizer",
+    "adamw",
+    "--progress",
+    "off",
+    "--eval-interval",
+    "0",
+    "--dist-timeout",
+    "120",
+]
 
 
 def _sync(device: torch.device) -> None:
@@ -154,19 +215,37 @@ def attention_case(device, dtype, name, h, h_kv, causal, layout, rank, sq, n, b,
     grad_err = max(rel(a, b_) for a, b_ in zip(grads["qkv"], ref_grads, strict=True))
     tol_out, tol_grad = TOLERANCE[dtype]
     expected = EXPECTED[(device.type, dtype)]
-    ok = bool(kernels & expected) and "math" not in kernels and out_err <= tol_out \
-        and grad_err <= tol_grad  # fmt: skip
-    return {"case": name, "dtype": str(dtype).removeprefix("torch."), "rank": r, "n": n,
-            "q_offset_first": r * sq if layout == "contiguous" else r * sq // 2,
-            "heads": h, "kv_heads": h_kv, "layout": layout, "causal": causal,
-            "kernels": sorted(kernels), "expected_kernels": sorted(expected),
-            "output_rel_err": out_err, "grad_rel_err": grad_err, "tolerance": [tol_out, tol_grad],
-            "ok": ok}  # fmt: skip
+    ok = (
+        bool(kernels & expected)
+        and "math" not in kernels
+        and out_err <= tol_out
+        and grad_err <= tol_grad
+    )
+    return {
+        "case": name,
+        "dtype": str(dtype).removeprefix("torch."),
+        "rank": r,
+        "n": n,
+        "q_offset_first": r * sq if layout == "contiguous" else r * sq // 2,
+        "heads": h,
+        "kv_heads": h_kv,
+        "layout": layout,
+        "causal": causal,
+        "kernels": sorted(kernels),
+        "expected_kernels": sorted(expected),
+        "output_rel_err": out_err,
+        "grad_rel_err": grad_err,
+        "tolerance": [tol_out, tol_grad],
+        "ok": ok,
+    }
 
 
 def attention_checks(device: torch.device, sq: int, n: int, b: int, d: int) -> list[dict]:
-    return [attention_case(device, dtype, *case, sq=sq, n=n, b=b, d=d)
-            for dtype in (torch.bfloat16, torch.float32) for case in CASES]  # fmt: skip
+    return [
+        attention_case(device, dtype, *case, sq=sq, n=n, b=b, d=d)
+        for dtype in (torch.bfloat16, torch.float32)
+        for case in CASES
+    ]
 
 
 # --- 2. matmul peak; 3. LSS attention efficiency --------------------------------------------------
@@ -186,8 +265,9 @@ def matmul_peak(device: torch.device, n: int, repeats: int) -> float:
     return 2 * n**3 / _time(lambda: a @ b, device, repeats)
 
 
-def attention_efficiency(device, peak: float, local: int, n: int, h: int, h_kv: int, d: int,
-                         repeats: int) -> list[dict]:  # fmt: skip
+def attention_efficiency(
+    device, peak: float, local: int, n: int, h: int, h_kv: int, d: int, repeats: int
+) -> list[dict]:
     """The last rank and rank 0 of N at l/N = `local`: fp32 leaves under bf16 autocast, causal,
     forward + backward; model FLOPs 3 x 4 h d x pairs (b = 1)."""
     rows = []
@@ -196,8 +276,9 @@ def attention_efficiency(device, peak: float, local: int, n: int, h: int, h_kv: 
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
         q = torch.randn(local, 1, h, d, device=device, requires_grad=True)
-        k, v = (torch.randn(n * local, 1, h_kv, d, device=device, requires_grad=True)
-                for _ in range(2))  # fmt: skip
+        k, v = (
+            torch.randn(n * local, 1, h_kv, d, device=device, requires_grad=True) for _ in range(2)
+        )
         dout = torch.randn(local, 1, h, d, device=device, dtype=torch.bfloat16)
 
         def step(q=q, k=k, v=v, dout=dout, r=r):
@@ -208,11 +289,24 @@ def attention_efficiency(device, peak: float, local: int, n: int, h: int, h_kv: 
         t = _time(step, device, repeats)
         pairs = local * (r * local) + local * (local + 1) // 2
         flops = 3 * 4 * h * d * pairs
-        rows.append({"rank": which, "seq_parallel": n, "local_len": local, "seq_length": n * local,
-                     "heads": h, "kv_heads": h_kv, "head_dim": d, "time_s": t, "flops": flops,
-                     "tflops": flops / t / 1e12, "fraction_of_matmul_peak": flops / t / peak,
-                     "peak_mem_bytes": int(torch.cuda.max_memory_allocated(device))
-                     if device.type == "cuda" else None})  # fmt: skip
+        rows.append(
+            {
+                "rank": which,
+                "seq_parallel": n,
+                "local_len": local,
+                "seq_length": n * local,
+                "heads": h,
+                "kv_heads": h_kv,
+                "head_dim": d,
+                "time_s": t,
+                "flops": flops,
+                "tflops": flops / t / 1e12,
+                "fraction_of_matmul_peak": flops / t / peak,
+                "peak_mem_bytes": int(torch.cuda.max_memory_allocated(device))
+                if device.type == "cuda"
+                else None,
+            }
+        )
         del q, k, v, dout
     return rows
 
@@ -223,14 +317,26 @@ def trainer_run(mode: str, out: Path, size: str, timeout_s: float) -> dict:
     on; its metrics rows and the cost model's prediction of the counted fields beside them."""
     from .costmodel import predict
 
-    args = [sys.executable, "-m", "lss_megatron.train", "--mode", mode, "--seq-parallel", "1",
-            *TRAIN_ARGS[size], *COMMON_TRAIN, "--out", str(out)]  # fmt: skip
+    args = [
+        sys.executable,
+        "-m",
+        "lss_megatron.train",
+        "--mode",
+        mode,
+        "--seq-parallel",
+        "1",
+        *TRAIN_ARGS[size],
+        *COMMON_TRAIN,
+        "--out",
+        str(out),
+    ]
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     if size == "dry":
         env["CUDA_VISIBLE_DEVICES"] = ""  # the dry run is the CPU model, on any host
     t0 = time.perf_counter()
-    proc = subprocess.run(args, capture_output=True, text=True, timeout=timeout_s, env=env,
-                          cwd=ROOT)  # fmt: skip
+    proc = subprocess.run(
+        args, capture_output=True, text=True, timeout=timeout_s, env=env, cwd=ROOT
+    )
     result = {"mode": mode, "exit_code": proc.returncode, "wall_s": time.perf_counter() - t0}
     if proc.returncode != 0:
         result["stderr_tail"] = proc.stderr[-3000:]
@@ -238,17 +344,29 @@ def trainer_run(mode: str, out: Path, size: str, timeout_s: float) -> dict:
     config = json.loads((out / "config.json").read_text())
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x]
     pred = predict(config)
-    keys = ("sp_comm_bytes", "grad_comm_bytes", "other_comm_bytes", "activation_bytes",
-            "param_bytes", "grad_bytes", "optimizer_state_bytes")  # fmt: skip
-    result.update(runtime=config["runtime"], rows=rows,
-                  predicted={k: pred[k] for k in keys},
-                  summary=json.loads((out / "summary.json").read_text()))  # fmt: skip
+    keys = (
+        "sp_comm_bytes",
+        "grad_comm_bytes",
+        "other_comm_bytes",
+        "activation_bytes",
+        "param_bytes",
+        "grad_bytes",
+        "optimizer_state_bytes",
+    )
+    result.update(
+        runtime=config["runtime"],
+        rows=rows,
+        predicted={k: pred[k] for k in keys},
+        summary=json.loads((out / "summary.json").read_text()),
+    )
     return result
 
 
 def trainer_checks(out_dir: Path, size: str) -> tuple[dict, list[str]]:
-    runs = {mode: trainer_run(mode, out_dir / "train" / mode, size, timeout_s=240)
-            for mode in ("serial", "lss")}  # fmt: skip
+    runs = {
+        mode: trainer_run(mode, out_dir / "train" / mode, size, timeout_s=240)
+        for mode in ("serial", "lss")
+    }
     failures = [f"trainer {m}: exit {r['exit_code']}" for m, r in runs.items() if r["exit_code"]]
     if not failures:
         for mode, r in runs.items():
@@ -271,9 +389,14 @@ def _environment(device: torch.device) -> dict:
         except PackageNotFoundError:
             return None
 
-    return {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
-            "megatron_core": ver("megatron-core"), "deepspeed": ver("deepspeed")}  # fmt: skip
+    return {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "megatron_core": ver("megatron-core"),
+        "deepspeed": ver("deepspeed"),
+    }
 
 
 def _phase(result: dict, path: Path, name: str, fn) -> None:
@@ -299,9 +422,12 @@ def run(out_dir: Path, dry_run: bool = False) -> dict:
 
     def checks():
         rows = result["attention_checks"] = attention_checks(device, **sz["check"])
-        result["failures"] += [f"attention {r['case']} {r['dtype']}: kernels {r['kernels']}, "
-                               f"errors {r['output_rel_err']:.2e}/{r['grad_rel_err']:.2e}"
-                               for r in rows if not r["ok"]]  # fmt: skip
+        result["failures"] += [
+            f"attention {r['case']} {r['dtype']}: kernels {r['kernels']}, "
+            f"errors {r['output_rel_err']:.2e}/{r['grad_rel_err']:.2e}"
+            for r in rows
+            if not r["ok"]
+        ]
 
     def peak():
         result["matmul_peak_flops"] = matmul_peak(device, sz["mm"], sz["mm_reps"])
@@ -311,15 +437,24 @@ def run(out_dir: Path, dry_run: bool = False) -> dict:
         result["attention_efficiency"] = []
         for local in sz["eff_local"]:
             result["attention_efficiency"] += attention_efficiency(
-                device, result["matmul_peak_flops"], local, sz["eff_n"], repeats=sz["eff_reps"],
-                **sz["eff"])  # fmt: skip
+                device,
+                result["matmul_peak_flops"],
+                local,
+                sz["eff_n"],
+                repeats=sz["eff_reps"],
+                **sz["eff"],
+            )
 
     def trainer():
         result["trainer"], failures = trainer_checks(out_dir, size)
         result["failures"] += failures
 
-    for name, fn in (("attention_checks", checks), ("matmul_peak", peak),
-                     ("attention_efficiency", efficiency), ("trainer", trainer)):  # fmt: skip
+    for name, fn in (
+        ("attention_checks", checks),
+        ("matmul_peak", peak),
+        ("attention_efficiency", efficiency),
+        ("trainer", trainer),
+    ):
         _phase(result, path, name, fn)
     result["ok"] = not result["failures"]
     path.write_text(json.dumps(result, indent=2, default=str) + "\n")
@@ -327,18 +462,28 @@ def run(out_dir: Path, dry_run: bool = False) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="bash launch/gpu_check.sh",
-                                 description=__doc__.splitlines()[0])  # fmt: skip
+    ap = argparse.ArgumentParser(
+        prog="bash launch/gpu_check.sh", description=__doc__.splitlines()[0]
+    )
     ap.add_argument("--out-dir", type=Path, required=True, help="where gpu_check.json goes")
     ap.add_argument("--dry-run", action="store_true", help="the same code on the CPU, toy sizes")
     args = ap.parse_args(argv)
     if not args.dry_run and not torch.cuda.is_available():
-        print("gpu_check: error: no CUDA device here; --dry-run runs the same code on the CPU",
-              file=sys.stderr)  # fmt: skip
+        print(
+            "gpu_check: error: no CUDA device here; --dry-run runs the same code on the CPU",
+            file=sys.stderr,
+        )
         return 2
     result = run(args.out_dir, args.dry_run)
-    print(json.dumps({k: result.get(k) for k in ("device", "torch", "matmul_peak_flops", "ok",
-                                                 "failures", "phase_seconds")}, indent=2))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                k: result.get(k)
+                for k in ("device", "torch", "matmul_peak_flops", "ok", "failures", "phase_seconds")
+            },
+            indent=2,
+        )
+    )
     print(f"gpu_check: wrote {args.out_dir / 'gpu_check.json'}")
     return 0 if result["ok"] else 1
 

@@ -69,8 +69,9 @@ def check_run_folder(run: Path, flag: str) -> None:
         raise InputError(f"{flag} {run}: no config.json, not a trainer run folder")
     read_json_file(run / "config.json", "the trainer's effective configuration")
     try:
-        rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()
-                if x.strip()]  # fmt: skip
+        rows = [
+            json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()
+        ]
     except (OSError, ValueError) as e:
         raise InputError(f"{flag} {run}: unreadable metrics.jsonl ({e})") from None
     if not rows:

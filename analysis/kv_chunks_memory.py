@@ -27,8 +27,13 @@ def _worker(rank, world, store, chunks, seq, heads, kv_heads, dim, q):
     from lss_megatron.training.metrics import count_saved_bytes, heap_peak_mode
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=120))  # fmt: skip
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{store}",
+        rank=rank,
+        world_size=world,
+        timeout=timedelta(seconds=120),
+    )
     s = seq // world
     g = torch.Generator().manual_seed(rank)
     lq = torch.randn(s, 1, heads, dim, generator=g, requires_grad=True)
@@ -36,8 +41,12 @@ def _worker(rank, world, store, chunks, seq, heads, kv_heads, dim, q):
     lv = torch.randn(s, 1, kv_heads, dim, generator=g, requires_grad=True)
     dout = torch.randn(s, 1, heads, dim, generator=g)
     # warm up kernels and allocator pools on a tiny problem, then measure
-    lss_attention(lq[:2].detach().requires_grad_(), lk[:2].detach().requires_grad_(),
-                  lv[:2].detach().requires_grad_(), kv_chunks=1).sum().backward()  # fmt: skip
+    lss_attention(
+        lq[:2].detach().requires_grad_(),
+        lk[:2].detach().requires_grad_(),
+        lv[:2].detach().requires_grad_(),
+        kv_chunks=1,
+    ).sum().backward()
     dist.barrier()
     with comm.record() as log, heap_peak_mode() as heap:
         saved = count_saved_bytes(
@@ -47,8 +56,15 @@ def _worker(rank, world, store, chunks, seq, heads, kv_heads, dim, q):
     dist.barrier()
     dist.destroy_process_group()
     if rank == 0:
-        q.put({"chunks": chunks, "peak_growth_bytes": growth, "saved_bytes": saved,
-               "sp_comm_bytes": log.nbytes("sp"), "sp_comm_calls": log.count(category="sp")})  # fmt: skip
+        q.put(
+            {
+                "chunks": chunks,
+                "peak_growth_bytes": growth,
+                "saved_bytes": saved,
+                "sp_comm_bytes": log.nbytes("sp"),
+                "sp_comm_calls": log.count(category="sp"),
+            }
+        )
 
 
 def measure(
@@ -60,8 +76,12 @@ def measure(
     q = ctx.Queue()
     with tempfile.TemporaryDirectory() as tmp:
         store = os.path.join(tmp, "store")
-        procs = [ctx.Process(target=_worker, args=(r, world, store, chunks, seq, heads, kv_heads,
-                                                   dim, q)) for r in range(world)]  # fmt: skip
+        procs = [
+            ctx.Process(
+                target=_worker, args=(r, world, store, chunks, seq, heads, kv_heads, dim, q)
+            )
+            for r in range(world)
+        ]
         for p in procs:
             p.start()
         out = q.get(timeout=300)

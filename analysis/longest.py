@@ -44,12 +44,35 @@ from .inputs import InputError, cli
 MiB = 1 << 20
 MODES = ("lss", "nvidia-sp", "ulysses")
 RECOMPUTES = ("none", "selective", "full")
-COLUMNS = ("mode", "seq_parallel", "tensor_parallel", "data_parallel", "longest_seq_length",
-           "bytes_at_longest", "run_dir", "world_size", "recompute", "attention_kernel",
-           "budget_bytes", "granularity", "runs")  # fmt: skip
-SEARCH_COLUMNS = ("mode", "world_size", "seq_parallel", "data_parallel", "recompute",
-                  "seq_length", "rank_bytes_max", "fits", "status", "wall_s", "error",
-                  "run_dir")  # fmt: skip
+COLUMNS = (
+    "mode",
+    "seq_parallel",
+    "tensor_parallel",
+    "data_parallel",
+    "longest_seq_length",
+    "bytes_at_longest",
+    "run_dir",
+    "world_size",
+    "recompute",
+    "attention_kernel",
+    "budget_bytes",
+    "granularity",
+    "runs",
+)
+SEARCH_COLUMNS = (
+    "mode",
+    "world_size",
+    "seq_parallel",
+    "data_parallel",
+    "recompute",
+    "seq_length",
+    "rank_bytes_max",
+    "fits",
+    "status",
+    "wall_s",
+    "error",
+    "run_dir",
+)
 
 
 # --- what to run ---------------------------------------------------------------------------------
@@ -73,15 +96,36 @@ class Search:
     def args(self, seq_length: int) -> list[str]:
         """The trainer's arguments of the one-step run at `seq_length` (without --out)."""
         d = self.data_parallel
-        return [*self.trainer, "--mode", self.mode, "--seq-parallel", str(self.seq_parallel),
-                "--data-parallel", str(d), "--seq-length", str(seq_length),
-                "--global-batch-size", str(d), "--micro-batch-size", "1", "--steps", "1",
-                "--attention-kernel", "flash", "--recompute", self.recompute,
-                "--eval-interval", "0", "--progress", "off"]  # fmt: skip
+        return [
+            *self.trainer,
+            "--mode",
+            self.mode,
+            "--seq-parallel",
+            str(self.seq_parallel),
+            "--data-parallel",
+            str(d),
+            "--seq-length",
+            str(seq_length),
+            "--global-batch-size",
+            str(d),
+            "--micro-batch-size",
+            "1",
+            "--steps",
+            "1",
+            "--attention-kernel",
+            "flash",
+            "--recompute",
+            self.recompute,
+            "--eval-interval",
+            "0",
+            "--progress",
+            "off",
+        ]
 
     def run_id(self, seq_length: int) -> str:
-        return (f"{self.mode}_N{self.seq_parallel}_D{self.data_parallel}_{self.recompute}"
-                f"_l{seq_length}")  # fmt: skip
+        return (
+            f"{self.mode}_N{self.seq_parallel}_D{self.data_parallel}_{self.recompute}_l{seq_length}"
+        )
 
 
 def trainer_verdict(args: list[str], world_size: int) -> str | None:
@@ -95,8 +139,9 @@ def trainer_verdict(args: list[str], world_size: int) -> str | None:
     return "; ".join(problems(cfg)) or None
 
 
-def best_layout(mode: str, ranks: int, trainer: tuple[str, ...], granularity: int,
-                recompute: str = "none") -> tuple[Search | None, str]:  # fmt: skip
+def best_layout(
+    mode: str, ranks: int, trainer: tuple[str, ...], granularity: int, recompute: str = "none"
+) -> tuple[Search | None, str]:
     """`mode`'s most memory-saving layout on `ranks` ranks (the largest legal sequence degree),
     or None and the trainer's reasons for refusing every degree."""
     reasons = []
@@ -115,19 +160,37 @@ def launch_one(search: Search, seq_length: int, out: Path, timeout_s: float) -> 
     from .compare import run_trainer
 
     run_dir = out / "runs" / search.run_id(seq_length)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-           str(search.world_size), "-m", "lss_megatron.train", *search.args(seq_length),
-           "--out", str(run_dir)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        str(search.world_size),
+        "-m",
+        "lss_megatron.train",
+        *search.args(seq_length),
+        "--out",
+        str(run_dir),
+    ]
     outcome = run_trainer(cmd, run_dir, timeout_s)
     measured = _rank_bytes(run_dir) if outcome["status"] == "ok" else None
     if outcome["status"] == "ok" and measured is None:
         outcome = {**outcome, "status": "failed", "error": "no rank_bytes_max in metrics.jsonl"}
-    return {"mode": search.mode, "world_size": search.world_size,
-            "seq_parallel": search.seq_parallel, "data_parallel": search.data_parallel,
-            "recompute": search.recompute, "seq_length": seq_length,
-            "rank_bytes_max": measured, "fits": False, "status": outcome["status"],
-            "wall_s": round(outcome["wall_s"], 2), "error": outcome["error"],
-            "run_dir": str(run_dir)}  # fmt: skip
+    return {
+        "mode": search.mode,
+        "world_size": search.world_size,
+        "seq_parallel": search.seq_parallel,
+        "data_parallel": search.data_parallel,
+        "recompute": search.recompute,
+        "seq_length": seq_length,
+        "rank_bytes_max": measured,
+        "fits": False,
+        "status": outcome["status"],
+        "wall_s": round(outcome["wall_s"], 2),
+        "error": outcome["error"],
+        "run_dir": str(run_dir),
+    }
 
 
 def _rank_bytes(run_dir: Path) -> int | None:
@@ -139,8 +202,13 @@ def _rank_bytes(run_dir: Path) -> int | None:
     return int(value) if isinstance(value, (int, float)) else None
 
 
-def search_longest(search: Search, budget: int, limit: int, run: Callable[[Search, int], dict],
-                   log: Callable[[dict], None]) -> tuple[int, dict | None]:  # fmt: skip
+def search_longest(
+    search: Search,
+    budget: int,
+    limit: int,
+    run: Callable[[Search, int], dict],
+    log: Callable[[dict], None],
+) -> tuple[int, dict | None]:
     """The longest fitting l of `search` and the record of the run that measured it."""
     records: dict[int, dict] = {}
 
@@ -157,10 +225,19 @@ def search_longest(search: Search, budget: int, limit: int, run: Callable[[Searc
 
 # --- the command -------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m analysis.longest", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    p.add_argument("--ranks", type=int, nargs="+", required=True, metavar="P",
-                   help="rank counts P (one search per mode and P)")  # fmt: skip
+    p = argparse.ArgumentParser(
+        prog="python -m analysis.longest",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--ranks",
+        type=int,
+        nargs="+",
+        required=True,
+        metavar="P",
+        help="rank counts P (one search per mode and P)",
+    )
     p.add_argument(
         "--budget-mib",
         type=float,
@@ -205,25 +282,42 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, tuple[str, ...]]:
     """This tool's options and the trainer flags passed through; bad values -> InputError."""
     args, trainer = build_parser().parse_known_args(argv)
     bad = [f"--ranks {p}" for p in args.ranks if p < 1]
-    bad += [f"--{k.replace('_', '-')} {getattr(args, k)}"
-            for k in ("budget_mib", "granularity", "max_seq_length", "timeout")
-            if not getattr(args, k) > 0]  # fmt: skip
+    bad += [
+        f"--{k.replace('_', '-')} {getattr(args, k)}"
+        for k in ("budget_mib", "granularity", "max_seq_length", "timeout")
+        if not getattr(args, k) > 0
+    ]
     if bad:
         raise InputError(f"must be positive: {', '.join(bad)}")
     owned = [a for a in trainer if a.split("=")[0] in _OWNED]
     if owned:
-        raise InputError(f"{' '.join(owned)}: analysis.longest sets these itself (the layout, "
-                         "the length, one step of one sequence per rank, flash)")  # fmt: skip
+        raise InputError(
+            f"{' '.join(owned)}: analysis.longest sets these itself (the layout, "
+            "the length, one step of one sequence per rank, flash)"
+        )
     out = Path(args.out)
     if (out / "longest.csv").exists():
-        raise InputError(f"--out {out} already holds longest.csv (another search's); choose a new "
-                         "folder")  # fmt: skip
+        raise InputError(
+            f"--out {out} already holds longest.csv (another search's); choose a new folder"
+        )
     return args, tuple(trainer)
 
 
-_OWNED = {"--mode", "--seq-parallel", "--data-parallel", "--tensor-parallel", "--seq-length",
-          "--global-batch-size", "--micro-batch-size", "--steps", "--attention-kernel",
-          "--recompute", "--out", "--save", "--load"}  # fmt: skip
+_OWNED = {
+    "--mode",
+    "--seq-parallel",
+    "--data-parallel",
+    "--tensor-parallel",
+    "--seq-length",
+    "--global-batch-size",
+    "--micro-batch-size",
+    "--steps",
+    "--attention-kernel",
+    "--recompute",
+    "--out",
+    "--save",
+    "--load",
+}
 
 
 def plan(args: argparse.Namespace, trainer: tuple[str, ...]) -> tuple[list[Search], list[str]]:
@@ -242,15 +336,25 @@ def plan(args: argparse.Namespace, trainer: tuple[str, ...]) -> tuple[list[Searc
     return searches, refused
 
 
-def longest_row(search: Search, length: int, rec: dict | None, budget: int, granularity: int,
-                runs: int) -> dict:  # fmt: skip
+def longest_row(
+    search: Search, length: int, rec: dict | None, budget: int, granularity: int, runs: int
+) -> dict:
     t = search.seq_parallel if search.mode == "nvidia-sp" else 1
-    return {"mode": search.mode, "seq_parallel": search.seq_parallel, "tensor_parallel": t,
-            "data_parallel": search.data_parallel, "longest_seq_length": length,
-            "bytes_at_longest": rec["rank_bytes_max"] if rec else None,
-            "run_dir": rec["run_dir"] if rec else "", "world_size": search.world_size,
-            "recompute": search.recompute, "attention_kernel": "flash",
-            "budget_bytes": budget, "granularity": search.step, "runs": runs}  # fmt: skip
+    return {
+        "mode": search.mode,
+        "seq_parallel": search.seq_parallel,
+        "tensor_parallel": t,
+        "data_parallel": search.data_parallel,
+        "longest_seq_length": length,
+        "bytes_at_longest": rec["rank_bytes_max"] if rec else None,
+        "run_dir": rec["run_dir"] if rec else "",
+        "world_size": search.world_size,
+        "recompute": search.recompute,
+        "attention_kernel": "flash",
+        "budget_bytes": budget,
+        "granularity": search.step,
+        "runs": runs,
+    }
 
 
 def best_rows(rows: list[dict]) -> list[dict]:
@@ -290,29 +394,37 @@ def _main(argv: list[str] | None) -> int:
         log_rows.append(rec)
         _write_csv(out / "searches.csv", log_rows, SEARCH_COLUMNS)
         b = rec["rank_bytes_max"]
-        print(f"  {rec['mode']:<9} N={rec['seq_parallel']} D={rec['data_parallel']} "
-              f"{rec['recompute']:<9} l={rec['seq_length']:<7} "
-              f"{'-' if b is None else f'{b / MiB:,.1f} MiB':>12} "
-              f"{'fits' if rec['fits'] else 'over' if rec['status'] == 'ok' else rec['status']}",
-              flush=True)  # fmt: skip
+        print(
+            f"  {rec['mode']:<9} N={rec['seq_parallel']} D={rec['data_parallel']} "
+            f"{rec['recompute']:<9} l={rec['seq_length']:<7} "
+            f"{'-' if b is None else f'{b / MiB:,.1f} MiB':>12} "
+            f"{'fits' if rec['fits'] else 'over' if rec['status'] == 'ok' else rec['status']}",
+            flush=True,
+        )
 
     rows = []
     for s in searches:
-        print(f"{s.mode} on {s.world_size} ranks (N = {s.seq_parallel}, D = {s.data_parallel}), "
-              f"recompute {s.recompute}:", flush=True)  # fmt: skip
+        print(
+            f"{s.mode} on {s.world_size} ranks (N = {s.seq_parallel}, D = {s.data_parallel}), "
+            f"recompute {s.recompute}:",
+            flush=True,
+        )
         before = len(log_rows)
-        length, rec = search_longest(s, budget, args.max_seq_length,
-                                     lambda x, n: launch_one(x, n, out, args.timeout), log)  # fmt: skip
+        length, rec = search_longest(
+            s, budget, args.max_seq_length, lambda x, n: launch_one(x, n, out, args.timeout), log
+        )
         rows.append(longest_row(s, length, rec, budget, s.step, len(log_rows) - before))
     table = best_rows(rows)
     _write_csv(out / "longest.csv", table, COLUMNS)
     _write_csv(out / "longest_all_recompute.csv", rows, COLUMNS)
     figures = plot_longest(table, out / "figures" / "longest_seq_length", budget)
     for row in table:
-        print(f"{row['mode']:<9} P={row['world_size']} N={row['seq_parallel']} "
-              f"D={row['data_parallel']} recompute={row['recompute']}: longest l = "
-              f"{row['longest_seq_length']:,} ({(row['bytes_at_longest'] or 0) / MiB:,.1f} MiB "
-              f"of {budget / MiB:,.1f})")  # fmt: skip
+        print(
+            f"{row['mode']:<9} P={row['world_size']} N={row['seq_parallel']} "
+            f"D={row['data_parallel']} recompute={row['recompute']}: longest l = "
+            f"{row['longest_seq_length']:,} ({(row['bytes_at_longest'] or 0) / MiB:,.1f} MiB "
+            f"of {budget / MiB:,.1f})"
+        )
     print(f"wrote {out / 'longest.csv'}, {out / 'searches.csv'} and {len(figures)} figure files")
     return 0
 

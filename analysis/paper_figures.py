@@ -38,8 +38,7 @@ from .inputs import cli, read_csv_table
 
 ASSUMPTIONS = ("paper-2023", "modern")
 MODELLED_STYLE = {"paper-2023": "--", "modern": ":"}
-FIGURES = ("speedup_vs_ranks", "memory_vs_length", "longest_vs_ranks", "weak_scaling",
-           "throughput")  # fmt: skip
+FIGURES = ("speedup_vs_ranks", "memory_vs_length", "longest_vs_ranks", "weak_scaling", "throughput")
 
 
 def _series(assumptions: tuple[str, ...]) -> dict[str, dict[str, pd.DataFrame]]:
@@ -59,14 +58,30 @@ def _hollow(colour: str, style: str) -> dict:
 
 
 def _claim(ax, x, y, text: str) -> None:
-    ax.plot([x], [y], marker="*", markersize=14, color="gold", markeredgecolor="black",
-            linestyle="none", zorder=5)  # fmt: skip
+    ax.plot(
+        [x],
+        [y],
+        marker="*",
+        markersize=14,
+        color="gold",
+        markeredgecolor="black",
+        linestyle="none",
+        zorder=5,
+    )
     ax.annotate(text, (x, y), textcoords="offset points", xytext=(-8, 8), ha="right", fontsize=7)
 
 
 def _missing(ax, what: str) -> None:
-    ax.text(0.5, 0.5, f"no measured input:\n{what}", ha="center", va="center", fontsize=8,
-            transform=ax.transAxes, wrap=True)  # fmt: skip
+    ax.text(
+        0.5,
+        0.5,
+        f"no measured input:\n{what}",
+        ha="center",
+        va="center",
+        fontsize=8,
+        transform=ax.transAxes,
+        wrap=True,
+    )
     ax.set_xticks([])
     ax.set_yticks([])
 
@@ -90,8 +105,12 @@ def _modelled_by_mode(ax, series: dict, key: str, x: str, y: str, scale: float =
         for k, g in frame.groupby(keys):
             mode = k[0] if isinstance(k, tuple) else k
             label = f"{a}: {mode}" + (f" (degree {k[1]})" if len(keys) == 2 else "")
-            ax.plot(g[x], g[y] * scale, label=label,
-                    **_hollow(MODE_COLOURS.get(mode, "black"), MODELLED_STYLE[a]))  # fmt: skip
+            ax.plot(
+                g[x],
+                g[y] * scale,
+                label=label,
+                **_hollow(MODE_COLOURS.get(mode, "black"), MODELLED_STYLE[a]),
+            )
 
 
 # --- the measured side ---------------------------------------------------------------------------
@@ -128,8 +147,11 @@ def _weak(df: pd.DataFrame | None) -> pd.DataFrame:
     if df is None:
         return pd.DataFrame()
     ok = df[(df["status"] == "ok") & (df["efficiency_kind"] == "weak") & (df["role"] == "grid")]
-    return ok.groupby(["mode", "world_size"])[["parallel_efficiency", "achieved_flops_per_s"]] \
-        .median().reset_index()  # fmt: skip
+    return (
+        ok.groupby(["mode", "world_size"])[["parallel_efficiency", "achieved_flops_per_s"]]
+        .median()
+        .reset_index()
+    )
 
 
 # --- the five figures ----------------------------------------------------------------------------
@@ -202,9 +224,14 @@ def fig_memory(measured: dict, series: dict, claims: dict, stem: Path) -> list[P
         ok = s[s["rank_bytes_max"].notna()]
         for (mode, rec, p), g in ok.groupby(["mode", "recompute", "world_size"]):
             g = g.sort_values("seq_length")
-            left.plot(g["seq_length"], g["rank_bytes_max"] / 2**20, marker="o",
-                      color=MODE_COLOURS.get(mode), label=f"{mode} P={p} ({rec})",
-                      linestyle="-" if rec == "none" else "-.")  # fmt: skip
+            left.plot(
+                g["seq_length"],
+                g["rank_bytes_max"] / 2**20,
+                marker="o",
+                color=MODE_COLOURS.get(mode),
+                label=f"{mode} P={p} ({rec})",
+                linestyle="-" if rec == "none" else "-.",
+            )
     _finish(
         left,
         "sequence length l",
@@ -215,8 +242,12 @@ def fig_memory(measured: dict, series: dict, claims: dict, stem: Path) -> list[P
     right.axhline(16, color="gray", linewidth=0.8)
     right.annotate("16 GB V100", (right.get_xlim()[0], 16), fontsize=7)
     c = claims["memory"]
-    _finish(right, "sequence length l", "GiB per GPU (modelled)",
-            f"modelled: Summit V100 (paper: {c['value']}x less memory at 144 GPUs)")
+    _finish(
+        right,
+        "sequence length l",
+        "GiB per GPU (modelled)",
+        f"modelled: Summit V100 (paper: {c['value']}x less memory at 144 GPUs)",
+    )
     fig.suptitle("Memory per rank vs sequence length", fontsize=10)
     return _save(fig, stem)
 
@@ -230,8 +261,13 @@ def fig_longest(measured: dict, series: dict, claims: dict, stem: Path) -> list[
     else:
         for mode, g in lg.groupby("mode"):
             g = g.sort_values("world_size")
-            left.plot(g["world_size"], g["longest_seq_length"], marker="o",
-                      color=MODE_COLOURS.get(mode), label=mode)  # fmt: skip
+            left.plot(
+                g["world_size"],
+                g["longest_seq_length"],
+                marker="o",
+                color=MODE_COLOURS.get(mode),
+                label=mode,
+            )
         left.set_xticks(sorted(lg["world_size"].unique()))
         budget = lg["budget_bytes"].iloc[0] / 2**20 if "budget_bytes" in lg else float("nan")
         left.set_ylim(bottom=0)
@@ -250,8 +286,19 @@ def fig_longest(measured: dict, series: dict, claims: dict, stem: Path) -> list[
     return _save(fig, stem)
 
 
-def _vs_ranks(measured: dict, series: dict, claims: dict, stem: Path, *, key: str, column: str,
-              model_column: str, scale: float, ylabel: str, title: str) -> list[Path]:  # fmt: skip
+def _vs_ranks(
+    measured: dict,
+    series: dict,
+    claims: dict,
+    stem: Path,
+    *,
+    key: str,
+    column: str,
+    model_column: str,
+    scale: float,
+    ylabel: str,
+    title: str,
+) -> list[Path]:
     plt = _pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     df = measured.get("summary")
@@ -262,8 +309,13 @@ def _vs_ranks(measured: dict, series: dict, claims: dict, stem: Path, *, key: st
         _missing(left, "python -m analysis.compare --preset cpu-weak")
     else:
         for mode, g in weak.groupby("mode"):
-            left.plot(g["world_size"], g[column] * scale, marker="o", color=MODE_COLOURS.get(mode),
-                      label=mode)  # fmt: skip
+            left.plot(
+                g["world_size"],
+                g[column] * scale,
+                marker="o",
+                color=MODE_COLOURS.get(mode),
+                label=mode,
+            )
         left.set_xticks(sorted(weak["world_size"].unique()))
     _finish(
         left, "ranks P", ylabel, f"measured, weak scaling: {context(df) if df is not None else ''}"
@@ -342,8 +394,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
-    p = argparse.ArgumentParser(prog="python -m analysis.paper_figures", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p = argparse.ArgumentParser(
+        prog="python -m analysis.paper_figures",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--out", required=True, help="folder for the figures")
     p.add_argument(
         "--compare",
@@ -357,8 +412,11 @@ def _main(argv: list[str] | None) -> int:
     args = p.parse_args(argv)
     measured = read_inputs(args.compare, args.longest)
     if not measured:
-        print("analysis.paper_figures: no measured input given: the left panels say which "
-              "command makes each", file=sys.stderr)  # fmt: skip
+        print(
+            "analysis.paper_figures: no measured input given: the left panels say which "
+            "command makes each",
+            file=sys.stderr,
+        )
     paths = make_paper_figures(measured, Path(args.out), args.assumptions)
     print(f"wrote {len(paths)} files in {args.out}: {', '.join(FIGURES)} (.png, .pdf)")
     return 0

@@ -90,19 +90,23 @@ class Variant:
         object.__setattr__(self, "flags", MappingProxyType(dict(self.flags)))
 
 
-VARIANTS: Mapping[str, Variant] = MappingProxyType({
-    "serial": Variant("serial", about="Megatron's stock attention, plain data parallelism"),
-    "lss": Variant("lss", about="LSS as in the paper: contiguous segments, one fused gather"),
-    "nvidia-sp": Variant("nvidia-sp", about="Megatron TP + sequence_parallel (the paper's baseline)"),
-    "ulysses": Variant("ulysses", about="DeepSpeed-Ulysses: all-to-all over heads"),
-    "lss-zigzag": Variant("lss", {"lss-layout": "zigzag"}, "zigzag segments: causal balance"),
-    "lss-kv2": Variant("lss", {"kv-gather-chunks": 2}, "K/V gathered in 2 head chunks"),
-    "lss-kv4": Variant("lss", {"kv-gather-chunks": 4}, "K/V gathered in 4 head chunks"),
-    "lss-zero1": Variant("lss", {"zero-stage": 1}, "ZeRO-1 over all P ranks"),
-    "lss-zero2": Variant("lss", {"zero-stage": 2}, "ZeRO-2 over all P ranks"),
-    "ulysses-zero1": Variant("ulysses", {"zero-stage": 1}, "Ulysses with ZeRO-1"),
-    "ulysses-zero2": Variant("ulysses", {"zero-stage": 2}, "Ulysses with ZeRO-2"),
-})  # fmt: skip
+VARIANTS: Mapping[str, Variant] = MappingProxyType(
+    {
+        "serial": Variant("serial", about="Megatron's stock attention, plain data parallelism"),
+        "lss": Variant("lss", about="LSS as in the paper: contiguous segments, one fused gather"),
+        "nvidia-sp": Variant(
+            "nvidia-sp", about="Megatron TP + sequence_parallel (the paper's baseline)"
+        ),
+        "ulysses": Variant("ulysses", about="DeepSpeed-Ulysses: all-to-all over heads"),
+        "lss-zigzag": Variant("lss", {"lss-layout": "zigzag"}, "zigzag segments: causal balance"),
+        "lss-kv2": Variant("lss", {"kv-gather-chunks": 2}, "K/V gathered in 2 head chunks"),
+        "lss-kv4": Variant("lss", {"kv-gather-chunks": 4}, "K/V gathered in 4 head chunks"),
+        "lss-zero1": Variant("lss", {"zero-stage": 1}, "ZeRO-1 over all P ranks"),
+        "lss-zero2": Variant("lss", {"zero-stage": 2}, "ZeRO-2 over all P ranks"),
+        "ulysses-zero1": Variant("ulysses", {"zero-stage": 1}, "Ulysses with ZeRO-1"),
+        "ulysses-zero2": Variant("ulysses", {"zero-stage": 2}, "Ulysses with ZeRO-2"),
+    }
+)
 """Every variant label a preset may list. Plain modes are their own labels."""
 
 
@@ -198,12 +202,15 @@ class RunSpec:
         kernel = self.flags.get("attention-kernel", "flash")
         recompute = self.flags.get("recompute", "none")
         return (f"_{kernel}" if kernel != "flash" else "") + (
-            f"_{recompute}" if recompute != "none" else "")  # fmt: skip
+            f"_{recompute}" if recompute != "none" else ""
+        )
 
     @property
     def run_id(self) -> str:
-        return (f"{self.label}_N{self.seq_parallel}_D{self.data_parallel}_l{self.seq_length}"
-                f"{self.setting}_r{self.repeat}")  # fmt: skip
+        return (
+            f"{self.label}_N{self.seq_parallel}_D{self.data_parallel}_l{self.seq_length}"
+            f"{self.setting}_r{self.repeat}"
+        )
 
     def trainer_args(self, out: Path | str) -> list[str]:
         """The trainer's command-line arguments, writing into `out`."""
@@ -218,23 +225,63 @@ class Plan:
     """(run id, the trainer's reason) for grid runs the trainer would reject."""
 
 
-_SMALL_TRAIN = {"optimizer": "adamw", "lr": 1e-3, "seed": 1234, "dtype": "fp32",
-                "data": "synthetic", "dist-timeout": 120}  # fmt: skip
-_PAPER_TRAIN = {"global-batch-size": 24, "micro-batch-size": 1, "optimizer": "adamw",
-                "lr": 2.5e-4, "lr-schedule": "cosine", "warmup-steps": 5, "weight-decay": 0.0,
-                "clip-grad": 0.25, "seed": 1234, "dtype": "fp32", "data": "enwik8",
-                "data-path": "data/enwik8.zip"}  # fmt: skip
-_PAPER_144_MODEL = {"num-layers": 12, "hidden-size": 768, "num-heads": 12,
-                    "ffn-hidden-size": 3072, "vocab-size": 256,
-                    "make-vocab-size-divisible-by": 768,
-                    "position-embedding": "learned"}  # fmt: skip
-_OPTION_VARIANTS = ("lss", "lss-zigzag", "lss-kv4", "ulysses", "nvidia-sp", "lss-zero1",
-                    "lss-zero2")  # fmt: skip
-_KERNELS_MODEL = {"num-layers": 2, "hidden-size": 256, "num-heads": 8, "ffn-hidden-size": 512,
-                  "vocab-size": 256, "position-embedding": "learned"}  # fmt: skip
-_CPU_MODEL = {"num-layers": 4, "hidden-size": 128, "num-heads": 8, "num-kv-heads": 4,
-              "ffn-hidden-size": 512, "vocab-size": 256,
-              "position-embedding": "learned"}  # fmt: skip
+_SMALL_TRAIN = {
+    "optimizer": "adamw",
+    "lr": 1e-3,
+    "seed": 1234,
+    "dtype": "fp32",
+    "data": "synthetic",
+    "dist-timeout": 120,
+}
+_PAPER_TRAIN = {
+    "global-batch-size": 24,
+    "micro-batch-size": 1,
+    "optimizer": "adamw",
+    "lr": 2.5e-4,
+    "lr-schedule": "cosine",
+    "warmup-steps": 5,
+    "weight-decay": 0.0,
+    "clip-grad": 0.25,
+    "seed": 1234,
+    "dtype": "fp32",
+    "data": "enwik8",
+    "data-path": "data/enwik8.zip",
+}
+_PAPER_144_MODEL = {
+    "num-layers": 12,
+    "hidden-size": 768,
+    "num-heads": 12,
+    "ffn-hidden-size": 3072,
+    "vocab-size": 256,
+    "make-vocab-size-divisible-by": 768,
+    "position-embedding": "learned",
+}
+_OPTION_VARIANTS = (
+    "lss",
+    "lss-zigzag",
+    "lss-kv4",
+    "ulysses",
+    "nvidia-sp",
+    "lss-zero1",
+    "lss-zero2",
+)
+_KERNELS_MODEL = {
+    "num-layers": 2,
+    "hidden-size": 256,
+    "num-heads": 8,
+    "ffn-hidden-size": 512,
+    "vocab-size": 256,
+    "position-embedding": "learned",
+}
+_CPU_MODEL = {
+    "num-layers": 4,
+    "hidden-size": 128,
+    "num-heads": 8,
+    "num-kv-heads": 4,
+    "ffn-hidden-size": 512,
+    "vocab-size": 256,
+    "position-embedding": "learned",
+}
 
 PRESETS: dict[str, Preset] = {
     p.name: p
@@ -253,7 +300,7 @@ PRESETS: dict[str, Preset] = {
                 "ffn-hidden-size": 256,
                 "vocab-size": 256,
                 "position-embedding": "learned",
-            },  # fmt: skip
+            },
             train={**_SMALL_TRAIN, "global-batch-size": 2, "micro-batch-size": 1, "steps": 3},
             timeout_s=100.0,
             memory_budget_bytes=64 * MiB,
@@ -272,7 +319,7 @@ PRESETS: dict[str, Preset] = {
                 "micro-batch-size": 1,
                 "steps": 6,
                 "dist-timeout": 300,
-            },  # fmt: skip
+            },
             modes=("lss", "nvidia-sp", "ulysses"),
             serial_at_scale=True,
             repeats=2,
@@ -292,7 +339,7 @@ PRESETS: dict[str, Preset] = {
                 "micro-batch-size": 1,
                 "steps": 6,
                 "dist-timeout": 300,
-            },  # fmt: skip
+            },
             modes=("lss", "nvidia-sp", "ulysses"),
             repeats=2,
             timeout_s=300.0,
@@ -313,7 +360,7 @@ PRESETS: dict[str, Preset] = {
                 "ffn-hidden-size": 256,
                 "vocab-size": 256,
                 "position-embedding": "rope",
-            },  # fmt: skip
+            },
             train={**_SMALL_TRAIN, "global-batch-size": 2, "micro-batch-size": 1, "steps": 3},
             modes=_OPTION_VARIANTS,
             timeout_s=120.0,
@@ -377,14 +424,14 @@ PRESETS: dict[str, Preset] = {
                 "ffn-hidden-size": 512,
                 "vocab-size": 256,
                 "position-embedding": "learned",
-            },  # fmt: skip
+            },
             train={
                 **_SMALL_TRAIN,
                 "global-batch-size": 4,
                 "micro-batch-size": 1,
                 "steps": 5,
                 "dist-timeout": 300,
-            },  # fmt: skip
+            },
             modes=("lss", "nvidia-sp", "ulysses"),
             serial_at_scale=True,
             timeout_s=300.0,
@@ -437,7 +484,7 @@ PRESETS: dict[str, Preset] = {
                 ("lss", 144, 1),
                 ("nvidia-sp", 6, 24),
                 ("nvidia-sp", 12, 12),
-            ),  # fmt: skip
+            ),
             kernels=("flash", "dense"),
             timeout_s=3600.0,
             memory_budget_bytes=16 * GiB,
@@ -469,7 +516,7 @@ PRESETS: dict[str, Preset] = {
                 "ffn-hidden-size": 2048,
                 "vocab-size": 256,
                 "position-embedding": "learned",
-            },  # fmt: skip
+            },
             train={**_PAPER_TRAIN, "steps": 30, "dist-timeout": 3600},
             timeout_s=7200.0,
             memory_budget_bytes=16 * GiB,
@@ -488,8 +535,14 @@ def get_preset(name: str) -> Preset:
     return PRESETS[name]
 
 
-def _flags(preset: Preset, label: str, n: int, d: int, length: int,
-           setting: tuple[str, str] = ("flash", "none")) -> dict[str, object]:  # fmt: skip
+def _flags(
+    preset: Preset,
+    label: str,
+    n: int,
+    d: int,
+    length: int,
+    setting: tuple[str, str] = ("flash", "none"),
+) -> dict[str, object]:
     variant = get_variant(label)
     flags: dict[str, object] = dict(
         mode=variant.mode, **{"seq-parallel": n, "data-parallel": d, "seq-length": length}
@@ -503,12 +556,27 @@ def _flags(preset: Preset, label: str, n: int, d: int, length: int,
     return flags
 
 
-def _run(preset: Preset, label: str, n: int, d: int, length: int, repeat: int, role: str,
-         setting: tuple[str, str] = ("flash", "none")):  # fmt: skip
+def _run(
+    preset: Preset,
+    label: str,
+    n: int,
+    d: int,
+    length: int,
+    repeat: int,
+    role: str,
+    setting: tuple[str, str] = ("flash", "none"),
+):
     variant = get_variant(label)
-    return RunSpec(variant.mode, n, d, length, repeat, role,
-                   _flags(preset, label, n, d, length, setting),
-                   "" if label == variant.mode else label)  # fmt: skip
+    return RunSpec(
+        variant.mode,
+        n,
+        d,
+        length,
+        repeat,
+        role,
+        _flags(preset, label, n, d, length, setting),
+        "" if label == variant.mode else label,
+    )
 
 
 def trainer_problem(run: RunSpec, data_elsewhere: bool = False) -> str | None:
@@ -540,8 +608,11 @@ def grid_points(preset: Preset) -> list[tuple[str, int, int, int]]:
     if preset.ranks is not None:  # equal ranks: P fixed, every N x D = P
         for length in preset.seq_lengths:
             points.append(("reference", 1, 1, length))
-            points += [("grid", n, preset.ranks // n, length) for n in preset.degrees
-                       if preset.ranks % n == 0]  # fmt: skip
+            points += [
+                ("grid", n, preset.ranks // n, length)
+                for n in preset.degrees
+                if preset.ranks % n == 0
+            ]
         return points
     for l0 in preset.seq_lengths:
         for d in preset.data_parallel:
@@ -567,8 +638,9 @@ def make_plan(preset: Preset, repeats: int | None = None) -> Plan:
         if role == "reference":
             specs = [("serial", 1, d)]
         else:
-            specs = [(m, n, d) for m in preset.modes
-                     if not preset.layouts or (m, n, d) in preset.layouts]  # fmt: skip
+            specs = [
+                (m, n, d) for m in preset.modes if not preset.layouts or (m, n, d) in preset.layouts
+            ]
             if preset.serial_at_scale:
                 specs.append(("serial", 1, n * d))
         specs = [(*spec, setting) for setting in settings for spec in specs]

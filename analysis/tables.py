@@ -38,72 +38,163 @@ import pandas as pd
 SETTING_KEY = ("attention_kernel", "recompute", "dtype")
 """The kernel, recompute and precision a run used: ratios and efficiencies are only ever formed
 between runs that agree on all three (like for like), never across."""
-MODEL_KEY = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "ffn_hidden_size",
-             "vocab_size", "make_vocab_size_divisible_by", "position_embedding", "causal",
-             "global_batch_size", "micro_batch_size", "optimizer", *SETTING_KEY)  # fmt: skip
+MODEL_KEY = (
+    "hidden_size",
+    "num_layers",
+    "num_heads",
+    "num_kv_heads",
+    "ffn_hidden_size",
+    "vocab_size",
+    "make_vocab_size_divisible_by",
+    "position_embedding",
+    "causal",
+    "global_batch_size",
+    "micro_batch_size",
+    "optimizer",
+    *SETTING_KEY,
+)
 """Columns that must agree for two runs to be compared (same model, same work per step, same
 attention kernel, recompute and dtype)."""
 LAYOUT_KEY = ("seq_parallel", "data_parallel", "seq_length", *MODEL_KEY)
 
-IDENTITY = ("run_id", "preset", "mode", "variant", "status", "role", "repeat", "seq_parallel",
-            "data_parallel", "world_size", "lss_layout", "kv_gather_chunks", "zero_stage",
-            "seq_length", "hidden_size", "num_layers", "num_heads",
-            "num_kv_heads", "ffn_hidden_size", "vocab_size", "make_vocab_size_divisible_by",
-            "position_embedding", "causal", "global_batch_size", "micro_batch_size",
-            "num_micro_batches", "steps", "optimizer", "dtype", "attention_kernel",
-            "recompute")  # fmt: skip
-MEASURED = ("step_time_s", "tokens_per_s", "model_flops_per_step", "achieved_flops_per_s",
-            "sp_comm_bytes", "grad_comm_bytes", "other_comm_bytes", "sp_comm_calls",
-            "grad_comm_calls", "sp_comm_time_s", "grad_comm_time_s", "activation_bytes",
-            "param_bytes", "grad_bytes", "optimizer_state_bytes", "peak_mem_bytes", "final_loss",
-            "attention_imbalance", "transient_peak_bytes", "core_attention",
-            "wall_s")  # fmt: skip
-DERIVED = ("speedup_vs_nvidia_sp", "memory_ratio_vs_nvidia_sp", "activation_ratio_vs_nvidia_sp",
-           "sp_comm_ratio_vs_nvidia_sp", "speedup_vs_lss", "activation_ratio_vs_lss",
-           "transient_peak_ratio_vs_lss", "optimizer_state_ratio_vs_lss", "grad_ratio_vs_lss",
-           "parallel_efficiency", "flops_efficiency", "efficiency_kind",
-           "reference_step_time_s")  # fmt: skip
-PREDICTED = ("predicted_sp_comm_bytes", "predicted_grad_comm_bytes",
-             "predicted_activation_bytes", "predicted_grad_bytes",
-             "predicted_optimizer_state_bytes", "predicted_attention_imbalance",
-             "predicted_kv_transient_bytes")  # fmt: skip
+IDENTITY = (
+    "run_id",
+    "preset",
+    "mode",
+    "variant",
+    "status",
+    "role",
+    "repeat",
+    "seq_parallel",
+    "data_parallel",
+    "world_size",
+    "lss_layout",
+    "kv_gather_chunks",
+    "zero_stage",
+    "seq_length",
+    "hidden_size",
+    "num_layers",
+    "num_heads",
+    "num_kv_heads",
+    "ffn_hidden_size",
+    "vocab_size",
+    "make_vocab_size_divisible_by",
+    "position_embedding",
+    "causal",
+    "global_batch_size",
+    "micro_batch_size",
+    "num_micro_batches",
+    "steps",
+    "optimizer",
+    "dtype",
+    "attention_kernel",
+    "recompute",
+)
+MEASURED = (
+    "step_time_s",
+    "tokens_per_s",
+    "model_flops_per_step",
+    "achieved_flops_per_s",
+    "sp_comm_bytes",
+    "grad_comm_bytes",
+    "other_comm_bytes",
+    "sp_comm_calls",
+    "grad_comm_calls",
+    "sp_comm_time_s",
+    "grad_comm_time_s",
+    "activation_bytes",
+    "param_bytes",
+    "grad_bytes",
+    "optimizer_state_bytes",
+    "peak_mem_bytes",
+    "final_loss",
+    "attention_imbalance",
+    "transient_peak_bytes",
+    "core_attention",
+    "wall_s",
+)
+DERIVED = (
+    "speedup_vs_nvidia_sp",
+    "memory_ratio_vs_nvidia_sp",
+    "activation_ratio_vs_nvidia_sp",
+    "sp_comm_ratio_vs_nvidia_sp",
+    "speedup_vs_lss",
+    "activation_ratio_vs_lss",
+    "transient_peak_ratio_vs_lss",
+    "optimizer_state_ratio_vs_lss",
+    "grad_ratio_vs_lss",
+    "parallel_efficiency",
+    "flops_efficiency",
+    "efficiency_kind",
+    "reference_step_time_s",
+)
+PREDICTED = (
+    "predicted_sp_comm_bytes",
+    "predicted_grad_comm_bytes",
+    "predicted_activation_bytes",
+    "predicted_grad_bytes",
+    "predicted_optimizer_state_bytes",
+    "predicted_attention_imbalance",
+    "predicted_kv_transient_bytes",
+)
 TAIL = ("memory_budget_bytes", "error", "run_dir")
 COLUMNS = IDENTITY + MEASURED + DERIVED + PREDICTED + TAIL
 """Every column of summary.csv, in order."""
 
-_RATIOS = {"speedup_vs_nvidia_sp": "step_time_s", "memory_ratio_vs_nvidia_sp": "peak_mem_bytes",
-           "activation_ratio_vs_nvidia_sp": "activation_bytes",
-           "sp_comm_ratio_vs_nvidia_sp": "sp_comm_bytes"}  # fmt: skip
-_LSS_RATIOS = {"speedup_vs_lss": "step_time_s", "activation_ratio_vs_lss": "activation_bytes",
-               "transient_peak_ratio_vs_lss": "transient_peak_bytes",
-               "optimizer_state_ratio_vs_lss": "optimizer_state_bytes",
-               "grad_ratio_vs_lss": "grad_bytes"}  # fmt: skip
+_RATIOS = {
+    "speedup_vs_nvidia_sp": "step_time_s",
+    "memory_ratio_vs_nvidia_sp": "peak_mem_bytes",
+    "activation_ratio_vs_nvidia_sp": "activation_bytes",
+    "sp_comm_ratio_vs_nvidia_sp": "sp_comm_bytes",
+}
+_LSS_RATIOS = {
+    "speedup_vs_lss": "step_time_s",
+    "activation_ratio_vs_lss": "activation_bytes",
+    "transient_peak_ratio_vs_lss": "transient_peak_bytes",
+    "optimizer_state_ratio_vs_lss": "optimizer_state_bytes",
+    "grad_ratio_vs_lss": "grad_bytes",
+}
 
 
 # --- one run -------------------------------------------------------------------------------------
-def identity_row(config: Mapping, run_id: str, role: str, repeat: int, preset: str,
-                 variant: str | None = None) -> dict:  # fmt: skip
+def identity_row(
+    config: Mapping, run_id: str, role: str, repeat: int, preset: str, variant: str | None = None
+) -> dict:
     """The identity columns of a run from its effective configuration (`RunConfig.to_dict()`);
     `variant` is the preset's label (analysis.presets.VARIANTS), by default the mode."""
     m, p, t = config["model"], config["parallel"], config["train"]
     return {
-        "run_id": run_id, "preset": preset, "mode": p["mode"], "variant": variant or p["mode"],
-        "role": role, "repeat": repeat,
-        "seq_parallel": p["seq_parallel"], "data_parallel": p["data_parallel"],
-        "world_size": p["world_size"], "lss_layout": p.get("lss_layout", "contiguous"),
-        "kv_gather_chunks": p.get("kv_gather_chunks", 1), "zero_stage": t.get("zero_stage", 0),
+        "run_id": run_id,
+        "preset": preset,
+        "mode": p["mode"],
+        "variant": variant or p["mode"],
+        "role": role,
+        "repeat": repeat,
+        "seq_parallel": p["seq_parallel"],
+        "data_parallel": p["data_parallel"],
+        "world_size": p["world_size"],
+        "lss_layout": p.get("lss_layout", "contiguous"),
+        "kv_gather_chunks": p.get("kv_gather_chunks", 1),
+        "zero_stage": t.get("zero_stage", 0),
         "seq_length": m["seq_length"],
-        "hidden_size": m["hidden_size"], "num_layers": m["num_layers"],
-        "num_heads": m["num_heads"], "num_kv_heads": m["num_kv_heads"],
-        "ffn_hidden_size": m["ffn_hidden_size"], "vocab_size": m["vocab_size"],
+        "hidden_size": m["hidden_size"],
+        "num_layers": m["num_layers"],
+        "num_heads": m["num_heads"],
+        "num_kv_heads": m["num_kv_heads"],
+        "ffn_hidden_size": m["ffn_hidden_size"],
+        "vocab_size": m["vocab_size"],
         "make_vocab_size_divisible_by": m["make_vocab_size_divisible_by"],
-        "position_embedding": m["position_embedding"], "causal": bool(m["causal"]),
-        "global_batch_size": t["global_batch_size"], "micro_batch_size": t["micro_batch_size"],
-        "num_micro_batches": t["num_micro_batches"], "steps": t["steps"],
-        "optimizer": t["optimizer"], "dtype": t["dtype"],
+        "position_embedding": m["position_embedding"],
+        "causal": bool(m["causal"]),
+        "global_batch_size": t["global_batch_size"],
+        "micro_batch_size": t["micro_batch_size"],
+        "num_micro_batches": t["num_micro_batches"],
+        "steps": t["steps"],
+        "optimizer": t["optimizer"],
+        "dtype": t["dtype"],
         "attention_kernel": t.get("attention_kernel", "flash"),
         "recompute": t.get("recompute", "none"),
-    }  # fmt: skip
+    }
 
 
 def read_run(run_dir: Path | str) -> dict:
@@ -122,12 +213,28 @@ def read_run(run_dir: Path | str) -> dict:
     if not steps:
         raise FileNotFoundError(f"{run_dir}/metrics.jsonl has no steps")
     last, steady = steps[-1], (steps[1:] or steps)
-    row = {k: summary.get(k, math.nan) for k in
-           ("step_time_s", "tokens_per_s", "achieved_flops_per_s", "peak_mem_bytes",
-            "final_loss")}  # fmt: skip
-    for k in ("model_flops_per_step", "sp_comm_bytes", "grad_comm_bytes", "other_comm_bytes",
-              "sp_comm_calls", "grad_comm_calls", "param_bytes", "grad_bytes",
-              "optimizer_state_bytes", "attention_imbalance"):  # fmt: skip
+    row = {
+        k: summary.get(k, math.nan)
+        for k in (
+            "step_time_s",
+            "tokens_per_s",
+            "achieved_flops_per_s",
+            "peak_mem_bytes",
+            "final_loss",
+        )
+    }
+    for k in (
+        "model_flops_per_step",
+        "sp_comm_bytes",
+        "grad_comm_bytes",
+        "other_comm_bytes",
+        "sp_comm_calls",
+        "grad_comm_calls",
+        "param_bytes",
+        "grad_bytes",
+        "optimizer_state_bytes",
+        "attention_imbalance",
+    ):
         row[k] = last.get(k, math.nan)
     row["activation_bytes"] = max(s.get("activation_bytes", 0) for s in steps)
     transient = [
@@ -161,16 +268,21 @@ def _plain(df: pd.DataFrame, mode: str) -> pd.Series:
             return col.isna() | col.astype(str).isin(["", value])
         return col.isna() | (pd.to_numeric(col, errors="coerce") == value)
 
-    return ((df["mode"] == mode) & default("lss_layout", "contiguous")
-            & default("kv_gather_chunks", 1) & default("zero_stage", 0))  # fmt: skip
+    return (
+        (df["mode"] == mode)
+        & default("lss_layout", "contiguous")
+        & default("kv_gather_chunks", 1)
+        & default("zero_stage", 0)
+    )
 
 
 def _lss_reference(df: pd.DataFrame) -> pd.DataFrame:
     """Plain-LSS medians aligned with every row of `df` (NaN where there is none)."""
     values = list(dict.fromkeys(_LSS_RATIOS.values()))
     ok = df[(df["status"] == "ok") & _plain(df, "lss")]
-    ref = df[list(LAYOUT_KEY)].merge(_median_by(ok, LAYOUT_KEY, values), on=list(LAYOUT_KEY),
-                                     how="left")  # fmt: skip
+    ref = df[list(LAYOUT_KEY)].merge(
+        _median_by(ok, LAYOUT_KEY, values), on=list(LAYOUT_KEY), how="left"
+    )
     ref.index = df.index
     return ref
 
@@ -184,8 +296,9 @@ def _nvidia_reference(df: pd.DataFrame) -> pd.DataFrame:
     ref.index = df.index
     # serial rows (N = 1, D = P): the nvidia-sp run at the same P, when its layout is unique
     by_p = ok.groupby(["world_size", "seq_length", *MODEL_KEY], dropna=False)
-    unique = by_p.filter(lambda g: g[["seq_parallel", "data_parallel"]].drop_duplicates().shape[0]
-                         == 1)  # fmt: skip
+    unique = by_p.filter(
+        lambda g: g[["seq_parallel", "data_parallel"]].drop_duplicates().shape[0] == 1
+    )
     same_p = _median_by(unique, ["world_size", "seq_length", *MODEL_KEY], values)
     serial = df["mode"] == "serial"
     if serial.any() and not same_p.empty:
@@ -201,13 +314,17 @@ def _efficiency(df: pd.DataFrame, scaling: str) -> tuple[pd.Series, pd.Series, p
     ok = df[(df["status"] == "ok") & (df["mode"] == "serial") & (df["seq_parallel"] == 1)]
     rows = df.copy()
     if scaling == "strong":
-        ref = _median_by(ok[ok["world_size"] == 1], ["seq_length", *MODEL_KEY],
-                         ["step_time_s", "model_flops_per_step"])  # fmt: skip
+        ref = _median_by(
+            ok[ok["world_size"] == 1],
+            ["seq_length", *MODEL_KEY],
+            ["step_time_s", "model_flops_per_step"],
+        )
         keys = ["seq_length", *MODEL_KEY]
         ref["ref_ranks"] = 1
     else:
-        ref = _median_by(ok, ["data_parallel", "seq_length", *MODEL_KEY],
-                         ["step_time_s", "model_flops_per_step"])  # fmt: skip
+        ref = _median_by(
+            ok, ["data_parallel", "seq_length", *MODEL_KEY], ["step_time_s", "model_flops_per_step"]
+        )
         ref = ref.rename(columns={"seq_length": "base_length"})
         ref["ref_ranks"] = ref["data_parallel"]
         rows["base_length"] = rows["seq_length"] // rows["seq_parallel"]
@@ -343,23 +460,50 @@ def predicted_columns(config: Mapping, predict: Callable[[dict], dict] | None) -
 
 
 # --- printing ------------------------------------------------------------------------------------
-_SHOWN = {"mode": "mode", "attention_kernel": "kernel", "recompute": "recomp", "dtype": "dtype",
-          "seq_parallel": "N", "data_parallel": "D", "world_size": "P",
-          "seq_length": "l", "repeat": "rep", "status": "status", "step_time_s": "step_s",
-          "tokens_per_s": "tok/s", "sp_comm_bytes": "sp_MiB", "grad_comm_bytes": "grad_MiB",
-          "activation_bytes": "act_MiB", "peak_mem_bytes": "peak_MiB",
-          "speedup_vs_nvidia_sp": "speedup_vs_nsp", "activation_ratio_vs_nvidia_sp": "act_ratio",
-          "memory_ratio_vs_nvidia_sp": "mem_ratio", "parallel_efficiency": "eff",
-          "flops_efficiency": "flops_eff"}  # fmt: skip
-_OPTIONS = {"attention_imbalance": "imbal", "transient_peak_bytes": "trans_MiB",
-            "optimizer_state_bytes": "opt_MiB", "grad_bytes": "gradmem_MiB",
-            "speedup_vs_lss": "speedup_vs_lss", "activation_ratio_vs_lss": "act_vs_lss",
-            "transient_peak_ratio_vs_lss": "trans_vs_lss",
-            "optimizer_state_ratio_vs_lss": "opt_vs_lss"}  # fmt: skip
+_SHOWN = {
+    "mode": "mode",
+    "attention_kernel": "kernel",
+    "recompute": "recomp",
+    "dtype": "dtype",
+    "seq_parallel": "N",
+    "data_parallel": "D",
+    "world_size": "P",
+    "seq_length": "l",
+    "repeat": "rep",
+    "status": "status",
+    "step_time_s": "step_s",
+    "tokens_per_s": "tok/s",
+    "sp_comm_bytes": "sp_MiB",
+    "grad_comm_bytes": "grad_MiB",
+    "activation_bytes": "act_MiB",
+    "peak_mem_bytes": "peak_MiB",
+    "speedup_vs_nvidia_sp": "speedup_vs_nsp",
+    "activation_ratio_vs_nvidia_sp": "act_ratio",
+    "memory_ratio_vs_nvidia_sp": "mem_ratio",
+    "parallel_efficiency": "eff",
+    "flops_efficiency": "flops_eff",
+}
+_OPTIONS = {
+    "attention_imbalance": "imbal",
+    "transient_peak_bytes": "trans_MiB",
+    "optimizer_state_bytes": "opt_MiB",
+    "grad_bytes": "gradmem_MiB",
+    "speedup_vs_lss": "speedup_vs_lss",
+    "activation_ratio_vs_lss": "act_vs_lss",
+    "transient_peak_ratio_vs_lss": "trans_vs_lss",
+    "optimizer_state_ratio_vs_lss": "opt_vs_lss",
+}
 """Columns of the options beyond the paper, printed only when the table has them (see
 `_option_columns`)."""
-_MIB = ("sp_comm_bytes", "grad_comm_bytes", "activation_bytes", "peak_mem_bytes",
-        "transient_peak_bytes", "optimizer_state_bytes", "grad_bytes")  # fmt: skip
+_MIB = (
+    "sp_comm_bytes",
+    "grad_comm_bytes",
+    "activation_bytes",
+    "peak_mem_bytes",
+    "transient_peak_bytes",
+    "optimizer_state_bytes",
+    "grad_bytes",
+)
 _PAPER_MODES = {"serial", "lss", "nvidia-sp"}
 
 
@@ -373,13 +517,16 @@ def _option_columns(df: pd.DataFrame) -> list[str]:
     the ratios against plain LSS where a variant other than the paper's modes ran."""
     variants = set(df["variant"].dropna().astype(str)) if "variant" in df else set()
     zero = _has(df, "zero_stage") and (pd.to_numeric(df["zero_stage"], errors="coerce") > 0).any()
-    show = {"attention_imbalance": _has(df, "attention_imbalance"),
-            "transient_peak_bytes": _has(df, "transient_peak_bytes"),
-            "optimizer_state_bytes": zero, "grad_bytes": zero,
-            "speedup_vs_lss": bool(variants - _PAPER_MODES),
-            "activation_ratio_vs_lss": bool(variants - _PAPER_MODES),
-            "transient_peak_ratio_vs_lss": _has(df, "transient_peak_ratio_vs_lss"),
-            "optimizer_state_ratio_vs_lss": zero}  # fmt: skip
+    show = {
+        "attention_imbalance": _has(df, "attention_imbalance"),
+        "transient_peak_bytes": _has(df, "transient_peak_bytes"),
+        "optimizer_state_bytes": zero,
+        "grad_bytes": zero,
+        "speedup_vs_lss": bool(variants - _PAPER_MODES),
+        "activation_ratio_vs_lss": bool(variants - _PAPER_MODES),
+        "transient_peak_ratio_vs_lss": _has(df, "transient_peak_ratio_vs_lss"),
+        "optimizer_state_ratio_vs_lss": zero,
+    }
     return [c for c in _OPTIONS if show[c]]
 
 
@@ -400,26 +547,44 @@ def format_table(df: pd.DataFrame) -> str:
     text = shown.to_string(index=False, float_format=lambda x: f"{x:.4g}", na_rep="-")
     kinds = sorted(set(df["efficiency_kind"].dropna().astype(str)))
     kind = kinds[0] if len(kinds) == 1 else "/".join(kinds)
-    what = {"strong": "strong scaling, T_1 / (P T_P), T_1 = serial on 1 rank at the same l",
-            "weak": "weak scaling, T_1 / T_P, T_1 = serial (N = 1, same D) at l / N"}  # fmt: skip
-    footer = (f"eff = parallel efficiency ({what.get(kind, kind)}); flops_eff = achieved "
-              "FLOP/s per rank over the same reference's; speedup_vs_nsp, act_ratio, mem_ratio = "
-              "nvidia-sp's step time, activation bytes, peak memory over this run's "
-              "(same N, D, l); every ratio and efficiency is between runs of the same kernel, "
-              "recomp and dtype, never across; bytes are rank 0's; step_s is the slowest "
-              "rank's.")  # fmt: skip
+    what = {
+        "strong": "strong scaling, T_1 / (P T_P), T_1 = serial on 1 rank at the same l",
+        "weak": "weak scaling, T_1 / T_P, T_1 = serial (N = 1, same D) at l / N",
+    }
+    footer = (
+        f"eff = parallel efficiency ({what.get(kind, kind)}); flops_eff = achieved "
+        "FLOP/s per rank over the same reference's; speedup_vs_nsp, act_ratio, mem_ratio = "
+        "nvidia-sp's step time, activation bytes, peak memory over this run's "
+        "(same N, D, l); every ratio and efficiency is between runs of the same kernel, "
+        "recomp and dtype, never across; bytes are rank 0's; step_s is the slowest "
+        "rank's."
+    )
     if extra:
-        footer += (" imbal = max/mean per-rank attention FLOPs (LSS); trans = peak heap growth "
-                   "of step 1's forward + backward; opt, gradmem = optimizer-state and gradient "
-                   "bytes; *_vs_lss = plain LSS's value over this run's (same N, D, l): above 1 "
-                   "is faster or smaller.")  # fmt: skip
+        footer += (
+            " imbal = max/mean per-rank attention FLOPs (LSS); trans = peak heap growth "
+            "of step 1's forward + backward; opt, gradmem = optimizer-state and gradient "
+            "bytes; *_vs_lss = plain LSS's value over this run's (same N, D, l): above 1 "
+            "is faster or smaller."
+        )
     return f"{text}\n\n{footer}"
 
 
-BEST_COLUMNS = ("mode", "setting", "seq_length", "world_size", "best_layout", "layouts_tried",
-                "step_time_s", "tokens_per_s", "activation_bytes", "transient_peak_bytes",
-                "speedup_vs_nvidia_sp_best", "activation_ratio_vs_nvidia_sp_best",
-                "smallest_layout", "smallest_activation_bytes")  # fmt: skip
+BEST_COLUMNS = (
+    "mode",
+    "setting",
+    "seq_length",
+    "world_size",
+    "best_layout",
+    "layouts_tried",
+    "step_time_s",
+    "tokens_per_s",
+    "activation_bytes",
+    "transient_peak_bytes",
+    "speedup_vs_nvidia_sp_best",
+    "activation_ratio_vs_nvidia_sp_best",
+    "smallest_layout",
+    "smallest_activation_bytes",
+)
 
 
 def best_layouts(df: pd.DataFrame) -> pd.DataFrame:
@@ -433,33 +598,49 @@ def best_layouts(df: pd.DataFrame) -> pd.DataFrame:
     if ok.empty:
         return pd.DataFrame(columns=list(BEST_COLUMNS))
     _fill_settings(ok)
-    ok["label"] = ok["variant"].where(ok["variant"].notna() & (ok["variant"] != ""), ok["mode"]) \
-        if "variant" in ok else ok["mode"]  # fmt: skip
+    ok["label"] = (
+        ok["variant"].where(ok["variant"].notna() & (ok["variant"] != ""), ok["mode"])
+        if "variant" in ok
+        else ok["mode"]
+    )
     ok["setting"] = setting_label(ok)
-    ok["layout"] = ("N" + ok["seq_parallel"].astype(int).astype(str) + " x D"
-                    + ok["data_parallel"].astype(int).astype(str))  # fmt: skip
+    ok["layout"] = (
+        "N"
+        + ok["seq_parallel"].astype(int).astype(str)
+        + " x D"
+        + ok["data_parallel"].astype(int).astype(str)
+    )
     group = ["label", "seq_length", "world_size", *MODEL_KEY]
     values = ["step_time_s", "tokens_per_s", "activation_bytes", "transient_peak_bytes"]
     med = ok.groupby([*group, "setting", "layout"], dropna=False)[values].median().reset_index()
     rows = []
     for _, g in med.groupby(group, dropna=False):
         best = g.loc[g["step_time_s"].idxmin()]
-        small = g.loc[g["activation_bytes"].idxmin()] if g["activation_bytes"].notna().any() \
-            else best  # fmt: skip
-        rows.append({**best.to_dict(), "mode": best["label"], "best_layout": best["layout"],
-                     "layouts_tried": ", ".join(sorted(g["layout"])),
-                     "smallest_layout": small["layout"],
-                     "smallest_activation_bytes": small["activation_bytes"]})  # fmt: skip
+        small = (
+            g.loc[g["activation_bytes"].idxmin()] if g["activation_bytes"].notna().any() else best
+        )
+        rows.append(
+            {
+                **best.to_dict(),
+                "mode": best["label"],
+                "best_layout": best["layout"],
+                "layouts_tried": ", ".join(sorted(g["layout"])),
+                "smallest_layout": small["layout"],
+                "smallest_activation_bytes": small["activation_bytes"],
+            }
+        )
     out = pd.DataFrame(rows)
     nsp = out[out["mode"] == "nvidia-sp"]
     keys = ["seq_length", "world_size", *MODEL_KEY]
-    ref = out[keys].merge(nsp[[*keys, "step_time_s", "activation_bytes"]], on=keys, how="left",
-                          suffixes=("", "_nsp"))  # fmt: skip
+    ref = out[keys].merge(
+        nsp[[*keys, "step_time_s", "activation_bytes"]], on=keys, how="left", suffixes=("", "_nsp")
+    )
     out["speedup_vs_nvidia_sp_best"] = (ref["step_time_s"].values / out["step_time_s"]).astype(
         float
     )
-    out["activation_ratio_vs_nvidia_sp_best"] = (ref["activation_bytes"].values
-                                                 / out["activation_bytes"]).astype(float)  # fmt: skip
+    out["activation_ratio_vs_nvidia_sp_best"] = (
+        ref["activation_bytes"].values / out["activation_bytes"]
+    ).astype(float)
     return out[list(BEST_COLUMNS)].sort_values(["seq_length", "mode"]).reset_index(drop=True)
 
 
@@ -503,22 +684,34 @@ def config_from_row(row: Mapping, seq_length: int | None = None) -> dict:
         return type(default)(value)
 
     cfg = RunConfig(
-        model=ModelConfig(num_layers=i("num_layers"), hidden_size=i("hidden_size"),
-                          num_heads=i("num_heads"), num_kv_heads=i("num_kv_heads"),
-                          ffn_hidden_size=i("ffn_hidden_size"),
-                          seq_length=int(seq_length or row["seq_length"]),
-                          vocab_size=i("vocab_size"),
-                          make_vocab_size_divisible_by=i("make_vocab_size_divisible_by"),
-                          position_embedding=str(row["position_embedding"]),
-                          causal=str(row["causal"]).lower() in ("true", "1", "1.0")),
-        parallel=ParallelConfig(mode=str(row["mode"]), world_size=i("world_size"),
-                                seq_parallel=i("seq_parallel"), data_parallel=i("data_parallel"),
-                                lss_layout=option("lss_layout", "contiguous"),
-                                kv_gather_chunks=option("kv_gather_chunks", 1)),
-        train=TrainConfig(global_batch_size=i("global_batch_size"),
-                          micro_batch_size=i("micro_batch_size"), optimizer=str(row["optimizer"]),
-                          dtype=str(row["dtype"]), zero_stage=option("zero_stage", 0),
-                          attention_kernel=option("attention_kernel", "flash"),
-                          recompute=option("recompute", "none")),
-    )  # fmt: skip
+        model=ModelConfig(
+            num_layers=i("num_layers"),
+            hidden_size=i("hidden_size"),
+            num_heads=i("num_heads"),
+            num_kv_heads=i("num_kv_heads"),
+            ffn_hidden_size=i("ffn_hidden_size"),
+            seq_length=int(seq_length or row["seq_length"]),
+            vocab_size=i("vocab_size"),
+            make_vocab_size_divisible_by=i("make_vocab_size_divisible_by"),
+            position_embedding=str(row["position_embedding"]),
+            causal=str(row["causal"]).lower() in ("true", "1", "1.0"),
+        ),
+        parallel=ParallelConfig(
+            mode=str(row["mode"]),
+            world_size=i("world_size"),
+            seq_parallel=i("seq_parallel"),
+            data_parallel=i("data_parallel"),
+            lss_layout=option("lss_layout", "contiguous"),
+            kv_gather_chunks=option("kv_gather_chunks", 1),
+        ),
+        train=TrainConfig(
+            global_batch_size=i("global_batch_size"),
+            micro_batch_size=i("micro_batch_size"),
+            optimizer=str(row["optimizer"]),
+            dtype=str(row["dtype"]),
+            zero_stage=option("zero_stage", 0),
+            attention_kernel=option("attention_kernel", "flash"),
+            recompute=option("recompute", "none"),
+        ),
+    )
     return cfg.to_dict()

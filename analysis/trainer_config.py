@@ -50,8 +50,9 @@ def run_config(args: Sequence[str], world_size: int | None = None) -> RunConfig:
     except ArgsError as e:
         raise ConfigError(f"the trainer rejects the arguments: {shlex.join(args)} ({e})") from None
     if world_size is None:
-        world_size = (parsed.seq_parallel or 1) * (parsed.tensor_parallel or 1) * \
-            (parsed.data_parallel or 1)  # fmt: skip
+        world_size = (
+            (parsed.seq_parallel or 1) * (parsed.tensor_parallel or 1) * (parsed.data_parallel or 1)
+        )
     return config_from_args(parsed, world_size)
 
 
@@ -73,8 +74,15 @@ def problems(cfg: RunConfig, data_elsewhere: bool = False) -> list[str]:
 def from_dict(config: Mapping) -> RunConfig:
     """The `RunConfig` of an effective configuration (`RunConfig.to_dict()`, a run's
     config.json): each section's fields, whatever else the dict holds left aside."""
-    return RunConfig(**{
-        name: cls(**{f.name: config[name][f.name] for f in dataclasses.fields(cls)
-                     if f.name in config.get(name, {})})
-        for name, cls in _SECTIONS.items()
-    })  # fmt: skip
+    return RunConfig(
+        **{
+            name: cls(
+                **{
+                    f.name: config[name][f.name]
+                    for f in dataclasses.fields(cls)
+                    if f.name in config.get(name, {})
+                }
+            )
+            for name, cls in _SECTIONS.items()
+        }
+    )

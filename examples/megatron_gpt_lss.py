@@ -68,10 +68,15 @@ def build(args, cp: int):
     model_parallel_cuda_manual_seed(1234)
     torch.manual_seed(1234)
     config = TransformerConfig(
-        num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2,
-        context_parallel_size=cp, use_cpu_initialization=True,
-        hidden_dropout=0.0, attention_dropout=0.0,
-    )  # fmt: skip
+        num_layers=2,
+        hidden_size=64,
+        num_attention_heads=4,
+        num_query_groups=2,
+        context_parallel_size=cp,
+        use_cpu_initialization=True,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+    )
     model = GPTModel(
         config=config,
         transformer_layer_spec=get_lss_layer_spec(layout=args.layout),
@@ -157,8 +162,15 @@ def main(argv=None) -> None:
             print(f"step {step}: loss {full.mean().item():.6f}", flush=True)
     if args.out and dist.get_rank() == 0:
         with open(args.out, "w") as f:
-            json.dump({"per_token_losses": record, "ranks": dist.get_world_size(),
-                       "context_parallel": cp, "layout": args.layout}, f)  # fmt: skip
+            json.dump(
+                {
+                    "per_token_losses": record,
+                    "ranks": dist.get_world_size(),
+                    "context_parallel": cp,
+                    "layout": args.layout,
+                },
+                f,
+            )
     dist.destroy_process_group()
 
 

@@ -65,15 +65,31 @@ def output_dir_problems(flag: str, path: str) -> list[str]:
     return []
 
 
-def _opt(default, help: str, *, flag: str | None = None, choices=None, metavar=None,
-         section: str | None = None, cli_default=dataclasses.MISSING, hidden: bool = False):  # fmt: skip
+def _opt(
+    default,
+    help: str,
+    *,
+    flag: str | None = None,
+    choices=None,
+    metavar=None,
+    section: str | None = None,
+    cli_default=dataclasses.MISSING,
+    hidden: bool = False,
+):
     """A config field that is also a command-line option (train.py builds the parser from it).
 
     `flag` defaults to ``--field-name``; a bool field is a switch (``--no-x`` for a field that
     defaults to True); `cli_default` is the option's default when it differs from the field's
     (None: derived when the configuration is made); `hidden` keeps a testing aid out of --help."""
-    meta = {"help": help, "flag": flag, "choices": choices, "metavar": metavar,
-            "section": section, "cli_default": cli_default, "hidden": hidden}  # fmt: skip
+    meta = {
+        "help": help,
+        "flag": flag,
+        "choices": choices,
+        "metavar": metavar,
+        "section": section,
+        "cli_default": cli_default,
+        "hidden": hidden,
+    }
     return field(default=default, metadata=meta)
 
 
@@ -125,8 +141,14 @@ class ModelConfig:
 
     def problems(self) -> list[str]:
         p = []
-        for name in ("num_layers", "hidden_size", "num_heads", "seq_length", "vocab_size",
-                     "make_vocab_size_divisible_by"):  # fmt: skip
+        for name in (
+            "num_layers",
+            "hidden_size",
+            "num_heads",
+            "seq_length",
+            "vocab_size",
+            "make_vocab_size_divisible_by",
+        ):
             if getattr(self, name) < 1:
                 p.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.num_kv_heads is not None and self.num_kv_heads < 1:
@@ -151,13 +173,16 @@ class ModelConfig:
 
 
 # --- the parallel modes: degrees and limits (the torch side of each is modes/<name>.py) --------
-def tensor_parallel_problems(model: ModelConfig, t: int, who: str, degree: str,
-                             hint: str = "") -> list[str]:  # fmt: skip
+def tensor_parallel_problems(
+    model: ModelConfig, t: int, who: str, degree: str, hint: str = ""
+) -> list[str]:
     """Megatron's tensor parallelism of degree `t` splits attention heads, key/value heads, the
     MLP and the (padded) vocabulary `t` ways. `who` and `degree` name the flags in messages."""
-    p = [f"{who}: {flag} {value} is not divisible by {degree} = {t}{hint}"
-         for flag, value in (("--num-heads", model.num_heads), ("--num-kv-heads", model.kv_heads))
-         if value % t]  # fmt: skip
+    p = [
+        f"{who}: {flag} {value} is not divisible by {degree} = {t}{hint}"
+        for flag, value in (("--num-heads", model.num_heads), ("--num-kv-heads", model.kv_heads))
+        if value % t
+    ]
     if model.ffn_size % t:
         p.append(f"{who}: --ffn-hidden-size {model.ffn_size} is not divisible by {degree} = {t}")
     if model.padded_vocab_size % t:
@@ -189,9 +214,11 @@ def _ulysses_problems(model: ModelConfig, n: int) -> list[str]:
     all-to-all, so the N ranks must split the query and key/value heads evenly (DeepSpeed's own
     uneven-head path needs its global sequence-parallel groups and is not used here)."""
     hint = "(Ulysses splits heads over the sequence group; LSS has no head cap: try --mode lss)"
-    return [f"--mode ulysses: {flag} {value} is not divisible by N = {n} {hint}"
-            for flag, value in (("--num-heads", model.num_heads), ("--num-kv-heads", model.kv_heads))
-            if n >= 1 and value % n]  # fmt: skip
+    return [
+        f"--mode ulysses: {flag} {value} is not divisible by N = {n} {hint}"
+        for flag, value in (("--num-heads", model.num_heads), ("--num-kv-heads", model.kv_heads))
+        if n >= 1 and value % n
+    ]
 
 
 def _no_problems(model: ModelConfig, n: int) -> list[str]:
@@ -322,9 +349,13 @@ class ParallelConfig:
         if self.tensor_parallel > 1 and self.mode in MODES and not self.rules.composes_with_tp:
             p.append(
                 f"--tensor-parallel {self.tensor_parallel} applies to --mode lss only, not "
-                f"{self.mode}" + (" (its tensor-parallel degree is --seq-parallel N)"
-                                  if self.mode == "nvidia-sp" else "")
-            )  # fmt: skip
+                f"{self.mode}"
+                + (
+                    " (its tensor-parallel degree is --seq-parallel N)"
+                    if self.mode == "nvidia-sp"
+                    else ""
+                )
+            )
         if self.mode == "serial" and self.seq_parallel != 1:
             p.append(
                 f"--mode serial means no sequence parallelism (N = 1), got --seq-parallel "
@@ -350,8 +381,10 @@ class ParallelConfig:
         elif self.kv_gather_chunks > 1 and self.mode != "lss":
             p.append(f"--kv-gather-chunks applies to --mode lss only, not {self.mode}")
         if not 0 < self.dist_timeout_s <= MAX_DIST_TIMEOUT_S:  # NaN fails too
-            p.append(f"--dist-timeout must be in (0, {MAX_DIST_TIMEOUT_S:g}] seconds (one week), "
-                     f"got {self.dist_timeout_s}")  # fmt: skip
+            p.append(
+                f"--dist-timeout must be in (0, {MAX_DIST_TIMEOUT_S:g}] seconds (one week), "
+                f"got {self.dist_timeout_s}"
+            )
         return p
 
 
@@ -373,24 +406,29 @@ class TrainConfig:
     lr: float = _opt(1e-3, "peak learning rate")
     seed: int = _opt(1234, "seeds the initial weights and the synthetic data; nothing else does")
     dtype: str = _opt(
-        "fp32", "bf16: Megatron mixed precision (bf16 parameters and activations, fp32 master "
+        "fp32",
+        "bf16: Megatron mixed precision (bf16 parameters and activations, fp32 master "
         "weights, optimizer state and gradient reduction; training/optim.py MasterWeights)",
         choices=DTYPES,
     )
     attention_kernel: str = _opt(
-        "flash", "flash: memory-efficient attention in every mode (nothing quadratic saved); "
+        "flash",
+        "flash: memory-efficient attention in every mode (nothing quadratic saved); "
         "dense: scores materialised and probabilities saved in every mode",
         choices=ATTENTION_KERNELS,
     )
     recompute: str = _opt(
-        "none", "Megatron activation recompute: selective (core attention) or full (every layer)",
+        "none",
+        "Megatron activation recompute: selective (core attention) or full (every layer)",
         choices=RECOMPUTE,
     )
     data: str = _opt("synthetic", "the dataset", choices=DATASETS, section=_DATA)
     out: str = _opt(
-        "runs/latest", "output folder: metrics.jsonl, config.json, summary.json", metavar="DIR",
+        "runs/latest",
+        "output folder: metrics.jsonl, config.json, summary.json",
+        metavar="DIR",
         section=_OUT,
-    )  # fmt: skip
+    )
     log_interval: int = _opt(1, "log a line every this many steps (rank 0)", section=_OUT)
     weight_decay: float = _opt(0.0, "decoupled weight decay")
     lr_schedule: str = _opt(
@@ -407,13 +445,18 @@ class TrainConfig:
         None, "checkpoint folder (layout-independent, atomic)", metavar="DIR", section=_OUT
     )
     save_interval: int = _opt(
-        0, "save every K steps (and at the end) with --save; 0: only at the end", metavar="K",
+        0,
+        "save every K steps (and at the end) with --save; 0: only at the end",
+        metavar="K",
         section=_OUT,
-    )  # fmt: skip
+    )
     keep_last: int = _opt(
-        0, "with --save: after each save keep this run's newest K checkpoints (never the one "
-        "'latest' names); 0 keeps all", metavar="K", section=_OUT,
-    )  # fmt: skip
+        0,
+        "with --save: after each save keep this run's newest K checkpoints (never the one "
+        "'latest' names); 0 keeps all",
+        metavar="K",
+        section=_OUT,
+    )
     load: str | None = _opt(
         None,
         "resume from the newest checkpoint in DIR, or from DIR/step_K itself (any layout or mode)",
@@ -421,26 +464,33 @@ class TrainConfig:
         section=_OUT,
     )
     stop_after: int | None = _opt(
-        None, "end after step K as if interrupted; schedules still span --steps", metavar="K",
+        None,
+        "end after step K as if interrupted; schedules still span --steps",
+        metavar="K",
         section=_OUT,
-    )  # fmt: skip
+    )
     skip_nonfinite: bool = _opt(
         False, "skip a step whose loss is not finite (counted in the metrics) instead of stopping"
     )
     data_path: str | None = _opt(
-        None, "the data: enwik8: the raw file or .zip; megatron: PREFIX of PREFIX.bin and "
-        "PREFIX.idx (python -m lss_megatron.data.make_indexed builds one)", section=_DATA,
-    )  # fmt: skip
+        None,
+        "the data: enwik8: the raw file or .zip; megatron: PREFIX of PREFIX.bin and "
+        "PREFIX.idx (python -m lss_megatron.data.make_indexed builds one)",
+        section=_DATA,
+    )
     eval_interval: int = _opt(0, "validate every K steps and at the end (0: never)", section=_DATA)
     eval_steps: int = _opt(2, "validation batches (of G sequences) per evaluation", section=_DATA)
     progress: str = _opt(
-        "auto", "progress bar on rank 0 (auto: when stderr is a terminal)", choices=PROGRESS,
+        "auto",
+        "progress bar on rank 0 (auto: when stderr is a terminal)",
+        choices=PROGRESS,
         section=_OUT,
-    )  # fmt: skip
+    )
     fault: str | None = _opt(
-        None, "testing aid: KIND:RANK:STEP (KIND crash, hang or nan) injects that failure",
+        None,
+        "testing aid: KIND:RANK:STEP (KIND crash, hang or nan) injects that failure",
         hidden=True,
-    )  # fmt: skip
+    )
     zero_stage: int = _opt(
         0,
         "DeepSpeed ZeRO over all ranks of the gradient group (training/zero.py): 0 off, 1 shards "
@@ -448,25 +498,31 @@ class TrainConfig:
         choices=ZERO_STAGES,
     )
     deepspeed_config: str | None = _opt(
-        None, "with --zero-stage 1|2: a DeepSpeed config (JSON) merged over the trainer's ZeRO "
+        None,
+        "with --zero-stage 1|2: a DeepSpeed config (JSON) merged over the trainer's ZeRO "
         "defaults (zero_config.py; the effective one is in config.json)",
         metavar="FILE.json",
-    )  # fmt: skip
+    )
     tensorboard_dir: str | None = _opt(
-        None, "also write TensorBoard event files (the metrics.jsonl scalars) here (rank 0)",
-        metavar="DIR", section=_OUT,
-    )  # fmt: skip
+        None,
+        "also write TensorBoard event files (the metrics.jsonl scalars) here (rank 0)",
+        metavar="DIR",
+        section=_OUT,
+    )
     max_consecutive_skips: int = _opt(
         3, "with --skip-nonfinite: stop (exit 3) after K skipped steps in a row", metavar="K"
     )
     overwrite: bool = _opt(
-        False, "replace another run's outputs in --out and its checkpoints in --save (runs.py)",
+        False,
+        "replace another run's outputs in --out and its checkpoints in --save (runs.py)",
         section=_OUT,
-    )  # fmt: skip
+    )
     memory_check: bool = _opt(
-        True, "start even when the per-rank memory estimate exceeds the memory available "
-        "(estimate.py)", flag="--no-memory-check", section=_OUT,
-    )  # fmt: skip
+        True,
+        "start even when the per-rank memory estimate exceeds the memory available (estimate.py)",
+        flag="--no-memory-check",
+        section=_OUT,
+    )
 
     @property
     def final_lr(self) -> float:
@@ -475,15 +531,19 @@ class TrainConfig:
     def _zero_problems(self) -> list[str]:
         if self.zero_stage == 0:
             if self.deepspeed_config:
-                return [f"--deepspeed-config {self.deepspeed_config} needs --zero-stage 1 or 2 "
-                        "(DeepSpeed runs only the ZeRO optimizer step here)"]  # fmt: skip
+                return [
+                    f"--deepspeed-config {self.deepspeed_config} needs --zero-stage 1 or 2 "
+                    "(DeepSpeed runs only the ZeRO optimizer step here)"
+                ]
             return []
         if self.zero_stage not in ZERO_STAGES:
             return [f"--zero-stage {self.zero_stage} is not one of {ZERO_STAGES}"]
         p = []
         if importlib.util.find_spec("deepspeed") is None:
-            p.append(f"--zero-stage {self.zero_stage} needs DeepSpeed: pip install "
-                     "'lss-megatron[deepspeed]' (deepspeed==0.19.8, DS_BUILD_OPS=0)")  # fmt: skip
+            p.append(
+                f"--zero-stage {self.zero_stage} needs DeepSpeed: pip install "
+                "'lss-megatron[deepspeed]' (deepspeed==0.19.8, DS_BUILD_OPS=0)"
+            )
         return p
 
     def _value_problems(self) -> list[str]:
@@ -504,13 +564,14 @@ class TrainConfig:
         for name in ("log_interval", "max_consecutive_skips"):
             if getattr(self, name) < 1:
                 p.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        for flag, value, allowed in (("--optimizer", self.optimizer, OPTIMIZERS),
-                                     ("--dtype", self.dtype, DTYPES),
-                                     ("--attention-kernel", self.attention_kernel,
-                                      ATTENTION_KERNELS),
-                                     ("--recompute", self.recompute, RECOMPUTE),
-                                     ("--data", self.data, DATASETS),
-                                     ("--lr-schedule", self.lr_schedule, LR_SCHEDULES)):  # fmt: skip
+        for flag, value, allowed in (
+            ("--optimizer", self.optimizer, OPTIMIZERS),
+            ("--dtype", self.dtype, DTYPES),
+            ("--attention-kernel", self.attention_kernel, ATTENTION_KERNELS),
+            ("--recompute", self.recompute, RECOMPUTE),
+            ("--data", self.data, DATASETS),
+            ("--lr-schedule", self.lr_schedule, LR_SCHEDULES),
+        ):
             if value not in allowed:
                 p.append(f"{flag} {value!r} is not one of {allowed}")
         for name in ("warmup_steps", "save_interval", "eval_interval", "weight_decay", "clip_grad"):
@@ -524,8 +585,10 @@ class TrainConfig:
         p = self._value_problems()
         if self.warmup_steps >= max(self.steps, 1) and self.warmup_steps > 0:
             p.append(f"--warmup-steps {self.warmup_steps} must be < --steps {self.steps}")
-        if self.min_lr is not None and math.isfinite(self.min_lr) and not (
-            0 <= self.min_lr <= self.lr
+        if (
+            self.min_lr is not None
+            and math.isfinite(self.min_lr)
+            and not (0 <= self.min_lr <= self.lr)
         ):
             p.append(f"--min-lr {self.min_lr} must be in [0, --lr {self.lr}]")
         if self.stop_after is not None and not 1 <= self.stop_after <= self.steps:
@@ -544,8 +607,10 @@ class TrainConfig:
         if self.tensorboard_dir is not None:
             p += output_dir_problems("--tensorboard-dir", self.tensorboard_dir)
             if importlib.util.find_spec("tensorboard") is None:
-                p.append(f"--tensorboard-dir {self.tensorboard_dir} needs TensorBoard: pip install "
-                         "'lss-megatron[tensorboard]'")  # fmt: skip
+                p.append(
+                    f"--tensorboard-dir {self.tensorboard_dir} needs TensorBoard: pip install "
+                    "'lss-megatron[tensorboard]'"
+                )
         if p or dp < 1:
             return p
         if self.global_batch_size % dp:
@@ -619,8 +684,9 @@ class RunConfig:
                 f"{self.parallel.tensor_parallel} is not supported (untested); use --zero-stage 0"
             )
         if self.train.data in DATASETS:
-            p += check_data_config(self.train.data, self.train.data_path, self.model.vocab_size,
-                                   self.model.seq_length)  # fmt: skip
+            p += check_data_config(
+                self.train.data, self.train.data_path, self.model.vocab_size, self.model.seq_length
+            )
         if self.train.deepspeed_config and self.train.zero_stage in (1, 2):
             p += self._deepspeed_file_problems(batch_known=not p)
         if p:
@@ -638,11 +704,13 @@ class RunConfig:
         expected: dict = {"gradient_clipping": t.clip_grad, "zero_optimization.stage": t.zero_stage}
         if batch_known:
             ranks = par.world_size // par.tensor_parallel_size
-            expected.update({
-                "train_micro_batch_size_per_gpu": self.micro_batch,
-                "gradient_accumulation_steps": self.num_micro_batches,
-                "train_batch_size": self.micro_batch * self.num_micro_batches * ranks,
-            })  # fmt: skip
+            expected.update(
+                {
+                    "train_micro_batch_size_per_gpu": self.micro_batch,
+                    "gradient_accumulation_steps": self.num_micro_batches,
+                    "train_batch_size": self.micro_batch * self.num_micro_batches * ranks,
+                }
+            )
         return file_problems(t.deepspeed_config, expected)
 
     def to_dict(self) -> dict:

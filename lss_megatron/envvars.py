@@ -27,8 +27,9 @@ class LaunchEnv:
     """True when a launcher set the rendezvous variables (see `LAUNCHER_VARS`)."""
 
 
-def _int(env: Mapping[str, str], name: str, default: int, lo: int, hi: int | None,
-         problems: list[str]) -> int:  # fmt: skip
+def _int(
+    env: Mapping[str, str], name: str, default: int, lo: int, hi: int | None, problems: list[str]
+) -> int:
     raw = env.get(name)
     if raw is None or raw.strip() == "":
         return default
@@ -57,8 +58,9 @@ def launch_env(env: Mapping[str, str] | None = None) -> tuple[LaunchEnv, list[st
     omp = _int(env, "OMP_NUM_THREADS", 1, 1, None, p)
     _int(env, "MASTER_PORT", 0, 1, 65535, p)
     if not p and rank >= world:
-        p.append(f"environment variables RANK={rank} and WORLD_SIZE={world}: RANK must be "
-                 "< WORLD_SIZE")  # fmt: skip
+        p.append(
+            f"environment variables RANK={rank} and WORLD_SIZE={world}: RANK must be < WORLD_SIZE"
+        )
     local_world = local_world or world  # unknown: assume every process is on this host
     launched = any(k in env for k in LAUNCHER_VARS)
     return LaunchEnv(world, rank, local_rank, local_world, omp, launched), p

@@ -48,9 +48,11 @@ class Estimate:
 
     def describe(self) -> str:
         g = lambda x: f"{x / GIB:.2f}"  # noqa: E731
-        return (f"{g(self.total)} GiB (parameters {g(self.params)}, gradients {g(self.grads)}, "
-                f"optimizer state {g(self.optimizer)}, activations {g(self.activations)} for one "
-                f"micro-batch with {self.kernel})")  # fmt: skip
+        return (
+            f"{g(self.total)} GiB (parameters {g(self.params)}, gradients {g(self.grads)}, "
+            f"optimizer state {g(self.optimizer)}, activations {g(self.activations)} for one "
+            f"micro-batch with {self.kernel})"
+        )
 
 
 def _degrees(mode: str, n: int) -> tuple[int, bool]:
@@ -101,8 +103,15 @@ def _attention_saved(m, mode: str, n: int, b: int, es: int, kernel: str) -> tupl
     return saved + b * h * seg * 4, "LSS flash attention"
 
 
-def activation_bytes(m, mode: str, n: int, micro_batch: int, dtype: str, kernel: str = "flash",
-                     recompute: str = "none") -> tuple[int, str]:  # fmt: skip
+def activation_bytes(
+    m,
+    mode: str,
+    n: int,
+    micro_batch: int,
+    dtype: str,
+    kernel: str = "flash",
+    recompute: str = "none",
+) -> tuple[int, str]:
     """(bytes saved for backward in one micro-batch's forward, the attention kernel)."""
     es = 2 if dtype == "bf16" else 4
     t, _ = _degrees(mode, n)
@@ -134,8 +143,9 @@ def estimate(cfg) -> Estimate:
         optimizer = -(-optimizer // world)
     if t.zero_stage >= 2:
         grads = -(-grads // world)
-    acts, kernel = activation_bytes(cfg.model, mode, n, cfg.micro_batch, t.dtype,
-                                    t.attention_kernel, t.recompute)  # fmt: skip
+    acts, kernel = activation_bytes(
+        cfg.model, mode, n, cfg.micro_batch, t.dtype, t.attention_kernel, t.recompute
+    )
     return Estimate(params, grads, optimizer, acts, kernel)
 
 
@@ -157,7 +167,8 @@ def available_memory(local_rank: int, local_ranks: int) -> tuple[int, str]:
             return int(free), f"free on cuda:{dev}"
     avail = psutil.virtual_memory().available
     return avail // max(1, local_ranks), (
-        f"host memory available ({avail / GIB:.1f} GiB) shared by {local_ranks} local rank(s)")
+        f"host memory available ({avail / GIB:.1f} GiB) shared by {local_ranks} local rank(s)"
+    )
 
 
 def memory_problems(
@@ -170,6 +181,8 @@ def memory_problems(
         available, where = available_memory(local_rank, local_ranks)
     if est.total <= available:
         return []
-    return [f"per-rank memory estimate {est.describe()} exceeds the {available / GIB:.2f} GiB "
-            f"available ({where}); use a smaller model or batch, more ranks, or "
-            "--no-memory-check to start anyway"]  # fmt: skip
+    return [
+        f"per-rank memory estimate {est.describe()} exceeds the {available / GIB:.2f} GiB "
+        f"available ({where}); use a smaller model or batch, more ranks, or "
+        "--no-memory-check to start anyway"
+    ]

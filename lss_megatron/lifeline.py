@@ -86,20 +86,23 @@ def _watch(chain: list, poll_s: float, on_gone) -> None:
 
 def _exit_now(pid: int) -> None:
     try:
-        sys.stderr.write(f"lss_megatron: the launcher (pid {pid}) is gone; this rank "
-                         f"(pid {os.getpid()}) exits\n")  # fmt: skip
+        sys.stderr.write(
+            f"lss_megatron: the launcher (pid {pid}) is gone; this rank (pid {os.getpid()}) exits\n"
+        )
         sys.stderr.flush()
     finally:
         os._exit(1)
 
 
-def install(poll_s: float = 1.0, *, death_signal: bool = True, watchdog: bool = True,
-            on_gone=_exit_now) -> list[int]:  # fmt: skip
+def install(
+    poll_s: float = 1.0, *, death_signal: bool = True, watchdog: bool = True, on_gone=_exit_now
+) -> list[int]:
     """Tie this process's life to its launcher; returns the watched pids (parent first)."""
     chain = launcher_chain()
     if death_signal and set_parent_death_signal() and chain and os.getppid() != chain[0].pid:
         on_gone(chain[0].pid)  # the parent died before the signal was armed
     if watchdog and chain:
-        threading.Thread(target=_watch, args=(chain, poll_s, on_gone), name="lss-lifeline",
-                         daemon=True).start()  # fmt: skip
+        threading.Thread(
+            target=_watch, args=(chain, poll_s, on_gone), name="lss-lifeline", daemon=True
+        ).start()
     return [p.pid for p in chain]

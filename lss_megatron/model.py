@@ -53,11 +53,15 @@ def check_settings(model, requested: dict) -> dict:
     """`model_settings`, after checking it equals `requested` (same keys); raises RuntimeError
     naming every difference, so a run never starts with something other than what was asked."""
     ran = model_settings(model)
-    diffs = [f"{k}: requested {requested[k]!r}, the model runs {ran[k]!r}"
-             for k in ran if ran[k] != requested[k]]  # fmt: skip
+    diffs = [
+        f"{k}: requested {requested[k]!r}, the model runs {ran[k]!r}"
+        for k in ran
+        if ran[k] != requested[k]
+    ]
     if diffs:
-        raise RuntimeError("the built model does not run the requested settings: "
-                           + "; ".join(diffs))  # fmt: skip
+        raise RuntimeError(
+            "the built model does not run the requested settings: " + "; ".join(diffs)
+        )
     return ran
 
 
@@ -69,7 +73,6 @@ def transformer_config(
     sequence_parallel: bool = False,
     dtype: str = "fp32",
     recompute: str = "none",
-
 ) -> TransformerConfig:
     """The Megatron `TransformerConfig` for `model` (CPU-safe: every fusion off, no dropout).
 
@@ -80,9 +83,12 @@ def transformer_config(
     recompute_args = {
         "none": {},
         "selective": {"recompute_granularity": "selective"},
-        "full": {"recompute_granularity": "full", "recompute_method": "uniform",
-                 "recompute_num_layers": 1},
-    }[recompute]  # fmt: skip
+        "full": {
+            "recompute_granularity": "full",
+            "recompute_method": "uniform",
+            "recompute_num_layers": 1,
+        },
+    }[recompute]
     return TransformerConfig(
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,
@@ -136,9 +142,10 @@ def build_model(
     m = get_mode(mode)
     by_tp = m.rules.degree_group == "tensor"
     n, t = (grid.tp_size, 1) if by_tp else (grid.seq_size, grid.tp_size)
-    if (t > 1 and not m.rules.composes_with_tp) or \
-            (m.rules.context_parallel(n), m.rules.tensor_parallel(n, t)) != \
-            (grid.seq_size, grid.tp_size):  # fmt: skip
+    if (t > 1 and not m.rules.composes_with_tp) or (
+        m.rules.context_parallel(n),
+        m.rules.tensor_parallel(n, t),
+    ) != (grid.seq_size, grid.tp_size):
         raise ValueError(f"build_model: mode {mode!r} does not match the grid {grid}")
     model_parallel_cuda_manual_seed(seed)
     torch.manual_seed(seed)

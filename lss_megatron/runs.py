@@ -80,7 +80,9 @@ def folder_problem(flag: str, value: str | None) -> str | None:
     if not probe.is_dir():
         return f"{flag} {value}: cannot be created, {probe} is a file, not a folder"
     if not os.access(probe, os.W_OK | os.X_OK):
-        what = "is not writable" if probe == path else f"cannot be created in {probe} (not writable)"
+        what = (
+            "is not writable" if probe == path else f"cannot be created in {probe} (not writable)"
+        )
         return f"{flag} {value}: {what}"
     return None
 
@@ -120,8 +122,11 @@ def latest_checkpoint(directory: str | Path) -> tuple[Path | None, str]:
     done = complete_checkpoints(d)
     if not done:
         return None, ""
-    why = (f"'latest' names {named!r}, which is not a complete checkpoint" if named
-           else "it has no 'latest' file")  # fmt: skip
+    why = (
+        f"'latest' names {named!r}, which is not a complete checkpoint"
+        if named
+        else "it has no 'latest' file"
+    )
     return done[-1], f"--load {d}: {why}; falling back to the newest complete one, {done[-1].name}"
 
 
@@ -132,8 +137,11 @@ def prune_checkpoints(directory: Path, keep: int, run_id: str | None) -> list[Pa
     complete), then removed. Returns the deleted folders."""
     directory = Path(directory)
     named = (directory / "latest").read_text(errors="replace").strip()
-    ours = [d for d in complete_checkpoints(directory)
-            if run_id is None or checkpoint_run_id(d) == run_id]  # fmt: skip
+    ours = [
+        d
+        for d in complete_checkpoints(directory)
+        if run_id is None or checkpoint_run_id(d) == run_id
+    ]
     gone = []
     for d in ours[: max(0, len(ours) - keep)]:
         if d.name == named:
@@ -156,15 +164,17 @@ def checkpoint_run_id(path: Path) -> str | None:
 
 
 def _holds_checkpoints(d: Path) -> bool:
-    return d.is_dir() and (any(_STEP.fullmatch(x.name) for x in d.glob("step_*"))
-                           or (d / "latest").exists())  # fmt: skip
+    return d.is_dir() and (
+        any(_STEP.fullmatch(x.name) for x in d.glob("step_*")) or (d / "latest").exists()
+    )
 
 
 def stale_temporaries(d: Path) -> list[Path]:
     if not d.is_dir():
         return []
-    return sorted(x for x in d.iterdir()
-                  if x.name.startswith(STALE_PREFIXES) or x.name == ".latest.tmp")  # fmt: skip
+    return sorted(
+        x for x in d.iterdir() if x.name.startswith(STALE_PREFIXES) or x.name == ".latest.tmp"
+    )
 
 
 # --- the plan: read-only, every rank -------------------------------------------------------------
@@ -216,13 +226,16 @@ def plan(train, *, check_paths: bool = True) -> Plan:
             p.problems.append(
                 f"--out {train.out} already holds the outputs of run {_owner(out, 'run.json')} "
                 f"({held}): pass --overwrite to replace them, --load that run's checkpoint to "
-                "resume it, or choose another --out")  # fmt: skip
+                "resume it, or choose another --out"
+            )
     if train.save is not None:
         save = Path(train.save).expanduser()
         if _holds_checkpoints(save):
             theirs = (read_json(save / CHECKPOINTS_RECORD) or {}).get("run_id")
             resumes_here = p.load_path is not None and save.resolve() in (
-                p.load_path.resolve(), p.load_path.resolve().parent)
+                p.load_path.resolve(),
+                p.load_path.resolve().parent,
+            )
             if (p.run_id and theirs == p.run_id) or (resumes_here and not theirs):
                 p.save = "resume"
             elif overwrite:
@@ -232,7 +245,8 @@ def plan(train, *, check_paths: bool = True) -> Plan:
                     f"--save {train.save} holds the checkpoints of run "
                     f"{_owner(save, CHECKPOINTS_RECORD)}: saving there would mix two runs; pass "
                     "--overwrite to delete them, --load them to continue that run, or choose "
-                    "another --save")  # fmt: skip
+                    "another --save"
+                )
     return p
 
 
@@ -251,8 +265,14 @@ def claim(train, record: dict) -> str:
     out.mkdir(parents=True, exist_ok=True)
     for name in OUTPUTS if p.out == "overwrite" else ("summary.json",):
         (out / name).unlink(missing_ok=True)
-    write_json(out / "run.json", {"run_id": run_id, "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                                  "resumed": p.out == "resume"})  # fmt: skip
+    write_json(
+        out / "run.json",
+        {
+            "run_id": run_id,
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "resumed": p.out == "resume",
+        },
+    )
     if train.save is not None:
         save = Path(train.save).expanduser()
         save.mkdir(parents=True, exist_ok=True)

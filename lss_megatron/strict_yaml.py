@@ -65,5 +65,6 @@ def check_value(key: str, value, action: argparse.Action) -> tuple[object, str |
 def _expected(kind: str, action: argparse.Action) -> str:
     if action.choices is not None:
         return f"one of {list(action.choices)}"
-    return {"switch": "true or false", "int": "an integer", "float": "a number",
-            "str": "a string"}[kind]  # fmt: skip
+    return {"switch": "true or false", "int": "an integer", "float": "a number", "str": "a string"}[
+        kind
+    ]

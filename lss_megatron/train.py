@@ -190,8 +190,9 @@ def config_from_args(args: argparse.Namespace, world_size: int) -> RunConfig:
     if parallel["seq_parallel"] is None:  # N = P / T (T = --tensor-parallel, 1 by default)
         t = parallel.get("tensor_parallel") or 1
         whole = t >= 1 and world_size % t == 0
-        parallel["seq_parallel"] = 1 if parallel["mode"] == "serial" else \
-            (world_size // t if whole else world_size)  # fmt: skip
+        parallel["seq_parallel"] = (
+            1 if parallel["mode"] == "serial" else (world_size // t if whole else world_size)
+        )
     return RunConfig(
         model=ModelConfig(**values[ModelConfig]),
         parallel=ParallelConfig(world_size=world_size, **parallel),
@@ -250,8 +251,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.validate_only:
         p = cfg.parallel
-        print(f"lss_megatron.train: valid: --mode {p.mode}, P = {p.world_size} = N {p.seq_parallel} "
-              f"x D {p.dp}; per-rank memory estimate {estimate(cfg).describe()}")  # fmt: skip
+        print(
+            f"lss_megatron.train: valid: --mode {p.mode}, P = {p.world_size} = N {p.seq_parallel} "
+            f"x D {p.dp}; per-rank memory estimate {estimate(cfg).describe()}"
+        )
         return 0
     from .training.loop import run  # torch and Megatron load only once the config is valid
 

@@ -25,8 +25,12 @@ import json
 from pathlib import Path
 
 AUTO = "auto"
-OWNED_TOP = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
-             "gradient_clipping")  # fmt: skip
+OWNED_TOP = (
+    "train_batch_size",
+    "train_micro_batch_size_per_gpu",
+    "gradient_accumulation_steps",
+    "gradient_clipping",
+)
 FLAG_OF = {
     "train_batch_size": "--global-batch-size / --micro-batch-size and the grid",
     "train_micro_batch_size_per_gpu": "--micro-batch-size",
@@ -44,14 +48,26 @@ REFUSED = {
 def overlap_comm_default(cuda: bool) -> tuple[bool, str]:
     """(overlap_comm, why) for this accelerator."""
     if cuda:
-        return True, ("CUDA/NCCL: gradient reductions run on a side stream, overlapping the "
-                      "rest of backward")  # fmt: skip
-    return False, ("CPU/gloo: gloo collectives run on the calling thread and there is no "
-                   "accelerator stream to overlap them with backward")  # fmt: skip
+        return True, (
+            "CUDA/NCCL: gradient reductions run on a side stream, overlapping the rest of backward"
+        )
+    return False, (
+        "CPU/gloo: gloo collectives run on the calling thread and there is no "
+        "accelerator stream to overlap them with backward"
+    )
 
 
-def defaults(*, micro: int, accumulation: int, data_ranks: int, clip: float, stage: int,
-             bucket_elements: int, overlap_comm: bool, bf16: bool = False) -> dict:  # fmt: skip
+def defaults(
+    *,
+    micro: int,
+    accumulation: int,
+    data_ranks: int,
+    clip: float,
+    stage: int,
+    bucket_elements: int,
+    overlap_comm: bool,
+    bf16: bool = False,
+) -> dict:
     """The trainer's DeepSpeed config (no ds-config optimizer, no scheduler; a bf16 engine with
     fp32 gradient reduction when `bf16` (``--dtype bf16``: Megatron's bf16 model), else fp32)."""
     return {
@@ -99,8 +115,9 @@ def read_file(path: str) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"--deepspeed-config {path}: not valid JSON: {e}") from None
     if not isinstance(data, dict):
-        raise ValueError(f"--deepspeed-config {path}: expected a JSON object, got "
-                         f"{type(data).__name__}")  # fmt: skip
+        raise ValueError(
+            f"--deepspeed-config {path}: expected a JSON object, got {type(data).__name__}"
+        )
     return data
 
 
@@ -121,18 +138,25 @@ def file_problems(path: str, expected: dict) -> list[str]:
     p = []
     for key, value in given.items():
         if key in expected and value != AUTO and value != expected[key]:
-            p.append(f"--deepspeed-config {path}: {key} {value!r} disagrees with the run's "
-                     f"{expected[key]!r} (set by {FLAG_OF[key]}); use \"auto\" or remove it")  # fmt: skip
+            p.append(
+                f"--deepspeed-config {path}: {key} {value!r} disagrees with the run's "
+                f'{expected[key]!r} (set by {FLAG_OF[key]}); use "auto" or remove it'
+            )
     for key, why in REFUSED.items():
         if key in user:
             p.append(f"--deepspeed-config {path}: {key} is not supported: {why}")
     for key in ("fp16", "bf16"):
         if isinstance(user.get(key), dict) and user[key].get("enabled") not in (False, AUTO, None):
-            p.append(f"--deepspeed-config {path}: {key}.enabled is not supported: --dtype sets it "
-                     "(--dtype bf16: DeepSpeed's bf16 mode over Megatron's bf16 model)")  # fmt: skip
+            p.append(
+                f"--deepspeed-config {path}: {key}.enabled is not supported: --dtype sets it "
+                "(--dtype bf16: DeepSpeed's bf16 mode over Megatron's bf16 model)"
+            )
     for key in ("offload_optimizer", "offload_param"):
-        if zero.get(key) not in (None, {}) and (not isinstance(zero[key], dict) or
-                                                zero[key].get("device", "none") != "none"):  # fmt: skip
-            p.append(f"--deepspeed-config {path}: zero_optimization.{key} is not supported: it "
-                     "needs DeepSpeed's compiled CPU Adam (this trainer compiles nothing)")  # fmt: skip
+        if zero.get(key) not in (None, {}) and (
+            not isinstance(zero[key], dict) or zero[key].get("device", "none") != "none"
+        ):
+            p.append(
+                f"--deepspeed-config {path}: zero_optimization.{key} is not supported: it "
+                "needs DeepSpeed's compiled CPU Adam (this trainer compiles nothing)"
+            )
     return p

@@ -111,8 +111,16 @@ def torchrun_train(nproc: int, args: list[str], timeout: float = 240, env: dict 
     import subprocess
     import sys
 
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc-per-node={nproc}", "-m", "lss_megatron.train", *args]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "-m",
+        "lss_megatron.train",
+        *args,
+    ]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", **(env or {})}
     return subprocess.run(
         cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=ROOT
@@ -130,8 +138,17 @@ def read_metrics(out) -> list[dict]:
 
 
 # --- launcher scripts ----------------------------------------------------------------------------
-DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT",
-             "LOCAL_WORLD_SIZE", "TORCHELASTIC_RUN_ID", "GROUP_RANK")  # fmt: skip
+DIST_VARS = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "LOCAL_WORLD_SIZE",
+    "TORCHELASTIC_RUN_ID",
+    "GROUP_RANK",
+)
 SCHED_PREFIXES = ("SLURM_", "OMPI_", "JSM_", "PMIX_", "PMI_", "LSB_", "LS_SUBCWD", "LSS_")
 
 
@@ -153,8 +170,14 @@ def run_cmd(cmd, timeout: float, env=None, cwd=ROOT):
     """Run `cmd` (paths allowed) in `clean_env()` unless `env` is given; capture its output."""
     import subprocess
 
-    return subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout,
-                          env=env if env is not None else clean_env(), cwd=cwd)  # fmt: skip
+    return subprocess.run(
+        [str(c) for c in cmd],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env if env is not None else clean_env(),
+        cwd=cwd,
+    )
 
 
 def ok(res):
@@ -164,8 +187,10 @@ def ok(res):
 
 
 # --- the faults tier (test_faults_*.py): a user's runs, folders compared byte for byte ------------
-TINY = ("--mode serial --num-layers 1 --hidden-size 32 --num-heads 2 --seq-length 32 "
-        "--global-batch-size 2 --vocab-size 64 --steps 2 --dist-timeout 60").split()  # fmt: skip
+TINY = (
+    "--mode serial --num-layers 1 --hidden-size 32 --num-heads 2 --seq-length 32 "
+    "--global-batch-size 2 --vocab-size 64 --steps 2 --dist-timeout 60"
+).split()
 """A one-process run of a few seconds."""
 
 
@@ -270,8 +295,9 @@ def model_worker(rank, world, layouts):
         cfg = model_configs(world, n, d, pos, mode, causal)
         grid = initialize_grid(cfg.parallel)
         # the reference runs Megatron's own DotProductAttention; the parallel modes flash
-        model = build_model(cfg.model, grid, mode=mode, seed=SEED,
-                            kernel="dense" if mode == "serial" else "flash")  # fmt: skip
+        model = build_model(
+            cfg.model, grid, mode=mode, seed=SEED, kernel="dense" if mode == "serial" else "flash"
+        )
         micro = step_micro_batches(cfg, grid, step=1)
         local_loss, token_losses = forward_backward(model, micro, return_token_losses=True)
         averager = GradientAverager(

@@ -69,10 +69,18 @@ def calibrate(ranks: list[int], quick: bool = False, modes=("lss", "nvidia-sp", 
     """A complete, checked device record of this machine."""
     kind = "quick" if quick else "full"
     t0, load0 = time.time(), os.getloadavg()
-    record = {"schema": SCHEMA, "kind": "cpu-calibration", "device": _cpu_name(),
-              "host": socket.gethostname(), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-              "quick": quick, "cores": len(os.sched_getaffinity(0)),
-              "memory_bytes": _memory_bytes(), "torch": torch.__version__, "threads_per_rank": 1}  # fmt: skip
+    record = {
+        "schema": SCHEMA,
+        "kind": "cpu-calibration",
+        "device": _cpu_name(),
+        "host": socket.gethostname(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "quick": quick,
+        "cores": len(os.sched_getaffinity(0)),
+        "memory_bytes": _memory_bytes(),
+        "torch": torch.__version__,
+        "threads_per_rank": 1,
+    }
     record.update(measure_compute(kind, ranks))
     record["collectives"], record["collective_timings"] = measure_collectives(kind, ranks)
     if quick:

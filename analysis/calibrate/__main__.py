@@ -18,8 +18,14 @@ PROG = "python -m analysis.calibrate"
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description="Measure this CPU for the cost model.")
     p.add_argument("--out", default=None, help=f"device file (default {default_path()})")
-    p.add_argument("--ranks", type=int, nargs="+", default=[2, 4], metavar="P",
-                   help="rank counts for collectives and core sharing (default 2 4)")  # fmt: skip
+    p.add_argument(
+        "--ranks",
+        type=int,
+        nargs="+",
+        default=[2, 4],
+        metavar="P",
+        help="rank counts for collectives and core sharing (default 2 4)",
+    )
     p.add_argument(
         "--quick",
         action="store_true",
@@ -44,8 +50,10 @@ def main(argv: list[str] | None = None) -> int:
     record = calibrate(sorted(set(args.ranks)), quick=args.quick)
     out.write_text(json.dumps(record, indent=1) + "\n")
     load = record["load_avg"]
-    print(f"wrote {out} ({record['seconds']} s; load average {load[0][0]:.2f} -> {load[1][0]:.2f} "
-          f"on {record['cores']} cores)")  # fmt: skip
+    print(
+        f"wrote {out} ({record['seconds']} s; load average {load[0][0]:.2f} -> {load[1][0]:.2f} "
+        f"on {record['cores']} cores)"
+    )
     return 0
 
 

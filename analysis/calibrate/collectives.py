@@ -56,8 +56,13 @@ def _time_op(op: str, nbytes: int, n: int, reps: int) -> float:
 def _worker(rank: int, n: int, store: str, kind: str, queue) -> None:
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=n,
-                            timeout=timedelta(seconds=120))  # fmt: skip
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{store}",
+        rank=rank,
+        world_size=n,
+        timeout=timedelta(seconds=120),
+    )
     rows = []
     for op in ("all_gather", "reduce_scatter", "all_reduce", "all_to_all"):
         for size in SIZES[kind]:

@@ -16,19 +16,28 @@ from lss_megatron.lss.kernel import partial_attention
 from ..costmodel.calibrated import BASE_HEAD_DIM
 
 GEMM_SHAPES = {  # (m tokens, k, n)
-    "full": [(m, k, n) for m in (32, 128, 512, 2048)
-             for k, n in ((64, 64), (128, 384), (128, 512), (512, 128), (256, 1024))],
+    "full": [
+        (m, k, n)
+        for m in (32, 128, 512, 2048)
+        for k, n in ((64, 64), (128, 384), (128, 512), (512, 128), (256, 1024))
+    ],
     "quick": [(64, 64, 64), (512, 128, 512), (2048, 256, 1024)],
-}  # fmt: skip
+}
 ATTENTION_SHAPES = {  # (heads, kv heads, d, sq, sk): sq = sk is one causal block, sq < sk the last
     "full": [(h, h // 2, d, s, s) for h, d in ((8, 16), (4, 32)) for s in (64, 256, 512, 1024)]
-    + [(h, h // 2, d, s // n, s) for h, d in ((8, 16), (4, 32)) for s in (512, 1024, 2048)
-       for n in (2, 4)],  # segments of LSS
+    + [
+        (h, h // 2, d, s // n, s)
+        for h, d in ((8, 16), (4, 32))
+        for s in (512, 1024, 2048)
+        for n in (2, 4)
+    ],  # segments of LSS
     "quick": [(8, 4, 16, 128, 128), (8, 4, 16, 256, 1024), (4, 2, 32, 256, 256)],
 }
 
-ELEMENTWISE_ELEMS = {"full": [1 << 12, 1 << 15, 1 << 17, 1 << 20, 1 << 22],
-                     "quick": [1 << 14, 1 << 20]}  # fmt: skip
+ELEMENTWISE_ELEMS = {
+    "full": [1 << 12, 1 << 15, 1 << 17, 1 << 20, 1 << 22],
+    "quick": [1 << 14, 1 << 20],
+}
 
 
 def bench(fn, min_time: float = 0.2, min_reps: int = 3) -> float:
@@ -80,8 +89,10 @@ def attention_rates(kind: str, min_time: float) -> dict:
         k = torch.randn(sk, 1, hkv, d, requires_grad=True)  # [sk, b, h_kv, d]
         v = torch.randn(sk, 1, hkv, d, requires_grad=True)
         g = torch.randn(sq, 1, h, d)
-        for name, fn, pairs in (("flash", partial_attention, causal_pairs(sq, sk)),
-                                ("dense", dense_attention, sq * sk)):  # fmt: skip
+        for name, fn, pairs in (
+            ("flash", partial_attention, causal_pairs(sq, sk)),
+            ("dense", dense_attention, sq * sk),
+        ):
 
             def step(fn=fn, q=q, k=k, v=v, g=g, off=sk - sq):
                 fn(q, k, v, q_offset=off, causal=True).backward(g)

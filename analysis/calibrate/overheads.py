@@ -24,24 +24,72 @@ from ..costmodel import predict
 from ..costmodel.calibrated import device_from_dict
 from .compute import bench
 
-TINY = ["--hidden-size", "32", "--num-heads", "4", "--num-kv-heads", "2", "--ffn-hidden-size",
-        "64", "--vocab-size", "64", "--seq-length", "64", "--position-embedding", "learned",
-        "--optimizer", "adamw", "--lr", "1e-3", "--dtype", "fp32", "--data", "synthetic",
-        "--micro-batch-size", "1", "--steps", "6", "--progress", "off", "--dist-timeout", "120"]  # fmt: skip
+TINY = [
+    "--hidden-size",
+    "32",
+    "--num-heads",
+    "4",
+    "--num-kv-heads",
+    "2",
+    "--ffn-hidden-size",
+    "64",
+    "--vocab-size",
+    "64",
+    "--seq-length",
+    "64",
+    "--position-embedding",
+    "learned",
+    "--optimizer",
+    "adamw",
+    "--lr",
+    "1e-3",
+    "--dtype",
+    "fp32",
+    "--data",
+    "synthetic",
+    "--micro-batch-size",
+    "1",
+    "--steps",
+    "6",
+    "--progress",
+    "off",
+    "--dist-timeout",
+    "120",
+]
 LAYERS = (1, 5)
 MICRO = (2, 6)
 
 
 def _run(mode: str, n: int, layers: int, micro: int, out: Path) -> dict:
     """One tiny trainer run; its config.json and the trainer's median step time."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-           str(n), "-m", "lss_megatron.train", "--mode", mode, "--seq-parallel", str(n),
-           "--data-parallel", "1", "--num-layers", str(layers), "--global-batch-size", str(micro),
-           *TINY, "--out", str(out)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        str(n),
+        "-m",
+        "lss_megatron.train",
+        "--mode",
+        mode,
+        "--seq-parallel",
+        str(n),
+        "--data-parallel",
+        "1",
+        "--num-layers",
+        str(layers),
+        "--global-batch-size",
+        str(micro),
+        *TINY,
+        "--out",
+        str(out),
+    ]
     res = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=300)
     if res.returncode != 0:
-        raise RuntimeError(f"calibration run {mode} N={n} L={layers} M={micro} failed: "
-                           f"{res.stderr[-800:]}")  # fmt: skip
+        raise RuntimeError(
+            f"calibration run {mode} N={n} L={layers} M={micro} failed: {res.stderr[-800:]}"
+        )
     config = json.loads((out / "config.json").read_text())
     summary = json.loads((out / "summary.json").read_text())
     return {"config": config, "measured": summary["step_time_s"]}
@@ -64,12 +112,23 @@ def from_trainer(record: dict, modes: tuple[str, ...]) -> tuple[dict, list[dict]
     runs: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="calibrate-runs-") as tmp:
         for mode, n in (("serial", 1), *((m, 2) for m in modes)):
-            grid = [(L, M) for L in LAYERS for M in MICRO] if mode == "serial" else \
-                [(L, MICRO[0]) for L in LAYERS]  # fmt: skip
+            grid = (
+                [(L, M) for L in LAYERS for M in MICRO]
+                if mode == "serial"
+                else [(L, MICRO[0]) for L in LAYERS]
+            )
             for L, M in grid:
                 run = _run(mode, n, L, M, Path(tmp) / f"{mode}-{L}-{M}")
-                runs.append({"mode": mode, "n": n, "layers": L, "micro": M,
-                             "measured": run["measured"], "residual": _residual(run, base)})  # fmt: skip
+                runs.append(
+                    {
+                        "mode": mode,
+                        "n": n,
+                        "layers": L,
+                        "micro": M,
+                        "measured": run["measured"],
+                        "residual": _residual(run, base),
+                    }
+                )
     return solve(runs, device_from_dict(base).share(2)), runs
 
 
@@ -78,13 +137,18 @@ def solve(runs: list[dict], share2: float) -> dict:
     r = {(x["mode"], x["layers"], x["micro"]): x["residual"] for x in runs}
     (l0, l1), (m0, m1) = LAYERS, MICRO
     dl, dm = l1 - l0, m1 - m0
-    c = ((r["serial", l1, m1] - r["serial", l0, m1]) - (r["serial", l1, m0]
-         - r["serial", l0, m0])) / (dl * dm)  # fmt: skip
+    c = (
+        (r["serial", l1, m1] - r["serial", l0, m1]) - (r["serial", l1, m0] - r["serial", l0, m0])
+    ) / (dl * dm)
     e = ((r["serial", l1, m0] - r["serial", l0, m0]) - m0 * dl * c) / dl
     b = (r["serial", l0, m1] - r["serial", l0, m0]) / dm - l0 * c
     a = r["serial", l0, m0] - e * l0 - m0 * (b + c * l0)
-    out = {"per_step": {"serial": max(a, 0.0)}, "per_step_layer": {"serial": max(e, 0.0)},
-           "per_micro": {"serial": max(b, 0.0)}, "per_micro_layer": {"serial": max(c, 0.0)}}  # fmt: skip
+    out = {
+        "per_step": {"serial": max(a, 0.0)},
+        "per_step_layer": {"serial": max(e, 0.0)},
+        "per_micro": {"serial": max(b, 0.0)},
+        "per_micro_layer": {"serial": max(c, 0.0)},
+    }
     for mode in sorted({x["mode"] for x in runs} - {"serial"}):
         lo, hi = r[mode, l0, m0] / share2, r[mode, l1, m0] / share2
         cm = ((hi - lo) - dl * e) / (m0 * dl)
@@ -99,8 +163,12 @@ def quick() -> dict:
     AdamW over them (not the trainer's layers: far fewer Python calls per layer)."""
 
     def block():
-        return torch.nn.Sequential(torch.nn.LayerNorm(32), torch.nn.Linear(32, 96),
-                                   torch.nn.GELU(), torch.nn.Linear(96, 32))  # fmt: skip
+        return torch.nn.Sequential(
+            torch.nn.LayerNorm(32),
+            torch.nn.Linear(32, 96),
+            torch.nn.GELU(),
+            torch.nn.Linear(96, 32),
+        )
 
     times, opt_times = {}, {}
     for layers in (1, 3):
@@ -111,7 +179,9 @@ def quick() -> dict:
         opt_times[layers] = bench(opt.step, 0.1)
     layer = max((times[3] - times[1]) / 2, 1e-6)
     opt_layer = max((opt_times[3] - opt_times[1]) / 2, 1e-6)
-    return {"per_step": {"serial": max(opt_times[1] - opt_layer, 1e-6)},
-            "per_step_layer": {"serial": opt_layer},
-            "per_micro": {"serial": max(times[1] - layer, 1e-6)},
-            "per_micro_layer": {"serial": layer}}  # fmt: skip
+    return {
+        "per_step": {"serial": max(opt_times[1] - opt_layer, 1e-6)},
+        "per_step_layer": {"serial": opt_layer},
+        "per_micro": {"serial": max(times[1] - layer, 1e-6)},
+        "per_micro_layer": {"serial": layer},
+    }

@@ -32,20 +32,57 @@ SHAPES = [  # (mode, N, D, layers, hidden, heads, kv heads, ffn, l, kernel)
     ("lss", 2, 2, 2, 256, 8, 8, 512, 768, "dense"),
     ("serial", 1, 2, 3, 128, 4, 4, 256, 1024, "dense"),
 ]
-COLUMNS = ["run_id", "set", "mode", "N", "D", "P", "layers", "hidden", "heads", "kv_heads",
-           "ffn", "seq_length", "kernel", "predicted_s", "measured_s", "ratio", "load1_before",
-           "load1_after"]  # fmt: skip
+COLUMNS = [
+    "run_id",
+    "set",
+    "mode",
+    "N",
+    "D",
+    "P",
+    "layers",
+    "hidden",
+    "heads",
+    "kv_heads",
+    "ffn",
+    "seq_length",
+    "kernel",
+    "predicted_s",
+    "measured_s",
+    "ratio",
+    "load1_before",
+    "load1_after",
+]
 
 
 def new_shape_runs(template) -> list:
     """RunSpecs of `SHAPES`, from a cpu-strong run's flags with the model and layout changed."""
     runs = []
     for mode, n, d, layers, e, h, kv, f, ll, kernel in SHAPES:
-        flags = {**template.flags, "mode": mode, "seq-parallel": n, "data-parallel": d,
-                 "num-layers": layers, "hidden-size": e, "num-heads": h, "num-kv-heads": kv,
-                 "ffn-hidden-size": f, "seq-length": ll, "attention-kernel": kernel, "steps": 5}  # fmt: skip
-        runs.append(dataclasses.replace(template, mode=mode, seq_parallel=n, data_parallel=d,
-                                        seq_length=ll, flags=flags, variant=f"new{len(runs)}-{mode}"))  # fmt: skip
+        flags = {
+            **template.flags,
+            "mode": mode,
+            "seq-parallel": n,
+            "data-parallel": d,
+            "num-layers": layers,
+            "hidden-size": e,
+            "num-heads": h,
+            "num-kv-heads": kv,
+            "ffn-hidden-size": f,
+            "seq-length": ll,
+            "attention-kernel": kernel,
+            "steps": 5,
+        }
+        runs.append(
+            dataclasses.replace(
+                template,
+                mode=mode,
+                seq_parallel=n,
+                data_parallel=d,
+                seq_length=ll,
+                flags=flags,
+                variant=f"new{len(runs)}-{mode}",
+            )
+        )
     return runs
 
 
@@ -56,8 +93,9 @@ def launch(run, out: Path) -> dict:
     outcome = run_trainer(torchrun_command(run, out), out, timeout_s=600)
     after = os.getloadavg()[0]
     if outcome["status"] != "ok":
-        raise SystemExit(f"analysis.calibrate.validate: {run.run_id} {outcome['status']}: "
-                         f"{outcome['error']}")  # fmt: skip
+        raise SystemExit(
+            f"analysis.calibrate.validate: {run.run_id} {outcome['status']}: {outcome['error']}"
+        )
     return {"load1_before": before, "load1_after": after}
 
 
@@ -65,12 +103,25 @@ def row(run, set_name: str, out: Path, dev, load: dict) -> dict:
     cmp = compare_run(out, dev)
     pred, meas = cmp["step_time_s"]
     m = json.loads((out / "config.json").read_text())["model"]
-    return {"run_id": run.run_id, "set": set_name, "mode": run.mode, "N": run.seq_parallel,
-            "D": run.data_parallel, "P": run.world_size, "layers": m["num_layers"],
-            "hidden": m["hidden_size"], "heads": m["num_heads"], "kv_heads": m.get("num_kv_heads"),
-            "ffn": m.get("ffn_hidden_size"), "seq_length": run.seq_length,
-            "kernel": run.flags.get("attention-kernel", "flash"), "predicted_s": round(pred, 5),
-            "measured_s": round(meas, 5), "ratio": round(pred / meas, 4), **load}  # fmt: skip
+    return {
+        "run_id": run.run_id,
+        "set": set_name,
+        "mode": run.mode,
+        "N": run.seq_parallel,
+        "D": run.data_parallel,
+        "P": run.world_size,
+        "layers": m["num_layers"],
+        "hidden": m["hidden_size"],
+        "heads": m["num_heads"],
+        "kv_heads": m.get("num_kv_heads"),
+        "ffn": m.get("ffn_hidden_size"),
+        "seq_length": run.seq_length,
+        "kernel": run.flags.get("attention-kernel", "flash"),
+        "predicted_s": round(pred, 5),
+        "measured_s": round(meas, 5),
+        "ratio": round(pred / meas, 4),
+        **load,
+    }
 
 
 def run_all(runs: list, runs_dir: Path, dev) -> list[dict]:
@@ -81,11 +132,17 @@ def run_all(runs: list, runs_dir: Path, dev) -> list[dict]:
         if abs(r["ratio"] - 1) > 0.25:  # once more; keep the run at the lower load
             out2 = runs_dir / (run.run_id + "_again")
             r2 = row(run, set_name, out2, dev, launch(run, out2))
-            print(f"outlier {run.run_id}: ratio {r['ratio']} (load {r['load1_before']:.2f}), "
-                  f"again {r2['ratio']} (load {r2['load1_before']:.2f})", flush=True)  # fmt: skip
+            print(
+                f"outlier {run.run_id}: ratio {r['ratio']} (load {r['load1_before']:.2f}), "
+                f"again {r2['ratio']} (load {r2['load1_before']:.2f})",
+                flush=True,
+            )
             r = min(r, r2, key=lambda x: x["load1_before"] + x["load1_after"])
-        print(f"{r['run_id']:<40} predicted {r['predicted_s']:.4f} measured {r['measured_s']:.4f}"
-              f" ratio {r['ratio']:.3f} load {r['load1_before']:.2f}", flush=True)  # fmt: skip
+        print(
+            f"{r['run_id']:<40} predicted {r['predicted_s']:.4f} measured {r['measured_s']:.4f}"
+            f" ratio {r['ratio']:.3f} load {r['load1_before']:.2f}",
+            flush=True,
+        )
         rows.append(r)
     return rows
 

@@ -71,8 +71,15 @@ __all__ = [
     "predict",
 ]
 
-COUNTED = ("sp_comm_bytes", "grad_comm_bytes", "other_comm_bytes", "param_bytes", "grad_bytes",
-           "optimizer_state_bytes", "model_flops_per_step")  # fmt: skip
+COUNTED = (
+    "sp_comm_bytes",
+    "grad_comm_bytes",
+    "other_comm_bytes",
+    "param_bytes",
+    "grad_bytes",
+    "optimizer_state_bytes",
+    "model_flops_per_step",
+)
 """Fields the trainer writes to metrics.jsonl that `predict` must reproduce exactly."""
 
 
@@ -134,9 +141,12 @@ def predict(
     if lay.master_weights and not lay.zero_stage:
         out["master_param_bytes"] = params * FP32
     out["memory_bytes"] = (
-        out["param_bytes"] + out.get("master_param_bytes", 0) + out["grad_bytes"]
-        + out["optimizer_state_bytes"] + out["activation_bytes"]
-    )  # fmt: skip
+        out["param_bytes"]
+        + out.get("master_param_bytes", 0)
+        + out["grad_bytes"]
+        + out["optimizer_state_bytes"]
+        + out["activation_bytes"]
+    )
     out["transient_bytes"] = transient_bytes(s, lay)
     out["peak_bytes"] = out["memory_bytes"] + out["transient_bytes"]
     if device is not None:
@@ -175,8 +185,11 @@ def peers(
 def measured_step_time(rows: list[dict]) -> float | None:
     """The trainer's statistic (`metrics.step_time_summary`): the median over the steps after
     the first of ``step_time_s`` (the slowest rank's), all steps when there is only one."""
-    times = [r["step_time_s"] for r in sorted(rows, key=lambda r: r.get("step", 0))
-             if isinstance(r.get("step_time_s"), int | float)]  # fmt: skip
+    times = [
+        r["step_time_s"]
+        for r in sorted(rows, key=lambda r: r.get("step", 0))
+        if isinstance(r.get("step_time_s"), int | float)
+    ]
     steady = times[1:] if len(times) > 1 else times
     return statistics.median(steady) if steady else None
 

@@ -33,17 +33,24 @@ PROG = "python -m analysis.costmodel"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description="Analytic cost model: FLOPs, communication "
-                                "bytes, memory and step time per rank.",
-                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description="Analytic cost model: FLOPs, communication "
+        "bytes, memory and step time per rank.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--preset", choices=("summit-paper",), help="the paper's claims vs the model")
     what.add_argument("--config", help="a config.json (the trainer's or make_config's)")
     what.add_argument("--run", help="a finished run folder: predicted vs counted")
     p.add_argument("--device", choices=sorted(DEVICES), default=None, help="for step times")
-    p.add_argument("--device-file", default=None, metavar="FILE",
-                   help="a calibration written by python -m analysis.calibrate (step times on "
-                   "that CPU); --run uses this machine's when present")  # fmt: skip
+    p.add_argument(
+        "--device-file",
+        default=None,
+        metavar="FILE",
+        help="a calibration written by python -m analysis.calibrate (step times on "
+        "that CPU); --run uses this machine's when present",
+    )
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument(
         "--set",
@@ -53,11 +60,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --preset summit-paper: predict a hypothetical layout instead, the "
         "--base preset with make_config arguments changed (e.g. mode=ulysses)",
     )
-    p.add_argument("--base", choices=("144", "3456"), default="144",
-                   help="the preset --set starts from")  # fmt: skip
-    p.add_argument("--assumptions", choices=SETS, default=None,
-                   help="with --preset summit-paper: one named assumption set (default: both; "
-                   "docs/costmodel.md)")  # fmt: skip
+    p.add_argument(
+        "--base", choices=("144", "3456"), default="144", help="the preset --set starts from"
+    )
+    p.add_argument(
+        "--assumptions",
+        choices=SETS,
+        default=None,
+        help="with --preset summit-paper: one named assumption set (default: both; "
+        "docs/costmodel.md)",
+    )
     p.add_argument(
         "--overlap-kv-gather",
         action="store_true",
@@ -76,8 +88,9 @@ def _print_prediction(pred: dict) -> None:
     width = max(len(k) for k in pred)
     for k, v in pred.items():
         if isinstance(v, dict):
-            v = ", ".join(f"{a}={b:.4g}" if isinstance(b, float) else f"{a}={b}"
-                          for a, b in v.items())  # fmt: skip
+            v = ", ".join(
+                f"{a}={b:.4g}" if isinstance(b, float) else f"{a}={b}" for a, b in v.items()
+            )
         elif isinstance(v, float):
             v = f"{v:.4g}"
         print(f"{k:<{width}}  {v}")
@@ -140,8 +153,10 @@ def _run(args: argparse.Namespace) -> tuple[object, Callable[[object], None]]:
         return _compare(args), _print_comparison
     config = read_json_file(Path(args.config), "--config: a trainer config.json")
     device = _calibration(args)[0] if args.device_file else args.device
-    return (_usable(lambda: predict(config, device=device), f"--config {args.config}"),
-            _print_prediction)  # fmt: skip
+    return (
+        _usable(lambda: predict(config, device=device), f"--config {args.config}"),
+        _print_prediction,
+    )
 
 
 def _usable(fn: Callable[[], object], where: str):

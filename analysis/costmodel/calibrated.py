@@ -126,8 +126,9 @@ class CalibratedDevice:
         """FLOP/s of `kernel` at `flops` per call, from the table measured at the head dimension
         nearest `head_dim` (on a log scale; files without per-d tables: the one table)."""
         name = "dense" if kernel == "materialized" else "flash"
-        dims = {BASE_HEAD_DIM: name} | {int(k.rsplit("_d", 1)[1]): k for k in self.attention
-                                        if k.startswith(f"{name}_d")}  # fmt: skip
+        dims = {BASE_HEAD_DIM: name} | {
+            int(k.rsplit("_d", 1)[1]): k for k in self.attention if k.startswith(f"{name}_d")
+        }
         nearest = min(dims, key=lambda d: abs(math.log(d / head_dim)))
         return interpolate(self.attention[dims[nearest]], flops)
 
@@ -195,8 +196,10 @@ def device_from_dict(data: dict, source: str = "") -> CalibratedDevice:
     """Check a calibration record and build the device; InputError naming the bad field."""
     where = source or "device file"
     if data.get("schema") != SCHEMA or data.get("kind") != "cpu-calibration":
-        raise InputError(f"{where}: not a calibration file of schema {SCHEMA} "
-                         f"(kind {data.get('kind')!r}, schema {data.get('schema')!r})")  # fmt: skip
+        raise InputError(
+            f"{where}: not a calibration file of schema {SCHEMA} "
+            f"(kind {data.get('kind')!r}, schema {data.get('schema')!r})"
+        )
     for key in ("gemm", "attention", "elementwise", "collectives", "concurrency", "overheads"):
         if key not in data:
             raise InputError(f"{where}: missing {key!r}")
@@ -215,12 +218,15 @@ def device_from_dict(data: dict, source: str = "") -> CalibratedDevice:
         cores=int(_positive(data.get("cores"), f"{where}: cores")),
         memory_bytes=_positive(data.get("memory_bytes"), f"{where}: memory_bytes"),
         gemm=_table(data["gemm"], f"{where}: gemm"),
-        attention={k: _table(v, f"{where}: attention.{k}") for k, v in att.items()
-                   if k in ("flash", "dense") or re.fullmatch(r"(flash|dense)_d[1-9][0-9]*", k)},
+        attention={
+            k: _table(v, f"{where}: attention.{k}")
+            for k, v in att.items()
+            if k in ("flash", "dense") or re.fullmatch(r"(flash|dense)_d[1-9][0-9]*", k)
+        },
         elementwise=_table(data["elementwise"], f"{where}: elementwise"),
         network=CpuNetwork(
             {op: _ranks_table(coll[op], f"{where}: collectives.{op}", pair) for op in OPS}
-        ),  # fmt: skip
+        ),
         concurrency=_ranks_table(data["concurrency"], f"{where}: concurrency", _positive),
         overheads=_overheads(data["overheads"], f"{where}: overheads"),
         source=source,
@@ -236,8 +242,9 @@ def _pairlist(v, where: str) -> list:
 
 def load_device_file(path: str | Path) -> CalibratedDevice:
     path = Path(path)
-    return device_from_dict(read_json_file(path, "a calibration from analysis.calibrate"),
-                            str(path))  # fmt: skip
+    return device_from_dict(
+        read_json_file(path, "a calibration from analysis.calibrate"), str(path)
+    )
 
 
 # --- the step time ------------------------------------------------------------------------------------
@@ -272,18 +279,29 @@ def comm_time(s: Shape, lay: Layout, dev: CalibratedDevice) -> dict:
     pb = lay.grad_elem
 
     def reduce(sel, n: int) -> float:
-        return sum(net.time("all_reduce", 2 * (n - 1) * x // n, n)
-                   for x in buckets([p.numel * pb for p in sel])) if n > 1 and sel else 0.0  # fmt: skip
+        return (
+            sum(
+                net.time("all_reduce", 2 * (n - 1) * x // n, n)
+                for x in buckets([p.numel * pb for p in sel])
+            )
+            if n > 1 and sel
+            else 0.0
+        )
 
     if lay.mode == "nvidia-sp":
         grad = reduce([p for p in ps if p.tp_partial], lay.tp) + reduce(ps, lay.d)
     else:
-        grad = (reduce([p for p in ps if p.tp_partial], lay.tp)
-                + reduce([p for p in ps if not p.seq_local], lay.grad_group)
-                + reduce([p for p in ps if p.seq_local], lay.d))  # fmt: skip
+        grad = (
+            reduce([p for p in ps if p.tp_partial], lay.tp)
+            + reduce([p for p in ps if not p.seq_local], lay.grad_group)
+            + reduce([p for p in ps if p.seq_local], lay.d)
+        )
     calls = other_comm(s, lay)[1]
-    return {"sp": sp_comm_time(s, lay, dev), "grad": grad,
-            "other": calls * net.time("all_reduce", 16, lay.world)}  # fmt: skip
+    return {
+        "sp": sp_comm_time(s, lay, dev),
+        "grad": grad,
+        "other": calls * net.time("all_reduce", 16, lay.world),
+    }
 
 
 def cpu_step_time(s: Shape, lay: Layout, dev: CalibratedDevice, optimizer: str) -> dict:
@@ -318,6 +336,6 @@ def cpu_step_time(s: Shape, lay: Layout, dev: CalibratedDevice, optimizer: str) 
         "compute_share": share,
         "gemm_flops_per_s": [
             dev.gemm_rate(3.0 * 2 * a * b * c) for _, a, b, c in gemm_shapes(s, lay)
-        ],  # fmt: skip
+        ],
         "precision": "fp32" if lay.act_bytes == 4 else "bf16",
     }

@@ -76,10 +76,21 @@ def make_config(
     ``kv_gather_chunks``, ``zero_stage``, ...), the trainer's defaults otherwise. ``dtype``
     fp16/bf16 means half-precision activations and compute with fp32 master weights and
     gradients (the trainer's bf16 on GPU). Raises `ConfigError` where the trainer would refuse."""
-    return _build([], dict(mode=mode, seq_parallel=seq_parallel, data_parallel=data_parallel,
-                           num_layers=num_layers, hidden_size=hidden_size, num_heads=num_heads,
-                           seq_length=seq_length, global_batch_size=global_batch_size,
-                           attention_kernel=attention_kernel, **flags))  # fmt: skip
+    return _build(
+        [],
+        dict(
+            mode=mode,
+            seq_parallel=seq_parallel,
+            data_parallel=data_parallel,
+            num_layers=num_layers,
+            hidden_size=hidden_size,
+            num_heads=num_heads,
+            seq_length=seq_length,
+            global_batch_size=global_batch_size,
+            attention_kernel=attention_kernel,
+            **flags,
+        ),
+    )
 
 
 def config_from_preset(path: str | Path, **overrides) -> dict:

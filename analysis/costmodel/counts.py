@@ -151,8 +151,12 @@ def shape_from_config(model: dict) -> Shape:
     )
 
 
-KERNEL_NAMES = {"flash": "flash", "dense": "materialized", "materialized": "materialized",
-                "auto": "auto"}  # fmt: skip
+KERNEL_NAMES = {
+    "flash": "flash",
+    "dense": "materialized",
+    "materialized": "materialized",
+    "auto": "auto",
+}
 """The trainer's ``--attention-kernel`` (and this model's own names) -> `Layout.kernel`."""
 
 
@@ -312,8 +316,9 @@ def sp_bytes_per_micro_batch(s: Shape, lay: Layout) -> int:
     # compute dtype before they travel (Megatron's own TP traffic stays in es)
     kv = seg * b * 2 * (s.kv_heads // lay.t) * s.head_dim * kes  # local [K | V], h_kv/T heads
     if lay.mode == "lss":  # all-gather of [K|V] per forward (x fwd), one reduce-scatter backward
-        return (s.layers * (fwd + 1) * gather_bytes(kv, n)
-                + megatron_sp_bytes(s, seg, b, lay.t, es, tp_fwd))  # fmt: skip
+        return s.layers * (fwd + 1) * gather_bytes(kv, n) + megatron_sp_bytes(
+            s, seg, b, lay.t, es, tp_fwd
+        )
     if lay.mode == "ring":  # forward passes K/V n-1 times; backward K/V and dK/dV n-1 times each
         return s.layers * 3 * (n - 1) * kv
     if lay.mode == "ulysses":  # q, k, v and output all-to-all, forward (x fwd) and backward
@@ -333,9 +338,12 @@ def sp_calls_per_micro_batch(s: Shape, lay: Layout) -> int:
     if lay.n == 1:
         return megatron
     fwd = _forward_repeats(lay)
-    return {"lss": (fwd + 1) * s.layers * lay.kv_chunks + megatron,
-            "ring": 3 * (lay.n - 1) * s.layers, "ulysses": 4 * (fwd + 1) * s.layers,
-            "nvidia-sp": megatron}.get(lay.mode, 0)  # fmt: skip
+    return {
+        "lss": (fwd + 1) * s.layers * lay.kv_chunks + megatron,
+        "ring": 3 * (lay.n - 1) * s.layers,
+        "ulysses": 4 * (fwd + 1) * s.layers,
+        "nvidia-sp": megatron,
+    }.get(lay.mode, 0)
 
 
 def grad_comm(s: Shape, lay: Layout) -> tuple[int, int]:

@@ -132,26 +132,38 @@ DGX_H100 = Network(gpus_per_node=8, intra_bw=450 * GB, inter_bw_per_node=8 * 50 
 
 DEVICES: dict[str, Device] = {
     "v100-summit": Device(
-        "V100 SXM2 16 GB (Summit)", 16 * GB, 900 * GB,
-        {"fp32": 15.7e12, "fp16": 125e12}, SUMMIT,
+        "V100 SXM2 16 GB (Summit)",
+        16 * GB,
+        900 * GB,
+        {"fp32": 15.7e12, "fp16": 125e12},
+        SUMMIT,
         "6 GPUs per node, 3 per POWER9 socket; no bf16",
     ),
     "a100": Device(
-        "A100 SXM 80 GB (DGX A100-class)", 80 * GB, 2.0e12,
-        {"fp32": 19.5e12, "tf32": 156e12, "bf16": 312e12, "fp16": 312e12}, DGX_A100,
+        "A100 SXM 80 GB (DGX A100-class)",
+        80 * GB,
+        2.0e12,
+        {"fp32": 19.5e12, "tf32": 156e12, "bf16": 312e12, "fp16": 312e12},
+        DGX_A100,
         "8 GPUs per node on NVSwitch; HDR 200 Gb/s per GPU",
     ),
     "h100": Device(
-        "H100 SXM 80 GB (DGX H100-class)", 80 * GB, 3.35e12,
-        {"fp32": 67e12, "tf32": 495e12, "bf16": 989e12, "fp16": 989e12}, DGX_H100,
+        "H100 SXM 80 GB (DGX H100-class)",
+        80 * GB,
+        3.35e12,
+        {"fp32": 67e12, "tf32": 495e12, "bf16": 989e12, "fp16": 989e12},
+        DGX_H100,
         "8 GPUs per node on NVSwitch; NDR 400 Gb/s per GPU",
     ),
     "h200": Device(
-        "H200 141 GB (measured matmul and copy rates)", 141 * GB, 4.3e12,
-        {"fp32": 67e12, "tf32": 495e12, "bf16": 790e12, "fp16": 790e12}, DGX_H100,
+        "H200 141 GB (measured matmul and copy rates)",
+        141 * GB,
+        4.3e12,
+        {"fp32": 67e12, "tf32": 495e12, "bf16": 790e12, "fp16": 790e12},
+        DGX_H100,
         "bf16 8192^3 matmul and device copy measured on the lent H200; node as DGX H100",
     ),
-}  # fmt: skip
+}
 
 
 MEASURED_DIR = Path(__file__).resolve().parents[1] / "data" / "gpu"
@@ -181,8 +193,11 @@ def measured_bf16_peak(preset: str, directory: Path = MEASURED_DIR) -> float | N
 def measured_attention_efficiency(data: dict) -> tuple:
     """((l/N, fraction of the matmul peak), ...) of the most loaded LSS rank in a gpu_check
     record (its ``attention_efficiency`` rows for the last rank), sorted by l/N."""
-    rows = [r for r in data.get("attention_efficiency", []) if r.get("rank") == "last"
-            and r.get("fraction_of_matmul_peak")]  # fmt: skip
+    rows = [
+        r
+        for r in data.get("attention_efficiency", [])
+        if r.get("rank") == "last" and r.get("fraction_of_matmul_peak")
+    ]
     return tuple(sorted((int(r["local_len"]), float(r["fraction_of_matmul_peak"])) for r in rows))
 
 

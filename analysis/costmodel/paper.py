@@ -48,24 +48,45 @@ from .scenarios import (
 from .steptime import Assumptions
 
 PAPER_CLAIMS = {
-    "speedup": {"value": 5.6, "unit": "x", "ranks": 144, "label": "speed vs NVIDIA SP, 144 V100",
-                "refers_to": "LSS faster than NVIDIA sequence parallelism, enwik8, 144 V100 "
-                             "(step time; batch and layouts unknown)"},
-    "memory": {"value": 10.2, "unit": "x", "ranks": 144, "label": "memory vs NVIDIA SP, 144 V100",
-               "refers_to": "LSS more memory-efficient than NVIDIA SP, 144 V100 (per-GPU bytes "
-                            "or longest sequence: unknown)"},
-    "efficiency": {"value": 161.0, "unit": "%", "ranks": 3456,
-                   "label": "parallel efficiency, l 50,112, 3,456 V100",
-                   "refers_to": "super-linear parallel efficiency at l 50,112 on 3,456 V100 "
-                                "(definition and reference run unknown)"},
-    "throughput": {"value": 32.0, "unit": "PFLOP/s", "ranks": 3456,
-                   "label": "throughput, l 50,112, 3,456 V100",
-                   "refers_to": "32 petaflops at l 50,112 on 3,456 V100 (FLOP convention "
-                                "unknown)"},
-    "longest": {"value": 50112.0, "unit": "tokens", "ranks": 3456,
-                "label": "sequence length on 3,456 V100",
-                "refers_to": "l = 50,112 reached on 3,456 V100 (N x D grid unknown)"},
-}  # fmt: skip
+    "speedup": {
+        "value": 5.6,
+        "unit": "x",
+        "ranks": 144,
+        "label": "speed vs NVIDIA SP, 144 V100",
+        "refers_to": "LSS faster than NVIDIA sequence parallelism, enwik8, 144 V100 "
+        "(step time; batch and layouts unknown)",
+    },
+    "memory": {
+        "value": 10.2,
+        "unit": "x",
+        "ranks": 144,
+        "label": "memory vs NVIDIA SP, 144 V100",
+        "refers_to": "LSS more memory-efficient than NVIDIA SP, 144 V100 (per-GPU bytes "
+        "or longest sequence: unknown)",
+    },
+    "efficiency": {
+        "value": 161.0,
+        "unit": "%",
+        "ranks": 3456,
+        "label": "parallel efficiency, l 50,112, 3,456 V100",
+        "refers_to": "super-linear parallel efficiency at l 50,112 on 3,456 V100 "
+        "(definition and reference run unknown)",
+    },
+    "throughput": {
+        "value": 32.0,
+        "unit": "PFLOP/s",
+        "ranks": 3456,
+        "label": "throughput, l 50,112, 3,456 V100",
+        "refers_to": "32 petaflops at l 50,112 on 3,456 V100 (FLOP convention unknown)",
+    },
+    "longest": {
+        "value": 50112.0,
+        "unit": "tokens",
+        "ranks": 3456,
+        "label": "sequence length on 3,456 V100",
+        "refers_to": "l = 50,112 reached on 3,456 V100 (N x D grid unknown)",
+    },
+}
 """The paper's headline numbers (abstract, arXiv 2311.02382) and what each refers to."""
 
 SETS = tuple(ASSUMPTION_SETS)
@@ -89,15 +110,15 @@ def _predict(config: dict, opts: Options) -> dict:
 def longest(config: dict, step: int, opts: Options) -> int:
     """Longest l (a multiple of `step`) whose ``peak_bytes`` (saved + transient) fit the GPU."""
     budget = get_device(DEVICE).memory_bytes
-    return longest_fitting(step, lambda ll: predict(at_length(config, ll))["peak_bytes"],
-                           budget, 1 << 22)  # fmt: skip
+    return longest_fitting(
+        step, lambda ll: predict(at_length(config, ll))["peak_bytes"], budget, 1 << 22
+    )
 
 
 def max_seq_length(make, step: int, memory: float, limit: int = 1 << 22) -> int:
     """Largest l (a multiple of `step`) whose per-GPU ``peak_bytes`` fit `memory`;
     `make(l)` -> config."""
-    return longest_fitting(step, lambda length: predict(make(length))["peak_bytes"], memory,
-                           limit)  # fmt: skip
+    return longest_fitting(step, lambda length: predict(make(length))["peak_bytes"], memory, limit)
 
 
 def summit_layout(base: str = "144", **overrides) -> dict:
@@ -114,22 +135,41 @@ def summit_layout(base: str = "144", **overrides) -> dict:
 
 
 # --- the 144-GPU comparison --------------------------------------------------------------------
-def _pair_144(aset: AssumptionSet, n: int, t: int, opts: Options, ranks: int = RANKS,
-              seq_length: int = SEQ_144) -> dict:  # fmt: skip
+def _pair_144(
+    aset: AssumptionSet,
+    n: int,
+    t: int,
+    opts: Options,
+    ranks: int = RANKS,
+    seq_length: int = SEQ_144,
+) -> dict:
     """LSS at N = n against NVIDIA SP at t on `ranks` GPUs: per iteration (one sequence per
     replica each) and at equal tokens per step (lcm of the replica counts)."""
-    sp = _predict(setup_144(aset, "nvidia-sp", t, ranks, seq_length,
-                            recompute=opts.baseline_recompute), opts)  # fmt: skip
+    sp = _predict(
+        setup_144(aset, "nvidia-sp", t, ranks, seq_length, recompute=opts.baseline_recompute), opts
+    )
     lss = _predict(setup_144(aset, "lss", n, ranks, seq_length), opts)
     g = lcm(ranks // n, ranks // t)
     lss_g = _predict(setup_144(aset, "lss", n, ranks, seq_length, global_batch=g), opts)
-    sp_g = _predict(setup_144(aset, "nvidia-sp", t, ranks, seq_length, global_batch=g,
-                              recompute=opts.baseline_recompute), opts)  # fmt: skip
+    sp_g = _predict(
+        setup_144(
+            aset,
+            "nvidia-sp",
+            t,
+            ranks,
+            seq_length,
+            global_batch=g,
+            recompute=opts.baseline_recompute,
+        ),
+        opts,
+    )
     return {
-        "sp": sp, "lss": lss, "equal_tokens_batch": g,
+        "sp": sp,
+        "lss": lss,
+        "equal_tokens_batch": g,
         "per_iteration": sp["step_time_s"] / lss["step_time_s"],
         "equal_tokens": sp_g["step_time_s"] / lss_g["step_time_s"],
-    }  # fmt: skip
+    }
 
 
 def _comparison_144(aset: AssumptionSet, opts: Options) -> dict:
@@ -140,11 +180,13 @@ def _comparison_144(aset: AssumptionSet, opts: Options) -> dict:
         pair = _pair_144(aset, LSS_DEGREE, t, opts)
         sp_cfg = setup_144(aset, "nvidia-sp", t, recompute=opts.baseline_recompute)
         sp_longest = longest(sp_cfg, LSS_DEGREE, opts)  # the same step: comparable lengths
-        pair.update({
-            "bytes_ratio": pair["sp"]["peak_bytes"] / pair["lss"]["peak_bytes"],
-            "longest": {"lss": lss_longest, "nvidia-sp": sp_longest},
-            "longest_ratio": lss_longest / max(1, sp_longest),
-        })  # fmt: skip
+        pair.update(
+            {
+                "bytes_ratio": pair["sp"]["peak_bytes"] / pair["lss"]["peak_bytes"],
+                "longest": {"lss": lss_longest, "nvidia-sp": sp_longest},
+                "longest_ratio": lss_longest / max(1, sp_longest),
+            }
+        )
         out[t] = pair
     return out
 
@@ -169,12 +211,16 @@ def _weak_point(aset: AssumptionSet, n: int, opts: Options, ref: dict | None = N
     causal = run["model_flops_per_step"] / tp
     full = full_square_flops(cfg) / tp
     return {
-        "run": run, "reference": ref, "ranks": p, "seq_length": l0 * n,
-        "flops_per_s": causal, "flops_per_s_full_square": full,
+        "run": run,
+        "reference": ref,
+        "ranks": p,
+        "seq_length": l0 * n,
+        "flops_per_s": causal,
+        "flops_per_s_full_square": full,
         "efficiency": causal / p / (ref["pred"]["model_flops_per_step"] / t1),
         "efficiency_full_square": full / p / (ref["full"] / t1),
         "token_rate_efficiency": (D_3456 * l0 * n / tp / p) / (l0 / t1),
-    }  # fmt: skip
+    }
 
 
 def _scale_3456(aset: AssumptionSet, opts: Options) -> dict:
@@ -191,7 +237,6 @@ _PARTS = {
     "saved activations": ("activation_bytes",),
     "attention transient": ("transient_bytes",),
 }
-# fmt: skip
 
 
 def _parts(pred: dict) -> dict:
@@ -221,41 +266,54 @@ def _drivers(a: AssumptionSet, c144: dict, s3456: dict) -> dict:
     fit = (
         f"{biggest} {parts[biggest] / 1e9:.1f} of {at['peak_bytes'] / 1e9:.1f} GB at the longest l"
     )
-    return {"speedup": speed, "memory": memory, "efficiency": scale, "throughput": scale,
-            "longest": fit}  # fmt: skip
+    return {
+        "speedup": speed,
+        "memory": memory,
+        "efficiency": scale,
+        "throughput": scale,
+        "longest": fit,
+    }
 
 
 def _readings(c144: dict, s3456: dict) -> dict:
     """Per claim, {reading: modelled value in the claim's unit}."""
     t = SP_DEGREES
     return {
-        "speedup": {**{f"per_iteration_t{x}": c144[x]["per_iteration"] for x in t},
-                    **{f"equal_tokens_t{x}": c144[x]["equal_tokens"] for x in t}},
-        "memory": {**{f"bytes_per_gpu_t{x}": c144[x]["bytes_ratio"] for x in t},
-                   **{f"longest_l_t{x}": c144[x]["longest_ratio"] for x in t}},
-        "efficiency": {"causal_flops": 100 * s3456["efficiency"],
-                       "full_square_flops": 100 * s3456["efficiency_full_square"],
-                       "token_rate": 100 * s3456["token_rate_efficiency"]},
-        "throughput": {"causal_flops": s3456["flops_per_s"] / 1e15,
-                       "full_square_flops": s3456["flops_per_s_full_square"] / 1e15},
+        "speedup": {
+            **{f"per_iteration_t{x}": c144[x]["per_iteration"] for x in t},
+            **{f"equal_tokens_t{x}": c144[x]["equal_tokens"] for x in t},
+        },
+        "memory": {
+            **{f"bytes_per_gpu_t{x}": c144[x]["bytes_ratio"] for x in t},
+            **{f"longest_l_t{x}": c144[x]["longest_ratio"] for x in t},
+        },
+        "efficiency": {
+            "causal_flops": 100 * s3456["efficiency"],
+            "full_square_flops": 100 * s3456["efficiency_full_square"],
+            "token_rate": 100 * s3456["token_rate_efficiency"],
+        },
+        "throughput": {
+            "causal_flops": s3456["flops_per_s"] / 1e15,
+            "full_square_flops": s3456["flops_per_s_full_square"] / 1e15,
+        },
         "longest": {"longest_l_n144_d24": float(s3456["longest"])},
-    }  # fmt: skip
+    }
 
 
 _CLAIM_ASSUMPTIONS = {
     "speedup": "NVIDIA SP head-capped at t = 6 (one node) / 12 (two nodes), D = 144 / t; LSS "
-               f"N = 144, D = 1; l {SEQ_144:,}; per iteration = one sequence per replica, "
-               "equal tokens = the same sequences per step",
+    f"N = 144, D = 1; l {SEQ_144:,}; per iteration = one sequence per replica, "
+    "equal tokens = the same sequences per step",
     "memory": "bytes = weights + master + grads + AdamW + saved activations + one layer's "
-              f"attention-backward transient at l {SEQ_144:,}; longest l within 16 GB (steps "
-              "of 144)",
+    f"attention-backward transient at l {SEQ_144:,}; longest l within 16 GB (steps "
+    "of 144)",
     "efficiency": "weak scaling, LSS N = 144 x D = 24, 348 tokens per GPU, against one GPU at "
-                  "l 348; per-GPU FLOP rate (causal or full-square FLOPs) or token rate",
+    "l 348; per-GPU FLOP rate (causal or full-square FLOPs) or token rate",
     "throughput": "model FLOPs per step (causal pairs, or the full l^2 square) over the "
-                  "predicted step time, N = 144 x D = 24",
+    "predicted step time, N = 144 x D = 24",
     "longest": "LSS N = 144 x D = 24 (one sequence per replica), longest l whose peak bytes fit "
-               "16 GB (steps of 144)",
-}  # fmt: skip
+    "16 GB (steps of 144)",
+}
 
 
 def summit_paper(assumptions: tuple[str, ...] = SETS, options: Options | None = None) -> dict:
@@ -273,25 +331,32 @@ def summit_paper(assumptions: tuple[str, ...] = SETS, options: Options | None = 
     claims = []
     for key, claim in PAPER_CLAIMS.items():
         model = {a.name: readings[a.name][key] for a in sets}
-        claims.append({
-            "claim": key, "label": claim["label"], "paper": claim["value"],
-            "unit": claim["unit"], "refers_to": claim["refers_to"],
-            "model": model,
-            "model_over_claim": {s: {r: v / claim["value"] for r, v in m.items()}
-                                 for s, m in model.items()},
-            "assumptions": _CLAIM_ASSUMPTIONS[key],
-            "driven_by": {a.name: drivers[a.name][key] for a in sets},
-        })  # fmt: skip
+        claims.append(
+            {
+                "claim": key,
+                "label": claim["label"],
+                "paper": claim["value"],
+                "unit": claim["unit"],
+                "refers_to": claim["refers_to"],
+                "model": model,
+                "model_over_claim": {
+                    s: {r: v / claim["value"] for r, v in m.items()} for s, m in model.items()
+                },
+                "assumptions": _CLAIM_ASSUMPTIONS[key],
+                "driven_by": {a.name: drivers[a.name][key] for a in sets},
+            }
+        )
     return {
         "device": get_device(DEVICE).name,
         "assumption_sets": {a.name: a.about for a in sets},
-        "options": {"overlap_kv_gather": opts.overlap_kv_gather,
-                    "baseline_recompute": opts.baseline_recompute},
+        "options": {
+            "overlap_kv_gather": opts.overlap_kv_gather,
+            "baseline_recompute": opts.baseline_recompute,
+        },
         "claims": claims,
-        "sources": [dict(zip(("assumption", "value", "source"), s, strict=True))
-                    for s in SOURCES],
+        "sources": [dict(zip(("assumption", "value", "source"), s, strict=True)) for s in SOURCES],
         "details": details,
-    }  # fmt: skip
+    }
 
 
 def _layouts(a: AssumptionSet) -> dict:
@@ -326,23 +391,37 @@ def _speedup_rows(a: AssumptionSet, opts: Options) -> list[dict]:
         for n in lss_degrees:
             for t in (x for x in SP_DEGREES if p % x == 0):
                 pair = _pair_144(a, n, t, opts, ranks=p)
-                rows.append({"ranks": p, "lss_seq_parallel": n, "sp_tensor_parallel": t,
-                             "speedup_per_iteration": pair["per_iteration"],
-                             "speedup_equal_tokens": pair["equal_tokens"]})  # fmt: skip
+                rows.append(
+                    {
+                        "ranks": p,
+                        "lss_seq_parallel": n,
+                        "sp_tensor_parallel": t,
+                        "speedup_per_iteration": pair["per_iteration"],
+                        "speedup_equal_tokens": pair["equal_tokens"],
+                    }
+                )
     return rows
 
 
 def _memory_rows(a: AssumptionSet, opts: Options) -> list[dict]:
     rows = []
-    sides = [("lss", LSS_DEGREE, "none"), *(("nvidia-sp", t, opts.baseline_recompute)
-                                            for t in SP_DEGREES)]  # fmt: skip
+    sides = [
+        ("lss", LSS_DEGREE, "none"),
+        *(("nvidia-sp", t, opts.baseline_recompute) for t in SP_DEGREES),
+    ]
     for mode, degree, recompute in sides:
         cfg = setup_144(a, mode, degree, recompute=recompute)
         for ll in LENGTHS_144:
             pred = predict(at_length(cfg, ll))
-            rows.append({"mode": mode, "degree": degree, "seq_length": ll,
-                         "bytes_per_rank": pred["peak_bytes"],
-                         "held_bytes_per_rank": pred["memory_bytes"]})  # fmt: skip
+            rows.append(
+                {
+                    "mode": mode,
+                    "degree": degree,
+                    "seq_length": ll,
+                    "bytes_per_rank": pred["peak_bytes"],
+                    "held_bytes_per_rank": pred["memory_bytes"],
+                }
+            )
     return rows
 
 
@@ -355,8 +434,14 @@ def _longest_rows(a: AssumptionSet, opts: Options) -> list[dict]:
             ("nvidia-sp", t, opts.baseline_recompute),
         ):
             cfg = setup_144(a, mode, degree, ranks=p, recompute=recompute)
-            rows.append({"mode": mode, "ranks": p, "degree": degree,
-                         "longest_seq_length": longest(cfg, lcm(p, 16), opts)})  # fmt: skip
+            rows.append(
+                {
+                    "mode": mode,
+                    "ranks": p,
+                    "degree": degree,
+                    "longest_seq_length": longest(cfg, lcm(p, 16), opts),
+                }
+            )
     return rows
 
 
@@ -365,12 +450,18 @@ def _weak_rows(a: AssumptionSet, opts: Options) -> list[dict]:
     for n in WEAK_DEGREES:
         w = _weak_point(a, n, opts, ref)
         ref = w["reference"]
-        rows.append({"ranks": w["ranks"], "seq_parallel": n, "seq_length": w["seq_length"],
-                     "efficiency": w["efficiency"],
-                     "efficiency_full_square": w["efficiency_full_square"],
-                     "token_rate_efficiency": w["token_rate_efficiency"],
-                     "flops_per_s": w["flops_per_s"],
-                     "flops_per_s_full_square": w["flops_per_s_full_square"]})  # fmt: skip
+        rows.append(
+            {
+                "ranks": w["ranks"],
+                "seq_parallel": n,
+                "seq_length": w["seq_length"],
+                "efficiency": w["efficiency"],
+                "efficiency_full_square": w["efficiency_full_square"],
+                "token_rate_efficiency": w["token_rate_efficiency"],
+                "flops_per_s": w["flops_per_s"],
+                "flops_per_s_full_square": w["flops_per_s_full_square"],
+            }
+        )
     return rows
 
 
@@ -394,24 +485,54 @@ def paper_series(assumptions: str, options: Options | None = None) -> dict[str, 
     a = get_set(assumptions)
     weak = _weak_rows(a, opts)
     return {
-        "speedup_vs_ranks": _frame(_speedup_rows(a, opts), ["ranks", "lss_seq_parallel",
-                                   "sp_tensor_parallel", "speedup_per_iteration",
-                                   "speedup_equal_tokens"], a.name),
-        "memory_vs_length": _frame(_memory_rows(a, opts), ["mode", "degree", "seq_length",
-                                   "bytes_per_rank", "held_bytes_per_rank"], a.name),
-        "longest_vs_ranks": _frame(_longest_rows(a, opts), ["mode", "ranks", "degree",
-                                   "longest_seq_length"], a.name),
-        "weak_scaling": _frame(weak, ["ranks", "seq_parallel", "seq_length", "efficiency",
-                               "efficiency_full_square", "token_rate_efficiency"], a.name),
-        "throughput": _frame(weak, ["ranks", "seq_length", "flops_per_s",
-                             "flops_per_s_full_square"], a.name),
-    }  # fmt: skip
+        "speedup_vs_ranks": _frame(
+            _speedup_rows(a, opts),
+            [
+                "ranks",
+                "lss_seq_parallel",
+                "sp_tensor_parallel",
+                "speedup_per_iteration",
+                "speedup_equal_tokens",
+            ],
+            a.name,
+        ),
+        "memory_vs_length": _frame(
+            _memory_rows(a, opts),
+            ["mode", "degree", "seq_length", "bytes_per_rank", "held_bytes_per_rank"],
+            a.name,
+        ),
+        "longest_vs_ranks": _frame(
+            _longest_rows(a, opts), ["mode", "ranks", "degree", "longest_seq_length"], a.name
+        ),
+        "weak_scaling": _frame(
+            weak,
+            [
+                "ranks",
+                "seq_parallel",
+                "seq_length",
+                "efficiency",
+                "efficiency_full_square",
+                "token_rate_efficiency",
+            ],
+            a.name,
+        ),
+        "throughput": _frame(
+            weak, ["ranks", "seq_length", "flops_per_s", "flops_per_s_full_square"], a.name
+        ),
+    }
 
 
 # --- printing -----------------------------------------------------------------------------------
-_SHORT = {"per_iteration": "iter", "equal_tokens": "tok", "bytes_per_gpu": "bytes",
-          "longest_l": "longest", "causal_flops": "causal", "full_square_flops": "square",
-          "token_rate": "tokens", "longest_l_n144_d24": "N144xD24"}  # fmt: skip
+_SHORT = {
+    "per_iteration": "iter",
+    "equal_tokens": "tok",
+    "bytes_per_gpu": "bytes",
+    "longest_l": "longest",
+    "causal_flops": "causal",
+    "full_square_flops": "square",
+    "token_rate": "tokens",
+    "longest_l_n144_d24": "N144xD24",
+}
 
 
 def _short(reading: str) -> str:
@@ -433,8 +554,10 @@ def _cell(values: dict, unit: str) -> str:
 
 def print_report(report: dict) -> None:
     sets = list(report["assumption_sets"])
-    print(f"summit-paper: the paper's claims against the cost model ({report['device']}); every "
-          "model number is modelled, not measured")  # fmt: skip
+    print(
+        f"summit-paper: the paper's claims against the cost model ({report['device']}); every "
+        "model number is modelled, not measured"
+    )
     for name, about in report["assumption_sets"].items():
         print(f"  {name}: {about}")
     print(f"  options: {report['options']}\n")
@@ -444,8 +567,11 @@ def print_report(report: dict) -> None:
         unit = {"PFLOP/s": " PFLOP/s", "tokens": " tokens"}.get(c["unit"], "")
         paper = f"{c['label']}: {_value(c['paper'], c['unit'])}{unit}"
         cells = [_cell(c["model"][s], c["unit"]) for s in sets]
-        ratios = " ; ".join(f"{s}: " + ", ".join(f"{_short(r)} {v:.2f}" for r, v in
-                            c["model_over_claim"][s].items()) for s in sets)  # fmt: skip
+        ratios = " ; ".join(
+            f"{s}: "
+            + ", ".join(f"{_short(r)} {v:.2f}" for r, v in c["model_over_claim"][s].items())
+            for s in sets
+        )
         drive = " ; ".join(f"{s}: {c['driven_by'][s]}" for s in sets)
         print(" | ".join([paper, *cells, ratios, f"{c['assumptions']}; {drive}"]))
     print(
@@ -454,11 +580,15 @@ def print_report(report: dict) -> None:
     )
     for s in sets:
         lay = report["details"][s]["layouts"]
-        print(f"layouts under {s}: " + "; ".join(f"{m} {v['dtype']} {v['attention_kernel']}"
-                                               for m, v in lay.items()))  # fmt: skip
+        print(
+            f"layouts under {s}: "
+            + "; ".join(f"{m} {v['dtype']} {v['attention_kernel']}" for m, v in lay.items())
+        )
     print("\nassumption | value | source")
     for row in report["sources"]:
         print(f"  {row['assumption']} | {row['value']} | {row['source']}")
-    print("\nReproduce: python -m analysis.costmodel --preset summit-paper "
-          "[--assumptions paper-2023|modern] [--overlap-kv-gather] "
-          "[--baseline-recompute selective] [--json]")  # fmt: skip
+    print(
+        "\nReproduce: python -m analysis.costmodel --preset summit-paper "
+        "[--assumptions paper-2023|modern] [--overlap-kv-gather] "
+        "[--baseline-recompute selective] [--json]"
+    )

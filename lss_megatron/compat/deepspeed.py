@@ -41,12 +41,23 @@ def deepspeed_backend():
         """DeepSpeed's torch.distributed backend; the all-to-all passes its tensors positionally
         (DeepSpeed's passes keywords), which is how `parallel.comm.record()` reads their sizes."""
 
-        def all_to_all_single(self, output, input, output_split_sizes=None,
-                              input_split_sizes=None, group=None, async_op=False):  # fmt: skip
+        def all_to_all_single(
+            self,
+            output,
+            input,
+            output_split_sizes=None,
+            input_split_sizes=None,
+            group=None,
+            async_op=False,
+        ):
             return torch.distributed.all_to_all_single(
-                output, input, output_split_sizes, input_split_sizes, group=group,
+                output,
+                input,
+                output_split_sizes,
+                input_split_sizes,
+                group=group,
                 async_op=async_op,
-            )  # fmt: skip
+            )
 
     with no_shm_op():  # torch.distributed is initialised: TorchBackend only wraps it
         ds_comm.cdb = TorchBackendNoShm(

@@ -306,8 +306,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--download", metavar="DIR", required=True, help="folder for enwik8.zip")
     p.add_argument("--url", default=ENWIK8_URL)
-    p.add_argument("--timeout", type=float, default=60.0, metavar="S",
-                   help="give up when the server sends nothing for S seconds (default 60)")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=60.0,
+        metavar="S",
+        help="give up when the server sends nothing for S seconds (default 60)",
+    )
     p.add_argument("--extract", action="store_true", help="also extract the raw file next to it")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")

@@ -31,12 +31,14 @@ def fetch(url: str, dest: str | os.PathLike, timeout_s: float = 60.0, check=None
     try:
         got, expected = _stream(url, part, timeout_s)
         if expected is not None and got != expected:
-            raise DataError(f"download from {url} ended after {got:,} of {expected:,} bytes; "
-                            "nothing kept")  # fmt: skip
+            raise DataError(
+                f"download from {url} ended after {got:,} of {expected:,} bytes; nothing kept"
+            )
         problems = check(part) if check is not None else []
         if problems:
-            raise DataError(f"download from {url} is not what was expected, nothing kept: "
-                            f"{problems[0]}")  # fmt: skip
+            raise DataError(
+                f"download from {url} is not what was expected, nothing kept: {problems[0]}"
+            )
         os.replace(part, dest)
     except BaseException as e:
         part.unlink(missing_ok=True)
@@ -45,11 +47,14 @@ def fetch(url: str, dest: str | os.PathLike, timeout_s: float = 60.0, check=None
         if isinstance(e, (socket.timeout, TimeoutError)) or (
             isinstance(e, urllib.error.URLError) and isinstance(e.reason, socket.timeout)
         ):
-            raise DataError(f"download from {url}: no data for {timeout_s:g} s (timeout); "
-                            "nothing kept") from None  # fmt: skip
+            raise DataError(
+                f"download from {url}: no data for {timeout_s:g} s (timeout); nothing kept"
+            ) from None
         if isinstance(e, http.client.IncompleteRead):
-            raise DataError(f"download from {url} ended early ({len(e.partial):,} bytes of the "
-                            "last read); nothing kept") from None  # fmt: skip
+            raise DataError(
+                f"download from {url} ended early ({len(e.partial):,} bytes of the "
+                "last read); nothing kept"
+            ) from None
         if isinstance(e, (urllib.error.URLError, http.client.HTTPException, ValueError)):
             raise DataError(f"download from {url} failed: {_reason(e)}; nothing kept") from None
         raise

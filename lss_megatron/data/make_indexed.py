@@ -29,8 +29,9 @@ import numpy as np
 DEFAULT_DOCUMENT_BYTES = 65536
 
 
-def documents(data: bytes, separator: bytes | None = None,
-              document_bytes: int = DEFAULT_DOCUMENT_BYTES) -> Iterator[bytes]:  # fmt: skip
+def documents(
+    data: bytes, separator: bytes | None = None, document_bytes: int = DEFAULT_DOCUMENT_BYTES
+) -> Iterator[bytes]:
     """The documents of `data` (module docstring); their concatenation is `data`."""
     if separator:
         start = 0
@@ -44,9 +45,12 @@ def documents(data: bytes, separator: bytes | None = None,
         yield data[start : start + document_bytes]
 
 
-def make_indexed(input_path: str | os.PathLike, output_prefix: str | os.PathLike,
-                 separator: bytes | None = None,
-                 document_bytes: int = DEFAULT_DOCUMENT_BYTES) -> tuple[int, int]:  # fmt: skip
+def make_indexed(
+    input_path: str | os.PathLike,
+    output_prefix: str | os.PathLike,
+    separator: bytes | None = None,
+    document_bytes: int = DEFAULT_DOCUMENT_BYTES,
+) -> tuple[int, int]:
     """Write ``output_prefix.bin/.idx`` from the bytes of `input_path`; returns (documents,
     tokens)."""
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
@@ -78,16 +82,27 @@ def make_indexed(input_path: str | os.PathLike, output_prefix: str | os.PathLike
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m lss_megatron.data.make_indexed",
-                                description=__doc__.split("\n")[0])  # fmt: skip
+    p = argparse.ArgumentParser(
+        prog="python -m lss_megatron.data.make_indexed", description=__doc__.split("\n")[0]
+    )
     p.add_argument("--input", required=True, metavar="FILE", help="a byte file or enwik8.zip")
-    p.add_argument("--output-prefix", required=True, metavar="PREFIX",
-                   help="writes PREFIX.bin and PREFIX.idx")  # fmt: skip
+    p.add_argument(
+        "--output-prefix", required=True, metavar="PREFIX", help="writes PREFIX.bin and PREFIX.idx"
+    )
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--document-separator", metavar="TEXT", default=None,
-                   help="end a document after each occurrence of TEXT (UTF-8), e.g. '</page>'")  # fmt: skip
-    g.add_argument("--document-bytes", type=int, default=DEFAULT_DOCUMENT_BYTES, metavar="N",
-                   help=f"without a separator: documents of N bytes (default {DEFAULT_DOCUMENT_BYTES})")  # fmt: skip
+    g.add_argument(
+        "--document-separator",
+        metavar="TEXT",
+        default=None,
+        help="end a document after each occurrence of TEXT (UTF-8), e.g. '</page>'",
+    )
+    g.add_argument(
+        "--document-bytes",
+        type=int,
+        default=DEFAULT_DOCUMENT_BYTES,
+        metavar="N",
+        help=f"without a separator: documents of N bytes (default {DEFAULT_DOCUMENT_BYTES})",
+    )
     args = p.parse_args(argv)
     if not Path(args.input).is_file():
         p.error(f"--input {args.input}: no such file")
@@ -101,8 +116,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as e:
         print(f"make_indexed: error: {e}", file=sys.stderr)
         return 2
-    print(f"{args.output_prefix}.bin/.idx: {n_docs:,} documents, {n_tokens:,} tokens (bytes); "
-          f"train with --data megatron --data-path {args.output_prefix} --vocab-size 256")  # fmt: skip
+    print(
+        f"{args.output_prefix}.bin/.idx: {n_docs:,} documents, {n_tokens:,} tokens (bytes); "
+        f"train with --data megatron --data-path {args.output_prefix} --vocab-size 256"
+    )
     return 0
 
 

@@ -98,8 +98,10 @@ def _vocab_problem(bin_path: Path, dtype: type, vocab_size: int) -> str | None:
     data = np.memmap(bin_path, dtype=dtype, mode="r")
     lo, hi = int(data.min()), int(data.max())
     if lo < 0 or hi >= vocab_size:
-        return (f"holds token ids {lo}..{hi}, outside --vocab-size {vocab_size} "
-                f"(ids 0..{vocab_size - 1})")  # fmt: skip
+        return (
+            f"holds token ids {lo}..{hi}, outside --vocab-size {vocab_size} "
+            f"(ids 0..{vocab_size - 1})"
+        )
     return None
 
 
@@ -118,15 +120,19 @@ def indexed_problems(path: str | None, vocab_size: int, seq_length: int | None =
         return [f"--data-path {path}: {e}"]
     itemsize = np.dtype(dtype).itemsize
     if bin_path.stat().st_size != int(lengths.sum(dtype=np.int64)) * itemsize:
-        return [f"--data-path {path}: {bin_path} has {bin_path.stat().st_size:,} bytes, the index "
-                f"says {int(lengths.sum(dtype=np.int64)) * itemsize:,}"]  # fmt: skip
+        return [
+            f"--data-path {path}: {bin_path} has {bin_path.stat().st_size:,} bytes, the index "
+            f"says {int(lengths.sum(dtype=np.int64)) * itemsize:,}"
+        ]
     problems = []
     lo, hi = split_bounds(len(lengths))["train"]
     train_tokens = int(lengths[lo:hi].sum(dtype=np.int64))
     if seq_length is not None and train_tokens < seq_length + 1:
-        problems.append(f"--data-path {path}: the train split ({hi - lo} documents, "
-                        f"{train_tokens:,} tokens) cannot hold one sample of --seq-length "
-                        f"{seq_length} + 1 tokens")  # fmt: skip
+        problems.append(
+            f"--data-path {path}: the train split ({hi - lo} documents, "
+            f"{train_tokens:,} tokens) cannot hold one sample of --seq-length "
+            f"{seq_length} + 1 tokens"
+        )
     bad = _vocab_problem(bin_path, dtype, vocab_size)
     if bad:
         problems.append(f"--data-path {path}: {bin_path} {bad}")
@@ -138,14 +144,22 @@ class MegatronIndexed:
 
     name = "megatron"
 
-    def __init__(self, path: str | os.PathLike, *, seq_length: int, vocab_size: int, seed: int,
-                 global_batch_size: int):  # fmt: skip
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        seq_length: int,
+        vocab_size: int,
+        seed: int,
+        global_batch_size: int,
+    ):
         problems = indexed_problems(str(path), vocab_size, seq_length)
         if problems:
             raise DataError("; ".join(problems))
         if global_batch_size < 1 or seed < 0:
-            raise DataError(f"need global_batch_size >= 1 and seed >= 0, got {global_batch_size}, "
-                            f"{seed}")  # fmt: skip
+            raise DataError(
+                f"need global_batch_size >= 1 and seed >= 0, got {global_batch_size}, {seed}"
+            )
         from megatron.core.datasets.indexed_dataset import IndexedDataset
 
         self.prefix = split_prefix(path)
@@ -185,8 +199,10 @@ class MegatronIndexed:
         """(epoch, sample k of that epoch's stream) of sample `index` of `step` (docstring)."""
         s = self.samples_per_epoch(split)
         if s < 1:
-            raise DataError(f"--data-path {self.prefix}: the {split} split ({self.split_tokens(split):,} "
-                            f"tokens) cannot hold one sample of {self.seq_length + 1} tokens")  # fmt: skip
+            raise DataError(
+                f"--data-path {self.prefix}: the {split} split ({self.split_tokens(split):,} "
+                f"tokens) cannot hold one sample of {self.seq_length + 1} tokens"
+            )
         g = max(step - 1, 0) * self.global_batch_size + index
         if split != "train":
             return 0, g % s
@@ -216,6 +232,8 @@ class MegatronIndexed:
             base = k * self.seq_length
             out[row] = self._stream(split, epoch, base + lo, base + hi)  # only these tokens
         if out.size and (out.min() < 0 or out.max() >= self.vocab_size):
-            raise DataError(f"--data-path {self.prefix}: token ids {out.min()}..{out.max()} are "
-                            f"outside --vocab-size {self.vocab_size}")  # fmt: skip
+            raise DataError(
+                f"--data-path {self.prefix}: token ids {out.min()}..{out.max()} are "
+                f"outside --vocab-size {self.vocab_size}"
+            )
         return out

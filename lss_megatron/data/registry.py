@@ -56,8 +56,7 @@ def build_dataset(
     to it). The synthetic task ignores both. ``megatron`` needs `eval_batch_size`: it is the G of
     every step, train included (samples are consumed in order, see `megatron_indexed.py`).
     """
-    problems = check_data_config(name, None if path is None else str(path), vocab_size,
-                                 seq_length)  # fmt: skip
+    problems = check_data_config(name, None if path is None else str(path), vocab_size, seq_length)
     if problems:
         raise DataError("; ".join(problems))
     if name == "synthetic":
@@ -67,8 +66,13 @@ def build_dataset(
 
         if eval_batch_size is None:
             raise DataError("--data megatron needs the global batch size (eval_batch_size)")
-        return MegatronIndexed(path, seq_length=seq_length, vocab_size=vocab_size, seed=seed,
-                               global_batch_size=eval_batch_size)  # fmt: skip
+        return MegatronIndexed(
+            path,
+            seq_length=seq_length,
+            vocab_size=vocab_size,
+            seed=seed,
+            global_batch_size=eval_batch_size,
+        )
     from .enwik8 import Enwik8
 
     assert path is not None  # checked above

@@ -41,11 +41,13 @@ def attend(q, k, v, *, kernel: str, q_offset: int, causal: bool, softmax_scale: 
     (`kernel.partial_attention`: nothing quadratic in l saved) or ``dense`` (`dense_attention`:
     scores materialised and probabilities saved)."""
     if kernel == "flash":
-        return partial_attention(q, k, v, q_offset=q_offset, causal=causal,
-                                 softmax_scale=softmax_scale)  # fmt: skip
+        return partial_attention(
+            q, k, v, q_offset=q_offset, causal=causal, softmax_scale=softmax_scale
+        )
     if kernel == "dense":
-        return dense_attention(q, k, v, q_offset=q_offset, causal=causal,
-                               softmax_scale=softmax_scale)  # fmt: skip
+        return dense_attention(
+            q, k, v, q_offset=q_offset, causal=causal, softmax_scale=softmax_scale
+        )
     raise ValueError(f"unknown attention kernel {kernel!r}; expected one of {KERNELS}")
 
 
@@ -126,8 +128,9 @@ class SequenceCoreAttention(MegatronModule):
         mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
         # the compute dtype (autocast's, or bf16 parameters') before any communication: LSS's K/V
         # gather and Ulysses' all-to-alls carry it, whatever dtype Megatron's bias add left
-        query, key, value = to_compute_dtype(query, key, value,
-                                             getattr(self.config, "params_dtype", None))  # fmt: skip
+        query, key, value = to_compute_dtype(
+            query, key, value, getattr(self.config, "params_dtype", None)
+        )
         out = self.attend(query, key, value, mask_type == AttnMaskType.causal)  # [s/N, b, h, d]
         sq, b, h, d = out.shape
         return out.reshape(sq, b, h * d)  # [s/N, b, h*d]
@@ -138,8 +141,15 @@ class FlashCoreAttention(SequenceCoreAttention):
     gathers the sequence before QKV): q [l, b, hp, d], k/v [l, b, hp_kv, d] -> [l, b, hp, d]."""
 
     def attend(self, query, key, value, causal: bool) -> torch.Tensor:
-        return attend(query, key, value, kernel="flash", q_offset=0, causal=causal,
-                      softmax_scale=self.softmax_scale)  # [l, b, hp, d]  # fmt: skip
+        return attend(
+            query,
+            key,
+            value,
+            kernel="flash",
+            q_offset=0,
+            causal=causal,
+            softmax_scale=self.softmax_scale,
+        )  # [l, b, hp, d]
 
 
 class LSSCoreAttention(SequenceCoreAttention):

@@ -64,8 +64,11 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "cpu_flash", "sdpa", "math")
-CUDA_KERNELS = (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION,
-                SDPBackend.EFFICIENT_ATTENTION)  # fmt: skip
+CUDA_KERNELS = (
+    SDPBackend.FLASH_ATTENTION,
+    SDPBackend.CUDNN_ATTENTION,
+    SDPBackend.EFFICIENT_ATTENTION,
+)
 """The SDPA kernels allowed on CUDA (never the quadratic math kernel)."""
 _FLASH_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _MATH_CHUNK = 256
@@ -260,8 +263,13 @@ def _expand_kv_for_kernel(qb, kb, vb):
     if h == h_kv or qb.dtype in (torch.bfloat16, torch.float16):
         return kb, vb
     if not _expand_noted:
-        logger.info("attention: %s GQA on CUDA expands K/V from %d to %d heads for the "
-                    "memory-efficient kernel (flash needs 16-bit inputs)", qb.dtype, h_kv, h)  # fmt: skip
+        logger.info(
+            "attention: %s GQA on CUDA expands K/V from %d to %d heads for the "
+            "memory-efficient kernel (flash needs 16-bit inputs)",
+            qb.dtype,
+            h_kv,
+            h,
+        )
         _expand_noted = True
     g = h // h_kv
     return kb.repeat_interleave(g, 1), vb.repeat_interleave(g, 1)  # [b, h, sk, d]
@@ -278,14 +286,17 @@ def _check_cuda_kernel(qb, kb, vb, mask) -> None:
     with sdpa_kernel(list(CUDA_KERNELS)):
         if cuda.can_use_flash_attention(params) or cuda.can_use_efficient_attention(params):
             return
-    raise AttentionKernelError(_kernel_message(qb, kb, "no flash or memory-efficient kernel for "
-                                                       "a lower-right causal mask"))  # fmt: skip
+    raise AttentionKernelError(
+        _kernel_message(qb, kb, "no flash or memory-efficient kernel for a lower-right causal mask")
+    )
 
 
 def _kernel_message(qb, kb, why: str) -> str:
-    return (f"attention: no allowed SDPA kernel ({', '.join(b.name for b in CUDA_KERNELS)}) for "
-            f"q {tuple(qb.shape)} k {tuple(kb.shape)} {qb.dtype} on {qb.device}; refusing the "
-            f"quadratic math kernel ({why.splitlines()[0] if why else ''})")  # fmt: skip
+    return (
+        f"attention: no allowed SDPA kernel ({', '.join(b.name for b in CUDA_KERNELS)}) for "
+        f"q {tuple(qb.shape)} k {tuple(kb.shape)} {qb.dtype} on {qb.device}; refusing the "
+        f"quadratic math kernel ({why.splitlines()[0] if why else ''})"
+    )
 
 
 def _math_attention(q, k, v, q_offset: int, causal: bool, scale: float) -> torch.Tensor:

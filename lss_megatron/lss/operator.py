@@ -91,8 +91,11 @@ def lss_attention(
     outs = []
     for c in range(kv_chunks):
         k_c, v_c = k[:, :, chunk[c]], v[:, :, chunk[c]]  # [s/N, b, hc, d]
-        upcoming = (start_kv_all_gather(k[:, :, chunk[c + 1]], v[:, :, chunk[c + 1]], group)
-                    if c + 1 < kv_chunks else None)  # fmt: skip
+        upcoming = (
+            start_kv_all_gather(k[:, :, chunk[c + 1]], v[:, :, chunk[c + 1]], group)
+            if c + 1 < kv_chunks
+            else None
+        )
         k_full, v_full = finish_kv_all_gather(k_c, v_c, pending)  # 2 x [s, b, hc, d]
         outs.append(attend(q[:, :, c * qc : (c + 1) * qc], k_full, v_full))  # [s/N, b, qc, d]
         pending = upcoming
@@ -128,8 +131,11 @@ def _partial(
 ) -> torch.Tensor:
     """Partial attention of this rank's queries against the gathered (rank-ordered) K/V."""
     sq = q.shape[0]
-    kernel = (dense_attention if backend == "dense"
-              else functools.partial(partial_attention, backend=backend))  # fmt: skip
+    kernel = (
+        dense_attention
+        if backend == "dense"
+        else functools.partial(partial_attention, backend=backend)
+    )
     if layout == "contiguous":
         return kernel(
             q, k_full, v_full, q_offset=r * sq, causal=causal, softmax_scale=scale
@@ -139,8 +145,14 @@ def _partial(
     k_glob = k_full.view(2 * n, c, *k_full.shape[1:]).index_select(0, perm).flatten(0, 1)
     v_glob = v_full.view(2 * n, c, *v_full.shape[1:]).index_select(0, perm).flatten(0, 1)
     outs = [
-        kernel(q[i * c : (i + 1) * c], k_glob, v_glob, q_offset=chunk * c, causal=causal,
-               softmax_scale=scale)  # [c, b, h, d]
+        kernel(
+            q[i * c : (i + 1) * c],
+            k_glob,
+            v_glob,
+            q_offset=chunk * c,
+            causal=causal,
+            softmax_scale=scale,
+        )  # [c, b, h, d]
         for i, chunk in enumerate((r, 2 * n - 1 - r))
-    ]  # fmt: skip
+    ]
     return torch.cat(outs, dim=0)  # [s/N, b, h, d]

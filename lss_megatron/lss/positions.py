@@ -44,9 +44,10 @@ class SegmentPositionEmbedding(torch.nn.Module):
         rows = rows.cpu()
         self.register_buffer("local_of", local_of, persistent=False)
         self.contiguous_offset = (
-            int(rows[0]) if torch.equal(rows, torch.arange(int(rows[0]), int(rows[0]) + rows.numel()))
+            int(rows[0])
+            if torch.equal(rows, torch.arange(int(rows[0]), int(rows[0]) + rows.numel()))
             else None
-        )  # fmt: skip
+        )
 
     def forward(self, position_ids: torch.Tensor) -> torch.Tensor:
         if position_ids.shape[-1] != self.weight.shape[0]:

@@ -105,8 +105,9 @@ def _check_model(gpt, n: int, layout: str) -> None:
             f"(one of {POSITION_TYPES})"
         )
     emb = getattr(gpt, "embedding", None)
-    if isinstance(getattr(emb, "position_embeddings", None), SegmentPositionEmbedding) or \
-            isinstance(getattr(gpt, "rotary_pos_emb", None), SegmentRotaryEmbedding):  # fmt: skip
+    if isinstance(
+        getattr(emb, "position_embeddings", None), SegmentPositionEmbedding
+    ) or isinstance(getattr(gpt, "rotary_pos_emb", None), SegmentRotaryEmbedding):
         raise RuntimeError("prepare_lss_model: this model is already prepared (call it once)")
     if kind == "rope" and not hasattr(gpt.rotary_pos_emb, "get_emb"):
         raise ValueError(
@@ -140,8 +141,9 @@ def prepare_lss_model(model, *, layout: str = "contiguous"):
 def _layer_spec(model, grid, kernel: str = "flash"):
     """The trainer's LSS spec; with tensor parallelism (T > 1) Megatron's TP runs with
     sequence_parallel inside each sequence rank, so its LayerNorms must accept it."""
-    spec = get_lss_layer_spec(causal=model.causal, layout=grid.layout,
-                              kv_chunks=grid.kv_gather_chunks, kernel=kernel)  # fmt: skip
+    spec = get_lss_layer_spec(
+        causal=model.causal, layout=grid.layout, kv_chunks=grid.kv_gather_chunks, kernel=kernel
+    )
     return with_sequence_parallel_norms(spec, model.num_layers) if grid.tp_size > 1 else spec
 
 

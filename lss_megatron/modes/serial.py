@@ -27,4 +27,7 @@ def get_serial_layer_spec(causal: bool = True, kernel: str = "flash"):
     return spec
 
 
-MODE = Mode(name="serial", layer_spec=lambda m, grid, kernel="flash": get_serial_layer_spec(m.causal, kernel))
+MODE = Mode(
+    name="serial",
+    layer_spec=lambda m, grid, kernel="flash": get_serial_layer_spec(m.causal, kernel),
+)

@@ -48,8 +48,9 @@ class _FullSequenceAttention(torch.nn.Module):
         self.kernel = kernel
 
     def forward(self, q, k, v, causal: bool):
-        return attend(q, k, v, kernel=self.kernel, q_offset=0, causal=causal,
-                      softmax_scale=self.softmax_scale)  # fmt: skip
+        return attend(
+            q, k, v, kernel=self.kernel, q_offset=0, causal=causal, softmax_scale=self.softmax_scale
+        )
 
 
 class UlyssesCoreAttention(SequenceCoreAttention):
@@ -62,9 +63,11 @@ class UlyssesCoreAttention(SequenceCoreAttention):
 
         deepspeed_backend()
         self.ulysses = DistributedAttention(
-            _FullSequenceAttention(self.softmax_scale, self.kernel), self.seq_group, scatter_idx=2,
+            _FullSequenceAttention(self.softmax_scale, self.kernel),
+            self.seq_group,
+            scatter_idx=2,
             gather_idx=0,
-        )  # fmt: skip
+        )
 
     def attend(self, query, key, value, causal: bool) -> torch.Tensor:
         return self.ulysses(query, key, value, _BATCH_DIM, None, causal=causal)  # [l/N, b, h, d]

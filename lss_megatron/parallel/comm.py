@@ -202,14 +202,28 @@ _BYTES = {
     "recv": lambda a, k: 0,
     "irecv": lambda a, k: 0,
 }
-_GROUP_ARG = {"all_gather_single": 2, "reduce_scatter_single": 3, "all_reduce": 2,
-              "all_to_all_single": 4, "all_gather": 2, "reduce_scatter": 3, "all_to_all": 2,
-              "broadcast": 2, "send": 2, "isend": 2, "recv": 2, "irecv": 2}  # fmt: skip
+_GROUP_ARG = {
+    "all_gather_single": 2,
+    "reduce_scatter_single": 3,
+    "all_reduce": 2,
+    "all_to_all_single": 4,
+    "all_gather": 2,
+    "reduce_scatter": 3,
+    "all_to_all": 2,
+    "broadcast": 2,
+    "send": 2,
+    "isend": 2,
+    "recv": 2,
+    "irecv": 2,
+}
 # older names of the same primitives (torch 2.4-2.12; still there, deprecated, in 2.13): same
 # arguments, so the same byte rule and group position
-_ALIASES = {"all_gather_into_tensor": "all_gather_single", "_all_gather_base": "all_gather_single",
-            "reduce_scatter_tensor": "reduce_scatter_single",
-            "_reduce_scatter_base": "reduce_scatter_single"}  # fmt: skip
+_ALIASES = {
+    "all_gather_into_tensor": "all_gather_single",
+    "_all_gather_base": "all_gather_single",
+    "reduce_scatter_tensor": "reduce_scatter_single",
+    "_reduce_scatter_base": "reduce_scatter_single",
+}
 for _alias, _base in _ALIASES.items():
     _BYTES[_alias], _GROUP_ARG[_alias] = _BYTES[_base], _GROUP_ARG[_base]
 _saved: list[tuple[object, str, object]] = []  # (namespace, attribute, original)
@@ -225,8 +239,10 @@ def _strict() -> bool:
 def _unreadable(name: str, exc: Exception) -> int:
     """Bytes of a collective whose arguments could not be read: raise under tests, else warn
     once per op and count 0."""
-    msg = (f"comm.record: cannot read the bytes of a {name} call ({type(exc).__name__}: {exc}); "
-           "counted as 0 bytes")  # fmt: skip
+    msg = (
+        f"comm.record: cannot read the bytes of a {name} call ({type(exc).__name__}: {exc}); "
+        "counted as 0 bytes"
+    )
     if _strict():
         raise RuntimeError(msg) from exc
     if name not in _warned:

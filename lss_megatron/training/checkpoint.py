@@ -61,8 +61,16 @@ from . import sharded
 
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
-MODEL_KEYS = ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "ffn_hidden_size",
-              "seq_length", "padded_vocab_size", "position_embedding")  # fmt: skip
+MODEL_KEYS = (
+    "num_layers",
+    "hidden_size",
+    "num_heads",
+    "num_kv_heads",
+    "ffn_hidden_size",
+    "seq_length",
+    "padded_vocab_size",
+    "position_embedding",
+)
 log = logging.getLogger(__name__)
 
 
@@ -145,9 +153,16 @@ def optimizer_keys(stored: dict, name: str) -> list:
 
 # --- save --------------------------------------------------------------------------------------
 def save_checkpoint(
-    directory: str | Path, step: int, model, optimizer, grid: Grid, config: dict,
-    *, keep_last: int = 0, layout=None,
-) -> Path | None:  # fmt: skip
+    directory: str | Path,
+    step: int,
+    model,
+    optimizer,
+    grid: Grid,
+    config: dict,
+    *,
+    keep_last: int = 0,
+    layout=None,
+) -> Path | None:
     """Collective: every rank writes its part. Returns the path (rank 0; None elsewhere).
     `layout`: what the ranks hold (default `PlainLayout(model, optimizer, grid)`)."""
     directory, name = Path(directory), f"step_{step:08d}"
@@ -160,8 +175,9 @@ def save_checkpoint(
     results = agree(lambda: write.write(plans))
     meta = {"format_version": FORMAT_VERSION, "step": step, "config": config}
     state = {"torch_rng": torch.get_rng_state()}
-    final = agree(lambda: _publish(directory, name, tmp, write, results, state, meta),
-                  only_rank0=True)[0]  # fmt: skip
+    final = agree(
+        lambda: _publish(directory, name, tmp, write, results, state, meta), only_rank0=True
+    )[0]
     if grid.rank != 0:
         return None
     if keep_last:
@@ -281,11 +297,16 @@ def read_meta(path: Path) -> dict:
 def check_compatible(meta: dict, model_config: dict, path: Path) -> None:
     """Raise `CheckpointError` naming every model field that differs."""
     saved = meta.get("config", {}).get("model", {})
-    diffs = [f"{k}: checkpoint {saved.get(k)!r} vs run {model_config.get(k)!r}"
-             for k in MODEL_KEYS if saved.get(k) != model_config.get(k)]  # fmt: skip
+    diffs = [
+        f"{k}: checkpoint {saved.get(k)!r} vs run {model_config.get(k)!r}"
+        for k in MODEL_KEYS
+        if saved.get(k) != model_config.get(k)
+    ]
     if meta.get("format_version") not in READABLE_VERSIONS:
-        diffs.append(f"format_version: {meta.get('format_version')} (this version reads "
-                     f"{', '.join(map(str, READABLE_VERSIONS))})")  # fmt: skip
+        diffs.append(
+            f"format_version: {meta.get('format_version')} (this version reads "
+            f"{', '.join(map(str, READABLE_VERSIONS))})"
+        )
     if diffs:
         raise CheckpointError(f"checkpoint {path} is for another model: " + "; ".join(diffs))
 
@@ -299,14 +320,18 @@ def load_checkpoint(path: Path, model, optimizer, grid: Grid, *, layout=None) ->
     if version == 1:
         return _load_version_1(path, model, optimizer, grid)
     if version != FORMAT_VERSION:
-        raise CheckpointError(f"checkpoint {path}: format_version {version!r} is not one this "
-                              f"version reads ({READABLE_VERSIONS})")  # fmt: skip
+        raise CheckpointError(
+            f"checkpoint {path}: format_version {version!r} is not one this "
+            f"version reads ({READABLE_VERSIONS})"
+        )
     state = _read_state_file(path, {"torch_rng": torch.Tensor})
     try:
         stored = sharded.read_metadata(path)
     except Exception as e:  # noqa: BLE001 - any unpickling failure is a corrupt checkpoint
-        raise CheckpointError(f"checkpoint {path}: cannot read .metadata: it is corrupt, "
-                              f"truncated or not DCP metadata ({_load_failure(e)})") from None  # fmt: skip
+        raise CheckpointError(
+            f"checkpoint {path}: cannot read .metadata: it is corrupt, "
+            f"truncated or not DCP metadata ({_load_failure(e)})"
+        ) from None
     layout = layout or PlainLayout(model, optimizer, grid)
     try:
         with torch.no_grad():
@@ -314,8 +339,10 @@ def load_checkpoint(path: Path, model, optimizer, grid: Grid, *, layout=None) ->
     except (ValueError, sharded.ShardError) as e:
         raise CheckpointError(f"checkpoint {path}: {e}") from None
     except Exception as e:  # noqa: BLE001 - unreadable chunk files
-        raise CheckpointError(f"checkpoint {path}: cannot read its chunks: they are corrupt, "
-                              f"truncated or missing ({_load_failure(e)})") from None  # fmt: skip
+        raise CheckpointError(
+            f"checkpoint {path}: cannot read its chunks: they are corrupt, "
+            f"truncated or missing ({_load_failure(e)})"
+        ) from None
     layout.commit()
     torch.set_rng_state(state["torch_rng"])
     return int(meta["step"])
@@ -325,8 +352,10 @@ def _read_state_file(path: Path, want: dict) -> dict:
     try:
         state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure is a corrupt checkpoint
-        raise CheckpointError(f"checkpoint {path}: cannot read state.pt: it is corrupt, truncated "
-                              f"or not a checkpoint ({_load_failure(e)})") from None  # fmt: skip
+        raise CheckpointError(
+            f"checkpoint {path}: cannot read state.pt: it is corrupt, truncated "
+            f"or not a checkpoint ({_load_failure(e)})"
+        ) from None
     _check_structure(state, path, want)
     return state
 
@@ -345,10 +374,13 @@ def _load_version_1(path: Path, model, optimizer, grid: Grid) -> int:
             saved = state["optimizer"].get(name, {})
             if saved:
                 optimizer.state[p] = {
-                    k: (to_local(v, p, grid) if torch.is_tensor(v) and v.dim() > 0 else
-                        (v.clone() if torch.is_tensor(v) else v))
+                    k: (
+                        to_local(v, p, grid)
+                        if torch.is_tensor(v) and v.dim() > 0
+                        else (v.clone() if torch.is_tensor(v) else v)
+                    )
                     for k, v in saved.items()
-                }  # fmt: skip
+                }
     except ValueError as e:
         raise CheckpointError(f"checkpoint {path}: {e}") from None
     torch.set_rng_state(state["torch_rng"])
@@ -372,5 +404,7 @@ def _check_structure(state, path: Path, want: dict) -> None:
         bad = [k for k, kind in want.items() if not isinstance(state.get(k), kind)]
         got = f"missing or wrong {bad}" if bad else ""
     if got:
-        raise CheckpointError(f"checkpoint {path}: state.pt is a valid torch file but not an "
-                              f"lss_megatron checkpoint ({got}; expected {sorted(want)})")  # fmt: skip
+        raise CheckpointError(
+            f"checkpoint {path}: state.pt is a valid torch file but not an "
+            f"lss_megatron checkpoint ({got}; expected {sorted(want)})"
+        )

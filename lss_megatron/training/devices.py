@@ -32,8 +32,10 @@ so the error reaches Python as an exception and the rank ends like under gloo: t
 def select_cuda_device(local_rank: int, count: int) -> int:
     """The CUDA device index of this process (module doc)."""
     if count < 1:
-        raise DeviceError("CUDA is available but no device is visible (CUDA_VISIBLE_DEVICES="
-                          f"{os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')!r})")  # fmt: skip
+        raise DeviceError(
+            "CUDA is available but no device is visible (CUDA_VISIBLE_DEVICES="
+            f"{os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')!r})"
+        )
     if 0 <= local_rank < count:
         return local_rank
     if count == 1:
@@ -44,8 +46,9 @@ def select_cuda_device(local_rank: int, count: int) -> int:
     )
 
 
-def check_unique_devices(store, host: str, device_id: str, world_size: int,
-                         timeout: timedelta) -> None:  # fmt: skip
+def check_unique_devices(
+    store, host: str, device_id: str, world_size: int, timeout: timedelta
+) -> None:
     """Raise `DeviceError` on every rank of this job that uses the same GPU (`device_id`, its
     UUID) on the same host as another rank."""
     key = f"lss_device/{host}/{device_id}"
@@ -55,8 +58,10 @@ def check_unique_devices(store, host: str, device_id: str, world_size: int,
     store.wait(["lss_device/all"], timeout)
     sharing = store.add(key, 0)
     if sharing > 1:
-        raise DeviceError(f"{sharing} ranks share GPU {device_id} on host {host}: give each rank "
-                          "its own GPU (fewer processes per node, or one GPU per task)")  # fmt: skip
+        raise DeviceError(
+            f"{sharing} ranks share GPU {device_id} on host {host}: give each rank "
+            "its own GPU (fewer processes per node, or one GPU per task)"
+        )
 
 
 def prepare_cuda() -> None:
@@ -76,9 +81,13 @@ def check_cuda_ranks(timeout: timedelta) -> None:
     if dist.get_world_size() == 1:
         return
     props = torch.cuda.get_device_properties(torch.cuda.current_device())
-    check_unique_devices(dist.distributed_c10d._get_default_store(), socket.gethostname(),
-                         str(getattr(props, "uuid", props.name)), dist.get_world_size(),
-                         timeout)  # fmt: skip
+    check_unique_devices(
+        dist.distributed_c10d._get_default_store(),
+        socket.gethostname(),
+        str(getattr(props, "uuid", props.name)),
+        dist.get_world_size(),
+        timeout,
+    )
 
 
 def sync_device(device: torch.device) -> None:

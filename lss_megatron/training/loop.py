@@ -120,8 +120,9 @@ def init_distributed(cfg: RunConfig, rank: int) -> None:
             backend, rank=rank, world_size=cfg.parallel.world_size, timeout=timeout
         )
     elif cfg.parallel.world_size == 1:  # plain `python -m lss_megatron.train`: in-memory store
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
-                                timeout=timeout)  # fmt: skip
+        dist.init_process_group(
+            backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout
+        )
     else:
         raise RuntimeError("WORLD_SIZE > 1 but no MASTER_ADDR: launch with torchrun or deepspeed")
     if backend == "nccl":
@@ -132,8 +133,10 @@ def _explain(exc: BaseException, cfg: RunConfig) -> str:
     text = str(exc)
     low = text.lower()
     if "timed out" in low or "timeout" in low or "watchdog" in low:  # gloo, NCCL's watchdog
-        return (f"a collective timed out after {cfg.parallel.dist_timeout_s:g} s (--dist-timeout): "
-                "a peer rank is hung or gone")  # fmt: skip
+        return (
+            f"a collective timed out after {cfg.parallel.dist_timeout_s:g} s (--dist-timeout): "
+            "a peer rank is hung or gone"
+        )
     if "connection closed" in low or "connection reset" in low or "broken pipe" in low:
         return "a peer rank died (its connection closed)"
     return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
@@ -194,9 +197,16 @@ def _train(cfg: RunConfig, rank: int, result: RunResult) -> None:
     r = _set_up(cfg, rank)
     progress = _Progress(cfg, rank, r.start, r.last)
     t = cfg.train
-    tracker = Tracker(r.out, rank=rank, steps=t.steps, global_batch=t.global_batch_size,
-                      log_interval=t.log_interval, tensorboard_dir=t.tensorboard_dir,
-                      start=r.start, device_type=r.device.type)  # fmt: skip
+    tracker = Tracker(
+        r.out,
+        rank=rank,
+        steps=t.steps,
+        global_batch=t.global_batch_size,
+        log_interval=t.log_interval,
+        tensorboard_dir=t.tensorboard_dir,
+        start=r.start,
+        device_type=r.device.type,
+    )
     skips = SkipGuard(cfg.train.max_consecutive_skips)
     try:
         for step in range(r.start + 1, r.last + 1):
@@ -218,13 +228,24 @@ def _set_up(cfg: RunConfig, rank: int) -> _Run:
     """Grid, model (on its device), stepper, the resumed step, and the run's output folder."""
     t = cfg.train
     grid = initialize_grid(cfg.parallel)
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
-        else torch.device("cpu")  # fmt: skip
-    model = build_model(cfg.model, grid, mode=cfg.parallel.mode, seed=t.seed,
-                        kernel=t.attention_kernel, recompute=t.recompute, dtype=t.dtype)  # fmt: skip
+    device = (
+        torch.device("cuda", torch.cuda.current_device())
+        if torch.cuda.is_available()
+        else torch.device("cpu")
+    )
+    model = build_model(
+        cfg.model,
+        grid,
+        mode=cfg.parallel.mode,
+        seed=t.seed,
+        kernel=t.attention_kernel,
+        recompute=t.recompute,
+        dtype=t.dtype,
+    )
     model.to(device)
-    settings = check_settings(model, {"attention_kernel": t.attention_kernel,
-                                      "recompute": t.recompute, "dtype": t.dtype})  # fmt: skip
+    settings = check_settings(
+        model, {"attention_kernel": t.attention_kernel, "recompute": t.recompute, "dtype": t.dtype}
+    )
     # DeepSpeed's ZeRO owns gradient sync and the optimizer step (zero.py)
     stepper = ZeroEngine(model, cfg, grid) if t.zero_stage else PlainStepper(model, cfg, grid)
     effective = cfg.to_dict()
@@ -247,8 +268,9 @@ def _resume(cfg: RunConfig, stepper: Stepper, grid: Grid, effective: dict) -> in
     if note and grid.rank == 0:
         log.warning("%s", note)
     check_compatible(read_meta(path), effective["model"], path)
-    start = load_checkpoint(path, _trainable(stepper), stepper.optimizer, grid,
-                            layout=stepper.checkpoint_layout())  # fmt: skip
+    start = load_checkpoint(
+        path, _trainable(stepper), stepper.optimizer, grid, layout=stepper.checkpoint_layout()
+    )
     if isinstance(_trainable(stepper), MasterWeights):
         stepper.trainable.copy_to_model()
     log.info("resumed from %s (step %d)", path, start)
@@ -267,10 +289,23 @@ def _claim_folders(r: _Run) -> str | None:
     a refusal ends every rank the same way. Returns the run id (None on other ranks)."""
     run_id, error = None, None
     if r.rank == 0:
-        optim_keys = ("optimizer", "lr", "min_lr", "weight_decay", "lr_schedule", "warmup_steps",
-                      "clip_grad", "steps", "global_batch_size", "dtype", "seed")  # fmt: skip
-        record = {"model": r.effective["model"],
-                  "optimizer": {k: r.effective["train"][k] for k in optim_keys}}  # fmt: skip
+        optim_keys = (
+            "optimizer",
+            "lr",
+            "min_lr",
+            "weight_decay",
+            "lr_schedule",
+            "warmup_steps",
+            "clip_grad",
+            "steps",
+            "global_batch_size",
+            "dtype",
+            "seed",
+        )
+        record = {
+            "model": r.effective["model"],
+            "optimizer": {k: r.effective["train"][k] for k in optim_keys},
+        }
         try:
             run_id = claim(r.cfg.train, record)
         except (RunFolderError, OSError) as e:
@@ -285,8 +320,10 @@ def _open_outputs(r: _Run) -> None:
     """config.json (with what really runs), and metrics.jsonl emptied, or on resume cut back to
     the steps up to the one resumed from (rank 0)."""
     r.out.mkdir(parents=True, exist_ok=True)
-    r.effective["runtime"] = {**runtime_info(r.model, r.grid, r.start, r.cfg.train.load),
-                              **r.settings}  # fmt: skip
+    r.effective["runtime"] = {
+        **runtime_info(r.model, r.grid, r.start, r.cfg.train.load),
+        **r.settings,
+    }
     described = r.stepper.describe()
     if described is not None:
         r.effective["runtime"]["zero"] = described
@@ -294,8 +331,11 @@ def _open_outputs(r: _Run) -> None:
     metrics_path = r.out / "metrics.jsonl"
     kept = []
     if r.start and metrics_path.exists():  # resuming into the same folder: keep steps <= start
-        kept = [x for x in metrics_path.read_text().splitlines()
-                if x.strip() and json.loads(x).get("step", 0) <= r.start]  # fmt: skip
+        kept = [
+            x
+            for x in metrics_path.read_text().splitlines()
+            if x.strip() and json.loads(x).get("step", 0) <= r.start
+        ]
     metrics_path.write_text("".join(x + "\n" for x in kept))
 
 
@@ -308,8 +348,14 @@ def _train_step(r: _Run, step: int, result: RunResult) -> tuple[dict, object]:
     t0 = time.perf_counter()
     fault = faults.planned(r.cfg, r.rank, step)
     faults.crash_or_hang(fault, step)
-    lr = lr_at(step, lr=t.lr, schedule=t.lr_schedule, warmup_steps=t.warmup_steps,
-               total_steps=t.steps, min_lr=t.final_lr)  # fmt: skip
+    lr = lr_at(
+        step,
+        lr=t.lr,
+        schedule=t.lr_schedule,
+        warmup_steps=t.warmup_steps,
+        total_steps=t.steps,
+        min_lr=t.final_lr,
+    )
     set_lr(stepper.optimizer, lr)
     stepper.zero_grad()
     saved = SavedBytes(r.model)
@@ -325,8 +371,10 @@ def _train_step(r: _Run, step: int, result: RunResult) -> tuple[dict, object]:
         loss = global_mean_loss(local_loss, r.grid)
         skipped = not math.isfinite(loss)
         if skipped and not t.skip_nonfinite:
-            raise NonFiniteLoss(f"non-finite loss {loss} at step {step}: stopping "
-                                "(--skip-nonfinite would skip such steps)")  # fmt: skip
+            raise NonFiniteLoss(
+                f"non-finite loss {loss} at step {step}: stopping "
+                "(--skip-nonfinite would skip such steps)"
+            )
         grad_norm = stepper.step(skip=skipped)
     sync_device(r.device)  # the step ends when its kernels have run
     dt_local = time.perf_counter() - t0
@@ -334,16 +382,25 @@ def _train_step(r: _Run, step: int, result: RunResult) -> tuple[dict, object]:
     r.step_times.append(dt)
     if skipped:
         result.skipped_steps += 1
-        log.warning("non-finite loss at step %d: step skipped (%d so far)", step,
-                    result.skipped_steps)  # fmt: skip
+        log.warning(
+            "non-finite loss at step %d: step skipped (%d so far)", step, result.skipped_steps
+        )
     result.losses[step] = loss
-    return {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "step_time_s": dt,
-            "step_time_rank0_s": dt_local,
-            "tokens_per_s": r.tokens_per_step / dt, "skipped": skipped,
-            "skipped_steps": result.skipped_steps,
-            "consumed_samples": step * t.global_batch_size,
-            "consumed_tokens": step * r.tokens_per_step, **clog.summary(),
-            "activation_bytes": saved.peak}, transient  # fmt: skip
+    return {
+        "step": step,
+        "loss": loss,
+        "lr": lr,
+        "grad_norm": grad_norm,
+        "step_time_s": dt,
+        "step_time_rank0_s": dt_local,
+        "tokens_per_s": r.tokens_per_step / dt,
+        "skipped": skipped,
+        "skipped_steps": result.skipped_steps,
+        "consumed_samples": step * t.global_batch_size,
+        "consumed_tokens": step * r.tokens_per_step,
+        **clog.summary(),
+        "activation_bytes": saved.peak,
+    }, transient
 
 
 def _measure(r: _Run, transient) -> dict:
@@ -355,14 +412,18 @@ def _measure(r: _Run, transient) -> dict:
         # what one rank needs for this step: its weights, masters and optimizer state, plus the
         # heap growth of forward + backward (saved activations, transients and the gradients,
         # which the first backward allocates); the largest over ranks (analysis.longest)
-        held = sum(memory.get(k, 0) for k in ("param_bytes", "master_param_bytes",
-                                               "optimizer_state_bytes"))  # fmt: skip
+        held = sum(
+            memory.get(k, 0) for k in ("param_bytes", "master_param_bytes", "optimizer_state_bytes")
+        )
         balance["rank_bytes_max"] = int(comm.max_over_ranks(held + transient.bytes, r.device))
-    return {**memory, "peak_mem_bytes": peak_mem_bytes(r.device),
-            "model_flops_per_step": r.flops_per_step,
-            "achieved_flops_per_s": r.flops_per_step / r.step_times[-1],
-            "tflops_per_s_per_rank": r.flops_per_step / r.step_times[-1] / r.grid.world_size / 1e12,
-            **balance}  # fmt: skip
+    return {
+        **memory,
+        "peak_mem_bytes": peak_mem_bytes(r.device),
+        "model_flops_per_step": r.flops_per_step,
+        "achieved_flops_per_s": r.flops_per_step / r.step_times[-1],
+        "tflops_per_s_per_rank": r.flops_per_step / r.step_times[-1] / r.grid.world_size / 1e12,
+        **balance,
+    }
 
 
 def _evaluate(r: _Run, step: int, result: RunResult) -> dict:
@@ -401,11 +462,20 @@ def _save(r: _Run, step: int, skipped: bool) -> None:
     comm.all_reduce_(flag, None, category="other")
     if flag.item():
         where = ", ".join(bad[:3]) or "on another rank"
-        raise NonFiniteLoss(f"parameters are not finite at step {step} ({where}): stopping "
-                            "without writing a checkpoint")  # fmt: skip
-    path = save_checkpoint(t.save, step, _trainable(r.stepper), r.stepper.optimizer, r.grid,
-                           r.effective, keep_last=t.keep_last,
-                           layout=r.stepper.checkpoint_layout())  # fmt: skip
+        raise NonFiniteLoss(
+            f"parameters are not finite at step {step} ({where}): stopping "
+            "without writing a checkpoint"
+        )
+    path = save_checkpoint(
+        t.save,
+        step,
+        _trainable(r.stepper),
+        r.stepper.optimizer,
+        r.grid,
+        r.effective,
+        keep_last=t.keep_last,
+        layout=r.stepper.checkpoint_layout(),
+    )
     if path is not None:
         log.info("saved checkpoint %s", path)
 
@@ -417,15 +487,22 @@ def _finish(r: _Run, result: RunResult) -> None:
     if r.rank == 0:
         final = result.losses[max(result.losses)] if result.losses else None
         timing = step_time_summary(r.step_times)
-        summary = {"steps": len(result.losses), "last_step": r.last, "final_loss": final,
-                   "skipped_steps": result.skipped_steps, **timing,
-                   "tokens_per_s": r.tokens_per_step / timing["step_time_s"],
-                   "achieved_flops_per_s": r.flops_per_step / timing["step_time_s"],
-                   "peak_mem_bytes": peak_mem_bytes(r.device), "replicas": replicas}  # fmt: skip
+        summary = {
+            "steps": len(result.losses),
+            "last_step": r.last,
+            "final_loss": final,
+            "skipped_steps": result.skipped_steps,
+            **timing,
+            "tokens_per_s": r.tokens_per_step / timing["step_time_s"],
+            "achieved_flops_per_s": r.flops_per_step / timing["step_time_s"],
+            "peak_mem_bytes": peak_mem_bytes(r.device),
+            "replicas": replicas,
+        }
         if result.valid:
             last_eval = max(result.valid)
-            summary.update(valid_loss=result.valid[last_eval],
-                           valid_bpb=result.valid[last_eval] / math.log(2))  # fmt: skip
+            summary.update(
+                valid_loss=result.valid[last_eval], valid_bpb=result.valid[last_eval] / math.log(2)
+            )
         (r.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     if not replicas["bitwise_equal"]:
         raise RuntimeError(f"replicated parameters diverged across ranks: {replicas['mismatched']}")

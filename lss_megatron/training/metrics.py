@@ -130,8 +130,9 @@ def machine_description(device: torch.device, backend: str) -> str:
     model = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
-            model = next((x.split(":", 1)[1].strip() for x in f if x.startswith("model name")),
-                         model)  # fmt: skip
+            model = next(
+                (x.split(":", 1)[1].strip() for x in f if x.startswith("model name")), model
+            )
     except OSError:
         pass
     return f"CPU {model}, {os.cpu_count()} cores ({backend})"
@@ -173,9 +174,21 @@ def step_time_summary(step_times: list[float], warmup: int = 1) -> dict:
 
 
 class _Mallinfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in (
-        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
-        "fordblks", "keepcost")]  # fmt: skip
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena",
+            "ordblks",
+            "smblks",
+            "hblks",
+            "hblkhd",
+            "usmblks",
+            "fsmblks",
+            "uordblks",
+            "fordblks",
+            "keepcost",
+        )
+    ]
 
 
 def heap_in_use() -> int | None:
@@ -247,8 +260,9 @@ def attention_balance(model, grid, device) -> dict:
     modules = [m for m in model.modules() if isinstance(m, LSSCoreAttention)]
     if not modules:
         return {}
-    mine = torch.tensor([3 * sum(m.attention_flops for m in modules)], dtype=torch.int64,
-                        device=device)  # fmt: skip
+    mine = torch.tensor(
+        [3 * sum(m.attention_flops for m in modules)], dtype=torch.int64, device=device
+    )
     for m in modules:
         m.attention_flops = 0
     per_rank = comm.all_gather_dim0(mine, grid.seq_group, category="other").tolist()

@@ -110,10 +110,18 @@ class _Saver(SavePlanner):
             for offsets, t in pieces:
                 t = t.detach()
                 chunk = dcp_md.ChunkStorageMetadata(torch.Size(offsets), t.size())
-                data = TensorWriteData(chunk=chunk, size=torch.Size(shape),
-                                       properties=dcp_md.TensorProperties.create_from_tensor(t))  # fmt: skip
-                items.append(WriteItem(index=dcp_md.MetadataIndex(key, torch.Size(offsets)),
-                                       type=WriteItemType.SHARD, tensor_data=data))  # fmt: skip
+                data = TensorWriteData(
+                    chunk=chunk,
+                    size=torch.Size(shape),
+                    properties=dcp_md.TensorProperties.create_from_tensor(t),
+                )
+                items.append(
+                    WriteItem(
+                        index=dcp_md.MetadataIndex(key, torch.Size(offsets)),
+                        type=WriteItemType.SHARD,
+                        tensor_data=data,
+                    )
+                )
         return SavePlan(items)
 
     def create_global_plan(self, all_plans: list[SavePlan]):
@@ -171,13 +179,19 @@ class ShardWrite:
 # --- load ---------------------------------------------------------------------------------------
 _ALLOWED = {
     "torch.distributed.checkpoint.metadata": {
-        "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",
-        "TensorProperties", "StorageMeta", "MetadataIndex", "_MEM_FORMAT_ENCODING",
+        "Metadata",
+        "TensorStorageMetadata",
+        "BytesStorageMetadata",
+        "ChunkStorageMetadata",
+        "TensorProperties",
+        "StorageMeta",
+        "MetadataIndex",
+        "_MEM_FORMAT_ENCODING",
     },
     "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
     "torch": {"Size"},
     "torch.serialization": {"_get_layout"},  # a layout by its name, from torch's own table
-}  # fmt: skip
+}
 
 
 class MetadataUnpickler(pickle.Unpickler):
@@ -230,9 +244,11 @@ class _Loader(LoadPlanner):
                 got[r.dest_index.index] += math.prod(r.lengths)
             for (offsets, t), n in zip(pieces, got, strict=True):
                 if n != t.numel():
-                    raise ShardError(f"{key}: it holds {n} of the {t.numel()} elements of the "
-                                     f"box at {tuple(offsets)} size {tuple(t.shape)} (shape "
-                                     f"{tuple(md.size)})")  # fmt: skip
+                    raise ShardError(
+                        f"{key}: it holds {n} of the {t.numel()} elements of the "
+                        f"box at {tuple(offsets)} size {tuple(t.shape)} (shape "
+                        f"{tuple(md.size)})"
+                    )
             items += reads
         return LoadPlan(items)
 

@@ -21,10 +21,17 @@ from ..parallel.grid import Grid
 
 
 @functools.lru_cache(maxsize=4)
-def _dataset(name: str, seq_length: int, vocab_size: int, seed: int, path: str | None,
-             eval_batch: int):  # fmt: skip
-    return build_dataset(name, seq_length=seq_length, vocab_size=vocab_size, seed=seed, path=path,
-                         eval_batch_size=eval_batch)  # fmt: skip
+def _dataset(
+    name: str, seq_length: int, vocab_size: int, seed: int, path: str | None, eval_batch: int
+):
+    return build_dataset(
+        name,
+        seq_length=seq_length,
+        vocab_size=vocab_size,
+        seed=seed,
+        path=path,
+        eval_batch_size=eval_batch,
+    )
 
 
 def dataset_for(cfg: RunConfig):

@@ -38,8 +38,13 @@ def scalars(rec: dict) -> dict[str, float]:
         if isinstance(value, bool | numbers.Real):
             out[key] = float(value)
         elif isinstance(value, list | tuple):
-            out.update({f"{key}/{i}": float(v) for i, v in enumerate(value)
-                        if isinstance(v, bool | numbers.Real)})  # fmt: skip
+            out.update(
+                {
+                    f"{key}/{i}": float(v)
+                    for i, v in enumerate(value)
+                    if isinstance(v, bool | numbers.Real)
+                }
+            )
     return out
 
 
@@ -68,16 +73,27 @@ def validation_line(rec: dict) -> str:
     """Megatron's validation line: loss, perplexity and bits per token (bits per byte on bytes)."""
     loss = rec["valid_loss"]
     ppl = math.exp(min(loss, 20.0))
-    return (f"validation loss at iteration {rec['step']} | lm loss value: {loss:.6E} | "
-            f"lm loss PPL: {ppl:.6E} | bits per token: {rec['valid_bpb']:.4f} |")  # fmt: skip
+    return (
+        f"validation loss at iteration {rec['step']} | lm loss value: {loss:.6E} | "
+        f"lm loss PPL: {ppl:.6E} | bits per token: {rec['valid_bpb']:.4f} |"
+    )
 
 
 class Tracker:
     """Rank 0's TensorBoard writer, iteration line and output-folder notes (module docstring)."""
 
-    def __init__(self, out: str | Path, *, rank: int, steps: int, global_batch: int,
-                 log_interval: int, tensorboard_dir: str | None = None, start: int = 0,
-                 device_type: str = "cpu"):  # fmt: skip
+    def __init__(
+        self,
+        out: str | Path,
+        *,
+        rank: int,
+        steps: int,
+        global_batch: int,
+        log_interval: int,
+        tensorboard_dir: str | None = None,
+        start: int = 0,
+        device_type: str = "cpu",
+    ):
         self.active = rank == 0
         self.out = Path(out).resolve()
         self.steps, self.global_batch, self.log_interval = steps, global_batch, log_interval
@@ -91,10 +107,14 @@ class Tracker:
 
             # purge_step: a resumed run drops the events after its resume step (the same steps
             # metrics.jsonl drops), so a curve never holds two values for one step
-            self.writer = SummaryWriter(log_dir=str(self.tb_dir), purge_step=start + 1 if start
-                                        else None)  # fmt: skip
-        log.info("output folder: %s (metrics.jsonl, config.json, summary.json)%s", self.out,
-                 f"; TensorBoard: {self.tb_dir}" if self.tb_dir else "")  # fmt: skip
+            self.writer = SummaryWriter(
+                log_dir=str(self.tb_dir), purge_step=start + 1 if start else None
+            )
+        log.info(
+            "output folder: %s (metrics.jsonl, config.json, summary.json)%s",
+            self.out,
+            f"; TensorBoard: {self.tb_dir}" if self.tb_dir else "",
+        )
 
     def step(self, rec: dict, *, last: int, quiet: bool = False) -> None:
         """Write one step's record to TensorBoard; log its iteration line every `log_interval`
@@ -127,6 +147,10 @@ class Tracker:
         """Close the writer and say once more where everything went."""
         self.close()
         if self.active:
-            log.info("outputs in %s%s", self.out,
-                     f"; TensorBoard events in {self.tb_dir} (tensorboard --logdir "
-                     f"{self.tb_dir})" if self.tb_dir else "")  # fmt: skip
+            log.info(
+                "outputs in %s%s",
+                self.out,
+                f"; TensorBoard events in {self.tb_dir} (tensorboard --logdir {self.tb_dir})"
+                if self.tb_dir
+                else "",
+            )

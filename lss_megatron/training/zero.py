@@ -142,8 +142,11 @@ def _tp_sum_hooks(model, grid: Grid) -> list:
         g = g.clone()
         return comm.all_reduce_(g, grid.tp_group, category="grad")
 
-    return [p.register_hook(hook) for p in model.parameters()
-            if p.requires_grad and grad_is_tp_partial(p, grid.tp_size)]  # fmt: skip
+    return [
+        p.register_hook(hook)
+        for p in model.parameters()
+        if p.requires_grad and grad_is_tp_partial(p, grid.tp_size)
+    ]
 
 
 def ds_config(
@@ -153,10 +156,16 @@ def ds_config(
     ``--deepspeed-config`` merged over them; and why ``overlap_comm`` is what it is."""
     overlap, why = overlap_comm_default(cuda)
     t = cfg.train
-    base = defaults(micro=cfg.micro_batch, accumulation=cfg.num_micro_batches,
-                    data_ranks=dp_world, clip=t.clip_grad, stage=t.zero_stage,
-                    bucket_elements=bucket_elements, overlap_comm=overlap,
-                    bf16=t.dtype == "bf16")  # fmt: skip
+    base = defaults(
+        micro=cfg.micro_batch,
+        accumulation=cfg.num_micro_batches,
+        data_ranks=dp_world,
+        clip=t.clip_grad,
+        stage=t.zero_stage,
+        bucket_elements=bucket_elements,
+        overlap_comm=overlap,
+        bf16=t.dtype == "bf16",
+    )
     if not t.deepspeed_config:
         return base, why
     config = merge(base, read_file(t.deepspeed_config))
@@ -204,9 +213,13 @@ class ZeroEngine(Stepper):
         self.bucket_elements = int(config["zero_optimization"]["reduce_bucket_size"])
         with no_shm_op():
             self.engine, self.optimizer, _, _ = deepspeed.initialize(
-                args=deepspeed_args(params[0].device), model=model, optimizer=client,
-                config=config, mpu=mpu, dist_init_required=False,
-            )  # fmt: skip
+                args=deepspeed_args(params[0].device),
+                model=model,
+                optimizer=client,
+                config=config,
+                mpu=mpu,
+                dist_init_required=False,
+            )
         self.model = model
         self.grad_bytes = 0
         self.bucket_bytes = self.bucket_elements * elem
@@ -282,8 +295,9 @@ class ZeroEngine(Stepper):
     def memory_stats(self) -> dict:
         """This rank's parameter, gradient and optimizer bytes (see module doc)."""
         opt = self.optimizer
-        state = [v for st in opt.optimizer.state.values() for v in st.values()
-                 if torch.is_tensor(v)]  # fmt: skip
+        state = [
+            v for st in opt.optimizer.state.values() for v in st.values() if torch.is_tensor(v)
+        ]
         return {
             "param_bytes": unique_storage_bytes(self.model.parameters()),
             "grad_bytes": self.grad_bytes,

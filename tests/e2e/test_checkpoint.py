@@ -34,9 +34,24 @@ def lss4(tmp_path_factory):
     ckpt = tmp_path_factory.mktemp("ckpt")
     res = torchrun_train(4, ["--mode", "lss", "--seq-parallel", "4", "--out", str(full), *ARGS])
     assert res.returncode == 0, res.stderr[-3000:]
-    res = torchrun_train(4, ["--mode", "lss", "--seq-parallel", "4", "--out", str(part),
-                             "--save", str(ckpt), "--save-interval", "3", "--stop-after", "3",
-                             *ARGS])  # fmt: skip
+    res = torchrun_train(
+        4,
+        [
+            "--mode",
+            "lss",
+            "--seq-parallel",
+            "4",
+            "--out",
+            str(part),
+            "--save",
+            str(ckpt),
+            "--save-interval",
+            "3",
+            "--stop-after",
+            "3",
+            *ARGS,
+        ],
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     assert sorted(_losses(part)) == [1, 2, 3], "--stop-after 3 must end after step 3"
     assert (ckpt / "latest").read_text().strip() == "step_00000003"
@@ -47,8 +62,20 @@ def lss4(tmp_path_factory):
 @pytest.mark.timeout(300)
 def test_resume_same_layout_is_exact(lss4):
     part = lss4["part"]
-    res = torchrun_train(4, ["--mode", "lss", "--seq-parallel", "4", "--out", str(part),
-                             "--load", str(lss4["ckpt"]), *ARGS])  # fmt: skip
+    res = torchrun_train(
+        4,
+        [
+            "--mode",
+            "lss",
+            "--seq-parallel",
+            "4",
+            "--out",
+            str(part),
+            "--load",
+            str(lss4["ckpt"]),
+            *ARGS,
+        ],
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     resumed, full = _losses(part), lss4["full"]
     assert sorted(resumed) == list(range(1, 7)), "metrics continue in the same folder"
@@ -63,8 +90,20 @@ def test_resume_same_layout_is_exact(lss4):
 @pytest.mark.parametrize("mode,n", [("lss", 2), ("serial", 1), ("nvidia-sp", 2)])
 def test_resume_in_another_layout_or_mode(lss4, tmp_path, mode, n):
     """An LSS N=4 checkpoint: position slices stitched on save, re-cut (or TP-sharded) on load."""
-    res = torchrun_train(n, ["--mode", mode, "--seq-parallel", str(n), "--out", str(tmp_path),
-                             "--load", str(lss4["ckpt"]), *ARGS])  # fmt: skip
+    res = torchrun_train(
+        n,
+        [
+            "--mode",
+            mode,
+            "--seq-parallel",
+            str(n),
+            "--out",
+            str(tmp_path),
+            "--load",
+            str(lss4["ckpt"]),
+            *ARGS,
+        ],
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     resumed, full = _losses(tmp_path), lss4["full"]
     assert sorted(resumed) == [4, 5, 6]

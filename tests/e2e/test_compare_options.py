@@ -53,9 +53,23 @@ def result(tmp_path_factory):
     dist_vars = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK")
     env = {k: v for k, v in os.environ.items() if k not in dist_vars}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
-    res = subprocess.run([sys.executable, "-m", "analysis.compare", "--preset", "cpu-options",
-                          "--out", str(out), "--no-progress"], capture_output=True, text=True,
-                         timeout=HARD_TIMEOUT_S, cwd=ROOT, env=env)  # fmt: skip
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "analysis.compare",
+            "--preset",
+            "cpu-options",
+            "--out",
+            str(out),
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=HARD_TIMEOUT_S,
+        cwd=ROOT,
+        env=env,
+    )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     df = pd.read_csv(out / "summary.csv")
     plan = json.loads((out / "plan.json").read_text())
@@ -153,6 +167,7 @@ def test_costmodel_predicts_every_variant(result):
         pred = df["predicted_" + measured]
         assert (pred == df[measured]).all(), df[[measured, "predicted_" + measured]]
     assert (df["predicted_activation_bytes"] == df["activation_bytes"]).all(), df[
-        ["run_id", "activation_bytes", "predicted_activation_bytes"]]  # exact, as test_costmodel
+        ["run_id", "activation_bytes", "predicted_activation_bytes"]
+    ]  # exact, as test_costmodel
     lss_rows = df[df["mode"] == "lss"]
     assert (lss_rows["predicted_attention_imbalance"] == lss_rows["attention_imbalance"]).all()

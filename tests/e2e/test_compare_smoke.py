@@ -51,9 +51,23 @@ def test_compare_smoke(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in dist_vars}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
     t0 = time.perf_counter()
-    res = subprocess.run([sys.executable, "-m", "analysis.compare", "--preset", "smoke", "--out",
-                          str(out), "--no-progress"], capture_output=True, text=True, timeout=330,
-                         cwd=ROOT, env=env)  # fmt: skip
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "analysis.compare",
+            "--preset",
+            "smoke",
+            "--out",
+            str(out),
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=330,
+        cwd=ROOT,
+        env=env,
+    )
     elapsed = time.perf_counter() - t0
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert elapsed < BUDGET_S, f"smoke compare took {elapsed:.0f} s (budget {BUDGET_S:.0f} s)"
@@ -69,7 +83,8 @@ def test_compare_smoke(tmp_path):
     assert (df["attention_kernel"] == "flash").all() and (df["recompute"] == "none").all()
     assert (df["dtype"] == "fp32").all()
     assert (df["predicted_activation_bytes"] == df["activation_bytes"]).all(), df[
-        ["run_id", "activation_bytes", "predicted_activation_bytes"]]  # fmt: skip
+        ["run_id", "activation_bytes", "predicted_activation_bytes"]
+    ]
 
     model, train = dict(preset.model), dict(preset.train)
     lss = df[df["mode"] == "lss"].set_index(["seq_parallel", "data_parallel", "seq_length"])

@@ -38,8 +38,14 @@ def test_cli_fails_fast_before_any_process_group(world, args, fragments):
     env = {**os.environ, "WORLD_SIZE": str(world), "RANK": "0"}
     env.pop("MASTER_ADDR", None)
     t0 = time.monotonic()
-    res = subprocess.run([sys.executable, "-m", "lss_megatron.train", *args], capture_output=True,
-                         text=True, env=env, cwd=ROOT, timeout=60)  # fmt: skip
+    res = subprocess.run(
+        [sys.executable, "-m", "lss_megatron.train", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=60,
+    )
     elapsed = time.monotonic() - t0
     assert res.returncode == 2, (res.returncode, res.stderr)
     for frag in fragments:
@@ -52,12 +58,34 @@ def test_cli_fails_fast_before_any_process_group(world, args, fragments):
 def test_torchrun_bad_config_fails_fast():
     """Every rank validates before building a process group; torchrun stops the job at the
     first rank's non-zero exit (it may terminate the others before they print)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-           "-m", "lss_megatron.train", "--mode", "nvidia-sp", "--seq-parallel", "2", "--num-heads", "6",
-           "--num-kv-heads", "3", "--hidden-size", "48"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node=2",
+        "-m",
+        "lss_megatron.train",
+        "--mode",
+        "nvidia-sp",
+        "--seq-parallel",
+        "2",
+        "--num-heads",
+        "6",
+        "--num-kv-heads",
+        "3",
+        "--hidden-size",
+        "48",
+    ]
     t0 = time.monotonic()
-    res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=100,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    res = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=100,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert res.returncode != 0
     assert "--num-kv-heads 3 is not divisible by N = 2" in res.stderr, res.stderr
     assert time.monotonic() - t0 < 60

@@ -58,9 +58,17 @@ RUNS = {  # name: (processes, flags); G / (D B) > 1 everywhere: micro-batching
 }
 
 
-EXACT = ("sp_comm_bytes", "grad_comm_bytes", "other_comm_bytes", "sp_comm_calls",
-         "grad_comm_calls", "param_bytes", "grad_bytes", "optimizer_state_bytes",
-         "model_flops_per_step")  # fmt: skip
+EXACT = (
+    "sp_comm_bytes",
+    "grad_comm_bytes",
+    "other_comm_bytes",
+    "sp_comm_calls",
+    "grad_comm_calls",
+    "param_bytes",
+    "grad_bytes",
+    "optimizer_state_bytes",
+    "model_flops_per_step",
+)
 
 
 @pytest.fixture(scope="module")
@@ -71,12 +79,27 @@ def runs(tmp_path_factory) -> dict:
     procs = {}
     for name, (nproc, flags) in RUNS.items():
         out = base / name
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc-per-node={nproc}", "-m", "lss_megatron.train", *COMMON, *flags,
-               "--out", str(out)]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={nproc}",
+            "-m",
+            "lss_megatron.train",
+            *COMMON,
+            *flags,
+            "--out",
+            str(out),
+        ]
         log = (base / f"{name}.log").open("w")
-        procs[name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                        cwd=ROOT, start_new_session=True), out, log)  # fmt: skip
+        procs[name] = (
+            subprocess.Popen(
+                cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True
+            ),
+            out,
+            log,
+        )
     deadline = time.monotonic() + RUN_TIMEOUT_S
     failed, late = [], []
     try:
@@ -117,5 +140,8 @@ def test_counts_match_trainer(runs, name):
         for key in EXACT:
             assert pred[key] == row[key], (name, row["step"], key, pred[key], row[key])
         assert pred["activation_bytes"] == row["activation_bytes"], (
-            name, pred["activation_bytes"], row["activation_bytes"])  # fmt: skip
+            name,
+            pred["activation_bytes"],
+            row["activation_bytes"],
+        )
     assert pred["parameters_per_rank"] == config["runtime"]["parameters_per_rank"]

@@ -25,18 +25,37 @@ def _file(tmp_path: Path, content) -> str:
     return str(path)
 
 
-@pytest.mark.parametrize("args,fragment", [
-    (["--deepspeed-config", "{file}"], "needs --zero-stage 1 or 2"),
-    (["--zero-stage", "2", "--deepspeed-config", "{file}", "--global-batch-size", "4",
-      "--micro-batch-size", "2"], "train_micro_batch_size_per_gpu 1 disagrees with the run's 2"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "args,fragment",
+    [
+        (["--deepspeed-config", "{file}"], "needs --zero-stage 1 or 2"),
+        (
+            [
+                "--zero-stage",
+                "2",
+                "--deepspeed-config",
+                "{file}",
+                "--global-batch-size",
+                "4",
+                "--micro-batch-size",
+                "2",
+            ],
+            "train_micro_batch_size_per_gpu 1 disagrees with the run's 2",
+        ),
+    ],
+)
 def test_cli_refuses_bad_files_before_any_process_group(tmp_path, args, fragment):
     path = _file(tmp_path, {"train_micro_batch_size_per_gpu": 1})
     env = {**os.environ, "WORLD_SIZE": "1", "RANK": "0"}
     env.pop("MASTER_ADDR", None)
-    res = subprocess.run([sys.executable, "-m", "lss_megatron.train",
-                          *[a.format(file=path) for a in args]], capture_output=True, text=True,
-                         env=env, cwd=ROOT, timeout=60)  # fmt: skip
+    res = subprocess.run(
+        [sys.executable, "-m", "lss_megatron.train", *[a.format(file=path) for a in args]],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=60,
+    )
     assert res.returncode == 2, res.stderr
     assert fragment in res.stderr and "Traceback" not in res.stderr
 
@@ -45,15 +64,49 @@ def test_cli_refuses_bad_files_before_any_process_group(tmp_path, args, fragment
 @pytest.mark.timeout(600)
 def test_zero_run_with_a_deepspeed_config(tmp_path):
     pytest.importorskip("deepspeed")
-    common = ["--mode", "lss", "--seq-parallel", "2", "--zero-stage", "2", "--num-layers", "2",
-              "--hidden-size", "32", "--num-heads", "4", "--seq-length", "32",
-              "--global-batch-size", "4", "--micro-batch-size", "1", "--vocab-size", "64",
-              "--steps", "4", "--optimizer", "adamw", "--lr", "0.01", "--seed", "3",
-              "--dist-timeout", "60", "--progress", "off"]  # fmt: skip
-    path = _file(tmp_path, {"train_batch_size": "auto", "gradient_accumulation_steps": 4,
-                            "zero_optimization": {"stage": 2, "overlap_comm": True,
-                                                  "reduce_bucket_size": 5000},
-                            "steps_per_print": 1000})  # fmt: skip
+    common = [
+        "--mode",
+        "lss",
+        "--seq-parallel",
+        "2",
+        "--zero-stage",
+        "2",
+        "--num-layers",
+        "2",
+        "--hidden-size",
+        "32",
+        "--num-heads",
+        "4",
+        "--seq-length",
+        "32",
+        "--global-batch-size",
+        "4",
+        "--micro-batch-size",
+        "1",
+        "--vocab-size",
+        "64",
+        "--steps",
+        "4",
+        "--optimizer",
+        "adamw",
+        "--lr",
+        "0.01",
+        "--seed",
+        "3",
+        "--dist-timeout",
+        "60",
+        "--progress",
+        "off",
+    ]
+    path = _file(
+        tmp_path,
+        {
+            "train_batch_size": "auto",
+            "gradient_accumulation_steps": 4,
+            "zero_optimization": {"stage": 2, "overlap_comm": True, "reduce_bucket_size": 5000},
+            "steps_per_print": 1000,
+        },
+    )
     runs = {}
     for name, extra in (("default", []), ("file", ["--deepspeed-config", path])):
         out = tmp_path / name

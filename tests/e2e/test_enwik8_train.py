@@ -35,8 +35,20 @@ def test_enwik8_serial_and_lss_agree(enwik8_file, tmp_path):
     runs = {}
     for mode, n in (("serial", 1), ("lss", 2)):
         out = tmp_path / mode
-        res = torchrun_train(n, ["--mode", mode, "--seq-parallel", str(n), "--data-path",
-                                 str(enwik8_file), "--out", str(out), *ARGS])  # fmt: skip
+        res = torchrun_train(
+            n,
+            [
+                "--mode",
+                mode,
+                "--seq-parallel",
+                str(n),
+                "--data-path",
+                str(enwik8_file),
+                "--out",
+                str(out),
+                *ARGS,
+            ],
+        )
         assert res.returncode == 0, res.stderr[-3000:]
         runs[mode] = read_metrics(out)
     for a, b in zip(runs["serial"], runs["lss"], strict=True):
@@ -51,7 +63,10 @@ def test_enwik8_serial_and_lss_agree(enwik8_file, tmp_path):
 def test_wrong_size_file_fails_fast_naming_the_path(tmp_path):
     bad = tmp_path / "enwik8"
     bad.write_bytes(b"x" * 1000)
-    res = torchrun_train(1, ["--mode", "serial", "--data-path", str(bad), "--out",
-                             str(tmp_path / "o"), *ARGS], timeout=50)  # fmt: skip
+    res = torchrun_train(
+        1,
+        ["--mode", "serial", "--data-path", str(bad), "--out", str(tmp_path / "o"), *ARGS],
+        timeout=50,
+    )
     assert res.returncode != 0
     assert str(bad) in res.stderr and "1,000 bytes, expected exactly 100,000,000" in res.stderr

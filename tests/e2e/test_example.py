@@ -25,9 +25,11 @@ RUNS = {  # name: (processes, flags)
     "one-rope": (1, ["--positions", "rope"]),
     "two-learned-contiguous": (2, ["--positions", "learned", "--layout", "contiguous"]),
     "two-rope-zigzag": (2, ["--positions", "rope", "--layout", "zigzag"]),
-    "four-learned-zigzag-d2": (4, ["--positions", "learned", "--layout", "zigzag",
-                                   "--context-parallel", "2"]),
-}  # fmt: skip
+    "four-learned-zigzag-d2": (
+        4,
+        ["--positions", "learned", "--layout", "zigzag", "--context-parallel", "2"],
+    ),
+}
 
 
 @pytest.fixture(scope="module")
@@ -37,13 +39,22 @@ def losses(tmp_path_factory) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     procs = {}
     for name, (nproc, flags) in RUNS.items():
-        launcher = ([sys.executable] if nproc == 1 else
-                    [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                     f"--nproc-per-node={nproc}"])  # fmt: skip
+        launcher = (
+            [sys.executable]
+            if nproc == 1
+            else [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                f"--nproc-per-node={nproc}",
+            ]
+        )
         cmd = [*launcher, str(SCRIPT), *flags, "--out", str(base / f"{name}.json")]
         log = (base / f"{name}.log").open("w")
-        procs[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                       cwd=ROOT, start_new_session=True)  # fmt: skip
+        procs[name] = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True
+        )
     deadline = time.monotonic() + 500
     try:
         for name, p in procs.items():
@@ -64,11 +75,14 @@ def losses(tmp_path_factory) -> dict:
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("name,reference", [
-    ("two-learned-contiguous", "one-learned"),
-    ("two-rope-zigzag", "one-rope"),
-    ("four-learned-zigzag-d2", "one-learned"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "name,reference",
+    [
+        ("two-learned-contiguous", "one-learned"),
+        ("two-rope-zigzag", "one-rope"),
+        ("four-learned-zigzag-d2", "one-learned"),
+    ],
+)
 def test_example_matches_one_process(losses, name, reference):
     err = np.abs(losses[name] - losses[reference]).max()
     assert err < TOL, f"{name} vs {reference}: per-token losses max error {err:.2e}"

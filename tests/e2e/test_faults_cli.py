@@ -19,8 +19,9 @@ def test_bad_environment_on_the_command_line(tmp_path):
     """A user's shell, not a launcher: WORLD_SIZE=two and OMP_NUM_THREADS=abc are one clear
     message, exit 2, no traceback, fast (nothing heavy is imported)."""
     t0 = time.monotonic()
-    res = train([*TINY, "--out", tmp_path / "o"],
-                env=clean_env(WORLD_SIZE="two", OMP_NUM_THREADS="abc"))  # fmt: skip
+    res = train(
+        [*TINY, "--out", tmp_path / "o"], env=clean_env(WORLD_SIZE="two", OMP_NUM_THREADS="abc")
+    )
     assert res.returncode == 2, res.stderr
     assert "WORLD_SIZE='two'" in res.stderr and "OMP_NUM_THREADS='abc'" in res.stderr
     assert len(error_lines(res.stderr)) == 1 and "Traceback" not in res.stderr
@@ -32,8 +33,21 @@ def test_cli_refusal_changes_nothing_and_is_one_message(tmp_path):
     """Bad values on the command line: exit 2, every problem in one message, no traceback, and
     the folders named are not created."""
     out, save = tmp_path / "out", tmp_path / "ckpt"
-    res = train([*TINY, "--lr", "nan", "--dist-timeout", "nan", "--seed", "-1", "--out", out,
-                 "--save", save])  # fmt: skip
+    res = train(
+        [
+            *TINY,
+            "--lr",
+            "nan",
+            "--dist-timeout",
+            "nan",
+            "--seed",
+            "-1",
+            "--out",
+            out,
+            "--save",
+            save,
+        ]
+    )
     assert res.returncode == 2
     assert "--lr must be a finite number" in res.stderr and "--dist-timeout" in res.stderr
     assert len(error_lines(res.stderr)) == 1 and "Traceback" not in res.stderr, res.stderr
@@ -42,15 +56,30 @@ def test_cli_refusal_changes_nothing_and_is_one_message(tmp_path):
 
 # --- one message, once ----------------------------------------------------------------------------
 
+
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_torchrun_config_error_is_printed_by_one_rank(tmp_path):
     """Raw torchrun, 2 ranks, a bad --lr: every rank refuses, rank 0 alone says why."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-           "-m", "lss_megatron.train", *TINY[2:], "--mode", "lss", "--lr", "inf",
-           "--out", str(tmp_path / "o")]  # fmt: skip
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=200, cwd=ROOT,
-                         env=clean_env())  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node=2",
+        "-m",
+        "lss_megatron.train",
+        *TINY[2:],
+        "--mode",
+        "lss",
+        "--lr",
+        "inf",
+        "--out",
+        str(tmp_path / "o"),
+    ]
+    res = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=200, cwd=ROOT, env=clean_env()
+    )
     assert res.returncode != 0
     assert res.stderr.count("--lr must be a finite number > 0, got inf") == 1, res.stderr[-3000:]
     # torchrun reports the failed children with its own traceback; none is from the trainer
@@ -58,15 +87,33 @@ def test_torchrun_config_error_is_printed_by_one_rank(tmp_path):
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("script,opts", [("torchrun.sh", ["--nproc-per-node", "2"]),
-                                         ("deepspeed.sh", ["--num-gpus", "2"])])  # fmt: skip
+@pytest.mark.parametrize(
+    "script,opts",
+    [("torchrun.sh", ["--nproc-per-node", "2"]), ("deepspeed.sh", ["--num-gpus", "2"])],
+)
 def test_launch_scripts_validate_once_before_starting_ranks(tmp_path, script, opts):
     """launch/*.sh check the configuration once: exit 2, one message, no rank ever started."""
     env = clean_env()
     t0 = time.monotonic()
-    res = subprocess.run(["bash", str(ROOT / "launch" / script), *opts, "--", *TINY[2:], "--mode",
-                          "lss", "--seq-length", "33", "--out", str(tmp_path / "o")],
-                         capture_output=True, text=True, timeout=100, env=env)  # fmt: skip
+    res = subprocess.run(
+        [
+            "bash",
+            str(ROOT / "launch" / script),
+            *opts,
+            "--",
+            *TINY[2:],
+            "--mode",
+            "lss",
+            "--seq-length",
+            "33",
+            "--out",
+            str(tmp_path / "o"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=100,
+        env=env,
+    )
     assert res.returncode == 2, res.stderr[-2000:]
     assert res.stderr.count("--seq-length 33 is not divisible by --seq-parallel 2") == 1
     assert len(error_lines(res.stderr)) == 1, res.stderr
@@ -99,12 +146,29 @@ def test_slurm_batch_validates_before_srun(tmp_path):
     (bin_ / "srun").write_text(f"#!/bin/sh\ntouch {tmp_path}/srun_called\n")
     (bin_ / "srun").chmod(0o755)
     env = clean_env(
-        PATH=f"{bin_}:{clean_env()['PATH']}", PYTHON=sys.executable,
-        SLURM_JOB_ID="4242", SLURM_JOB_NODELIST="node01", SLURM_NTASKS="8",
-        SLURM_NTASKS_PER_NODE="4", SLURM_SUBMIT_DIR=str(ROOT), MASTER_ADDR="node01")
-    res = subprocess.run(["bash", str(ROOT / "launch" / "slurm.sbatch"), "--lr", "nan", "--out",
-                          str(tmp_path / "o")], capture_output=True, text=True, timeout=100,
-                         env=env)  # fmt: skip
+        PATH=f"{bin_}:{clean_env()['PATH']}",
+        PYTHON=sys.executable,
+        SLURM_JOB_ID="4242",
+        SLURM_JOB_NODELIST="node01",
+        SLURM_NTASKS="8",
+        SLURM_NTASKS_PER_NODE="4",
+        SLURM_SUBMIT_DIR=str(ROOT),
+        MASTER_ADDR="node01",
+    )
+    res = subprocess.run(
+        [
+            "bash",
+            str(ROOT / "launch" / "slurm.sbatch"),
+            "--lr",
+            "nan",
+            "--out",
+            str(tmp_path / "o"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=100,
+        env=env,
+    )
     assert res.returncode == 2, res.stderr
     assert res.stderr.count("--lr must be a finite number > 0, got nan") == 1, res.stderr
     assert not (tmp_path / "srun_called").exists()
@@ -137,12 +201,27 @@ def test_compare_keeps_a_failed_runs_own_error_line(tmp_path, monkeypatch):
     """A real torchrun launch of a run the trainer refuses: the table's error is the trainer's
     line, not torchrun's ChildFailedError report that follows it."""
     bad = [*TINY[2:], "--mode", "lss", "--lr", "nan"]
-    monkeypatch.setattr(compare, "torchrun_command", lambda run, out: [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-        "-m", "lss_megatron.train", *bad, "--out", str(out)])  # fmt: skip
+    monkeypatch.setattr(
+        compare,
+        "torchrun_command",
+        lambda run, out: [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node=2",
+            "-m",
+            "lss_megatron.train",
+            *bad,
+            "--out",
+            str(out),
+        ],
+    )
     run = presets.make_plan(presets.get_preset("smoke")).runs[0]
     got = compare.launch(run, tmp_path / "r", timeout_s=180)
     assert got["status"] == "failed"
-    assert "lss_megatron.train: error: invalid configuration: - --lr must be a finite number > 0, " \
-           "got nan" in got["error"], got["error"]  # fmt: skip
+    assert (
+        "lss_megatron.train: error: invalid configuration: - --lr must be a finite number > 0, "
+        "got nan" in got["error"]
+    ), got["error"]
     assert "ChildFailedError" not in got["error"] and len(got["error"]) < 600

@@ -27,8 +27,9 @@ def _ranks_of(marker: str) -> list[int]:
 
 
 def _kill_mid_run(cmd: list[str], out, limit_s: float = 10) -> tuple[list[int], float | None]:
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT,
-                            env=clean_env())  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT, env=clean_env()
+    )
     try:
         t0 = time.monotonic()
         while not (out / "metrics.jsonl").exists() or not (out / "metrics.jsonl").stat().st_size:
@@ -54,8 +55,18 @@ LONG = [*TINY[2:], "--mode", "lss", "--steps", "100000", "--log-interval", "1000
 @pytest.mark.timeout(300)
 def test_torchrun_killed_mid_run_leaves_no_rank(tmp_path):
     out = tmp_path / "o"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-           "-m", "lss_megatron.train", *LONG, "--out", str(out)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node=2",
+        "-m",
+        "lss_megatron.train",
+        *LONG,
+        "--out",
+        str(out),
+    ]
     ranks, took = _kill_mid_run(cmd, out)
     assert len(ranks) >= 2, ranks
     assert took is not None, "ranks still running 10 s after torchrun was killed"
@@ -65,8 +76,16 @@ def test_torchrun_killed_mid_run_leaves_no_rank(tmp_path):
 @pytest.mark.timeout(300)
 def test_deepspeed_launcher_killed_mid_run_leaves_no_rank(tmp_path):
     out = tmp_path / "o"
-    cmd = ["bash", str(ROOT / "launch" / "deepspeed.sh"), "--num-gpus", "2", "--", *LONG,
-           "--out", str(out)]  # fmt: skip
+    cmd = [
+        "bash",
+        str(ROOT / "launch" / "deepspeed.sh"),
+        "--num-gpus",
+        "2",
+        "--",
+        *LONG,
+        "--out",
+        str(out),
+    ]
     ranks, took = _kill_mid_run(cmd, out)
     assert len(ranks) >= 2, ranks
     assert took is not None, "processes still running 10 s after the DeepSpeed runner was killed"

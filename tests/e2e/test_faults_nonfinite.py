@@ -15,16 +15,29 @@ pytestmark = pytest.mark.faults
 
 # SGD at lr 1e38 (finite, accepted) throws the weights so far that every loss after step 1 is
 # non-finite: a run that diverges for good, as a user would meet it.
-DIVERGING = [*TINY, "--optimizer", "sgd", "--lr", "1e38", "--clip-grad", "0", "--lr-schedule",
-             "constant", "--skip-nonfinite", "--save-interval", "1"]  # fmt: skip
+DIVERGING = [
+    *TINY,
+    "--optimizer",
+    "sgd",
+    "--lr",
+    "1e38",
+    "--clip-grad",
+    "0",
+    "--lr-schedule",
+    "constant",
+    "--skip-nonfinite",
+    "--save-interval",
+    "1",
+]
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_diverging_run_stops_after_the_bound_and_saves_only_good_steps(tmp_path):
     out, ck = tmp_path / "out", tmp_path / "ck"
-    res = train([*DIVERGING, "--steps", "6", "--max-consecutive-skips", "2", "--out", out,
-                 "--save", ck])  # fmt: skip
+    res = train(
+        [*DIVERGING, "--steps", "6", "--max-consecutive-skips", "2", "--out", out, "--save", ck]
+    )
     assert res.returncode == 3, res.stderr[-3000:]
     assert "non-finite loss in 2 consecutive steps (2..3): stopping" in res.stderr
     assert res.stderr.count("ERROR") == 1 and "Traceback" not in res.stderr
@@ -41,8 +54,9 @@ def test_a_skipped_last_step_writes_no_checkpoint(tmp_path):
     """Within the bound the run finishes (exit 0), but the final save at a skipped step is
     refused with a warning: `latest` still names the last good step."""
     out, ck = tmp_path / "out", tmp_path / "ck"
-    res = train([*DIVERGING, "--steps", "3", "--max-consecutive-skips", "5", "--out", out,
-                 "--save", ck])  # fmt: skip
+    res = train(
+        [*DIVERGING, "--steps", "3", "--max-consecutive-skips", "5", "--out", out, "--save", ck]
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     assert "step 3 was skipped (non-finite loss): no checkpoint written for it" in res.stderr
     assert (ck / "latest").read_text() == "step_00000001"

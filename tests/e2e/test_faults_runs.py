@@ -17,6 +17,7 @@ pytestmark = pytest.mark.faults
 
 # --- end to end, as a user would ----------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def first_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
@@ -37,10 +38,12 @@ def test_second_runs_change_no_byte_then_resume_and_overwrite_work(first_run):
 
     again = train([*TINY, "--out", out])  # the same command twice
     assert again.returncode == 2 and f"--out {out} already holds the outputs of run {rid}" in (
-        again.stderr)  # fmt: skip
+        again.stderr
+    )
     other = train([*TINY, "--out", root / "B", "--save", ck])  # a new run, the first run's --save
     assert other.returncode == 2 and f"--save {ck} holds the checkpoints of run {rid}" in (
-        other.stderr)  # fmt: skip
+        other.stderr
+    )
     assert snapshot(root) == before, "a refused run changed files on disk"
 
     # resuming the first run into its own folders: allowed, same run id, summary rewritten

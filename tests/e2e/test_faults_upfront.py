@@ -30,7 +30,10 @@ def test_estimate_against_measured_bytes(tmp_path):
 
     e = est.estimate(config_from_args(parse_args([*TINY, "--out", str(out)]), 1).validate())
     assert (row["param_bytes"], row["grad_bytes"], row["optimizer_state_bytes"]) == (
-        e.params, e.grads, e.optimizer)  # fmt: skip
+        e.params,
+        e.grads,
+        e.optimizer,
+    )
     assert 0.75 <= e.activations / row["activation_bytes"] <= 1.25, (e, row["activation_bytes"])
 
 
@@ -49,23 +52,39 @@ def test_disk_full_through_the_trainer(tmp_path):
         "ck.torch.save = save\n"
         "from lss_megatron.train import main\n"
         "sys.exit(main(sys.argv[2:]))\n"
-    )  # fmt: skip
+    )
 
     ckpt = tmp_path / "ck"
-    res = subprocess.run([sys.executable, "-c", script, str(ckpt), *TINY, "--out",
-                          str(tmp_path / "o"), "--save", str(ckpt), "--save-interval", "1"],
-                         capture_output=True, text=True, timeout=180, cwd=ROOT,
-                         env=clean_env())  # fmt: skip
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            script,
+            str(ckpt),
+            *TINY,
+            "--out",
+            str(tmp_path / "o"),
+            "--save",
+            str(ckpt),
+            "--save-interval",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd=ROOT,
+        env=clean_env(),
+    )
     assert res.returncode == 1, res.stderr[-3000:]
     errors = [x for x in res.stderr.splitlines() if "ERROR" in x]
     assert len(errors) == 1 and "Traceback" not in res.stderr, res.stderr[-3000:]
     assert "checkpoint step 2 not written" in errors[0] and "no space left" in errors[0]
     assert (ckpt / "latest").read_text() == "step_00000001"
-    assert sorted(p.name for p in ckpt.iterdir()) == ["checkpoints.json", "latest",
-                                                      "step_00000001"]  # fmt: skip
+    assert sorted(p.name for p in ckpt.iterdir()) == ["checkpoints.json", "latest", "step_00000001"]
 
 
 # --- files that are not checkpoints -----------------------------------------------------------------
+
 
 def _state_file(tmp_path, payload):
     d = tmp_path / "step_00000001"
@@ -86,8 +105,9 @@ def test_loading_a_foreign_file_through_the_trainer(tmp_path):
     (tmp_path / "ck").mkdir()
     d = _state_file(tmp_path / "ck", {"weights": torch.zeros(2)})
     model = config_from_args(parse_args(TINY), 1).to_dict()["model"]  # the same model: loadable
-    (d / "meta.json").write_text(json.dumps({"step": 1, "format_version": 1,
-                                             "config": {"model": model}}))  # fmt: skip
+    (d / "meta.json").write_text(
+        json.dumps({"step": 1, "format_version": 1, "config": {"model": model}})
+    )
     res = train([*TINY, "--out", tmp_path / "o", "--load", tmp_path / "ck"])
     assert res.returncode == 2, res.stderr[-3000:]
     errors = [x for x in res.stderr.splitlines() if "ERROR" in x]
@@ -96,6 +116,7 @@ def test_loading_a_foreign_file_through_the_trainer(tmp_path):
 
 
 # --- temporary folders ------------------------------------------------------------------------------
+
 
 @pytest.mark.slow
 @pytest.mark.timeout(200)

@@ -19,18 +19,28 @@ from tests.support import ROOT
 def test_dry_run_of_the_prepared_check(tmp_path):
     """The README's command with --dry-run: every phase runs and passes on the CPU, one JSON, and
     the cost model reads it (once it names a GPU it measured)."""
-    res = subprocess.run(["bash", "launch/gpu_check.sh", "--dry-run", "--out-dir", str(tmp_path)],
-                         capture_output=True, text=True, timeout=280, cwd=ROOT)  # fmt: skip
+    res = subprocess.run(
+        ["bash", "launch/gpu_check.sh", "--dry-run", "--out-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=280,
+        cwd=ROOT,
+    )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     rec = json.loads((tmp_path / "gpu_check.json").read_text())
     assert rec["ok"] and rec["failures"] == [] and rec["dry_run"]
-    assert set(rec["phase_seconds"]) == {"attention_checks", "matmul_peak",
-                                         "attention_efficiency", "trainer"}  # fmt: skip
+    assert set(rec["phase_seconds"]) == {
+        "attention_checks",
+        "matmul_peak",
+        "attention_efficiency",
+        "trainer",
+    }
     assert len(rec["attention_checks"]) == 2 * len(CASES)
     assert all(r["ok"] and r["kernels"] == ["cpu_flash"] for r in rec["attention_checks"])
     eff = rec["attention_efficiency"]
-    assert {(r["rank"], r["local_len"]) for r in eff} == {(w, n) for w in ("last", "first")
-                                                          for n in (32, 64)}  # fmt: skip
+    assert {(r["rank"], r["local_len"]) for r in eff} == {
+        (w, n) for w in ("last", "first") for n in (32, 64)
+    }
     # causal pairs of the last of N=2 at l/N=32: 32 queries x 32 earlier keys + 32*33/2
     assert eff[0]["flops"] == 3 * 4 * 4 * 16 * (32 * 32 + 32 * 33 // 2)
     for mode in ("serial", "lss"):

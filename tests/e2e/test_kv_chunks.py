@@ -22,8 +22,20 @@ def test_trainer_with_chunked_gathers_matches_serial(tmp_path):
     ).split()
     res = torchrun_train(1, ["--mode", "serial", "--out", str(tmp_path / "s"), *args])
     assert res.returncode == 0, res.stderr[-2000:]
-    res = torchrun_train(2, ["--mode", "lss", "--seq-parallel", "2", "--kv-gather-chunks", "4",
-                             "--out", str(tmp_path / "c"), *args])  # fmt: skip
+    res = torchrun_train(
+        2,
+        [
+            "--mode",
+            "lss",
+            "--seq-parallel",
+            "2",
+            "--kv-gather-chunks",
+            "4",
+            "--out",
+            str(tmp_path / "c"),
+            *args,
+        ],
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     for a, b in zip(read_metrics(tmp_path / "c"), read_metrics(tmp_path / "s"), strict=True):
         assert abs(a["loss"] - b["loss"]) < TOL, (a["step"], a["loss"], b["loss"])

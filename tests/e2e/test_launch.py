@@ -62,16 +62,36 @@ def test_deepspeed_matches_torchrun(tmp_path):
     equal within 1e-6 (they are deterministic, so in practice identical)."""
     ds = deepspeed_bin()
     ref_out, sh_out, ds_out = tmp_path / "torchrun", tmp_path / "ds_sh", tmp_path / "ds_plain"
-    ok(run_cmd([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-            "-m", "lss_megatron.train", *TRAINER, "--out", ref_out], timeout=150))  # fmt: skip
+    ok(
+        run_cmd(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                "--nproc-per-node=2",
+                "-m",
+                "lss_megatron.train",
+                *TRAINER,
+                "--out",
+                ref_out,
+            ],
+            timeout=150,
+        )
+    )
     ref = losses(ref_out)
     assert len(ref) == 4
 
     # the wrapper, with OMP_NUM_THREADS unset: it sets 1 and picks a free port itself
     env = clean_env()
     del env["OMP_NUM_THREADS"]
-    res = ok(run_cmd(["bash", LAUNCH / "deepspeed.sh", "--num-gpus", "2", "--", *TRAINER,
-                  "--out", sh_out], timeout=150, env=env))  # fmt: skip
+    res = ok(
+        run_cmd(
+            ["bash", LAUNCH / "deepspeed.sh", "--num-gpus", "2", "--", *TRAINER, "--out", sh_out],
+            timeout=150,
+            env=env,
+        )
+    )
     log = res.stdout + res.stderr
     assert "OMP_NUM_THREADS=1" in res.stderr
     port = re.search(r"--master_port (\d+)", res.stderr)
@@ -81,8 +101,23 @@ def test_deepspeed_matches_torchrun(tmp_path):
     assert "Building extension" not in log and "ninja" not in log
 
     # the plain command users type, from the repository root
-    ok(run_cmd([ds, "--num_gpus", "2", "--master_port", free_port(), "--module", "lss_megatron.train",
-            *TRAINER, "--out", ds_out], timeout=150))  # fmt: skip
+    ok(
+        run_cmd(
+            [
+                ds,
+                "--num_gpus",
+                "2",
+                "--master_port",
+                free_port(),
+                "--module",
+                "lss_megatron.train",
+                *TRAINER,
+                "--out",
+                ds_out,
+            ],
+            timeout=150,
+        )
+    )
 
     for name, out in (("deepspeed.sh", sh_out), ("deepspeed", ds_out)):
         got = losses(out)
@@ -102,9 +137,24 @@ def test_tiny_preset_runs_with_override(tmp_path):
     preset = yaml.safe_load((PRESETS / "tiny-cpu.yaml").read_text())
     assert preset["steps"] != 2
     out = tmp_path / "tiny"
-    res = ok(run_cmd(["bash", LAUNCH / "torchrun.sh", "--nproc-per-node", "2", "--",
-                  "--config", PRESETS / "tiny-cpu.yaml", "--steps", "2", "--out", out],
-                 timeout=120))  # fmt: skip
+    res = ok(
+        run_cmd(
+            [
+                "bash",
+                LAUNCH / "torchrun.sh",
+                "--nproc-per-node",
+                "2",
+                "--",
+                "--config",
+                PRESETS / "tiny-cpu.yaml",
+                "--steps",
+                "2",
+                "--out",
+                out,
+            ],
+            timeout=120,
+        )
+    )
     assert "--standalone" in res.stderr
     got = losses(out)
     assert len(got) == 2 and all(x == x and 0 < x < 20 for x in got), got

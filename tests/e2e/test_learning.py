@@ -32,9 +32,22 @@ MARGIN = 0.15  # nats below the floor; observed gap 0.23 (N = 2) and 0.72 (N = 4
 
 
 def train_lss(n: int, out: Path) -> list[float]:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc-per-node={n}", "-m", "lss_megatron.train", "--mode", "lss",
-           "--seq-parallel", str(n), *ARGS, "--out", str(out)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={n}",
+        "-m",
+        "lss_megatron.train",
+        "--mode",
+        "lss",
+        "--seq-parallel",
+        str(n),
+        *ARGS,
+        "--out",
+        str(out),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=ROOT)
     assert res.returncode == 0, res.stderr[-3000:]

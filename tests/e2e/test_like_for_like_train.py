@@ -16,10 +16,36 @@ from tests.support import read_metrics, torchrun_train
 
 pytestmark = pytest.mark.slow  # trainer launches
 
-ARGS = ["--num-layers", "2", "--hidden-size", "32", "--num-heads", "4", "--num-kv-heads", "2",
-        "--seq-length", "32", "--global-batch-size", "2", "--micro-batch-size", "1",
-        "--vocab-size", "64", "--steps", "2", "--optimizer", "adamw", "--lr", "3e-3",
-        "--attention-kernel", "dense", "--recompute", "selective", "--progress", "off"]  # fmt: skip
+ARGS = [
+    "--num-layers",
+    "2",
+    "--hidden-size",
+    "32",
+    "--num-heads",
+    "4",
+    "--num-kv-heads",
+    "2",
+    "--seq-length",
+    "32",
+    "--global-batch-size",
+    "2",
+    "--micro-batch-size",
+    "1",
+    "--vocab-size",
+    "64",
+    "--steps",
+    "2",
+    "--optimizer",
+    "adamw",
+    "--lr",
+    "3e-3",
+    "--attention-kernel",
+    "dense",
+    "--recompute",
+    "selective",
+    "--progress",
+    "off",
+]
 MODES = {"serial": 1, "lss": 2, "nvidia-sp": 2, "ulysses": 2}
 
 
@@ -32,7 +58,10 @@ def test_dense_selective_in_every_mode_matches_serial(tmp_path):
         assert res.returncode == 0, (mode, res.stderr[-2000:])
         runtime = json.loads((out / "config.json").read_text())["runtime"]
         assert (runtime["attention_kernel"], runtime["recompute"], runtime["dtype"]) == (
-            "dense", "selective", "fp32"), (mode, runtime)  # fmt: skip
+            "dense",
+            "selective",
+            "fp32",
+        ), (mode, runtime)
         runs[mode] = read_metrics(out)
     for mode, rows in runs.items():
         for a, b in zip(rows, runs["serial"], strict=True):
@@ -48,11 +77,16 @@ def test_bf16_resume_is_exact(tmp_path):
     """bf16 checkpoints hold the fp32 master weights and their optimizer state (the model is
     their bf16 copy): stopping after step 2 and resuming gives bitwise the losses of an
     uninterrupted run (same model, same order of operations)."""
-    args = ("--mode lss --num-layers 2 --hidden-size 32 --num-heads 4 --seq-length 32 "
-            "--global-batch-size 2 --vocab-size 64 --steps 4 --dtype bf16 --progress off").split()  # fmt: skip
+    args = (
+        "--mode lss --num-layers 2 --hidden-size 32 --num-heads 4 --seq-length 32 "
+        "--global-batch-size 2 --vocab-size 64 --steps 4 --dtype bf16 --progress off"
+    ).split()
     save = tmp_path / "save"
-    runs = {"full": [], "first": ["--save", str(save), "--save-interval", "2", "--stop-after", "2"],
-            "resumed": ["--load", str(save)]}  # fmt: skip
+    runs = {
+        "full": [],
+        "first": ["--save", str(save), "--save-interval", "2", "--stop-after", "2"],
+        "resumed": ["--load", str(save)],
+    }
     losses = {}
     for name, extra in runs.items():
         res = torchrun_train(2, [*args, "--out", str(tmp_path / name), *extra], timeout=300)

@@ -27,10 +27,34 @@ from tests.support import ROOT, read_metrics
 
 TOL = 1e-5
 STEPS = 4
-ARGS = ["--num-layers", "2", "--hidden-size", "32", "--num-heads", "4", "--seq-length", "32",
-        "--vocab-size", "64", "--global-batch-size", "4", "--micro-batch-size", "1",
-        "--steps", str(STEPS), "--optimizer", "adamw", "--lr", "3e-3", "--seed", "9",
-        "--progress", "off", "--dist-timeout", "120"]  # fmt: skip
+ARGS = [
+    "--num-layers",
+    "2",
+    "--hidden-size",
+    "32",
+    "--num-heads",
+    "4",
+    "--seq-length",
+    "32",
+    "--vocab-size",
+    "64",
+    "--global-batch-size",
+    "4",
+    "--micro-batch-size",
+    "1",
+    "--steps",
+    str(STEPS),
+    "--optimizer",
+    "adamw",
+    "--lr",
+    "3e-3",
+    "--seed",
+    "9",
+    "--progress",
+    "off",
+    "--dist-timeout",
+    "120",
+]
 
 
 def _launch(runs: dict, base, timeout: float) -> None:
@@ -38,18 +62,30 @@ def _launch(runs: dict, base, timeout: float) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     procs = {}
     for name, (nproc, flags) in runs.items():
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc-per-node={nproc}", "-m", "lss_megatron.train", *ARGS, *flags,
-               "--out", str(base / name)]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={nproc}",
+            "-m",
+            "lss_megatron.train",
+            *ARGS,
+            *flags,
+            "--out",
+            str(base / name),
+        ]
         log = (base / f"{name}.log").open("w")
-        procs[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                       cwd=ROOT, start_new_session=True)  # fmt: skip
+        procs[name] = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True
+        )
     deadline = time.monotonic() + timeout
     try:
         for name, p in procs.items():
             p.wait(timeout=max(1.0, deadline - time.monotonic()))
-            assert p.returncode == 0, f"{name}: exit {p.returncode}\n" + \
-                (base / f"{name}.log").read_text()[-3000:]  # fmt: skip
+            assert p.returncode == 0, (
+                f"{name}: exit {p.returncode}\n" + (base / f"{name}.log").read_text()[-3000:]
+            )
     finally:
         for p in procs.values():
             if p.poll() is None:
@@ -65,18 +101,54 @@ def _losses(out) -> dict[int, float]:
 def runs(tmp_path_factory):
     base = tmp_path_factory.mktemp("lss_tp")
     ckpt = base / "ckpt"
-    _launch({
-        "serial": (1, ["--mode", "serial"]),
-        "n2t2": (4, ["--mode", "lss", "--seq-parallel", "2", "--tensor-parallel", "2",
-                     "--save", str(ckpt), "--save-interval", "2"]),
-        "n2t2d2": (8, ["--mode", "lss", "--seq-parallel", "2", "--tensor-parallel", "2",
-                       "--data-parallel", "2", "--lss-layout", "zigzag"]),
-    }, base, timeout=600)  # fmt: skip
-    _launch({
-        "resume_n4t1": (4, ["--mode", "lss", "--seq-parallel", "4",
-                            "--load", str(ckpt / "step_00000002")]),
-        "resume_serial": (1, ["--mode", "serial", "--load", str(ckpt / "step_00000002")]),
-    }, base, timeout=400)  # fmt: skip
+    _launch(
+        {
+            "serial": (1, ["--mode", "serial"]),
+            "n2t2": (
+                4,
+                [
+                    "--mode",
+                    "lss",
+                    "--seq-parallel",
+                    "2",
+                    "--tensor-parallel",
+                    "2",
+                    "--save",
+                    str(ckpt),
+                    "--save-interval",
+                    "2",
+                ],
+            ),
+            "n2t2d2": (
+                8,
+                [
+                    "--mode",
+                    "lss",
+                    "--seq-parallel",
+                    "2",
+                    "--tensor-parallel",
+                    "2",
+                    "--data-parallel",
+                    "2",
+                    "--lss-layout",
+                    "zigzag",
+                ],
+            ),
+        },
+        base,
+        timeout=600,
+    )
+    _launch(
+        {
+            "resume_n4t1": (
+                4,
+                ["--mode", "lss", "--seq-parallel", "4", "--load", str(ckpt / "step_00000002")],
+            ),
+            "resume_serial": (1, ["--mode", "serial", "--load", str(ckpt / "step_00000002")]),
+        },
+        base,
+        timeout=400,
+    )
     return base
 
 
@@ -113,22 +185,44 @@ def test_checkpoint_written_at_t2_resumes_elsewhere(runs, name):
         assert abs(got[step] - serial[step]) < TOL, (name, step, got[step], serial[step])
 
 
-@pytest.mark.parametrize("world,args,fragment", [
-    (6, ["--tensor-parallel", "3"], "--tensor-parallel: --num-heads 4 is not divisible by T = 3"),
-    (4, ["--tensor-parallel", "2", "--vocab-size", "63"], "the model vocabulary 63"),
-    (8, ["--seq-parallel", "2", "--tensor-parallel", "2", "--data-parallel", "3"],
-     "P = 8 processes must equal --seq-parallel N x --tensor-parallel T x --data-parallel D"),
-    (4, ["--mode", "nvidia-sp", "--seq-parallel", "2", "--tensor-parallel", "2"],
-     "--tensor-parallel 2 applies to --mode lss only"),
-    (4, ["--tensor-parallel", "2", "--num-kv-heads", "2", "--kv-gather-chunks", "2"],
-     "does not divide the key/value heads 2 / T = 1 per rank"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "world,args,fragment",
+    [
+        (
+            6,
+            ["--tensor-parallel", "3"],
+            "--tensor-parallel: --num-heads 4 is not divisible by T = 3",
+        ),
+        (4, ["--tensor-parallel", "2", "--vocab-size", "63"], "the model vocabulary 63"),
+        (
+            8,
+            ["--seq-parallel", "2", "--tensor-parallel", "2", "--data-parallel", "3"],
+            "P = 8 processes must equal --seq-parallel N x --tensor-parallel T x --data-parallel D",
+        ),
+        (
+            4,
+            ["--mode", "nvidia-sp", "--seq-parallel", "2", "--tensor-parallel", "2"],
+            "--tensor-parallel 2 applies to --mode lss only",
+        ),
+        (
+            4,
+            ["--tensor-parallel", "2", "--num-kv-heads", "2", "--kv-gather-chunks", "2"],
+            "does not divide the key/value heads 2 / T = 1 per rank",
+        ),
+    ],
+)
 def test_bad_tensor_parallel_fails_fast(world, args, fragment):
     """WORLD_SIZE as a launcher sets it, no MASTER_ADDR: exit 2 at validation, no traceback."""
     env = {**os.environ, "WORLD_SIZE": str(world), "RANK": "0"}
     env.pop("MASTER_ADDR", None)
-    res = subprocess.run([sys.executable, "-m", "lss_megatron.train", *ARGS, *args],
-                         capture_output=True, text=True, env=env, cwd=ROOT, timeout=60)  # fmt: skip
+    res = subprocess.run(
+        [sys.executable, "-m", "lss_megatron.train", *ARGS, *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=60,
+    )
     assert res.returncode == 2, (res.returncode, res.stderr)
     assert fragment in res.stderr, res.stderr
     assert res.stderr.count("error:") == 1 and "Traceback" not in res.stderr

@@ -21,15 +21,43 @@ from tests.support import ok, run_cmd
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
-MODEL = ["--num-layers", "2", "--hidden-size", "128", "--num-heads", "2",
-         "--ffn-hidden-size", "512", "--vocab-size", "256"]  # fmt: skip
+MODEL = [
+    "--num-layers",
+    "2",
+    "--hidden-size",
+    "128",
+    "--num-heads",
+    "2",
+    "--ffn-hidden-size",
+    "512",
+    "--vocab-size",
+    "256",
+]
 
 
 def test_lss_reaches_longer_sequences_than_head_capped_nvidia_sp(tmp_path):
     out = tmp_path / "longest"
-    cmd = [sys.executable, "-m", "analysis.longest", "--ranks", "4", "--budget-mib", "48",
-           "--out", out, "--modes", "lss", "nvidia-sp", "--recompute", "full",
-           "--granularity", "1024", "--timeout", "240", *MODEL]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "analysis.longest",
+        "--ranks",
+        "4",
+        "--budget-mib",
+        "48",
+        "--out",
+        out,
+        "--modes",
+        "lss",
+        "nvidia-sp",
+        "--recompute",
+        "full",
+        "--granularity",
+        "1024",
+        "--timeout",
+        "240",
+        *MODEL,
+    ]
     res = ok(run_cmd(cmd, timeout=1500))
     with (out / "longest.csv").open() as f:
         rows = {r["mode"]: r for r in csv.DictReader(f)}
@@ -52,7 +80,8 @@ def test_lss_reaches_longer_sequences_than_head_capped_nvidia_sp(tmp_path):
         runs = [r for r in searched if r["mode"] == mode]
         assert all(r["status"] == "ok" for r in runs)
         misses = [int(r["seq_length"]) for r in runs if r["fits"] == "False"]
-        assert misses and all(int(r["rank_bytes_max"]) > budget for r in runs
-                              if r["fits"] == "False")  # fmt: skip
+        assert misses and all(
+            int(r["rank_bytes_max"]) > budget for r in runs if r["fits"] == "False"
+        )
         assert max(int(r["seq_length"]) for r in runs) <= 2 * int(rows[mode]["longest_seq_length"])
     assert (out / "figures" / "longest_seq_length.png").is_file()

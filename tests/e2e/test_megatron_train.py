@@ -21,10 +21,23 @@ TOL = 1e-5
 def test_cli_converter_and_bad_data_path_exit(tmp_path):
     src = tmp_path / "in.txt"
     src.write_bytes(b"hello world " * 100)
-    res = subprocess.run([sys.executable, "-m", "lss_megatron.data.make_indexed", "--input",
-                          str(src), "--output-prefix", str(tmp_path / "out" / "p"),
-                          "--document-bytes", "100"], capture_output=True, text=True,
-                         cwd=ROOT, timeout=120)  # fmt: skip
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lss_megatron.data.make_indexed",
+            "--input",
+            str(src),
+            "--output-prefix",
+            str(tmp_path / "out" / "p"),
+            "--document-bytes",
+            "100",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
     assert res.returncode == 0, res.stderr
     assert "12 documents, 1,200 tokens" in res.stdout
     assert (tmp_path / "out" / "p.bin").read_bytes() == src.read_bytes()
@@ -33,9 +46,22 @@ def test_cli_converter_and_bad_data_path_exit(tmp_path):
     )
     env = {**os.environ, "WORLD_SIZE": "1", "RANK": "0"}
     env.pop("MASTER_ADDR", None)
-    res = subprocess.run([sys.executable, "-m", "lss_megatron.train", "--data", "megatron",
-                          "--data-path", str(tmp_path / "missing")], capture_output=True,
-                         text=True, env=env, cwd=ROOT, timeout=60)  # fmt: skip
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lss_megatron.train",
+            "--data",
+            "megatron",
+            "--data-path",
+            str(tmp_path / "missing"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=60,
+    )
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert f"--data-path {tmp_path / 'missing'}: no such file" in res.stderr
 
@@ -45,11 +71,40 @@ def test_cli_converter_and_bad_data_path_exit(tmp_path):
 def test_serial_and_lss_train_on_it_alike(tmp_path):
     (tmp_path / "corpus.raw").write_bytes(byte_corpus())
     make_indexed(tmp_path / "corpus.raw", tmp_path / "corpus", separator=b"<END>")
-    common = ["--data", "megatron", "--data-path", str(tmp_path / "corpus"), "--vocab-size", "256",
-              "--num-layers", "2", "--hidden-size", "32", "--num-heads", "4", "--seq-length",
-              str(L), "--global-batch-size", str(G), "--steps", "6", "--optimizer", "sgd",
-              "--lr", "0.5", "--seed", str(SEED), "--dist-timeout", "60", "--progress", "off",
-              "--eval-interval", "3", "--eval-steps", "1"]  # fmt: skip
+    common = [
+        "--data",
+        "megatron",
+        "--data-path",
+        str(tmp_path / "corpus"),
+        "--vocab-size",
+        "256",
+        "--num-layers",
+        "2",
+        "--hidden-size",
+        "32",
+        "--num-heads",
+        "4",
+        "--seq-length",
+        str(L),
+        "--global-batch-size",
+        str(G),
+        "--steps",
+        "6",
+        "--optimizer",
+        "sgd",
+        "--lr",
+        "0.5",
+        "--seed",
+        str(SEED),
+        "--dist-timeout",
+        "60",
+        "--progress",
+        "off",
+        "--eval-interval",
+        "3",
+        "--eval-steps",
+        "1",
+    ]
     runs = {}
     for name, nproc, extra in (
         ("serial", 1, ["--mode", "serial"]),

@@ -39,8 +39,11 @@ SCRIPTS = {
 def _package_folders() -> set[str]:
     """Every package of the checkout under its installed name."""
     names = set()
-    for top, installed in (("lss_megatron", "lss_megatron"), ("analysis", "lss_megatron.analysis"),
-                           ("baselines", "lss_megatron.baselines")):  # fmt: skip
+    for top, installed in (
+        ("lss_megatron", "lss_megatron"),
+        ("analysis", "lss_megatron.analysis"),
+        ("baselines", "lss_megatron.baselines"),
+    ):
         for init in (ROOT / top).rglob("__init__.py"):
             rel = init.parent.relative_to(ROOT / top).parts
             names.add(".".join((installed, *rel)))
@@ -51,11 +54,30 @@ def _package_folders() -> set[str]:
 def wheel(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("wheel")
     src = tmp_path_factory.mktemp("src") / "repo"  # build from a copy: no build/ in the checkout
-    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".venv", ".git", "runs", "build",
-                                                             "*.egg-info", "__pycache__"))  # fmt: skip
-    res = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps",
-                          "--no-build-isolation", "-q", "-w", str(out), str(src)],
-                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    shutil.copytree(
+        ROOT,
+        src,
+        ignore=shutil.ignore_patterns(
+            ".venv", ".git", "runs", "build", "*.egg-info", "__pycache__"
+        ),
+    )
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(out),
+            str(src),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     (path,) = out.glob("lss_megatron-*.whl")
     return path
@@ -82,21 +104,42 @@ def test_wheel_contents(wheel):
 @pytest.mark.timeout(600)
 def test_installed_wheel_runs_outside_the_checkout(wheel, tmp_path):
     site = tmp_path / "site"
-    res = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target",
-                          str(site), str(wheel)], capture_output=True, text=True, timeout=300)  # fmt: skip
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--no-deps",
+            "-q",
+            "--target",
+            str(site),
+            str(wheel),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     work = tmp_path / "elsewhere"
     work.mkdir()
-    env = {**os.environ, "PYTHONPATH": str(site), "OMP_NUM_THREADS": "1",
-           "PYTHONWARNINGS": "ignore"}  # fmt: skip
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(site),
+        "OMP_NUM_THREADS": "1",
+        "PYTHONWARNINGS": "ignore",
+    }
 
     def run(*args, script: str | None = None) -> subprocess.CompletedProcess:
         cmd = [str(site / "bin" / script), *args] if script else [sys.executable, *args]
         return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=work, timeout=300)
 
-    where = run("-c", "import lss_megatron, lss_megatron.analysis, lss_megatron.baselines; "
-                "from lss_megatron.resources import presets_dir, source_root; "
-                "print(lss_megatron.__file__, presets_dir(), source_root())")  # fmt: skip
+    where = run(
+        "-c",
+        "import lss_megatron, lss_megatron.analysis, lss_megatron.baselines; "
+        "from lss_megatron.resources import presets_dir, source_root; "
+        "print(lss_megatron.__file__, presets_dir(), source_root())",
+    )
     assert where.returncode == 0, where.stderr[-3000:]
     pkg, presets, root = where.stdout.split()
     assert pkg.startswith(str(site)) and presets == str(site / "lss_megatron" / "presets")

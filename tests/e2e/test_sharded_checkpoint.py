@@ -47,8 +47,20 @@ def reference(tmp_path_factory):
 
 def _stopped_at_3(tmp_path, n: int, args: list):
     ck = tmp_path / "ck"
-    _run(n, [*args, "--out", tmp_path / "part", "--save", ck, "--save-interval", "3",
-             "--stop-after", "3"])  # fmt: skip
+    _run(
+        n,
+        [
+            *args,
+            "--out",
+            tmp_path / "part",
+            "--save",
+            ck,
+            "--save-interval",
+            "3",
+            "--stop-after",
+            "3",
+        ],
+    )
     step = ck / "step_00000003"
     assert (ck / "latest").read_text() == step.name
     data = sorted(p.name for p in step.glob("*.distcp"))
@@ -83,8 +95,21 @@ def test_plain_tensor_parallel_checkpoint_resumes_under_zero(reference, tmp_path
 @pytest.mark.timeout(300)
 def test_keep_last(tmp_path):
     ck = tmp_path / "ck"
-    _run(1, ["--mode", "serial", "--out", tmp_path / "o", "--save", ck, "--save-interval", "1",
-             "--keep-last", "2"])  # fmt: skip
+    _run(
+        1,
+        [
+            "--mode",
+            "serial",
+            "--out",
+            tmp_path / "o",
+            "--save",
+            ck,
+            "--save-interval",
+            "1",
+            "--keep-last",
+            "2",
+        ],
+    )
     assert sorted(p.name for p in ck.glob("step_*")) == ["step_00000005", "step_00000006"]
     assert (ck / "latest").read_text() == "step_00000006"
     assert not [p.name for p in ck.iterdir() if p.name.startswith(".")], "no temporaries left"

@@ -53,14 +53,27 @@ def test_tensorboard_events_equal_metrics_and_log_lines(tmp_path):
         for tag, value in scalars(r).items():
             expected.setdefault(tag, {})[r["step"]] = value
     assert set(events) == set(expected)
-    for key in ("loss", "lr", "grad_norm", "step_time_s", "tokens_per_s", "valid_loss",
-                "activation_bytes", "consumed_tokens", "tflops_per_s_per_rank"):  # fmt: skip
+    for key in (
+        "loss",
+        "lr",
+        "grad_norm",
+        "step_time_s",
+        "tokens_per_s",
+        "valid_loss",
+        "activation_bytes",
+        "consumed_tokens",
+        "tflops_per_s_per_rank",
+    ):
         assert key in events, key
     for tag, by_step in expected.items():
         assert set(events[tag]) == set(by_step), tag
         for step, value in by_step.items():
             assert math.isclose(events[tag][step], value, rel_tol=F32_REL, abs_tol=1e-30), (
-                tag, step, events[tag][step], value)  # fmt: skip
+                tag,
+                step,
+                events[tag][step],
+                value,
+            )
     log = res.stderr
     lines = [x for x in log.splitlines() if "iteration " in x and "lm loss:" in x]
     assert len(lines) == 4, log[-3000:]
@@ -68,8 +81,13 @@ def test_tensorboard_events_equal_metrics_and_log_lines(tmp_path):
     for step, line in enumerate(lines, start=1):
         assert f"iteration {step:8d}/       4" in line
         assert f"consumed tokens: {step * tokens:14d}" in line
-        for frag in ("elapsed time per iteration (ms):", "TFLOP/s/rank", "learning rate:",
-                     "grad norm:", "peak memory (MiB):"):  # fmt: skip
+        for frag in (
+            "elapsed time per iteration (ms):",
+            "TFLOP/s/rank",
+            "learning rate:",
+            "grad norm:",
+            "peak memory (MiB):",
+        ):
             assert frag in line, line
     assert sum("validation loss at iteration" in x for x in log.splitlines()) == 2
     assert f"output folder: {out.resolve()}" in log and f"TensorBoard: {tb.resolve()}" in log
@@ -83,9 +101,14 @@ def test_bad_tensorboard_dir_fails_at_validation(tmp_path):
     blocker.write_text("x")
     env = {**os.environ, "WORLD_SIZE": "1", "RANK": "0"}
     env.pop("MASTER_ADDR", None)
-    res = subprocess.run([sys.executable, "-m", "lss_megatron.train", "--tensorboard-dir",
-                          str(blocker / "tb")], capture_output=True, text=True, env=env,
-                         cwd=ROOT, timeout=60)  # fmt: skip
+    res = subprocess.run(
+        [sys.executable, "-m", "lss_megatron.train", "--tensorboard-dir", str(blocker / "tb")],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=60,
+    )
     assert res.returncode == 2, res.stderr
     assert f"--tensorboard-dir {blocker / 'tb'}: {blocker} is not a folder" in res.stderr
     assert "Traceback" not in res.stderr and res.stderr.count("--tensorboard-dir") == 1

@@ -40,8 +40,20 @@ def serial_runs(tmp_path_factory):
     runs = {}
     for pos in ("learned", "rope"):
         out = tmp_path_factory.mktemp(f"serial_{pos}")
-        res = torchrun(1, ["--mode", "serial", "--seq-parallel", "1", "--position-embedding", pos,
-                           "--out", str(out), *COMMON])  # fmt: skip
+        res = torchrun(
+            1,
+            [
+                "--mode",
+                "serial",
+                "--seq-parallel",
+                "1",
+                "--position-embedding",
+                pos,
+                "--out",
+                str(out),
+                *COMMON,
+            ],
+        )
         assert res.returncode == 0, res.stderr[-3000:]
         runs[pos] = read_losses(out)
         rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
@@ -54,8 +66,23 @@ def run_mode(
     tmp_path: Path, mode: str, n: int, d: int, pos: str, extra=()
 ) -> tuple[list[float], dict]:
     out = tmp_path / f"{mode}{'-'.join(extra)}"
-    res = torchrun(n * d, ["--mode", mode, "--seq-parallel", str(n), "--data-parallel", str(d),
-                           "--position-embedding", pos, "--out", str(out), *COMMON, *extra])  # fmt: skip
+    res = torchrun(
+        n * d,
+        [
+            "--mode",
+            mode,
+            "--seq-parallel",
+            str(n),
+            "--data-parallel",
+            str(d),
+            "--position-embedding",
+            pos,
+            "--out",
+            str(out),
+            *COMMON,
+            *extra,
+        ],
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["replicas"]["bitwise_equal"], summary
@@ -104,7 +131,10 @@ def test_three_way_parity(serial_runs, tmp_path, n, d, pos):
     # LSS: what really ran, and its collectives
     rt = lss_info["config"]["runtime"]
     assert (rt["core_attention"], rt["context_parallel"], rt["tensor_parallel"]) == (
-        "LSSCoreAttention", n, 1)  # fmt: skip
+        "LSSCoreAttention",
+        n,
+        1,
+    )
     assert lss_info["config"]["derived"]["segment_length"] == 32 // n
     # per step and layer, one K/V all-gather forward + one reduce-scatter backward, per
     # micro-batch; G/D micro-batches of 1 sequence; 2 layers

@@ -44,10 +44,15 @@ def test_ulysses_trainer_matches_serial(tmp_path):
     env = {"TORCH_EXTENSIONS_DIR": str(ext)}
     with ThreadPoolExecutor(2) as pool:  # both launches at once
         futures = {
-            mode: pool.submit(torchrun_train, nproc, ["--mode", mode, "--seq-parallel", str(nproc),
-                              "--out", str(outs[mode]), *COMMON], 240, env)
+            mode: pool.submit(
+                torchrun_train,
+                nproc,
+                ["--mode", mode, "--seq-parallel", str(nproc), "--out", str(outs[mode]), *COMMON],
+                240,
+                env,
+            )
             for mode, nproc in (("serial", 1), ("ulysses", 2))
-        }  # fmt: skip
+        }
         for mode, future in futures.items():
             res = future.result()
             assert res.returncode == 0, f"{mode}: {res.stderr[-3000:]}"
@@ -62,7 +67,10 @@ def test_ulysses_trainer_matches_serial(tmp_path):
     config = json.loads((outs["ulysses"] / "config.json").read_text())
     rt = config["runtime"]
     assert (rt["core_attention"], rt["context_parallel"], rt["tensor_parallel"]) == (
-        "UlyssesCoreAttention", 2, 1)  # fmt: skip
+        "UlyssesCoreAttention",
+        2,
+        1,
+    )
     assert json.loads((outs["ulysses"] / "summary.json").read_text())["replicas"]["bitwise_equal"]
     # 4 micro-batches of 1 sequence, 2 layers, 4 all-to-alls forward + 4 backward
     model = ModelConfig(num_layers=2, hidden_size=32, num_heads=8, num_kv_heads=4, seq_length=32)
@@ -82,10 +90,27 @@ def test_ulysses_cli_fails_fast():
     env.pop("MASTER_ADDR", None)
     t0 = time.monotonic()
     res = subprocess.run(
-        [sys.executable, "-m", "lss_megatron.train", "--mode", "ulysses", "--seq-parallel", "4",
-         "--num-heads", "6", "--num-kv-heads", "3", "--hidden-size", "48"],
-        capture_output=True, text=True, env=env, cwd=ROOT, timeout=60,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "lss_megatron.train",
+            "--mode",
+            "ulysses",
+            "--seq-parallel",
+            "4",
+            "--num-heads",
+            "6",
+            "--num-kv-heads",
+            "3",
+            "--hidden-size",
+            "48",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=60,
+    )
     assert res.returncode == 2, (res.returncode, res.stderr)
     assert "--num-heads 6 is not divisible by N = 4" in res.stderr, res.stderr
     assert "--num-kv-heads 3 is not divisible by N = 4" in res.stderr, res.stderr

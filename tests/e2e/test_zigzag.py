@@ -33,8 +33,21 @@ def test_zigzag_training_balance_and_checkpoint(tmp_path):
         extra = (
             ["--save", str(tmp_path / "ck"), "--save-interval", "2"] if layout == "zigzag" else []
         )
-        res = torchrun_train(4, ["--mode", "lss", "--seq-parallel", "4", "--lss-layout", layout,
-                                 "--out", str(tmp_path / layout), *ARGS, *extra])  # fmt: skip
+        res = torchrun_train(
+            4,
+            [
+                "--mode",
+                "lss",
+                "--seq-parallel",
+                "4",
+                "--lss-layout",
+                layout,
+                "--out",
+                str(tmp_path / layout),
+                *ARGS,
+                *extra,
+            ],
+        )
         assert res.returncode == 0, res.stderr[-2000:]
         runs[layout] = read_metrics(tmp_path / layout)
         for a, b in zip(runs[layout], serial, strict=True):
@@ -47,9 +60,20 @@ def test_zigzag_training_balance_and_checkpoint(tmp_path):
         runs["contiguous"][-1]["attention_flops_per_rank"]
     ), "same total work"
     # a zigzag checkpoint (position rows of two chunks per rank) resumes in contiguous at N=2
-    res = torchrun_train(2, ["--mode", "lss", "--seq-parallel", "2", "--load",
-                             str(tmp_path / "ck" / "step_00000002"),
-                             "--out", str(tmp_path / "resumed"), *ARGS])  # fmt: skip
+    res = torchrun_train(
+        2,
+        [
+            "--mode",
+            "lss",
+            "--seq-parallel",
+            "2",
+            "--load",
+            str(tmp_path / "ck" / "step_00000002"),
+            "--out",
+            str(tmp_path / "resumed"),
+            *ARGS,
+        ],
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     resumed = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "resumed")}
     assert sorted(resumed) == [3, 4]

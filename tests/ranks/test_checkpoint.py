@@ -64,8 +64,15 @@ def _atomic_worker(rank, world, directory):
     except ck.CheckpointError as e:
         corrupt = str(e)
     destroy_grid()
-    return {"crashed": crashed, "found": found.name, "step": step, "restored": restored,
-            "leftovers": leftovers, "stale": stale.name if stale else None, "corrupt": corrupt}  # fmt: skip
+    return {
+        "crashed": crashed,
+        "found": found.name,
+        "step": step,
+        "restored": restored,
+        "leftovers": leftovers,
+        "stale": stale.name if stale else None,
+        "corrupt": corrupt,
+    }
 
 
 @pytest.mark.timeout(120)

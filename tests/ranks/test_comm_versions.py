@@ -20,13 +20,41 @@ import pytest
 
 from tests.support import run_ranks
 
-KEYS = ("sp_comm_bytes", "grad_comm_bytes", "other_comm_bytes", "sp_comm_calls",
-        "grad_comm_calls", "other_comm_calls", "loss")  # fmt: skip
-TRAIN = ["--num-layers", "2", "--hidden-size", "32", "--num-heads", "4", "--seq-length", "64",
-         "--vocab-size", "64", "--steps", "2", "--progress", "off", "--global-batch-size", "2",
-         "--seq-parallel", "2", "--optimizer", "adamw"]  # fmt: skip
-MODES = {"lss": ["--mode", "lss", "--num-kv-heads", "2", "--kv-gather-chunks", "2"],
-         "nvidia-sp": ["--mode", "nvidia-sp", "--position-embedding", "learned"]}  # fmt: skip
+KEYS = (
+    "sp_comm_bytes",
+    "grad_comm_bytes",
+    "other_comm_bytes",
+    "sp_comm_calls",
+    "grad_comm_calls",
+    "other_comm_calls",
+    "loss",
+)
+TRAIN = [
+    "--num-layers",
+    "2",
+    "--hidden-size",
+    "32",
+    "--num-heads",
+    "4",
+    "--seq-length",
+    "64",
+    "--vocab-size",
+    "64",
+    "--steps",
+    "2",
+    "--progress",
+    "off",
+    "--global-batch-size",
+    "2",
+    "--seq-parallel",
+    "2",
+    "--optimizer",
+    "adamw",
+]
+MODES = {
+    "lss": ["--mode", "lss", "--num-kv-heads", "2", "--kv-gather-chunks", "2"],
+    "nvidia-sp": ["--mode", "nvidia-sp", "--position-embedding", "learned"],
+}
 
 
 def _expose_only_old_names() -> None:
@@ -65,8 +93,10 @@ def _expose_only_old_names() -> None:
         for name in ("all_gather_single", "reduce_scatter_single"):
             if hasattr(ns, name):
                 delattr(ns, name)
-        ns.all_gather_into_tensor, ns.reduce_scatter_tensor = (all_gather_into_tensor,
-                                                               reduce_scatter_tensor)  # fmt: skip
+        ns.all_gather_into_tensor, ns.reduce_scatter_tensor = (
+            all_gather_into_tensor,
+            reduce_scatter_tensor,
+        )
         ns._all_gather_base, ns._reduce_scatter_base = _all_gather_base, _reduce_scatter_base
 
 

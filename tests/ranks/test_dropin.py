@@ -36,13 +36,23 @@ def _build(cp: int, pos: str, spec, seq: int = SEQ):
     model_parallel_cuda_manual_seed(SEED)
     torch.manual_seed(SEED)
     cfg = TransformerConfig(
-        num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2,
-        context_parallel_size=cp, use_cpu_initialization=True, hidden_dropout=0.0,
+        num_layers=2,
+        hidden_size=32,
+        num_attention_heads=4,
+        num_query_groups=2,
+        context_parallel_size=cp,
+        use_cpu_initialization=True,
+        hidden_dropout=0.0,
         attention_dropout=0.0,
-    )  # fmt: skip
+    )
     kind = "rope" if pos == "rope" else "learned_absolute"
-    model = GPTModel(cfg, transformer_layer_spec=spec, vocab_size=VOCAB, max_sequence_length=seq,
-                     position_embedding_type=kind)  # fmt: skip
+    model = GPTModel(
+        cfg,
+        transformer_layer_spec=spec,
+        vocab_size=VOCAB,
+        max_sequence_length=seq,
+        position_embedding_type=kind,
+    )
     return cfg, model
 
 
@@ -52,8 +62,11 @@ def _global_batch():
     g = torch.Generator().manual_seed(SEED)
     seqs = torch.randint(0, VOCAB, (GLOBAL_BATCH, SEQ + 1), generator=g)
     pos = torch.arange(SEQ).expand(GLOBAL_BATCH, SEQ)
-    return {"tokens": seqs[:, :-1].clone(), "labels": seqs[:, 1:].clone(),
-            "position_ids": pos.clone()}  # fmt: skip
+    return {
+        "tokens": seqs[:, :-1].clone(),
+        "labels": seqs[:, 1:].clone(),
+        "position_ids": pos.clone(),
+    }
 
 
 def _reference_worker(rank, world, positions):
@@ -117,8 +130,10 @@ def _megatron_step(cfg, model, batch):
     losses.mean().backward()
     finalize_model_grads([ddp])
     finalize_position_grads(ddp)
-    return losses.detach(), {n: (p.main_grad if hasattr(p, "main_grad") else p.grad).clone()
-                             for n, p in model.named_parameters()}  # fmt: skip
+    return losses.detach(), {
+        n: (p.main_grad if hasattr(p, "main_grad") else p.grad).clone()
+        for n, p in model.named_parameters()
+    }
 
 
 def _lss_worker(rank, world, cases):
@@ -142,16 +157,24 @@ def _lss_worker(rank, world, cases):
         prepare_lss_model(ours, layout=layout)
         ours(batch["tokens"], batch["position_ids"], None, labels=batch["labels"]).mean().backward()
         GradientAverager(ours, grid)()
-        slices = {name: getattr(p, ROWS_ATTR).numpy() for name, p in model.named_parameters()
-                  if hasattr(p, ROWS_ATTR)}  # fmt: skip
-        out.append({
-            "case": (n, pos, layout), "data_rank": grid.data_rank, "data_size": grid.data_size,
-            "positions": batch["position_ids"][0].numpy(), "tokens": losses.numpy(),
-            "megatron": {k: v.numpy() for k, v in meg_grads.items()},
-            "ours": {k: p.grad.numpy().copy() for k, p in ours.named_parameters()},
-            "init": {k: p.detach().numpy().copy() for k, p in model.named_parameters()},
-            "rows": slices,
-        })  # fmt: skip
+        slices = {
+            name: getattr(p, ROWS_ATTR).numpy()
+            for name, p in model.named_parameters()
+            if hasattr(p, ROWS_ATTR)
+        }
+        out.append(
+            {
+                "case": (n, pos, layout),
+                "data_rank": grid.data_rank,
+                "data_size": grid.data_size,
+                "positions": batch["position_ids"][0].numpy(),
+                "tokens": losses.numpy(),
+                "megatron": {k: v.numpy() for k, v in meg_grads.items()},
+                "ours": {k: p.grad.numpy().copy() for k, p in ours.named_parameters()},
+                "init": {k: p.detach().numpy().copy() for k, p in model.named_parameters()},
+                "rows": slices,
+            }
+        )
         destroy_grid()
     return out
 
@@ -247,25 +270,37 @@ def _refusal_worker(rank, world):
             seen[key] = None
 
     expect("bad layout spec", ValueError, lambda: get_lss_layer_spec(layout="diagonal"))
-    expect("bad layout prepare", ValueError,
-           lambda: prepare_lss_model(_build(world, "learned", get_lss_layer_spec())[1],
-                                     layout="diagonal"))  # fmt: skip
+    expect(
+        "bad layout prepare",
+        ValueError,
+        lambda: prepare_lss_model(
+            _build(world, "learned", get_lss_layer_spec())[1], layout="diagonal"
+        ),
+    )
     expect(
         "stock spec",
         ValueError,
         lambda: prepare_lss_model(_build(1, "learned", get_gpt_layer_local_spec())[1]),
     )
-    expect("layout mismatch", ValueError,
-           lambda: prepare_lss_model(_build(world, "rope", get_lss_layer_spec(layout="zigzag"))[1],
-                                     layout="contiguous"))  # fmt: skip
+    expect(
+        "layout mismatch",
+        ValueError,
+        lambda: prepare_lss_model(
+            _build(world, "rope", get_lss_layer_spec(layout="zigzag"))[1], layout="contiguous"
+        ),
+    )
     expect(
         "cp mismatch",
         ValueError,
         lambda: prepare_lss_model(_build(1, "learned", get_lss_layer_spec())[1]),
     )
-    expect("length", ValueError,
-           lambda: prepare_lss_model(_build(world, "rope", get_lss_layer_spec(layout="zigzag"),
-                                            seq=18)[1], layout="zigzag"))  # fmt: skip
+    expect(
+        "length",
+        ValueError,
+        lambda: prepare_lss_model(
+            _build(world, "rope", get_lss_layer_spec(layout="zigzag"), seq=18)[1], layout="zigzag"
+        ),
+    )
     expect("kv chunks", ValueError, lambda: _build(world, "rope", get_lss_layer_spec(kv_chunks=3)))
     expect("not a GPTModel", TypeError, lambda: prepare_lss_model(torch.nn.Linear(2, 2)))
     _, model = _build(world, "learned", get_lss_layer_spec())

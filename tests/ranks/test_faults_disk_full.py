@@ -16,6 +16,7 @@ pytestmark = pytest.mark.faults
 
 # --- a full disk while saving ----------------------------------------------------------------------
 
+
 def _disk_full_worker(rank, world, directory):
     import lss_megatron.training.checkpoint as ck
     from lss_megatron.config import ModelConfig, ParallelConfig

@@ -21,18 +21,26 @@ def _nan_params_worker(rank, world, directory):
     from lss_megatron.parallel.grid import destroy_grid, initialize_grid
     from lss_megatron.training import loop
 
-    cfg = RunConfig(model=ModelConfig(num_layers=1, hidden_size=16, num_heads=2, seq_length=8,
-                                      vocab_size=32),
-                    parallel=ParallelConfig(mode="lss", world_size=world, seq_parallel=world),
-                    train=TrainConfig(save=str(directory), steps=4))  # fmt: skip
+    cfg = RunConfig(
+        model=ModelConfig(num_layers=1, hidden_size=16, num_heads=2, seq_length=8, vocab_size=32),
+        parallel=ParallelConfig(mode="lss", world_size=world, seq_parallel=world),
+        train=TrainConfig(save=str(directory), steps=4),
+    )
     grid = initialize_grid(cfg.parallel)
     model = build_model(cfg.model, grid, mode="lss", seed=1)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     if rank == 1:  # only one rank's copy is bad: every rank must still refuse
         with torch.no_grad():
             next(model.parameters()).fill_(float("inf"))
-    run = SimpleNamespace(cfg=cfg, rank=rank, grid=grid, device=torch.device("cpu"), model=model,
-                          stepper=SimpleNamespace(optimizer=opt), effective={"model": {}})
+    run = SimpleNamespace(
+        cfg=cfg,
+        rank=rank,
+        grid=grid,
+        device=torch.device("cpu"),
+        model=model,
+        stepper=SimpleNamespace(optimizer=opt),
+        effective={"model": {}},
+    )
     try:
         loop._save(run, 4, False)  # step 4 of 4: a save step
         outcome = "saved"

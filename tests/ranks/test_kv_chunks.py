@@ -33,14 +33,18 @@ def _worker(rank, world, cases):
             o = lss_attention(lq, lk, lv, causal=causal, layout=layout, kv_chunks=chunks)
         with comm.record() as bwd:
             o.backward(dout[idx].float())
-        out.append({
-            "err": max((o.detach().double() - ref_out[idx]).abs().max().item(),
-                       (lq.grad.double() - ref_dq[idx]).abs().max().item(),
-                       (lk.grad.double() - ref_dk[idx]).abs().max().item(),
-                       (lv.grad.double() - ref_dv[idx]).abs().max().item()),
-            "fwd": (fwd.count("all_gather", "sp"), fwd.nbytes("sp")),
-            "bwd": (bwd.count("reduce_scatter", "sp"), bwd.nbytes("sp")),
-        })  # fmt: skip
+        out.append(
+            {
+                "err": max(
+                    (o.detach().double() - ref_out[idx]).abs().max().item(),
+                    (lq.grad.double() - ref_dq[idx]).abs().max().item(),
+                    (lk.grad.double() - ref_dk[idx]).abs().max().item(),
+                    (lv.grad.double() - ref_dv[idx]).abs().max().item(),
+                ),
+                "fwd": (fwd.count("all_gather", "sp"), fwd.nbytes("sp")),
+                "bwd": (bwd.count("reduce_scatter", "sp"), bwd.nbytes("sp")),
+            }
+        )
     return out
 
 
@@ -48,8 +52,13 @@ def _worker(rank, world, cases):
 @pytest.mark.parametrize("world", [2, 4])
 def test_chunked_gathers_are_exact_with_the_same_bytes(world):
     case = (True, 8, 4, 8, 32, 2)  # causal, GQA h=8 over h_kv=4, d=8, l=32, b=2
-    cases = [(case, 1, "contiguous"), (case, 2, "contiguous"), (case, 4, "contiguous"),
-             (case, 2, "zigzag"), ((False, 4, 4, 12, 16, 1), 4, "contiguous")]  # fmt: skip
+    cases = [
+        (case, 1, "contiguous"),
+        (case, 2, "contiguous"),
+        (case, 4, "contiguous"),
+        (case, 2, "zigzag"),
+        ((False, 4, 4, 12, 16, 1), 4, "contiguous"),
+    ]
     for rank, results in enumerate(run_ranks(_worker, world, cases, timeout=150)):
         one = {c[0]: r for c, r in zip(cases, results, strict=True) if c[1] == 1}
         for (c, chunks, layout), r in zip(cases, results, strict=True):

@@ -32,8 +32,9 @@ from tests.support import run_ranks
 
 pytestmark = pytest.mark.slow  # ~40 s of CPU for the four modes; minutes on a loaded machine
 
-MODEL = dict(num_layers=2, hidden_size=32, num_heads=4, num_kv_heads=2, seq_length=16,
-             vocab_size=64)  # fmt: skip
+MODEL = dict(
+    num_layers=2, hidden_size=32, num_heads=4, num_kv_heads=2, seq_length=16, vocab_size=64
+)
 WORLD = {"serial": 1, "lss": 2, "nvidia-sp": 2, "ulysses": 2}
 SETTINGS = list(itertools.product(("flash", "dense"), ("none", "selective", "full")))
 LENGTHS = (16, 32, 48, 64)
@@ -50,9 +51,15 @@ def _config(mode: str, world: int, kernel="flash", recompute="none", dtype="fp32
     return RunConfig(
         model=ModelConfig(**{**MODEL, "seq_length": length}),
         parallel=ParallelConfig(mode=mode, world_size=world, seq_parallel=world),
-        train=TrainConfig(global_batch_size=2, micro_batch_size=1, seed=3, dtype=dtype,
-                          attention_kernel=kernel, recompute=recompute),
-    ).validate()  # fmt: skip
+        train=TrainConfig(
+            global_batch_size=2,
+            micro_batch_size=1,
+            seed=3,
+            dtype=dtype,
+            attention_kernel=kernel,
+            recompute=recompute,
+        ),
+    ).validate()
 
 
 def _full_gradients(trainable, grid) -> dict:
@@ -68,8 +75,9 @@ def _full_gradients(trainable, grid) -> dict:
         g = p.grad.detach().float()
         if getattr(p, "tensor_model_parallel", False) and grid.tp_size > 1:
             dim = p.partition_dim
-            parts = comm.all_gather_dim0(g.movedim(dim, 0).contiguous(), grid.tp_group,
-                                         category="other")  # fmt: skip
+            parts = comm.all_gather_dim0(
+                g.movedim(dim, 0).contiguous(), grid.tp_group, category="other"
+            )
             g = parts.movedim(0, dim)
         if is_sequence_local(p):
             rows = comm.all_gather_dim0(getattr(p, ROWS_ATTR), grid.seq_group, category="other")
@@ -114,8 +122,9 @@ def _job(mode, world, kernel, recompute, dtype, length, want_grads):
 
     cfg = _config(mode, world, kernel, recompute, dtype, length)
     grid = initialize_grid(cfg.parallel)
-    model = build_model(cfg.model, grid, mode=mode, seed=3, kernel=kernel, recompute=recompute,
-                        dtype=dtype)  # fmt: skip
+    model = build_model(
+        cfg.model, grid, mode=mode, seed=3, kernel=kernel, recompute=recompute, dtype=dtype
+    )
     trainable = MasterWeights(model) if dtype == "bf16" else model
     micro = step_micro_batches(cfg, grid, step=1)
     saved = SavedBytes(model)
@@ -147,8 +156,12 @@ def _worker(rank, world, mode, jobs):
 def _jobs(mode: str) -> list[tuple]:
     jobs = [(k, r, "fp32", 16, True) for k, r in SETTINGS]
     jobs += [("flash", "none", "bf16", 16, True)]
-    jobs += [(k, "none", "fp32", length, False) for k in ("flash", "dense") for length in LENGTHS
-             if length != 16]  # fmt: skip
+    jobs += [
+        (k, "none", "fp32", length, False)
+        for k in ("flash", "dense")
+        for length in LENGTHS
+        if length != 16
+    ]
     return jobs
 
 
@@ -187,8 +200,11 @@ def test_every_kernel_and_recompute_matches_serial_flash(mode):
     for kernel, recompute in SETTINGS:
         got = _get(mode, kernel, recompute)
         tag = f"{mode} {kernel} recompute={recompute}"
-        assert got["settings"] == {"attention_kernel": kernel, "recompute": recompute,
-                                   "dtype": "fp32"}, tag  # fmt: skip
+        assert got["settings"] == {
+            "attention_kernel": kernel,
+            "recompute": recompute,
+            "dtype": "fp32",
+        }, tag
         assert abs(got["loss"] - ref["loss"]) <= ABS_TOL, (tag, got["loss"], ref["loss"])
         _assert_grads_close(got["grads"], ref["grads"], ABS_TOL, REL_TOL, tag)
 
@@ -218,7 +234,10 @@ def test_cost_model_predicts_every_count_exactly(mode):
         pred = predict(config)
         assert got["saved"] == got["saved_again"], key  # both counters agree
         assert (pred["activation_bytes"], pred["sp_comm_bytes"], pred["sp_comm_calls"]) == (
-            got["saved"], got["sp_bytes"], got["sp_calls"]), (mode, key)  # fmt: skip
+            got["saved"],
+            got["sp_bytes"],
+            got["sp_calls"],
+        ), (mode, key)
 
 
 @pytest.mark.timeout(300)

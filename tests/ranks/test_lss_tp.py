@@ -46,31 +46,50 @@ def _tp_worker(rank, world, layouts):
     for n, t, d, pos, layout in layouts:
         cfg = RunConfig(
             model=ModelConfig(position_embedding=pos, **MODEL),
-            parallel=ParallelConfig(mode="lss", world_size=world, seq_parallel=n,
-                                    tensor_parallel=t, data_parallel=d, lss_layout=layout),
-            train=TrainConfig(global_batch_size=GLOBAL_BATCH, micro_batch_size=MICRO_BATCH,
-                              seed=SEED),
-        ).validate()  # fmt: skip
+            parallel=ParallelConfig(
+                mode="lss",
+                world_size=world,
+                seq_parallel=n,
+                tensor_parallel=t,
+                data_parallel=d,
+                lss_layout=layout,
+            ),
+            train=TrainConfig(
+                global_batch_size=GLOBAL_BATCH, micro_batch_size=MICRO_BATCH, seed=SEED
+            ),
+        ).validate()
         grid = initialize_grid(cfg.parallel)
         model = build_model(cfg.model, grid, mode="lss", seed=SEED)
         gathered.clear()
-        local_loss, tokens = forward_backward(model, step_micro_batches(cfg, grid, step=1),
-                                              return_token_losses=True)  # fmt: skip
+        local_loss, tokens = forward_backward(
+            model, step_micro_batches(cfg, grid, step=1), return_token_losses=True
+        )
         GradientAverager(model, grid)()
-        out.append({
-            "layout": (n, t, d, pos, layout), "loss": global_mean_loss(local_loss, grid),
-            "seq_rank": grid.seq_rank, "tp_rank": grid.tp_rank, "data_rank": grid.data_rank,
-            "positions": local_positions(MODEL["seq_length"], grid.seq_rank, n, layout).numpy(),
-            "tokens": tokens.numpy().copy(),
-            "grads": {k: p.grad.numpy().copy() for k, p in model.named_parameters()},
-            "tp_dims": {k: p.partition_dim for k, p in model.named_parameters()
-                        if getattr(p, "tensor_model_parallel", False)},
-            "rows": {k: getattr(p, ROWS_ATTR).numpy() for k, p in model.named_parameters()
-                     if hasattr(p, ROWS_ATTR)},
-            "gathered": sorted(set(gathered)),
-            "sequence_parallel": bool(model.config.sequence_parallel),
-            "tp_size": model.config.tensor_model_parallel_size,
-        })  # fmt: skip
+        out.append(
+            {
+                "layout": (n, t, d, pos, layout),
+                "loss": global_mean_loss(local_loss, grid),
+                "seq_rank": grid.seq_rank,
+                "tp_rank": grid.tp_rank,
+                "data_rank": grid.data_rank,
+                "positions": local_positions(MODEL["seq_length"], grid.seq_rank, n, layout).numpy(),
+                "tokens": tokens.numpy().copy(),
+                "grads": {k: p.grad.numpy().copy() for k, p in model.named_parameters()},
+                "tp_dims": {
+                    k: p.partition_dim
+                    for k, p in model.named_parameters()
+                    if getattr(p, "tensor_model_parallel", False)
+                },
+                "rows": {
+                    k: getattr(p, ROWS_ATTR).numpy()
+                    for k, p in model.named_parameters()
+                    if hasattr(p, ROWS_ATTR)
+                },
+                "gathered": sorted(set(gathered)),
+                "sequence_parallel": bool(model.config.sequence_parallel),
+                "tp_size": model.config.tensor_model_parallel_size,
+            }
+        )
         destroy_grid()
     return out
 
@@ -98,8 +117,10 @@ def check_tp(ref, ranks, n, t, d, pos):
         assert r["gathered"] == [((seg, MICRO_BATCH, 2 * kv_local, hd), n)], (tag, r["gathered"])
     for s in range(n):
         for dr in range(d):
-            shards = sorted((r for r in ranks if (r["seq_rank"], r["data_rank"]) == (s, dr)),
-                            key=lambda r: r["tp_rank"])  # fmt: skip
+            shards = sorted(
+                (r for r in ranks if (r["seq_rank"], r["data_rank"]) == (s, dr)),
+                key=lambda r: r["tp_rank"],
+            )
             assert [r["tp_rank"] for r in shards] == list(range(t))
             tag = f"N={n} T={t} D={d} {pos} seq={s} dp={dr}"
             assert shards[0]["tp_dims"], f"{tag}: no tensor-parallel parameters"

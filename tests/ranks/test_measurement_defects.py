@@ -108,10 +108,13 @@ def _flops_worker(rank, world):
 
     out = {}
     for recompute in ("none", "selective", "full"):
-        cfg = RunConfig(model=ModelConfig(num_layers=2, hidden_size=32, num_heads=4,
-                                          seq_length=16, vocab_size=64),
-                        parallel=ParallelConfig(mode="lss", world_size=world, seq_parallel=world),
-                        train=TrainConfig(global_batch_size=1, recompute=recompute)).validate()  # fmt: skip
+        cfg = RunConfig(
+            model=ModelConfig(
+                num_layers=2, hidden_size=32, num_heads=4, seq_length=16, vocab_size=64
+            ),
+            parallel=ParallelConfig(mode="lss", world_size=world, seq_parallel=world),
+            train=TrainConfig(global_batch_size=1, recompute=recompute),
+        ).validate()
         grid = initialize_grid(cfg.parallel)
         model = build_model(cfg.model, grid, mode="lss", seed=1, recompute=recompute)
         cores = [m for m in model.modules() if isinstance(m, LSSCoreAttention)]
@@ -142,9 +145,11 @@ def _settings_worker(rank, world):
     from lss_megatron.model import build_model, check_settings
     from lss_megatron.parallel.grid import destroy_grid, initialize_grid
 
-    cfg = RunConfig(model=ModelConfig(num_layers=1, hidden_size=32, num_heads=4, seq_length=16,
-                                      vocab_size=64),
-                    parallel=ParallelConfig(mode="serial"), train=TrainConfig()).validate()  # fmt: skip
+    cfg = RunConfig(
+        model=ModelConfig(num_layers=1, hidden_size=32, num_heads=4, seq_length=16, vocab_size=64),
+        parallel=ParallelConfig(mode="serial"),
+        train=TrainConfig(),
+    ).validate()
     grid = initialize_grid(cfg.parallel)
     model = build_model(cfg.model, grid, mode="serial", seed=1, kernel="dense")
     ok = check_settings(model, {"attention_kernel": "dense", "recompute": "none", "dtype": "fp32"})

@@ -38,11 +38,21 @@ def reference():
 # bidirectional attention, and gradient buckets of 4 KiB so averaging needs several all-reduces
 SMALL_BUCKETS_NONCAUSAL = (2, 1, "learned", "lss", False, 4096)
 LAYOUTS_BY_WORLD = {
-    2: [(2, 1, "learned", "lss"), (2, 1, "rope", "lss"), SMALL_BUCKETS_NONCAUSAL,
-        (2, 1, "rope", "nvidia-sp")],
-    4: [(4, 1, "learned", "lss"), (4, 1, "rope", "lss"), (2, 2, "learned", "lss"),
-        (2, 2, "rope", "lss"), (4, 1, "learned", "nvidia-sp"), (2, 2, "rope", "nvidia-sp")],
-}  # fmt: skip
+    2: [
+        (2, 1, "learned", "lss"),
+        (2, 1, "rope", "lss"),
+        SMALL_BUCKETS_NONCAUSAL,
+        (2, 1, "rope", "nvidia-sp"),
+    ],
+    4: [
+        (4, 1, "learned", "lss"),
+        (4, 1, "rope", "lss"),
+        (2, 2, "learned", "lss"),
+        (2, 2, "rope", "lss"),
+        (4, 1, "learned", "nvidia-sp"),
+        (2, 2, "rope", "nvidia-sp"),
+    ],
+}
 
 
 class _Runs(dict):
@@ -106,10 +116,16 @@ def test_nvidia_sp_model_matches_one_process(reference, parallel_runs, n, d, pos
         assert shards[0]["tp_dims"], f"{tag}: no tensor-parallel parameters"
         for name, ref_g in ref["grads"].items():
             dim = shards[0]["tp_dims"].get(name)
-            full_g = (np.concatenate([r["grads"][name] for r in shards], axis=dim)
-                      if dim is not None else shards[0]["grads"][name])  # fmt: skip
-            full_w = (np.concatenate([r["init"][name] for r in shards], axis=dim)
-                      if dim is not None else shards[0]["init"][name])  # fmt: skip
+            full_g = (
+                np.concatenate([r["grads"][name] for r in shards], axis=dim)
+                if dim is not None
+                else shards[0]["grads"][name]
+            )
+            full_w = (
+                np.concatenate([r["init"][name] for r in shards], axis=dim)
+                if dim is not None
+                else shards[0]["init"][name]
+            )
             assert np.array_equal(full_w, ref["init"][name]), f"{tag}: initial {name} differs"
             err = np.abs(full_g - ref_g).max()
             assert err < TOL, f"{tag}: grad {name} max error {err:.3e}"

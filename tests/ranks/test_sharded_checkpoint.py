@@ -52,8 +52,9 @@ def _save_worker(rank, world, directory):
     from lss_megatron.config import ParallelConfig
     from lss_megatron.parallel.grid import destroy_grid, initialize_grid
 
-    grid = initialize_grid(ParallelConfig(mode="lss", world_size=world, seq_parallel=world,
-                                          lss_layout="zigzag"))  # fmt: skip
+    grid = initialize_grid(
+        ParallelConfig(mode="lss", world_size=world, seq_parallel=world, lss_layout="zigzag")
+    )
     model, opt = _model(grid, "lss", seed=1)
     gen = torch.Generator().manual_seed(0)
     for p in model.parameters():  # the same on every rank: replicated weights stay replicas
@@ -66,8 +67,12 @@ def _save_worker(rank, world, directory):
     step = ck.load_checkpoint(ck.find_latest(directory), model2, opt2, grid)
     got = _canonical(model2, opt2, grid)
     destroy_grid()
-    return {"step": step, "same": sorted(k for k in want if torch.equal(want[k], got[k])),
-            "keys": sorted(want), "want": want if rank == 0 else None}  # fmt: skip
+    return {
+        "step": step,
+        "same": sorted(k for k in want if torch.equal(want[k], got[k])),
+        "keys": sorted(want),
+        "want": want if rank == 0 else None,
+    }
 
 
 def _serial_load_worker(rank, world, directory):
@@ -133,17 +138,23 @@ def _version_1_worker(rank, world, directory):
     want = _canonical(model, opt, grid)
     step_dir = directory / "step_00000002"
     step_dir.mkdir(parents=True)
-    torch.save({"model": {n: p.detach() for n, p in model.named_parameters()},
-                "optimizer": {n: dict(opt.state[p]) for n, p in model.named_parameters()},
-                "torch_rng": torch.get_rng_state()}, step_dir / "state.pt")  # fmt: skip
-    (step_dir / "meta.json").write_text(json.dumps({"step": 2, "format_version": 1,
-                                                    "config": {}}))  # fmt: skip
+    torch.save(
+        {
+            "model": {n: p.detach() for n, p in model.named_parameters()},
+            "optimizer": {n: dict(opt.state[p]) for n, p in model.named_parameters()},
+            "torch_rng": torch.get_rng_state(),
+        },
+        step_dir / "state.pt",
+    )
+    (step_dir / "meta.json").write_text(json.dumps({"step": 2, "format_version": 1, "config": {}}))
     model2, opt2 = _model(grid, "serial", seed=7)
     step = ck.load_checkpoint(ck.find_latest(directory), model2, opt2, grid)
     got = _canonical(model2, opt2, grid)
     destroy_grid()
-    return {"step": step, "same": sorted(want) == sorted(got)
-            and all(torch.equal(want[k], got[k]) for k in want)}  # fmt: skip
+    return {
+        "step": step,
+        "same": sorted(want) == sorted(got) and all(torch.equal(want[k], got[k]) for k in want),
+    }
 
 
 @pytest.mark.timeout(120)

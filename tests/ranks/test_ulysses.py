@@ -53,8 +53,11 @@ def _recording_worker(rank, world, layouts, ext_dir):
     import deepspeed.comm.comm as ds_comm
 
     backend = ds_comm.cdb
-    return {"results": results, "backend": type(backend).__name__,
-            "shm_op": getattr(backend, "shm_comm_op", "missing")}  # fmt: skip
+    return {
+        "results": results,
+        "backend": type(backend).__name__,
+        "shm_op": getattr(backend, "shm_comm_op", "missing"),
+    }
 
 
 class _Runs(dict):

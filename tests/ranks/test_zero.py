@@ -38,12 +38,27 @@ def _zero_worker(rank, world, stages):
 
     def config(stage):
         return RunConfig(
-            model=ModelConfig(num_layers=2, hidden_size=32, num_heads=8, num_kv_heads=4,
-                              seq_length=32, vocab_size=64, position_embedding="learned"),
+            model=ModelConfig(
+                num_layers=2,
+                hidden_size=32,
+                num_heads=8,
+                num_kv_heads=4,
+                seq_length=32,
+                vocab_size=64,
+                position_embedding="learned",
+            ),
             parallel=ParallelConfig(mode="lss", world_size=world, seq_parallel=world),
-            train=TrainConfig(global_batch_size=4, micro_batch_size=2, optimizer="adamw",
-                              lr=0.01, clip_grad=0.5, steps=STEPS, seed=11, zero_stage=stage),
-        ).validate()  # fmt: skip
+            train=TrainConfig(
+                global_batch_size=4,
+                micro_batch_size=2,
+                optimizer="adamw",
+                lr=0.01,
+                clip_grad=0.5,
+                steps=STEPS,
+                seed=11,
+                zero_stage=stage,
+            ),
+        ).validate()
 
     cfg = config(0)
     grid = initialize_grid(cfg.parallel)
@@ -62,8 +77,12 @@ def _zero_worker(rank, world, stages):
             losses.append(global_mean_loss(local, grid))
             norms.append(stepper.step())
         params = {n: p.detach().numpy().copy() for n, p in model.named_parameters()}
-        out[stage] = {"losses": losses, "norms": norms, "params": params,
-                      "memory": stepper.memory_stats()}  # fmt: skip
+        out[stage] = {
+            "losses": losses,
+            "norms": norms,
+            "params": params,
+            "memory": stepper.memory_stats(),
+        }
     out["segment"] = cfg.model.seq_length // world
     out["seq_rank"] = grid.seq_rank
     destroy_grid()

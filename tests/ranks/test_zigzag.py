@@ -71,30 +71,45 @@ def _model_worker(rank, world, layouts):
     out = []
     for n, pos, mode, layout in layouts:
         cfg = RunConfig(
-            model=ModelConfig(num_layers=2, hidden_size=32, num_heads=4, num_kv_heads=2,
-                              seq_length=16, vocab_size=64, position_embedding=pos),
+            model=ModelConfig(
+                num_layers=2,
+                hidden_size=32,
+                num_heads=4,
+                num_kv_heads=2,
+                seq_length=16,
+                vocab_size=64,
+                position_embedding=pos,
+            ),
             parallel=ParallelConfig(mode=mode, world_size=world, seq_parallel=n, lss_layout=layout),
             train=TrainConfig(global_batch_size=2, micro_batch_size=1, seed=3),
-        ).validate()  # fmt: skip
+        ).validate()
         grid = initialize_grid(cfg.parallel)
         model = build_model(cfg.model, grid, mode=mode, seed=3)
         local_loss, tok = forward_backward(
             model, step_micro_batches(cfg, grid, 1), return_token_losses=True
         )
         GradientAverager(model, grid)()
-        out.append({
-            "key": (pos, layout), "loss": global_mean_loss(local_loss, grid),
-            "grads": {k: p.grad.numpy().copy() for k, p in model.named_parameters()},
-            "tokens": tok.numpy().copy(), "seq_rank": grid.seq_rank,
-        })  # fmt: skip
+        out.append(
+            {
+                "key": (pos, layout),
+                "loss": global_mean_loss(local_loss, grid),
+                "grads": {k: p.grad.numpy().copy() for k, p in model.named_parameters()},
+                "tokens": tok.numpy().copy(),
+                "seq_rank": grid.seq_rank,
+            }
+        )
         destroy_grid()
     return out
 
 
 @pytest.mark.timeout(300)
 def test_zigzag_model_matches_one_process():
-    ref = {r["key"][0]: r for r in run_ranks(
-        _model_worker, 1, [(1, p, "serial", "contiguous") for p in ("learned", "rope")])[0]}  # fmt: skip
+    ref = {
+        r["key"][0]: r
+        for r in run_ranks(
+            _model_worker, 1, [(1, p, "serial", "contiguous") for p in ("learned", "rope")]
+        )[0]
+    }
     runs = run_ranks(
         _model_worker, 4, [(4, p, "lss", "zigzag") for p in ("learned", "rope")], timeout=200
     )

@@ -22,17 +22,49 @@ FIXTURE = ROOT / "analysis" / "fixtures" / "summary.csv"
 
 from analysis import compare, figures, presets, tables  # noqa: E402
 
-REQUIRED = ["mode", "seq_parallel", "data_parallel", "seq_length", "hidden_size", "num_layers",
-            "num_heads", "step_time_s", "tokens_per_s", "sp_comm_bytes", "grad_comm_bytes",
-            "activation_bytes", "peak_mem_bytes", "speedup_vs_nvidia_sp",
-            "memory_ratio_vs_nvidia_sp", "parallel_efficiency", "world_size", "status", "run_dir",
-            "model_flops_per_step", "achieved_flops_per_s", "activation_ratio_vs_nvidia_sp",
-            "efficiency_kind", "predicted_sp_comm_bytes", "predicted_grad_comm_bytes",
-            "predicted_activation_bytes", "variant", "lss_layout", "kv_gather_chunks",
-            "zero_stage", "attention_imbalance", "transient_peak_bytes", "optimizer_state_bytes",
-            "grad_bytes", "activation_ratio_vs_lss", "transient_peak_ratio_vs_lss",
-            "optimizer_state_ratio_vs_lss", "speedup_vs_lss", "predicted_optimizer_state_bytes",
-            "predicted_grad_bytes", "predicted_attention_imbalance"]  # fmt: skip
+REQUIRED = [
+    "mode",
+    "seq_parallel",
+    "data_parallel",
+    "seq_length",
+    "hidden_size",
+    "num_layers",
+    "num_heads",
+    "step_time_s",
+    "tokens_per_s",
+    "sp_comm_bytes",
+    "grad_comm_bytes",
+    "activation_bytes",
+    "peak_mem_bytes",
+    "speedup_vs_nvidia_sp",
+    "memory_ratio_vs_nvidia_sp",
+    "parallel_efficiency",
+    "world_size",
+    "status",
+    "run_dir",
+    "model_flops_per_step",
+    "achieved_flops_per_s",
+    "activation_ratio_vs_nvidia_sp",
+    "efficiency_kind",
+    "predicted_sp_comm_bytes",
+    "predicted_grad_comm_bytes",
+    "predicted_activation_bytes",
+    "variant",
+    "lss_layout",
+    "kv_gather_chunks",
+    "zero_stage",
+    "attention_imbalance",
+    "transient_peak_bytes",
+    "optimizer_state_bytes",
+    "grad_bytes",
+    "activation_ratio_vs_lss",
+    "transient_peak_ratio_vs_lss",
+    "optimizer_state_ratio_vs_lss",
+    "speedup_vs_lss",
+    "predicted_optimizer_state_bytes",
+    "predicted_grad_bytes",
+    "predicted_attention_imbalance",
+]
 OPTIONS = ("lss-zigzag", "lss-kv4", "ulysses", "lss-zero1", "lss-zero2")
 """The fixture's variants beyond the paper, all at N = 2, D = 1, l = 64."""
 
@@ -44,8 +76,13 @@ def df() -> pd.DataFrame:
 
 def row(df: pd.DataFrame, label: str, n: int, length: int, d: int = 1, rep: int = 0) -> pd.Series:
     """The run of variant `label` (a plain mode is its own label) at (N, D, l, repeat)."""
-    sel = df[(df["variant"] == label) & (df["seq_parallel"] == n) & (df["data_parallel"] == d)
-             & (df["seq_length"] == length) & (df["repeat"] == rep)]  # fmt: skip
+    sel = df[
+        (df["variant"] == label)
+        & (df["seq_parallel"] == n)
+        & (df["data_parallel"] == d)
+        & (df["seq_length"] == length)
+        & (df["repeat"] == rep)
+    ]
     assert len(sel) == 1, sel
     return sel.iloc[0]
 
@@ -103,8 +140,13 @@ def test_ratios_vs_nvidia_sp(df):
 def test_ratios_vs_lss(df):
     """Every variant against plain LSS at its (N, D, l): plain's value over the variant's."""
     lss = row(df, "lss", 2, 64)
-    for column in ("speedup_vs_lss", "activation_ratio_vs_lss", "transient_peak_ratio_vs_lss",
-                   "optimizer_state_ratio_vs_lss", "grad_ratio_vs_lss"):  # fmt: skip
+    for column in (
+        "speedup_vs_lss",
+        "activation_ratio_vs_lss",
+        "transient_peak_ratio_vs_lss",
+        "optimizer_state_ratio_vs_lss",
+        "grad_ratio_vs_lss",
+    ):
         assert lss[column] == 1.0, column
     zigzag = row(df, "lss-zigzag", 2, 64)
     assert (zigzag["mode"], zigzag["lss_layout"]) == ("lss", "zigzag")
@@ -147,8 +189,16 @@ def test_plain_references_skip_variants(df):
 def test_tables_without_option_columns(df):
     """A table from before the variants (no option columns) still gets its LSS ratios."""
     old = df[df["variant"] == df["mode"]].drop(
-        columns=["variant", "lss_layout", "kv_gather_chunks", "zero_stage", "attention_imbalance",
-                 "transient_peak_bytes", *tables.DERIVED])  # fmt: skip
+        columns=[
+            "variant",
+            "lss_layout",
+            "kv_gather_chunks",
+            "zero_stage",
+            "attention_imbalance",
+            "transient_peak_bytes",
+            *tables.DERIVED,
+        ]
+    )
     again = tables.add_derived(old, "strong")
     lss = again[(again["mode"] == "lss") & (again["seq_parallel"] == 2)]
     assert (lss["speedup_vs_lss"] == 1.0).all()
@@ -187,8 +237,16 @@ def test_format_table(df):
     assert "strong scaling, T_1 / (P T_P)" in text
     assert len(text.splitlines()) >= 13 + len(OPTIONS) and "failed" in text
     header = text.splitlines()[0].split()
-    for column in ("imbal", "trans_MiB", "opt_MiB", "gradmem_MiB", "speedup_vs_lss",
-                   "act_vs_lss", "trans_vs_lss", "opt_vs_lss"):  # fmt: skip
+    for column in (
+        "imbal",
+        "trans_MiB",
+        "opt_MiB",
+        "gradmem_MiB",
+        "speedup_vs_lss",
+        "act_vs_lss",
+        "trans_vs_lss",
+        "opt_vs_lss",
+    ):
         assert column in header, column
     assert all(label in text for label in OPTIONS)  # the mode column shows variant labels
     plain = tables.format_table(df[df["variant"].isin(["serial", "lss", "nvidia-sp"])])
@@ -196,13 +254,31 @@ def test_format_table(df):
 
 
 def test_read_run(tmp_path):
-    (tmp_path / "summary.json").write_text(json.dumps(
-        {"step_time_s": 0.5, "tokens_per_s": 10.0, "achieved_flops_per_s": 3.0,
-         "peak_mem_bytes": 7, "final_loss": 1.5}))  # fmt: skip
-    steps = [{"step": s, "sp_comm_bytes": 100, "grad_comm_bytes": 20, "activation_bytes": a,
-              "sp_comm_time_s": t, "param_bytes": 4, "grad_bytes": 4, "optimizer_state_bytes": 8,
-              "model_flops_per_step": 99}
-             for s, a, t in ((1, 50, 9.0), (2, 60, 1.0), (3, 55, 3.0))]  # fmt: skip
+    (tmp_path / "summary.json").write_text(
+        json.dumps(
+            {
+                "step_time_s": 0.5,
+                "tokens_per_s": 10.0,
+                "achieved_flops_per_s": 3.0,
+                "peak_mem_bytes": 7,
+                "final_loss": 1.5,
+            }
+        )
+    )
+    steps = [
+        {
+            "step": s,
+            "sp_comm_bytes": 100,
+            "grad_comm_bytes": 20,
+            "activation_bytes": a,
+            "sp_comm_time_s": t,
+            "param_bytes": 4,
+            "grad_bytes": 4,
+            "optimizer_state_bytes": 8,
+            "model_flops_per_step": 99,
+        }
+        for s, a, t in ((1, 50, 9.0), (2, 60, 1.0), (3, 55, 3.0))
+    ]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(s) + "\n" for s in steps))
     (tmp_path / "config.json").write_text(json.dumps({"runtime": {"core_attention": "X"}}))
     got = tables.read_run(tmp_path)
@@ -279,7 +355,10 @@ def test_strong_scaling_data(df):
 def test_weak_efficiency_data(df):
     data = figures.weak_efficiency_data(df)
     assert list(zip(data["mode"], data["world_size"], strict=True)) == [
-        ("lss", 2), ("nvidia-sp", 2), ("serial", 1)]  # fmt: skip
+        ("lss", 2),
+        ("nvidia-sp", 2),
+        ("serial", 1),
+    ]
     assert list(data["time_efficiency"]) == [approx(1.0), approx(0.4), approx(1.0)]
     assert list(data["flops_efficiency"]) == [approx(1.1), approx(0.44), approx(1.0)]
     assert set(data["base_length"]) == {64}
@@ -305,9 +384,12 @@ def test_longest_sequence_data_measured(df):
         for m, n, x in zip(data["mode"], data["seq_parallel"], data["max_seq_length"], strict=True)
     }
     # budget 1e6 bytes (the table's column): solve the fixture's laws by hand
-    assert got == {("lss", 2): 900, ("lss", 4): 1800,  # 1000 l + 1e5, 500 l + 1e5
-                   ("nvidia-sp", 2): 284,  # 10 l^2 + 500 l + 5e4 <= 1e6: l <= 284.2, even
-                   ("serial", 1): 141}  # 40 l^2 + 2e5: l <= 141.4  # fmt: skip
+    assert got == {
+        ("lss", 2): 900,
+        ("lss", 4): 1800,  # 1000 l + 1e5, 500 l + 1e5
+        ("nvidia-sp", 2): 284,  # 10 l^2 + 500 l + 5e4 <= 1e6: l <= 284.2, even
+        ("serial", 1): 141,
+    }  # 40 l^2 + 2e5: l <= 141.4
     assert set(data["source"]) == {"measured fit"}
     assert (
         figures.longest_sequence_data(df, 2e6, "measured").set_index(["mode", "seq_parallel"])[
@@ -363,8 +445,13 @@ def test_figures_regenerate_from_csv_alone(tmp_path, capsys):
         for ext in ("png", "pdf"):
             path = tmp_path / "figures" / f"{name}.{ext}"
             assert path.exists() and path.stat().st_size > 1000, path
-    assert figures.FIGURES.keys() == {"strong_scaling", "weak_efficiency", "memory",
-                                      "longest_sequence", "throughput"}  # fmt: skip
+    assert figures.FIGURES.keys() == {
+        "strong_scaling",
+        "weak_efficiency",
+        "memory",
+        "longest_sequence",
+        "throughput",
+    }
 
 
 def test_figures_of_an_empty_table(tmp_path, df):
@@ -426,18 +513,37 @@ def test_options_plan(monkeypatch):
     args = " ".join(by["lss-kv4"].trainer_args("o"))
     assert "--mode lss" in args and "--kv-gather-chunks 4" in args
     assert by["lss"].variant == "" and by["lss"].run_id == f"lss_N4_D1_l{length}_r0"
-    monkeypatch.setattr(presets, "trainer_flags",
-                        lambda: frozenset({"--mode", "--seq-parallel", "--data-parallel",
-                                           "--seq-length", "--out", "--progress",
-                                           *(f"--{k}" for k in by["lss-kv4"].flags)}))  # fmt: skip
+    monkeypatch.setattr(
+        presets,
+        "trainer_flags",
+        lambda: frozenset(
+            {
+                "--mode",
+                "--seq-parallel",
+                "--data-parallel",
+                "--seq-length",
+                "--out",
+                "--progress",
+                *(f"--{k}" for k in by["lss-kv4"].flags),
+            }
+        ),
+    )
     plan = presets.make_plan(presets.get_preset("cpu-options"))
     skipped = dict(plan.skipped)
     assert {r.label for r in plan.runs} & zero == set()
     assert "no --zero-stage" in skipped[f"lss-zero1_N4_D1_l{length}"]
     assert "no --lss-layout" in skipped[f"lss-zigzag_N4_D1_l{length}"]
     with pytest.raises(KeyError):
-        presets.Preset(name="x", summary="", scaling="strong", degrees=(2,), seq_lengths=(64,),
-                       model={}, train={}, modes=("lss-nonsense",))  # fmt: skip
+        presets.Preset(
+            name="x",
+            summary="",
+            scaling="strong",
+            degrees=(2,),
+            seq_lengths=(64,),
+            model={},
+            train={},
+            modes=("lss-nonsense",),
+        )
 
 
 def test_cluster_presets():
@@ -459,14 +565,25 @@ def test_equal_ranks_preset():
     plan = presets.make_plan(presets.get_preset("paper-enwik8-144gpu-equal-ranks"))
     grid = [r for r in plan.runs if r.role == "grid"]
     assert {(r.mode, r.seq_parallel, r.data_parallel, r.setting) for r in grid} == {
-        (m, n, 144 // n, s) for m, ns in (("lss", (6, 24, 144)), ("nvidia-sp", (6, 12)))
-        for n in ns for s in ("", "_dense")}  # fmt: skip
+        (m, n, 144 // n, s)
+        for m, ns in (("lss", (6, 24, 144)), ("nvidia-sp", (6, 12)))
+        for n in ns
+        for s in ("", "_dense")
+    }
     assert not plan.skipped and {r.world_size for r in grid} == {144}
     assert {(r.mode, r.world_size) for r in plan.runs if r.role == "reference"} == {("serial", 1)}
     assert {r.seq_length for r in plan.runs} == {6912}
     with pytest.raises(ValueError, match="explicit layouts need strong scaling"):
-        presets.Preset(name="x", summary="", scaling="weak", degrees=(), seq_lengths=(64,),
-                       model={}, train={}, layouts=(("lss", 2, 1),))  # fmt: skip
+        presets.Preset(
+            name="x",
+            summary="",
+            scaling="weak",
+            degrees=(),
+            seq_lengths=(64,),
+            model={},
+            train={},
+            layouts=(("lss", 2, 1),),
+        )
 
 
 # --- the driver's plumbing (no trainer launches) -------------------------------------------------

@@ -39,8 +39,9 @@ def test_fp32_inputs_under_autocast_run_in_bf16(backend, q_offset):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = partial_attention(q, k, v, q_offset=q_offset, causal=True, backend=backend)
     assert out.dtype == torch.bfloat16
-    ref = partial_attention(*(t.detach().bfloat16() for t in (q, k, v)), q_offset=q_offset,
-                            causal=True, backend=backend)  # fmt: skip
+    ref = partial_attention(
+        *(t.detach().bfloat16() for t in (q, k, v)), q_offset=q_offset, causal=True, backend=backend
+    )
     assert torch.equal(out, ref)  # the same kernel on the same bf16 inputs
     out.float().sum().backward()
     assert all(t.grad is not None and t.grad.dtype == torch.float32 for t in (q, k, v))

@@ -47,9 +47,13 @@ def _numbers(x, where="record"):
 def test_quick_calibration_writes_a_valid_device_file(tmp_path):
     out = tmp_path / "dev.json"
     t0 = time.perf_counter()
-    res = subprocess.run([sys.executable, "-m", "analysis.calibrate", "--quick", "--ranks", "2",
-                          "--out", str(out)], cwd=ROOT, capture_output=True, text=True,
-                         timeout=120)  # fmt: skip
+    res = subprocess.run(
+        [sys.executable, "-m", "analysis.calibrate", "--quick", "--ranks", "2", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     elapsed = time.perf_counter() - t0
     assert res.returncode == 0, res.stderr[-2000:]
     data = json.loads(out.read_text())
@@ -57,8 +61,9 @@ def test_quick_calibration_writes_a_valid_device_file(tmp_path):
     assert dev.cores >= 1 and set(dev.network.fits["all_gather"]) == {2}
     for key in ("gemm", "attention", "elementwise", "collectives", "concurrency", "overheads"):
         assert data[key], key
-    for where, value in _numbers({k: data[k] for k in ("gemm", "attention", "elementwise",
-                                                       "collectives", "concurrency")}):  # fmt: skip
+    for where, value in _numbers(
+        {k: data[k] for k in ("gemm", "attention", "elementwise", "collectives", "concurrency")}
+    ):
         assert math.isfinite(value) and value > 0, (where, value)
     for where, value in _numbers(data["overheads"]):
         assert math.isfinite(value) and value >= 0, (where, value)

@@ -16,10 +16,20 @@ import pytest
 from analysis import presets, tables
 from analysis.fixtures.make_fixture import MODEL
 
-BASE = {**MODEL, "status": "ok", "role": "grid", "repeat": 0, "seq_length": 64,
-        "activation_bytes": 1000, "sp_comm_bytes": 100, "peak_mem_bytes": 1e8,
-        "model_flops_per_step": 1e9, "lss_layout": "contiguous", "kv_gather_chunks": 1,
-        "zero_stage": 0}  # fmt: skip
+BASE = {
+    **MODEL,
+    "status": "ok",
+    "role": "grid",
+    "repeat": 0,
+    "seq_length": 64,
+    "activation_bytes": 1000,
+    "sp_comm_bytes": 100,
+    "peak_mem_bytes": 1e8,
+    "model_flops_per_step": 1e9,
+    "lss_layout": "contiguous",
+    "kv_gather_chunks": 1,
+    "zero_stage": 0,
+}
 # (run id, variant, mode, N, kernel, recompute, dtype, step time)
 RUNS = [
     ("serial-flash", "serial", "serial", 1, "flash", "none", "fp32", 1.0),
@@ -37,12 +47,24 @@ RUNS = [
 def table():
     rows = []
     for run_id, variant, mode, n, kernel, recompute, dtype, step in RUNS:
-        rows.append({**BASE, "run_id": run_id, "variant": variant, "mode": mode,
-                     "seq_parallel": n, "data_parallel": 1, "world_size": n,
-                     "attention_kernel": kernel, "recompute": recompute, "dtype": dtype,
-                     "step_time_s": step, "achieved_flops_per_s": 1e9 / step,
-                     "lss_layout": "zigzag" if variant == "lss-zigzag" else "contiguous",
-                     "role": "reference" if mode == "serial" else "grid"})  # fmt: skip
+        rows.append(
+            {
+                **BASE,
+                "run_id": run_id,
+                "variant": variant,
+                "mode": mode,
+                "seq_parallel": n,
+                "data_parallel": 1,
+                "world_size": n,
+                "attention_kernel": kernel,
+                "recompute": recompute,
+                "dtype": dtype,
+                "step_time_s": step,
+                "achieved_flops_per_s": 1e9 / step,
+                "lss_layout": "zigzag" if variant == "lss-zigzag" else "contiguous",
+                "role": "reference" if mode == "serial" else "grid",
+            }
+        )
     return tables.finish(rows, "strong").set_index("run_id")
 
 
@@ -76,16 +98,30 @@ def test_printed_table_shows_the_setting(table):
     head = text.splitlines()[0].split()
     assert {"kernel", "recomp", "dtype"} <= set(head)
     assert "never across" in text
-    assert list(tables.setting_label(table.loc[["lss-dense", "lss-flash-sel", "nsp-flash-bf16"]
-                                               ])) == ["dense", "flash, selective", "flash, bf16"]
+    assert list(
+        tables.setting_label(table.loc[["lss-dense", "lss-flash-sel", "nsp-flash-bf16"]])
+    ) == ["dense", "flash, selective", "flash, bf16"]
 
 
 def test_tables_of_older_trainers_get_their_kernel_from_core_attention():
-    rows = [{**BASE, "run_id": r, "variant": m, "mode": m, "seq_parallel": 2, "data_parallel": 1,
-             "world_size": 2, "step_time_s": 1.0, "achieved_flops_per_s": 1e9,
-             "core_attention": core}
-            for r, m, core in (("a", "lss", "LSSCoreAttention"),
-                               ("b", "nvidia-sp", "DotProductAttention"))]  # fmt: skip
+    rows = [
+        {
+            **BASE,
+            "run_id": r,
+            "variant": m,
+            "mode": m,
+            "seq_parallel": 2,
+            "data_parallel": 1,
+            "world_size": 2,
+            "step_time_s": 1.0,
+            "achieved_flops_per_s": 1e9,
+            "core_attention": core,
+        }
+        for r, m, core in (
+            ("a", "lss", "LSSCoreAttention"),
+            ("b", "nvidia-sp", "DotProductAttention"),
+        )
+    ]
     old = pd.DataFrame(rows).drop(columns=["dtype", "attention_kernel", "recompute"])
     df = tables.add_derived(old, "strong")
     assert list(df["attention_kernel"]) == ["flash", "dense"]
@@ -96,13 +132,20 @@ def test_cpu_kernels_preset_runs_every_mode_under_every_setting():
     for name, n in (("cpu-kernels", 4), ("cpu-kernels-gqa", 2)):
         plan = presets.make_plan(presets.get_preset(name))
         assert not plan.skipped, plan.skipped
-        seen = {(r.label, r.flags.get("attention-kernel", "flash"), r.flags.get("recompute", "none"))
-                for r in plan.runs}  # fmt: skip
-        want = {(m, k, rc) for m in ("serial", "lss", "nvidia-sp", "ulysses")
-                for k in ("flash", "dense") for rc in ("none", "selective")}  # fmt: skip
+        seen = {
+            (r.label, r.flags.get("attention-kernel", "flash"), r.flags.get("recompute", "none"))
+            for r in plan.runs
+        }
+        want = {
+            (m, k, rc)
+            for m in ("serial", "lss", "nvidia-sp", "ulysses")
+            for k in ("flash", "dense")
+            for rc in ("none", "selective")
+        }
         assert seen == want and len(plan.runs) == 16, name
         assert {r.seq_parallel for r in plan.runs if r.mode != "serial"} == {n}
         assert len({r.run_id for r in plan.runs}) == 16
     smoke = presets.make_plan(presets.get_preset("smoke"))
-    assert all("attention-kernel" not in r.flags and "recompute" not in r.flags
-               for r in smoke.runs)  # flash, no recompute: the trainer's defaults  # fmt: skip
+    assert all(
+        "attention-kernel" not in r.flags and "recompute" not in r.flags for r in smoke.runs
+    )  # flash, no recompute: the trainer's defaults

@@ -18,40 +18,75 @@ def _cfg(model=None, parallel=None, train=None) -> RunConfig:
 
 BAD = [
     # (what, config, fragments the message must contain)
-    ("seq not divisible by N",
-     _cfg(model={"seq_length": 30}, parallel={"world_size": 4, "seq_parallel": 4}),
-     ["--seq-length 30", "--seq-parallel 4"]),
-    ("heads not divisible by kv heads",
-     _cfg(model={"num_heads": 4, "num_kv_heads": 3}), ["--num-heads 4", "--num-kv-heads 3"]),
-    ("hidden not divisible by heads",
-     _cfg(model={"hidden_size": 30, "num_heads": 4}), ["--hidden-size 30", "--num-heads 4"]),
-    ("P != N*D",
-     _cfg(parallel={"world_size": 4, "seq_parallel": 2, "data_parallel": 3}),
-     ["P = 4", "2 x 3 = 6"]),
-    ("G not divisible by D",
-     _cfg(parallel={"world_size": 4, "seq_parallel": 2}, train={"global_batch_size": 3}),
-     ["--global-batch-size 3", "D = 2"]),
-    ("serial with N > 1",
-     _cfg(parallel={"mode": "serial", "world_size": 2, "seq_parallel": 2}),
-     ["--mode serial", "--seq-parallel 2"]),
-    ("nvidia-sp with N = 1 would silently run without sequence parallelism",
-     _cfg(parallel={"mode": "nvidia-sp", "world_size": 2, "seq_parallel": 1}),
-     ["--mode nvidia-sp needs --seq-parallel N >= 2", "got 1"]),
-    ("nvidia-sp heads not divisible by N",
-     _cfg(model={"hidden_size": 48, "num_heads": 6, "num_kv_heads": 6},
-          parallel={"mode": "nvidia-sp", "world_size": 4, "seq_parallel": 4}),
-     ["--num-heads 6 is not divisible by N = 4", "--num-kv-heads 6", "--mode lss"]),
-    ("nvidia-sp kv heads not divisible by N",
-     _cfg(model={"num_heads": 4, "num_kv_heads": 1},
-          parallel={"mode": "nvidia-sp", "world_size": 2, "seq_parallel": 2}),
-     ["--num-kv-heads 1 is not divisible by N = 2", "no such limit"]),
-    ("nvidia-sp vocab not divisible by N",
-     _cfg(model={"vocab_size": 255}, parallel={"mode": "nvidia-sp", "world_size": 2, "seq_parallel": 2}),
-     ["model vocabulary 255 (--vocab-size 255", "not divisible by N = 2",
-      "--make-vocab-size-divisible-by"]),
-    ("micro batch does not divide G/D",
-     _cfg(train={"global_batch_size": 4, "micro_batch_size": 3}), ["--micro-batch-size 3", "4"]),
-]  # fmt: skip
+    (
+        "seq not divisible by N",
+        _cfg(model={"seq_length": 30}, parallel={"world_size": 4, "seq_parallel": 4}),
+        ["--seq-length 30", "--seq-parallel 4"],
+    ),
+    (
+        "heads not divisible by kv heads",
+        _cfg(model={"num_heads": 4, "num_kv_heads": 3}),
+        ["--num-heads 4", "--num-kv-heads 3"],
+    ),
+    (
+        "hidden not divisible by heads",
+        _cfg(model={"hidden_size": 30, "num_heads": 4}),
+        ["--hidden-size 30", "--num-heads 4"],
+    ),
+    (
+        "P != N*D",
+        _cfg(parallel={"world_size": 4, "seq_parallel": 2, "data_parallel": 3}),
+        ["P = 4", "2 x 3 = 6"],
+    ),
+    (
+        "G not divisible by D",
+        _cfg(parallel={"world_size": 4, "seq_parallel": 2}, train={"global_batch_size": 3}),
+        ["--global-batch-size 3", "D = 2"],
+    ),
+    (
+        "serial with N > 1",
+        _cfg(parallel={"mode": "serial", "world_size": 2, "seq_parallel": 2}),
+        ["--mode serial", "--seq-parallel 2"],
+    ),
+    (
+        "nvidia-sp with N = 1 would silently run without sequence parallelism",
+        _cfg(parallel={"mode": "nvidia-sp", "world_size": 2, "seq_parallel": 1}),
+        ["--mode nvidia-sp needs --seq-parallel N >= 2", "got 1"],
+    ),
+    (
+        "nvidia-sp heads not divisible by N",
+        _cfg(
+            model={"hidden_size": 48, "num_heads": 6, "num_kv_heads": 6},
+            parallel={"mode": "nvidia-sp", "world_size": 4, "seq_parallel": 4},
+        ),
+        ["--num-heads 6 is not divisible by N = 4", "--num-kv-heads 6", "--mode lss"],
+    ),
+    (
+        "nvidia-sp kv heads not divisible by N",
+        _cfg(
+            model={"num_heads": 4, "num_kv_heads": 1},
+            parallel={"mode": "nvidia-sp", "world_size": 2, "seq_parallel": 2},
+        ),
+        ["--num-kv-heads 1 is not divisible by N = 2", "no such limit"],
+    ),
+    (
+        "nvidia-sp vocab not divisible by N",
+        _cfg(
+            model={"vocab_size": 255},
+            parallel={"mode": "nvidia-sp", "world_size": 2, "seq_parallel": 2},
+        ),
+        [
+            "model vocabulary 255 (--vocab-size 255",
+            "not divisible by N = 2",
+            "--make-vocab-size-divisible-by",
+        ],
+    ),
+    (
+        "micro batch does not divide G/D",
+        _cfg(train={"global_batch_size": 4, "micro_batch_size": 3}),
+        ["--micro-batch-size 3", "4"],
+    ),
+]
 
 
 @pytest.mark.parametrize("what,cfg,fragments", BAD, ids=[b[0] for b in BAD])
@@ -65,10 +100,17 @@ def test_validate_names_offending_values(what, cfg, fragments):
 def test_vocab_padding_is_the_same_in_every_mode():
     """Padding depends only on the flag, not on the mode or N, so every mode builds one model."""
     for mode, n in (("serial", 1), ("lss", 6), ("nvidia-sp", 6)):
-        cfg = _cfg(model={"vocab_size": 256, "make_vocab_size_divisible_by": 768, "hidden_size": 96, "seq_length": 240,
-                          "num_heads": 6},
-                   parallel={"mode": mode, "world_size": n, "seq_parallel": n},
-                   train={"global_batch_size": 1}).validate()  # fmt: skip
+        cfg = _cfg(
+            model={
+                "vocab_size": 256,
+                "make_vocab_size_divisible_by": 768,
+                "hidden_size": 96,
+                "seq_length": 240,
+                "num_heads": 6,
+            },
+            parallel={"mode": mode, "world_size": n, "seq_parallel": n},
+            train={"global_batch_size": 1},
+        ).validate()
         assert cfg.to_dict()["model"]["padded_vocab_size"] == 768
     with pytest.raises(ConfigError, match="model vocabulary 256"):
         _cfg(

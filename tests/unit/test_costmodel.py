@@ -28,13 +28,25 @@ def test_model_flops_equal_trainer_formula():
     from lss_megatron.config import ModelConfig
     from lss_megatron.training.metrics import model_flops_per_step
 
-    for kw in ({}, {"num_kv_heads": 2, "causal": False, "vocab_size": 200},
-               {"num_layers": 12, "hidden_size": 512, "num_heads": 8, "seq_length": 50112}):  # fmt: skip
+    for kw in (
+        {},
+        {"num_kv_heads": 2, "causal": False, "vocab_size": 200},
+        {"num_layers": 12, "hidden_size": 512, "num_heads": 8, "seq_length": 50112},
+    ):
         m = ModelConfig(**kw)
-        cfg = make_config("lss", 1, 1, num_layers=m.num_layers, hidden_size=m.hidden_size,
-                          num_heads=m.num_heads, num_kv_heads=m.num_kv_heads,
-                          seq_length=m.seq_length, vocab_size=m.vocab_size, causal=m.causal,
-                          global_batch_size=24)  # fmt: skip
+        cfg = make_config(
+            "lss",
+            1,
+            1,
+            num_layers=m.num_layers,
+            hidden_size=m.hidden_size,
+            num_heads=m.num_heads,
+            num_kv_heads=m.num_kv_heads,
+            seq_length=m.seq_length,
+            vocab_size=m.vocab_size,
+            causal=m.causal,
+            global_batch_size=24,
+        )
         assert predict(cfg)["model_flops_per_step"] == model_flops_per_step(m, 24)
 
 
@@ -110,8 +122,11 @@ def test_step_time_and_peers_at_paper_scale():
     # halving the GEMM efficiency doubles the GEMM time and leaves communication alone
     base = predict(make_config("lss", 16, 1, **kw), device="v100-summit")
     assert base["time_breakdown_s"]["sp_comm_exposed"] > 0  # 16 ranks: crosses nodes
-    half = predict(make_config("lss", 16, 1, **kw), device="v100-summit",
-                   assumptions=Assumptions(gemm_efficiency=0.35))  # fmt: skip
+    half = predict(
+        make_config("lss", 16, 1, **kw),
+        device="v100-summit",
+        assumptions=Assumptions(gemm_efficiency=0.35),
+    )
     b, h = base["time_breakdown_s"], half["time_breakdown_s"]
     assert h["gemm"] == pytest.approx(2 * b["gemm"])
     assert h["sp_comm_exposed"] == b["sp_comm_exposed"]
@@ -125,8 +140,16 @@ def test_step_time_and_peers_at_paper_scale():
 def test_peers_share_the_layout_and_refuse_what_cannot_run():
     from analysis.costmodel import peers
 
-    cfg = make_config("lss", 6, 4, num_layers=2, hidden_size=768, num_heads=12, seq_length=6144,
-                      global_batch_size=4)  # fmt: skip
+    cfg = make_config(
+        "lss",
+        6,
+        4,
+        num_layers=2,
+        hidden_size=768,
+        num_heads=12,
+        seq_length=6144,
+        global_batch_size=4,
+    )
     out = peers(cfg, device="v100-summit")
     assert set(out) == {"lss", "nvidia-sp", "ulysses", "ring"}
     (problem,) = out["nvidia-sp"]["problems"]  # the trainer's own message: the vocabulary
@@ -151,16 +174,52 @@ def test_configs_are_the_trainers_own():
     def trainer(argv: list[str], world: int) -> dict:  # what the trainer itself would run
         return config_from_argv(argv, world).to_dict()
 
-    cfg = make_config("lss", 2, 2, num_layers=2, hidden_size=64, num_heads=8, seq_length=128,
-                      global_batch_size=8, micro_batch_size=1, num_kv_heads=4,
-                      position_embedding="rope", causal=False, kv_gather_chunks=2)  # fmt: skip
+    cfg = make_config(
+        "lss",
+        2,
+        2,
+        num_layers=2,
+        hidden_size=64,
+        num_heads=8,
+        seq_length=128,
+        global_batch_size=8,
+        micro_batch_size=1,
+        num_kv_heads=4,
+        position_embedding="rope",
+        causal=False,
+        kv_gather_chunks=2,
+    )
     assert cfg.pop("costmodel") == {"attention_kernel": "auto"}
-    assert cfg == trainer(["--mode", "lss", "--seq-parallel", "2", "--data-parallel", "2",
-                           "--num-layers", "2", "--hidden-size", "64", "--num-heads", "8",
-                           "--seq-length", "128", "--global-batch-size", "8",
-                           "--micro-batch-size", "1", "--num-kv-heads", "4",
-                           "--position-embedding", "rope", "--no-causal",
-                           "--kv-gather-chunks", "2"], 4)  # fmt: skip
+    assert cfg == trainer(
+        [
+            "--mode",
+            "lss",
+            "--seq-parallel",
+            "2",
+            "--data-parallel",
+            "2",
+            "--num-layers",
+            "2",
+            "--hidden-size",
+            "64",
+            "--num-heads",
+            "8",
+            "--seq-length",
+            "128",
+            "--global-batch-size",
+            "8",
+            "--micro-batch-size",
+            "1",
+            "--num-kv-heads",
+            "4",
+            "--position-embedding",
+            "rope",
+            "--no-causal",
+            "--kv-gather-chunks",
+            "2",
+        ],
+        4,
+    )
     assert cfg["train"]["num_micro_batches"] == 4 and cfg["model"]["ffn_hidden_size"] == 256
     tiny = ROOT / "launch/presets/tiny-cpu.yaml"  # N left out: the trainer's default, on P = 1
     got = config_from_preset(tiny, num_layers=3)
@@ -196,8 +255,13 @@ def test_cli_bad_input_is_one_error_and_exit_2(tmp_path):
         (["--preset", "summit-paper", "--set", "num_heads=7"], "--num-heads 7"),
         (["--config", str(tmp_path / "missing.json")], "missing.json"),
     ):
-        res = subprocess.run([sys.executable, "-m", "analysis.costmodel", *args],
-                             capture_output=True, text=True, timeout=60, cwd=ROOT)  # fmt: skip
+        res = subprocess.run(
+            [sys.executable, "-m", "analysis.costmodel", *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=ROOT,
+        )
         assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
         assert res.stderr.count("error:") == 1 and names in res.stderr and res.stdout == ""
 
@@ -224,8 +288,10 @@ def test_summit_paper_report():
     assert d["longest"]["lss"] > d["longest"]["nvidia-sp"]
     # at the same degree N = 6 inside a node, LSS's K/V gather is cheaper than SP's collectives
     same = {m: summit_layout("144", mode=m) for m in ("lss", "nvidia-sp")}
-    assert (same["lss"]["time_breakdown_s"]["sp_comm_exposed"]
-            < same["nvidia-sp"]["time_breakdown_s"]["sp_comm_exposed"])  # fmt: skip
+    assert (
+        same["lss"]["time_breakdown_s"]["sp_comm_exposed"]
+        < same["nvidia-sp"]["time_breakdown_s"]["sp_comm_exposed"]
+    )
     big = rep["details"]["paper-2023"]["3456"]
     assert big["run"]["world_size"] == 3456 and big["seq_length"] == 50112
     assert big["flops_per_s"] == pytest.approx(
@@ -249,13 +315,22 @@ def test_summit_layout_what_if():
 
 
 def test_cli_prints_each_claim_beside_the_model():
-    res = subprocess.run([sys.executable, "-m", "analysis.costmodel", "--preset", "summit-paper"],
-                         capture_output=True, text=True, timeout=60, cwd=ROOT)  # fmt: skip
+    res = subprocess.run(
+        [sys.executable, "-m", "analysis.costmodel", "--preset", "summit-paper"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
     assert res.returncode == 0, res.stderr
     lines = res.stdout.splitlines()
-    for label, paper in (("speed vs NVIDIA SP", "5.60x"), ("memory vs NVIDIA SP", "10.20x"),
-                         ("parallel efficiency", "161%"), ("throughput", "32 PFLOP/s"),
-                         ("sequence length on 3,456", "50,112 tokens")):  # fmt: skip
+    for label, paper in (
+        ("speed vs NVIDIA SP", "5.60x"),
+        ("memory vs NVIDIA SP", "10.20x"),
+        ("parallel efficiency", "161%"),
+        ("throughput", "32 PFLOP/s"),
+        ("sequence length on 3,456", "50,112 tokens"),
+    ):
         (row,) = [x for x in lines if x.startswith(f"{label}") and paper in x]
         assert len(row.split(" | ")) == 5  # claim | paper-2023 | modern | ratios | driven by
         assert "paper-2023:" in row and "modern:" in row
@@ -263,9 +338,19 @@ def test_cli_prints_each_claim_beside_the_model():
 
 
 def _options_config(mode, n, d, *, zero=0, layout="contiguous", chunks=1, **model) -> dict:
-    cfg = make_config(mode, n, d, num_layers=2, hidden_size=64, num_heads=8, num_kv_heads=4,
-                      ffn_hidden_size=256, micro_batch_size=1, lss_layout=layout,
-                      **model)  # fmt: skip
+    cfg = make_config(
+        mode,
+        n,
+        d,
+        num_layers=2,
+        hidden_size=64,
+        num_heads=8,
+        num_kv_heads=4,
+        ffn_hidden_size=256,
+        micro_batch_size=1,
+        lss_layout=layout,
+        **model,
+    )
     cfg["parallel"]["kv_gather_chunks"] = chunks
     cfg["train"]["zero_stage"] = zero
     return cfg
@@ -289,15 +374,24 @@ def test_options_beyond_the_paper_match_counted_runs():
     z1 = predict(_options_config("lss", 4, 1, zero=1, **rope))
     z2 = predict(_options_config("lss", 4, 1, zero=2, **rope))
     assert (z1["optimizer_state_bytes"], z1["grad_bytes"], z1["grad_comm_bytes"]) == (
-        249092, 498176, 1120902)  # fmt: skip
+        249092,
+        498176,
+        1120902,
+    )
     assert (z2["optimizer_state_bytes"], z2["grad_bytes"], z2["grad_comm_bytes"]) == (
-        249092, 182016, 1868166)  # fmt: skip
+        249092,
+        182016,
+        1868166,
+    )
     assert z1["other_comm_bytes"] == 12 and z1["sp_comm_bytes"] == plain["sp_comm_bytes"]
     learned = dict(seq_length=256, global_batch_size=4, vocab_size=250)
     z1 = predict(_options_config("lss", 2, 2, zero=1, **learned))  # the table is whole: [l, E]
     z2 = predict(_options_config("lss", 2, 2, zero=2, **learned))
     assert (z1["param_bytes"], z1["optimizer_state_bytes"], z1["grad_comm_bytes"]) == (
-        560640, 280324, 1261446)  # fmt: skip
+        560640,
+        280324,
+        1261446,
+    )
     assert (z2["grad_bytes"], z2["grad_comm_bytes"]) == (146432, 2102406)
     both = predict(_options_config("lss", 4, 1, layout="zigzag", chunks=2, **learned))
     assert (both["activation_bytes"], both["sp_comm_bytes"]) == (727872, 786432)

@@ -45,8 +45,10 @@ def test_every_claim_has_a_row_under_both_sets_with_model_over_claim(report):
 
 
 def test_the_sets_differ_in_kernel_and_precision_on_both_sides(report):
-    for name, kernel, dtype in (("paper-2023", "materialized", "fp16"),
-                                ("modern", "flash", "bf16")):  # fmt: skip
+    for name, kernel, dtype in (
+        ("paper-2023", "materialized", "fp16"),
+        ("modern", "flash", "bf16"),
+    ):
         a = get_set(name)
         for mode, degree in (("lss", 144), ("nvidia-sp", 6), ("nvidia-sp", 12)):
             cfg = setup_144(a, mode, degree)
@@ -70,13 +72,15 @@ def test_options_change_what_they_claim_to():
     lss = setup_144(a, "lss", 144)
     plain = predict(lss, "v100-summit")
     hidden = predict(lss, "v100-summit", Assumptions(overlap_kv_gather=True))
-    assert hidden["time_breakdown_s"]["sp_comm_exposed"] < plain["time_breakdown_s"][
-        "sp_comm_exposed"]  # fmt: skip
+    assert (
+        hidden["time_breakdown_s"]["sp_comm_exposed"] < plain["time_breakdown_s"]["sp_comm_exposed"]
+    )
     sp = predict(setup_144(a, "nvidia-sp", 6), "v100-summit")
     sel = predict(setup_144(a, "nvidia-sp", 6, recompute="selective"), "v100-summit")
     assert sel["activation_bytes"] < sp["activation_bytes"] / 5  # no saved probabilities
     assert sel["time_breakdown_s"]["recompute"] == pytest.approx(
-        sel["time_breakdown_s"]["attention"] / 3)  # fmt: skip
+        sel["time_breakdown_s"]["attention"] / 3
+    )
     assert sel["step_time_s"] == pytest.approx(sum(sel["time_breakdown_s"].values()))
     rep = summit_paper(("paper-2023",), Options(baseline_recompute="selective"))
     assert rep["options"]["baseline_recompute"] == "selective"
@@ -84,8 +88,16 @@ def test_options_change_what_they_claim_to():
 
 
 def test_transient_score_bytes_count_in_fits():
-    kw = dict(num_layers=2, hidden_size=64, num_heads=4, seq_length=256, global_batch_size=2,
-              micro_batch_size=1, dtype="fp16", attention_kernel="materialized")  # fmt: skip
+    kw = dict(
+        num_layers=2,
+        hidden_size=64,
+        num_heads=4,
+        seq_length=256,
+        global_batch_size=2,
+        micro_batch_size=1,
+        dtype="fp16",
+        attention_kernel="materialized",
+    )
     p = predict(make_config("nvidia-sp", 2, 1, **kw), device="v100-summit")
     # input grads dq, dk, dv [l, b, h/t, d] + dP (fp16 and fp32 softmax) + dS (fp16)
     heads, ll, d = 2, 256, 16
@@ -98,13 +110,18 @@ def test_transient_score_bytes_count_in_fits():
 
 def test_paper_series_frames(series):
     cols = {
-        "speedup_vs_ranks": ["ranks", "lss_seq_parallel", "sp_tensor_parallel",
-                             "speedup_per_iteration", "speedup_equal_tokens"],
+        "speedup_vs_ranks": [
+            "ranks",
+            "lss_seq_parallel",
+            "sp_tensor_parallel",
+            "speedup_per_iteration",
+            "speedup_equal_tokens",
+        ],
         "memory_vs_length": ["mode", "seq_length", "bytes_per_rank"],
         "longest_vs_ranks": ["mode", "ranks", "longest_seq_length"],
         "weak_scaling": ["ranks", "efficiency"],
         "throughput": ["ranks", "flops_per_s"],
-    }  # fmt: skip
+    }
     assert set(series) == set(cols)
     for key, want in cols.items():
         df = series[key]
@@ -136,9 +153,21 @@ def test_paper_series_monotone(series):
 
 
 def test_cli_one_assumption_set_names_every_claim():
-    res = subprocess.run([sys.executable, "-m", "analysis.costmodel", "--preset", "summit-paper",
-                          "--assumptions", "paper-2023"], capture_output=True, text=True,
-                         timeout=60, cwd=ROOT)  # fmt: skip
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "analysis.costmodel",
+            "--preset",
+            "summit-paper",
+            "--assumptions",
+            "paper-2023",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
     assert res.returncode == 0, res.stderr
     rows = [x for x in res.stdout.splitlines() if x.count(" | ") == 3]
     assert rows[0].startswith("claim | model under paper-2023 | model/claim | driven by")
@@ -146,7 +175,8 @@ def test_cli_one_assumption_set_names_every_claim():
         (row,) = [x for x in rows if x.startswith(claim["label"])]
         assert "paper-2023:" in row and "modern" not in row
     assert "layouts under paper-2023: lss fp16 materialized; nvidia-sp fp16 materialized" in (
-        res.stdout)  # fmt: skip
+        res.stdout
+    )
 
 
 def test_preset_comments_quote_the_model():

@@ -342,6 +342,11 @@ def test_check_data_config_messages(raw_file, tmp_path):
 def test_download_helper_cli_help():
     """The helper's command line exists (it is never run against the network here)."""
     env = {**os.environ, "PYTHONWARNINGS": "error::RuntimeWarning"}
-    res = subprocess.run([sys.executable, "-m", "lss_megatron.data.enwik8", "--help"], cwd=ROOT,
-                         capture_output=True, text=True, env=env)  # fmt: skip
+    res = subprocess.run(
+        [sys.executable, "-m", "lss_megatron.data.enwik8", "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert res.returncode == 0 and "--download" in res.stdout, res.stderr

@@ -12,9 +12,13 @@ from pathlib import Path
 from lss_megatron.config import ModelConfig, ParallelConfig, RunConfig, TrainConfig
 from lss_megatron.zero_config import defaults, file_problems, merge, overlap_comm_default
 
-EXPECTED = {"train_batch_size": 8, "train_micro_batch_size_per_gpu": 2,
-            "gradient_accumulation_steps": 2, "gradient_clipping": 1.0,
-            "zero_optimization.stage": 2}  # fmt: skip
+EXPECTED = {
+    "train_batch_size": 8,
+    "train_micro_batch_size_per_gpu": 2,
+    "gradient_accumulation_steps": 2,
+    "gradient_clipping": 1.0,
+    "zero_optimization.stage": 2,
+}
 
 
 def _file(tmp_path: Path, content) -> str:
@@ -24,12 +28,29 @@ def _file(tmp_path: Path, content) -> str:
 
 
 def test_merge_is_recursive_and_auto_keeps_the_default():
-    base = defaults(micro=2, accumulation=2, data_ranks=2, clip=1.0, stage=2,
-                    bucket_elements=100, overlap_comm=False)  # fmt: skip
-    out = merge(base, {"zero_optimization": {"overlap_comm": True, "reduce_bucket_size": 7},
-                       "train_batch_size": "auto", "steps_per_print": 10, "new_key": 1})  # fmt: skip
-    assert out["zero_optimization"] == {**base["zero_optimization"], "overlap_comm": True,
-                                        "reduce_bucket_size": 7}  # fmt: skip
+    base = defaults(
+        micro=2,
+        accumulation=2,
+        data_ranks=2,
+        clip=1.0,
+        stage=2,
+        bucket_elements=100,
+        overlap_comm=False,
+    )
+    out = merge(
+        base,
+        {
+            "zero_optimization": {"overlap_comm": True, "reduce_bucket_size": 7},
+            "train_batch_size": "auto",
+            "steps_per_print": 10,
+            "new_key": 1,
+        },
+    )
+    assert out["zero_optimization"] == {
+        **base["zero_optimization"],
+        "overlap_comm": True,
+        "reduce_bucket_size": 7,
+    }
     assert out["train_batch_size"] == 8 and out["steps_per_print"] == 10 and out["new_key"] == 1
     assert base["zero_optimization"]["overlap_comm"] is False  # the defaults are not mutated
 
@@ -42,17 +63,28 @@ def test_overlap_comm_default_says_why():
 
 
 def test_file_problems_name_the_key(tmp_path):
-    ok = {"train_batch_size": "auto", "train_micro_batch_size_per_gpu": 2,
-          "gradient_clipping": 1.0, "zero_optimization": {"stage": 2, "overlap_comm": True},
-          "fp16": {"enabled": False}}  # fmt: skip
+    ok = {
+        "train_batch_size": "auto",
+        "train_micro_batch_size_per_gpu": 2,
+        "gradient_clipping": 1.0,
+        "zero_optimization": {"stage": 2, "overlap_comm": True},
+        "fp16": {"enabled": False},
+    }
     assert file_problems(_file(tmp_path, ok), EXPECTED) == []
-    bad = {"train_batch_size": 16, "zero_optimization": {"stage": 3, "offload_optimizer":
-           {"device": "cpu"}}, "optimizer": {"type": "Adam"}, "bf16": {"enabled": True}}  # fmt: skip
+    bad = {
+        "train_batch_size": 16,
+        "zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}},
+        "optimizer": {"type": "Adam"},
+        "bf16": {"enabled": True},
+    }
     probs = "\n".join(file_problems(_file(tmp_path, bad), EXPECTED))
-    for frag in ("train_batch_size 16 disagrees with the run's 8", "zero_optimization.stage 3 "
-                 "disagrees with the run's 2 (set by --zero-stage)", "optimizer is not supported",
-                 "bf16.enabled is not supported", "zero_optimization.offload_optimizer is not "
-                 "supported"):  # fmt: skip
+    for frag in (
+        "train_batch_size 16 disagrees with the run's 8",
+        "zero_optimization.stage 3 disagrees with the run's 2 (set by --zero-stage)",
+        "optimizer is not supported",
+        "bf16.enabled is not supported",
+        "zero_optimization.offload_optimizer is not supported",
+    ):
         assert frag in probs, probs
     assert "not valid JSON" in file_problems(_file(tmp_path, "{oops"), EXPECTED)[0]
     assert "expected a JSON object" in file_problems(_file(tmp_path, "[1]"), EXPECTED)[0]

@@ -53,8 +53,10 @@ def test_ranks_sharing_a_gpu_are_refused():
     errors = _ranks_on(["GPU-a", "GPU-b", "GPU-a"])
     assert errors[1] is None
     for e in (errors[0], errors[2]):  # both ranks on GPU-a say so
-        assert e == ("2 ranks share GPU GPU-a on host node1: give each rank its own GPU (fewer "
-                     "processes per node, or one GPU per task)")  # fmt: skip
+        assert e == (
+            "2 ranks share GPU GPU-a on host node1: give each rank its own GPU (fewer "
+            "processes per node, or one GPU per task)"
+        )
 
 
 class _Cfg:
@@ -65,11 +67,15 @@ class _Cfg:
 def test_nccl_timeout_reads_like_gloos():
     """The message a rank ends with is the same for gloo's timeout and NCCL's watchdog (whose
     exception reaches Python because of NCCL_ERROR_ENV: CleanUpOnly, not TearDown)."""
-    gloo = RuntimeError("[../third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:81] Timed out "
-                        "waiting 60000ms for recv operation to complete")  # fmt: skip
-    nccl = RuntimeError("[Rank 0] Watchdog caught collective operation timeout: WorkNCCL(SeqNum=9, "
-                        "OpType=ALLREDUCE, NumelIn=1, NumelOut=1, Timeout(ms)=60000) ran for "
-                        "60003 milliseconds before timing out.")  # fmt: skip
+    gloo = RuntimeError(
+        "[../third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:81] Timed out "
+        "waiting 60000ms for recv operation to complete"
+    )
+    nccl = RuntimeError(
+        "[Rank 0] Watchdog caught collective operation timeout: WorkNCCL(SeqNum=9, "
+        "OpType=ALLREDUCE, NumelIn=1, NumelOut=1, Timeout(ms)=60000) ran for "
+        "60003 milliseconds before timing out."
+    )
     aborted = RuntimeError(
         "NCCL communicator was aborted on rank 1. Original reason for "
         "failure was: [Rank 1] Watchdog caught collective operation timeout"

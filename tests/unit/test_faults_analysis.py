@@ -31,19 +31,23 @@ def _one_error(capsys, code: int, fragment: str) -> str:
 
 # --- analysis.figures -------------------------------------------------------------------------------
 
+
 def _csv(tmp_path, text: str | bytes):
     path = tmp_path / "summary.csv"
     path.write_bytes(text if isinstance(text, bytes) else text.encode())
     return path
 
 
-@pytest.mark.parametrize("content,fragment", [
-    (None, "no summary.csv here"),
-    ("", "empty file, no table"),
-    ("run_id,status\n", "malformed table, missing columns"),
-    ("this is not a table\nat all\n", "malformed table, missing columns"),
-    (b"\x89PNG\r\n\x1a\n\x00\x00binary", "summary.csv"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "content,fragment",
+    [
+        (None, "no summary.csv here"),
+        ("", "empty file, no table"),
+        ("run_id,status\n", "malformed table, missing columns"),
+        ("this is not a table\nat all\n", "malformed table, missing columns"),
+        (b"\x89PNG\r\n\x1a\n\x00\x00binary", "summary.csv"),
+    ],
+)
 def test_figures_on_bad_input(tmp_path, capsys, content, fragment):
     if content is not None:
         _csv(tmp_path, content)
@@ -79,13 +83,16 @@ def _costmodel(argv: list[str]) -> int:
         return e.code
 
 
-@pytest.mark.parametrize("setup,fragment", [
-    ("missing", "no such folder"),
-    ("empty", "no config.json, not a trainer run folder"),
-    ("bad-json", "not valid JSON"),
-    ("no-steps", "metrics.jsonl has no steps"),
-    ("wrong-config", "not a usable trainer config"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "setup,fragment",
+    [
+        ("missing", "no such folder"),
+        ("empty", "no config.json, not a trainer run folder"),
+        ("bad-json", "not valid JSON"),
+        ("no-steps", "metrics.jsonl has no steps"),
+        ("wrong-config", "not a usable trainer config"),
+    ],
+)
 def test_costmodel_run_on_bad_folders(tmp_path, capsys, setup, fragment):
     run = tmp_path / "run"
     if setup != "missing":
@@ -93,23 +100,28 @@ def test_costmodel_run_on_bad_folders(tmp_path, capsys, setup, fragment):
     if setup == "bad-json":
         (run / "config.json").write_text("{oops")
     if setup in ("no-steps", "wrong-config"):
-        (run / "config.json").write_text(json.dumps({"model": {}} if setup == "wrong-config"
-                                                    else {"x": 1}))  # fmt: skip
+        (run / "config.json").write_text(
+            json.dumps({"model": {}} if setup == "wrong-config" else {"x": 1})
+        )
         (run / "metrics.jsonl").write_text("" if setup == "no-steps" else '{"step": 1}\n')
     _one_error(capsys, _costmodel(["--run", str(run)]), fragment)
 
 
 def test_costmodel_config_that_is_not_one(tmp_path, capsys):
     (tmp_path / "c.json").write_text("[1, 2]")
-    _one_error(capsys, _costmodel(["--config", str(tmp_path / "c.json")]),
-               "expected a JSON object")  # fmt: skip
+    _one_error(capsys, _costmodel(["--config", str(tmp_path / "c.json")]), "expected a JSON object")
     _one_error(capsys, _costmodel(["--config", str(tmp_path / "none.json")]), "no such file")
 
 
 def test_costmodel_cli_on_an_empty_folder_is_one_line(tmp_path):
-    res = subprocess.run([sys.executable, "-m", "analysis.costmodel", "--run", str(tmp_path)],
-                         capture_output=True, text=True, timeout=60, cwd=ROOT,
-                         env=clean_env())  # fmt: skip
+    res = subprocess.run(
+        [sys.executable, "-m", "analysis.costmodel", "--run", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        env=clean_env(),
+    )
     assert res.returncode == 2 and len(error_lines(res.stderr)) == 1, res.stderr
     assert "python -m analysis.costmodel: error: --run" in res.stderr  # argparse: usage, error
 
@@ -135,15 +147,26 @@ Failures:
 """  # noqa: E501
 
 
-@pytest.mark.parametrize("stderr,want", [
-    (TORCHRUN_NOISE, "[rank 1] ERROR lss_megatron.train: rank 1 failed: a collective timed out"),
-    ("noise\nlss_megatron.train: error: invalid configuration:\n  - --lr must be a finite "
-     "number > 0, got nan\n  - --seed must be in [0, 2**32 - 1], got -1\nmore noise\n",
-     "lss_megatron.train: error: invalid configuration: - --lr must be a finite number > 0, got "
-     "nan - --seed must be in [0, 2**32 - 1], got -1"),
-    ("Traceback (most recent call last):\n  File x\nRuntimeError: boom\n", "RuntimeError: boom"),
-    ("", "(no output on stderr)"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "stderr,want",
+    [
+        (
+            TORCHRUN_NOISE,
+            "[rank 1] ERROR lss_megatron.train: rank 1 failed: a collective timed out",
+        ),
+        (
+            "noise\nlss_megatron.train: error: invalid configuration:\n  - --lr must be a finite "
+            "number > 0, got nan\n  - --seed must be in [0, 2**32 - 1], got -1\nmore noise\n",
+            "lss_megatron.train: error: invalid configuration: - --lr must be a finite number > 0, got "
+            "nan - --seed must be in [0, 2**32 - 1], got -1",
+        ),
+        (
+            "Traceback (most recent call last):\n  File x\nRuntimeError: boom\n",
+            "RuntimeError: boom",
+        ),
+        ("", "(no output on stderr)"),
+    ],
+)
 def test_error_line_finds_the_runs_own_reason(stderr, want):
     assert error_line(stderr).startswith(want), error_line(stderr)
 

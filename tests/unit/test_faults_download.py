@@ -64,20 +64,25 @@ def server():
     silent = socket.socket()  # listens, never accepts: the request is never answered
     silent.bind(("127.0.0.1", 0))
     silent.listen(8)
-    yield {"http": f"http://127.0.0.1:{httpd.server_address[1]}",
-           "silent": f"http://127.0.0.1:{silent.getsockname()[1]}/enwik8.zip"}  # fmt: skip
+    yield {
+        "http": f"http://127.0.0.1:{httpd.server_address[1]}",
+        "silent": f"http://127.0.0.1:{silent.getsockname()[1]}/enwik8.zip",
+    }
     httpd.shutdown()
     silent.close()
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("path,fragment", [
-    ("silent", "no data for 1 s (timeout); nothing kept"),
-    ("/stall", "no data for 1 s (timeout); nothing kept"),
-    ("/short", "ended"),
-    ("/missing", "failed: HTTP 404"),
-    ("/notzip", "is not what was expected"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "path,fragment",
+    [
+        ("silent", "no data for 1 s (timeout); nothing kept"),
+        ("/stall", "no data for 1 s (timeout); nothing kept"),
+        ("/short", "ended"),
+        ("/missing", "failed: HTTP 404"),
+        ("/notzip", "is not what was expected"),
+    ],
+)
 def test_bad_servers(server, tmp_path, path, fragment):
     url = server["silent"] if path == "silent" else server["http"] + path
     t0 = time.monotonic()
@@ -95,10 +100,24 @@ def test_cli_against_a_stalled_server(server, tmp_path):
     """The user's view: exit 1, one error line, no traceback, no partial file, within the
     timeout (plus interpreter start-up)."""
     t0 = time.monotonic()
-    res = subprocess.run([sys.executable, "-m", "lss_megatron.data.enwik8", "--download",
-                          str(tmp_path), "--url", server["http"] + "/stall", "--timeout", "1"],
-                         capture_output=True, text=True, timeout=80, cwd=ROOT,
-                         env=clean_env())  # fmt: skip
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lss_megatron.data.enwik8",
+            "--download",
+            str(tmp_path),
+            "--url",
+            server["http"] + "/stall",
+            "--timeout",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=80,
+        cwd=ROOT,
+        env=clean_env(),
+    )
     assert res.returncode == 1, res.stderr
     errors = [x for x in res.stderr.splitlines() if "error" in x]
     assert len(errors) == 1 and "no data for 1 s" in errors[0], res.stderr

@@ -26,25 +26,29 @@ def _problems(argv: list[str], world: int = 1) -> str:
 
 # --- numbers --------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("argv,fragment", [
-    (["--lr", "nan"], "--lr must be a finite number > 0, got nan"),
-    (["--lr", "inf"], "--lr must be a finite number > 0, got inf"),
-    (["--lr", "-1"], "--lr must be a finite number > 0, got -1"),
-    (["--min-lr", "nan"], "--min-lr must be finite, got nan"),
-    (["--min-lr", "1"], "--min-lr 1.0 must be in [0, --lr 0.001]"),
-    (["--dist-timeout", "nan"], "--dist-timeout must be in (0, 604800] seconds"),
-    (["--dist-timeout", "inf"], "--dist-timeout must be in (0, 604800] seconds"),
-    (["--dist-timeout", "0"], "--dist-timeout must be in (0, 604800] seconds"),
-    (["--seed", "-1"], "--seed must be in [0, 2**32 - 1], got -1"),
-    (["--seed", str(2**32)], f"--seed must be in [0, 2**32 - 1], got {2**32}"),
-    (["--weight-decay", "nan"], "--weight-decay must be finite, got nan"),
-    (["--clip-grad", "inf"], "--clip-grad must be finite, got inf"),
-    (["--log-interval", "0"], "--log-interval must be >= 1, got 0"),
-    (["--max-consecutive-skips", "0"], "--max-consecutive-skips must be >= 1, got 0"),
-    (["--hidden-size", "0"], "--hidden-size must be >= 1, got 0"),
-    (["--seq-length", "-4"], "--seq-length must be >= 1, got -4"),
-    (["--steps", "0"], "--steps must be >= 1, got 0"),
-])  # fmt: skip
+
+@pytest.mark.parametrize(
+    "argv,fragment",
+    [
+        (["--lr", "nan"], "--lr must be a finite number > 0, got nan"),
+        (["--lr", "inf"], "--lr must be a finite number > 0, got inf"),
+        (["--lr", "-1"], "--lr must be a finite number > 0, got -1"),
+        (["--min-lr", "nan"], "--min-lr must be finite, got nan"),
+        (["--min-lr", "1"], "--min-lr 1.0 must be in [0, --lr 0.001]"),
+        (["--dist-timeout", "nan"], "--dist-timeout must be in (0, 604800] seconds"),
+        (["--dist-timeout", "inf"], "--dist-timeout must be in (0, 604800] seconds"),
+        (["--dist-timeout", "0"], "--dist-timeout must be in (0, 604800] seconds"),
+        (["--seed", "-1"], "--seed must be in [0, 2**32 - 1], got -1"),
+        (["--seed", str(2**32)], f"--seed must be in [0, 2**32 - 1], got {2**32}"),
+        (["--weight-decay", "nan"], "--weight-decay must be finite, got nan"),
+        (["--clip-grad", "inf"], "--clip-grad must be finite, got inf"),
+        (["--log-interval", "0"], "--log-interval must be >= 1, got 0"),
+        (["--max-consecutive-skips", "0"], "--max-consecutive-skips must be >= 1, got 0"),
+        (["--hidden-size", "0"], "--hidden-size must be >= 1, got 0"),
+        (["--seq-length", "-4"], "--seq-length must be >= 1, got -4"),
+        (["--steps", "0"], "--steps must be >= 1, got 0"),
+    ],
+)
 def test_nonfinite_and_out_of_range_numbers_are_refused(argv, fragment):
     assert fragment in _problems(argv)
 
@@ -56,20 +60,24 @@ def test_every_problem_is_named_at_once():
 
 # --- strict YAML ----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("text,fragment", [
-    ("no-causal: 'false'", "no-causal: 'false' (str) is not a boolean"),
-    ("skip-nonfinite: yes please", "skip-nonfinite: 'yes please' (str) is not a boolean"),
-    ("steps: 4.7", "steps: 4.7 (float) is not an integer"),
-    ("steps: '4'", "steps: '4' (str) is not an integer"),
-    ("steps: true", "steps: True (bool) is a boolean; expected an integer"),
-    ("seq-length: sixty", "seq-length: 'sixty' (str) is not an integer"),
-    ("lr: fast", "lr: 'fast' (str) is not a number"),
-    ("steps:", "steps: empty value; expected an integer"),
-    ("mode: 3", "mode: 3 (int) is not a string; expected one of"),
-    ("mode: lsss", "mode: 'lsss' is not one of"),
-    ("out: [a, b]", "out: ['a', 'b'] (list) is not a string"),
-    ("bogus: 1", "unknown keys ['bogus']"),
-])  # fmt: skip
+
+@pytest.mark.parametrize(
+    "text,fragment",
+    [
+        ("no-causal: 'false'", "no-causal: 'false' (str) is not a boolean"),
+        ("skip-nonfinite: yes please", "skip-nonfinite: 'yes please' (str) is not a boolean"),
+        ("steps: 4.7", "steps: 4.7 (float) is not an integer"),
+        ("steps: '4'", "steps: '4' (str) is not an integer"),
+        ("steps: true", "steps: True (bool) is a boolean; expected an integer"),
+        ("seq-length: sixty", "seq-length: 'sixty' (str) is not an integer"),
+        ("lr: fast", "lr: 'fast' (str) is not a number"),
+        ("steps:", "steps: empty value; expected an integer"),
+        ("mode: 3", "mode: 3 (int) is not a string; expected one of"),
+        ("mode: lsss", "mode: 'lsss' is not one of"),
+        ("out: [a, b]", "out: ['a', 'b'] (list) is not a string"),
+        ("bogus: 1", "unknown keys ['bogus']"),
+    ],
+)
 def test_yaml_values_keep_their_type(tmp_path, capsys, text, fragment):
     path = tmp_path / "p.yaml"
     path.write_text(text + "\n")
@@ -112,15 +120,22 @@ def test_presets_still_load_strictly():
 
 # --- environment variables ------------------------------------------------------------------------
 
-@pytest.mark.parametrize("env,fragment", [
-    ({"WORLD_SIZE": "two"}, "environment variable WORLD_SIZE='two' is not an integer"),
-    ({"OMP_NUM_THREADS": "abc"}, "environment variable OMP_NUM_THREADS='abc' is not an integer"),
-    ({"OMP_NUM_THREADS": "0"}, "OMP_NUM_THREADS='0' must be >= 1"),
-    ({"RANK": "x", "WORLD_SIZE": "2"}, "RANK='x' is not an integer"),
-    ({"RANK": "2", "WORLD_SIZE": "2"}, "RANK must be < WORLD_SIZE"),
-    ({"MASTER_PORT": "99999"}, "MASTER_PORT='99999' must be in [1, 65535]"),
-    ({"LOCAL_WORLD_SIZE": "-1"}, "LOCAL_WORLD_SIZE='-1' must be >= 1"),
-])  # fmt: skip
+
+@pytest.mark.parametrize(
+    "env,fragment",
+    [
+        ({"WORLD_SIZE": "two"}, "environment variable WORLD_SIZE='two' is not an integer"),
+        (
+            {"OMP_NUM_THREADS": "abc"},
+            "environment variable OMP_NUM_THREADS='abc' is not an integer",
+        ),
+        ({"OMP_NUM_THREADS": "0"}, "OMP_NUM_THREADS='0' must be >= 1"),
+        ({"RANK": "x", "WORLD_SIZE": "2"}, "RANK='x' is not an integer"),
+        ({"RANK": "2", "WORLD_SIZE": "2"}, "RANK must be < WORLD_SIZE"),
+        ({"MASTER_PORT": "99999"}, "MASTER_PORT='99999' must be in [1, 65535]"),
+        ({"LOCAL_WORLD_SIZE": "-1"}, "LOCAL_WORLD_SIZE='-1' must be >= 1"),
+    ],
+)
 def test_environment_variables_are_parsed_with_clear_errors(env, fragment):
     _, problems = launch_env(env)
     assert any(fragment in p for p in problems), problems
@@ -134,6 +149,7 @@ def test_environment_defaults():
 
 
 # --- --out "" and friends ------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("flag", ["--out", "--save", "--load"])
 def test_empty_folder_names_are_refused(flag, tmp_path, monkeypatch):

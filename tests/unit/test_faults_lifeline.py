@@ -62,11 +62,13 @@ def _tree(mode: str, depth: int, marker: str):
     cmd = [sys.executable, "-c", RANK, mode, marker]
     for _ in range(depth):
         cmd = [sys.executable, "-c", LAUNCHER, *cmd[2:]]
-    top = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=ROOT,
-                           env=clean_env())  # fmt: skip
+    top = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=ROOT, env=clean_env())
     assert top.stdout.readline().strip() == "armed"
-    rank = [p.pid for p in psutil.Process(top.pid).children(recursive=True)
-            if p.cmdline()[2:3] == [RANK]]  # fmt: skip
+    rank = [
+        p.pid
+        for p in psutil.Process(top.pid).children(recursive=True)
+        if p.cmdline()[2:3] == [RANK]
+    ]
     assert len(rank) == 1
     return top, rank[0]
 

@@ -101,8 +101,10 @@ def test_overwrite_of_checkpoints_deletes_the_old_steps(tmp_path):
     (ck / runs.CHECKPOINTS_RECORD).write_text(json.dumps({"run_id": "run-A"}))
     rid = runs.claim(_train_cfg(tmp_path, save=str(ck), overwrite=True), {"model": {"x": 1}})
     assert sorted(x.name for x in ck.iterdir()) == [runs.CHECKPOINTS_RECORD]
-    assert json.loads((ck / runs.CHECKPOINTS_RECORD).read_text()) == {"run_id": rid,
-                                                                        "model": {"x": 1}}
+    assert json.loads((ck / runs.CHECKPOINTS_RECORD).read_text()) == {
+        "run_id": rid,
+        "model": {"x": 1},
+    }
 
 
 def test_a_legacy_folder_resumed_in_place_is_allowed(tmp_path):
@@ -133,11 +135,14 @@ def test_load_trusts_latest_over_a_newer_step(tmp_path):
     assert runs.latest_checkpoint(ck) == (ck / "step_00000002", "")
 
 
-@pytest.mark.parametrize("latest,why", [
-    ("step_00000007", "'latest' names 'step_00000007', which is not a complete checkpoint"),
-    ("../../etc", "'latest' names '../../etc', which is not a complete checkpoint"),
-    (None, "it has no 'latest' file"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "latest,why",
+    [
+        ("step_00000007", "'latest' names 'step_00000007', which is not a complete checkpoint"),
+        ("../../etc", "'latest' names '../../etc', which is not a complete checkpoint"),
+        (None, "it has no 'latest' file"),
+    ],
+)
 def test_load_says_when_it_falls_back(tmp_path, latest, why):
     ck = tmp_path / "ck"
     _ckpt(ck, 2, "run-A")

@@ -36,18 +36,35 @@ def test_folder_checks(tmp_path, monkeypatch):
 
 # --- the memory estimate ----------------------------------------------------------------------------
 
+
 def _configs():
-    grid = itertools.product(["serial", "lss", "nvidia-sp", "ulysses"], [1, 2, 4],
-                             ["learned", "rope"], [None, 2], [True, False], ["adamw", "sgd"],
-                             [1, 2], [64, 256])  # fmt: skip
+    grid = itertools.product(
+        ["serial", "lss", "nvidia-sp", "ulysses"],
+        [1, 2, 4],
+        ["learned", "rope"],
+        [None, 2],
+        [True, False],
+        ["adamw", "sgd"],
+        [1, 2],
+        [64, 256],
+    )
     for mode, n, pos, kv, causal, opt, b, seq in grid:
         if (mode == "serial") != (n == 1) or (mode in ("nvidia-sp", "ulysses") and (kv or 4) % n):
             continue
-        model = ModelConfig(num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=kv,
-                            seq_length=seq, position_embedding=pos, causal=causal)  # fmt: skip
-        yield RunConfig(model=model, parallel=ParallelConfig(mode=mode, world_size=n,
-                                                             seq_parallel=n),
-                        train=TrainConfig(global_batch_size=b, optimizer=opt))  # fmt: skip
+        model = ModelConfig(
+            num_layers=2,
+            hidden_size=64,
+            num_heads=4,
+            num_kv_heads=kv,
+            seq_length=seq,
+            position_embedding=pos,
+            causal=causal,
+        )
+        yield RunConfig(
+            model=model,
+            parallel=ParallelConfig(mode=mode, world_size=n, seq_parallel=n),
+            train=TrainConfig(global_batch_size=b, optimizer=opt),
+        )
 
 
 def test_estimate_against_the_cost_model():
@@ -64,8 +81,10 @@ def test_estimate_against_the_cost_model():
         assert e.params == e.grads == 4 * cm.param_count(shape, lay), cfg
         assert e.optimizer == cm.optimizer_state_bytes(shape, lay, cfg.train.optimizer), cfg
         ratios.append(e.activations / cm.activation_bytes(shape, lay))
-    assert len(ratios) > 100 and 0.75 <= min(ratios) and max(ratios) <= 1.25, (min(ratios),
-                                                                              max(ratios))
+    assert len(ratios) > 100 and 0.75 <= min(ratios) and max(ratios) <= 1.25, (
+        min(ratios),
+        max(ratios),
+    )
 
 
 def test_a_run_that_cannot_fit_is_refused_naming_the_estimate():
@@ -79,6 +98,7 @@ def test_a_run_that_cannot_fit_is_refused_naming_the_estimate():
 
 # --- files that are not checkpoints -----------------------------------------------------------------
 
+
 def _state_file(tmp_path, payload):
     d = tmp_path / "step_00000001"
     d.mkdir()
@@ -90,16 +110,25 @@ def _state_file(tmp_path, payload):
     return d
 
 
-@pytest.mark.parametrize("payload,fragment", [
-    ({"weights": torch.zeros(2)}, "state.pt is a valid torch file but not an lss_megatron "
-                                  "checkpoint (missing or wrong ['model', 'optimizer', "
-                                  "'torch_rng']"),
-    ([1, 2, 3], "state.pt is a valid torch file but not an lss_megatron checkpoint (list"),
-    (b"not a checkpoint", "cannot read state.pt: it is corrupt, truncated or not a checkpoint"),
-    ("truncated", "cannot read state.pt: it is corrupt, truncated or not a checkpoint "
-                  "(PytorchStreamReader failed reading zip archive"),
-    ("pickled-object", "Unsupported global: GLOBAL datetime.datetime"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "payload,fragment",
+    [
+        (
+            {"weights": torch.zeros(2)},
+            "state.pt is a valid torch file but not an lss_megatron "
+            "checkpoint (missing or wrong ['model', 'optimizer', "
+            "'torch_rng']",
+        ),
+        ([1, 2, 3], "state.pt is a valid torch file but not an lss_megatron checkpoint (list"),
+        (b"not a checkpoint", "cannot read state.pt: it is corrupt, truncated or not a checkpoint"),
+        (
+            "truncated",
+            "cannot read state.pt: it is corrupt, truncated or not a checkpoint "
+            "(PytorchStreamReader failed reading zip archive",
+        ),
+        ("pickled-object", "Unsupported global: GLOBAL datetime.datetime"),
+    ],
+)
 def test_foreign_and_corrupt_state_files(tmp_path, payload, fragment):
     import datetime
 

@@ -41,8 +41,12 @@ def drawn(monkeypatch):
 
 def _lines(fig):
     """The data lines (with markers) of every axes: (axes index, Line2D)."""
-    return [(i, ln) for i, ax in enumerate(fig.axes) for ln in ax.get_lines()
-            if ln.get_marker() not in (None, "None", "") and len(ln.get_xdata())]  # fmt: skip
+    return [
+        (i, ln)
+        for i, ax in enumerate(fig.axes)
+        for ln in ax.get_lines()
+        if ln.get_marker() not in (None, "None", "") and len(ln.get_xdata())
+    ]
 
 
 def test_every_title_names_preset_and_machine(df, drawn, tmp_path):

@@ -43,8 +43,13 @@ def preset_processes(path: Path) -> int:
 
 def test_expected_presets_exist():
     names = {p.name for p in PRESET_FILES}
-    want = {"tiny-cpu.yaml", "small-cpu-lss.yaml", "small-cpu-nvidia-sp.yaml",
-            "paper-enwik8-144gpu.yaml", "paper-enwik8-3456gpu.yaml"}  # fmt: skip
+    want = {
+        "tiny-cpu.yaml",
+        "small-cpu-lss.yaml",
+        "small-cpu-nvidia-sp.yaml",
+        "paper-enwik8-144gpu.yaml",
+        "paper-enwik8-3456gpu.yaml",
+    }
     assert want <= names, want - names
 
 
@@ -96,8 +101,21 @@ def test_preset_validates(path, tmp_path):
     assert world == 144 and cfg.parallel.seq_parallel == 6  # 24 Summit nodes x 6 GPUs
     # the baseline on the same preset: at N = 2 (the preset's documented alternative)
     for mode in ("lss", "nvidia-sp"):
-        small = validated(["--config", str(path), "--mode", mode, "--seq-parallel", "2",
-                           "--data-parallel", "72", "--global-batch-size", "72"], world)  # fmt: skip
+        small = validated(
+            [
+                "--config",
+                str(path),
+                "--mode",
+                mode,
+                "--seq-parallel",
+                "2",
+                "--data-parallel",
+                "72",
+                "--global-batch-size",
+                "72",
+            ],
+            world,
+        )
         assert small.parallel.mode == mode and small.parallel.seq_parallel == 2
     # and at the preset's own N = 6 (the vocabulary is padded to 768 in both modes)
     base = validated(["--config", str(path), "--mode", "nvidia-sp"], world)
@@ -150,13 +168,33 @@ def test_deepspeed_sh_options():
     env.pop("LOCAL_SIZE", None)
     res = ok(run_cmd(["bash", sh, "--num-gpus", "2", "--dry-run", "--", "--mode", "lss"], 30, env))
     assert "OMP_NUM_THREADS=1" in res.stderr and "LOCAL_SIZE" not in res.stderr
-    m = re.search(r"-m deepspeed\.launcher\.runner --num_gpus 2 --master_port (\d+) --module "
-                  r"lss_megatron\.train --mode lss$", res.stderr, re.M)  # fmt: skip
+    m = re.search(
+        r"-m deepspeed\.launcher\.runner --num_gpus 2 --master_port (\d+) --module "
+        r"lss_megatron\.train --mode lss$",
+        res.stderr,
+        re.M,
+    )
     assert m and m.group(1) != "29500", res.stderr
 
-    res = ok(run_cmd(["bash", sh, "--include", "localhost:0,3", "--master-port", "29777",
-                  "--bind_cores_to_rank", "--dry-run", "--", "--steps", "1"], 30,
-                 {**env, "OMP_NUM_THREADS": "3"}))  # fmt: skip
+    res = ok(
+        run_cmd(
+            [
+                "bash",
+                sh,
+                "--include",
+                "localhost:0,3",
+                "--master-port",
+                "29777",
+                "--bind_cores_to_rank",
+                "--dry-run",
+                "--",
+                "--steps",
+                "1",
+            ],
+            30,
+            {**env, "OMP_NUM_THREADS": "3"},
+        )
+    )
     assert "OMP_NUM_THREADS=3" in res.stderr and "LOCAL_SIZE=4" in res.stderr
     assert "--master_port 29777 --bind_cores_to_rank --module lss_megatron.train --steps 1" in (
         res.stderr
@@ -176,14 +214,47 @@ def test_torchrun_sh_options():
         "torch.distributed.run --nproc-per-node 4 --standalone -m lss_megatron.train --steps 1"
         in (res.stderr)
     )
-    res = ok(run_cmd(["bash", sh, "--nproc-per-node", "6", "--nnodes", "24", "--node-rank", "3",
-                  "--rdzv-endpoint", "h41n01:29400", "--max-restarts=0", "--dry-run", "--"], 20))  # fmt: skip
+    res = ok(
+        run_cmd(
+            [
+                "bash",
+                sh,
+                "--nproc-per-node",
+                "6",
+                "--nnodes",
+                "24",
+                "--node-rank",
+                "3",
+                "--rdzv-endpoint",
+                "h41n01:29400",
+                "--max-restarts=0",
+                "--dry-run",
+                "--",
+            ],
+            20,
+        )
+    )
     assert (
         "--nnodes 24 --node-rank 3 --master-addr h41n01 --master-port 29400 --max-restarts=0"
         " -m lss_megatron.train"
     ) in res.stderr
-    res = ok(run_cmd(["bash", sh, "--nproc-per-node", "6", "--nnodes", "2", "--rdzv-endpoint",
-                  "h41n01:29400", "--dry-run", "--"], 20))  # fmt: skip
+    res = ok(
+        run_cmd(
+            [
+                "bash",
+                sh,
+                "--nproc-per-node",
+                "6",
+                "--nnodes",
+                "2",
+                "--rdzv-endpoint",
+                "h41n01:29400",
+                "--dry-run",
+                "--",
+            ],
+            20,
+        )
+    )
     assert "--rdzv-backend c10d --rdzv-endpoint h41n01:29400 --rdzv-id lss-megatron" in res.stderr
     bad = run_cmd(["bash", sh, "--nproc-per-node", "2", "--nnodes", "2", "--dry-run", "--"], 20)
     assert bad.returncode == 2 and "--rdzv-endpoint" in bad.stderr
@@ -207,15 +278,20 @@ def stubs(tmp_path):
     """A bin/ with fake scontrol, srun and jsrun, and a fake Python that records its task."""
     bin_ = tmp_path / "bin"
     bin_.mkdir()
-    write_stub(bin_ / "scontrol", """
+    write_stub(
+        bin_ / "scontrol",
+        """
         import sys
         assert sys.argv[1:3] == ["show", "hostnames"], sys.argv
         assert sys.argv[3] == "node[01-02]", sys.argv
         print("node01\\nnode02")
-    """)  # fmt: skip
+    """,
+    )
     # srun: skip its options (--opt=value forms), start SLURM_NTASKS tasks of the command,
     # SLURM_NTASKS_PER_NODE per node, each with its own SLURM_PROCID / SLURM_LOCALID
-    write_stub(bin_ / "srun", """
+    write_stub(
+        bin_ / "srun",
+        """
         import os, subprocess, sys
         args = sys.argv[1:]
         opts = []
@@ -227,9 +303,12 @@ def stubs(tmp_path):
             env = dict(os.environ, SLURM_PROCID=str(i), SLURM_LOCALID=str(i % per),
                        SLURM_NODEID=str(i // per), SLURM_STEP_ID="0")
             subprocess.run(args, env=env, check=True, timeout=60)
-    """)  # fmt: skip
+    """,
+    )
     # jsrun: -n resource sets x -a tasks each; Spectrum MPI's per-rank variables
-    write_stub(bin_ / "jsrun", """
+    write_stub(
+        bin_ / "jsrun",
+        """
         import os, subprocess, sys
         args = sys.argv[1:]
         opts, vals = [], {}
@@ -248,8 +327,11 @@ def stubs(tmp_path):
                        JSM_NAMESPACE_SIZE=str(n), JSM_NAMESPACE_LOCAL_RANK=str(i % per_rs),
                        PMIX_RANK=str(i))
             subprocess.run(args, env=env, check=True, timeout=60)
-    """)  # fmt: skip
-    py = write_stub(bin_ / "fake_python", """
+    """,
+    )
+    py = write_stub(
+        bin_ / "fake_python",
+        """
         import json, os, sys
         keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT",
                 "OMP_NUM_THREADS", "PYTHONPATH")
@@ -258,7 +340,8 @@ def stubs(tmp_path):
         rec["cwd"] = os.getcwd()
         out = os.environ["STUB_OUT"] + "/rank%s.json" % os.environ["RANK"]
         open(out, "w").write(json.dumps(rec))
-    """)  # fmt: skip
+    """,
+    )
     out = tmp_path / "out"
     out.mkdir()
     env = clean_env(
@@ -277,14 +360,33 @@ def printed_env(res) -> dict[str, str]:
 def test_env_helper_slurm(stubs):
     """SLURM_PROCID=3 SLURM_NTASKS=8 SLURM_LOCALID=1 -> RANK 3, WORLD_SIZE 8, LOCAL_RANK 1, the
     first host of the node list, a port derived from the job id; executed and sourced."""
-    env = {**stubs["env"], "SLURM_PROCID": "3", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1",
-           "SLURM_JOB_NODELIST": "node[01-02]", "SLURM_JOB_ID": "123456"}  # fmt: skip
-    want = {"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "node01",
-            "MASTER_PORT": str(20000 + 123456 % 20000)}  # fmt: skip
+    env = {
+        **stubs["env"],
+        "SLURM_PROCID": "3",
+        "SLURM_NTASKS": "8",
+        "SLURM_LOCALID": "1",
+        "SLURM_JOB_NODELIST": "node[01-02]",
+        "SLURM_JOB_ID": "123456",
+    }
+    want = {
+        "RANK": "3",
+        "WORLD_SIZE": "8",
+        "LOCAL_RANK": "1",
+        "MASTER_ADDR": "node01",
+        "MASTER_PORT": str(20000 + 123456 % 20000),
+    }
     helper = LAUNCH / "env_from_scheduler.sh"
     assert printed_env(run_cmd(["bash", helper], 30, env)) == want
-    sourced = run_cmd(["bash", "-c", f'source "{helper}" && for v in RANK WORLD_SIZE LOCAL_RANK '
-                   'MASTER_ADDR MASTER_PORT; do echo "$v=${!v}"; done'], 30, env)  # fmt: skip
+    sourced = run_cmd(
+        [
+            "bash",
+            "-c",
+            f'source "{helper}" && for v in RANK WORLD_SIZE LOCAL_RANK '
+            'MASTER_ADDR MASTER_PORT; do echo "$v=${!v}"; done',
+        ],
+        30,
+        env,
+    )
     assert printed_env(sourced) == want
     # a MASTER_ADDR/PORT already exported (by the batch script) is kept
     kept = printed_env(
@@ -299,8 +401,13 @@ def test_env_helper_jsrun(stubs, hosts_from):
     """jsrun / Spectrum MPI ranks on LSF: rank variables from OMPI_COMM_WORLD_*, MASTER_ADDR the
     first compute host (the batch launch node skipped), whichever LSB_* host list there is."""
     hosts = ["batch3"] + ["h41n07"] * 42 + ["h41n08"] * 42
-    env = {**stubs["env"], "OMPI_COMM_WORLD_RANK": "7", "OMPI_COMM_WORLD_SIZE": "12",
-           "OMPI_COMM_WORLD_LOCAL_RANK": "1", "LSB_JOBID": "777"}  # fmt: skip
+    env = {
+        **stubs["env"],
+        "OMPI_COMM_WORLD_RANK": "7",
+        "OMPI_COMM_WORLD_SIZE": "12",
+        "OMPI_COMM_WORLD_LOCAL_RANK": "1",
+        "LSB_JOBID": "777",
+    }
     if hosts_from == "hostfile":
         f = stubs["dir"] / "djob_hosts"
         f.write_text("\n".join(hosts) + "\n")
@@ -310,25 +417,45 @@ def test_env_helper_jsrun(stubs, hosts_from):
     else:
         env["LSB_MCPU_HOSTS"] = "batch3 1 h41n07 42 h41n08 42"
     got = printed_env(run_cmd(["bash", LAUNCH / "env_from_scheduler.sh"], 30, env))
-    assert got == {"RANK": "7", "WORLD_SIZE": "12", "LOCAL_RANK": "1", "MASTER_ADDR": "h41n07",
-                   "MASTER_PORT": "20777"}  # fmt: skip
+    assert got == {
+        "RANK": "7",
+        "WORLD_SIZE": "12",
+        "LOCAL_RANK": "1",
+        "MASTER_ADDR": "h41n07",
+        "MASTER_PORT": "20777",
+    }
 
 
 @pytest.mark.timeout(60)
 def test_env_helper_precedence_and_errors(stubs):
     """mpirun inside a SLURM job: every rank inherits the batch step's SLURM_PROCID=0, so the MPI
     rank wins. No scheduler variables at all: exit 2 with a message."""
-    env = {**stubs["env"], "SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_LOCALID": "0",
-           "SLURM_JOB_NODELIST": "node[01-02]", "SLURM_JOB_ID": "5",
-           "OMPI_COMM_WORLD_RANK": "5", "OMPI_COMM_WORLD_SIZE": "8",
-           "OMPI_COMM_WORLD_LOCAL_RANK": "1"}  # fmt: skip
+    env = {
+        **stubs["env"],
+        "SLURM_PROCID": "0",
+        "SLURM_NTASKS": "1",
+        "SLURM_LOCALID": "0",
+        "SLURM_JOB_NODELIST": "node[01-02]",
+        "SLURM_JOB_ID": "5",
+        "OMPI_COMM_WORLD_RANK": "5",
+        "OMPI_COMM_WORLD_SIZE": "8",
+        "OMPI_COMM_WORLD_LOCAL_RANK": "1",
+    }
     got = printed_env(run_cmd(["bash", LAUNCH / "env_from_scheduler.sh"], 30, env))
     assert (got["RANK"], got["WORLD_SIZE"], got["MASTER_ADDR"]) == ("5", "8", "node01")
     bad = run_cmd(["bash", LAUNCH / "env_from_scheduler.sh"], 30, stubs["env"])
     assert bad.returncode == 2 and "SLURM_PROCID" in bad.stderr
-    bad = run_cmd(["bash", LAUNCH / "env_from_scheduler.sh"], 30,
-              {**stubs["env"], "SLURM_PROCID": "8", "SLURM_NTASKS": "8", "SLURM_LOCALID": "0",
-               "MASTER_ADDR": "x"})  # fmt: skip
+    bad = run_cmd(
+        ["bash", LAUNCH / "env_from_scheduler.sh"],
+        30,
+        {
+            **stubs["env"],
+            "SLURM_PROCID": "8",
+            "SLURM_NTASKS": "8",
+            "SLURM_LOCALID": "0",
+            "MASTER_ADDR": "x",
+        },
+    )
     assert bad.returncode == 2 and "not below" in bad.stderr
 
 
@@ -343,17 +470,31 @@ def test_slurm_sbatch(stubs):
     """`sbatch launch/slurm.sbatch --steps 3` on 2 nodes x 4 tasks, run by bash with a stub srun:
     every task gets its rank, the world size, its local rank, node01:(20000 + job id % 20000),
     OMP_NUM_THREADS from --cpus-per-task and the trainer command with the preset and override."""
-    env = {**stubs["env"], "SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "node[01-02]",
-           "SLURM_NTASKS": "8", "SLURM_NTASKS_PER_NODE": "4", "SLURM_CPUS_PER_TASK": "8",
-           "SLURM_SUBMIT_DIR": str(ROOT), "SLURM_PROCID": "0", "SLURM_LOCALID": "0"}  # fmt: skip
+    env = {
+        **stubs["env"],
+        "SLURM_JOB_ID": "4242",
+        "SLURM_JOB_NODELIST": "node[01-02]",
+        "SLURM_NTASKS": "8",
+        "SLURM_NTASKS_PER_NODE": "4",
+        "SLURM_CPUS_PER_TASK": "8",
+        "SLURM_SUBMIT_DIR": str(ROOT),
+        "SLURM_PROCID": "0",
+        "SLURM_LOCALID": "0",
+    }
     ok(run_cmd(["bash", LAUNCH / "slurm.sbatch", "--steps", "3"], 60, env, cwd=stubs["dir"]))
     assert "--kill-on-bad-exit=1" in (stubs["out"] / "srun_args").read_text()
     for i, t in enumerate(read_tasks(stubs["out"], 8)):
         assert (t["RANK"], t["WORLD_SIZE"], t["LOCAL_RANK"]) == (str(i), "8", str(i % 4))
         assert (t["MASTER_ADDR"], t["MASTER_PORT"]) == ("node01", str(20000 + 4242 % 20000))
         assert t["OMP_NUM_THREADS"] == "8"
-        assert t["argv"] == ["-m", "lss_megatron.train", "--config",
-                             "launch/presets/tiny-cpu.yaml", "--steps", "3"]  # fmt: skip
+        assert t["argv"] == [
+            "-m",
+            "lss_megatron.train",
+            "--config",
+            "launch/presets/tiny-cpu.yaml",
+            "--steps",
+            "3",
+        ]
         assert t["cwd"] == str(ROOT) and str(ROOT) in t["PYTHONPATH"].split(os.pathsep)
 
 
@@ -364,8 +505,13 @@ def test_summit_jsrun(stubs):
     and the first compute host (not the batch node) as MASTER_ADDR."""
     f = stubs["dir"] / "djob_hosts"
     f.write_text("\n".join(["batch2"] + ["h41n07"] * 42 + ["h41n08"] * 42) + "\n")
-    env = {**stubs["env"], "LSB_JOBID": "31337", "LSB_DJOB_HOSTFILE": str(f),
-           "LS_SUBCWD": str(ROOT), "EXTRA_ARGS": "--steps 2"}  # fmt: skip
+    env = {
+        **stubs["env"],
+        "LSB_JOBID": "31337",
+        "LSB_DJOB_HOSTFILE": str(f),
+        "LS_SUBCWD": str(ROOT),
+        "EXTRA_ARGS": "--steps 2",
+    }
     ok(
         run_cmd(
             ["bash", LAUNCH / "summit_jsrun.sh", "--log-interval", "5"], 60, env, cwd=stubs["dir"]
@@ -378,6 +524,13 @@ def test_summit_jsrun(stubs):
         assert (t["RANK"], t["WORLD_SIZE"], t["LOCAL_RANK"]) == (str(i), "12", str(i % 6))
         assert (t["MASTER_ADDR"], t["MASTER_PORT"]) == ("h41n07", str(20000 + 31337 % 20000))
         assert t["OMP_NUM_THREADS"] == "7"
-        assert t["argv"] == ["-m", "lss_megatron.train", "--config",
-                             "launch/presets/paper-enwik8-144gpu.yaml", "--steps", "2",
-                             "--log-interval", "5"]  # fmt: skip
+        assert t["argv"] == [
+            "-m",
+            "lss_megatron.train",
+            "--config",
+            "launch/presets/paper-enwik8-144gpu.yaml",
+            "--steps",
+            "2",
+            "--log-interval",
+            "5",
+        ]

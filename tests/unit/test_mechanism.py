@@ -20,8 +20,13 @@ pytestmark = pytest.mark.unit
 def test_equal_ranks_plan_is_every_legal_layout_on_four_ranks():
     plan = presets.make_plan(presets.get_preset("cpu-equal-ranks"))
     grid = {(r.label, r.seq_parallel, r.data_parallel) for r in plan.runs if r.role == "grid"}
-    assert grid == {("lss", 4, 1), ("lss", 2, 2), ("nvidia-sp", 2, 2), ("ulysses", 2, 2),
-                    ("serial", 1, 4)}  # fmt: skip
+    assert grid == {
+        ("lss", 4, 1),
+        ("lss", 2, 2),
+        ("nvidia-sp", 2, 2),
+        ("ulysses", 2, 2),
+        ("serial", 1, 4),
+    }
     assert {r.world_size for r in plan.runs if r.role == "grid"} == {4}
     refs = [r for r in plan.runs if r.role == "reference"]
     assert [(r.mode, r.world_size) for r in refs] == [("serial", 1)]
@@ -37,22 +42,45 @@ def test_equal_ranks_plan_is_every_legal_layout_on_four_ranks():
 
 
 def _row(mode, n, d, step, saved, **kw):
-    return {"run_id": f"{mode}_N{n}_D{d}", "mode": mode, "variant": "", "status": "ok",
-            "seq_parallel": n, "data_parallel": d, "world_size": n * d, "seq_length": 2048,
-            "hidden_size": 128, "num_layers": 2, "num_heads": 2, "num_kv_heads": 2,
-            "ffn_hidden_size": 512, "vocab_size": 256, "global_batch_size": 4,
-            "micro_batch_size": 1, "attention_kernel": "flash", "recompute": "none",
-            "dtype": "fp32", "step_time_s": step, "tokens_per_s": 4 * 2048 / step,
-            "activation_bytes": saved, "transient_peak_bytes": 2 * saved, **kw}  # fmt: skip
+    return {
+        "run_id": f"{mode}_N{n}_D{d}",
+        "mode": mode,
+        "variant": "",
+        "status": "ok",
+        "seq_parallel": n,
+        "data_parallel": d,
+        "world_size": n * d,
+        "seq_length": 2048,
+        "hidden_size": 128,
+        "num_layers": 2,
+        "num_heads": 2,
+        "num_kv_heads": 2,
+        "ffn_hidden_size": 512,
+        "vocab_size": 256,
+        "global_batch_size": 4,
+        "micro_batch_size": 1,
+        "attention_kernel": "flash",
+        "recompute": "none",
+        "dtype": "fp32",
+        "step_time_s": step,
+        "tokens_per_s": 4 * 2048 / step,
+        "activation_bytes": saved,
+        "transient_peak_bytes": 2 * saved,
+        **kw,
+    }
 
 
 def test_best_layouts_picks_the_fastest_layout_and_compares_best_with_best():
-    df = pd.DataFrame([
-        _row("lss", 4, 1, 1.0, 100), _row("lss", 2, 2, 2.0, 150),
-        _row("nvidia-sp", 2, 2, 1.5, 400), _row("ulysses", 2, 2, 3.0, 300),
-        _row("lss", 4, 1, 9.0, 100, dtype="bf16"),  # another setting: never compared
-        _row("lss", 4, 1, 5.0, 100, status="failed"),  # failed runs do not count
-    ])  # fmt: skip
+    df = pd.DataFrame(
+        [
+            _row("lss", 4, 1, 1.0, 100),
+            _row("lss", 2, 2, 2.0, 150),
+            _row("nvidia-sp", 2, 2, 1.5, 400),
+            _row("ulysses", 2, 2, 3.0, 300),
+            _row("lss", 4, 1, 9.0, 100, dtype="bf16"),  # another setting: never compared
+            _row("lss", 4, 1, 5.0, 100, status="failed"),  # failed runs do not count
+        ]
+    )
     for c in tables.MODEL_KEY:
         if c not in df:
             df[c] = math.nan
@@ -71,8 +99,18 @@ def test_best_layouts_picks_the_fastest_layout_and_compares_best_with_best():
 
 
 # --- analysis.longest ---------------------------------------------------------------------------
-MODEL = ("--num-layers", "2", "--hidden-size", "128", "--num-heads", "2",
-         "--ffn-hidden-size", "512", "--vocab-size", "256")  # fmt: skip
+MODEL = (
+    "--num-layers",
+    "2",
+    "--hidden-size",
+    "128",
+    "--num-heads",
+    "2",
+    "--ffn-hidden-size",
+    "512",
+    "--vocab-size",
+    "256",
+)
 
 
 def test_best_layout_is_the_largest_legal_degree():
@@ -96,11 +134,19 @@ def _fake_runner(bytes_per_token: dict[str, float], base: float, fail_at: int | 
         calls.append((search.mode, length))
         status = "failed" if fail_at is not None and length >= fail_at else "ok"
         measured = int(base + bytes_per_token[search.mode] * length) if status == "ok" else None
-        return {"mode": search.mode, "world_size": search.world_size,
-                "seq_parallel": search.seq_parallel, "data_parallel": search.data_parallel,
-                "recompute": search.recompute, "seq_length": length, "rank_bytes_max": measured,
-                "status": status, "wall_s": 0.0, "error": "" if status == "ok" else "boom",
-                "run_dir": f"runs/{search.run_id(length)}"}  # fmt: skip
+        return {
+            "mode": search.mode,
+            "world_size": search.world_size,
+            "seq_parallel": search.seq_parallel,
+            "data_parallel": search.data_parallel,
+            "recompute": search.recompute,
+            "seq_length": length,
+            "rank_bytes_max": measured,
+            "status": status,
+            "wall_s": 0.0,
+            "error": "" if status == "ok" else "boom",
+            "run_dir": f"runs/{search.run_id(length)}",
+        }
 
     return run, calls
 
@@ -129,20 +175,43 @@ def test_a_failed_run_does_not_fit_and_nothing_is_extrapolated():
 
 
 def test_best_rows_keep_the_recompute_setting_reaching_furthest():
-    rows = [{"mode": "lss", "world_size": 4, "longest_seq_length": n, "bytes_at_longest": b,
-             "recompute": r} for n, b, r in ((2048, 9, "none"), (4096, 7, "full"),
-                                             (4096, 5, "selective"))]  # fmt: skip
+    rows = [
+        {
+            "mode": "lss",
+            "world_size": 4,
+            "longest_seq_length": n,
+            "bytes_at_longest": b,
+            "recompute": r,
+        }
+        for n, b, r in ((2048, 9, "none"), (4096, 7, "full"), (4096, 5, "selective"))
+    ]
     (best,) = longest.best_rows(rows)
     assert best["recompute"] == "selective"  # same l as full, fewer bytes
 
 
-@pytest.mark.parametrize("argv, words", [
-    (["--ranks", "0", "--budget-mib", "8", "--out", "X"], "--ranks 0"),
-    (["--ranks", "4", "--budget-mib", "-1", "--out", "X"], "--budget-mib -1"),
-    (["--ranks", "4", "--budget-mib", "8", "--out", "X", "--seq-length", "64"], "--seq-length"),
-    (["--ranks", "4", "--budget-mib", "8", "--out", "X", "--num-heads", "3",
-      "--hidden-size", "128"], "no legal layout"),  # fmt: skip
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["--ranks", "0", "--budget-mib", "8", "--out", "X"], "--ranks 0"),
+        (["--ranks", "4", "--budget-mib", "-1", "--out", "X"], "--budget-mib -1"),
+        (["--ranks", "4", "--budget-mib", "8", "--out", "X", "--seq-length", "64"], "--seq-length"),
+        (
+            [
+                "--ranks",
+                "4",
+                "--budget-mib",
+                "8",
+                "--out",
+                "X",
+                "--num-heads",
+                "3",
+                "--hidden-size",
+                "128",
+            ],
+            "no legal layout",
+        ),
+    ],
+)
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, argv, words):
     argv = [a.replace("X", str(tmp_path / "out")) for a in argv]
     assert longest.main(argv) == 2
@@ -163,8 +232,7 @@ def test_main_writes_the_table_the_searches_and_a_figure(tmp_path, monkeypatch):
     run, _ = _fake_runner({"lss": 1000.0, "nvidia-sp": 2000.0, "ulysses": 2000.0}, base=0)
     monkeypatch.setattr(longest, "launch_one", lambda s, length, out, t: run(s, length))
     out = tmp_path / "out"
-    argv = ["--ranks", "4", "--budget-mib", "4", "--out", str(out), "--recompute", "none",
-            *MODEL]  # fmt: skip
+    argv = ["--ranks", "4", "--budget-mib", "4", "--out", str(out), "--recompute", "none", *MODEL]
     assert longest.main(argv) == 0
     with (out / "longest.csv").open() as f:
         rows = {r["mode"]: r for r in csv.DictReader(f)}
@@ -184,12 +252,35 @@ def test_paper_figures_draw_measured_beside_modelled(tmp_path, monkeypatch):
     run, _ = _fake_runner({"lss": 1000.0, "nvidia-sp": 2000.0, "ulysses": 2000.0}, base=0)
     monkeypatch.setattr(longest, "launch_one", lambda s, length, out, t: run(s, length))
     lg = tmp_path / "longest"
-    assert longest.main(["--ranks", "2", "4", "--budget-mib", "4", "--out", str(lg),
-                         "--recompute", "none", *MODEL]) == 0  # fmt: skip
+    assert (
+        longest.main(
+            [
+                "--ranks",
+                "2",
+                "4",
+                "--budget-mib",
+                "4",
+                "--out",
+                str(lg),
+                "--recompute",
+                "none",
+                *MODEL,
+            ]
+        )
+        == 0
+    )
     fixture = paper_figures.Path(__file__).resolve().parents[2] / "analysis" / "fixtures"
     out = tmp_path / "figs"
-    argv = ["--out", str(out), "--compare", str(fixture), "--longest", str(lg),
-            "--assumptions", "paper-2023"]  # fmt: skip
+    argv = [
+        "--out",
+        str(out),
+        "--compare",
+        str(fixture),
+        "--longest",
+        str(lg),
+        "--assumptions",
+        "paper-2023",
+    ]
     assert paper_figures.main(argv) == 0
     for name in paper_figures.FIGURES:
         assert (out / f"{name}.png").stat().st_size > 10_000, name

@@ -23,8 +23,13 @@ def corpus(tmp_path_factory):
     src.write_bytes(data)
     prefix = folder / "corpus"
     n_docs, n_tokens = make_indexed(src, prefix, separator=b"<END>")
-    return {"data": data, "prefix": str(prefix), "n_docs": n_docs, "n_tokens": n_tokens,
-            "docs": list(documents(data, b"<END>"))}  # fmt: skip
+    return {
+        "data": data,
+        "prefix": str(prefix),
+        "n_docs": n_docs,
+        "n_tokens": n_tokens,
+        "docs": list(documents(data, b"<END>")),
+    }
 
 
 def reference_sample(corpus, split: str, step: int, index: int, seed=SEED, length=L, g=G):
@@ -59,8 +64,14 @@ def test_converter_is_lossless_and_the_header_parse_is_megatrons(corpus):
 
 
 def test_reads_are_token_exact(corpus):
-    ds = build_dataset("megatron", seq_length=L, vocab_size=256, seed=SEED, path=corpus["prefix"],
-                       eval_batch_size=G)  # fmt: skip
+    ds = build_dataset(
+        "megatron",
+        seq_length=L,
+        vocab_size=256,
+        seed=SEED,
+        path=corpus["prefix"],
+        eval_batch_size=G,
+    )
     s = ds.samples_per_epoch("train")
     last_step = (2 * s) // G + 2  # runs into the third epoch
     for step in [1, 2, 3, s // G, s // G + 1, last_step]:
@@ -87,8 +98,14 @@ def test_segments_reassemble_the_sample(corpus, n, layout):
     global positions."""
     from lss_megatron.data import segment_chunks
 
-    ds = build_dataset("megatron", seq_length=L, vocab_size=256, seed=SEED, path=corpus["prefix"],
-                       eval_batch_size=G)  # fmt: skip
+    ds = build_dataset(
+        "megatron",
+        seq_length=L,
+        vocab_size=256,
+        seed=SEED,
+        path=corpus["prefix"],
+        eval_batch_size=G,
+    )
     whole = ds.read("train", 3, range(G), 0, L)  # [G, l + 1]
     for rank in range(n):
         tokens, labels, pos = segment_batch(ds, "train", 3, range(G), rank, n, layout)

@@ -28,8 +28,11 @@ def test_no_import_by_a_generic_top_level_name():
         for path in (ROOT / top).rglob("*.py"):
             if "fixtures" in path.parts:  # test data helpers, not installed
                 continue
-            bad += [f"{path.relative_to(ROOT)}:{line}: {mod}" for line, mod in
-                    _absolute_imports(path) if mod.split(".")[0] in GENERIC]  # fmt: skip
+            bad += [
+                f"{path.relative_to(ROOT)}:{line}: {mod}"
+                for line, mod in _absolute_imports(path)
+                if mod.split(".")[0] in GENERIC
+            ]
     assert not bad, "\n".join(bad)
 
 

@@ -24,8 +24,12 @@ def test_flat_boxes_tile_every_flat_range_in_order(shape):
     for start in range(total):
         for numel in range(1, total - start + 1):
             boxes = flat_boxes(shape, start, numel)
-            got = torch.cat([full[tuple(slice(o, o + s) for o, s in zip(off, size, strict=True))]
-                             .reshape(-1) for off, size in boxes])  # fmt: skip
+            got = torch.cat(
+                [
+                    full[tuple(slice(o, o + s) for o, s in zip(off, size, strict=True))].reshape(-1)
+                    for off, size in boxes
+                ]
+            )
             assert torch.equal(got, torch.arange(start, start + numel)), (shape, start, numel)
             assert len(boxes) <= 2 * len(shape) - 1
             # the views of a flat fragment land at the same places, offset by a base

@@ -10,20 +10,42 @@ from lss_megatron.training.tracking import iteration_line, scalars, validation_l
 
 def test_scalars_are_the_numeric_metrics():
     rec = {"step": 3, "loss": 1.5, "skipped": False, "note": "x", "per_rank": [4, 5], "bytes": 7}
-    assert scalars(rec) == {"loss": 1.5, "skipped": 0.0, "per_rank/0": 4.0, "per_rank/1": 5.0,
-                            "bytes": 7.0}  # fmt: skip
+    assert scalars(rec) == {
+        "loss": 1.5,
+        "skipped": 0.0,
+        "per_rank/0": 4.0,
+        "per_rank/1": 5.0,
+        "bytes": 7.0,
+    }
 
 
 def test_iteration_line_fields():
-    rec = {"step": 7, "consumed_samples": 56, "consumed_tokens": 56 * 128, "step_time_s": 0.0412,
-           "tflops_per_s_per_rank": 0.00123, "lr": 1e-3, "loss": 2.07944, "grad_norm": 0.5123,
-           "skipped_steps": 1, "peak_mem_bytes": 612 * 2**20}  # fmt: skip
+    rec = {
+        "step": 7,
+        "consumed_samples": 56,
+        "consumed_tokens": 56 * 128,
+        "step_time_s": 0.0412,
+        "tflops_per_s_per_rank": 0.00123,
+        "lr": 1e-3,
+        "loss": 2.07944,
+        "grad_norm": 0.5123,
+        "skipped_steps": 1,
+        "peak_mem_bytes": 612 * 2**20,
+    }
     line = iteration_line(rec, steps=100, global_batch=8)
-    for frag in ("iteration        7/     100", "consumed samples:           56",
-                 "consumed tokens:           7168", "elapsed time per iteration (ms): 41.2",
-                 "throughput per rank (TFLOP/s/rank): 0.00123", "learning rate: 1.000000E-03",
-                 "global batch size:     8", "lm loss: 2.079440E+00", "grad norm: 0.512",
-                 "number of skipped iterations:   1", "peak memory (MiB): 612.0 (CPU RSS)"):  # fmt: skip
+    for frag in (
+        "iteration        7/     100",
+        "consumed samples:           56",
+        "consumed tokens:           7168",
+        "elapsed time per iteration (ms): 41.2",
+        "throughput per rank (TFLOP/s/rank): 0.00123",
+        "learning rate: 1.000000E-03",
+        "global batch size:     8",
+        "lm loss: 2.079440E+00",
+        "grad norm: 0.512",
+        "number of skipped iterations:   1",
+        "peak memory (MiB): 612.0 (CPU RSS)",
+    ):
         assert frag in line, (frag, line)
     gpu = iteration_line(rec, steps=100, global_batch=8, device_type="cuda")
     assert "(GPU max allocated)" in gpu

@@ -26,8 +26,11 @@ def test_config_errors(monkeypatch, tmp_path, capsys):
     import importlib.util
 
     find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == "deepspeed" else find_spec(name, *a))  # fmt: skip
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "deepspeed" else find_spec(name, *a),
+    )
     assert "--zero-stage 2 needs DeepSpeed" in _problems(zero_stage=2)
     monkeypatch.undo()
 
