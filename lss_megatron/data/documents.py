@@ -38,8 +38,8 @@ def document_starts(tokens, eod: int):
     ``document_starts[p] <= j <= p``; its reset position id is ``p - document_starts[p]``."""
     import torch
 
-    b, l = tokens.shape
-    after = torch.arange(1, l + 1).expand(b, l)  # [b, l]: p + 1
+    b, length = tokens.shape
+    after = torch.arange(1, length + 1).expand(b, length)  # [b, l]: p + 1
     after = torch.where(tokens == eod, after, torch.zeros_like(after))  # [b, l]
     shifted = torch.cat([after.new_zeros(b, 1), after[:, :-1]], dim=1)  # [b, l]: EODs before p
     return shifted.cummax(dim=1).values.contiguous()  # [b, l]
@@ -91,9 +91,9 @@ def packed_batch(
     tokens, labels, positions = segment_batch(
         dataset, split, step, indices, seq_rank, seq_size, layout
     )
-    l = dataset.seq_length
+    length = dataset.seq_length
     held = torch.cat(
-        [torch.arange(lo, hi) for lo, hi in segment_chunks(l, seq_rank, seq_size, layout)]
+        [torch.arange(lo, hi) for lo, hi in segment_chunks(length, seq_rank, seq_size, layout)]
     )  # [l/N]: the global positions this rank holds, in local order
     if megatron_mask:
         if seq_size != 1:
@@ -105,7 +105,7 @@ def packed_batch(
     loss = (tokens != eod).float() if eod_mask_loss else torch.ones(tokens.shape)  # [b, l/N]
     attention = None
     if reset_position_ids or reset_attention_mask:
-        full = torch.from_numpy(dataset.read(split, step, indices, 0, l - 1))  # [b, l] inputs
+        full = torch.from_numpy(dataset.read(split, step, indices, 0, length - 1))  # [b, l] inputs
         doc_start = document_starts(full, eod)  # [b, l]
         if reset_position_ids:
             positions = (held[None, :] - doc_start[:, held]).contiguous()  # [b, l/N]

@@ -114,7 +114,7 @@ def make_indexed(
             raise ValueError(f"--input {input_path}: the file is empty")
         docs = documents(data, separator, document_bytes)
     dtype = np.uint16 if append_eod else np.uint8
-    eod = np.array([EOD_TOKEN], dtype=dtype)
+    eod = np.array([EOD_TOKEN], dtype=np.uint16)  # used with append_eod only
     prefix = Path(output_prefix)
     prefix.parent.mkdir(parents=True, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=prefix.name + ".", suffix=".tmp", dir=prefix.parent)
