@@ -108,10 +108,10 @@ def test_document_kernel_matches_masked_attention(backend):
 
 
 def test_attention_work_falls_with_document_length():
-    l, pos = 64, torch.arange(64)
+    length, pos = 64, torch.arange(64)
     pairs = []
     for doc in (64, 16, 4):
-        tokens = torch.ones(1, l, dtype=torch.long)
+        tokens = torch.ones(1, length, dtype=torch.long)
         tokens[0, doc - 1 :: doc] = 0
         pairs.append(document_pairs(document_starts(tokens, 0), pos))
     assert pairs == [64 * 65 // 2, 4 * 16 * 17 // 2, 16 * 4 * 5 // 2]
