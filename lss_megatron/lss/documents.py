@@ -33,12 +33,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from .dense_attention import dense_attention
-from .kernel import (
-    _block_bwd,
-    _block_fwd,
-    _flash_eligible,
-    to_compute_dtype,
-)
+from .kernel import block_backward, block_forward, flash_eligible, lse_merge, to_compute_dtype
 
 
 def document_mask(doc_start: torch.Tensor, q_offset: int, sq: int, sk: int) -> torch.Tensor:
@@ -88,14 +83,10 @@ class _DocFlashAttention(torch.autograd.Function):
         for r, a, e, s in tiles:
             qt = qb[r : r + 1, :, a:e]  # [1, h, e-a, d]
             parts = [
-                _block_fwd(qt, kb[r : r + 1, :, k0:k1], vb[r : r + 1, :, k0:k1], c, scale)
+                block_forward(qt, kb[r : r + 1, :, k0:k1], vb[r : r + 1, :, k0:k1], c, scale)
                 for k0, k1, c in _tile_blocks(q_offset, a, e, s)
             ]
-            if len(parts) == 1:
-                o, lt = parts[0]
-            else:
-                lt = torch.stack([p[1] for p in parts]).logsumexp(0)  # [1, h, e-a]
-                o = sum(p[0].to(lt.dtype) * (p[1] - lt).exp().unsqueeze(-1) for p in parts)
+            o, lt = parts[0] if len(parts) == 1 else lse_merge(parts)  # [1, h, e-a, d], [1, h, e-a]
             out[r : r + 1, :, a:e] = o
             lse[r : r + 1, :, a:e] = lt
         out = out.permute(2, 0, 1, 3).contiguous()  # [sq, b, h, d]
@@ -115,7 +106,7 @@ class _DocFlashAttention(torch.autograd.Function):
         for r, a, e, s in ctx.tiles:
             rows, qs = slice(r, r + 1), slice(a, e)
             for k0, k1, c in _tile_blocks(ctx.q_offset, a, e, s):
-                dq_b, dk_b, dv_b = _block_bwd(
+                dq_b, dk_b, dv_b = block_backward(
                     dob[rows, :, qs],
                     qb[rows, :, qs],
                     kb[rows, :, k0:k1],
@@ -176,7 +167,7 @@ def document_attention(
         )
     q, k, v = to_compute_dtype(q, k, v)
     with torch.autocast(q.device.type, enabled=False):
-        if backend in ("auto", "cpu_flash") and _flash_eligible(q, k):
+        if backend in ("auto", "cpu_flash") and flash_eligible(q, k):
             tiles = _tiles(doc_start, q_offset, sq)
             return _DocFlashAttention.apply(q, k, v, q_offset, tiles, scale)
         if backend == "cpu_flash":
