@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from analysis import compare, presets, repeats, tables
+from analysis import compare, figures, presets, repeats, tables
 from tests.support import ROOT
 
 FIXTURE = ROOT / "analysis" / "fixtures" / "summary.csv"
@@ -150,6 +150,7 @@ def test_compare_records_the_order_the_seed_and_the_load(tmp_path, monkeypatch, 
         return [sys.executable, "-c", FAKE_TRAINER, str(out), run.label, str(t)]
 
     monkeypatch.setattr(compare, "torchrun_command", fake)
+    monkeypatch.setattr(figures, "make_figures", lambda df, out: [])  # drawn in other tests
     out = tmp_path / "cmp"
     argv = ["--preset", "cpu-options", "--repeats", "3", "--seed", "11", "--out", str(out)]
     assert compare.main([*argv, "--no-progress"]) == 0
