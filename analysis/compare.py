@@ -50,6 +50,8 @@ import sys
 import time
 from pathlib import Path
 
+from lss_megatron.resources import prog
+
 from . import repeats, tables
 from .inputs import InputError, cli, error_line
 from .presets import REPO, Plan, RunSpec, all_presets, get_preset, make_plan
@@ -307,7 +309,7 @@ def _list_presets() -> None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="python -m analysis.compare",
+        prog=prog("python -m analysis.compare"),
         description="Compare serial, LSS, NVIDIA SP, Ulysses and LSS's options over a grid.",
     )
     p.add_argument(
