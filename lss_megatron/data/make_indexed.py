@@ -39,6 +39,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..resources import prog
+
 DEFAULT_DOCUMENT_BYTES = 65536
 EOD_TOKEN = 256
 """The end-of-document id of the byte tokenizer (bytes are 0..255): ``--append-eod`` writes it,
@@ -146,7 +148,7 @@ def make_indexed(
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m lss_megatron.data.make_indexed", description=__doc__.split("\n")[0]
+        prog=prog("python -m lss_megatron.data.make_indexed"), description=__doc__.split("\n")[0]
     )
     p.add_argument(
         "--input", required=True, metavar="FILE", help="a byte file, enwik8.zip, or FILE.jsonl"
