@@ -286,7 +286,7 @@ def nccl_smoke(device: torch.device) -> dict:
         comm.backend_all_reduce_(x)
         sync(device)
         values = x.tolist()
-        version = ".".join(map(str, torch.cuda.nccl.version())) if backend == "nccl" else None
+        version = str(torch.cuda.nccl.version()) if backend == "nccl" else None
     finally:
         dist.destroy_process_group()
     return {
