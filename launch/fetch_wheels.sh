@@ -11,6 +11,8 @@
 #   py-cpuinfo, pydantic (+ pydantic-core, annotated-types, typing-extensions,
 #   typing-inspection). gpu_check.sh installs a wheel only where the GPU's Python lacks that
 #   distribution or has an older version, into .gpu_site/ (torch untouched).
+# -h / --help: this header as usage, exit 0, nothing else
+case "${1:-}" in -h | --help) sed -n '2,/^[^#]/{/^#/s/^# \{0,1\}//p}' "$0"; exit 0 ;; esac
 set -euo pipefail
 cd "$(dirname "$0")"
 PY="${PYTHON:-$( [ -x ../.venv/bin/python ] && echo ../.venv/bin/python || echo python3 )}"

@@ -13,6 +13,8 @@
 # call) holds them and their requirements; a wheel is installed into .gpu_site/ on PYTHONPATH
 # only where this Python lacks its distribution or has an older version (torch untouched).
 # Python: $PYTHON, else ./.venv/bin/python for --dry-run, else python3.
+# -h / --help: this header as usage, exit 0, nothing else
+case "${1:-}" in -h | --help) sed -n '2,/^[^#]/{/^#/s/^# \{0,1\}//p}' "$0"; exit 0 ;; esac
 set -euo pipefail
 export GPU_CHECK_T0="${GPU_CHECK_T0:-$(date +%s.%N)}"  # the check counts its setup from here
 cd "$(dirname "$0")/.."
