@@ -1,7 +1,8 @@
 """Every collective of lss_megatron goes through this module, so it can be counted and timed.
 
 The API: `all_gather_dim0`, `start_all_gather_dim0` (async), `reduce_scatter_dim0`,
-`all_reduce_`, `all_gather_object`, `max_over_ranks`, `group_size` / `group_rank`. Every call
+`all_reduce_`, `start_ring_shift` (async send to the next rank, receive from the previous),
+`all_gather_object`, `max_over_ranks`, `group_size` / `group_rank`. Every call
 that moves training data names a `category`:
 
 * ``sp``    sequence-parallel activation traffic (LSS's fused K/V gather and its reduce-scatter;
@@ -30,6 +31,7 @@ from .recording import CATEGORIES, CommLog, as_category, record, tag_group
 __all__ = [
     "CATEGORIES",
     "CommLog",
+    "PendingShift",
     "all_gather_dim0",
     "all_gather_object",
     "all_reduce_",
@@ -39,6 +41,7 @@ __all__ = [
     "record",
     "reduce_scatter_dim0",
     "start_all_gather_dim0",
+    "start_ring_shift",
     "tag_group",
 ]
 
@@ -163,7 +166,7 @@ def start_ring_shift(x: torch.Tensor, group, *, category: str, tag: int = 0) -> 
     out = torch.empty_like(x)
     nxt = dist.get_global_rank(group, (r + 1) % n) if group is not None else (r + 1) % n
     prv = dist.get_global_rank(group, (r - 1) % n) if group is not None else (r - 1) % n
-    with _as(category):
+    with as_category(category):
         works = [
             dist.isend(x, nxt, group=group, tag=tag),
             dist.irecv(out, prv, group=group, tag=tag),
