@@ -28,6 +28,8 @@ import torch.distributed as dist
 
 from .recording import CATEGORIES, CommLog, as_category, record, tag_group
 
+_as = as_category  # its name before the recording moved out (#19): branches in flight use it
+
 __all__ = [
     "CATEGORIES",
     "CommLog",
@@ -35,6 +37,7 @@ __all__ = [
     "all_gather_dim0",
     "all_gather_object",
     "all_reduce_",
+    "backend_all_reduce_",
     "group_rank",
     "group_size",
     "max_over_ranks",
@@ -118,7 +121,7 @@ def backend_all_reduce_(x: torch.Tensor, group=None) -> torch.Tensor:
     """In-place sum of `x` over the group, issued even on a group of ONE rank (which
     `all_reduce_` skips): it exercises the backend itself, e.g. NCCL in a sandbox
     (analysis/gpu_check.py's first phase). Category ``other``."""
-    with _as("other"):
+    with as_category("other"):
         dist.all_reduce(x, op=dist.ReduceOp.SUM, group=group)
     return x
 
