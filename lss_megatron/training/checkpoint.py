@@ -162,9 +162,11 @@ def save_checkpoint(
     *,
     keep_last: int = 0,
     layout=None,
+    extra: dict | None = None,
 ) -> Path | None:
     """Collective: every rank writes its part. Returns the path (rank 0; None elsewhere).
-    `layout`: what the ranks hold (default `PlainLayout(model, optimizer, grid)`)."""
+    `layout`: what the ranks hold (default `PlainLayout(model, optimizer, grid)`); `extra`:
+    JSON-able state the same on every rank, kept in the metadata (fp16's loss scaler)."""
     directory, name = Path(directory), f"step_{step:08d}"
     layout = layout or PlainLayout(model, optimizer, grid)
     agree = _Agreement(directory, step, grid)
@@ -173,7 +175,7 @@ def save_checkpoint(
     write = sharded.ShardWrite(tmp, layout.entries(), grid.rank)
     plans = agree(write.local_plan)
     results = agree(lambda: write.write(plans))
-    meta = {"format_version": FORMAT_VERSION, "step": step, "config": config}
+    meta = {"format_version": FORMAT_VERSION, "step": step, "config": config, **(extra or {})}
     state = {"torch_rng": torch.get_rng_state()}
     final = agree(
         lambda: _publish(directory, name, tmp, write, results, state, meta), only_rank0=True
