@@ -24,13 +24,13 @@ def _check(out, *extra):
         ["bash", "launch/gpu_check.sh", "--dry-run", "--out-dir", str(out), *extra],
         capture_output=True,
         text=True,
-        timeout=280,
+        timeout=560,
         cwd=ROOT,
     )
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(600)
 def test_dry_run_of_the_prepared_check(tmp_path):
     """The documented command with --dry-run: every phase runs and passes on the CPU, one JSON
     with the planned (GPU, within the budget) and measured seconds of every phase, a row per mode
