@@ -35,6 +35,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from lss_megatron.modes import BASELINE, METHOD, REFERENCE
+
 SETTING_KEY = ("attention_kernel", "recompute", "dtype")
 """The kernel, recompute and precision a run used: ratios and efficiencies are only ever formed
 between runs that agree on all three (like for like), never across."""
@@ -279,7 +281,7 @@ def _plain(df: pd.DataFrame, mode: str) -> pd.Series:
 def _lss_reference(df: pd.DataFrame) -> pd.DataFrame:
     """Plain-LSS medians aligned with every row of `df` (NaN where there is none)."""
     values = list(dict.fromkeys(_LSS_RATIOS.values()))
-    ok = df[(df["status"] == "ok") & _plain(df, "lss")]
+    ok = df[(df["status"] == "ok") & _plain(df, METHOD)]
     ref = df[list(LAYOUT_KEY)].merge(
         _median_by(ok, LAYOUT_KEY, values), on=list(LAYOUT_KEY), how="left"
     )
@@ -290,7 +292,7 @@ def _lss_reference(df: pd.DataFrame) -> pd.DataFrame:
 def _nvidia_reference(df: pd.DataFrame) -> pd.DataFrame:
     """nvidia-sp medians aligned with every row of `df` (NaN where there is none)."""
     values = list(dict.fromkeys(_RATIOS.values()))
-    ok = df[(df["status"] == "ok") & _plain(df, "nvidia-sp")]
+    ok = df[(df["status"] == "ok") & _plain(df, BASELINE)]
     exact = _median_by(ok, LAYOUT_KEY, values)
     ref = df[list(LAYOUT_KEY)].merge(exact, on=list(LAYOUT_KEY), how="left")
     ref.index = df.index
@@ -300,7 +302,7 @@ def _nvidia_reference(df: pd.DataFrame) -> pd.DataFrame:
         lambda g: g[["seq_parallel", "data_parallel"]].drop_duplicates().shape[0] == 1
     )
     same_p = _median_by(unique, ["world_size", "seq_length", *MODEL_KEY], values)
-    serial = df["mode"] == "serial"
+    serial = df["mode"] == REFERENCE
     if serial.any() and not same_p.empty:
         keys = ["world_size", "seq_length", *MODEL_KEY]
         alt = df.loc[serial, keys].merge(same_p, on=keys, how="left")
@@ -311,7 +313,7 @@ def _nvidia_reference(df: pd.DataFrame) -> pd.DataFrame:
 
 def _efficiency(df: pd.DataFrame, scaling: str) -> tuple[pd.Series, pd.Series, pd.Series]:
     """(reference step time, time-based efficiency, FLOP-rate efficiency) for every row."""
-    ok = df[(df["status"] == "ok") & (df["mode"] == "serial") & (df["seq_parallel"] == 1)]
+    ok = df[(df["status"] == "ok") & (df["mode"] == REFERENCE) & (df["seq_parallel"] == 1)]
     rows = df.copy()
     if scaling == "strong":
         ref = _median_by(
@@ -630,7 +632,7 @@ def best_layouts(df: pd.DataFrame) -> pd.DataFrame:
             }
         )
     out = pd.DataFrame(rows)
-    nsp = out[out["mode"] == "nvidia-sp"]
+    nsp = out[out["mode"] == BASELINE]
     keys = ["seq_length", "world_size", *MODEL_KEY]
     ref = out[keys].merge(
         nsp[[*keys, "step_time_s", "activation_bytes"]], on=keys, how="left", suffixes=("", "_nsp")

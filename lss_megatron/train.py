@@ -33,6 +33,7 @@ from .envvars import launch_env
 from .estimate import estimate, memory_problems
 from .lifeline import install as install_lifeline
 from .log import setup_logging
+from .modes import MODES, get_mode
 from .runs import plan
 from .strict_yaml import check_value
 
@@ -180,6 +181,11 @@ def load_yaml_preset(path: str, parser: argparse.ArgumentParser) -> dict:
     return out
 
 
+def _without_degree(mode: str) -> bool:
+    """A mode without a degree group runs at N = 1 (serial)."""
+    return mode in MODES and get_mode(mode).degree_group is None
+
+
 def config_from_args(args: argparse.Namespace, world_size: int) -> RunConfig:
     """The (not yet validated) configuration of parsed `args` on `world_size` processes; N
     defaults to P / T (1 for serial)."""
@@ -191,7 +197,7 @@ def config_from_args(args: argparse.Namespace, world_size: int) -> RunConfig:
         t = parallel.get("tensor_parallel") or 1
         whole = t >= 1 and world_size % t == 0
         parallel["seq_parallel"] = (
-            1 if parallel["mode"] == "serial" else (world_size // t if whole else world_size)
+            1 if _without_degree(parallel["mode"]) else (world_size // t if whole else world_size)
         )
     return RunConfig(
         model=ModelConfig(**values[ModelConfig]),
