@@ -15,7 +15,7 @@ machine without CUDA, `apply()` installs these replacements (and nothing else):
    builds its mask on "cuda"; the replacement builds the same mask on the CPU.
 4. ``torch.cuda.synchronize`` and the stream API are no-ops (megatron-core 0.19's DDP touches them).
 
-The LayerNorm that nvidia-sp needs without apex is the mode's own (`modes/nvidia_sp.py`).
+The LayerNorm that nvidia-sp needs without apex is `modes/sp_norms.py`'s (nvidia-sp, and LSS x TP).
 
 `apply()` does nothing when CUDA is available, is idempotent, and returns the names it applied.
 """
