@@ -134,11 +134,11 @@ def read_inputs(compare: list[Path], longest: Path | None) -> dict[str, pd.DataF
 def _equal_ranks(df: pd.DataFrame | None) -> pd.DataFrame | None:
     """The runs of equal-ranks presets (every mode at each layout it may take on one P): the
     only ones where each mode's best layout meets nvidia-sp's head-capped best."""
-    from .presets import PRESETS
+    from .presets import all_presets
 
     if df is None or "preset" not in df:
         return None
-    equal = {n for n, p in PRESETS.items() if p.ranks is not None or p.layouts}
+    equal = {n for n, p in all_presets().items() if p.ranks is not None or p.layouts}
     df = df[df["preset"].isin(equal)]
     return df if not df.empty else None
 

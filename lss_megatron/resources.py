@@ -2,7 +2,8 @@
 
 In a checkout (or an editable install) the package sits in the repository, next to ``launch/``
 and ``analysis/``; a wheel has no repository, and ships the presets as package data
-(``lss_megatron/presets/*.yaml``, from ``launch/presets/``; see setup.py). Torch-free.
+(``lss_megatron/presets/*.yaml`` and ``lss_megatron/presets/compare/*.yaml``, from
+``launch/presets/``; see setup.py). Torch-free.
 """
 
 from __future__ import annotations
@@ -25,3 +26,9 @@ def presets_dir() -> Path:
     package."""
     root = source_root()
     return root / "launch" / "presets" if root is not None else PACKAGE / "presets"
+
+
+def compare_presets_dir() -> Path:
+    """The comparison grids of ``python -m analysis.compare --preset NAME``: ``compare/`` under
+    `presets_dir` (one YAML file per preset; analysis/presets.py reads them)."""
+    return presets_dir() / "compare"
