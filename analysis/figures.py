@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 
 from lss_megatron.modes import REFERENCE
+from lss_megatron.resources import prog
 
 from .costmodel.counts import MODES as COSTED_MODES
 from .costmodel.counts import mode_of
@@ -607,7 +608,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m analysis.figures", description=__doc__.split("\n")[0]
+        prog=prog("python -m analysis.figures"), description=__doc__.split("\n")[0]
     )
     p.add_argument("dir", help="a compare output folder (or its summary.csv)")
     p.add_argument("--out", default=None, help="figure folder (default DIR/figures)")

@@ -15,6 +15,8 @@ This module is torch-free at import (config checks and the cost model read it); 
 
 from __future__ import annotations
 
+import importlib.util
+
 from lss_megatron.modes import serial
 from lss_megatron.modes.base import Costs, Mode
 from lss_megatron.modes.costs import (
@@ -72,6 +74,11 @@ def problems(model, n: int) -> list[str]:
     all-to-all, so the N ranks must split the query and key/value heads evenly (DeepSpeed's own
     uneven-head path needs its global sequence-parallel groups and is not used here)."""
     hint = "(Ulysses splits heads over the sequence group; LSS has no head cap: try --mode lss)"
+    if importlib.util.find_spec("deepspeed") is None:  # its DistributedAttention is the mode
+        return [
+            "--mode ulysses needs DeepSpeed (deepspeed.sequence.layer.DistributedAttention): "
+            "pip install 'lss-megatron[deepspeed]' (deepspeed==0.19.8, DS_BUILD_OPS=0)"
+        ]
     return [
         f"--mode ulysses: {flag} {value} is not divisible by N = {n} {hint}"
         for flag, value in (("--num-heads", model.num_heads), ("--num-kv-heads", model.kv_heads))
