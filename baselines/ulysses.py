@@ -145,6 +145,7 @@ MODE = Mode(
     layer_spec=layer_spec,
     post_build=post_build,
     problems=problems,
+    documents=True,
     costs=Costs(
         sp_plan=sp_plan,
         attention_saved=attention_saved,

@@ -410,6 +410,30 @@ class TrainConfig:
         "PREFIX.idx (python -m lss_megatron.data.make_indexed builds one)",
         section=_DATA,
     )
+    reset_position_ids: bool = _opt(
+        False,
+        "Megatron-LM's: position ids restart at 0 after every --eod-token (learned positions; "
+        "Megatron's RoPE ignores position ids)",
+        section=_DATA,
+    )
+    reset_attention_mask: bool = _opt(
+        False,
+        "Megatron-LM's: attention stays inside each document (no key before the last "
+        "--eod-token), exact in every mode (docs/packed.md)",
+        section=_DATA,
+    )
+    eod_mask_loss: bool = _opt(
+        False,
+        "Megatron-LM's: no loss where the input token is --eod-token (the prediction across a "
+        "document boundary)",
+        section=_DATA,
+    )
+    eod_token: int = _opt(
+        256,
+        "the end-of-document id of the three flags above (make_indexed --append-eod writes 256 "
+        "after the 256 byte ids: --vocab-size >= 257)",
+        section=_DATA,
+    )
     eval_interval: int = _opt(0, "validate every K steps and at the end (0: never)", section=_DATA)
     eval_steps: int = _opt(
         2,
@@ -461,6 +485,11 @@ class TrainConfig:
         flag="--no-memory-check",
         section=_OUT,
     )
+
+    @property
+    def packed(self) -> bool:
+        """Any of Megatron-LM's document flags (reset positions / attention mask, EOD loss)."""
+        return self.reset_position_ids or self.reset_attention_mask or self.eod_mask_loss
 
     @property
     def final_lr(self) -> float:
@@ -621,6 +650,7 @@ class RunConfig:
                 f"--zero-stage {self.train.zero_stage} with --tensor-parallel "
                 f"{self.parallel.tensor_parallel} is not supported (untested); use --zero-stage 0"
             )
+        p += self._document_problems()
         if self.train.data in DATASETS:
             p += check_data_config(
                 self.train.data, self.train.data_path, self.model.vocab_size, self.model.seq_length
@@ -630,6 +660,38 @@ class RunConfig:
         if p:
             raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(p))
         return self
+
+    def _document_problems(self) -> list[str]:
+        """Megatron-LM's document flags: documents to find, an EOD the vocabulary holds, and a
+        mode and model that can honour a document mask."""
+        t, flags = self.train, []
+        for name in ("reset_position_ids", "reset_attention_mask", "eod_mask_loss"):
+            if getattr(t, name):
+                flags.append("--" + name.replace("_", "-"))
+        if not flags:
+            return []
+        p = []
+        if t.data != "megatron":
+            p.append(
+                f"{flags[0]} needs --data megatron (documents ending in --eod-token), got "
+                f"--data {t.data}"
+            )
+        if not 0 <= t.eod_token < self.model.vocab_size:
+            p.append(
+                f"--eod-token {t.eod_token} is outside --vocab-size {self.model.vocab_size} (ids "
+                f"0..{self.model.vocab_size - 1}): byte documents with EOD (make_indexed "
+                f"--append-eod) need --vocab-size >= {max(t.eod_token, 0) + 1}"
+            )
+        if t.reset_attention_mask:
+            if not self.model.causal:
+                p.append("--reset-attention-mask needs causal attention (drop --no-causal)")
+            declared = find_mode(self.parallel.mode)
+            if declared is not None and not declared.documents:
+                p.append(
+                    f"--reset-attention-mask: --mode {self.parallel.mode} cannot honour document "
+                    "masks"
+                )
+        return p
 
     def _deepspeed_file_problems(self, batch_known: bool) -> list[str]:
         """`zero_config.file_problems` with the values this run gives DeepSpeed (the batch keys

@@ -47,6 +47,7 @@ RING = Mode(
         attention_saved=ring_attention_saved,
         attention_shape=ring_attention_shape,
         comm_in_core=True,
+        local_queries=True,
         overlap="overlap_ring",
     ),
 )

@@ -86,7 +86,7 @@ def attention_work(s: Shape, lay: Layout) -> tuple[float, float]:
     b, d, ll, n = lay.micro_batch, s.head_dim, s.seq, lay.n
     kernel = lay.attention_kernel
     heads, _, sq, keys = lay.spec.costs.attention_shape(s, lay)
-    if sq == keys:  # the whole sequence's queries (serial, nvidia-sp, ulysses)
+    if not lay.spec.costs.local_queries:  # all l queries (serial, nvidia-sp, ulysses)
         pairs = sq * ll if kernel == "materialized" else attention_pairs(ll, s.causal)
     else:  # local queries against all keys (lss, ring): the last segment sees the most
         seg = sq

@@ -77,6 +77,9 @@ class Costs:
     attention_shape: Callable[[object, object], tuple[int, int, int, int]]
     """(s, lay) -> (query heads, key/value heads, queries, keys) of one attention kernel call on
     this rank: its FLOPs, transients and the efficiency measured at its length follow from it."""
+    local_queries: bool = False
+    """Its kernel call is this rank's l/N queries against all l keys (LSS, ring), so causal
+    segments load ranks unevenly; otherwise all l queries of this rank's heads."""
     default_kernel: str = "flash"
     """The cost model's ``auto`` kernel: ``materialized`` (Megatron's DotProductAttention) or
     ``flash`` (as in the paper's comparison)."""
@@ -126,6 +129,12 @@ class Mode:
     """(model config, N) -> messages for the models this mode cannot run at degree N."""
     degree_problems: Callable[[int], list[str]] = _no_degree_problems
     """(N) -> messages for the degrees it refuses whatever the model."""
+    megatron_attention: bool = False
+    """Under ``--attention-kernel dense`` its core attention is Megatron's own
+    `DotProductAttention` (which takes Megatron's [b, 1, l, l] masks)."""
+    documents: bool = False
+    """Honours ``--reset-attention-mask`` (attention within packed documents,
+    lss/documents.py)."""
 
     def __post_init__(self):
         if self.degree_group not in DEGREE_GROUPS:

@@ -117,4 +117,6 @@ MODE = Mode(
     ),
     estimate_attention=estimate_attention,
     degree_problems=_degree_problems,
+    megatron_attention=True,
+    documents=True,
 )
