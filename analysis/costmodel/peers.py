@@ -38,7 +38,7 @@ def ring_attention_saved(s, lay) -> int:
 RING = Mode(
     name="ring",
     label="ring",
-    colour="tab:olive",
+    colour="tab:orange",
     degree_group="context",
     layer_spec=_not_a_trainer_mode,
     estimate_attention=_not_a_trainer_mode,
