@@ -29,6 +29,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from lss_megatron.modes import MODES
+
 from .costmodel import make_config, predict
 from .costmodel.counts import mode_of
 from .costmodel.hw import DEVICES
@@ -57,9 +59,10 @@ VARIANTS = {
     "lss-zigzag": Variant("lss", "zigzag", causal_ranks=True),
     "ulysses": Variant("ulysses"),
     "nvidia-sp": Variant("nvidia-sp"),
-    # one line each once on main: the ring mode (issue 22), LSS's K/V kept local and overlapped
-    # gathers (issue 21):
-    # "ring": Variant("ring", causal_ranks=True),
+    # ring attention (issue 22), as soon as the registry holds its mode (checked against the
+    # ring branch's mode: 18,432 counted bytes = the cost model's at the dry shape, every rank)
+    **({"ring": Variant("ring", causal_ranks=True)} if "ring" in MODES else {}),
+    # one line each once on main: LSS's K/V kept local and overlapped gathers (issue 21):
     # "lss-localkv": Variant("lss", causal_ranks=True, options=(("lss_save_kv", "local"),)),
     # "lss-overlap": Variant("lss", causal_ranks=True, options=(("lss_overlap", True),)),
 }
