@@ -169,6 +169,12 @@ class ModelConfig:
             p.append(
                 f"--position-embedding {self.position_embedding!r} is not one of {POSITION_EMBEDDINGS}"
             )
+        elif self.position_embedding == "rope" and self.head_dim % 2:
+            p.append(
+                f"--position-embedding rope needs an even head dimension (rotary embeddings turn "
+                f"pairs of channels), got d = --hidden-size {self.hidden_size} / --num-heads "
+                f"{self.num_heads} = {self.head_dim}"
+            )
         return p
 
 
@@ -673,6 +679,7 @@ class RunConfig:
         if not p:
             p += self._layout_problems()
         p += self.train.problems(self.parallel.dp if not parallel_problems else 0)
+        p += self._fault_problems()
         if self.train.dtype == "bf16" and self.parallel.tensor_parallel > 1:
             p.append(
                 "--dtype bf16 with --tensor-parallel > 1 is not supported: LSS x TP has not been "
@@ -692,6 +699,25 @@ class RunConfig:
         if p:
             raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(p))
         return self
+
+    def _fault_problems(self) -> list[str]:
+        """A ``--fault`` that cannot fire (a rank or step outside the run) never passes silently."""
+        fault = parse_fault(self.train.fault) if self.train.fault else None
+        if fault is None:
+            return []
+        kind, rank, step = fault
+        last = self.train.stop_after or self.train.steps
+        p = []
+        if rank >= self.parallel.world_size:
+            p.append(
+                f"--fault {self.train.fault}: rank {rank} is not in this run of P = "
+                f"{self.parallel.world_size} ranks (0..{self.parallel.world_size - 1})"
+            )
+        if not 1 <= step <= last:
+            p.append(
+                f"--fault {self.train.fault}: step {step} is outside this run's steps 1..{last}"
+            )
+        return p
 
     def _deepspeed_file_problems(self, batch_known: bool) -> list[str]:
         """`zero_config.file_problems` with the values this run gives DeepSpeed (the batch keys

@@ -33,6 +33,7 @@ from .envvars import launch_env
 from .estimate import estimate, memory_problems
 from .lifeline import install as install_lifeline
 from .log import setup_logging
+from .resume import resume_problems
 from .runs import plan
 from .strict_yaml import check_value
 
@@ -220,7 +221,10 @@ def preflight(args: argparse.Namespace, env=None, env_problems=()) -> RunConfig:
         problems = []
     except ConfigError as e:  # "invalid configuration:" and one "  - problem" line each
         problems = [x.strip()[2:] for x in str(e).splitlines()[1:]]
-    problems += plan(cfg.train).problems  # folders: independent of the rest
+    folders = plan(cfg.train)  # folders: independent of the rest
+    problems += folders.problems
+    if not problems and folders.load_path is not None:  # what the resume would change
+        problems += resume_problems(folders.load_path, cfg.to_dict())
     if not problems and cfg.train.memory_check:
         problems += memory_problems(cfg, env.local_rank, env.local_world_size)
     if problems:
@@ -253,7 +257,8 @@ def main(argv: list[str] | None = None) -> int:
         p = cfg.parallel
         print(
             f"lss_megatron.train: valid: --mode {p.mode}, P = {p.world_size} = N {p.seq_parallel} "
-            f"x D {p.dp}; per-rank memory estimate {estimate(cfg).describe()}"
+            f"x T {p.tensor_parallel} x D {p.dp}; per-rank memory estimate "
+            f"{estimate(cfg).describe()}"
         )
         return 0
     from .training.loop import run  # torch and Megatron load only once the config is valid

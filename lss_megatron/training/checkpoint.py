@@ -56,7 +56,7 @@ import torch
 from ..parallel import comm
 from ..parallel.grid import Grid
 from ..parallel.params import full_shape, local_pieces, to_local
-from ..runs import latest_checkpoint, prune_checkpoints
+from ..runs import latest_checkpoint, manifest_update, prune_checkpoints
 from . import sharded
 
 FORMAT_VERSION = 2
@@ -70,6 +70,7 @@ MODEL_KEYS = (
     "seq_length",
     "padded_vocab_size",
     "position_embedding",
+    "causal",
 )
 log = logging.getLogger(__name__)
 
@@ -210,8 +211,12 @@ class _Agreement:
 
 
 def _make_temporary(directory: Path, name: str) -> Path:
+    """The save's temporary folder, listed in the folder's manifest (runs.py) so that the next
+    run of this folder knows it as this run's own if the save is killed."""
     directory.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=directory))
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=directory))
+    manifest_update(directory, "temporaries", add=[tmp.name])
+    return tmp
 
 
 def _publish(directory: Path, name: str, tmp: Path, write, results, state, meta) -> Path:
@@ -225,12 +230,16 @@ def _publish(directory: Path, name: str, tmp: Path, write, results, state, meta)
     try:
         if final.exists():  # re-saving a step: move the old one aside first
             trash = Path(tempfile.mkdtemp(prefix=f".old-{name}-", dir=directory))
+            manifest_update(directory, "temporaries", add=[trash.name])
             os.rename(final, trash / name)
             os.rename(tmp, final)
             shutil.rmtree(trash, ignore_errors=True)
+            manifest_update(directory, "temporaries", remove=[trash.name])
         else:
             os.rename(tmp, final)
         _fsync_dir(directory)
+        manifest_update(directory, "checkpoints", add=[name])
+        manifest_update(directory, "temporaries", remove=[tmp.name])
         _write_synced(directory / ".latest.tmp", lambda f: f.write(name.encode()))
         os.replace(directory / ".latest.tmp", directory / "latest")
         _fsync_dir(directory)

@@ -36,7 +36,9 @@ from ..log import get_logger
 from ..model import build_model, check_settings
 from ..parallel import comm
 from ..parallel.grid import Grid, destroy_grid, initialize_grid
-from ..runs import RunFolderError, claim, latest_checkpoint
+from ..resume import changed_hyperparameters
+from ..runlock import release_all as release_folders
+from ..runs import RunFolderError, claim, latest_checkpoint, metric_lines
 from . import faults
 from .checkpoint import (
     CheckpointError,
@@ -187,6 +189,7 @@ def run(cfg: RunConfig, rank: int) -> RunResult:
         log.error("rank %d failed: %s", rank, _explain(e, cfg), exc_info=True)
         result.exit_code = 1
     finally:
+        release_folders()  # rank 0's locks on --out and --save (runlock.py)
         destroy_grid()
         if owns_process_group and dist.is_initialized() and result.exit_code == 0:
             dist.destroy_process_group()
@@ -267,6 +270,9 @@ def _resume(cfg: RunConfig, stepper: Stepper, grid: Grid, effective: dict) -> in
         raise CheckpointError(f"--load {t.load}: no complete checkpoint there")
     if note and grid.rank == 0:
         log.warning("%s", note)
+    if grid.rank == 0:
+        for line in changed_hyperparameters(path, effective):
+            log.warning("%s", line)
     check_compatible(read_meta(path), effective["model"], path)
     start = load_checkpoint(
         path, _trainable(stepper), stepper.optimizer, grid, layout=stepper.checkpoint_layout()
@@ -306,10 +312,13 @@ def _claim_folders(r: _Run) -> str | None:
             "model": r.effective["model"],
             "optimizer": {k: r.effective["train"][k] for k in optim_keys},
         }
+        notes: list[str] = []
         try:
-            run_id = claim(r.cfg.train, record)
+            run_id = claim(r.cfg.train, record, notes)
         except (RunFolderError, OSError) as e:
             error = str(e)
+        for line in notes:
+            log.warning("%s", line)
     error = comm.all_gather_object(error, None)[0]
     if error is not None:
         raise RunFolderError(error)
@@ -331,12 +340,8 @@ def _open_outputs(r: _Run) -> None:
     metrics_path = r.out / "metrics.jsonl"
     kept = []
     if r.start and metrics_path.exists():  # resuming into the same folder: keep steps <= start
-        kept = [
-            x
-            for x in metrics_path.read_text().splitlines()
-            if x.strip() and json.loads(x).get("step", 0) <= r.start
-        ]
-    metrics_path.write_text("".join(x + "\n" for x in kept))
+        kept = [x for x in metric_lines(metrics_path, log.warning) if x[0] <= r.start]
+    metrics_path.write_text("".join(line + "\n" for _, line in kept))
 
 
 # --- one step ----------------------------------------------------------------------------------
