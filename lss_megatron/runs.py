@@ -20,6 +20,7 @@ changes no byte on disk); `claim` acts on it on rank 0 once the run starts. Impo
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -79,6 +80,41 @@ def metric_lines(path: Path, warn=None) -> list[tuple[int, str]]:
             continue
         kept.append((step, line))
     return kept
+
+
+# --- full disks --------------------------------------------------------------------------------------
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def disk_full(exc: BaseException) -> OSError | None:
+    """The out-of-space error behind `exc` (ENOSPC or EDQUOT), or None. Follows the chain of
+    causes and contexts: torch.save raises a RuntimeError ("unexpected pos ...") whose context is
+    the OSError of the file write that failed."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in DISK_FULL:
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def free_space(path: str | Path) -> str:
+    """``1.5 MiB free`` of the file system holding `path` (or its nearest existing parent)."""
+    probe = Path(path)
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    try:
+        return f"{shutil.disk_usage(probe).free / 2**20:,.1f} MiB free"
+    except OSError:
+        return "free space unknown"
+
+
+def disk_full_line(exc: OSError, folder: str | Path) -> str:
+    """One line for a write that failed on a full disk: the folder, its free space."""
+    where = Path(exc.filename).parent if getattr(exc, "filename", None) else Path(folder)
+    what = "disk quota exceeded" if exc.errno == errno.EDQUOT else "no space left on the device"
+    return f"could not write to {where}: {what} ({free_space(where)})"
 
 
 # --- can the folder be written? -------------------------------------------------------------------

@@ -56,7 +56,7 @@ import torch
 from ..parallel import comm
 from ..parallel.grid import Grid
 from ..parallel.params import full_shape, local_pieces, to_local
-from ..runs import latest_checkpoint, manifest_update, prune_checkpoints
+from ..runs import disk_full, free_space, latest_checkpoint, manifest_update, prune_checkpoints
 from . import sharded
 
 FORMAT_VERSION = 2
@@ -199,7 +199,7 @@ class _Agreement:
         if not only_rank0 or self.grid.rank == 0:
             try:
                 value = fn()
-            except OSError as e:
+            except Exception as e:  # noqa: BLE001 - torch.save wraps a full disk in RuntimeError
                 error = _write_failure(self.directory, self.step, e)
         outcomes = comm.all_gather_object((value, error), None)  # every rank's, in rank order
         errors = [e for _, e in outcomes if e is not None]
@@ -259,13 +259,17 @@ def _prune(directory: Path, keep: int, run_id) -> None:
         )
 
 
-def _write_failure(directory: Path, step: int, e: OSError) -> str:
-    """One line: what was not written, where, why, the free space, what is still there."""
-    try:
-        free = f"{shutil.disk_usage(directory).free / 2**20:,.1f} MiB free"
-    except OSError:
-        free = "free space unknown"
-    why = "no space left" if e.errno in (errno.ENOSPC, errno.EDQUOT) else (e.strerror or str(e))
+def _write_failure(directory: Path, step: int, e: Exception) -> str:
+    """One line: what was not written, where, why, the free space, what is still there. A full
+    disk is recognised behind any wrapper (`runs.disk_full`: torch.save's RuntimeError)."""
+    free = free_space(directory)
+    full = disk_full(e)
+    if full is not None:
+        why = "disk quota exceeded" if full.errno == errno.EDQUOT else "no space left"
+    elif isinstance(e, OSError):
+        why = e.strerror or str(e)
+    else:
+        why = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
     kept, _ = latest_checkpoint(directory) if directory.is_dir() else (None, "")
     still = f"the previous checkpoint {kept.name} is intact" if kept else "no earlier checkpoint"
     return f"checkpoint step {step} not written to {directory}: {why} ({free}); {still}"

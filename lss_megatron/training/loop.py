@@ -38,7 +38,14 @@ from ..parallel import comm
 from ..parallel.grid import Grid, destroy_grid, initialize_grid
 from ..resume import changed_hyperparameters
 from ..runlock import release_all as release_folders
-from ..runs import RunFolderError, claim, latest_checkpoint, metric_lines
+from ..runs import (
+    RunFolderError,
+    claim,
+    disk_full,
+    disk_full_line,
+    latest_checkpoint,
+    metric_lines,
+)
 from . import faults
 from .checkpoint import (
     CheckpointError,
@@ -186,7 +193,11 @@ def run(cfg: RunConfig, rank: int) -> RunResult:
         log.error("%s", e)
         result.exit_code = 2
     except Exception as e:  # noqa: BLE001 - every failure ends this rank non-zero, with a reason
-        log.error("rank %d failed: %s", rank, _explain(e, cfg), exc_info=True)
+        full = disk_full(e)
+        if full is not None:  # a full disk under --out (metrics, config, summary): one line
+            log.error("rank %d: %s", rank, disk_full_line(full, cfg.train.out))
+        else:
+            log.error("rank %d failed: %s", rank, _explain(e, cfg), exc_info=True)
         result.exit_code = 1
     finally:
         release_folders()  # rank 0's locks on --out and --save (runlock.py)
@@ -315,8 +326,11 @@ def _claim_folders(r: _Run) -> str | None:
         notes: list[str] = []
         try:
             run_id = claim(r.cfg.train, record, notes)
-        except (RunFolderError, OSError) as e:
+        except RunFolderError as e:
             error = str(e)
+        except OSError as e:  # e.g. a full disk while writing run.json or checkpoints.json
+            full = disk_full(e)
+            error = disk_full_line(full, r.cfg.train.out) if full else str(e)
         for line in notes:
             log.warning("%s", line)
     error = comm.all_gather_object(error, None)[0]

@@ -5,6 +5,7 @@ names it; files that are not checkpoints are one clear line without PyTorch's
 
 from __future__ import annotations
 
+import errno
 import itertools
 import json
 import os
@@ -158,3 +159,38 @@ def test_meta_without_a_step_is_a_clear_error(tmp_path):
     (tmp_path / "meta.json").write_text("[1]")
     with pytest.raises(CheckpointError, match="meta.json has no integer 'step'"):
         read_meta(tmp_path)
+
+
+def test_torch_save_on_a_real_full_disk_is_a_full_disk(tmp_path):
+    """What torch.save really raises on a full file system (a 64 KiB tmpfs): a RuntimeError
+    ("unexpected pos") whose context is OSError(ENOSPC). `runs.disk_full` finds it, and the
+    checkpoint's failure line says "no space left" with the free space."""
+    from lss_megatron.training.checkpoint import _write_failure, _write_synced
+    from tests.support import small_filesystem
+
+    with small_filesystem(tmp_path / "fs", 64) as fs:
+        with pytest.raises(RuntimeError) as info:
+            _write_synced(fs / "state.pt", lambda f: torch.save({"x": torch.zeros(100_000)}, f))
+        full = runs.disk_full(info.value)
+        assert full is not None and full.errno == errno.ENOSPC, repr(info.value)
+        line = _write_failure(fs, 3, info.value)
+        assert line.startswith(f"checkpoint step 3 not written to {fs}: no space left (0.")
+        assert "\n" not in line
+
+
+def test_disk_full_behind_any_wrapper():
+    """The mock beside the real test: EDQUOT as a cause, ENOSPC as a context; another error is
+    not a full disk."""
+    try:
+        try:
+            raise OSError(errno.EDQUOT, "Disk quota exceeded", "/q/metrics.jsonl")
+        except OSError as inner:
+            raise RuntimeError("wrapped") from inner
+    except RuntimeError as e:
+        found = runs.disk_full(e)
+        assert found is not None and found.errno == errno.EDQUOT
+        assert runs.disk_full_line(found, "/elsewhere").startswith(
+            "could not write to /q: disk quota exceeded ("
+        )
+    assert runs.disk_full(RuntimeError("unexpected pos 1 vs 2")) is None
+    assert runs.disk_full(OSError(errno.EACCES, "denied")) is None
