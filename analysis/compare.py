@@ -2,7 +2,8 @@
 
 ``python -m analysis.compare --preset NAME --out DIR``
 
-Runs every run of the preset's plan (analysis/presets.py: grid points x variants, a variant
+Runs every run of the preset's plan (launch/presets/compare/NAME.yaml, read and planned by
+analysis/presets.py: grid points x variants, a variant
 being a trainer mode plus flags such as ``--lss-layout zigzag``) as its own launch of the trainer,
 ``python -m torch.distributed.run --standalone --nproc-per-node P -m lss_megatron.train ...`` with
 ``--progress off`` and ``OMP_NUM_THREADS=1`` (``--standalone`` picks a free port per launch), one
@@ -38,9 +39,11 @@ import sys
 import time
 from pathlib import Path
 
+from lss_megatron.resources import prog
+
 from . import outdir, tables
 from .inputs import InputError, cli, error_line
-from .presets import PRESETS, REPO, Plan, RunSpec, get_preset, make_plan
+from .presets import REPO, Plan, RunSpec, all_presets, get_preset, make_plan
 from .trainer_config import run_config
 
 STDERR_TAIL = 2000
@@ -261,7 +264,7 @@ def _write_plan(plan: Plan, out: Path) -> None:
 
 
 def _list_presets() -> None:
-    for name, p in PRESETS.items():
+    for name, p in all_presets().items():
         plan = make_plan(p)
         kind = "cluster" if p.cluster else "local"
         print(f"{name:22s} {kind:7s} {len(plan.runs):3d} runs  {p.summary}")
@@ -269,10 +272,14 @@ def _list_presets() -> None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="python -m analysis.compare",
+        prog=prog("python -m analysis.compare"),
         description="Compare serial, LSS, NVIDIA SP, Ulysses and LSS's options over a grid.",
     )
-    p.add_argument("--preset", choices=sorted(PRESETS), help="the grid (analysis/presets.py)")
+    p.add_argument(
+        "--preset",
+        choices=sorted(all_presets()),
+        help="the grid (a file of launch/presets/compare/)",
+    )
     p.add_argument("--out", default=None, help="output folder (default runs/compare-PRESET)")
     p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     p.add_argument(

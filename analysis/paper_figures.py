@@ -32,6 +32,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from lss_megatron.resources import prog
+
 from . import tables
 from .figures import MODE_COLOURS, _pyplot, _save, context
 from .inputs import cli, read_csv_table
@@ -134,11 +136,11 @@ def read_inputs(compare: list[Path], longest: Path | None) -> dict[str, pd.DataF
 def _equal_ranks(df: pd.DataFrame | None) -> pd.DataFrame | None:
     """The runs of equal-ranks presets (every mode at each layout it may take on one P): the
     only ones where each mode's best layout meets nvidia-sp's head-capped best."""
-    from .presets import PRESETS
+    from .presets import all_presets
 
     if df is None or "preset" not in df:
         return None
-    equal = {n for n, p in PRESETS.items() if p.ranks is not None or p.layouts}
+    equal = {n for n, p in all_presets().items() if p.ranks is not None or p.layouts}
     df = df[df["preset"].isin(equal)]
     return df if not df.empty else None
 
@@ -395,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m analysis.paper_figures",
+        prog=prog("python -m analysis.paper_figures"),
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -6,6 +6,8 @@
 # Only what the check needs besides torch: megatron-core and its two requirements, and the
 # trainer's pyyaml and tqdm (each installed there only if missing). DeepSpeed is not needed
 # (the check runs serial and lss; ZeRO and Ulysses are not in it).
+# -h / --help: this header as usage, exit 0, nothing else
+case "${1:-}" in -h | --help) sed -n '2,/^[^#]/{/^#/s/^# \{0,1\}//p}' "$0"; exit 0 ;; esac
 set -euo pipefail
 cd "$(dirname "$0")"
 PY="${PYTHON:-$( [ -x ../.venv/bin/python ] && echo ../.venv/bin/python || echo python3 )}"

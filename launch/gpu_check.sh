@@ -10,6 +10,8 @@
 # missing is installed from launch/wheels/ (fill it here with `bash launch/fetch_wheels.sh`,
 # and carry that folder to the GPU call) into .gpu_site/ on PYTHONPATH, without touching torch.
 # Python: $PYTHON, else ./.venv/bin/python for --dry-run, else python3.
+# -h / --help: this header as usage, exit 0, nothing else
+case "${1:-}" in -h | --help) sed -n '2,/^[^#]/{/^#/s/^# \{0,1\}//p}' "$0"; exit 0 ;; esac
 set -euo pipefail
 cd "$(dirname "$0")/.."
 dry=0

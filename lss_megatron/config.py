@@ -75,12 +75,15 @@ def _opt(
     section: str | None = None,
     cli_default=dataclasses.MISSING,
     hidden: bool = False,
+    aliases: tuple[str, ...] = (),
 ):
     """A config field that is also a command-line option (train.py builds the parser from it).
 
     `flag` defaults to ``--field-name``; a bool field is a switch (``--no-x`` for a field that
     defaults to True); `cli_default` is the option's default when it differs from the field's
-    (None: derived when the configuration is made); `hidden` keeps a testing aid out of --help."""
+    (None: derived when the configuration is made); `hidden` keeps a testing aid out of --help;
+    `aliases` are further flags of the same meaning and values (Megatron-LM's or DeepSpeed's
+    names, megatron_args.py)."""
     meta = {
         "help": help,
         "flag": flag,
@@ -89,6 +92,7 @@ def _opt(
         "section": section,
         "cli_default": cli_default,
         "hidden": hidden,
+        "aliases": aliases,
     }
     return field(default=default, metadata=meta)
 
@@ -99,9 +103,13 @@ class ModelConfig:
 
     num_layers: int = _opt(2, "transformer layers L")
     hidden_size: int = _opt(64, "hidden size E")
-    num_heads: int = _opt(4, "attention (query) heads h; head dim d = E / h")
+    num_heads: int = _opt(
+        4, "attention (query) heads h; head dim d = E / h", aliases=("--num-attention-heads",)
+    )
     num_kv_heads: int | None = _opt(
-        None, "key/value heads h_kv (GQA/MQA); default: --num-heads (multi-head attention)"
+        None,
+        "key/value heads h_kv (GQA/MQA); default: --num-heads (multi-head attention)",
+        aliases=("--num-query-groups",),
     )
     ffn_hidden_size: int | None = _opt(None, "MLP hidden size; default 4 E")
     seq_length: int = _opt(
@@ -220,6 +228,11 @@ def _ulysses_problems(model: ModelConfig, n: int) -> list[str]:
     all-to-all, so the N ranks must split the query and key/value heads evenly (DeepSpeed's own
     uneven-head path needs its global sequence-parallel groups and is not used here)."""
     hint = "(Ulysses splits heads over the sequence group; LSS has no head cap: try --mode lss)"
+    if importlib.util.find_spec("deepspeed") is None:  # its DistributedAttention is the mode
+        return [
+            "--mode ulysses needs DeepSpeed (deepspeed.sequence.layer.DistributedAttention): "
+            "pip install 'lss-megatron[deepspeed]' (deepspeed==0.19.8, DS_BUILD_OPS=0)"
+        ]
     return [
         f"--mode ulysses: {flag} {value} is not divisible by N = {n} {hint}"
         for flag, value in (("--num-heads", model.num_heads), ("--num-kv-heads", model.kv_heads))
@@ -407,7 +420,7 @@ class TrainConfig:
     micro_batch_size: int | None = _opt(
         None, "B: sequences per forward/backward on one rank (default: G / D, no accumulation)"
     )
-    steps: int = _opt(10, "optimizer steps")
+    steps: int = _opt(10, "optimizer steps", aliases=("--train-iters",))
     optimizer: str = _opt("adamw", "the optimizer", choices=OPTIMIZERS)
     lr: float = _opt(1e-3, "peak learning rate")
     seed: int = _opt(1234, "seeds the initial weights and the synthetic data; nothing else does")
@@ -431,7 +444,9 @@ class TrainConfig:
     data: str = _opt("synthetic", "the dataset", choices=DATASETS, section=_DATA)
     out: str = _opt(
         "runs/latest",
-        "output folder: metrics.jsonl, config.json, summary.json",
+        "output folder: metrics.jsonl, config.json, summary.json (default: a fresh "
+        "runs/<launch date-time>-<mode>, named at the start and the end of the run)",
+        cli_default=None,
         metavar="DIR",
         section=_OUT,
     )
@@ -441,8 +456,11 @@ class TrainConfig:
         "cosine",
         "constant, or cosine (decay from lr to --min-lr at the last of --steps), after warmup",
         choices=LR_SCHEDULES,
+        aliases=("--lr-decay-style",),
     )
-    warmup_steps: int = _opt(0, "linear warmup from 0 to lr over this many steps")
+    warmup_steps: int = _opt(
+        0, "linear warmup from 0 to lr over this many steps", aliases=("--lr-warmup-iters",)
+    )
     min_lr: float | None = _opt(None, "final learning rate of the cosine (default lr/10)")
     clip_grad: float = _opt(
         1.0, "clip to this global gradient norm (every parameter counted once); 0 disables"
@@ -485,7 +503,12 @@ class TrainConfig:
         section=_DATA,
     )
     eval_interval: int = _opt(0, "validate every K steps and at the end (0: never)", section=_DATA)
-    eval_steps: int = _opt(2, "validation batches (of G sequences) per evaluation", section=_DATA)
+    eval_steps: int = _opt(
+        2,
+        "validation batches (of G sequences) per evaluation",
+        section=_DATA,
+        aliases=("--eval-iters",),
+    )
     progress: str = _opt(
         "auto",
         "progress bar on rank 0 (auto: when stderr is a terminal)",
@@ -508,6 +531,7 @@ class TrainConfig:
         "with --zero-stage 1|2: a DeepSpeed config (JSON) merged over the trainer's ZeRO "
         "defaults (zero_config.py; the effective one is in config.json)",
         metavar="FILE.json",
+        aliases=("--deepspeed_config",),
     )
     tensorboard_dir: str | None = _opt(
         None,

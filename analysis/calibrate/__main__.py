@@ -9,12 +9,14 @@ import json
 import sys
 from pathlib import Path
 
+from lss_megatron.resources import prog
+
 from ..costmodel.calibrated import default_path
 from ..inputs import cli
 from ..outdir import check_output_file, write_file
 from . import calibrate
 
-PROG = "python -m analysis.calibrate"
+PROG = prog("python -m analysis.calibrate")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..resources import prog
+
 DEFAULT_DOCUMENT_BYTES = 65536
 
 
@@ -83,7 +85,7 @@ def make_indexed(
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m lss_megatron.data.make_indexed", description=__doc__.split("\n")[0]
+        prog=prog("python -m lss_megatron.data.make_indexed"), description=__doc__.split("\n")[0]
     )
     p.add_argument("--input", required=True, metavar="FILE", help="a byte file or enwik8.zip")
     p.add_argument(

@@ -522,3 +522,41 @@ def all_gather_object(obj, group=None, *, category: str = "other") -> list:
     with _as(category):
         dist.all_gather_object(out, obj, group=group)
     return out
+
+
+class PendingShift:
+    """A ring shift in flight (`start_ring_shift`): ``wait()`` finishes its send and its receive
+    and returns the received tensor. It holds the sent tensor until then (gloo reads it
+    asynchronously)."""
+
+    def __init__(self, sent: torch.Tensor, received: torch.Tensor, works: list):
+        self._sent, self._received, self._works = sent, received, works
+
+    def wait(self) -> torch.Tensor:
+        for work in self._works:
+            work.wait()
+        self._works, self._sent = [], None
+        return self._received
+
+
+def start_ring_shift(x: torch.Tensor, group, *, category: str, tag: int = 0) -> PendingShift:
+    """Send `x` to the next rank of the group and receive the previous rank's tensor of the same
+    shape and dtype, asynchronously (one ``isend`` and one ``irecv``): ``.wait()`` returns what
+    rank r-1 sent. Counted as ``isend`` (the bytes of `x`) and ``irecv`` (0 bytes: the sender
+    counts them) under `category`; while recording, each one's time runs from the launch to the
+    end of ``wait()``. `tag` keeps two shifts in flight between the same ranks apart. On a group
+    of one rank the tensor comes straight back and nothing is counted."""
+    n = group_size(group)
+    x = x.contiguous()
+    if n == 1:
+        return PendingShift(x, x, [])
+    r = group_rank(group)
+    out = torch.empty_like(x)
+    nxt = dist.get_global_rank(group, (r + 1) % n) if group is not None else (r + 1) % n
+    prv = dist.get_global_rank(group, (r - 1) % n) if group is not None else (r - 1) % n
+    with _as(category):
+        works = [
+            dist.isend(x, nxt, group=group, tag=tag),
+            dist.irecv(out, prv, group=group, tag=tag),
+        ]
+    return PendingShift(x, out, works)

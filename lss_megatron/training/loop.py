@@ -220,6 +220,11 @@ def _train(cfg: RunConfig, rank: int, result: RunResult) -> None:
         tensorboard_dir=t.tensorboard_dir,
         start=r.start,
         device_type=r.device.type,
+        arguments={
+            k: v
+            for section in ("model", "parallel", "train", "derived")
+            for k, v in r.effective.get(section, {}).items()
+        },
     )
     skips = SkipGuard(cfg.train.max_consecutive_skips)
     try:

@@ -586,6 +586,79 @@ def test_equal_ranks_preset():
         )
 
 
+def test_every_preset_file_loads_and_plans():
+    """The presets are the YAML files of launch/presets/compare/, one per preset, read strictly;
+    each plans at least one run and every grid point has its serial reference."""
+    files = sorted((ROOT / "launch" / "presets" / "compare").glob("*.yaml"))
+    assert sorted(presets.all_presets()) == sorted(f.stem for f in files) and len(files) >= 10
+    for f in files:
+        preset = presets.load_preset(f)
+        assert preset == presets.get_preset(f.stem)
+        plan = presets.make_plan(preset, repeats=1)
+        assert plan.runs and {r.role for r in plan.runs} == {"grid", "reference"}, f.stem
+
+
+_GOOD = """
+summary: a test grid
+scaling: strong
+degrees: [2]
+seq-lengths: [64]
+memory-budget: 64 MiB
+model: {num-layers: 1, hidden-size: 32, num-heads: 4, ffn-hidden-size: 64, vocab-size: 64}
+train: {steps: 1, lr: 1e-3, global-batch-size: 1, micro-batch-size: 1}
+"""
+
+
+def test_preset_file_is_read_strictly(tmp_path):
+    good = tmp_path / "good.yaml"
+    good.write_text(_GOOD)
+    p = presets.load_preset(good)
+    assert (p.name, p.degrees, p.memory_budget_bytes) == ("good", (2,), 64 << 20)
+    assert p.train["lr"] == 1e-3 and isinstance(p.train["lr"], float)  # YAML's "1e-3": a string
+    assert p.modes == presets.PARALLEL_MODES and p.timeout_s == 120.0  # the defaults
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        _GOOD.replace("degrees: [2]", "degrees: 2")
+        .replace("64 MiB", "64 MB")
+        .replace("steps: 1", "steps: 1.5, mode: lss, no-such-flag: 1")
+        + "repeats: '2'\nserial-at-scale: 1\ncolour: red\n"
+    )
+    with pytest.raises(presets.PresetError) as e:
+        presets.load_preset(bad)
+    msg = str(e.value)
+    assert msg.startswith(f"compare preset {bad}: ") and "\n" not in msg
+    for part in (
+        "degrees: 2 is not a list",
+        "memory-budget: '64 MB' is not a size",
+        "train.steps: 1.5 (float) is not an integer",
+        "train.mode: set by the plan",
+        "train.no-such-flag: not a trainer flag",
+        "repeats: '2' (str) is not an integer",
+        "serial-at-scale: 1 (int) is not true or false",
+        "unknown key 'colour'",
+    ):
+        assert part in msg, (part, msg)
+    (tmp_path / "odd.yaml").write_text(_GOOD.replace("scaling: strong", "scaling: sideways"))
+    with pytest.raises(presets.PresetError, match="scaling must be strong or weak"):
+        presets.load_preset(tmp_path / "odd.yaml")
+    (tmp_path / "short.yaml").write_text("scaling: strong\n")
+    with pytest.raises(presets.PresetError, match="missing key 'summary'.*needs degrees"):
+        presets.load_preset(tmp_path / "short.yaml")
+
+
+def test_a_broken_preset_file_is_one_line_exit_2(tmp_path, monkeypatch, capsys):
+    (tmp_path / "compare").mkdir()
+    (tmp_path / "compare" / "broken.yaml").write_text(_GOOD.replace("[64]", "[sixty-four]"))
+    monkeypatch.setattr(presets, "compare_presets_dir", lambda: tmp_path / "compare")
+    presets.all_presets.cache_clear()
+    try:
+        assert compare.main(["--preset", "broken", "--dry-run"]) == 2
+    finally:
+        presets.all_presets.cache_clear()
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "seq-lengths[0]: 'sixty-four' (str) is not an integer" in err
+
+
 # --- the driver's plumbing (no trainer launches) -------------------------------------------------
 def test_dry_run_prints_commands(tmp_path, capsys):
     assert compare.main(["--preset", "smoke", "--dry-run", "--out", str(tmp_path)]) == 0
