@@ -55,11 +55,9 @@ from pathlib import Path
 from types import MappingProxyType, UnionType
 from typing import Union, get_args, get_origin, get_type_hints
 
-import yaml
-
 from lss_megatron.config import ConfigError
 from lss_megatron.resources import compare_presets_dir, source_root
-from lss_megatron.strict_yaml import check_value
+from lss_megatron.strict_yaml import YamlFileError, check_value, load_file
 
 from .inputs import InputError
 from .trainer_config import argv, problems, run_config, trainer_actions, trainer_flags
@@ -291,9 +289,9 @@ def load_preset(path: Path) -> Preset:
     missing keys, ill-typed values and trainer flags the trainer lacks are all reported at once
     as a `PresetError`."""
     try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as e:
-        raise PresetError(f"compare preset {path}: not readable YAML ({e})") from None
+        data = load_file(path, "compare preset")
+    except YamlFileError as e:
+        raise PresetError(str(e)) from None
     if not isinstance(data, dict):
         raise PresetError(f"compare preset {path}: expected a mapping of keys to values")
     hints = get_type_hints(Preset)

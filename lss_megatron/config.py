@@ -46,6 +46,8 @@ FAULT_KINDS = ("crash", "hang", "nan")
 MAX_SEED = 2**32 - 1
 """Seeds feed numpy's and torch's generators; numpy's take 32-bit values."""
 MAX_DIST_TIMEOUT_S = 7 * 24 * 3600.0
+MIN_DIST_TIMEOUT_S = 1.0
+"""A collective timeout under a second fails the first all-reduce of any real run."""
 
 
 class ConfigError(ValueError):
@@ -399,10 +401,10 @@ class ParallelConfig:
             p.append(f"--kv-gather-chunks must be >= 1, got {self.kv_gather_chunks}")
         elif self.kv_gather_chunks > 1 and self.mode != "lss":
             p.append(f"--kv-gather-chunks applies to --mode lss only, not {self.mode}")
-        if not 0 < self.dist_timeout_s <= MAX_DIST_TIMEOUT_S:  # NaN fails too
+        if not MIN_DIST_TIMEOUT_S <= self.dist_timeout_s <= MAX_DIST_TIMEOUT_S:  # NaN fails too
             p.append(
-                f"--dist-timeout must be in (0, {MAX_DIST_TIMEOUT_S:g}] seconds (one week), "
-                f"got {self.dist_timeout_s}"
+                f"--dist-timeout must be in [{MIN_DIST_TIMEOUT_S:g}, {MAX_DIST_TIMEOUT_S:g}] "
+                f"seconds (one week), got {self.dist_timeout_s}"
             )
         return p
 

@@ -26,8 +26,6 @@ import typing
 import warnings
 from pathlib import Path
 
-import yaml
-
 from .config import ConfigError, ModelConfig, ParallelConfig, RunConfig, TrainConfig
 from .envvars import launch_env
 from .estimate import estimate, memory_problems
@@ -38,7 +36,7 @@ from .megatron_args import resolve as resolve_megatron_flags
 from .resources import find_preset, preset_names, prog
 from .resume import resume_problems
 from .runs import default_out, plan
-from .strict_yaml import check_value
+from .strict_yaml import YamlFileError, check_value, load_file
 
 PROG = prog("python -m lss_megatron.train")
 SECTIONS = {ParallelConfig: "parallel layout", ModelConfig: "model", TrainConfig: "training"}
@@ -165,12 +163,12 @@ def load_yaml_preset(path: str, parser: argparse.ArgumentParser) -> dict:
     (strict_yaml.py: no coercion), all reported in one message."""
     if not Path(path).exists() and find_preset(path) is not None:
         path = str(find_preset(path))  # a packaged preset named as such: --config tiny-cpu
-    try:
-        data = yaml.safe_load(Path(path).read_text()) or {}
-    except FileNotFoundError:
+    if not Path(path).exists():
         parser.error(f"--config {path}: no such file, nor a packaged preset {preset_names()}")
-    except yaml.YAMLError as e:
-        parser.error(f"--config {path}: not valid YAML: {e}")
+    try:  # a FIFO, folder, binary file, duplicate key or alias bomb: one line (strict_yaml)
+        data = load_file(path, "--config") or {}
+    except YamlFileError as e:
+        parser.error(str(e))
     if not isinstance(data, dict):
         parser.error(f"--config {path}: expected a mapping of flag names to values")
     # a key is any of a flag's names (ours or Megatron-LM's), with '-' or '_'

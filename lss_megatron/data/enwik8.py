@@ -316,6 +316,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--extract", action="store_true", help="also extract the raw file next to it")
     args = p.parse_args(argv)
+    if not 0.1 <= args.timeout <= 86400:  # NaN fails too; inf would never give up
+        p.error(f"--timeout must be in [0.1, 86400] seconds, got {args.timeout}")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         path = download(args.download, args.url, args.timeout)
