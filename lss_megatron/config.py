@@ -260,6 +260,8 @@ class ModeRules:
     composes_with_tp: bool = False
     """Runs with ``--tensor-parallel T > 1``: Megatron TP (with sequence_parallel) inside each
     rank of its sequence group."""
+    documents: bool = False
+    """Honours ``--reset-attention-mask`` (attention within packed documents, lss/documents.py)."""
 
     def tensor_parallel(self, n: int, t: int = 1) -> int:
         return n if self.degree_group == "tensor" else t
@@ -271,10 +273,16 @@ class ModeRules:
 MODE_RULES = {
     r.name: r
     for r in (
-        ModeRules("serial", None),
-        ModeRules("lss", "context", composes_with_tp=True),
-        ModeRules("nvidia-sp", "tensor", sequence_parallel=True, problems=_nvidia_sp_problems),
-        ModeRules("ulysses", "context", problems=_ulysses_problems),
+        ModeRules("serial", None, documents=True),
+        ModeRules("lss", "context", composes_with_tp=True, documents=True),
+        ModeRules(
+            "nvidia-sp",
+            "tensor",
+            sequence_parallel=True,
+            problems=_nvidia_sp_problems,
+            documents=True,
+        ),
+        ModeRules("ulysses", "context", problems=_ulysses_problems, documents=True),
     )
 }
 """serial: N = 1, Megatron's stock attention, the reference; lss: LSS over a context-parallel
@@ -504,6 +512,30 @@ class TrainConfig:
         "PREFIX.idx (python -m lss_megatron.data.make_indexed builds one)",
         section=_DATA,
     )
+    reset_position_ids: bool = _opt(
+        False,
+        "Megatron-LM's: position ids restart at 0 after every --eod-token (learned positions; "
+        "Megatron's RoPE ignores position ids)",
+        section=_DATA,
+    )
+    reset_attention_mask: bool = _opt(
+        False,
+        "Megatron-LM's: attention stays inside each document (no key before the last "
+        "--eod-token), exact in every mode (docs/packed.md)",
+        section=_DATA,
+    )
+    eod_mask_loss: bool = _opt(
+        False,
+        "Megatron-LM's: no loss where the input token is --eod-token (the prediction across a "
+        "document boundary)",
+        section=_DATA,
+    )
+    eod_token: int = _opt(
+        256,
+        "the end-of-document id of the three flags above (make_indexed --append-eod writes 256 "
+        "after the 256 byte ids: --vocab-size >= 257)",
+        section=_DATA,
+    )
     eval_interval: int = _opt(0, "validate every K steps and at the end (0: never)", section=_DATA)
     eval_steps: int = _opt(
         2,
@@ -525,7 +557,8 @@ class TrainConfig:
     zero_stage: int = _opt(
         0,
         "DeepSpeed ZeRO over all ranks of the gradient group (training/zero.py): 0 off, 1 shards "
-        "optimizer state, 2 also gradients. Needs DeepSpeed; no checkpoints (docs/zero.md)",
+        "optimizer state, 2 also gradients. Needs DeepSpeed; checkpoints reshard to and from "
+        "plain runs (docs/zero.md)",
         choices=ZERO_STAGES,
     )
     deepspeed_config: str | None = _opt(
@@ -555,6 +588,11 @@ class TrainConfig:
         flag="--no-memory-check",
         section=_OUT,
     )
+
+    @property
+    def packed(self) -> bool:
+        """Any of Megatron-LM's document flags (reset positions / attention mask, EOD loss)."""
+        return self.reset_position_ids or self.reset_attention_mask or self.eod_mask_loss
 
     @property
     def final_lr(self) -> float:
@@ -716,6 +754,7 @@ class RunConfig:
                 f"--zero-stage {self.train.zero_stage} with --tensor-parallel "
                 f"{self.parallel.tensor_parallel} is not supported (untested); use --zero-stage 0"
             )
+        p += self._document_problems()
         if self.train.data in DATASETS:
             p += check_data_config(
                 self.train.data, self.train.data_path, self.model.vocab_size, self.model.seq_length
@@ -743,6 +782,37 @@ class RunConfig:
             p.append(
                 f"--fault {self.train.fault}: step {step} is outside this run's steps 1..{last}"
             )
+        return p
+
+    def _document_problems(self) -> list[str]:
+        """Megatron-LM's document flags: documents to find, an EOD the vocabulary holds, and a
+        mode and model that can honour a document mask."""
+        t, flags = self.train, []
+        for name in ("reset_position_ids", "reset_attention_mask", "eod_mask_loss"):
+            if getattr(t, name):
+                flags.append("--" + name.replace("_", "-"))
+        if not flags:
+            return []
+        p = []
+        if t.data != "megatron":
+            p.append(
+                f"{flags[0]} needs --data megatron (documents ending in --eod-token), got "
+                f"--data {t.data}"
+            )
+        if not 0 <= t.eod_token < self.model.vocab_size:
+            p.append(
+                f"--eod-token {t.eod_token} is outside --vocab-size {self.model.vocab_size} (ids "
+                f"0..{self.model.vocab_size - 1}): byte documents with EOD (make_indexed "
+                f"--append-eod) need --vocab-size >= {max(t.eod_token, 0) + 1}"
+            )
+        if t.reset_attention_mask:
+            if not self.model.causal:
+                p.append("--reset-attention-mask needs causal attention (drop --no-causal)")
+            if self.parallel.mode in MODES and not self.parallel.rules.documents:
+                p.append(
+                    f"--reset-attention-mask: --mode {self.parallel.mode} cannot honour document "
+                    "masks"
+                )
         return p
 
     def _deepspeed_file_problems(self, batch_known: bool) -> list[str]:

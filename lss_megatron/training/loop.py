@@ -260,6 +260,7 @@ def _set_up(cfg: RunConfig, rank: int) -> _Run:
         kernel=t.attention_kernel,
         recompute=t.recompute,
         dtype=t.dtype,
+        reset_position_ids=t.reset_position_ids,
     )
     model.to(device)
     settings = check_settings(
