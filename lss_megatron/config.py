@@ -757,7 +757,11 @@ class RunConfig:
         p += self._document_problems()
         if self.train.data in DATASETS:
             p += check_data_config(
-                self.train.data, self.train.data_path, self.model.vocab_size, self.model.seq_length
+                self.train.data,
+                self.train.data_path,
+                self.model.vocab_size,
+                self.model.seq_length,
+                evaluates=self.train.eval_interval > 0,
             )
         if self.train.deepspeed_config and self.train.zero_stage in (1, 2):
             p += self._deepspeed_file_problems(batch_known=not p)
