@@ -357,3 +357,10 @@ def test_validate_checks_its_outputs_before_running(tmp_path, capsys):
     argv = ["--device-file", str(dev), "--out", str(old), "--runs-dir", str(tmp_path / "r")]
     _one_error(capsys, validate_main(argv), "already holds a validation table")
     assert old.read_text() == "run_id\n" and not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-1"])
+def test_figures_budget_is_a_finite_positive_number(tmp_path, capsys, value):
+    code = figures.main([str(FIXTURE), "--out", str(tmp_path / "f"), "--budget-gib", value])
+    _one_error(capsys, code, "--budget-gib must be a positive, finite number")
+    assert not (tmp_path / "f").exists()
