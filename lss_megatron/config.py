@@ -50,6 +50,8 @@ FAULT_KINDS = ("crash", "hang", "nan")
 MAX_SEED = 2**32 - 1
 """Seeds feed numpy's and torch's generators; numpy's take 32-bit values."""
 MAX_DIST_TIMEOUT_S = 7 * 24 * 3600.0
+MAX_STEPS, MAX_EVAL_STEPS, MAX_MICRO_BATCHES = 10**9, 10**6, 2**16
+"""Upper bounds that only a typo reaches: a run that would never finish is refused up front."""
 MIN_DIST_TIMEOUT_S = 1.0
 """A collective timeout under a second fails the first all-reduce of any real run."""
 
@@ -555,6 +557,11 @@ class TrainConfig:
                 p.append(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if self.eval_steps < 1:
             p.append(f"--eval-steps must be >= 1, got {self.eval_steps}")
+        for name, top in (("steps", MAX_STEPS), ("eval_steps", MAX_EVAL_STEPS)):
+            if getattr(self, name) > top:  # a typo that would never finish, not a run
+                p.append(
+                    f"--{name.replace('_', '-')} must be <= {top:,}, got {getattr(self, name):,}"
+                )
         return p
 
     def problems(self, dp: int) -> list[str]:
@@ -601,6 +608,12 @@ class TrainConfig:
             p.append(
                 f"--micro-batch-size {self.micro_batch_size} does not divide the per-replica batch "
                 f"G / D = {self.global_batch_size} / {dp} = {self.global_batch_size // dp}"
+            )
+        elif (self.global_batch_size // dp) // (self.micro_batch_size or 1) > MAX_MICRO_BATCHES:
+            p.append(
+                f"--global-batch-size {self.global_batch_size} with --micro-batch-size "
+                f"{self.micro_batch_size} is {(self.global_batch_size // dp) // self.micro_batch_size:,} "
+                f"micro-batches per step and replica, more than {MAX_MICRO_BATCHES:,}"
             )
         return p
 

@@ -39,6 +39,12 @@ def _problems(argv: list[str], world: int = 1) -> str:
         (["--dist-timeout", "inf"], "--dist-timeout must be in [1, 604800] seconds"),
         (["--dist-timeout", "0"], "--dist-timeout must be in [1, 604800] seconds"),
         (["--dist-timeout", "1e-9"], "--dist-timeout must be in [1, 604800] seconds"),
+        (["--steps", str(10**15)], "--steps must be <= 1,000,000,000"),
+        (["--eval-steps", str(10**12)], "--eval-steps must be <= 1,000,000"),
+        (
+            ["--global-batch-size", str(10**14), "--micro-batch-size", "1"],
+            "micro-batches per step and replica, more than 65,536",
+        ),
         (
             ["--position-embedding", "rope", "--hidden-size", "30", "--num-heads", "2"],
             "--position-embedding rope needs an even head dimension",
