@@ -30,7 +30,7 @@ from megatron.core.transformer.module import MegatronModule
 
 from ..layout import LAYOUTS, attended_pairs
 from .dense_attention import dense_attention
-from .documents import document_attention, document_pairs
+from .documents import document_attention, document_pairs, needed_remote_keys
 from .kernel import partial_attention, to_compute_dtype
 from .operator import lss_attention
 from .positions import local_positions
@@ -252,6 +252,10 @@ class LSSCoreAttention(SequenceCoreAttention):
         (`modes.lss.get_lss_layer_spec(layout=...)`), checked by `prepare_lss_model`."""
         self.kv_chunks = kv_chunks
         """K/V are gathered in this many double-buffered head chunks (a spec parameter)."""
+        self.kv_remote_needed = self.kv_remote_gathered = 0
+        """With document masks: other ranks' key positions that some local query sees, and
+        those the all-gather brings ((N-1) l/N), over the training forwards since the last
+        reset: what a gather of only the needed K/V would move (`metrics.attention_balance`)."""
 
     supports_documents = True
 
@@ -275,5 +279,8 @@ class LSSCoreAttention(SequenceCoreAttention):
         if doc_start is not None:  # pairs within documents, summed over the b rows
             held = local_positions(n * sq, self.seq_group.rank(), n, self.layout)  # [s/N]
             pairs = document_pairs(doc_start, held)
+            if self.training and not (is_checkpointing() and torch.is_grad_enabled()):
+                self.kv_remote_needed += needed_remote_keys(doc_start, held)
+                self.kv_remote_gathered += (n - 1) * sq
         self.count_flops(4 * h * d * pairs, 4 * h * d * full)
         return out
