@@ -549,7 +549,8 @@ class TrainConfig:
     zero_stage: int = _opt(
         0,
         "DeepSpeed ZeRO over all ranks of the gradient group (training/zero.py): 0 off, 1 shards "
-        "optimizer state, 2 also gradients. Needs DeepSpeed; no checkpoints (docs/zero.md)",
+        "optimizer state, 2 also gradients. Needs DeepSpeed; checkpoints reshard to and from "
+        "plain runs (docs/zero.md)",
         choices=ZERO_STAGES,
     )
     deepspeed_config: str | None = _opt(

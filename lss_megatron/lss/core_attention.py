@@ -256,10 +256,19 @@ class LSSCoreAttention(SequenceCoreAttention):
         """With document masks: other ranks' key positions that some local query sees, and
         those the all-gather brings ((N-1) l/N), over the training forwards since the last
         reset: what a gather of only the needed K/V would move (`metrics.attention_balance`)."""
+        self.prepared = False
+        """Set by `prepare_lss_model`; a group of N > 1 refuses to run without it (positions
+        would be the whole table's, or RoPE's local ones: silently wrong)."""
 
     supports_documents = True
 
     def attend(self, query, key, value, causal: bool, doc_start=None) -> torch.Tensor:
+        if not self.prepared and self.seq_group.size() > 1:
+            raise RuntimeError(
+                "LSSCoreAttention: this model was not prepared for LSS: call "
+                "prepare_lss_model(model) once after building it, on every rank of the "
+                "context-parallel group (it makes positions sequence-distributed)"
+            )
         out = lss_attention(
             query,
             key,

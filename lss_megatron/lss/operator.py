@@ -132,6 +132,14 @@ def _check_inputs(q, k, v, layout: str, kv_chunks: int) -> None:
         raise ValueError(f"lss_attention: kv heads {h_kv} not divisible by kv_chunks {kv_chunks}")
 
 
+@functools.cache
+def zigzag_permutation(n: int, device: torch.device) -> torch.Tensor:
+    """`zigzag_gather_order(n)` as an index tensor on `device`, built once per (n, device): a
+    ``torch.tensor(..., device=cuda)`` per forward would be a blocking host-to-device copy in
+    every layer. Read-only (index_select never writes it)."""
+    return torch.tensor(zigzag_gather_order(n), device=device)  # [2N]
+
+
 def _partial(
     q,
     k_full,
@@ -171,7 +179,7 @@ def _partial(
             q, k_full, v_full, q_offset=r * sq, causal=causal, softmax_scale=scale
         )  # [s/N, b, h, d]
     c = sq // 2  # zigzag chunk length l/(2N)
-    perm = torch.tensor(zigzag_gather_order(n), device=k_full.device)  # [2N]: slot of chunk j
+    perm = zigzag_permutation(n, k_full.device)  # [2N]: slot of chunk j, built once per device
     k_glob = k_full.view(2 * n, c, *k_full.shape[1:]).index_select(0, perm).flatten(0, 1)
     v_glob = v_full.view(2 * n, c, *v_full.shape[1:]).index_select(0, perm).flatten(0, 1)
     outs = [
