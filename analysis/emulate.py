@@ -185,6 +185,9 @@ def build_layer(variant: Variant, shape: LayerShape, grid, device: torch.device)
     )
     cfg.perform_initialization = False  # drawn below, on the device
     layer = build_module(spec, config=cfg, layer_number=1).to(device=device, dtype=BF16)
+    core = layer.self_attention.core_attention
+    if hasattr(core, "prepared"):  # LSS: what `prepare_lss_model` does for a GPTModel, the
+        core.prepared = True  # emulation does itself: it feeds the rank's global RoPE angles
     with torch.no_grad():
         for name, p in layer.named_parameters():
             if name.endswith("bias"):

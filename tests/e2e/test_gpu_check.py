@@ -24,13 +24,13 @@ def _check(out, *extra):
         ["bash", "launch/gpu_check.sh", "--dry-run", "--out-dir", str(out), *extra],
         capture_output=True,
         text=True,
-        timeout=280,
+        timeout=560,
         cwd=ROOT,
     )
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(600)
 def test_dry_run_of_the_prepared_check(tmp_path):
     """The documented command with --dry-run: every phase runs and passes on the CPU, one JSON
     with the planned (GPU, within the budget) and measured seconds of every phase, a row per mode
@@ -60,6 +60,10 @@ def test_dry_run_of_the_prepared_check(tmp_path):
         assert r["kernels"] == CPU_FLASH and len(r["times_s"]) >= 5
         assert r["sp_bytes"] == r["cost_model"]["sp_bytes"] > 0
     assert "variant" in rec["mode_emulation_table"][0] and "fwd+bwd ms" in res.stdout
+    kernels = rec["sdpa_kernels"]  # one kernel in every dtype and direction, every row counted
+    assert set(kernels) == {f"{t} {d}" for t in ("bf16", "fp32") for d in ("forward", "backward")}
+    assert all(list(k) == ["cpu_flash"] for k in kernels.values())
+    assert kernels["bf16 forward"]["cpu_flash"] == len(CASES) + len(eff) + len(rows)
     for mode in ("serial", "lss"):
         run = rec["trainer"][mode]
         assert run["exit_code"] == 0 and len(run["rows"]) == 2
