@@ -167,7 +167,12 @@ def table(rows: list[dict]) -> str:
                 "time ratio": f"{r.step_time_s / t0:.3f}",
             }
         )
-    return pd.DataFrame(out).to_markdown(index=False)
+    if not out:
+        return "(no packed run finished)"
+    head = list(out[0])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(str(r[k]) for k in head) + " |" for r in out]
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -179,8 +184,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout-s", type=float, default=300.0)
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     p.add_argument("--mixes", nargs="+", default=list(MIXES), choices=list(MIXES))
+    p.add_argument("--table", action="store_true", help="print the table of OUT/packed.json only")
     args = p.parse_args(argv)
     out = Path(args.out).absolute()
+    if args.table:
+        print(table(json.loads((out / "packed.json").read_text())))
+        return 0
     rows = []
     for mix in args.mixes:
         data, lengths = make_mix(out / "data", mix)
