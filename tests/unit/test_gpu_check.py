@@ -18,7 +18,7 @@ from analysis import gpu_check
 from analysis.costmodel import make_config, predict
 from analysis.costmodel.counts import layout_from_config, parameters, shape_from_config
 from analysis.costmodel.hw import get_device
-from analysis.emulate import SHAPES, VARIANTS, emulate_row, layer_shapes, ranks_of
+from analysis.emulate import SHAPES, VARIANTS, config_flags, emulate_row, layer_shapes, ranks_of
 from analysis.gpu_check import CASES, attention_case, kernels_seen
 from lss_megatron.lss.kernel import partial_attention
 
@@ -57,7 +57,6 @@ def test_emulated_shards_are_the_cost_models_per_rank_parameters(label):
     lss, ulysses: every weight whole), on the first and the last rank. The trainer's own model on
     real gloo ranks: tests/ranks/test_emulate.py."""
     variant = VARIANTS[label]
-    extra = {"lss_layout": variant.layout} if variant.mode == "lss" else {}
     cfg = make_config(
         variant.mode,
         DRY.n,
@@ -71,7 +70,7 @@ def test_emulated_shards_are_the_cost_models_per_rank_parameters(label):
         vocab_size=DRY.vocab,
         global_batch_size=1,
         position_embedding="rope",
-        **extra,
+        **config_flags(variant),
     )
     want = {
         p.name.removeprefix("decoder.layers.0."): p.numel
