@@ -38,6 +38,8 @@ from .counts import (
     MODES,
     activation_bytes,
     attention_imbalance,
+    document_attention_fraction,
+    document_attention_imbalance,
     grad_comm,
     kv_transient_bytes,
     layout_from_config,
@@ -88,8 +90,14 @@ def predict(
     config: dict,
     device: str | Device | CalibratedDevice | None = None,
     assumptions: Assumptions | None = None,
+    document_lengths=None,
 ) -> dict:
     """Per-rank costs of one optimizer step of the run `config` (the trainer's config.json).
+
+    `document_lengths` (token counts of the packed documents, an empirical distribution): with
+    ``--reset-attention-mask`` in `config`, also ``attention_flops_vs_causal`` (expected pairs
+    within documents over causal pairs, `counts.document_attention_fraction`) and LSS's
+    ``attention_imbalance`` under document masks (`counts.document_attention_imbalance`).
 
     Counts (rank 0, per step, as the trainer counts them): ``sp_comm_bytes``,
     ``grad_comm_bytes``, ``other_comm_bytes`` (+ ``*_calls``), ``activation_bytes`` (one
@@ -137,6 +145,10 @@ def predict(
         "kv_transient_bytes": kv_transient_bytes(s, lay),
         "zero_stage": lay.zero_stage,
     }
+    if document_lengths is not None and config["train"].get("reset_attention_mask"):
+        out["attention_flops_vs_causal"] = document_attention_fraction(document_lengths, s.seq)
+        if lay.mode == "lss":
+            out["attention_imbalance"] = document_attention_imbalance(document_lengths, s, lay)
     if lay.zero_stage:
         out.update(zero_counts(s, lay, optimizer))
     if lay.master_weights and not lay.zero_stage:
