@@ -56,10 +56,10 @@ from .metrics import (
     runtime_info,
     step_time_summary,
 )
+from .micro_batches import evaluate, global_mean_loss, step_micro_batches
 from .nonfinite import NonFiniteLoss, SkipGuard, nonfinite_parameters
 from .optim import MasterWeights, lr_at, set_lr
 from .replicas import check_replicas
-from .step import evaluate, global_mean_loss, step_micro_batches
 from .stepper import PlainStepper, Stepper
 from .tracking import Tracker
 from .zero import ZeroEngine

@@ -20,8 +20,8 @@ from ..config import RunConfig
 from ..lss.grad_sync import GradientAverager
 from ..parallel.grid import Grid
 from .metrics import memory_stats
+from .micro_batches import forward_backward
 from .optim import MasterWeights, build_optimizer, clip_gradients, global_grad_norm
-from .step import forward_backward
 
 
 class Stepper(ABC):

@@ -69,9 +69,9 @@ from ..parallel.params import full_shape, grad_is_tp_partial, local_pieces, to_f
 from ..zero_config import defaults, merge, overlap_comm_default, read_file
 from .checkpoint import check_parameters, check_shape, optimizer_keys
 from .metrics import unique_storage_bytes
+from .micro_batches import forward_backward
 from .optim import build_optimizer
 from .sharded import fragment_pieces
-from .step import forward_backward
 from .stepper import Stepper
 
 BUCKET_BYTES = 25 * 1024 * 1024
