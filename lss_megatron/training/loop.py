@@ -275,7 +275,7 @@ def _resume(cfg: RunConfig, stepper: Stepper, grid: Grid, effective: dict) -> in
         log.warning("%s", note)
     check_compatible(read_meta(path), effective["model"], path)
     start = load_checkpoint(
-        path, _trainable(stepper), stepper.optimizer, grid, layout=stepper.checkpoint_layout()
+        path, _trainable(stepper), stepper.optimizer, grid, sharding=stepper.checkpoint_sharding()
     )
     if isinstance(_trainable(stepper), MasterWeights):
         stepper.trainable.copy_to_model()
@@ -480,7 +480,7 @@ def _save(r: _Run, step: int, skipped: bool) -> None:
         r.grid,
         r.effective,
         keep_last=t.keep_last,
-        layout=r.stepper.checkpoint_layout(),
+        sharding=r.stepper.checkpoint_sharding(),
     )
     if path is not None:
         log.info("saved checkpoint %s", path)

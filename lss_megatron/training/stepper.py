@@ -55,8 +55,8 @@ class Stepper(ABC):
         """What runs the step, for config.json (None: the trainer's own path)."""
         return None
 
-    def checkpoint_layout(self):
-        """What this rank holds for a checkpoint (None: `checkpoint.PlainLayout` of the
+    def checkpoint_sharding(self):
+        """What this rank holds for a checkpoint (None: `checkpoint.PlainSharding` of the
         trainable parameters and the optimizer)."""
         return None
 
