@@ -291,5 +291,6 @@ def runtime_info(model, grid, start: int, load: str | None) -> dict:
         "resumed_from": load,
         "torch": torch.__version__,
         "megatron_core": mcore,
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),  # "high": TF32 (CUDA)
         "machine": machine_description(next(model.parameters()).device, dist.get_backend()),
     }
