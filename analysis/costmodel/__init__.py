@@ -28,9 +28,10 @@ from __future__ import annotations
 
 import json
 import statistics
+from dataclasses import replace
 from pathlib import Path
 
-from .calibrated import CalibratedDevice, cpu_step_time, find_device_file, load_device_file
+from .calibrated import CalibratedDevice, find_device_file, load_device_file
 from .configs import config_from_preset, layout_problems, make_config
 from .counts import (
     FP32,
@@ -111,8 +112,8 @@ def predict(
     (`counts.zero_counts`: state about 1/P, padded partitions). With a `device`:
     ``step_time_s``, ``time_breakdown_s``, ``achieved_flops_per_s``, ``fits_memory``
     (``peak_bytes`` within the device's memory); a `CalibratedDevice` (``python -m
-    analysis.calibrate``) times the run with the measured CPU model (`calibrated.cpu_step_time`)
-    instead of the GPU roofline.
+    analysis.calibrate``) times the run with its measured rates instead of the GPU roofline's
+    (`steptime.step_time` prices either).
     """
     s = shape_from_config(config["model"])
     lay = layout_from_config(config)
@@ -163,10 +164,9 @@ def predict(
     out["peak_bytes"] = out["memory_bytes"] + out["transient_bytes"]
     if device is not None:
         dev = device if isinstance(device, CalibratedDevice) else get_device(device)
-        if isinstance(dev, CalibratedDevice):
-            timing = cpu_step_time(s, lay, dev, optimizer)
-        else:
-            timing = step_time(s, lay, dev, assumptions or Assumptions(), optimizer)
+        if assumptions is not None:
+            dev = replace(dev, assumptions=assumptions)
+        timing = step_time(s, lay, dev, optimizer)
         out.update(timing)
         out["device"] = dev.name
         out["achieved_flops_per_s"] = out["model_flops_per_step"] / timing["step_time_s"]
