@@ -499,7 +499,7 @@ def _main(argv: list[str] | None) -> int:
     print()
     print(repeats.format_intervals(df, runs))
     print()
-    if preset.ranks is not None or preset.layouts:  # equal ranks: each mode's best layout
+    if preset.ranks is not None or preset.grids:  # equal ranks: each mode's best rank grid
         best = tables.best_layouts(df)
         best.to_csv(out / "best_layouts.csv", index=False)
         outdir.note(out / "best_layouts.csv")

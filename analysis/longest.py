@@ -293,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=256,
         metavar="G",
-        help="candidate lengths are multiples of G and of the layout's N (default 256)",
+        help="candidate lengths are multiples of G and of the rank grid's N (default 256)",
     )
     p.add_argument(
         "--max-seq-length",

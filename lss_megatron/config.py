@@ -213,9 +213,9 @@ class ParallelConfig:
     """P, the number of processes (from the launcher; not an option)."""
     seq_parallel: int = _opt(
         1,
-        "N: the sequence-parallel degree (default: P, 1 for serial). LSS and Ulysses: segments "
-        "per sequence = size of the sequence group (Megatron's context-parallel group); "
-        "nvidia-sp: the tensor-parallel size",
+        "N: the sequence-parallel size (default: P, 1 for serial). LSS and Ulysses: the ranks "
+        "one sequence is split over = the size of the sequence group (Megatron's "
+        "context-parallel size); nvidia-sp: the tensor-parallel size",
         cli_default=None,
     )
     tensor_parallel: int = _opt(

@@ -1,15 +1,15 @@
-"""Sharded, layout-independent, atomic checkpoints.
+"""Sharded, grid-independent, atomic checkpoints (written on one rank grid and mode, read on any).
 
 Every rank writes its own part with torch.distributed.checkpoint (DCP, `training.sharded`), in
 CANONICAL form: each tensor is stored as boxes of the full tensor of the one-process model, at
 their global offsets (`parallel.params.local_pieces`): a replicated parameter once (DCP keeps one
 copy, on the least loaded rank), an LSS position slice as its runs of global rows, a
 tensor-parallel shard at its offset along ``partition_dim``, a ZeRO partition as the boxes its
-flat fragment covers (`training.zero.ZeroLayout`: fp32 master weights and optimizer state per
+flat fragment covers (`training.zero.ZeroSharding`: fp32 master weights and optimizer state per
 parameter). On load each rank reads only the boxes it holds, from whichever chunks overlap them,
 so a checkpoint saved with LSS at N = 4 loads at N = 2, in serial, nvidia-sp or Ulysses, with or
 without ZeRO: anything with the same model. Why DCP and not Megatron's dist_checkpointing: our
-own layouts (position slices holding arbitrary global rows, `optim.MasterWeights`, DeepSpeed's
+own shardings (position slices holding arbitrary global rows, `optim.MasterWeights`, DeepSpeed's
 flat ZeRO partitions) are not Megatron ShardedTensors; DCP takes any list of boxes.
 
 Layout on disk (``--save DIR``), format version 2::
@@ -84,9 +84,9 @@ class CheckpointWriteError(OSError):
 
 
 # --- what a rank holds (`parallel.params`) ------------------------------------------------------
-class PlainLayout:
+class PlainSharding:
     """The model's (or `optim.MasterWeights`') parameters and a torch optimizer's state, each as
-    this rank's boxes of the full tensor (`local_pieces`). `ZeroLayout` is the ZeRO counterpart."""
+    this rank's boxes of the full tensor (`local_pieces`). `ZeroSharding` is the ZeRO counterpart."""
 
     def __init__(self, model, optimizer, grid: Grid):
         self.model, self.optimizer, self.grid = model, optimizer, grid
@@ -162,16 +162,16 @@ def save_checkpoint(
     config: dict,
     *,
     keep_last: int = 0,
-    layout=None,
+    sharding=None,
 ) -> Path | None:
     """Collective: every rank writes its part. Returns the path (rank 0; None elsewhere).
-    `layout`: what the ranks hold (default `PlainLayout(model, optimizer, grid)`)."""
+    `sharding`: what the ranks hold (default `PlainSharding(model, optimizer, grid)`)."""
     directory, name = Path(directory), f"step_{step:08d}"
-    layout = layout or PlainLayout(model, optimizer, grid)
+    sharding = sharding or PlainSharding(model, optimizer, grid)
     agree = _Agreement(directory, step, grid)
     tmp = agree(lambda: _make_temporary(directory, name), only_rank0=True)[0]
     agree.tmp = tmp
-    write = sharded.ShardWrite(tmp, layout.entries(), grid.rank)
+    write = sharded.ShardWrite(tmp, sharding.entries(), grid.rank)
     plans = agree(write.local_plan)
     results = agree(lambda: write.write(plans))
     meta = {"format_version": FORMAT_VERSION, "step": step, "config": config}
@@ -324,9 +324,9 @@ def check_compatible(meta: dict, model_config: dict, path: Path) -> None:
         raise CheckpointError(f"checkpoint {path} is for another model: " + "; ".join(diffs))
 
 
-def load_checkpoint(path: Path, model, optimizer, grid: Grid, *, layout=None) -> int:
+def load_checkpoint(path: Path, model, optimizer, grid: Grid, *, sharding=None) -> int:
     """Load `path` into this rank's model and optimizer (reading its part); returns the step.
-    `layout`: what the ranks hold (default `PlainLayout(model, optimizer, grid)`). No
+    `sharding`: what the ranks hold (default `PlainSharding(model, optimizer, grid)`). No
     communication: every rank reads the metadata and the chunks it needs itself."""
     meta = read_meta(path)
     version = meta.get("format_version")
@@ -345,10 +345,10 @@ def load_checkpoint(path: Path, model, optimizer, grid: Grid, *, layout=None) ->
             f"checkpoint {path}: cannot read .metadata: it is corrupt, "
             f"truncated or not DCP metadata ({_load_failure(e)})"
         ) from None
-    layout = layout or PlainLayout(model, optimizer, grid)
+    sharding = sharding or PlainSharding(model, optimizer, grid)
     try:
         with torch.no_grad():
-            sharded.read_shards(path, stored, layout.targets(stored.state_dict_metadata))
+            sharded.read_shards(path, stored, sharding.targets(stored.state_dict_metadata))
     except (ValueError, sharded.ShardError) as e:
         raise CheckpointError(f"checkpoint {path}: {e}") from None
     except Exception as e:  # noqa: BLE001 - unreadable chunk files
@@ -356,7 +356,7 @@ def load_checkpoint(path: Path, model, optimizer, grid: Grid, *, layout=None) ->
             f"checkpoint {path}: cannot read its chunks: they are corrupt, "
             f"truncated or missing ({_load_failure(e)})"
         ) from None
-    layout.commit()
+    sharding.commit()
     torch.set_rng_state(state["torch_rng"])
     return int(meta["step"])
 

@@ -65,10 +65,10 @@ from .metrics import (
     runtime_info,
     step_time_summary,
 )
+from .micro_batches import evaluate, global_mean_loss, step_micro_batches
 from .nonfinite import NonFiniteLoss, SkipGuard, nonfinite_parameters
 from .optim import MasterWeights, lr_at, set_lr
 from .replicas import check_replicas
-from .step import evaluate, global_mean_loss, step_micro_batches
 from .stepper import PlainStepper, Stepper
 from .tracking import Tracker
 from .zero import ZeroEngine
@@ -292,7 +292,7 @@ def _resume(cfg: RunConfig, stepper: Stepper, grid: Grid, effective: dict) -> in
             log.warning("%s", line)
     check_compatible(read_meta(path), effective["model"], path)
     start = load_checkpoint(
-        path, _trainable(stepper), stepper.optimizer, grid, layout=stepper.checkpoint_layout()
+        path, _trainable(stepper), stepper.optimizer, grid, sharding=stepper.checkpoint_sharding()
     )
     if isinstance(_trainable(stepper), MasterWeights):
         stepper.trainable.copy_to_model()
@@ -499,7 +499,7 @@ def _save(r: _Run, step: int, skipped: bool) -> None:
         r.grid,
         r.effective,
         keep_last=t.keep_last,
-        layout=r.stepper.checkpoint_layout(),
+        sharding=r.stepper.checkpoint_sharding(),
     )
     if path is not None:
         log.info("saved checkpoint %s", path)
