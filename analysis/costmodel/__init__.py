@@ -30,7 +30,13 @@ import json
 import statistics
 from pathlib import Path
 
-from .calibrated import CalibratedDevice, cpu_step_time, find_device_file, load_device_file
+from .calibrated import (
+    CalibratedDevice,
+    NotCalibrated,
+    cpu_step_time,
+    find_device_file,
+    load_device_file,
+)
 from .configs import config_from_preset, layout_problems, make_config
 from .counts import (
     FP32,
@@ -151,13 +157,17 @@ def predict(
     out["peak_bytes"] = out["memory_bytes"] + out["transient_bytes"]
     if device is not None:
         dev = device if isinstance(device, CalibratedDevice) else get_device(device)
-        if isinstance(dev, CalibratedDevice):
-            timing = cpu_step_time(s, lay, dev, optimizer)
-        else:
-            timing = step_time(s, lay, dev, assumptions or Assumptions(), optimizer)
+        try:
+            if isinstance(dev, CalibratedDevice):
+                timing = cpu_step_time(s, lay, dev, optimizer)
+            else:
+                timing = step_time(s, lay, dev, assumptions or Assumptions(), optimizer)
+        except NotCalibrated as e:  # a 16-bit run on an fp32-only calibration: no time
+            timing = {"step_time_s": None, "step_time_note": str(e)}
         out.update(timing)
         out["device"] = dev.name
-        out["achieved_flops_per_s"] = out["model_flops_per_step"] / timing["step_time_s"]
+        if timing["step_time_s"] is not None:
+            out["achieved_flops_per_s"] = out["model_flops_per_step"] / timing["step_time_s"]
         out["fits_memory"] = out["peak_bytes"] <= dev.memory_bytes
     return out
 
@@ -208,4 +218,6 @@ def compare_run(run_dir: str | Path, device: CalibratedDevice | None = None) -> 
         out[key] = (pred[key], counted[0] if len(counted) == 1 else counted)
     if device is not None:
         out["step_time_s"] = (pred["step_time_s"], measured_step_time(rows))
+        if pred.get("step_time_note"):
+            out["step_time_note"] = pred["step_time_note"]
     return out

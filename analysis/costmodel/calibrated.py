@@ -33,7 +33,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..inputs import InputError, read_json_file
-from .counts import Layout, Shape, buckets, other_comm, param_count, parameters
+from .counts import (
+    FP32,
+    ZERO_ALIGNMENT,
+    Layout,
+    Shape,
+    all_reduce_bytes,
+    buckets,
+    gather_bytes,
+    other_comm,
+    param_count,
+    parameters,
+    zero_counts,
+    zero_parameters,
+)
 from .steptime import Assumptions, attention_work, elementwise_bytes, sp_comm_time
 
 BASE_HEAD_DIM = 16
@@ -304,8 +317,55 @@ def comm_time(s: Shape, lay: Layout, dev: CalibratedDevice) -> dict:
     }
 
 
+class NotCalibrated(ValueError):
+    """The calibration did not measure what the run needs (e.g. bf16 rates)."""
+
+
+def zero_partition(s: Shape, lay: Layout) -> int:
+    """Elements of one rank's ZeRO partition: the flat buffer padded to a multiple of
+    ``ZERO_ALIGNMENT`` x group, cut into equal parts (`counts.zero_counts`)."""
+    numel = sum(p.numel for p in zero_parameters(s, lay))
+    align = ZERO_ALIGNMENT * lay.grad_group
+    return -(-numel // align) * align // lay.grad_group
+
+
+def zero_grad_time(s: Shape, lay: Layout, dev: CalibratedDevice) -> float:
+    """Seconds of DeepSpeed ZeRO's gradient traffic per step, the collectives `counts.zero_counts`
+    counts: the gradients all-reduced in buckets (stage 1 once per step, stage 2 after every
+    micro-batch), the updated partitions all-gathered, the fp32 norm all-reduced."""
+    net, group, pb = dev.network, lay.grad_group, lay.param_bytes
+    if group <= 1:
+        return 0.0
+    reductions = 1 if lay.zero_stage == 1 else lay.micro_batches
+    bs = buckets([p.numel * pb for p in zero_parameters(s, lay)])
+    return (
+        reductions * sum(net.time("all_reduce", all_reduce_bytes(x, group), group) for x in bs)
+        + net.time("all_gather", gather_bytes(zero_partition(s, lay) * pb, group), group)
+        + net.time("all_reduce", all_reduce_bytes(FP32, group), group)
+    )
+
+
+def recompute_time(lay: Layout, gemm: float, attention: float, elementwise: float) -> float:
+    """Seconds one micro-batch spends re-running forward work in backward: selective recompute
+    re-runs the attention core (its forward, a third of its forward + backward time), full
+    recompute the whole layer (a third of GEMM, attention and elementwise time). The repeated
+    forward collectives are in `sp_comm_time` already, as `counts` counts them."""
+    if lay.recompute not in ("selective", "full"):
+        return 0.0
+    return (attention + ((gemm + elementwise) if lay.recompute == "full" else 0.0)) / 3
+
+
 def cpu_step_time(s: Shape, lay: Layout, dev: CalibratedDevice, optimizer: str) -> dict:
-    """Seconds per optimizer step on the slowest rank of a calibrated CPU, with its breakdown."""
+    """Seconds per optimizer step on the slowest rank of a calibrated CPU, with its breakdown:
+    recompute re-runs forward work (`recompute_time`); ZeRO (stage 1 / 2, not for nvidia-sp)
+    replaces the gradient all-reduces with its own traffic (`zero_grad_time`) and updates only
+    this rank's partition. The calibration measures fp32 rates: a 16-bit run raises
+    `NotCalibrated` (its GEMM, attention and elementwise rates were not measured)."""
+    if lay.act_bytes != 4:
+        raise NotCalibrated(
+            f"this calibration ({dev.source or dev.name}) measured fp32 rates only; a "
+            f"{8 * lay.act_bytes}-bit run's step time is not predicted on it"
+        )
     mode, m, share = lay.mode, lay.micro_batches, dev.share(lay.world)
     gemm = gemm_time(s, lay, dev)
     att_flops, _ = attention_work(s, lay)
@@ -318,12 +378,19 @@ def cpu_step_time(s: Shape, lay: Layout, dev: CalibratedDevice, optimizer: str) 
     fixed_micro = dev.overhead("per_micro", mode) + s.layers * dev.overhead("per_micro_layer", mode)
     fixed_step = dev.overhead("per_step", mode) + s.layers * dev.overhead("per_step_layer", mode)
     update_bytes = 28 if optimizer == "adamw" else 12
-    opt = param_count(s, lay) * update_bytes / dev.elementwise_bw(1 << 22)
+    # ZeRO where the counts model its traffic (not nvidia-sp's tensor-parallel sums)
+    zero = bool(lay.zero_stage) and zero_counts(s, lay, optimizer)["grad_comm_bytes"] is not None
+    updated = zero_partition(s, lay) if zero else param_count(s, lay)
+    opt = updated * update_bytes / dev.elementwise_bw(1 << 22)
     comm = comm_time(s, lay, dev)
+    if zero:
+        comm["grad"] = zero_grad_time(s, lay, dev)
+    redo = recompute_time(lay, gemm, attention, elementwise)
     parts = {
         "gemm": share * m * gemm,
         "attention": share * m * attention,
         "elementwise": share * m * elementwise,
+        "recompute": share * m * redo,
         "fixed_overhead": share * (m * fixed_micro + fixed_step),
         "optimizer": share * opt,
         "sp_comm_exposed": m * comm["sp"],
