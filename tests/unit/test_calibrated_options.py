@@ -85,3 +85,15 @@ def test_bf16_on_an_fp32_calibration_has_no_step_time(tmp_path, capsys):
     assert costmodel_main(["--run", str(run), "--device-file", str(DEVICE)]) == 0
     out = capsys.readouterr().out
     assert "step_time_s: not predicted: this calibration" in out and "Traceback" not in out
+
+
+def test_validation_states_the_prediction_at_the_measured_load():
+    """validate.at_load: compute shared among `load` runnable processes instead of the P ranks;
+    communication unchanged; at a load below the core count, the plain prediction."""
+    from analysis.calibrate.validate import COMPUTE, at_load
+
+    pred = _parts(n=2)  # 2 ranks on the fixture's 2 cores: share 1
+    parts = pred["time_breakdown_s"]
+    compute = sum(v for k, v in parts.items() if k in COMPUTE)
+    assert at_load(pred, 1.0, 2) == pytest.approx(pred["step_time_s"], rel=1e-12)
+    assert at_load(pred, 8.0, 2) == pytest.approx(pred["step_time_s"] + 3 * compute, rel=1e-12)
