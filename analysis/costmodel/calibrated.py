@@ -35,6 +35,7 @@ from pathlib import Path
 from ..inputs import InputError, read_json_file
 from .counts import (
     FP32,
+    UPDATE_BYTES,
     ZERO_ALIGNMENT,
     Layout,
     Shape,
@@ -43,11 +44,16 @@ from .counts import (
     gather_bytes,
     other_comm,
     param_count,
-    parameters,
     zero_counts,
     zero_parameters,
 )
-from .steptime import Assumptions, attention_work, elementwise_bytes, sp_comm_time
+from .steptime import (
+    Assumptions,
+    attention_work,
+    elementwise_bytes,
+    grad_comm_time,
+    sp_comm_time,
+)
 
 BASE_HEAD_DIM = 16
 """The head dimension of a calibration's plain ``flash`` / ``dense`` tables; tables measured at
@@ -56,7 +62,6 @@ other head dimensions are named ``flash_d32``, ``dense_d32``, ..."""
 DATA_DIR = Path(__file__).resolve().parents[1] / "data" / "cpu"
 SCHEMA = 1
 OPS = ("all_gather", "reduce_scatter", "all_reduce", "all_to_all")
-MODES = ("serial", "lss", "nvidia-sp", "ulysses")
 
 
 def default_path(directory: Path = DATA_DIR) -> Path:
@@ -288,27 +293,7 @@ def gemm_time(s: Shape, lay: Layout, dev: CalibratedDevice) -> float:
 def comm_time(s: Shape, lay: Layout, dev: CalibratedDevice) -> dict:
     """Seconds of activation traffic (one micro-batch), gradient sync and small all-reduces."""
     net = dev.network
-    ps = parameters(s, lay)
-    pb = lay.grad_elem
-
-    def reduce(sel, n: int) -> float:
-        return (
-            sum(
-                net.time("all_reduce", 2 * (n - 1) * x // n, n)
-                for x in buckets([p.numel * pb for p in sel])
-            )
-            if n > 1 and sel
-            else 0.0
-        )
-
-    if lay.mode == "nvidia-sp":
-        grad = reduce([p for p in ps if p.tp_partial], lay.tp) + reduce(ps, lay.d)
-    else:
-        grad = (
-            reduce([p for p in ps if p.tp_partial], lay.tp)
-            + reduce([p for p in ps if not p.seq_local], lay.grad_group)
-            + reduce([p for p in ps if p.seq_local], lay.d)
-        )
+    grad = grad_comm_time(s, lay, dev)
     calls = other_comm(s, lay)[1]
     return {
         "sp": sp_comm_time(s, lay, dev),
@@ -377,7 +362,7 @@ def cpu_step_time(s: Shape, lay: Layout, dev: CalibratedDevice, optimizer: str) 
     elementwise = el_bytes / dev.elementwise_bw(tensor)
     fixed_micro = dev.overhead("per_micro", mode) + s.layers * dev.overhead("per_micro_layer", mode)
     fixed_step = dev.overhead("per_step", mode) + s.layers * dev.overhead("per_step_layer", mode)
-    update_bytes = 28 if optimizer == "adamw" else 12
+    update_bytes = UPDATE_BYTES.get(optimizer, UPDATE_BYTES["sgd"])
     # ZeRO where the counts model its traffic (not nvidia-sp's tensor-parallel sums)
     zero = bool(lay.zero_stage) and zero_counts(s, lay, optimizer)["grad_comm_bytes"] is not None
     updated = zero_partition(s, lay) if zero else param_count(s, lay)

@@ -11,7 +11,7 @@ RoPE has already been applied to query and key with global positions (positions.
 sequence group is Megatron's context-parallel group (`pg_collection.cp`).
 
 `SequenceCoreAttention` is the part every sequence-splitting core attention shares (the checks,
-the sequence group, the softmax scale, the output reshape); Ulysses' (`modes/ulysses.py`) is one
+the sequence group, the softmax scale, the output reshape); Ulysses' (`baselines/ulysses_attention.py`) is one
 too.
 `FlashCoreAttention` (serial, nvidia-sp) is one as well: the flash kernel over the whole sequence
 on this rank's heads. ``kernel`` (a spec parameter, ``--attention-kernel``) picks flash or dense
