@@ -67,7 +67,7 @@ COLUMNS = [
     "ratio_at_load",
 ]
 COMPUTE = ("gemm", "attention", "elementwise", "recompute", "fixed_overhead", "optimizer")
-"""The breakdown terms the model shares among the cores (`calibrated.cpu_step_time`)."""
+"""The breakdown terms the model shares among the cores (`steptime.step_time`)."""
 
 
 def at_load(pred: dict, load: float, cores: int) -> float:

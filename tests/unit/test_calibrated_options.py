@@ -12,9 +12,9 @@ import pytest
 
 from analysis.costmodel import compare_run, load_device_file, predict
 from analysis.costmodel.__main__ import main as costmodel_main
-from analysis.costmodel.calibrated import zero_grad_time, zero_partition
 from analysis.costmodel.configs import make_config
 from analysis.costmodel.counts import layout_from_config, shape_from_config, zero_counts
+from analysis.costmodel.steptime import zero_grad_time, zero_partition
 from tests.support import ROOT
 
 DEVICE = ROOT / "analysis" / "fixtures" / "device-cpu.json"
