@@ -224,4 +224,6 @@ def compare_run(run_dir: str | Path, device: CalibratedDevice | None = None) -> 
         out[key] = (pred[key], counted[0] if len(counted) == 1 else counted)
     if device is not None:
         out["step_time_s"] = (pred["step_time_s"], measured_step_time(rows))
+        if pred.get("step_time_note"):
+            out["step_time_note"] = pred["step_time_note"]
     return out
