@@ -697,6 +697,8 @@ def make_figures(
             data = data_fn(df, budget_bytes, source)
         else:
             data = data_fn(df)
+        if data.empty:  # drawn only when its data exists (e.g. no weak pairs in a strong preset)
+            continue
         extra = {"gpu": on_gpu(df)} if name == "memory" else {}
         paths += plot_fn(data, out / name, ctx, **extra)
     return paths

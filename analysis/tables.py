@@ -150,7 +150,7 @@ each configuration into one row (`analysis.repeats`)."""
 
 _RATIOS = {
     "speedup_vs_nvidia_sp": "step_time_s",
-    "memory_ratio_vs_nvidia_sp": "peak_mem_bytes",
+    "memory_ratio_vs_nvidia_sp": "memory_bytes",
     "activation_ratio_vs_nvidia_sp": "activation_bytes",
     "sp_comm_ratio_vs_nvidia_sp": "sp_comm_bytes",
 }
@@ -382,6 +382,23 @@ def setting_label(df: pd.DataFrame) -> pd.Series:
     return pd.Series([label(r) for _, r in df.iterrows()], index=df.index, dtype=object)
 
 
+def memory_bytes(df: pd.DataFrame) -> pd.Series:
+    """What a rank holds, per run: on CUDA the measured peak (``peak_mem_bytes``: max allocated);
+    on CPU, where the peak is the process's RSS (mostly imports, the same for every mode), the
+    counted bytes instead: activations saved for backward plus parameters, gradients and
+    optimizer state."""
+    counted = sum(
+        pd.to_numeric(df[c], errors="coerce").fillna(0) if c in df else 0
+        for c in ("activation_bytes", "param_bytes", "grad_bytes", "optimizer_state_bytes")
+    )
+    machine = df["machine"].astype(str) if "machine" in df else pd.Series("", index=df.index)
+    cuda = machine.str.contains("nccl|CUDA", regex=True)
+    peak = (
+        pd.to_numeric(df["peak_mem_bytes"], errors="coerce") if "peak_mem_bytes" in df else counted
+    )
+    return peak.where(cuda, counted).astype(float)
+
+
 def add_derived(df: pd.DataFrame, scaling: str) -> pd.DataFrame:
     """`df` with the ratio and efficiency columns filled in (see the module docstring)."""
     if scaling not in ("strong", "weak"):
@@ -391,12 +408,14 @@ def add_derived(df: pd.DataFrame, scaling: str) -> pd.DataFrame:
         if value not in df:  # a table from before that column existed
             df[value] = math.nan
     _fill_settings(df)
+    df["memory_bytes"] = memory_bytes(df)
     ok = df["status"] == "ok"
     for reference, ratios in ((_nvidia_reference, _RATIOS), (_lss_reference, _LSS_RATIOS)):
         ref = reference(df)
         for column, value in ratios.items():
             own = df[value].where(ok & (df[value] > 0))  # nothing to compare with zero bytes
             df[column] = (ref[value] / own).astype(float)
+    df = df.drop(columns="memory_bytes")  # a helper of the memory ratio, not a column
     df["reference_step_time_s"], df["parallel_efficiency"], df["flops_efficiency"] = _efficiency(
         df, scaling
     )
@@ -604,7 +623,8 @@ def format_table(df: pd.DataFrame) -> str:
     footer = (
         f"eff = parallel efficiency ({what.get(kind, kind)}); flops_eff = achieved "
         "FLOP/s per rank over the same reference's; speedup_vs_nsp, act_ratio, mem_ratio = "
-        "nvidia-sp's step time, activation bytes, peak memory over this run's "
+        "nvidia-sp's step time, activation bytes, memory over this run's (memory: the "
+        "GPU peak; on CPU activations + parameters + gradients + optimizer state, not RSS) "
         "(same N, D, l); every ratio and efficiency is between runs of the same kernel, "
         "recomp and dtype, never across; bytes are rank 0's; step_s is the slowest "
         "rank's."
