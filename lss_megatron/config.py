@@ -36,6 +36,10 @@ ATTENTION_KERNELS = ("flash", "dense")
 """`flash`: a memory-efficient kernel in every mode (nothing quadratic in l is saved); `dense`:
 scores materialised and probabilities saved in every mode (Megatron's `DotProductAttention` for
 serial and nvidia-sp). Same kernel family in every mode, so modes compare like for like."""
+SAVE_KV = ("gathered", "local")
+"""LSS: what autograd keeps of K/V (`lss.kv_gather.SAVE_KV`, the same names)."""
+KV_GATHERS = ("fused", "separate")
+"""LSS: [K|V] in one collective each way (the paper) or K and V in two (Megatron's all_gather CP)."""
 RECOMPUTE = ("none", "selective", "full")
 """Megatron's activation recompute (`TransformerConfig.recompute_granularity`): `selective`
 recomputes the core attention in backward, `full` every transformer layer (uniform, 1 layer)."""
@@ -305,6 +309,19 @@ class ParallelConfig:
         "chunk c is attended): bounded transient K/V buffers, same result and bytes",
         metavar="C",
     )
+    lss_save_kv: str = _opt(
+        "gathered",
+        "LSS: what autograd keeps of K/V for backward: gathered (the paper: the whole gathered "
+        "K/V of every layer) or local (this rank's segment; backward re-gathers it: one more "
+        "gather per layer, Megatron's all_gather CP and Llama 3's choice; flash kernel only)",
+        choices=SAVE_KV,
+    )
+    lss_kv_gather: str = _opt(
+        "fused",
+        "LSS: fused (one collective of [K|V] each way, the paper) or separate (K and V in two "
+        "calls each way, Megatron-Core's all_gather CP): the same bytes",
+        choices=KV_GATHERS,
+    )
     dist_timeout_s: float = _opt(
         300.0, "seconds before a hung collective fails the job", flag="--dist-timeout"
     )
@@ -380,6 +397,14 @@ class ParallelConfig:
             p.append(f"--kv-gather-chunks must be >= 1, got {self.kv_gather_chunks}")
         elif self.kv_gather_chunks > 1 and self.mode != "lss":
             p.append(f"--kv-gather-chunks applies to --mode lss only, not {self.mode}")
+        for flag, value, choices, default in (
+            ("--lss-save-kv", self.lss_save_kv, SAVE_KV, "gathered"),
+            ("--lss-kv-gather", self.lss_kv_gather, KV_GATHERS, "fused"),
+        ):
+            if value not in choices:
+                p.append(f"{flag} {value!r} is not one of {choices}")
+            elif value != default and self.mode != "lss":
+                p.append(f"{flag} {value} applies to --mode lss only, not {self.mode}")
         if not 0 < self.dist_timeout_s <= MAX_DIST_TIMEOUT_S:  # NaN fails too
             p.append(
                 f"--dist-timeout must be in (0, {MAX_DIST_TIMEOUT_S:g}] seconds (one week), "
@@ -677,6 +702,11 @@ class RunConfig:
             p.append(
                 "--dtype bf16 with --tensor-parallel > 1 is not supported: LSS x TP has not been "
                 "tested with Megatron's bf16 model yet; use fp32"
+            )
+        if self.parallel.lss_save_kv == "local" and self.train.attention_kernel == "dense":
+            p.append(
+                "--lss-save-kv local needs --attention-kernel flash (the dense kernel saves its "
+                "own copies of the gathered K/V, so keeping them local would save nothing)"
             )
         if self.train.zero_stage and self.parallel.tensor_parallel > 1:
             p.append(

@@ -31,6 +31,7 @@ from megatron.core.transformer.module import MegatronModule
 from ..layout import LAYOUTS, attended_pairs
 from .dense_attention import dense_attention
 from .kernel import partial_attention, to_compute_dtype
+from .kv_gather import SAVE_KV
 from .operator import lss_attention
 
 KERNELS = ("flash", "dense")
@@ -163,6 +164,8 @@ class LSSCoreAttention(SequenceCoreAttention):
         *,
         layout: str = "contiguous",
         kv_chunks: int = 1,
+        save_kv: str = "gathered",
+        fused_kv: bool = True,
         **kwargs,
     ):
         super().__init__(config, layer_number, attn_mask_type, **kwargs)
@@ -180,8 +183,22 @@ class LSSCoreAttention(SequenceCoreAttention):
         (`modes.lss.get_lss_layer_spec(layout=...)`), checked by `prepare_lss_model`."""
         self.kv_chunks = kv_chunks
         """K/V are gathered in this many double-buffered head chunks (a spec parameter)."""
+        if save_kv not in SAVE_KV:
+            raise ValueError(f"LSSCoreAttention: save_kv {save_kv!r} is not one of {SAVE_KV}")
+        if save_kv == "local" and self.kernel == "dense":
+            raise ValueError(
+                "LSSCoreAttention: save_kv='local' needs the flash kernel (the dense kernel "
+                "saves its own copies of the gathered K/V)"
+            )
+        self.save_kv = save_kv
+        """What autograd keeps of K/V: ``gathered`` or ``local`` (re-gathered in backward)."""
+        self.fused_kv = fused_kv
+        """K and V travel in one collective each way (the paper) or in two (Megatron's CP)."""
 
     def attend(self, query, key, value, causal: bool) -> torch.Tensor:
+        # Megatron's recompute runs this forward again inside backward, where the gathered K/V
+        # are used at once: keeping them local there would only gather a third time
+        recomputing = is_checkpointing() and torch.is_grad_enabled()
         out = lss_attention(
             query,
             key,
@@ -192,6 +209,8 @@ class LSSCoreAttention(SequenceCoreAttention):
             backend="dense" if self.kernel == "dense" else "auto",
             layout=self.layout,
             kv_chunks=self.kv_chunks,
+            save_kv="gathered" if recomputing else self.save_kv,
+            fused=self.fused_kv,
         )  # [s/N, b, h, d], in the compute dtype
         sq, b, h, d = out.shape
         n = self.seq_group.size()

@@ -1,9 +1,18 @@
-"""The paper's fused communication: ONE all-gather of [K | V] forward, ONE reduce-scatter of
-[dK | dV] backward (the collectives themselves are `parallel.comm`'s, counted as ``sp``).
+"""How K and V travel in LSS: the paper's fused communication (ONE all-gather of [K | V] forward,
+ONE reduce-scatter of [dK | dV] backward), or Megatron's all_gather CP (K and V in separate
+calls); and, with ``save_kv="local"``, K/V kept local and re-gathered in backward (`keep_local`).
 
-The local K and V segments of every rank of the sequence group are concatenated along the heads
-and gathered in one collective; the adjoint of that gather is one reduce-scatter (sum) of the
+The collectives themselves are `parallel.comm`'s, counted as ``sp``.
+
+Fused: the local K and V segments of every rank of the sequence group are concatenated along the
+heads and gathered in one collective; the adjoint of that gather is one reduce-scatter (sum) of the
 concatenated gradients, so each rank receives every rank's contribution to its own K and V.
+Separate (``fused=False``, Megatron-Core's ``cp_comm_type="all_gather"``): K and V are gathered in
+two calls and their gradients reduce-scattered in two: the same bytes, twice the calls.
+
+Zigzag (``order``): the gathered buffer arrives in rank order (rank s holds chunks s and 2N-1-s);
+`KVTransport.finish` reorders it into global order (one copy, which is what attention then reads
+and saves) and the backward puts the gradients back into rank order before the reduce-scatter.
 
 The gather is a start/finish pair so a caller can attend chunk c while chunk c+1 travels
 (`start_kv_all_gather`, `finish_kv_all_gather`); `fused_kv_all_gather` calls the two back to back.
@@ -11,35 +20,96 @@ The gather is a start/finish pair so a caller can attend chunk c while chunk c+1
 
 from __future__ import annotations
 
+import contextlib
+import weakref
+
 import torch
 
 from ..parallel import comm
 
 
-class PendingKVGather:
-    """An all-gather of one local [K | V] buffer in flight (async), finished by
-    `finish_kv_all_gather`."""
+class KVTransport:
+    """One rank's view of how K/V are gathered over `group`: fused or separate calls, and the
+    chunk permutation `order` into global order (zigzag: ``layout.zigzag_gather_order``)."""
 
-    def __init__(self, k: torch.Tensor, v: torch.Tensor, group):
+    def __init__(self, group, *, fused: bool = True, order: list[int] | None = None):
+        self.group, self.fused, self.order = group, fused, order
+
+    def start(self, k: torch.Tensor, v: torch.Tensor) -> PendingKVGather:
+        """Launch the gather(s) of local k, v [s/N, b, h_kv, d] asynchronously."""
+        return PendingKVGather(k, v, self)
+
+    def finish(self, pending: PendingKVGather) -> tuple[torch.Tensor, torch.Tensor]:
+        """Wait for `pending`; K, V [s, b, h_kv, d] in global order (no autograd)."""
+        for work in pending.works:
+            if work is not None:
+                work.wait()
+        h_kv = pending.h_kv
+        if self.fused:
+            kv = self._to_global(pending.outs[0])  # [s, b, 2*h_kv, d]
+            return kv[:, :, :h_kv], kv[:, :, h_kv:]  # 2 x [s, b, h_kv, d], views of one buffer
+        return self._to_global(pending.outs[0]), self._to_global(pending.outs[1])
+
+    def gather(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`start` and `finish` back to back (no autograd)."""
+        return self.finish(self.start(k, v))
+
+    def reduce_scatter(self, dk_full: torch.Tensor, dv_full: torch.Tensor):
+        """dK, dV [s, b, h_kv, d] in global order -> this rank's dk, dv [s/N, b, h_kv, d]: the
+        sum over the group of every rank's contribution to this rank's keys and values."""
+        if self.fused:
+            h_kv = dk_full.shape[2]
+            dkv_full = self._to_ranks(torch.cat([dk_full, dv_full], dim=2))  # [s, b, 2*h_kv, d]
+            dkv = comm.reduce_scatter_dim0(dkv_full, self.group, category="sp")  # [s/N, ...]
+            return dkv[:, :, :h_kv], dkv[:, :, h_kv:]  # 2 x [s/N, b, h_kv, d]
+        return tuple(
+            comm.reduce_scatter_dim0(self._to_ranks(g), self.group, category="sp")
+            for g in (dk_full, dv_full)
+        )  # 2 x [s/N, b, h_kv, d]
+
+    def _to_global(self, buf: torch.Tensor) -> torch.Tensor:
+        """[s, ...] in rank order -> global order (a copy under zigzag)."""
+        if self.order is None:
+            return buf
+        perm = torch.tensor(self.order, device=buf.device)  # [2N]: slot of chunk j
+        chunks = buf.view(len(self.order), -1, *buf.shape[1:])  # [2N, c, ...]
+        return chunks.index_select(0, perm).flatten(0, 1)  # [s, ...]
+
+    def _to_ranks(self, glob: torch.Tensor) -> torch.Tensor:
+        """Inverse of `_to_global`: [s, ...] in global order -> rank order."""
+        if self.order is None:
+            return glob
+        perm = torch.tensor(self.order, device=glob.device)
+        chunks = glob.reshape(len(self.order), -1, *glob.shape[1:])  # [2N, c, ...]
+        return torch.empty_like(chunks).index_copy_(0, perm, chunks).flatten(0, 1)  # [s, ...]
+
+
+class PendingKVGather:
+    """The all-gather(s) of one local [K | V] (or K and V) in flight, finished by
+    `KVTransport.finish`."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, transport: KVTransport):
         if k.shape != v.shape:
             raise ValueError(f"kv gather: k {tuple(k.shape)} and v {tuple(v.shape)} differ")
-        self.group = group
-        self.h_kv = k.shape[2]
-        kv = torch.cat([k.detach(), v.detach()], dim=2)  # [s/N, b, 2*h_kv, d]
-        # out: [s, b, 2*h_kv, d] once `work` is done
-        self.out, self.work = comm.start_all_gather_dim0(kv, group, category="sp")
+        self.transport, self.h_kv = transport, k.shape[2]
+        group = transport.group
+        if transport.fused:
+            kv = torch.cat([k.detach(), v.detach()], dim=2)  # [s/N, b, 2*h_kv, d]
+            parts = [comm.start_all_gather_dim0(kv, group, category="sp")]  # [s, b, 2*h_kv, d]
+        else:
+            parts = [comm.start_all_gather_dim0(t.detach(), group, category="sp") for t in (k, v)]
+        self.outs = [out for out, _ in parts]  # valid once the works are done
+        self.works = [work for _, work in parts]
 
 
 class _FinishKVGather(torch.autograd.Function):
-    """Forward: wait for the gather, split [K | V]. Backward: ONE reduce-scatter of [dK | dV]."""
+    """Forward: wait for the gather(s), K and V in global order. Backward: the reduce-scatter(s)
+    of [dK | dV] (one fused, or one each)."""
 
     @staticmethod
     def forward(ctx, k: torch.Tensor, v: torch.Tensor, pending: PendingKVGather):
-        ctx.group, ctx.h_kv = pending.group, pending.h_kv
-        if pending.work is not None:
-            pending.work.wait()
-        kv_full = pending.out  # [s, b, 2*h_kv, d]
-        return kv_full[:, :, : ctx.h_kv], kv_full[:, :, ctx.h_kv :]  # 2 x [s, b, h_kv, d]
+        ctx.transport = pending.transport
+        return pending.transport.finish(pending)  # 2 x [s, b, h_kv, d]
 
     @staticmethod
     def backward(ctx, dk_full: torch.Tensor | None, dv_full: torch.Tensor | None):
@@ -47,19 +117,21 @@ class _FinishKVGather(torch.autograd.Function):
             dk_full = torch.zeros_like(dv_full)
         if dv_full is None:
             dv_full = torch.zeros_like(dk_full)
-        dkv_full = torch.cat([dk_full, dv_full], dim=2)  # [s, b, 2*h_kv, d]
-        dkv = comm.reduce_scatter_dim0(dkv_full, ctx.group, category="sp")  # [s/N, b, 2*h_kv, d]
-        return dkv[:, :, : ctx.h_kv], dkv[:, :, ctx.h_kv :], None  # 2 x [s/N, b, h_kv, d]
+        dk, dv = ctx.transport.reduce_scatter(dk_full, dv_full)  # 2 x [s/N, b, h_kv, d]
+        return dk, dv, None
 
 
-def start_kv_all_gather(k: torch.Tensor, v: torch.Tensor, group) -> PendingKVGather:
-    """Launch the fused [K | V] all-gather of local k, v [s/N, b, h_kv, d] asynchronously."""
-    return PendingKVGather(k, v, group)
+def start_kv_all_gather(
+    k: torch.Tensor, v: torch.Tensor, group, transport: KVTransport | None = None
+) -> PendingKVGather:
+    """Launch the gather of local k, v [s/N, b, h_kv, d] asynchronously (the fused [K | V]
+    all-gather unless `transport` says otherwise)."""
+    return (transport or KVTransport(group)).start(k, v)
 
 
 def finish_kv_all_gather(k: torch.Tensor, v: torch.Tensor, pending: PendingKVGather):
     """Wait for `pending` (started from these k, v) and return the gathered K, V
-    [s, b, h_kv, d]; autograd-connected to k and v: its backward is one reduce-scatter."""
+    [s, b, h_kv, d]; autograd-connected to k and v: its backward is the reduce-scatter(s)."""
     return _FinishKVGather.apply(k, v, pending)
 
 
@@ -69,3 +141,75 @@ def fused_kv_all_gather(
     """k, v: [s/N, b, h_kv, d] -> k_full, v_full: [s, b, h_kv, d] (views of one gathered
     buffer); backward: one reduce-scatter of [dK | dV]."""
     return finish_kv_all_gather(k, v, start_kv_all_gather(k, v, group))
+
+
+# --- save_kv="local": K/V kept local, re-gathered in backward --------------------------------------
+SAVE_KV = ("gathered", "local")
+"""What autograd keeps of K/V for backward: ``gathered`` (the paper: the full gathered K/V of
+every layer) or ``local`` (this rank's segment only; backward re-gathers, Megatron's all_gather
+CP and Llama 3's choice: one more gather per layer)."""
+
+
+class _Regather:
+    """Stands for the gathered K/V of one gather among autograd's saved tensors: it holds the
+    local k, v (through the enclosing saved-tensor hooks, so a byte counter sees them) and
+    re-gathers once, on the first unpack in backward; the buffers are dropped after the last."""
+
+    def __init__(self, k, v, transport: KVTransport, outer):
+        self.transport, self.outer = transport, outer
+        self.local = [outer[0](t) if outer else t for t in (k.detach(), v.detach())]
+        self.packs = 0
+        self.full: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def unpack(self, which: int, offset: int, size, stride) -> torch.Tensor:
+        if self.full is None:
+            k, v = (self.outer[1](t) if self.outer else t for t in self.local)
+            self.full = self.transport.gather(k, v)  # 2 x [s, b, h_kv, d], as in forward
+        t = self.full[which].as_strided(size, stride, offset)
+        self.packs -= 1
+        if self.packs <= 0:
+            self.full = None
+        return t
+
+
+class _LocalKV:
+    """The saved-tensor hooks of `keep_local`: storages of gathered K/V -> their `_Regather`."""
+
+    def __init__(self):
+        self.watched: dict[int, tuple[weakref.ref, _Regather, int]] = {}
+        top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+        self.outer = top(False) if top is not None else None  # e.g. the saved-bytes counter
+
+    def add(self, k_full, v_full, k, v, transport: KVTransport) -> None:
+        regather = _Regather(k, v, transport, self.outer)
+        for which, t in enumerate((k_full, v_full)):
+            st = t.untyped_storage()
+            self.watched[st.data_ptr()] = (weakref.ref(t), regather, which)
+
+    def pack(self, t: torch.Tensor):
+        hit = self.watched.get(t.untyped_storage().data_ptr()) if t.numel() else None
+        if hit is not None and hit[0]() is not None and t.dtype == hit[0]().dtype:
+            _, regather, which = hit
+            regather.packs += 1
+            return (regather, which, t.storage_offset(), tuple(t.shape), tuple(t.stride()))
+        return (None, self.outer[0](t)) if self.outer else (None, t)
+
+    def unpack(self, packed) -> torch.Tensor:
+        if packed[0] is None:
+            return self.outer[1](packed[1]) if self.outer else packed[1]
+        regather, which, offset, size, stride = packed
+        return regather.unpack(which, offset, size, stride)
+
+
+@contextlib.contextmanager
+def keep_local(enabled: bool = True):
+    """Inside the block, gathered K/V registered with ``.add(k_full, v_full, k, v, transport)``
+    are not kept for backward: autograd keeps the local k, v and re-gathers on first use in
+    backward. Any other saved tensor goes to the enclosing hooks (or is kept as it is). Yields
+    None (nothing to register) when not `enabled`."""
+    if not enabled:
+        yield None
+        return
+    local = _LocalKV()
+    with torch.autograd.graph.saved_tensors_hooks(local.pack, local.unpack):
+        yield local

@@ -19,6 +19,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 
 from ..layout import LAYOUTS, segment_chunks
 from ..lss.core_attention import LSSCoreAttention
+from ..lss.kv_gather import SAVE_KV
 from ..lss.positions import SegmentPositionEmbedding, SegmentRotaryEmbedding, distribute_positions
 from .base import Mode
 from .nvidia_sp import with_sequence_parallel_norms
@@ -29,22 +30,46 @@ POSITION_TYPES = ("learned_absolute", "rope", "none")
 
 
 def get_lss_layer_spec(
-    *, causal: bool = True, layout: str = "contiguous", kv_chunks: int = 1, kernel: str = "flash"
+    *,
+    causal: bool = True,
+    layout: str = "contiguous",
+    kv_chunks: int = 1,
+    kernel: str = "flash",
+    save_kv: str = "gathered",
+    fused_kv: bool = True,
 ):
     """Megatron's local GPT layer spec with `LSSCoreAttention` (running `kernel`: flash or dense)
     as its core attention.
 
     `layout`: ``contiguous`` (rank n holds [n l/N, (n+1) l/N)) or ``zigzag`` (chunks n and
     2N-1-n of 2N); `kv_chunks`: gather K/V in this many double-buffered head chunks (it must
-    divide each rank's key/value heads, h_kv / tensor-parallel size)."""
+    divide each rank's key/value heads, h_kv / tensor-parallel size); `save_kv`: what autograd
+    keeps of K/V, ``gathered`` (the paper) or ``local`` (this rank's segment, re-gathered in
+    backward: one more gather per layer; flash kernel only); `fused_kv`: K and V in one collective
+    each way (the paper) or False, two (Megatron-Core's all_gather CP)."""
     if layout not in LAYOUTS:
         raise ValueError(f"get_lss_layer_spec: layout {layout!r} is not one of {LAYOUTS}")
     if not isinstance(kv_chunks, int) or kv_chunks < 1:
         raise ValueError(f"get_lss_layer_spec: kv_chunks must be an int >= 1, got {kv_chunks!r}")
+    if save_kv not in SAVE_KV:
+        raise ValueError(f"get_lss_layer_spec: save_kv {save_kv!r} is not one of {SAVE_KV}")
+    if save_kv == "local" and kernel != "flash":
+        raise ValueError(
+            f"get_lss_layer_spec: save_kv='local' needs kernel='flash', got {kernel!r} (the dense "
+            "kernel saves its own copies of the gathered K/V)"
+        )
+    if not isinstance(fused_kv, bool):
+        raise ValueError(f"get_lss_layer_spec: fused_kv must be a bool, got {fused_kv!r}")
     spec = get_serial_layer_spec(causal)
     spec.submodules.self_attention.submodules.core_attention = ModuleSpec(
         module=LSSCoreAttention,
-        params={"layout": layout, "kv_chunks": kv_chunks, "kernel": kernel},
+        params={
+            "layout": layout,
+            "kv_chunks": kv_chunks,
+            "kernel": kernel,
+            "save_kv": save_kv,
+            "fused_kv": fused_kv,
+        },
     )
     return spec
 
@@ -63,8 +88,9 @@ def _unwrap(model):
     return inner
 
 
-def _check_attention(gpt, layout: str) -> list[LSSCoreAttention]:
-    """Every core attention is an LSSCoreAttention built for `layout` on one group."""
+def _check_attention(gpt, layout: str, save_kv: str = "gathered") -> list[LSSCoreAttention]:
+    """Every core attention is an LSSCoreAttention built for `layout` and `save_kv` on one
+    group."""
     attentions = [m for m in gpt.modules() if hasattr(m, "core_attention")]
     cores = [a.core_attention for a in attentions]
     other = sorted({type(c).__name__ for c in cores if not isinstance(c, LSSCoreAttention)})
@@ -79,6 +105,12 @@ def _check_attention(gpt, layout: str) -> list[LSSCoreAttention]:
         raise ValueError(
             f"prepare_lss_model: layout {layout!r}, but the model was built with "
             f"get_lss_layer_spec(layout={wrong[0]!r}); use the same layout in both"
+        )
+    wrong = sorted({c.save_kv for c in cores if c.save_kv != save_kv})
+    if wrong:
+        raise ValueError(
+            f"prepare_lss_model: save_kv {save_kv!r}, but the model was built with "
+            f"get_lss_layer_spec(save_kv={wrong[0]!r}); use the same save_kv in both"
         )
     if len({id(c.seq_group) for c in cores}) != 1:
         raise ValueError("prepare_lss_model: the layers attend over different process groups")
@@ -116,21 +148,23 @@ def _check_model(gpt, n: int, layout: str) -> None:
         )
 
 
-def prepare_lss_model(model, *, layout: str = "contiguous"):
+def prepare_lss_model(model, *, layout: str = "contiguous", save_kv: str = "gathered"):
     """Make a built Megatron-Core `GPTModel` (or a wrapper with ``.module``) exact under LSS.
 
     Call once on every rank of the context-parallel group, after `GPTModel(...,
     transformer_layer_spec=get_lss_layer_spec(layout=layout, ...))` and before training. It
     refuses (ValueError/TypeError) a model whose core attention is not `LSSCoreAttention` for this
-    layout, whose config disagrees with the group, whose max_sequence_length the layout cannot
+    layout and `save_kv`, whose config disagrees with the group, whose max_sequence_length the layout cannot
     cut, or whose positional encoding it cannot make exact; then it keeps only this rank's rows of
     a learned position table (a sequence-local parameter: average its gradient over the data
     group only, see docs/megatron-lm.md) and makes RoPE use this rank's global positions.
     Returns `model`."""
     if layout not in LAYOUTS:
         raise ValueError(f"prepare_lss_model: layout {layout!r} is not one of {LAYOUTS}")
+    if save_kv not in SAVE_KV:
+        raise ValueError(f"prepare_lss_model: save_kv {save_kv!r} is not one of {SAVE_KV}")
     gpt = _unwrap(model)
-    cores = _check_attention(gpt, layout)
+    cores = _check_attention(gpt, layout, save_kv)
     group = cores[0].seq_group
     n, rank = group.size(), group.rank()
     _check_model(gpt, n, layout)
@@ -142,13 +176,18 @@ def _layer_spec(model, grid, kernel: str = "flash"):
     """The trainer's LSS spec; with tensor parallelism (T > 1) Megatron's TP runs with
     sequence_parallel inside each sequence rank, so its LayerNorms must accept it."""
     spec = get_lss_layer_spec(
-        causal=model.causal, layout=grid.layout, kv_chunks=grid.kv_gather_chunks, kernel=kernel
+        causal=model.causal,
+        layout=grid.layout,
+        kv_chunks=grid.kv_gather_chunks,
+        kernel=kernel,
+        save_kv=grid.lss_save_kv,
+        fused_kv=grid.lss_kv_gather == "fused",
     )
     return with_sequence_parallel_norms(spec, model.num_layers) if grid.tp_size > 1 else spec
 
 
 def _post_build(model, grid) -> None:
-    prepare_lss_model(model, layout=grid.layout)
+    prepare_lss_model(model, layout=grid.layout, save_kv=grid.lss_save_kv)
 
 
 MODE = Mode(name="lss", layer_spec=_layer_spec, post_build=_post_build)
