@@ -37,7 +37,7 @@ class KVTransport:
 
     def start(self, k: torch.Tensor, v: torch.Tensor) -> PendingKVGather:
         """Launch the gather(s) of local k, v [s/N, b, h_kv, d] asynchronously."""
-        return PendingKVGather(k, v, self)
+        return PendingKVGather(torch.cat([k.detach(), v.detach()], dim=2), self)
 
     def finish(self, pending: PendingKVGather) -> tuple[torch.Tensor, torch.Tensor]:
         """Wait for `pending`; K, V [s, b, h_kv, d] in global order (no autograd)."""
@@ -50,9 +50,9 @@ class KVTransport:
             return kv[:, :, :h_kv], kv[:, :, h_kv:]  # 2 x [s, b, h_kv, d], views of one buffer
         return self._to_global(pending.outs[0]), self._to_global(pending.outs[1])
 
-    def gather(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """`start` and `finish` back to back (no autograd)."""
-        return self.finish(self.start(k, v))
+    def gather(self, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The gather(s) of a local [k | v] [s/N, b, 2*h_kv, d], finished (no autograd)."""
+        return self.finish(PendingKVGather(kv, self))
 
     def reduce_scatter(self, dk_full: torch.Tensor, dv_full: torch.Tensor):
         """dK, dV [s, b, h_kv, d] in global order -> this rank's dk, dv [s/N, b, h_kv, d]: the
@@ -88,16 +88,18 @@ class PendingKVGather:
     """The all-gather(s) of one local [K | V] (or K and V) in flight, finished by
     `KVTransport.finish`."""
 
-    def __init__(self, k: torch.Tensor, v: torch.Tensor, transport: KVTransport):
-        if k.shape != v.shape:
-            raise ValueError(f"kv gather: k {tuple(k.shape)} and v {tuple(v.shape)} differ")
-        self.transport, self.h_kv = transport, k.shape[2]
+    def __init__(self, kv: torch.Tensor, transport: KVTransport):
+        self.transport, self.h_kv = transport, kv.shape[2] // 2
+        self.local = kv
+        """This rank's [k | v] [s/N, b, 2*h_kv, d] (what `keep_local` keeps)."""
         group = transport.group
         if transport.fused:
-            kv = torch.cat([k.detach(), v.detach()], dim=2)  # [s/N, b, 2*h_kv, d]
             parts = [comm.start_all_gather_dim0(kv, group, category="sp")]  # [s, b, 2*h_kv, d]
         else:
-            parts = [comm.start_all_gather_dim0(t.detach(), group, category="sp") for t in (k, v)]
+            parts = [
+                comm.start_all_gather_dim0(t, group, category="sp")
+                for t in (kv[:, :, : self.h_kv], kv[:, :, self.h_kv :])
+            ]  # 2 x [s, b, h_kv, d]
         self.outs = [out for out, _ in parts]  # valid once the works are done
         self.works = [work for _, work in parts]
 
@@ -108,6 +110,8 @@ class _FinishKVGather(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, k: torch.Tensor, v: torch.Tensor, pending: PendingKVGather):
+        if k.shape != v.shape or pending.local.shape[2] != 2 * k.shape[2]:
+            raise ValueError(f"kv gather: k {tuple(k.shape)} and v {tuple(v.shape)} differ")
         ctx.transport = pending.transport
         return pending.transport.finish(pending)  # 2 x [s, b, h_kv, d]
 
@@ -152,19 +156,20 @@ CP and Llama 3's choice: one more gather per layer)."""
 
 class _Regather:
     """Stands for the gathered K/V of one gather among autograd's saved tensors: it holds the
-    local k, v (through the enclosing saved-tensor hooks, so a byte counter sees them) and
+    local [k | v] buffer the gather sent, [s/N, b, 2*h_kv, d] (through the enclosing saved-tensor
+    hooks, so a byte counter sees it; its own storage, so it keeps nothing else alive) and
     re-gathers once, on the first unpack in backward; the buffers are dropped after the last."""
 
-    def __init__(self, k, v, transport: KVTransport, outer):
-        self.transport, self.outer = transport, outer
-        self.local = [outer[0](t) if outer else t for t in (k.detach(), v.detach())]
+    def __init__(self, pending: PendingKVGather, outer):
+        self.transport, self.outer = pending.transport, outer
+        self.local = outer[0](pending.local) if outer else pending.local
         self.packs = 0
         self.full: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def unpack(self, which: int, offset: int, size, stride) -> torch.Tensor:
         if self.full is None:
-            k, v = (self.outer[1](t) if self.outer else t for t in self.local)
-            self.full = self.transport.gather(k, v)  # 2 x [s, b, h_kv, d], as in forward
+            kv = self.outer[1](self.local) if self.outer else self.local
+            self.full = self.transport.gather(kv)  # 2 x [s, b, h_kv, d], as in forward
         t = self.full[which].as_strided(size, stride, offset)
         self.packs -= 1
         if self.packs <= 0:
@@ -180,8 +185,9 @@ class _LocalKV:
         top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
         self.outer = top(False) if top is not None else None  # e.g. the saved-bytes counter
 
-    def add(self, k_full, v_full, k, v, transport: KVTransport) -> None:
-        regather = _Regather(k, v, transport, self.outer)
+    def add(self, k_full, v_full, pending: PendingKVGather) -> None:
+        """Gathered K, V (from `pending`) are saved as its local [k | v], re-gathered later."""
+        regather = _Regather(pending, self.outer)
         for which, t in enumerate((k_full, v_full)):
             st = t.untyped_storage()
             self.watched[st.data_ptr()] = (weakref.ref(t), regather, which)
@@ -203,8 +209,8 @@ class _LocalKV:
 
 @contextlib.contextmanager
 def keep_local(enabled: bool = True):
-    """Inside the block, gathered K/V registered with ``.add(k_full, v_full, k, v, transport)``
-    are not kept for backward: autograd keeps the local k, v and re-gathers on first use in
+    """Inside the block, gathered K/V registered with ``.add(k_full, v_full, pending)`` are not
+    kept for backward: autograd keeps the local k, v and re-gathers on first use in
     backward. Any other saved tensor goes to the enclosing hooks (or is kept as it is). Yields
     None (nothing to register) when not `enabled`."""
     if not enabled:

@@ -43,7 +43,7 @@ def _tp_worker(rank, world, layouts):
 
     kv_gather.comm.start_all_gather_dim0 = spy
     out = []
-    for n, t, d, pos, layout in layouts:
+    for n, t, d, pos, layout, *save_kv in layouts:
         cfg = RunConfig(
             model=ModelConfig(position_embedding=pos, **MODEL),
             parallel=ParallelConfig(
@@ -53,6 +53,7 @@ def _tp_worker(rank, world, layouts):
                 tensor_parallel=t,
                 data_parallel=d,
                 lss_layout=layout,
+                lss_save_kv=save_kv[0] if save_kv else "gathered",
             ),
             train=TrainConfig(
                 global_batch_size=GLOBAL_BATCH, micro_batch_size=MICRO_BATCH, seed=SEED
@@ -67,7 +68,7 @@ def _tp_worker(rank, world, layouts):
         GradientAverager(model, grid)()
         out.append(
             {
-                "layout": (n, t, d, pos, layout),
+                "layout": (n, t, d, pos, layout, *save_kv),
                 "loss": global_mean_loss(local_loss, grid),
                 "seq_rank": grid.seq_rank,
                 "tp_rank": grid.tp_rank,
@@ -152,16 +153,21 @@ def _runs(world, layouts):
     return out
 
 
-LAYOUTS4 = [(2, 2, 1, "learned", "contiguous"), (2, 2, 1, "rope", "zigzag")]
+LAYOUTS4 = [
+    (2, 2, 1, "learned", "contiguous"),
+    (2, 2, 1, "rope", "zigzag"),
+    (2, 2, 1, "learned", "zigzag", "local"),  # K/V kept local, re-gathered in backward
+]
 LAYOUTS8 = [(2, 2, 2, "learned", "zigzag"), (2, 2, 2, "rope", "contiguous")]
 
 
 @pytest.mark.timeout(600)
 def test_lss_x_tp_n2_t2_d1(reference):
-    """4 ranks: learned contiguous and RoPE zigzag."""
+    """4 ranks: learned contiguous, RoPE zigzag, learned zigzag with --lss-save-kv local (the
+    backward re-gather moves the same [l/N, b, 2 h_kv/T, d] buffers)."""
     runs = _runs(4, LAYOUTS4)
     for layout in LAYOUTS4:
-        n, t, d, pos, _ = layout
+        n, t, d, pos = layout[:4]
         check_tp(reference[pos], runs[layout], n, t, d, pos)
 
 
@@ -171,5 +177,5 @@ def test_lss_x_tp_n2_t2_d2(reference):
     """8 ranks: the data replicas on top (gradient group N x D per TP rank)."""
     runs = _runs(8, LAYOUTS8)
     for layout in LAYOUTS8:
-        n, t, d, pos, _ = layout
+        n, t, d, pos = layout[:4]
         check_tp(reference[pos], runs[layout], n, t, d, pos)

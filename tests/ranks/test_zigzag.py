@@ -69,7 +69,7 @@ def _model_worker(rank, world, layouts):
     from lss_megatron.training.step import forward_backward, global_mean_loss, step_micro_batches
 
     out = []
-    for n, pos, mode, layout in layouts:
+    for n, pos, mode, layout, *save_kv in layouts:
         cfg = RunConfig(
             model=ModelConfig(
                 num_layers=2,
@@ -80,7 +80,13 @@ def _model_worker(rank, world, layouts):
                 vocab_size=64,
                 position_embedding=pos,
             ),
-            parallel=ParallelConfig(mode=mode, world_size=world, seq_parallel=n, lss_layout=layout),
+            parallel=ParallelConfig(
+                mode=mode,
+                world_size=world,
+                seq_parallel=n,
+                lss_layout=layout,
+                lss_save_kv=save_kv[0] if save_kv else "gathered",
+            ),
             train=TrainConfig(global_batch_size=2, micro_batch_size=1, seed=3),
         ).validate()
         grid = initialize_grid(cfg.parallel)
@@ -91,7 +97,7 @@ def _model_worker(rank, world, layouts):
         GradientAverager(model, grid)()
         out.append(
             {
-                "key": (pos, layout),
+                "key": (pos, layout, *save_kv),
                 "loss": global_mean_loss(local_loss, grid),
                 "grads": {k: p.grad.numpy().copy() for k, p in model.named_parameters()},
                 "tokens": tok.numpy().copy(),
@@ -110,14 +116,15 @@ def test_zigzag_model_matches_one_process():
             _model_worker, 1, [(1, p, "serial", "contiguous") for p in ("learned", "rope")]
         )[0]
     }
-    runs = run_ranks(
-        _model_worker, 4, [(4, p, "lss", "zigzag") for p in ("learned", "rope")], timeout=200
-    )
+    # the paper's form, and K/V kept local (re-gathered in backward) with learned positions
+    variants = [(4, p, "lss", "zigzag") for p in ("learned", "rope")]
+    variants.append((4, "learned", "lss", "zigzag", "local"))
+    runs = run_ranks(_model_worker, 4, variants, timeout=250)
     for rank_results in runs:
         for r in rank_results:
             pos = r["key"][0]
             base = ref[pos]
-            tag = f"zigzag {pos} seq_rank={r['seq_rank']}"
+            tag = f"zigzag {r['key']} seq_rank={r['seq_rank']}"
             idx = _local_index(16, r["seq_rank"], 4).numpy()
             assert abs(r["loss"] - base["loss"]) < TOL, tag
             for name, g in r["grads"].items():
