@@ -155,20 +155,26 @@ CP and Llama 3's choice: one more gather per layer)."""
 
 
 class _Regather:
-    """Stands for the gathered K/V of one gather among autograd's saved tensors: it holds the
-    local [k | v] buffer the gather sent, [s/N, b, 2*h_kv, d] (through the enclosing saved-tensor
-    hooks, so a byte counter sees it; its own storage, so it keeps nothing else alive) and
-    re-gathers once, on the first unpack in backward; the buffers are dropped after the last."""
+    """Stands for the gathered K/V of one gather among autograd's saved tensors and re-gathers
+    them once, on the first unpack in backward (the buffers are dropped after the last).
 
-    def __init__(self, pending: PendingKVGather, outer):
+    What it keeps (through the enclosing saved-tensor hooks, so a byte counter sees it): the
+    local k, v themselves when they are views of the buffer q lives in (Megatron's fused QKV
+    projection output, MHA without RoPE: the kernel keeps that buffer for q anyway, so they cost
+    nothing more); otherwise the [k | v] buffer the gather sent, [s/N, b, 2*h_kv, d], its own
+    storage, so it keeps no larger buffer alive."""
+
+    def __init__(self, pending: PendingKVGather, outer, views=None):
         self.transport, self.outer = pending.transport, outer
-        self.local = outer[0](pending.local) if outer else pending.local
+        kept = list(views) if views is not None else [pending.local]
+        self.kept = [outer[0](t) if outer else t for t in kept]
         self.packs = 0
         self.full: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def unpack(self, which: int, offset: int, size, stride) -> torch.Tensor:
         if self.full is None:
-            kv = self.outer[1](self.local) if self.outer else self.local
+            kept = [self.outer[1](t) if self.outer else t for t in self.kept]
+            kv = kept[0] if len(kept) == 1 else torch.cat(kept, dim=2)  # [s/N, b, 2*h_kv, d]
             self.full = self.transport.gather(kv)  # 2 x [s, b, h_kv, d], as in forward
         t = self.full[which].as_strided(size, stride, offset)
         self.packs -= 1
@@ -185,9 +191,12 @@ class _LocalKV:
         top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
         self.outer = top(False) if top is not None else None  # e.g. the saved-bytes counter
 
-    def add(self, k_full, v_full, pending: PendingKVGather) -> None:
-        """Gathered K, V (from `pending`) are saved as its local [k | v], re-gathered later."""
-        regather = _Regather(pending, self.outer)
+    def add(self, k_full, v_full, pending: PendingKVGather, k=None, v=None, q=None) -> None:
+        """Gathered K, V (from `pending`, sent from local `k`, `v`) are saved as the local k, v
+        if they share q's buffer, else as `pending`'s [k | v]; re-gathered in backward."""
+        shared = q is not None and k is not None and v is not None
+        shared = shared and all(_same_storage(t, q) for t in (k, v))
+        regather = _Regather(pending, self.outer, (k.detach(), v.detach()) if shared else None)
         for which, t in enumerate((k_full, v_full)):
             st = t.untyped_storage()
             self.watched[st.data_ptr()] = (weakref.ref(t), regather, which)
@@ -207,10 +216,14 @@ class _LocalKV:
         return regather.unpack(which, offset, size, stride)
 
 
+def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
 @contextlib.contextmanager
 def keep_local(enabled: bool = True):
-    """Inside the block, gathered K/V registered with ``.add(k_full, v_full, pending)`` are not
-    kept for backward: autograd keeps the local k, v and re-gathers on first use in
+    """Inside the block, gathered K/V registered with ``.add(k_full, v_full, pending, k, v, q)``
+    are not kept for backward: autograd keeps the local k, v and re-gathers on first use in
     backward. Any other saved tensor goes to the enclosing hooks (or is kept as it is). Yields
     None (nothing to register) when not `enabled`."""
     if not enabled:

@@ -93,7 +93,7 @@ def lss_attention(
             pending = transport.start(k, v)
             k_full, v_full = finish_kv_all_gather(k, v, pending)  # 2 x [s, b, h_kv, d]
             if local is not None:
-                local.add(k_full, v_full, pending)
+                local.add(k_full, v_full, pending, k, v, q)
             return attend(q, k_full, v_full)  # [s/N, b, h, d]
         # Bounded, overlapped gathers: kv heads in `kv_chunks` chunks; the gather of chunk c+1 is
         # in flight while chunk c is attended; backward reduce-scatters each chunk's gradients.
@@ -112,7 +112,7 @@ def lss_attention(
             )
             k_full, v_full = finish_kv_all_gather(k_c, v_c, pending)  # 2 x [s, b, hc, d]
             if local is not None:
-                local.add(k_full, v_full, pending)
+                local.add(k_full, v_full, pending, k_c, v_c, q)
             outs.append(attend(q[:, :, c * qc : (c + 1) * qc], k_full, v_full))  # [s/N, b, qc, d]
             pending = upcoming
         return torch.cat(outs, dim=2)  # [s/N, b, h, d]

@@ -26,6 +26,8 @@ TOL = 1e-5
 
 
 def _worker(rank, world, cases):
+    import torch
+
     from lss_megatron import lss_attention
     from lss_megatron.lss.positions import local_positions
     from lss_megatron.parallel import comm
@@ -34,11 +36,19 @@ def _worker(rank, world, cases):
     out = []
     for case, chunks, layout, *variant in cases:
         opts = dict(variant[0]) if variant else {}
+        one_buffer = opts.pop("qkv_buffer", False)  # q, k, v views of one buffer, as Megatron's
         causal = case[0]
         q, k, v, dout = attention_inputs(case)
         ref_out, ref_dq, ref_dk, ref_dv = reference_attention(q, k, v, dout, causal)
         idx = local_positions(q.shape[0], rank, world, layout)
-        lq, lk, lv = (t[idx].float().clone().requires_grad_(True) for t in (q, k, v))
+        if one_buffer:  # Megatron's fused QKV projection output: [s/N, b, h + 2 h_kv, d]
+            qkv = torch.cat([t[idx].float() for t in (q, k, v)], dim=2).requires_grad_(True)
+            h, h_kv = q.shape[2], k.shape[2]
+            lq, lk, lv = qkv[:, :, :h], qkv[:, :, h : h + h_kv], qkv[:, :, h + h_kv :]
+            for t in (lq, lk, lv):
+                t.retain_grad()
+        else:
+            lq, lk, lv = (t[idx].float().clone().requires_grad_(True) for t in (q, k, v))
         with comm.record() as fwd, saved_storages() as saved:
             o = lss_attention(lq, lk, lv, causal=causal, layout=layout, kv_chunks=chunks, **opts)
         with comm.record() as bwd:
@@ -99,6 +109,10 @@ def test_chunked_gathers_lower_the_peak_memory():
 _GQA, _MHA_BIDIR = (True, 8, 4, 8, 32, 2), (False, 4, 4, 12, 16, 1)
 _LOCAL, _SEPARATE = (("save_kv", "local"),), (("fused", False),)
 _MEGATRON_CP = (("save_kv", "local"), ("fused", False))
+_ONE_BUFFER, _ONE_BUFFER_LOCAL = (
+    (("qkv_buffer", True),),
+    (("save_kv", "local"), ("qkv_buffer", True)),
+)
 
 
 @pytest.mark.timeout(300)
@@ -111,15 +125,17 @@ def test_local_kv_and_separate_gathers_are_exact_with_their_bytes(world):
         for case in (_GQA, _MHA_BIDIR)
         for chunks in (1, 2)
         for layout in ("contiguous", "zigzag")
-        for variant in ((), _LOCAL, _SEPARATE, _MEGATRON_CP)
+        for variant in ((), _LOCAL, _SEPARATE, _MEGATRON_CP, _ONE_BUFFER, _ONE_BUFFER_LOCAL)
     ]
     for rank, results in enumerate(run_ranks(_worker, world, cases, timeout=250)):
         base = {c[:3]: r for c, r in zip(cases, results, strict=True) if c[3] == ()}
+        one_base = {c[:3]: r for c, r in zip(cases, results, strict=True) if c[3] == _ONE_BUFFER}
         for (case, chunks, layout, variant), r in zip(cases, results, strict=True):
             tag = f"N={world} rank={rank} C={chunks} {layout} {dict(variant)} {case}"
             assert r["err"] < TOL, f"{tag}: error {r['err']:.2e}"
-            b = base[(case, chunks, layout)]
             opts = dict(variant)
+            one_buffer = opts.pop("qkv_buffer", False)
+            b = base[(case, chunks, layout)] if not one_buffer else one_base[(case, chunks, layout)]
             local, calls = opts.get("save_kv") == "local", 1 if opts.get("fused", True) else 2
             # forward: the same gathers; backward: the same reduce-scatters, plus under local one
             # re-gather of exactly the forward's bytes
@@ -133,5 +149,15 @@ def test_local_kv_and_separate_gathers_are_exact_with_their_bytes(world):
             # saved bytes: local keeps l/N of the gathered K/V, [l, b, 2 h_kv, d] fp32
             _, h, h_kv, d, seq, batch = case
             gathered_kv = seq * batch * 2 * h_kv * d * 4
-            drop = (world - 1) * gathered_kv // world if local else 0
+            # (when k, v share q's buffer, the kernel keeps that buffer for q: local k, v are free)
+            drop = (world - 1 if not one_buffer else world) * gathered_kv // world if local else 0
             assert b["saved"] - r["saved"] == drop, (tag, b["saved"], r["saved"])
+            # the per-layer formula of docs/modes.md: q and out [l/N, b, h, d] (q: the whole
+            # [l/N, b, h + 2 h_kv, d] buffer it is a view of), K/V (gathered [l, ...], or local
+            # [l/N, ...] unless they are views of q's buffer), the fp32 log-sum-exp [b, h, l/N]
+            sq = seq // world
+            kv_len = (0 if one_buffer else sq) if local else seq
+            q_heads = h + 2 * h_kv if one_buffer else h
+            formula = 4 * ((q_heads + h) * sq * batch * d + 2 * kv_len * batch * h_kv * d)
+            formula += 4 * batch * h * sq
+            assert r["saved"] == formula, (tag, r["saved"], formula)
