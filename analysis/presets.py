@@ -21,54 +21,50 @@ A preset with explicit ``layouts`` ((label, N, D) triples) runs exactly those la
 length instead of the degrees x data-parallel grid: an equal-ranks series, where each mode
 runs at its own legal degrees on the same P ranks.
 
-Runs are ordered so that machine noise hits the modes alike: grid point by grid point, repeat by
-repeat, with the modes of a point in an order rotated by one each time. A run the trainer would
+Runs are interleaved so that machine noise hits the configurations alike: with K repeats, every
+configuration runs once per round, K rounds, the order within each round shuffled by a seed that
+plan.json records (`make_plan`; docs/measurement.md says why). A run the trainer would
 reject (e.g. nvidia-sp needs heads, key/value heads, FFN and vocabulary divisible by N) is left
 out of the plan and listed in `Plan.skipped`, with the trainer's own message.
 
-Presets (`PRESETS`):
+The presets are data: one YAML file per preset in ``launch/presets/compare/`` (shipped in the
+wheel as ``lss_megatron/presets/compare/``, found by `lss_megatron.resources.compare_presets_dir`),
+named by the file's stem; `python -m analysis.compare --list` lists them. `load_preset` reads a
+file strictly: every key is a `Preset` field with dashes (``seq-lengths``, ``serial-at-scale``;
+``memory-budget`` takes ``64 MiB`` / ``16 GiB``), each value of the field's type (no coercion but
+integer -> float), and ``model`` / ``train`` hold trainer flags typed as in the trainer's own YAML
+presets (`lss_megatron.strict_yaml`); the flags the plan sets (``mode``, ``seq-parallel``,
+``data-parallel``, ``seq-length``, ``out``) are refused there. Every problem of a file comes in
+one `PresetError` (an `InputError`: ``analysis.compare`` prints it as one line, exit 2).
 
-========================  ================================================================
-``smoke``                 2 layers, E 64, l in {128, 256}, N in {2, 4}: 10 runs of 3 steps,
-                          at most 4 processes, ~2-3 min on 2 CPU cores (the test's preset)
-``cpu-strong``            4 layers, E 128, l in {512, 1024}, N in {2, 4}, lss, nvidia-sp and
-                          ulysses, serial also as data parallelism on P ranks, 2 repeats: 36 runs
-``cpu-weak``              same model, l = l0 x N for l0 in {128, 256}, N in {2, 4}, lss,
-                          nvidia-sp and ulysses, 2 repeats: 28 runs, ~12-17 min
-``cpu-options``           the options beyond the paper against plain LSS: 2 layers, E 256, GQA,
-                          RoPE, l = 1024, N = 4: lss, lss-zigzag, lss-kv4, ulysses, nvidia-sp,
-                          lss-zero1, lss-zero2 and the serial reference, 3 steps: 8 runs,
-                          ~2.5 min on 2 CPU cores
-``cpu-kernels``           like for like: serial, lss, nvidia-sp and ulysses x attention kernel
-                          {flash, dense} x recompute {none, selective}, MHA, N = 4, l = 1024:
-                          16 runs (the kernel effect and the scheme effect side by side)
-``cpu-kernels-gqa``       the same with GQA 4:1 at N = 2: 16 runs
-``paper-enwik8-144gpu``   cluster: the paper's 144-GPU comparison with NVIDIA SP, strong
-                          scaling of N = 6 x D in {1, 4, 24} at l in {3072, 6144, 12288}
-``paper-enwik8-144gpu-``  cluster: the equal-ranks series on 144 GPUs, l 6,912: LSS at
-``equal-ranks``           N in {6, 24, 144} against NVIDIA SP at its head-capped t in {6, 12}
-                          (D = 144 / N), flash and dense kernels
-``paper-enwik8-3456gpu``  cluster: weak scaling, 348 tokens per GPU, D = 24, N up to 144:
-                          l = 50,112 on 3,456 GPUs
-========================  ================================================================
-
-Cluster presets (``cluster=True``) use the enwik8 data (``--data enwik8 --data-path``) with the
-models and recipes of launch/presets/paper-enwik8-*.yaml (every flag given explicitly, so no
-checkpoints are written); `compare` only prints their commands (``--dry-run``) and builds the
-table from their finished run folders (``--collect``). Tests never run them.
+To add a preset: copy the closest file of ``launch/presets/compare/`` to ``NEW-NAME.yaml``, edit
+it, check it with ``python -m analysis.compare --preset NEW-NAME --dry-run`` (every run the
+trainer would reject is listed with its reason), and add a row to the table of
+docs/measurement.md. Nothing in the code changes; a new *variant* (a label for a mode plus flags)
+is one line of `VARIANTS`. Cluster presets (``cluster: true``) use the enwik8 data with the models
+and recipes of launch/presets/paper-enwik8-*.yaml (every flag given explicitly, so no checkpoints
+are written); `compare` only prints their commands (``--dry-run``) and builds the table from
+their finished run folders (``--collect``). Tests never run them.
 """
 
 from __future__ import annotations
 
+import random
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from functools import cache
 from pathlib import Path
-from types import MappingProxyType
+from types import MappingProxyType, UnionType
+from typing import Union, get_args, get_origin, get_type_hints
+
+import yaml
 
 from lss_megatron.config import ConfigError
-from lss_megatron.resources import source_root
+from lss_megatron.resources import compare_presets_dir, source_root
+from lss_megatron.strict_yaml import check_value
 
-from .trainer_config import argv, problems, run_config, trainer_flags
+from .inputs import InputError
+from .trainer_config import argv, problems, run_config, trainer_actions, trainer_flags
 
 REPO = source_root()
 """The repository root (launches run there), or None from an installed wheel (launches run in
@@ -206,11 +202,16 @@ class RunSpec:
         )
 
     @property
-    def run_id(self) -> str:
+    def config_id(self) -> str:
+        """The configuration (every repeat of it shares this id): ``lss_N4_D1_l1024_dense``."""
         return (
             f"{self.label}_N{self.seq_parallel}_D{self.data_parallel}_l{self.seq_length}"
-            f"{self.setting}_r{self.repeat}"
+            f"{self.setting}"
         )
+
+    @property
+    def run_id(self) -> str:
+        return f"{self.config_id}_r{self.repeat}"
 
     def trainer_args(self, out: Path | str) -> list[str]:
         """The trainer's command-line arguments, writing into `out`."""
@@ -222,317 +223,144 @@ class Plan:
     preset: Preset
     runs: tuple[RunSpec, ...]
     skipped: tuple[tuple[str, str], ...] = ()
-    """(run id, the trainer's reason) for grid runs the trainer would reject."""
+    """(configuration id, the trainer's reason) for grid runs the trainer would reject."""
+    seed: int = 0
+    """The seed of the order within each round (`make_plan`)."""
+    repeats: int = 1
+    """Rounds: every configuration runs this many times, once per round."""
+    configs: tuple[str, ...] = ()
+    """The configuration ids in grid order (references first), how summary.csv lists them."""
 
 
-_SMALL_TRAIN = {
-    "optimizer": "adamw",
-    "lr": 1e-3,
-    "seed": 1234,
-    "dtype": "fp32",
-    "data": "synthetic",
-    "dist-timeout": 120,
-}
-_PAPER_TRAIN = {
-    "global-batch-size": 24,
-    "micro-batch-size": 1,
-    "optimizer": "adamw",
-    "lr": 2.5e-4,
-    "lr-schedule": "cosine",
-    "warmup-steps": 5,
-    "weight-decay": 0.0,
-    "clip-grad": 0.25,
-    "seed": 1234,
-    "dtype": "fp32",
-    "data": "enwik8",
-    "data-path": "data/enwik8.zip",
-}
-_PAPER_144_MODEL = {
-    "num-layers": 12,
-    "hidden-size": 768,
-    "num-heads": 12,
-    "ffn-hidden-size": 3072,
-    "vocab-size": 256,
-    "make-vocab-size-divisible-by": 768,
-    "position-embedding": "learned",
-}
-_OPTION_VARIANTS = (
-    "lss",
-    "lss-zigzag",
-    "lss-kv4",
-    "ulysses",
-    "nvidia-sp",
-    "lss-zero1",
-    "lss-zero2",
-)
-_KERNELS_MODEL = {
-    "num-layers": 2,
-    "hidden-size": 256,
-    "num-heads": 8,
-    "ffn-hidden-size": 512,
-    "vocab-size": 256,
-    "position-embedding": "learned",
-}
-_CPU_MODEL = {
-    "num-layers": 4,
-    "hidden-size": 128,
-    "num-heads": 8,
-    "num-kv-heads": 4,
-    "ffn-hidden-size": 512,
-    "vocab-size": 256,
-    "position-embedding": "learned",
-}
+class PresetError(InputError):
+    """A compare preset file that does not load; the message names the file and every problem."""
 
-PRESETS: dict[str, Preset] = {
-    p.name: p
-    for p in (
-        Preset(
-            name="smoke",
-            summary="CI smoke test: 10 short runs, at most 4 processes, < 5 min on 2 CPU cores",
-            scaling="strong",
-            degrees=(2, 4),
-            seq_lengths=(128, 256),
-            model={
-                "num-layers": 2,
-                "hidden-size": 64,
-                "num-heads": 8,
-                "num-kv-heads": 4,
-                "ffn-hidden-size": 256,
-                "vocab-size": 256,
-                "position-embedding": "learned",
-            },
-            train={**_SMALL_TRAIN, "global-batch-size": 2, "micro-batch-size": 1, "steps": 3},
-            timeout_s=100.0,
-            memory_budget_bytes=64 * MiB,
-            notes="2 micro-batches per step, GQA (8 heads, 4 key/value heads).",
-        ),
-        Preset(
-            name="cpu-strong",
-            summary="strong scaling on CPU: fixed lengths 512 and 1024, P = 1, 2, 4",
-            scaling="strong",
-            degrees=(2, 4),
-            seq_lengths=(512, 1024),
-            model=_CPU_MODEL,
-            train={
-                **_SMALL_TRAIN,
-                "global-batch-size": 4,
-                "micro-batch-size": 1,
-                "steps": 6,
-                "dist-timeout": 300,
-            },
-            modes=("lss", "nvidia-sp", "ulysses"),
-            serial_at_scale=True,
-            repeats=2,
-            timeout_s=300.0,
-            memory_budget_bytes=1 * GiB,
-        ),
-        Preset(
-            name="cpu-weak",
-            summary="weak scaling on CPU: l = l0 x N, l0 in {128, 256}, P = 1, 2, 4",
-            scaling="weak",
-            degrees=(2, 4),
-            seq_lengths=(128, 256),
-            model=_CPU_MODEL,
-            train={
-                **_SMALL_TRAIN,
-                "global-batch-size": 4,
-                "micro-batch-size": 1,
-                "steps": 6,
-                "dist-timeout": 300,
-            },
-            modes=("lss", "nvidia-sp", "ulysses"),
-            repeats=2,
-            timeout_s=300.0,
-            memory_budget_bytes=1 * GiB,
-        ),
-        Preset(
-            name="cpu-options",
-            summary="options beyond the paper vs plain LSS: zigzag, chunked gathers, Ulysses, "
-            "ZeRO-1/2; N = 4, l = 1024, ~2.5 min on 2 CPU cores",
-            scaling="strong",
-            degrees=(4,),
-            seq_lengths=(1024,),
-            model={
-                "num-layers": 2,
-                "hidden-size": 256,
-                "num-heads": 8,
-                "num-kv-heads": 4,
-                "ffn-hidden-size": 256,
-                "vocab-size": 256,
-                "position-embedding": "rope",
-            },
-            train={**_SMALL_TRAIN, "global-batch-size": 2, "micro-batch-size": 1, "steps": 3},
-            modes=_OPTION_VARIANTS,
-            timeout_s=120.0,
-            memory_budget_bytes=64 * MiB,
-            notes="Causal GQA (8 heads, 4 key/value heads: N = 4 divides both, as Ulysses and "
-            "nvidia-sp need), RoPE so that ZeRO's optimizer state is exactly comparable with "
-            "plain LSS (a learned table is replicated whole under ZeRO, docs/zero.md), "
-            "2 micro-batches per step. The gathered K/V (l h_kv d = 1024 x 128) is large enough "
-            "that chunking it lowers the step's transient peak; at E 64, l 512 it did not. "
-            "Every variant is exact against the serial reference.",
-        ),
-        Preset(
-            name="cpu-kernels",
-            summary="like for like: serial, lss, nvidia-sp, ulysses x {flash, dense} x recompute "
-            "{none, selective}; MHA, N = 4, l = 1024: 16 runs",
-            scaling="strong",
-            degrees=(4,),
-            seq_lengths=(1024,),
-            model={**_KERNELS_MODEL, "num-kv-heads": 8},
-            train={**_SMALL_TRAIN, "global-batch-size": 2, "micro-batch-size": 1, "steps": 3},
-            modes=("lss", "nvidia-sp", "ulysses"),
-            kernels=("flash", "dense"),
-            recomputes=("none", "selective"),
-            timeout_s=300.0,
-            memory_budget_bytes=256 * MiB,
-            notes="The same attention kernel, recompute and precision in every mode, so the "
-            "table separates the kernel effect (flash vs dense, in each mode) from the parallel "
-            "scheme (modes at one setting). Multi-head attention (8 heads, 8 key/value heads), "
-            "causal, learned positions, fp32, 2 micro-batches per step. Ratios and efficiencies "
-            "only between runs of the same setting.",
-        ),
-        Preset(
-            name="cpu-kernels-gqa",
-            summary="cpu-kernels with GQA 4:1 (8 heads, 2 key/value heads) at N = 2: 16 runs",
-            scaling="strong",
-            degrees=(2,),
-            seq_lengths=(1024,),
-            model={**_KERNELS_MODEL, "num-kv-heads": 2},
-            train={**_SMALL_TRAIN, "global-batch-size": 2, "micro-batch-size": 1, "steps": 3},
-            modes=("lss", "nvidia-sp", "ulysses"),
-            kernels=("flash", "dense"),
-            recomputes=("none", "selective"),
-            timeout_s=300.0,
-            memory_budget_bytes=256 * MiB,
-            notes="As cpu-kernels, with grouped-query attention 4:1, where LSS gathers a quarter "
-            "of the K/V heads; N = 2 so that nvidia-sp and Ulysses can split the 2 key/value "
-            "heads.",
-        ),
-        Preset(
-            name="cpu-equal-ranks",
-            summary="the paper's mechanism on P = 4 ranks: a 2-head model caps nvidia-sp at t = 2, "
-            "LSS spreads one sequence over all 4; every mode at every legal layout: 6 runs",
-            scaling="strong",
-            degrees=(2, 4),
-            ranks=4,
-            seq_lengths=(2048,),
-            model={
-                "num-layers": 2,
-                "hidden-size": 128,
-                "num-heads": 2,
-                "ffn-hidden-size": 512,
-                "vocab-size": 256,
-                "position-embedding": "learned",
-            },
-            train={
-                **_SMALL_TRAIN,
-                "global-batch-size": 4,
-                "micro-batch-size": 1,
-                "steps": 5,
-                "dist-timeout": 300,
-            },
-            modes=("lss", "nvidia-sp", "ulysses"),
-            serial_at_scale=True,
-            timeout_s=300.0,
-            memory_budget_bytes=256 * MiB,
-            notes="Equal ranks, not equal degree: the same P = 4, global batch (4 sequences), "
-            "l, model, flash kernel, no recompute and fp32 for every run; each mode at each "
-            "layout the trainer accepts (lss N = 4 x D = 1 and N = 2 x D = 2; nvidia-sp "
-            "t = 2 x D = 2, its t = 4 refused as 4 does not divide the 2 heads; ulysses "
-            "N = 2 x D = 2; serial D = 4). best_layouts.csv names each mode's fastest layout and "
-            "its step time, tokens/s and saved bytes per rank against nvidia-sp's best.",
-        ),
-        Preset(
-            name="paper-enwik8-144gpu",
-            summary="cluster: LSS vs NVIDIA SP on up to 144 GPUs (24 Summit nodes), enwik8",
-            scaling="strong",
-            degrees=(6,),
-            data_parallel=(1, 4, 24),
-            seq_lengths=(3072, 6144, 12288),
-            model=_PAPER_144_MODEL,
-            train={**_PAPER_TRAIN, "steps": 50, "dist-timeout": 1800},
-            timeout_s=3600.0,
-            memory_budget_bytes=16 * GiB,
-            cluster=True,
-            notes="N = 6 (one sequence group per 6-GPU node) x D = 1, 4, 24: P = 6, 24, 144. "
-            "The vocabulary is padded to 768 so nvidia-sp can split it 6 ways (same model in "
-            "every mode). Peak bytes per GPU in the cost model (fp32; weights, gradients, AdamW, "
-            "saved activations and one layer's attention-backward transient, `analysis."
-            "costmodel.paper.summit_layout(...)['peak_bytes']`) at l = 3,072 / 6,144 / 12,288: "
-            "with this preset's flash kernel nvidia-sp 0.6 / 0.9 / 1.6 GB and the 1-GPU serial "
-            "references 3.3 / 5.2 / 9.0 GB, so every run fits a 16 GB V100. With "
-            "--attention-kernel dense (probabilities [h/N, l, l] and the causal mask [l, l] "
-            "saved per layer: 0.34 GB for nvidia-sp at 6,144) nvidia-sp needs 1.8 / 5.6 / 20.4 "
-            "GB and serial 9.7 / 31 / 112 GB: the serial references beyond 3,072 and nvidia-sp "
-            "at 12,288 run out of memory, which is itself the memory result. The equal-ranks "
-            "series is its own preset, paper-enwik8-144gpu-equal-ranks.",
-        ),
-        Preset(
-            name="paper-enwik8-144gpu-equal-ranks",
-            summary="cluster: equal ranks on 144 GPUs: LSS N in {6, 24, 144} vs NVIDIA SP "
-            "t in {6, 12}, l 6,912, flash and dense",
-            scaling="strong",
-            degrees=(),
-            seq_lengths=(6912,),
-            model=_PAPER_144_MODEL,
-            train={**_PAPER_TRAIN, "steps": 50, "dist-timeout": 1800},
-            modes=PARALLEL_MODES,
-            layouts=(
-                ("lss", 6, 24),
-                ("lss", 24, 6),
-                ("lss", 144, 1),
-                ("nvidia-sp", 6, 24),
-                ("nvidia-sp", 12, 12),
-            ),
-            kernels=("flash", "dense"),
-            timeout_s=3600.0,
-            memory_budget_bytes=16 * GiB,
-            cluster=True,
-            notes="The mechanism behind the paper's 144-GPU claim (issue 13): NVIDIA SP's "
-            "degree is capped by the 12 heads (t = 6 inside a Summit node, 12 across two), LSS "
-            "spreads a sequence over up to all 144 GPUs. P = 144 for every layout, D = 144 / N; "
-            "l = 6,912 = 144 x 48 (N = 144 must divide it); 24 sequences per step in every "
-            "layout (equal tokens per step; LSS at N = 144 runs them as 24 micro-batches, so "
-            "its time per micro-batch is the one-sequence-per-iteration reading). Flash and "
-            "dense kernels, the same in every mode (the modern and paper-2023 assumption sets "
-            "of `python -m analysis.costmodel --preset summit-paper`; the trainer has no fp16, "
-            "so fp32 here). Cost-model peak bytes per GPU (fp32, flash / dense): lss N 6 2.6 / "
-            "8.0 GB, N 24 2.1 / 3.5, N 144 2.0 / 2.2; nvidia-sp t 6 1.0 / 6.9, t 12 0.6 / 3.8: "
-            "all fit 16 GB. The 1-GPU serial reference needs 5.7 GB (flash) and 38 GB (dense: "
-            "out of memory).",
-        ),
-        Preset(
-            name="paper-enwik8-3456gpu",
-            summary="cluster: weak scaling to l = 50,112 on 3,456 GPUs (348 tokens per GPU)",
-            scaling="weak",
-            degrees=(2, 4, 8, 24, 72, 144),
-            data_parallel=(24,),
-            seq_lengths=(348,),
-            model={
-                "num-layers": 12,
-                "hidden-size": 512,
-                "num-heads": 8,
-                "ffn-hidden-size": 2048,
-                "vocab-size": 256,
-                "position-embedding": "learned",
-            },
-            train={**_PAPER_TRAIN, "steps": 30, "dist-timeout": 3600},
-            timeout_s=7200.0,
-            memory_budget_bytes=16 * GiB,
-            cluster=True,
-            notes="D = 24 data replicas; N = 2 ... 144 gives P = 48 ... 3,456 and "
-            "l = 696 ... 50,112. The reference is serial with D = 24 at l0 = 348 (24 GPUs). "
-            "nvidia-sp runs only where N divides the 8 heads (N = 2, 4, 8).",
-        ),
-    )
-}
+
+_PLANNED = ("mode", "seq-parallel", "data-parallel", "seq-length", "out", "progress", "config")
+"""Trainer flags the plan sets for each run: a preset's ``model`` / ``train`` may not."""
+_SIZE_UNITS = {"KiB": 1 << 10, "MiB": MiB, "GiB": GiB}
+_REQUIRED = ("summary", "scaling", "seq-lengths", "model", "train")
+
+
+def _typed(key: str, value, hint) -> tuple[object, str | None]:
+    """`value` as the Preset field type `hint` wants it, or a problem naming `key`: no coercion
+    but int -> float (YAML lists become tuples)."""
+    origin, args = get_origin(hint), get_args(hint)
+    if origin is tuple:
+        if not isinstance(value, list):
+            return None, f"{key}: {value!r} is not a list"
+        hints = args[:1] * len(value) if args[-1:] == (Ellipsis,) else args
+        if len(hints) != len(value):
+            return None, f"{key}: {value!r} does not have {len(args)} items"
+        items = [
+            _typed(f"{key}[{i}]", v, h) for i, (v, h) in enumerate(zip(value, hints, strict=True))
+        ]
+        problem = next((p for _, p in items if p), None)
+        return (None, problem) if problem else (tuple(v for v, _ in items), None)
+    if origin in (Union, UnionType):  # int | None
+        if value is None:
+            return None, None
+        return _typed(key, value, next(a for a in args if a is not type(None)))
+    if hint is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value), None
+    if isinstance(value, hint) and (hint is bool or not isinstance(value, bool)):
+        return value, None
+    want = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}[hint]
+    return None, f"{key}: {value!r} ({type(value).__name__}) is not {want}"
+
+
+def _size(value) -> tuple[int | None, str | None]:
+    """Bytes from an integer or ``"<n> KiB|MiB|GiB"``."""
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value, None
+    number, _, unit = str(value).partition(" ")
+    if isinstance(value, str) and number.isdigit() and unit in _SIZE_UNITS:
+        return int(number) * _SIZE_UNITS[unit], None
+    return None, f"memory-budget: {value!r} is not a size such as 64 MiB or 16 GiB"
+
+
+def _trainer_flags(key: str, value, actions: Mapping) -> tuple[dict, list[str]]:
+    """A ``model`` / ``train`` section: trainer flags typed as the trainer's own YAML presets
+    are (`lss_megatron.strict_yaml.check_value`)."""
+    if not isinstance(value, dict):
+        return {}, [f"{key}: expected a mapping of trainer flags to values"]
+    out, bad = {}, []
+    for flag, v in value.items():
+        if f"--{flag}" not in actions or flag in _PLANNED:
+            why = "set by the plan" if flag in _PLANNED else "not a trainer flag"
+            bad.append(f"{key}.{flag}: {why}")
+            continue
+        checked, problem = check_value(f"{key}.{flag}", v, actions[f"--{flag}"])
+        if problem:
+            bad.append(problem)
+        # numbers stay as written (dist-timeout 120, not 120.0, on the command line)
+        number = isinstance(v, int | float) and not isinstance(v, bool)
+        out[flag] = v if number else checked
+    return out, bad
+
+
+def load_preset(path: Path) -> Preset:
+    """The preset of one YAML file (named by the file's stem), strictly typed: unknown keys,
+    missing keys, ill-typed values and trainer flags the trainer lacks are all reported at once
+    as a `PresetError`."""
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise PresetError(f"compare preset {path}: not readable YAML ({e})") from None
+    if not isinstance(data, dict):
+        raise PresetError(f"compare preset {path}: expected a mapping of keys to values")
+    hints = get_type_hints(Preset)
+    keys = {f.name.replace("_", "-"): f.name for f in fields(Preset) if f.name != "name"}
+    keys["memory-budget"] = keys.pop("memory-budget-bytes")
+    actions = trainer_actions()
+    values: dict[str, object] = {"name": path.stem}
+    bad = [f"missing key {k!r}" for k in _REQUIRED if k not in data]
+    if "degrees" not in data and "layouts" not in data:
+        bad.append("needs degrees (or explicit layouts)")
+    for key, value in data.items():
+        name = keys.get(str(key))
+        if name is None:
+            bad.append(f"unknown key {key!r}; expected one of {sorted(keys)}")
+            continue
+        if key in ("model", "train"):
+            value, problems = _trainer_flags(key, value, actions)
+        elif key == "memory-budget":
+            value, problem = _size(value)
+            problems = [problem] if problem else []
+        else:
+            value, problem = _typed(key, value, hints[name])
+            problems = [problem] if problem else []
+        bad += problems
+        values[name] = value
+    if not bad:
+        try:
+            return Preset(**{"degrees": (), **values})
+        except (ValueError, KeyError) as e:  # Preset's own checks (scaling, variant labels)
+            bad.append(str(e).strip("'\""))
+    raise PresetError(f"compare preset {path}: " + "; ".join(bad))
+
+
+@cache
+def all_presets() -> Mapping[str, Preset]:
+    """Every compare preset: the YAML files of `compare_presets_dir`, by name."""
+    folder = compare_presets_dir()
+    files = sorted(folder.glob("*.yaml"), key=lambda f: f.stem)
+    if not files:
+        raise PresetError(f"{folder}: no compare presets (*.yaml) there")
+    return MappingProxyType({f.stem: load_preset(f) for f in files})
+
+
+def __getattr__(name: str):
+    if name == "PRESETS":  # the former module constant, loaded on first use
+        return all_presets()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def get_preset(name: str) -> Preset:
-    if name not in PRESETS:
-        raise KeyError(f"unknown preset {name!r}; expected one of {sorted(PRESETS)}")
-    return PRESETS[name]
+    presets = all_presets()
+    if name not in presets:
+        raise KeyError(f"unknown preset {name!r}; expected one of {sorted(presets)}")
+    return presets[name]
 
 
 def _flags(
@@ -627,14 +455,17 @@ def grid_points(preset: Preset) -> list[tuple[str, int, int, int]]:
     return points
 
 
-def make_plan(preset: Preset, repeats: int | None = None) -> Plan:
-    """Every run of `preset`, in launch order (see the module docstring)."""
+def make_plan(preset: Preset, repeats: int | None = None, seed: int = 0) -> Plan:
+    """Every run of `preset`, in launch order: `repeats` rounds (default the preset's own), each
+    round every configuration once, in an order shuffled by ``random.Random(f"{seed}:{round}")``
+    (so a plan is reproducible from its seed, which plan.json records). A run the trainer would
+    reject is left out and listed in `Plan.skipped`."""
     repeats = preset.repeats if repeats is None else repeats
-    runs: list[RunSpec] = []
     skipped: list[tuple[str, str]] = []
     settings = [(k, r) for k in preset.kernels for r in preset.recomputes]
     planned: set[tuple] = set()
-    for index, (role, n, d, length) in enumerate(grid_points(preset)):
+    configs: list[tuple] = []
+    for role, n, d, length in grid_points(preset):
         if role == "reference":
             specs = [("serial", 1, d)]
         else:
@@ -646,16 +477,18 @@ def make_plan(preset: Preset, repeats: int | None = None) -> Plan:
         specs = [(*spec, setting) for setting in settings for spec in specs]
         specs = [s for s in specs if (s, length) not in planned]  # serial at P: once per l
         planned.update((s, length) for s in specs)
-        valid = []
         for label, sn, sd, setting in specs:
             spec = _run(preset, label, sn, sd, length, 0, role, setting)
             problem = trainer_problem(spec, data_elsewhere=preset.cluster)
             if problem is None:
-                valid.append((label, sn, sd, setting))
+                configs.append((label, sn, sd, length, role, setting))
             else:
-                skipped.append((spec.run_id.removesuffix("_r0"), problem))
-        for r in range(repeats):
-            shift = (index + r) % len(valid) if valid else 0
-            for label, sn, sd, setting in valid[shift:] + valid[:shift]:
-                runs.append(_run(preset, label, sn, sd, length, r, role, setting))
-    return Plan(preset, tuple(runs), tuple(skipped))
+                skipped.append((spec.config_id, problem))
+    runs: list[RunSpec] = []
+    for r in range(repeats):
+        order = list(configs)
+        random.Random(f"{seed}:{r}").shuffle(order)
+        for label, sn, sd, length, role, setting in order:
+            runs.append(_run(preset, label, sn, sd, length, r, role, setting))
+    ids = tuple(_run(preset, c[0], c[1], c[2], c[3], 0, c[4], c[5]).config_id for c in configs)
+    return Plan(preset, tuple(runs), tuple(skipped), seed, repeats, ids)

@@ -13,6 +13,7 @@ the schema, so a flag added to the trainer is known here at once.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import shlex
 from collections.abc import Mapping, Sequence
@@ -36,9 +37,14 @@ def argv(flags: Mapping[str, object]) -> list[str]:
     return out
 
 
+def trainer_actions() -> dict[str, argparse.Action]:
+    """The trainer parser's options by option string (``--zero-stage``, ...)."""
+    return {s: a for a in build_parser()._actions for s in a.option_strings}
+
+
 def trainer_flags() -> frozenset[str]:
     """Every option string the trainer's parser knows (``--zero-stage``, ...)."""
-    return frozenset(s for a in build_parser()._actions for s in a.option_strings)
+    return frozenset(trainer_actions())
 
 
 def run_config(args: Sequence[str], world_size: int | None = None) -> RunConfig:

@@ -25,7 +25,8 @@ Backends and what autograd saves for backward (es = element size of the input dt
   when ``q_offset + sq == sk``, otherwise a boolean ``[sq, q_offset + sq]`` mask. The kernel decides
   what it saves; on CPU (torch 2.13) that is q, k, v, out, lse plus, with a mask, a float
   ``[sq, q_offset + sq]`` mask: quadratic, but with no b or h factor.
-  On CUDA it runs under an explicit allow-list, `CUDA_KERNELS` (flash, cuDNN, memory-efficient):
+  On CUDA it runs under an explicit allow-list, `CUDA_KERNELS` (flash, memory-efficient, cuDNN, tried
+  in that order, `sdpa_priority`):
   where none of them can run, it raises `AttentionKernelError` instead of falling back to the math
   kernel (a [b, h, sq, sk] fp32 score tensor). The fused kernels save q, k, v, out and the lse
   (linear in sk). Flash and cuDNN need 16-bit inputs and the memory-efficient kernel has no GQA,
@@ -52,6 +53,7 @@ autocast op's).
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 
@@ -66,14 +68,25 @@ logger = logging.getLogger(__name__)
 BACKENDS = ("auto", "cpu_flash", "sdpa", "math")
 CUDA_KERNELS = (
     SDPBackend.FLASH_ATTENTION,
-    SDPBackend.CUDNN_ATTENTION,
     SDPBackend.EFFICIENT_ATTENTION,
+    SDPBackend.CUDNN_ATTENTION,
 )
-"""The SDPA kernels allowed on CUDA (never the quadratic math kernel)."""
+"""The SDPA kernels allowed on CUDA (never the quadratic math kernel), in priority order: flash
+first wherever it can run (16-bit), so square causal calls (SDPA's selector, which would put cuDNN
+first on sm90) and offset calls (the lower-right mask, which dispatches to flash itself) run the
+same kernel in every mode and on every rank (`sdpa_priority`)."""
 _FLASH_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _MATH_CHUNK = 256
 _flash_failed = False  # set once a private op raised; "auto" then stops choosing cpu_flash
 _expand_noted = False  # fp32 GQA on CUDA: K/V expansion logged once
+
+
+def sdpa_priority():
+    """`sdpa_kernel` allowing only `CUDA_KERNELS`, tried in that order (``set_priority``, torch >=
+    2.6; older torch keeps its own order among them)."""
+    if "set_priority" in inspect.signature(sdpa_kernel).parameters:
+        return sdpa_kernel(list(CUDA_KERNELS), set_priority=True)
+    return sdpa_kernel(list(CUDA_KERNELS))
 
 
 class AttentionKernelError(RuntimeError):
@@ -136,8 +149,10 @@ def _blocks(sq: int, sk: int, q_offset: int, causal: bool) -> list[tuple[int, in
     return prefix + [(q_offset, q_offset + sq, True)]
 
 
-def _block_fwd(qb, kb, vb, causal: bool, scale: float):
-    """qb [b, h, sq, d], kb/vb [b, h_kv, n, d] -> out [b, h, sq, d], lse [b, h, sq]."""
+def block_forward(qb, kb, vb, causal: bool, scale: float):
+    """One mask-free (or square causal) flash block: qb [b, h, sq, d], kb/vb [b, h_kv, n, d]
+    (bhsd, any strides) -> out [b, h, sq, d] (input dtype), lse [b, h, sq] (fp32; fp64 for fp64
+    inputs). Shared with the ring (`baselines/ring.py`), which merges blocks with `lse_merge`."""
     b, h, sq, d = qb.shape
     h_kv = kb.shape[1]
     g = h // h_kv
@@ -151,8 +166,10 @@ def _block_fwd(qb, kb, vb, causal: bool, scale: float):
     return out.reshape(b, h, sq, d), lse.reshape(b, h, sq)  # [b, h, sq, d], [b, h, sq]
 
 
-def _block_bwd(dout, qb, kb, vb, out, lse, causal: bool, scale: float):
-    """All bhsd as in _block_fwd -> dq [b, h, sq, d], dk/dv [b, h_kv, n, d]."""
+def block_backward(dout, qb, kb, vb, out, lse, causal: bool, scale: float):
+    """All bhsd as in `block_forward`; `out` and `lse` are the MERGED output and log-sum-exp of
+    the rows (exact, as flash-attention's ``D = rowsum(dO * O)``) -> dq [b, h, sq, d], dk/dv
+    [b, h_kv, n, d]."""
     b, h, sq, d = qb.shape
     h_kv = kb.shape[1]
     g = h // h_kv
@@ -170,21 +187,25 @@ def _block_bwd(dout, qb, kb, vb, out, lse, causal: bool, scale: float):
     return dq.reshape(b, h, sq, d), dk, dv  # dq [b, h, sq, d]
 
 
+def lse_merge(parts):
+    """Exact merge of attention blocks over disjoint keys: parts [(out [..., sq, d], lse [..., sq])]
+    -> (out, lse) in the lse's dtype (fp32, or fp64): lse = log sum exp(lse_i), out = sum
+    exp(lse_i - lse) out_i. A part whose lse is -inf (no key seen yet) contributes nothing, so an
+    accumulator may start at (0, -inf) as long as some part is finite."""
+    lse = torch.stack([p[1] for p in parts]).logsumexp(0)  # [..., sq]
+    acc = lse.dtype
+    out = sum(o.to(acc) * (lse_i - lse).exp().unsqueeze(-1) for o, lse_i in parts)
+    return out, lse  # [..., sq, d], [..., sq]
+
+
 class _CpuFlashAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, q_offset: int, causal: bool, scale: float):
         qb = q.permute(1, 2, 0, 3)  # [b, h, sq, d]
         kb, vb = k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3)  # [b, h_kv, sk, d]
         blocks = _blocks(q.shape[0], k.shape[0], q_offset, causal)
-        parts = [_block_fwd(qb, kb[:, :, s:e], vb[:, :, s:e], c, scale) for s, e, c in blocks]
-        if len(parts) == 1:
-            out, lse = parts[0]
-        else:
-            lse = torch.stack([p[1] for p in parts]).logsumexp(0)  # [b, h, sq]
-            acc = lse.dtype
-            out = sum(
-                o.to(acc) * (lse_blk - lse).exp().unsqueeze(-1) for o, lse_blk in parts
-            )  # [b, h, sq, d]
+        parts = [block_forward(qb, kb[:, :, s:e], vb[:, :, s:e], c, scale) for s, e, c in blocks]
+        out, lse = parts[0] if len(parts) == 1 else lse_merge(parts)  # [b, h, sq, d], [b, h, sq]
         out = out.permute(2, 0, 1, 3).contiguous().to(q.dtype)  # [sq, b, h, d]
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.q_offset, ctx.causal, ctx.scale = q_offset, causal, scale
@@ -215,7 +236,7 @@ def _cpu_flash_backward(ctx, dout, q, k, v, out, lse):
     dkb, dvb = dk.permute(1, 2, 0, 3), dv.permute(1, 2, 0, 3)  # [b, h_kv, sk, d]
     for s, e, causal in _blocks(q.shape[0], k.shape[0], ctx.q_offset, ctx.causal):
         args = (dob, qb, kb[:, :, s:e], vb[:, :, s:e], ob, lse, causal, ctx.scale)
-        dq_blk, dk_blk, dv_blk = _block_bwd(*args)
+        dq_blk, dk_blk, dv_blk = block_backward(*args)
         dq += dq_blk
         dkb[:, :, s:e] = dk_blk  # key blocks are disjoint
         dvb[:, :, s:e] = dv_blk
@@ -244,7 +265,7 @@ def _sdpa_attention(q, k, v, q_offset: int, causal: bool, scale: float) -> torch
     kb, vb = _expand_kv_for_kernel(qb, kb, vb)  # [b, h or h_kv, sk, d]
     _check_cuda_kernel(qb, kb, vb, mask)
     try:
-        with sdpa_kernel(list(CUDA_KERNELS)):
+        with sdpa_priority():
             out = F.scaled_dot_product_attention(
                 qb, kb, vb, attn_mask=mask, is_causal=is_causal, scale=scale, enable_gqa=True
             )  # [b, h, sq, d]
@@ -283,7 +304,7 @@ def _check_cuda_kernel(qb, kb, vb, mask) -> None:
         return
     cuda = torch.backends.cuda
     params = cuda.SDPAParams(qb, kb, vb, None, 0.0, False, qb.shape[1] != kb.shape[1])
-    with sdpa_kernel(list(CUDA_KERNELS)):
+    with sdpa_priority():
         if cuda.can_use_flash_attention(params) or cuda.can_use_efficient_attention(params):
             return
     raise AttentionKernelError(
@@ -323,6 +344,11 @@ def _math_attention(q, k, v, q_offset: int, causal: bool, scale: float) -> torch
 
 
 # --- public API --------------------------------------------------------------------------------
+def flash_eligible(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """Whether the CPU flash ops can run q, k (CPU, supported dtype, non-empty, ops present)."""
+    return _flash_eligible(q, k) and not _flash_failed
+
+
 def _flash_eligible(q: torch.Tensor, k: torch.Tensor) -> bool:
     return (
         q.device.type == "cpu"

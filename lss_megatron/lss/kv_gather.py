@@ -10,7 +10,7 @@ concatenated gradients, so each rank receives every rank's contribution to its o
 Separate (``fused=False``, Megatron-Core's ``cp_comm_type="all_gather"``): K and V are gathered in
 two calls and their gradients reduce-scattered in two: the same bytes, twice the calls.
 
-Zigzag (``order``): the gathered buffer arrives in rank order (rank s holds chunks s and 2N-1-s);
+Zigzag (``zigzag_n``): the gathered buffer arrives in rank order (rank s holds chunks s and 2N-1-s);
 `KVTransport.finish` reorders it into global order (one copy, which is what attention then reads
 and saves) and the backward puts the gradients back into rank order before the reduce-scatter.
 
@@ -21,19 +21,29 @@ The gather is a start/finish pair so a caller can attend chunk c while chunk c+1
 from __future__ import annotations
 
 import contextlib
+import functools
 import weakref
 
 import torch
 
+from ..layout import zigzag_gather_order
 from ..parallel import comm
 
 
-class KVTransport:
-    """One rank's view of how K/V are gathered over `group`: fused or separate calls, and the
-    chunk permutation `order` into global order (zigzag: ``layout.zigzag_gather_order``)."""
+@functools.cache
+def zigzag_permutation(n: int, device: torch.device) -> torch.Tensor:
+    """`zigzag_gather_order(n)` as an index tensor on `device`, built once per (n, device): a
+    ``torch.tensor(..., device=cuda)`` per forward would be a blocking host-to-device copy in
+    every layer. Read-only (index_select never writes it)."""
+    return torch.tensor(zigzag_gather_order(n), device=device)  # [2N]
 
-    def __init__(self, group, *, fused: bool = True, order: list[int] | None = None):
-        self.group, self.fused, self.order = group, fused, order
+
+class KVTransport:
+    """One rank's view of how K/V are gathered over `group`: fused or separate calls, and, under
+    the zigzag layout of `zigzag_n` ranks, the chunk permutation into global order."""
+
+    def __init__(self, group, *, fused: bool = True, zigzag_n: int | None = None):
+        self.group, self.fused, self.zigzag_n = group, fused, zigzag_n
 
     def start(self, k: torch.Tensor, v: torch.Tensor) -> PendingKVGather:
         """Launch the gather(s) of local k, v [s/N, b, h_kv, d] asynchronously."""
@@ -69,18 +79,18 @@ class KVTransport:
 
     def _to_global(self, buf: torch.Tensor) -> torch.Tensor:
         """[s, ...] in rank order -> global order (a copy under zigzag)."""
-        if self.order is None:
+        if self.zigzag_n is None:
             return buf
-        perm = torch.tensor(self.order, device=buf.device)  # [2N]: slot of chunk j
-        chunks = buf.view(len(self.order), -1, *buf.shape[1:])  # [2N, c, ...]
+        perm = zigzag_permutation(self.zigzag_n, buf.device)  # [2N]: slot of chunk j
+        chunks = buf.view(2 * self.zigzag_n, -1, *buf.shape[1:])  # [2N, c, ...]
         return chunks.index_select(0, perm).flatten(0, 1)  # [s, ...]
 
     def _to_ranks(self, glob: torch.Tensor) -> torch.Tensor:
         """Inverse of `_to_global`: [s, ...] in global order -> rank order."""
-        if self.order is None:
+        if self.zigzag_n is None:
             return glob
-        perm = torch.tensor(self.order, device=glob.device)
-        chunks = glob.reshape(len(self.order), -1, *glob.shape[1:])  # [2N, c, ...]
+        perm = zigzag_permutation(self.zigzag_n, glob.device)  # [2N]
+        chunks = glob.reshape(2 * self.zigzag_n, -1, *glob.shape[1:])  # [2N, c, ...]
         return torch.empty_like(chunks).index_copy_(0, perm, chunks).flatten(0, 1)  # [s, ...]
 
 

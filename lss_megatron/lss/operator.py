@@ -24,11 +24,18 @@ import math
 import torch
 import torch.distributed as dist
 
-from ..layout import LAYOUTS, zigzag_gather_order
+from ..layout import LAYOUTS
 from ..parallel import comm
 from .dense_attention import dense_attention
+from .documents import document_attention
 from .kernel import partial_attention, to_compute_dtype
-from .kv_gather import SAVE_KV, KVTransport, finish_kv_all_gather, keep_local
+from .kv_gather import (  # noqa: F401 - zigzag_permutation: re-exported
+    SAVE_KV,
+    KVTransport,
+    finish_kv_all_gather,
+    keep_local,
+    zigzag_permutation,
+)
 
 
 def lss_attention(
@@ -45,6 +52,7 @@ def lss_attention(
     params_dtype: torch.dtype | None = None,
     save_kv: str = "gathered",
     fused: bool = True,
+    doc_start: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """LSS partial attention over a sequence-parallel group.
 
@@ -71,6 +79,10 @@ def lss_attention(
             the gathered K/V bytes not kept; `kv_gather.keep_local`).
         fused: gather [K | V] in one collective (the paper); False gathers K and V in two calls
             each way (Megatron-Core's all_gather CP): the same bytes, twice the calls.
+        doc_start: packed documents (Megatron-LM's ``--reset-attention-mask``): LongTensor
+            ``[b, l]``, the global start of the document of every GLOBAL position (the same on
+            every rank); queries attend only inside their document, and key blocks of other
+            documents are skipped (`documents.document_attention`). Needs ``causal``.
 
     Returns:
         ``[s/N, b, h, d]``.
@@ -81,11 +93,11 @@ def lss_attention(
     n = comm.group_size(group)
     r = comm.group_rank(group)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[3])
-    order = zigzag_gather_order(n) if layout == "zigzag" and n > 1 else None
-    transport = KVTransport(group, fused=fused, order=order)  # K/V arrive in global order
+    zigzag_n = n if layout == "zigzag" and n > 1 else None
+    transport = KVTransport(group, fused=fused, zigzag_n=zigzag_n)  # K/V arrive in global order
 
     def attend(q_, k_full, v_full):  # local queries x all keys of the gathered heads
-        return _partial(q_, k_full, v_full, r, n, layout, causal, scale, backend)
+        return _partial(q_, k_full, v_full, r, n, layout, causal, scale, backend, doc_start)
 
     # save_kv="local": the gathered K/V are not kept for backward (re-gathered there)
     with keep_local(save_kv == "local" and torch.is_grad_enabled()) as local:
@@ -145,15 +157,39 @@ def _check_inputs(q, k, v, layout: str, kv_chunks: int, save_kv: str = "gathered
 
 
 def _partial(
-    q, k_full, v_full, r: int, n: int, layout: str, causal: bool, scale: float, backend: str
+    q,
+    k_full,
+    v_full,
+    r: int,
+    n: int,
+    layout: str,
+    causal: bool,
+    scale: float,
+    backend: str,
+    doc_start: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Partial attention of this rank's queries against the gathered (rank-ordered) K/V."""
     sq = q.shape[0]
-    kernel = (
-        dense_attention
-        if backend == "dense"
-        else functools.partial(partial_attention, backend=backend)
-    )
+    if doc_start is not None:
+        if not causal:
+            raise ValueError("lss_attention: document masks (doc_start) need causal attention")
+
+        def kernel(q_, k_, v_, *, q_offset, causal, softmax_scale):
+            return document_attention(
+                q_,
+                k_,
+                v_,
+                q_offset=q_offset,
+                doc_start=doc_start,
+                softmax_scale=softmax_scale,
+                backend=backend,
+            )
+    else:
+        kernel = (
+            dense_attention
+            if backend == "dense"
+            else functools.partial(partial_attention, backend=backend)
+        )
     if layout == "contiguous":
         return kernel(
             q, k_full, v_full, q_offset=r * sq, causal=causal, softmax_scale=scale

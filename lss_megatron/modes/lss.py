@@ -5,8 +5,8 @@ Two calls make a Megatron-Core `GPTModel` an LSS model (the trainer's lss mode u
 * `get_lss_layer_spec(causal=..., layout=..., kv_chunks=...)`: Megatron's local GPT layer spec
   with `LSSCoreAttention` as its one changed field; the segment layout and the K/V gather
   chunking are parameters of that spec (`ModuleSpec.params`), so every layer is built with them;
-* `prepare_lss_model(model, layout=...)`: once, on the built model, on every rank of the
-  context-parallel group: checks that the model is one LSS can make exact, then makes positions
+* `prepare_lss_model(model)`: once, on the built model, on every rank of the
+  context-parallel group (the layout is the spec's; an unprepared model refuses to run): checks that the model is one LSS can make exact, then makes positions
   sequence-distributed (learned rows, RoPE angles) for the layout.
 
 Batches must then be cut by the same layout (contiguous segment n, or zigzag chunks n and 2N-1-n,
@@ -88,9 +88,9 @@ def _unwrap(model):
     return inner
 
 
-def _check_attention(gpt, layout: str, save_kv: str = "gathered") -> list[LSSCoreAttention]:
-    """Every core attention is an LSSCoreAttention built for `layout` and `save_kv` on one
-    group."""
+def _check_attention(gpt, layout: str | None, save_kv: str | None = None) -> list[LSSCoreAttention]:
+    """Every core attention is an LSSCoreAttention (built for `layout` and `save_kv` when they
+    are given) on one group, all with one layout and one save_kv."""
     attentions = [m for m in gpt.modules() if hasattr(m, "core_attention")]
     cores = [a.core_attention for a in attentions]
     other = sorted({type(c).__name__ for c in cores if not isinstance(c, LSSCoreAttention)})
@@ -101,17 +101,21 @@ def _check_attention(gpt, layout: str, save_kv: str = "gathered") -> list[LSSCor
             "transformer_layer_spec=get_lss_layer_spec(...)"
         )
     wrong = sorted({c.layout for c in cores if c.layout != layout})
-    if wrong:
+    if layout is not None and wrong:
         raise ValueError(
             f"prepare_lss_model: layout {layout!r}, but the model was built with "
             f"get_lss_layer_spec(layout={wrong[0]!r}); use the same layout in both"
         )
-    wrong = sorted({c.save_kv for c in cores if c.save_kv != save_kv})
+    wrong = sorted({c.save_kv for c in cores if save_kv is not None and c.save_kv != save_kv})
     if wrong:
         raise ValueError(
             f"prepare_lss_model: save_kv {save_kv!r}, but the model was built with "
             f"get_lss_layer_spec(save_kv={wrong[0]!r}); use the same save_kv in both"
         )
+    if len({c.layout for c in cores}) != 1:
+        raise ValueError("prepare_lss_model: the layers were built with different layouts")
+    if len({c.save_kv for c in cores}) != 1:
+        raise ValueError("prepare_lss_model: the layers were built with different save_kv")
     if len({id(c.seq_group) for c in cores}) != 1:
         raise ValueError("prepare_lss_model: the layers attend over different process groups")
     return cores
@@ -148,7 +152,7 @@ def _check_model(gpt, n: int, layout: str) -> None:
         )
 
 
-def prepare_lss_model(model, *, layout: str = "contiguous", save_kv: str = "gathered"):
+def prepare_lss_model(model, *, layout: str | None = None, save_kv: str | None = None):
     """Make a built Megatron-Core `GPTModel` (or a wrapper with ``.module``) exact under LSS.
 
     Call once on every rank of the context-parallel group, after `GPTModel(...,
@@ -158,17 +162,22 @@ def prepare_lss_model(model, *, layout: str = "contiguous", save_kv: str = "gath
     cut, or whose positional encoding it cannot make exact; then it keeps only this rank's rows of
     a learned position table (a sequence-local parameter: average its gradient over the data
     group only, see docs/megatron-lm.md) and makes RoPE use this rank's global positions.
-    Returns `model`."""
-    if layout not in LAYOUTS:
+    `layout` defaults to the one the spec built the layers with (`get_lss_layer_spec(layout=)`:
+    one source of truth); given, it must agree. Until this has run, an `LSSCoreAttention` on a
+    group of N > 1 refuses to attend. Returns `model`."""
+    if layout is not None and layout not in LAYOUTS:
         raise ValueError(f"prepare_lss_model: layout {layout!r} is not one of {LAYOUTS}")
-    if save_kv not in SAVE_KV:
+    if save_kv is not None and save_kv not in SAVE_KV:
         raise ValueError(f"prepare_lss_model: save_kv {save_kv!r} is not one of {SAVE_KV}")
     gpt = _unwrap(model)
     cores = _check_attention(gpt, layout, save_kv)
+    layout = cores[0].layout
     group = cores[0].seq_group
     n, rank = group.size(), group.rank()
     _check_model(gpt, n, layout)
     distribute_positions(gpt, rank, n, layout)
+    for core in cores:
+        core.prepared = True
     return model
 
 

@@ -3,11 +3,12 @@
 * nothing installs under a generic top-level name: the wheel holds ``lss_megatron`` only, with
   the repository's ``analysis/`` and ``baselines/`` as ``lss_megatron.analysis`` and
   ``lss_megatron.baselines`` (every package folder of the checkout is there);
-* the presets (``launch/presets/*.yaml``) ship as package data;
+* the presets (``launch/presets/*.yaml``, the compare grids ``launch/presets/compare/*.yaml``)
+  ship as package data;
 * the metadata has compatible ranges, no ``==`` pin (``torch==`` would replace the torch of an
   existing environment); console scripts for the trainer, compare, figures and the cost model;
 * installed into a bare folder and run from outside the checkout: the cost model finds the
-  presets (``--preset summit-paper``), figures draw from a summary.csv, the trainer's console
+  presets (``--preset summit-paper``), compare lists and plans every grid, figures draw from a summary.csv, the trainer's console
   script parses, all imported from the installation (not the checkout).
 """
 
@@ -92,6 +93,8 @@ def test_wheel_contents(wheel):
     assert _package_folders() <= packages, _package_folders() - packages
     presets = sorted(p.name for p in (ROOT / "launch" / "presets").glob("*.yaml"))
     assert presets and all(f"lss_megatron/presets/{p}" in names for p in presets)
+    grids = sorted(p.name for p in (ROOT / "launch" / "presets" / "compare").glob("*.yaml"))
+    assert grids and all(f"lss_megatron/presets/compare/{p}" in names for p in grids)
     meta = Parser().parsestr(z.read(f"{dist_info}/METADATA").decode())
     requires = meta.get_all("Requires-Dist")
     assert any(r.startswith("torch>=") for r in requires), requires
@@ -155,3 +158,9 @@ def test_installed_wheel_runs_outside_the_checkout(wheel, tmp_path):
     assert train.returncode == 0 and "--tensorboard-dir" in train.stdout, train.stderr[-2000:]
     for script in ("lss-megatron-compare", "lss-megatron-costmodel"):
         assert run("--help", script=script).returncode == 0, script
+    listed = run("--list", script="lss-megatron-compare")  # every preset loads from the wheel
+    assert listed.returncode == 0, listed.stderr[-3000:]
+    grids = sorted(p.stem for p in (ROOT / "launch" / "presets" / "compare").glob("*.yaml"))
+    assert sorted(line.split()[0] for line in listed.stdout.splitlines()) == grids
+    dry = run("--preset", "smoke", "--dry-run", script="lss-megatron-compare")
+    assert dry.returncode == 0 and "lss_N2_D1_l128_r0" in dry.stdout, dry.stderr[-3000:]

@@ -451,12 +451,13 @@ def test_figures_regenerate_from_csv_alone(tmp_path, capsys):
         "memory",
         "longest_sequence",
         "throughput",
+        "overview",
     }
 
 
 def test_figures_of_an_empty_table(tmp_path, df):
     paths = figures.make_figures(df[df["status"] == "nope"], tmp_path, 1e6, "measured")
-    assert len(paths) == 10 and all(p.exists() for p in paths)
+    assert len(paths) == 2 * len(figures.FIGURES) and all(p.exists() for p in paths)
 
 
 # --- presets and plans ---------------------------------------------------------------------------
@@ -468,25 +469,22 @@ def test_smoke_plan():
     refs = [r for r in plan.runs if r.role == "reference"]
     got = {(r.mode, r.world_size, r.seq_length) for r in refs}
     assert got == {("serial", 1, 128), ("serial", 1, 256)}
-    # the modes of a grid point take turns going first
-    firsts = []
     for n in (2, 4):
         for length in (128, 256):
             modes = [r.mode for r in plan.runs if (r.seq_parallel, r.seq_length) == (n, length)]
             assert sorted(modes) == ["lss", "nvidia-sp"]
-            firsts.append(modes[0])
-    assert set(firsts) == {"lss", "nvidia-sp"}
     for r in plan.runs:
         args = r.trainer_args("/x")
         assert args[-4:] == ["--out", "/x", "--progress", "off"]
         assert presets.trainer_problem(r) is None
 
 
-def test_rotation_over_repeats():
+def test_every_round_runs_every_mode_of_a_point():
+    """The order itself (interleaved rounds, shuffled by a seed): tests/unit/test_repeats.py."""
     plan = presets.make_plan(presets.get_preset("cpu-strong"))
     point = [r for r in plan.runs if (r.role, r.world_size, r.seq_length) == ("grid", 2, 512)]
     orders = [[r.mode for r in point if r.repeat == k] for k in (0, 1)]
-    assert orders[0] != orders[1] and sorted(orders[0]) == sorted(orders[1])
+    assert sorted(orders[0]) == sorted(orders[1]) and len(orders[0]) == 4
     assert {r.mode for r in point} == {"lss", "nvidia-sp", "ulysses", "serial"}  # serial: DP
 
 
@@ -584,6 +582,79 @@ def test_equal_ranks_preset():
             train={},
             layouts=(("lss", 2, 1),),
         )
+
+
+def test_every_preset_file_loads_and_plans():
+    """The presets are the YAML files of launch/presets/compare/, one per preset, read strictly;
+    each plans at least one run and every grid point has its serial reference."""
+    files = sorted((ROOT / "launch" / "presets" / "compare").glob("*.yaml"))
+    assert sorted(presets.all_presets()) == sorted(f.stem for f in files) and len(files) >= 10
+    for f in files:
+        preset = presets.load_preset(f)
+        assert preset == presets.get_preset(f.stem)
+        plan = presets.make_plan(preset, repeats=1)
+        assert plan.runs and {r.role for r in plan.runs} == {"grid", "reference"}, f.stem
+
+
+_GOOD = """
+summary: a test grid
+scaling: strong
+degrees: [2]
+seq-lengths: [64]
+memory-budget: 64 MiB
+model: {num-layers: 1, hidden-size: 32, num-heads: 4, ffn-hidden-size: 64, vocab-size: 64}
+train: {steps: 1, lr: 1e-3, global-batch-size: 1, micro-batch-size: 1}
+"""
+
+
+def test_preset_file_is_read_strictly(tmp_path):
+    good = tmp_path / "good.yaml"
+    good.write_text(_GOOD)
+    p = presets.load_preset(good)
+    assert (p.name, p.degrees, p.memory_budget_bytes) == ("good", (2,), 64 << 20)
+    assert p.train["lr"] == 1e-3 and isinstance(p.train["lr"], float)  # YAML's "1e-3": a string
+    assert p.modes == presets.PARALLEL_MODES and p.timeout_s == 120.0  # the defaults
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        _GOOD.replace("degrees: [2]", "degrees: 2")
+        .replace("64 MiB", "64 MB")
+        .replace("steps: 1", "steps: 1.5, mode: lss, no-such-flag: 1")
+        + "repeats: '2'\nserial-at-scale: 1\ncolour: red\n"
+    )
+    with pytest.raises(presets.PresetError) as e:
+        presets.load_preset(bad)
+    msg = str(e.value)
+    assert msg.startswith(f"compare preset {bad}: ") and "\n" not in msg
+    for part in (
+        "degrees: 2 is not a list",
+        "memory-budget: '64 MB' is not a size",
+        "train.steps: 1.5 (float) is not an integer",
+        "train.mode: set by the plan",
+        "train.no-such-flag: not a trainer flag",
+        "repeats: '2' (str) is not an integer",
+        "serial-at-scale: 1 (int) is not true or false",
+        "unknown key 'colour'",
+    ):
+        assert part in msg, (part, msg)
+    (tmp_path / "odd.yaml").write_text(_GOOD.replace("scaling: strong", "scaling: sideways"))
+    with pytest.raises(presets.PresetError, match="scaling must be strong or weak"):
+        presets.load_preset(tmp_path / "odd.yaml")
+    (tmp_path / "short.yaml").write_text("scaling: strong\n")
+    with pytest.raises(presets.PresetError, match="missing key 'summary'.*needs degrees"):
+        presets.load_preset(tmp_path / "short.yaml")
+
+
+def test_a_broken_preset_file_is_one_line_exit_2(tmp_path, monkeypatch, capsys):
+    (tmp_path / "compare").mkdir()
+    (tmp_path / "compare" / "broken.yaml").write_text(_GOOD.replace("[64]", "[sixty-four]"))
+    monkeypatch.setattr(presets, "compare_presets_dir", lambda: tmp_path / "compare")
+    presets.all_presets.cache_clear()
+    try:
+        assert compare.main(["--preset", "broken", "--dry-run"]) == 2
+    finally:
+        presets.all_presets.cache_clear()
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "seq-lengths[0]: 'sixty-four' (str) is not an integer" in err
 
 
 # --- the driver's plumbing (no trainer launches) -------------------------------------------------

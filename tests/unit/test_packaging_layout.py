@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import ast
 
-from lss_megatron.resources import presets_dir, source_root
+from lss_megatron.resources import compare_presets_dir, presets_dir, source_root
 from tests.support import ROOT
 
 GENERIC = ("analysis", "baselines")
@@ -40,3 +40,5 @@ def test_presets_found_in_the_checkout():
     assert source_root() == ROOT
     assert presets_dir() == ROOT / "launch" / "presets"
     assert (presets_dir() / "paper-enwik8-144gpu.yaml").is_file()
+    assert compare_presets_dir() == ROOT / "launch" / "presets" / "compare"
+    assert (compare_presets_dir() / "smoke.yaml").is_file()
