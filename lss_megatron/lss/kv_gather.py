@@ -49,6 +49,10 @@ class KVTransport:
         """Launch the gather(s) of local k, v [s/N, b, h_kv, d] asynchronously."""
         return PendingKVGather(torch.cat([k.detach(), v.detach()], dim=2), self)
 
+    def start_local(self, kv: torch.Tensor) -> PendingKVGather:
+        """Launch the gather(s) of an already concatenated local [k | v] [s/N, b, 2*h_kv, d]."""
+        return PendingKVGather(kv, self)
+
     def finish(self, pending: PendingKVGather) -> tuple[torch.Tensor, torch.Tensor]:
         """Wait for `pending`; K, V [s, b, h_kv, d] in global order (no autograd)."""
         for work in pending.works:
@@ -62,20 +66,36 @@ class KVTransport:
 
     def gather(self, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The gather(s) of a local [k | v] [s/N, b, 2*h_kv, d], finished (no autograd)."""
-        return self.finish(PendingKVGather(kv, self))
+        return self.finish(self.start_local(kv))
 
     def reduce_scatter(self, dk_full: torch.Tensor, dv_full: torch.Tensor):
         """dK, dV [s, b, h_kv, d] in global order -> this rank's dk, dv [s/N, b, h_kv, d]: the
         sum over the group of every rank's contribution to this rank's keys and values."""
+        return self.finish_reduce_scatter(self.start_reduce_scatter(dk_full, dv_full))
+
+    def start_reduce_scatter(self, dk_full: torch.Tensor, dv_full: torch.Tensor):
+        """Launch `reduce_scatter` asynchronously (finish it with `finish_reduce_scatter`)."""
+        h_kv = dk_full.shape[2]
         if self.fused:
-            h_kv = dk_full.shape[2]
             dkv_full = self._to_ranks(torch.cat([dk_full, dv_full], dim=2))  # [s, b, 2*h_kv, d]
-            dkv = comm.reduce_scatter_dim0(dkv_full, self.group, category="sp")  # [s/N, ...]
+            parts = [comm.start_reduce_scatter_dim0(dkv_full, self.group, category="sp")]
+        else:
+            parts = [
+                comm.start_reduce_scatter_dim0(self._to_ranks(g), self.group, category="sp")
+                for g in (dk_full, dv_full)
+            ]
+        return h_kv, parts
+
+    def finish_reduce_scatter(self, pending) -> tuple[torch.Tensor, torch.Tensor]:
+        """Wait for a `start_reduce_scatter`: dk, dv [s/N, b, h_kv, d]."""
+        h_kv, parts = pending
+        for _, work in parts:
+            if work is not None:
+                work.wait()
+        if self.fused:
+            dkv = parts[0][0]  # [s/N, b, 2*h_kv, d]
             return dkv[:, :, :h_kv], dkv[:, :, h_kv:]  # 2 x [s/N, b, h_kv, d]
-        return tuple(
-            comm.reduce_scatter_dim0(self._to_ranks(g), self.group, category="sp")
-            for g in (dk_full, dv_full)
-        )  # 2 x [s/N, b, h_kv, d]
+        return parts[0][0], parts[1][0]  # 2 x [s/N, b, h_kv, d]
 
     def _to_global(self, buf: torch.Tensor) -> torch.Tensor:
         """[s, ...] in rank order -> global order (a copy under zigzag)."""

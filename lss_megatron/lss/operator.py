@@ -36,6 +36,7 @@ from .kv_gather import (  # noqa: F401 - zigzag_permutation: re-exported
     keep_local,
     zigzag_permutation,
 )
+from .overlap import overlapped_lss_attention
 
 
 def lss_attention(
@@ -52,6 +53,7 @@ def lss_attention(
     params_dtype: torch.dtype | None = None,
     save_kv: str = "gathered",
     fused: bool = True,
+    overlap: bool = False,
     doc_start: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """LSS partial attention over a sequence-parallel group.
@@ -79,6 +81,9 @@ def lss_attention(
             the gathered K/V bytes not kept; `kv_gather.keep_local`).
         fused: gather [K | V] in one collective (the paper); False gathers K and V in two calls
             each way (Megatron-Core's all_gather CP): the same bytes, twice the calls.
+        overlap: attend the local blocks while the gather is in flight and merge the remote
+            ones through the log-sum-exp; in backward, reduce-scatter while the rest computes
+            (`overlap.overlapped_lss_attention`; the CPU flash kernel). Same result and bytes.
         doc_start: packed documents (Megatron-LM's ``--reset-attention-mask``): LongTensor
             ``[b, l]``, the global start of the document of every GLOBAL position (the same on
             every rank); queries attend only inside their document, and key blocks of other
@@ -95,6 +100,23 @@ def lss_attention(
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[3])
     zigzag_n = n if layout == "zigzag" and n > 1 else None
     transport = KVTransport(group, fused=fused, zigzag_n=zigzag_n)  # K/V arrive in global order
+
+    if overlap:
+        if backend == "dense" or doc_start is not None:
+            raise ValueError("lss_attention: overlap needs the flash kernel and no document mask")
+        return overlapped_lss_attention(
+            q,
+            k,
+            v,
+            transport,
+            r=r,
+            n=n,
+            layout=layout,
+            causal=causal,
+            scale=scale,
+            kv_chunks=kv_chunks,
+            save_kv=save_kv,
+        )  # [s/N, b, h, d]
 
     def attend(q_, k_full, v_full):  # local queries x all keys of the gathered heads
         return _partial(q_, k_full, v_full, r, n, layout, causal, scale, backend, doc_start)

@@ -113,19 +113,28 @@ _ONE_BUFFER, _ONE_BUFFER_LOCAL = (
     (("qkv_buffer", True),),
     (("save_kv", "local"), ("qkv_buffer", True)),
 )
+_OVERLAP = (("overlap", True),)
+_OVERLAPS = (
+    _OVERLAP,
+    (*_OVERLAP, *_LOCAL),
+    (*_OVERLAP, *_MEGATRON_CP),
+    (*_OVERLAP, *_ONE_BUFFER_LOCAL),
+)
 
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("world", [2, pytest.param(4, marks=pytest.mark.slow)])  # 4: ~50 s
 def test_local_kv_and_separate_gathers_are_exact_with_their_bytes(world):
-    """Every save_kv x fused x chunks x layout against the float64 reference, and each variant's
-    counts, bytes and saved bytes against the paper's form (gathered, fused) of the same case."""
+    """Every save_kv x fused x overlap x chunks x layout against the float64 reference, and each
+    variant's counts, bytes and saved bytes against the paper's form (gathered, fused, not
+    overlapped) of the same case."""
     cases = [
         (case, chunks, layout, variant)
         for case in (_GQA, _MHA_BIDIR)
-        for chunks in (1, 2)
+        for chunks in ((1, 2) if case is _GQA else (1,))
         for layout in ("contiguous", "zigzag")
         for variant in ((), _LOCAL, _SEPARATE, _MEGATRON_CP, _ONE_BUFFER, _ONE_BUFFER_LOCAL)
+        + _OVERLAPS
     ]
     for rank, results in enumerate(run_ranks(_worker, world, cases, timeout=250)):
         base = {c[:3]: r for c, r in zip(cases, results, strict=True) if c[3] == ()}
@@ -135,6 +144,7 @@ def test_local_kv_and_separate_gathers_are_exact_with_their_bytes(world):
             assert r["err"] < TOL, f"{tag}: error {r['err']:.2e}"
             opts = dict(variant)
             one_buffer = opts.pop("qkv_buffer", False)
+            opts.pop("overlap", None)  # the same bytes, calls and saved bytes as without it
             b = base[(case, chunks, layout)] if not one_buffer else one_base[(case, chunks, layout)]
             local, calls = opts.get("save_kv") == "local", 1 if opts.get("fused", True) else 2
             # forward: the same gathers; backward: the same reduce-scatters, plus under local one
