@@ -337,6 +337,12 @@ class ParallelConfig:
         "gather per layer, Megatron's all_gather CP and Llama 3's choice; flash kernel only)",
         choices=SAVE_KV,
     )
+    lss_overlap: bool = _opt(
+        False,
+        "LSS: attend the local blocks while the K/V gather is in flight and merge the remote "
+        "ones exactly through the log-sum-exp; in backward, reduce-scatter (and re-gather) "
+        "behind compute. Same result and bytes; flash kernel only",
+    )
     lss_kv_gather: str = _opt(
         "fused",
         "LSS: fused (one collective of [K|V] each way, the paper) or separate (K and V in two "
@@ -426,6 +432,8 @@ class ParallelConfig:
                 p.append(f"{flag} {value!r} is not one of {choices}")
             elif value != default and self.mode != "lss":
                 p.append(f"{flag} {value} applies to --mode lss only, not {self.mode}")
+        if self.lss_overlap and self.mode != "lss":
+            p.append(f"--lss-overlap applies to --mode lss only, not {self.mode}")
         if not 0 < self.dist_timeout_s <= MAX_DIST_TIMEOUT_S:  # NaN fails too
             p.append(
                 f"--dist-timeout must be in (0, {MAX_DIST_TIMEOUT_S:g}] seconds (one week), "
@@ -770,6 +778,8 @@ class RunConfig:
                 "--lss-save-kv local needs --attention-kernel flash (the dense kernel saves its "
                 "own copies of the gathered K/V, so keeping them local would save nothing)"
             )
+        if self.parallel.lss_overlap and self.train.attention_kernel == "dense":
+            p.append("--lss-overlap needs --attention-kernel flash (it merges flash blocks)")
         if self.train.zero_stage and self.parallel.tensor_parallel > 1:
             p.append(
                 f"--zero-stage {self.train.zero_stage} with --tensor-parallel "

@@ -222,6 +222,7 @@ class LSSCoreAttention(SequenceCoreAttention):
         kv_chunks: int = 1,
         save_kv: str = "gathered",
         fused_kv: bool = True,
+        overlap: bool = False,
         **kwargs,
     ):
         super().__init__(config, layer_number, attn_mask_type, **kwargs)
@@ -250,6 +251,10 @@ class LSSCoreAttention(SequenceCoreAttention):
         """What autograd keeps of K/V: ``gathered`` or ``local`` (re-gathered in backward)."""
         self.fused_kv = fused_kv
         """K and V travel in one collective each way (the paper) or in two (Megatron's CP)."""
+        if overlap and self.kernel != "flash":
+            raise ValueError("LSSCoreAttention: overlap needs the flash kernel")
+        self.overlap = overlap
+        """Gathers and reduce-scatters overlapped with the attention blocks (`lss/overlap.py`)."""
 
         self.prepared = False
         """Set by `prepare_lss_model`; a group of N > 1 refuses to run without it (positions
@@ -279,6 +284,7 @@ class LSSCoreAttention(SequenceCoreAttention):
             kv_chunks=self.kv_chunks,
             save_kv="gathered" if recomputing else self.save_kv,
             fused=self.fused_kv,
+            overlap=self.overlap,
             doc_start=doc_start,
         )  # [s/N, b, h, d], in the compute dtype
         sq, b, h, d = out.shape

@@ -37,6 +37,7 @@ def get_lss_layer_spec(
     kernel: str = "flash",
     save_kv: str = "gathered",
     fused_kv: bool = True,
+    overlap: bool = False,
 ):
     """Megatron's local GPT layer spec with `LSSCoreAttention` (running `kernel`: flash or dense)
     as its core attention.
@@ -46,7 +47,9 @@ def get_lss_layer_spec(
     divide each rank's key/value heads, h_kv / tensor-parallel size); `save_kv`: what autograd
     keeps of K/V, ``gathered`` (the paper) or ``local`` (this rank's segment, re-gathered in
     backward: one more gather per layer; flash kernel only); `fused_kv`: K and V in one collective
-    each way (the paper) or False, two (Megatron-Core's all_gather CP)."""
+    each way (the paper) or False, two (Megatron-Core's all_gather CP); `overlap`: the gather
+    behind the local blocks, the reduce-scatter behind the rest of backward (flash kernel only;
+    the same result and bytes)."""
     if layout not in LAYOUTS:
         raise ValueError(f"get_lss_layer_spec: layout {layout!r} is not one of {LAYOUTS}")
     if not isinstance(kv_chunks, int) or kv_chunks < 1:
@@ -60,6 +63,10 @@ def get_lss_layer_spec(
         )
     if not isinstance(fused_kv, bool):
         raise ValueError(f"get_lss_layer_spec: fused_kv must be a bool, got {fused_kv!r}")
+    if not isinstance(overlap, bool):
+        raise ValueError(f"get_lss_layer_spec: overlap must be a bool, got {overlap!r}")
+    if overlap and kernel != "flash":
+        raise ValueError(f"get_lss_layer_spec: overlap needs kernel='flash', got {kernel!r}")
     spec = get_serial_layer_spec(causal)
     spec.submodules.self_attention.submodules.core_attention = ModuleSpec(
         module=LSSCoreAttention,
@@ -69,6 +76,7 @@ def get_lss_layer_spec(
             "kernel": kernel,
             "save_kv": save_kv,
             "fused_kv": fused_kv,
+            "overlap": overlap,
         },
     )
     return spec
@@ -88,9 +96,9 @@ def _unwrap(model):
     return inner
 
 
-def _check_attention(gpt, layout: str | None, save_kv: str | None = None) -> list[LSSCoreAttention]:
-    """Every core attention is an LSSCoreAttention (built for `layout` and `save_kv` when they
-    are given) on one group, all with one layout and one save_kv."""
+def _check_attention(gpt, layout: str | None, **options) -> list[LSSCoreAttention]:
+    """Every core attention is an LSSCoreAttention (built for `layout` and the `options`, e.g.
+    ``save_kv``, ``overlap``, when they are not None) on one group, all built alike."""
     attentions = [m for m in gpt.modules() if hasattr(m, "core_attention")]
     cores = [a.core_attention for a in attentions]
     other = sorted({type(c).__name__ for c in cores if not isinstance(c, LSSCoreAttention)})
@@ -106,16 +114,17 @@ def _check_attention(gpt, layout: str | None, save_kv: str | None = None) -> lis
             f"prepare_lss_model: layout {layout!r}, but the model was built with "
             f"get_lss_layer_spec(layout={wrong[0]!r}); use the same layout in both"
         )
-    wrong = sorted({c.save_kv for c in cores if save_kv is not None and c.save_kv != save_kv})
-    if wrong:
-        raise ValueError(
-            f"prepare_lss_model: save_kv {save_kv!r}, but the model was built with "
-            f"get_lss_layer_spec(save_kv={wrong[0]!r}); use the same save_kv in both"
-        )
     if len({c.layout for c in cores}) != 1:
         raise ValueError("prepare_lss_model: the layers were built with different layouts")
-    if len({c.save_kv for c in cores}) != 1:
-        raise ValueError("prepare_lss_model: the layers were built with different save_kv")
+    for name, want in options.items():
+        built = sorted({repr(getattr(c, name)) for c in cores})
+        if len(built) != 1:
+            raise ValueError(f"prepare_lss_model: the layers were built with different {name}")
+        if want is not None and built[0] != repr(want):
+            raise ValueError(
+                f"prepare_lss_model: {name} {want!r}, but the model was built with "
+                f"get_lss_layer_spec({name}={built[0]}); use the same {name} in both"
+            )
     if len({id(c.seq_group) for c in cores}) != 1:
         raise ValueError("prepare_lss_model: the layers attend over different process groups")
     return cores
@@ -152,25 +161,27 @@ def _check_model(gpt, n: int, layout: str) -> None:
         )
 
 
-def prepare_lss_model(model, *, layout: str | None = None, save_kv: str | None = None):
+def prepare_lss_model(
+    model, *, layout: str | None = None, save_kv: str | None = None, overlap: bool | None = None
+):
     """Make a built Megatron-Core `GPTModel` (or a wrapper with ``.module``) exact under LSS.
 
     Call once on every rank of the context-parallel group, after `GPTModel(...,
     transformer_layer_spec=get_lss_layer_spec(layout=layout, ...))` and before training. It
     refuses (ValueError/TypeError) a model whose core attention is not `LSSCoreAttention` for this
-    layout and `save_kv`, whose config disagrees with the group, whose max_sequence_length the layout cannot
+    layout, `save_kv` and `overlap`, whose config disagrees with the group, whose max_sequence_length the layout cannot
     cut, or whose positional encoding it cannot make exact; then it keeps only this rank's rows of
     a learned position table (a sequence-local parameter: average its gradient over the data
     group only, see docs/megatron-lm.md) and makes RoPE use this rank's global positions.
     `layout` defaults to the one the spec built the layers with (`get_lss_layer_spec(layout=)`:
-    one source of truth); given, it must agree. Until this has run, an `LSSCoreAttention` on a
+    one source of truth); given, it must agree; so do `save_kv` and `overlap`. Until this has run, an `LSSCoreAttention` on a
     group of N > 1 refuses to attend. Returns `model`."""
     if layout is not None and layout not in LAYOUTS:
         raise ValueError(f"prepare_lss_model: layout {layout!r} is not one of {LAYOUTS}")
     if save_kv is not None and save_kv not in SAVE_KV:
         raise ValueError(f"prepare_lss_model: save_kv {save_kv!r} is not one of {SAVE_KV}")
     gpt = _unwrap(model)
-    cores = _check_attention(gpt, layout, save_kv)
+    cores = _check_attention(gpt, layout, save_kv=save_kv, overlap=overlap)
     layout = cores[0].layout
     group = cores[0].seq_group
     n, rank = group.size(), group.rank()
@@ -191,12 +202,13 @@ def _layer_spec(model, grid, kernel: str = "flash"):
         kernel=kernel,
         save_kv=grid.lss_save_kv,
         fused_kv=grid.lss_kv_gather == "fused",
+        overlap=grid.lss_overlap,
     )
     return with_sequence_parallel_norms(spec, model.num_layers) if grid.tp_size > 1 else spec
 
 
 def _post_build(model, grid) -> None:
-    prepare_lss_model(model, layout=grid.layout, save_kv=grid.lss_save_kv)
+    prepare_lss_model(model, layout=grid.layout, save_kv=grid.lss_save_kv, overlap=grid.lss_overlap)
 
 
 MODE = Mode(name="lss", layer_spec=_layer_spec, post_build=_post_build)

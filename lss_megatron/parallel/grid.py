@@ -49,6 +49,8 @@ class Grid:
     lss_save_kv: str = "gathered"
     """What LSS keeps of K/V for backward: ``gathered`` or ``local`` (re-gathered in backward)."""
     lss_kv_gather: str = "fused"
+    lss_overlap: bool = False
+    """LSS's gathers and reduce-scatters overlapped with the attention blocks."""
     """LSS's K/V collectives: ``fused`` (one each way) or ``separate`` (K and V apart)."""
 
     def __repr__(self) -> str:  # groups are not printable in a useful way
@@ -94,6 +96,7 @@ def initialize_grid(parallel: ParallelConfig) -> Grid:
         kv_gather_chunks=parallel.kv_gather_chunks,
         lss_save_kv=parallel.lss_save_kv,
         lss_kv_gather=parallel.lss_kv_gather,
+        lss_overlap=parallel.lss_overlap,
         tp_size=ps.get_tensor_model_parallel_world_size(),
     )
     # collectives that Megatron or DeepSpeed issue on these groups are counted by category

@@ -43,7 +43,7 @@ def _tp_worker(rank, world, layouts):
 
     kv_gather.comm.start_all_gather_dim0 = spy
     out = []
-    for n, t, d, pos, layout, *save_kv in layouts:
+    for n, t, d, pos, layout, *options in layouts:  # options: save_kv, overlap
         cfg = RunConfig(
             model=ModelConfig(position_embedding=pos, **MODEL),
             parallel=ParallelConfig(
@@ -53,7 +53,8 @@ def _tp_worker(rank, world, layouts):
                 tensor_parallel=t,
                 data_parallel=d,
                 lss_layout=layout,
-                lss_save_kv=save_kv[0] if save_kv else "gathered",
+                lss_save_kv=options[0] if options else "gathered",
+                lss_overlap=len(options) > 1 and options[1] == "overlap",
             ),
             train=TrainConfig(
                 global_batch_size=GLOBAL_BATCH, micro_batch_size=MICRO_BATCH, seed=SEED
@@ -68,7 +69,7 @@ def _tp_worker(rank, world, layouts):
         GradientAverager(model, grid)()
         out.append(
             {
-                "layout": (n, t, d, pos, layout, *save_kv),
+                "layout": (n, t, d, pos, layout, *options),
                 "loss": global_mean_loss(local_loss, grid),
                 "seq_rank": grid.seq_rank,
                 "tp_rank": grid.tp_rank,
@@ -156,15 +157,15 @@ def _runs(world, layouts):
 LAYOUTS4 = [
     (2, 2, 1, "learned", "contiguous"),
     (2, 2, 1, "rope", "zigzag"),
-    (2, 2, 1, "learned", "zigzag", "local"),  # K/V kept local, re-gathered in backward
+    (2, 2, 1, "learned", "zigzag", "local", "overlap"),  # K/V local, re-gathered; overlapped
 ]
 LAYOUTS8 = [(2, 2, 2, "learned", "zigzag"), (2, 2, 2, "rope", "contiguous")]
 
 
 @pytest.mark.timeout(600)
 def test_lss_x_tp_n2_t2_d1(reference):
-    """4 ranks: learned contiguous, RoPE zigzag, learned zigzag with --lss-save-kv local (the
-    backward re-gather moves the same [l/N, b, 2 h_kv/T, d] buffers)."""
+    """4 ranks: learned contiguous, RoPE zigzag, learned zigzag with --lss-save-kv local and
+    --lss-overlap (the backward re-gather moves the same [l/N, b, 2 h_kv/T, d] buffers)."""
     runs = _runs(4, LAYOUTS4)
     for layout in LAYOUTS4:
         n, t, d, pos = layout[:4]

@@ -99,6 +99,16 @@ BAD = [
         ["--lss-save-kv local needs --attention-kernel flash"],
     ),
     (
+        "--lss-overlap on another mode",
+        _cfg(parallel={"mode": "ulysses", "world_size": 2, "lss_overlap": True}),
+        ["--lss-overlap applies to --mode lss only, not ulysses"],
+    ),
+    (
+        "--lss-overlap with the dense kernel",
+        _cfg(parallel={"world_size": 2, "lss_overlap": True}, train={"attention_kernel": "dense"}),
+        ["--lss-overlap needs --attention-kernel flash"],
+    ),
+    (
         "--lss-kv-gather on another mode",
         _cfg(parallel={"mode": "nvidia-sp", "world_size": 2, "lss_kv_gather": "separate"}),
         ["--lss-kv-gather separate applies to --mode lss only, not nvidia-sp"],
