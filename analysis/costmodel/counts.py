@@ -70,6 +70,9 @@ class Layout:
     master_weights: bool = False  # bf16 model + fp32 master weights, gradients, optimizer state
     zigzag: bool = False  # LSS zigzag layout: rank n holds chunks n and 2N-1-n of 2N
     kv_chunks: int = 1  # LSS --kv-gather-chunks C: K/V gathered in C head chunks
+    local_kv: bool = False  # LSS --lss-save-kv local: K/V kept local, re-gathered in backward
+    kv_separate: bool = False  # LSS --lss-kv-gather separate: K and V in two calls each way
+    overlap: bool = False  # LSS --lss-overlap: gathers / reduce-scatters behind the blocks
     zero_stage: int = 0  # --zero-stage: DeepSpeed ZeRO over the gradient group (0: off)
     t: int = 1  # lss --tensor-parallel T: Megatron TP with sequence_parallel inside each segment
     cpu: bool = False  # the trainer on CPU (gloo): bf16 LayerNorm keeps bf16 mean/rstd there
@@ -195,6 +198,9 @@ def layout_from_config(config: dict) -> Layout:
         master_weights=half,
         zigzag=par.get("lss_layout", "contiguous") == "zigzag",
         kv_chunks=int(par.get("kv_gather_chunks") or 1) if mode == "lss" else 1,
+        local_kv=mode == "lss" and par.get("lss_save_kv", "gathered") == "local",
+        kv_separate=mode == "lss" and par.get("lss_kv_gather", "fused") == "separate",
+        overlap=mode == "lss" and bool(par.get("lss_overlap", False)),
         zero_stage=int(train.get("zero_stage") or 0),
         t=t,
         cpu=config.get("runtime", {}).get("backend") == "gloo",
@@ -316,7 +322,7 @@ def sp_bytes_per_micro_batch(s: Shape, lay: Layout) -> int:
     # compute dtype before they travel (Megatron's own TP traffic stays in es)
     kv = seg * b * 2 * (s.kv_heads // lay.t) * s.head_dim * kes  # local [K | V], h_kv/T heads
     if lay.mode == "lss":  # all-gather of [K|V] per forward (x fwd), one reduce-scatter backward
-        return s.layers * (fwd + 1) * gather_bytes(kv, n) + megatron_sp_bytes(
+        return s.layers * (fwd + 1 + _regathers(lay)) * gather_bytes(kv, n) + megatron_sp_bytes(
             s, seg, b, lay.t, es, tp_fwd
         )
     if lay.mode == "ring":  # forward passes K/V n-1 times; backward K/V and dK/dV n-1 times each
@@ -331,6 +337,12 @@ def sp_bytes_per_micro_batch(s: Shape, lay: Layout) -> int:
     return 0
 
 
+def _regathers(lay: Layout) -> int:
+    """LSS's backward re-gathers of K/V per layer: one with --lss-save-kv local, unless Megatron's
+    recompute already re-runs the gather in backward (then the K/V are used at once)."""
+    return 1 if lay.local_kv and _forward_repeats(lay) == 1 else 0
+
+
 def sp_calls_per_micro_batch(s: Shape, lay: Layout) -> int:
     tp_fwd = 2 if lay.recompute == "full" else 1  # Megatron's TP forward collectives repeat
     # only under full recompute (they sit around the linear layers)
@@ -339,7 +351,11 @@ def sp_calls_per_micro_batch(s: Shape, lay: Layout) -> int:
         return megatron
     fwd = _forward_repeats(lay)
     return {
-        "lss": (fwd + 1) * s.layers * lay.kv_chunks + megatron,
+        "lss": (fwd + 1 + _regathers(lay))
+        * s.layers
+        * lay.kv_chunks
+        * (2 if lay.kv_separate else 1)
+        + megatron,
         "ring": 3 * (lay.n - 1) * s.layers,
         "ulysses": 4 * (fwd + 1) * s.layers,
         "nvidia-sp": megatron,
@@ -437,20 +453,22 @@ def _lss_saved(s: Shape, lay: Layout) -> int:
     h, kvh = s.heads // lay.t, s.kv_heads // lay.t
     rope, grouped = not s.learned_positions, s.heads > s.kv_heads
     out = seg * b * h * d * es
-    kv = ll * b * 2 * kvh * d * es  # the gathered [K | V]
-    index = (2 * lay.n * INT64) * lay.kv_chunks if lay.zigzag else 0  # chunk order, per gather
+    kv = ll * b * 2 * kvh * d * es  # the gathered [K | V] (zigzag: re-ordered inside the gather)
     if lay.attention_kernel == "materialized":
         calls = 2 if lay.zigzag else 1  # each zigzag chunk copies the whole (re-ordered) K, V
-        total = seg * b * h * d * es + calls * kv + out + index
+        total = seg * b * h * d * es + calls * kv + out
         total += _probs(b, h, seg, ll, es)
         return total + (lay.kv_chunks * seg * ll * BOOL if s.causal else 0)
-    if rope or (grouped and kvh > 1) or lay.attn_cast:  # rope output, a copy of grouped heads,
-        q = seg * b * h * d * es  # or the cast to the compute dtype
+    q_view = not (rope or (grouped and kvh > 1) or lay.attn_cast)
+    if not q_view:  # rope output, a copy of grouped heads, or the cast to the compute dtype
+        q = seg * b * h * d * es
     else:
         q = seg * b * (h + 2 * kvh) * d * es  # a view of the fused QKV output
-    total = q + kv + out + _lse(b, h, seg, es) + index
-    if lay.zigzag or lay.kv_chunks > 1:  # chunk outputs, then their concatenation (proj input)
-        total += out
+    if lay.local_kv and _forward_repeats(lay) == 1:  # the local [k | v], or nothing more when
+        kv = 0 if q_view else seg * b * 2 * kvh * d * es  # k, v are views of q's buffer
+    total = q + kv + out + _lse(b, h, seg, es)
+    if (lay.zigzag or lay.kv_chunks > 1) and not lay.overlap:  # chunk outputs, then their
+        total += out  # concatenation (proj input); the overlapped kernel writes one output
     return total
 
 

@@ -15,7 +15,9 @@ communication (`hw`), with every efficiency an explicit, stated assumption.
 * communication is not overlapped with compute (the trainer gathers K/V and reduces gradients
   synchronously), except ring attention, whose K/V passing hides behind the attention compute,
   and, with ``overlap_kv_gather``, LSS's K/V gather and reduce-scatter, which then hide behind
-  the attention compute in the same way (a pipelined, chunked gather; the trainer does not);
+  the attention compute in the same way (a fully pipelined gather); the trainer's
+  ``--lss-overlap`` hides them behind the part of the attention that needs no remote K/V
+  (`overlap_share`: the local blocks, and all but the first of C head chunks);
 * recompute (``train.recompute``) re-runs the checkpointed forward in backward: selective the
   attention core (one third of its forward + backward time, and LSS's / Ulysses' forward
   communication once more), full the whole layer (a third of GEMM, attention and elementwise
@@ -186,6 +188,26 @@ def grad_comm_time(s: Shape, lay: Layout, dev: Device) -> float:
     )
 
 
+def overlap_share(s: Shape, lay: Layout) -> float:
+    """Under --lss-overlap, the share of the slowest rank's attention (forward and backward)
+    that can run while its K/V collectives travel: the local blocks (the causal diagonal, the
+    earlier local chunk under zigzag; all local keys without a mask) need no remote K/V, and with
+    C head chunks every chunk but the first also runs while the next chunk travels."""
+    n, seg = lay.n, s.seq // lay.n
+    if n == 1:
+        return 1.0
+    if not s.causal:
+        local = 1.0 / n
+    elif lay.zigzag:  # chunks r, 2N-1-r: diagonals of both and the full earlier-chunk block
+        c = seg // 2
+        local = (2 * c * (c + 1) / 2 + c * c) / (attention_pairs(s.seq, True) / n)
+    else:  # the last segment's rank: its diagonal against (N-1) l/N prefix keys
+        diag = seg * (seg + 1) / 2
+        local = diag / (diag + (n - 1) * seg * seg)
+    c = lay.kv_chunks
+    return local + (1.0 - local) * (c - 1) / c
+
+
 def attention_efficiency(s: Shape, lay: Layout, dev: Device, a: Assumptions) -> float:
     """The fused attention kernel's fraction of peak: measured on this device at this rank's
     l/N (launch/gpu_check.sh, bf16, `Device.attention_efficiency`) for 16-bit runs where there is
@@ -208,6 +230,8 @@ def step_time(s: Shape, lay: Layout, dev: Device, a: Assumptions, optimizer: str
     sp = sp_comm_time(s, lay, dev)
     if (lay.mode == "ring" and a.overlap_ring) or (lay.mode == "lss" and a.overlap_kv_gather):
         sp = max(0.0, sp - attention)
+    elif lay.mode == "lss" and lay.overlap:  # --lss-overlap: what needs no remote K/V hides it
+        sp = max(0.0, sp - attention * overlap_share(s, lay))
     redo = attention / 3  # recompute: the forward share (1 of 3) of what is re-run
     redo += (gemm + elementwise) / 3 if lay.recompute == "full" else 0.0
     recompute = redo if lay.recompute in ("selective", "full") else 0.0
