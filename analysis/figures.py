@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from lss_megatron.modes import REFERENCE
 from lss_megatron.resources import prog
 
 from . import plotting
@@ -88,7 +89,7 @@ def strong_scaling_data(df: pd.DataFrame) -> pd.DataFrame:
     """
     ok = _ok(df)
     out = _best_layout(ok, "step_time_s", ["mode", "setting", "seq_length", "world_size"], True)
-    t1 = ok[(ok["mode"] == "serial") & (ok["world_size"] == 1)]
+    t1 = ok[(ok["mode"] == REFERENCE) & (ok["world_size"] == 1)]
     t1 = t1.groupby(["setting", "seq_length"])["step_time_s"].median().rename("t1")
     out = out.join(t1, on=["setting", "seq_length"])
     out["speedup"] = out.pop("t1") / out["step_time_s"]
@@ -115,7 +116,7 @@ def weak_efficiency_data(df: pd.DataFrame) -> pd.DataFrame:
     ]
     med = ok.groupby(keys)[["step_time_s", "model_flops_per_step"]].median().reset_index()
     med["achieved_flops_per_s"] = med["model_flops_per_step"] / med["step_time_s"]
-    ref = med[(med["mode"] == "serial") & (med["seq_parallel"] == 1)]
+    ref = med[(med["mode"] == REFERENCE) & (med["seq_parallel"] == 1)]
     ref = ref[
         ["setting", "data_parallel", "seq_length", "step_time_s", "achieved_flops_per_s"]
     ].rename(
@@ -124,7 +125,7 @@ def weak_efficiency_data(df: pd.DataFrame) -> pd.DataFrame:
     on = ["setting", "data_parallel", "base_length"]
     out = med.merge(ref, on=on, how="inner")
     scaled = out[out["seq_parallel"] > 1][on].drop_duplicates()
-    refs = out[(out["mode"] == "serial") & (out["world_size"] == out["data_parallel"])]
+    refs = out[(out["mode"] == REFERENCE) & (out["world_size"] == out["data_parallel"])]
     out = pd.concat([out[out["seq_parallel"] > 1], refs.merge(scaled, on=on)])
     out["time_efficiency"] = out["t1"] / out["step_time_s"]
     out["flops_efficiency"] = (out["achieved_flops_per_s"] / out["world_size"]) / (
@@ -447,7 +448,7 @@ def plot_weak_efficiency(data: pd.DataFrame, stem: Path, ctx: str = "") -> list[
         pal = Palette(data["mode"], data["base_length"])
         for (mode, base), g in data.groupby(["mode", "base_length"]):
             kw = pal.style(mode, base)
-            if mode.split(" [")[0] == "serial":  # the label: mode [setting]
+            if mode.split(" [")[0] == REFERENCE:  # the label: mode [setting]
                 kw["linestyle"] = "none"  # the reference point(s), efficiency 1
             axes[0].plot(g["world_size"], g["time_efficiency"], **kw)
             axes[1].plot(g["world_size"], g["flops_efficiency"], **kw)

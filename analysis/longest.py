@@ -37,6 +37,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from lss_megatron.config import ConfigError
+from lss_megatron.modes import get_mode
 from lss_megatron.resources import prog
 
 from .fitsearch import longest_fitting
@@ -340,7 +341,7 @@ def plan(args: argparse.Namespace, trainer: tuple[str, ...]) -> tuple[list[Searc
 def longest_row(
     search: Search, length: int, rec: dict | None, budget: int, granularity: int, runs: int
 ) -> dict:
-    t = search.seq_parallel if search.mode == "nvidia-sp" else 1
+    t = get_mode(search.mode).tensor_parallel(search.seq_parallel)
     return {
         "mode": search.mode,
         "seq_parallel": search.seq_parallel,

@@ -16,14 +16,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-MODE_COLOURS = {
-    "serial": "tab:gray",
-    "lss": "tab:blue",
-    "nvidia-sp": "tab:red",
-    "ulysses": "tab:purple",
-    "ring": "tab:orange",
-}
-"""One colour per mode, in every figure of the project (ring: baselines/ring.py)."""
+from .costmodel.counts import MODES as COSTED_MODES
+from .costmodel.counts import mode_of as mode_declaration
+
+MODE_COLOURS = {m: mode_declaration(m).colour for m in COSTED_MODES}
+"""One colour per mode, in every figure of the project: each mode's own (`Mode.colour`, declared
+in its mode module; the cost model's peers, ring, in `costmodel.peers`)."""
 OTHER_COLOUR = "black"
 """A label that names no mode of `MODE_COLOURS`."""
 HATCHES = ("", "//", "\\\\", "xx", "..", "oo", "--", "++", "||", "**", "/o", "\\|")

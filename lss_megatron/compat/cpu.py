@@ -20,7 +20,7 @@ machine without CUDA, `apply()` installs these replacements (and nothing else):
    `SegmentRotaryEmbedding` replaces Megatron's slicing), but a model whose `prepare_lss_model`
    was forgotten does, and must reach `LSSCoreAttention`'s clear refusal as it would on a GPU.
 
-The LayerNorm that nvidia-sp needs without apex is the mode's own (`modes/nvidia_sp.py`).
+The LayerNorm that nvidia-sp needs without apex is `modes/sp_norms.py`'s (nvidia-sp, and LSS x TP).
 
 `apply()` does nothing when CUDA is available, is idempotent, and returns the names it applied.
 """

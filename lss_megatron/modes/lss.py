@@ -15,14 +15,18 @@ which is Megatron-LM's `get_batch_on_this_cp_rank`) and carry GLOBAL position id
 
 from __future__ import annotations
 
-from megatron.core.transformer.spec_utils import ModuleSpec
-
+from ..config import SAVE_KV
 from ..layout import LAYOUTS, segment_chunks
-from ..lss.core_attention import LSSCoreAttention
-from ..lss.kv_gather import SAVE_KV
-from ..lss.positions import SegmentPositionEmbedding, SegmentRotaryEmbedding, distribute_positions
-from .base import Mode
-from .nvidia_sp import with_sequence_parallel_norms
+from .base import Costs, Mode
+from .costs import (
+    BOOL,
+    Collective,
+    forward_repeats,
+    gather_bytes,
+    lse_bytes,
+    megatron_sp_plan,
+    probs_bytes,
+)
 from .serial import get_serial_layer_spec
 
 POSITION_TYPES = ("learned_absolute", "rope", "none")
@@ -67,6 +71,10 @@ def get_lss_layer_spec(
         raise ValueError(f"get_lss_layer_spec: overlap must be a bool, got {overlap!r}")
     if overlap and kernel != "flash":
         raise ValueError(f"get_lss_layer_spec: overlap needs kernel='flash', got {kernel!r}")
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
+    from ..lss.core_attention import LSSCoreAttention
+
     spec = get_serial_layer_spec(causal)
     spec.submodules.self_attention.submodules.core_attention = ModuleSpec(
         module=LSSCoreAttention,
@@ -96,9 +104,11 @@ def _unwrap(model):
     return inner
 
 
-def _check_attention(gpt, layout: str | None, **options) -> list[LSSCoreAttention]:
+def _check_attention(gpt, layout: str | None, **options) -> list:
     """Every core attention is an LSSCoreAttention (built for `layout` and the `options`, e.g.
     ``save_kv``, ``overlap``, when they are not None) on one group, all built alike."""
+    from ..lss.core_attention import LSSCoreAttention
+
     attentions = [m for m in gpt.modules() if hasattr(m, "core_attention")]
     cores = [a.core_attention for a in attentions]
     other = sorted({type(c).__name__ for c in cores if not isinstance(c, LSSCoreAttention)})
@@ -132,6 +142,8 @@ def _check_attention(gpt, layout: str | None, **options) -> list[LSSCoreAttentio
 
 def _check_model(gpt, n: int, layout: str) -> None:
     """Megatron's config, the sequence length and the positional encoding fit N and `layout`."""
+    from ..lss.positions import SegmentPositionEmbedding, SegmentRotaryEmbedding
+
     cfg = gpt.config
     if cfg.context_parallel_size != n:
         raise ValueError(
@@ -180,6 +192,8 @@ def prepare_lss_model(
         raise ValueError(f"prepare_lss_model: layout {layout!r} is not one of {LAYOUTS}")
     if save_kv is not None and save_kv not in SAVE_KV:
         raise ValueError(f"prepare_lss_model: save_kv {save_kv!r} is not one of {SAVE_KV}")
+    from ..lss.positions import distribute_positions
+
     gpt = _unwrap(model)
     cores = _check_attention(gpt, layout, save_kv=save_kv, overlap=overlap)
     layout = cores[0].layout
@@ -204,11 +218,132 @@ def _layer_spec(model, grid, kernel: str = "flash"):
         fused_kv=grid.lss_kv_gather == "fused",
         overlap=grid.lss_overlap,
     )
-    return with_sequence_parallel_norms(spec, model.num_layers) if grid.tp_size > 1 else spec
+    if grid.tp_size == 1:
+        return spec
+    from .sp_norms import with_sequence_parallel_norms
+
+    return with_sequence_parallel_norms(spec, model.num_layers)
 
 
 def _post_build(model, grid) -> None:
     prepare_lss_model(model, layout=grid.layout, save_kv=grid.lss_save_kv, overlap=grid.lss_overlap)
 
 
-MODE = Mode(name="lss", layer_spec=_layer_spec, post_build=_post_build)
+# --- cost model --------------------------------------------------------------------------------
+def sp_plan(s, lay) -> list[Collective]:
+    """Per layer and micro-batch: the all-gather of this rank's [K|V] (h_kv/T heads, in the
+    compute dtype; again under recompute) and one reduce-scatter of [dK|dV] backward, in C head
+    chunks each, on the N ranks of the sequence group (T apart); with T > 1 Megatron's TP on
+    the segment's l/N tokens."""
+    n, b, seg, c = lay.n, lay.micro_batch, s.seq // lay.n, lay.kv_chunks
+    calls = 2 if lay.kv_separate else 1  # Megatron's all_gather CP: K and V apart
+    kv = seg * b * 2 * (s.kv_heads // lay.t) * s.head_dim * lay.attn_bytes  # local [K | V]
+    chunk = gather_bytes(kv // c // calls, n)
+    fwd = forward_repeats(lay, comm_in_core=True)
+    fwd += _regathers(lay)
+    tp_fwd = forward_repeats(lay, comm_in_core=False)
+    return [
+        Collective("all_gather", chunk, n, s.layers * fwd * c * calls, stride=lay.t),
+        Collective("reduce_scatter", chunk, n, s.layers * c * calls, stride=lay.t),
+        *megatron_sp_plan(s, seg, b, lay.t, lay.act_bytes, tp_fwd),
+    ]
+
+
+def _regathers(lay) -> int:
+    """Backward re-gathers of K/V per layer: one with --lss-save-kv local, unless Megatron's
+    recompute already re-runs the gather in backward (the K/V are then used at once)."""
+    return 1 if lay.local_kv and forward_repeats(lay, comm_in_core=True) == 1 else 0
+
+
+def attention_shape(s, lay) -> tuple[int, int, int, int]:
+    """Local queries (l/N) against all l keys, on this rank's h/T heads."""
+    return s.heads // lay.t, s.kv_heads // lay.t, s.seq // lay.n, s.seq
+
+
+def attention_saved(s, lay) -> int:
+    """LSS core attention on this rank's h/T heads, flash: q, the gathered [K|V] buffer (or, with
+    --lss-save-kv local, this rank's [k|v]), output (= proj input), lse; dense: contiguous copies of q and of the gathered K and V,
+    probabilities [b, h, l/N, l] and masks [rows, l] per kernel call, output (= proj input).
+    q, K/V and the output are in the compute dtype (`Layout.attn_bytes`)."""
+    b, es, d, seg, ll = lay.micro_batch, lay.attn_bytes, s.head_dim, s.seq // lay.n, s.seq
+    h, kvh = s.heads // lay.t, s.kv_heads // lay.t
+    rope, grouped = not s.learned_positions, s.heads > s.kv_heads
+    out = seg * b * h * d * es
+    kv = ll * b * 2 * kvh * d * es  # the gathered [K | V] (zigzag: re-ordered inside the gather)
+    if lay.attention_kernel == "materialized":
+        calls = 2 if lay.zigzag else 1  # each zigzag chunk copies the whole (re-ordered) K, V
+        total = seg * b * h * d * es + calls * kv + out
+        total += probs_bytes(b, h, seg, ll, es)
+        return total + (lay.kv_chunks * seg * ll * BOOL if s.causal else 0)
+    q_view = not (rope or (grouped and kvh > 1) or lay.attn_cast)
+    if not q_view:  # rope output, a copy of grouped heads, or the cast to the compute dtype
+        q = seg * b * h * d * es
+    else:
+        q = seg * b * (h + 2 * kvh) * d * es  # a view of the fused QKV output
+    if _regathers(lay):  # --lss-save-kv local: the local [k | v], or nothing more when k, v
+        kv = 0 if q_view else seg * b * 2 * kvh * d * es  # are views of q's buffer
+    total = q + kv + out + lse_bytes(b, h, seg, es)
+    if (lay.zigzag or lay.kv_chunks > 1) and not lay.overlap:  # chunk outputs, then their
+        total += out  # concatenation (proj input); the overlapped kernel writes one output
+    return total
+
+
+def kv_transient(s, lay) -> int | None:
+    """The largest full-length K/V buffer that exists only transiently in one layer, the
+    concatenated [dK | dV] of one gather before its reduce-scatter, l b 2 (h_kv / C) d es:
+    C-fold smaller with --kv-gather-chunks C (the gathered K/V itself is saved for backward
+    either way). None at N = 1."""
+    if lay.n == 1:
+        return None
+    kv = s.kv_heads // lay.t // lay.kv_chunks  # this rank's heads of one chunk
+    return s.seq * lay.micro_batch * 2 * kv * s.head_dim * lay.attn_bytes
+
+
+def imbalance(s, lay) -> float:
+    """max / mean over the sequence group of the (query, key) pairs each rank attends (the
+    trainer's ``attention_imbalance``). Contiguous causal segments: rank r attends
+    s_loc (r s_loc) + s_loc (s_loc + 1) / 2 pairs, so the last rank does most; zigzag (chunks r
+    and 2N-1-r of length c = l/2N) gives every rank c^2 (2N-1) + c (c+1): 1.0."""
+    n, seg = lay.n, s.seq // lay.n
+    if not s.causal or n == 1 or lay.zigzag:
+        return 1.0
+    pairs = [seg * r * seg + seg * (seg + 1) // 2 for r in range(n)]
+    return max(pairs) / (sum(pairs) / n)
+
+
+# --- memory estimate ---------------------------------------------------------------------------
+def estimate_attention(m, n: int, b: int, es: int, kernel: str) -> tuple[int, str]:
+    """q, k, v of the segment, the gathered [K|V] of the whole sequence, the output (dense: the
+    probabilities [b, h, l/N, l] and mask; flash: the log-sum-exp)."""
+    ll, d, h, kv = m.seq_length, m.head_dim, m.num_heads, m.kv_heads
+    seg = ll // n
+    saved = seg * b * (h + 2 * kv) * d * es + ll * b * 2 * kv * d * es  # qkv, gathered [K|V]
+    saved += seg * b * h * d * es  # output
+    if kernel == "dense":
+        saved += b * h * seg * ll * es + (seg * ll if m.causal else 0)
+        return saved, "LSS dense attention (scores materialised)"
+    return saved + b * h * seg * 4, "LSS flash attention"
+
+
+MODE = Mode(
+    name="lss",
+    label="lss",
+    colour="tab:blue",
+    degree_group="context",
+    layer_spec=_layer_spec,
+    post_build=_post_build,
+    composes_with_tp=True,
+    options=("lss_layout", "kv_gather_chunks", "lss_save_kv", "lss_kv_gather", "lss_overlap"),
+    documents=True,
+    costs=Costs(
+        sp_plan=sp_plan,
+        attention_saved=attention_saved,
+        attention_shape=attention_shape,
+        comm_in_core=True,
+        local_queries=True,
+        overlap="overlap_kv_gather",
+        kv_transient=kv_transient,
+        imbalance=imbalance,
+    ),
+    estimate_attention=estimate_attention,
+)
