@@ -323,3 +323,54 @@ def test_local_kv_is_exact_and_trades_a_gather_for_the_gathered_kv():
     bf16 = _get("lss-local", dtype="bf16")
     assert 2 * bf16["sp_bytes"] == got["sp_bytes"]
     assert abs(bf16["loss"] - _get("serial", dtype="bf16")["loss"]) <= BF16_LOSS_TOL
+
+
+def _variants_worker(rank, world, jobs):
+    from lss_megatron.config import ModelConfig, ParallelConfig, RunConfig, TrainConfig
+    from lss_megatron.model import build_model
+    from lss_megatron.parallel import comm
+    from lss_megatron.parallel.grid import destroy_grid, initialize_grid
+    from lss_megatron.training.metrics import SavedBytes
+    from lss_megatron.training.step import forward_backward, step_micro_batches
+
+    out = []
+    for pos, kv_heads, options, recompute in jobs:
+        cfg = RunConfig(
+            model=ModelConfig(
+                **{**MODEL, "num_kv_heads": kv_heads, "seq_length": 32},
+                position_embedding=pos,
+            ),
+            parallel=ParallelConfig(
+                mode="lss", world_size=world, seq_parallel=world, **dict(options)
+            ),
+            train=TrainConfig(global_batch_size=2, micro_batch_size=1, seed=3, recompute=recompute),
+        ).validate()
+        grid = initialize_grid(cfg.parallel)
+        model = build_model(cfg.model, grid, mode="lss", seed=3, recompute=recompute)
+        saved = SavedBytes(model)
+        with comm.record() as log:
+            forward_backward(model, step_micro_batches(cfg, grid, step=1), saved=saved)
+        counted = (saved.peak, log.nbytes("sp"), log.count(category="sp"))
+        out.append((pos, kv_heads, options, recompute, cfg.to_dict(), counted))
+        destroy_grid()
+    return out
+
+
+@pytest.mark.timeout(600)
+def test_cost_model_counts_every_lss_variant_exactly():
+    """The cost model's saved bytes, sp bytes and sp calls equal the counted ones for local K/V,
+    overlap, separate gathers, zigzag and chunks, alone and combined, learned and RoPE, GQA and
+    MHA (where local k, v are views of q's buffer), and under recompute."""
+    from analysis.costmodel import predict
+
+    local, over = ("lss_save_kv", "local"), ("lss_overlap", True)
+    sep, zig, c2 = ("lss_kv_gather", "separate"), ("lss_layout", "zigzag"), ("kv_gather_chunks", 2)
+    options = [(), (local,), (over,), (local, sep), (zig, local, over), (c2, over), (c2, local)]
+    jobs = [(p, k, o, "none") for p in ("learned", "rope") for k in (2, 4) for o in options]
+    jobs += [("learned", 2, (local,), "selective"), ("rope", 4, (local, over), "full")]
+    for pos, kv_heads, opts, recompute, config, counted in run_ranks(
+        _variants_worker, 2, jobs, timeout=540
+    )[0]:
+        pred = predict({**config, "runtime": {"backend": "gloo"}})
+        want = (pred["activation_bytes"], pred["sp_comm_bytes"], pred["sp_comm_calls"])
+        assert counted == want, (pos, kv_heads, dict(opts), recompute, counted, want)
