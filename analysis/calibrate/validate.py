@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import io
 import json
 import os
 import statistics
@@ -21,9 +22,12 @@ from pathlib import Path
 
 from lss_megatron.resources import prog
 
+from .. import outdir
 from ..compare import run_trainer, torchrun_command
 from ..costmodel import compare_run, find_device_file, load_device_file
 from ..costmodel.calibrated import DATA_DIR
+from ..inputs import cli
+from ..outdir import check_output_file, write_file
 from ..presets import get_preset, make_plan
 
 SHAPES = [  # (mode, N, D, layers, hidden, heads, kv heads, ffn, l, kernel[, recompute, zero])
@@ -101,11 +105,15 @@ def new_shape_runs(template) -> list:
     return runs
 
 
+_REUSE = False
+"""--resume: a run already complete with the same command is not run again."""
+
+
 def launch(run, out: Path) -> dict:
     """One trainer launch into its own folder `out` (emptied first, as analysis.compare does);
     its CSV row fields (without the prediction). A failed run ends the validation in one line."""
     before = os.getloadavg()[0]
-    outcome = run_trainer(torchrun_command(run, out), out, timeout_s=600)
+    outcome = run_trainer(torchrun_command(run, out), out, timeout_s=600, reuse=_REUSE)
     after = os.getloadavg()[0]
     if outcome["status"] != "ok":
         raise SystemExit(
@@ -170,20 +178,49 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs-dir", default="runs/calibrate-validation")
     p.add_argument("--device-file", default=None)
     p.add_argument("--only", choices=("cpu-strong", "new-shapes"), default=None)
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace --out and the runs in --runs-dir (exactly what its outputs.json lists)",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the runs in --runs-dir already complete (same command)",
+    )
     args = p.parse_args(argv)
     path = Path(args.device_file) if args.device_file else find_device_file()
     if path is None:
         p.error("no calibration of this machine: run python -m analysis.calibrate first")
+    return cli("analysis.calibrate.validate", lambda: _main(args, path))
+
+
+def _main(args, path: Path) -> int:
+    global _REUSE
     dev = load_device_file(path)
+    out = Path(args.out)
+    check_output_file(
+        out, "--out", overwrite=args.overwrite or args.resume, what="a validation table"
+    )
+    outdir.take(
+        Path(args.runs_dir).resolve(),
+        "analysis.calibrate.validate",
+        what="validation",
+        overwrite=args.overwrite,
+        resume=args.resume,
+        legacy=lambda d: sorted(x.name for x in d.iterdir() if (x / "outcome.json").exists()),
+    )
+    _REUSE = args.resume
     plan = make_plan(get_preset("cpu-strong"), repeats=1).runs
     runs = [] if args.only == "new-shapes" else [("cpu-strong", r) for r in plan]
     if args.only != "cpu-strong":
         runs += [("new-shape", r) for r in new_shape_runs(plan[0])]
-    rows = run_all(runs, Path(args.runs_dir), dev)
-    with open(args.out, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS)
-        w.writeheader()
-        w.writerows(rows)
+    rows = run_all(runs, Path(args.runs_dir).resolve(), dev)
+    text = io.StringIO()
+    w = csv.DictWriter(text, fieldnames=COLUMNS)
+    w.writeheader()
+    w.writerows(rows)
+    write_file(out, text.getvalue())
     err = [abs(r["ratio"] - 1) for r in rows]
     print(
         f"{len(rows)} runs, device {path}: median |error| {statistics.median(err):.1%}, "

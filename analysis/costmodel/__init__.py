@@ -147,7 +147,7 @@ def predict(
     }
     if document_lengths is not None and config["train"].get("reset_attention_mask"):
         out["attention_flops_vs_causal"] = document_attention_fraction(document_lengths, s.seq)
-        if lay.mode == "lss":
+        if out["attention_imbalance"] is not None:  # a mode that reports it (lss)
             out["attention_imbalance"] = document_attention_imbalance(document_lengths, s, lay)
     if lay.zero_stage:
         out.update(zero_counts(s, lay, optimizer))

@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="with --preset summit-paper: predict a hypothetical layout instead, the "
+        help="with --preset summit-paper: predict a hypothetical rank grid instead, the "
         "--base preset with make_config arguments changed (e.g. mode=ulysses)",
     )
     p.add_argument(

@@ -224,7 +224,7 @@ def test_a_folder_holding_a_table_is_not_overwritten(tmp_path, capsys):
     (tmp_path / "longest.csv").write_text("mode\nlss\n")
     argv = ["--ranks", "4", "--budget-mib", "8", "--out", str(tmp_path)]
     assert longest.main(argv) == 2
-    assert "already holds longest.csv" in capsys.readouterr().err
+    assert "already holds the outputs of another search (longest.csv)" in capsys.readouterr().err
     assert (tmp_path / "longest.csv").read_text() == "mode\nlss\n"
 
 
