@@ -102,7 +102,12 @@ def _print_comparison(cmp: dict) -> None:
         if k == "device_file":
             print(f"device: {value}")
             continue
+        if k == "step_time_note":
+            print(f"step_time_s: not predicted: {value}")
+            continue
         pr, co = value
+        if k == "step_time_s" and pr is None:
+            continue  # the note says why
         if k == "step_time_s":
             ratio = f"{pr / co:.3f}" if co else "n/a"
             print(

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.unit
 
 # --- cpu-equal-ranks ----------------------------------------------------------------------------
 def test_equal_ranks_plan_is_every_legal_layout_on_four_ranks():
-    plan = presets.make_plan(presets.get_preset("cpu-equal-ranks"))
+    plan = presets.make_plan(presets.get_preset("cpu-equal-ranks"), repeats=1)
     grid = {(r.label, r.seq_parallel, r.data_parallel) for r in plan.runs if r.role == "grid"}
     assert grid == {
         ("lss", 4, 1),
