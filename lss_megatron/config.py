@@ -48,6 +48,10 @@ ATTENTION_KERNELS = ("flash", "dense")
 """`flash`: a memory-efficient kernel in every mode (nothing quadratic in l is saved); `dense`:
 scores materialised and probabilities saved in every mode (Megatron's `DotProductAttention` for
 serial and nvidia-sp). Same kernel family in every mode, so modes compare like for like."""
+SAVE_KV = ("gathered", "local")
+"""LSS: what autograd keeps of K/V (`lss.kv_gather.SAVE_KV`, the same names)."""
+KV_GATHERS = ("fused", "separate")
+"""LSS: [K|V] in one collective each way (the paper) or K and V in two (Megatron's all_gather CP)."""
 RECOMPUTE = ("none", "selective", "full")
 """Megatron's activation recompute (`TransformerConfig.recompute_granularity`): `selective`
 recomputes the core attention in backward, `full` every transformer layer (uniform, 1 layer)."""
@@ -245,6 +249,25 @@ class ParallelConfig:
         "chunk c is attended): bounded transient K/V buffers, same result and bytes",
         metavar="C",
     )
+    lss_save_kv: str = _opt(
+        "gathered",
+        "LSS: what autograd keeps of K/V for backward: gathered (the paper: the whole gathered "
+        "K/V of every layer) or local (this rank's segment; backward re-gathers it: one more "
+        "gather per layer, Megatron's all_gather CP and Llama 3's choice; flash kernel only)",
+        choices=SAVE_KV,
+    )
+    lss_overlap: bool = _opt(
+        False,
+        "LSS: attend the local blocks while the K/V gather is in flight and merge the remote "
+        "ones exactly through the log-sum-exp; in backward, reduce-scatter (and re-gather) "
+        "behind compute. Same result and bytes; flash kernel only",
+    )
+    lss_kv_gather: str = _opt(
+        "fused",
+        "LSS: fused (one collective of [K|V] each way, the paper) or separate (K and V in two "
+        "calls each way, Megatron-Core's all_gather CP): the same bytes",
+        choices=KV_GATHERS,
+    )
     dist_timeout_s: float = _opt(
         300.0, "seconds before a hung collective fails the job", flag="--dist-timeout"
     )
@@ -325,6 +348,19 @@ class ParallelConfig:
                 f"--kv-gather-chunks applies to --mode "
                 f"{' / '.join(modes_accepting('kv_gather_chunks'))} only, not {self.mode}"
             )
+        for name, flag, value, choices, default in (
+            ("lss_save_kv", "--lss-save-kv", self.lss_save_kv, SAVE_KV, "gathered"),
+            ("lss_kv_gather", "--lss-kv-gather", self.lss_kv_gather, KV_GATHERS, "fused"),
+            ("lss_overlap", "--lss-overlap", self.lss_overlap, (False, True), False),
+        ):
+            if value not in choices:
+                p.append(f"{flag} {value!r} is not one of {choices}")
+            elif value != default and mode and name not in mode.options:
+                shown = "" if isinstance(value, bool) else f" {value}"
+                p.append(
+                    f"{flag}{shown} applies to --mode "
+                    f"{' / '.join(modes_accepting(name))} only, not {self.mode}"
+                )
         if not MIN_DIST_TIMEOUT_S <= self.dist_timeout_s <= MAX_DIST_TIMEOUT_S:  # NaN fails too
             p.append(
                 f"--dist-timeout must be in [{MIN_DIST_TIMEOUT_S:g}, {MAX_DIST_TIMEOUT_S:g}] "
@@ -728,6 +764,13 @@ class RunConfig:
                 "has not been "
                 "tested with Megatron's bf16 model yet; use fp32"
             )
+        if self.parallel.lss_save_kv == "local" and self.train.attention_kernel == "dense":
+            p.append(
+                "--lss-save-kv local needs --attention-kernel flash (the dense kernel saves its "
+                "own copies of the gathered K/V, so keeping them local would save nothing)"
+            )
+        if self.parallel.lss_overlap and self.train.attention_kernel == "dense":
+            p.append("--lss-overlap needs --attention-kernel flash (it merges flash blocks)")
         if self.train.zero_stage and self.parallel.tensor_parallel > 1:
             p.append(
                 f"--zero-stage {self.train.zero_stage} with --tensor-parallel "

@@ -100,6 +100,9 @@ class Layout:
     master_weights: bool = False  # bf16 model + fp32 master weights, gradients, optimizer state
     zigzag: bool = False  # LSS zigzag layout: rank n holds chunks n and 2N-1-n of 2N
     kv_chunks: int = 1  # LSS --kv-gather-chunks C: K/V gathered in C head chunks
+    local_kv: bool = False  # LSS --lss-save-kv local: K/V kept local, re-gathered in backward
+    kv_separate: bool = False  # LSS --lss-kv-gather separate: K and V in two calls each way
+    overlap: bool = False  # LSS --lss-overlap: gathers / reduce-scatters behind the blocks
     zero_stage: int = 0  # --zero-stage: DeepSpeed ZeRO over the gradient group (0: off)
     t: int = 1  # lss --tensor-parallel T: Megatron TP with sequence_parallel inside each segment
     cpu: bool = False  # the trainer on CPU (gloo): bf16 LayerNorm keeps bf16 mean/rstd there
@@ -232,6 +235,11 @@ def layout_from_config(config: dict) -> Layout:
         kv_chunks=int(par.get("kv_gather_chunks") or 1)
         if "kv_gather_chunks" in mode_of(mode).options
         else 1,
+        local_kv="lss_save_kv" in mode_of(mode).options
+        and par.get("lss_save_kv", "gathered") == "local",
+        kv_separate="lss_kv_gather" in mode_of(mode).options
+        and par.get("lss_kv_gather", "fused") == "separate",
+        overlap="lss_overlap" in mode_of(mode).options and bool(par.get("lss_overlap", False)),
         zero_stage=int(train.get("zero_stage") or 0),
         t=t,
         cpu=config.get("runtime", {}).get("backend") == "gloo",
@@ -493,7 +501,8 @@ def transient_bytes(s: Shape, lay: Layout) -> int:
     one layer's attention backward holds at once on this rank, for the memory-fits checks.
 
     * the core's input gradients: dq over its queries and dK, dV over all its keys (LSS: the
-      full-length [dK | dV] of one gather, `kv_transient_bytes`, before its reduce-scatter);
+      full-length [dK | dV] of one gather, `kv_transient_bytes`, before its reduce-scatter; with
+      --lss-save-kv local also the K/V re-gathered for the backward);
     * with materialised scores, also the probabilities' gradient (in the element sizes the
       probabilities are saved in, `_probs`: es, plus fp32 under Megatron's fp32 softmax) and
       the scores' gradient (es), [b, heads, queries, keys] each. A flash kernel's blockwise
@@ -504,6 +513,10 @@ def transient_bytes(s: Shape, lay: Layout) -> int:
     grads = queries * b * heads * d * es
     kv = kv_transient_bytes(s, lay)
     grads += kv if kv is not None else keys * b * 2 * kvh * d * es
+    if lay.local_kv and lay.recompute == "none" and lay.n > 1:  # --lss-save-kv local: the
+        chunks = 2 if lay.overlap and lay.kv_chunks > 1 else 1  # re-gathered K/V of the chunk
+        grads += chunks * keys * b * 2 * kvh * d * es // lay.kv_chunks  # in backward (and the
+        # next one's, in flight, under --lss-overlap)
     if lay.attention_kernel != "materialized":
         return grads
     return grads + probs_bytes(b, heads, queries, keys, es) + b * heads * queries * keys * es
