@@ -18,19 +18,22 @@ log-sum-exp, then waits. Causal: only (query chunk, key chunk) pairs with key ch
 chunk (full blocks) or equal (square diagonal blocks) are attended; fully masked blocks are
 skipped (their K/V still pass on). Only the h_kv key/value heads travel (GQA).
 
-Backward, the ring again: K/V are shifted as in forward (N-1 shifts), and a [dK | dV]
-accumulator travels with each block: at step t the rank adds its contribution to block src's
-gradient to the accumulator it received (started at zero at step 0 for its own block) and
-shifts it on (tag 1); after N shifts every block's gradient, summed over all ranks, is home.
-Blocks' backward uses the merged output and lse (exact). dQ accumulates locally in fp32.
+Backward, the ring in reverse (as TransformerEngine's p2p context parallelism): the rank starts
+from block r+1, the last one forward held (saved for backward), and at step t holds block
+r+1+t: it launches the shift of that block to rank r-1 (tag 0), adds its contribution to the
+block's gradient to the [dK | dV] accumulator that came with the block from rank r+1 (zero at
+step 0), and sends the accumulator on to rank r-1 with the block (tag 1). A block's accumulator
+visits all N ranks in N-1 hops and its last holder is the block's owner: at step N-1 the rank
+holds its own block with the gradient summed over every rank. Blocks' backward uses the merged
+output and lse (exact). dQ and the accumulators sum in fp32 on each rank.
 
-Per layer and micro-batch a rank sends (es = element size of the compute dtype):
-forward (N-1) K/V blocks = ``(N-1) * 2 * (l/N) * b * h_kv * d * es``; backward (N-1) K/V blocks
-plus N [dK | dV] blocks = ``(2N-1) * 2 * (l/N) * b * h_kv * d * es`` (the gradients travel in
-the compute dtype, as LSS's reduce-scatter does; they are summed in fp32 on each rank).
+Per layer and micro-batch a rank sends (es = element size of the compute dtype), each message
+one local [K | V] block of ``2 * (l/N) * b * h_kv * d * es`` bytes: forward N-1 (K/V), backward
+N-1 (K/V) plus N-1 ([dK | dV], in the compute dtype, as LSS's reduce-scatter): 3 (N-1) blocks.
 
-Saved for backward: q [l/N, b, h, d], the LOCAL k, v [l/N, b, h_kv, d], the output
-[l/N, b, h, d] and the lse [b, h, l/N] (fp32): nothing of length l, unlike LSS's gathered K/V.
+Saved for backward: q [l/N, b, h, d], one [K | V] block [l/N, b, 2 h_kv, d] (block r+1), the
+output [l/N, b, h, d] and the lse [b, h, l/N] (fp32): nothing of length l, unlike LSS's gathered
+K/V.
 """
 
 from __future__ import annotations
@@ -145,7 +148,7 @@ class _RingAttention(torch.autograd.Function):
             if shift is not None:
                 kv = shift.wait()  # [sq, b, 2*h_kv, d] of rank r - t - 1
         out = out.permute(2, 0, 1, 3).to(q.dtype).contiguous()  # [sq, b, h, d]
-        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.save_for_backward(q, kv, out, lse)  # kv: block r+1 (its own for N = 1)
         ctx.group, ctx.causal, ctx.scale = group, causal, scale
         ctx.kernel, ctx.layout = kernel, layout
         return out
@@ -153,29 +156,27 @@ class _RingAttention(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, dout):
-        q, k, v, out, lse = ctx.saved_tensors
+        q, kv, out, lse = ctx.saved_tensors  # kv: block r+1, the last one forward held
         group, layout = ctx.group, ctx.layout
         n, r = comm.group_size(group), comm.group_rank(group)
-        sq, h_kv = q.shape[0], k.shape[2]
+        sq, h_kv = q.shape[0], kv.shape[2] // 2
         c = sq // len(chunk_ids(r, n, layout))
-        _, bwd = _block_kernels(ctx.kernel, q, k)
+        _, bwd = _block_kernels(ctx.kernel, q, kv)
         acc = lse.dtype
         qb, ob, dob = _bhsd(q), _bhsd(out), _bhsd(dout.to(q.dtype))  # [b, h, sq, d]
         dq = torch.zeros(qb.shape, dtype=acc, device=q.device)  # [b, h, sq, d]
-        kv = torch.cat([k, v], dim=2)  # [sq, b, 2*h_kv, d]
         dkv_shift = None  # the [dK | dV] accumulator in flight
         for t in range(n):
-            shift = (
-                comm.start_ring_shift(kv, group, category="sp", tag=_KV_TAG) if t < n - 1 else None
-            )
-            src = (r - t) % n
+            blk = (r + 1 + t) % n  # the ring in reverse: blocks r+1, r+2, ..., r
+            shift = None
+            if t < n - 1:
+                shift = comm.start_ring_shift(kv, group, category="sp", tag=_KV_TAG, reverse=True)
             if t == 0:
-                dkv = torch.zeros(kv.shape, dtype=acc, device=q.device)  # block r's, from zero
+                dkv = torch.zeros(kv.shape, dtype=acc, device=q.device)  # block r+1's, from zero
             else:
-                dkv = dkv_shift.wait().to(acc)  # block src's, summed over ranks src..r-1
-            for rows, keys, diag in step_tasks(
-                chunk_ids(r, n, layout), chunk_ids(src, n, layout), c, ctx.causal
-            ):
+                dkv = dkv_shift.wait().to(acc)  # block blk's, summed over ranks blk-1..r+1
+            tasks = step_tasks(chunk_ids(r, n, layout), chunk_ids(blk, n, layout), c, ctx.causal)
+            for rows, keys, diag in tasks:
                 kb, vb = _bhsd(kv[keys, :, :h_kv]), _bhsd(kv[keys, :, h_kv:])  # [b, h_kv, k, d]
                 dq_b, dk_b, dv_b = bwd(
                     dob[:, :, rows],
@@ -190,11 +191,14 @@ class _RingAttention(torch.autograd.Function):
                 dq[:, :, rows] += dq_b
                 dkv[keys, :, :h_kv] += dk_b.permute(2, 0, 1, 3)  # [k, b, h_kv, d]
                 dkv[keys, :, h_kv:] += dv_b.permute(2, 0, 1, 3)
-            dkv_shift = comm.start_ring_shift(dkv.to(kv.dtype), group, category="sp", tag=_DKV_TAG)
-            if shift is not None:
+            if shift is not None:  # the accumulator follows its block to rank r-1
+                dkv_shift = comm.start_ring_shift(
+                    dkv.to(kv.dtype), group, category="sp", tag=_DKV_TAG, reverse=True
+                )
                 kv = shift.wait()
-        dkv = dkv_shift.wait()  # [sq, b, 2*h_kv, d]: this rank's block, summed over all ranks
+        # the last block was this rank's own: dkv [sq, b, 2*h_kv, d], summed over all ranks
         dq = dq.permute(2, 0, 1, 3).to(q.dtype)  # [sq, b, h, d]
+        dkv = dkv.to(kv.dtype)
         return dq, dkv[:, :, :h_kv], dkv[:, :, h_kv:], None, None, None, None, None
 
 

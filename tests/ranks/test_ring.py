@@ -3,7 +3,7 @@
 Tolerance 1e-5 (fp32 on CPU): the ring's blocks and the float64 reference differ only in fp32
 accumulation order (blocks merged through the log-sum-exp in fp32); errors seen are ~1e-6.
 Traffic: counted by `comm.record()` and independently by wrapping `torch.distributed.isend`, and
-both equal the closed form: forward N-1 K/V shifts, backward N-1 K/V shifts plus N [dK | dV]
+both equal the closed form: forward N-1 K/V shifts, backward N-1 K/V shifts plus N-1 [dK | dV]
 shifts, each a local [K | V] block of (l/N) b 2 h_kv d elements (only the h_kv heads travel).
 """
 
@@ -87,7 +87,7 @@ def _ring_worker(rank, world, cases, runs):
                     "counted": (fwd_log.nbytes("sp"), bwd_log.nbytes("sp")),
                     "calls": (fwd_log.count("isend", "sp"), bwd_log.count("isend", "sp")),
                     "raw": (fwd_raw.sent, bwd_raw.sent, fwd_raw.calls, bwd_raw.calls),
-                    "expected": ((world - 1) * block, (2 * world - 1) * block),
+                    "expected": ((world - 1) * block, 2 * (world - 1) * block),
                     "other": fwd_log.nbytes()
                     + bwd_log.nbytes()
                     - fwd_log.nbytes("sp")
@@ -125,7 +125,7 @@ def _bf16_worker(rank, world):
                 (g.double() - r[idx]).abs().max().item() for g, r in zip(got, ref, strict=True)
             ),
             "bytes": log.nbytes("sp"),
-            "expected": (3 * world - 2) * 2 * lk.numel() * 2,  # (N-1) + (2N-1) bf16 blocks
+            "expected": 3 * (world - 1) * 2 * lk.numel() * 2,  # 3 (N-1) bf16 [K|V] blocks
         }
     return out
 
@@ -143,7 +143,7 @@ def _check(per_rank, world):
             fwd, bwd = r["expected"]
             assert r["counted"] == (fwd, bwd), f"{tag}: counted {r['counted']} != {(fwd, bwd)}"
             assert r["raw"][:2] == (fwd, bwd), f"{tag}: isend bytes {r['raw'][:2]}"
-            assert r["calls"] == (world - 1, 2 * world - 1) == r["raw"][2:], tag
+            assert r["calls"] == (world - 1, 2 * (world - 1)) == r["raw"][2:], tag
             assert r["other"] == 0, f"{tag}: traffic outside 'sp'"
 
 
