@@ -1,4 +1,4 @@
-"""`ring_attention` (baselines/ring.py) on N gloo ranks against one-process attention.
+"""`ring_attention` (baselines/ring_attention.py) on N gloo ranks against one-process attention.
 
 Tolerance 1e-5 (fp32 on CPU): the ring's blocks and the float64 reference differ only in fp32
 accumulation order (blocks merged through the log-sum-exp in fp32); errors seen are ~1e-6.
@@ -58,7 +58,7 @@ def _rows(seq: int, rank: int, n: int, layout: str):
 
 
 def _ring_worker(rank, world, cases, runs):
-    from lss_megatron.baselines.ring import ring_attention
+    from lss_megatron.baselines.ring_attention import ring_attention
     from lss_megatron.parallel import comm
 
     results = []
@@ -105,7 +105,7 @@ the blocks run in bf16 and merge in fp32, errors seen are ~5e-3 on O(1) values."
 def _bf16_worker(rank, world):
     """bf16 q, k, v through both kernels: the output is bf16, K/V and [dK | dV] travel in bf16."""
 
-    from lss_megatron.baselines.ring import ring_attention
+    from lss_megatron.baselines.ring_attention import ring_attention
     from lss_megatron.parallel import comm
 
     case = (True, 6, 2, 12, 48, 2)

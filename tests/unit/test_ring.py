@@ -1,4 +1,4 @@
-"""The ring's schedule (`baselines/ring.py`), without ranks: over its N steps, the kernel calls of
+"""The ring's schedule (`baselines/ring_attention.py`), without ranks: over its N steps, the kernel calls of
 each rank cover every visible (query, key) pair exactly once and nothing masked (causal), or
 everything (not causal), for both layouts; fully masked blocks are skipped."""
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lss_megatron.baselines.ring import chunk_ids, step_tasks
+from lss_megatron.baselines.ring_attention import chunk_ids, step_tasks
 from lss_megatron.layout import segment_chunks
 
 

@@ -1,4 +1,6 @@
-"""ring: ring attention (context parallelism's p2p algorithm) on the same Megatron GPT model.
+"""Ring attention (context parallelism's p2p algorithm): the ring mode's torch part
+(`ring_attention`, and `RingCoreAttention`, Megatron's core attention running it; the mode
+itself is `baselines/ring.py`).
 
 Megatron-Core's context parallelism (``cp_comm_type="p2p"``, its default), ring-flash-attention
 and PyTorch's ``context_parallel`` all run this algorithm; Megatron's needs TransformerEngine's
@@ -44,7 +46,8 @@ import torch
 import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
-from lss_megatron.layout import LAYOUTS
+from lss_megatron.layout import LAYOUTS, attended_pairs
+from lss_megatron.lss.core_attention import SequenceCoreAttention
 from lss_megatron.lss.dense_attention import dense_block_backward, dense_block_forward
 from lss_megatron.lss.kernel import (
     block_backward,
@@ -261,3 +264,32 @@ def _check_inputs(q, k, v, kernel: str, layout: str) -> None:
         raise ValueError(f"ring_attention: unknown layout {layout!r}; expected one of {LAYOUTS}")
     if layout == "zigzag" and sq % 2:
         raise ValueError(f"ring_attention: zigzag needs an even local length, got {sq}")
+
+
+class RingCoreAttention(SequenceCoreAttention):
+    """Ring attention over the context-parallel (sequence) group, as Megatron's `core_attention`:
+    (q [l/N, b, h, d], k/v [l/N, b, h_kv, d], mask None) -> [l/N, b, h*d]. `layout` is a spec
+    parameter (`ring.get_ring_layer_spec(layout=...)`), checked by `ring.prepare_ring_model`."""
+
+    def __init__(self, config, layer_number: int, attn_mask_type, *, layout="contiguous", **kw):
+        super().__init__(config, layer_number, attn_mask_type, **kw)
+        if layout not in LAYOUTS:
+            raise ValueError(f"RingCoreAttention: layout {layout!r} is not one of {LAYOUTS}")
+        self.layout = layout
+
+    def attend(self, query, key, value, causal: bool) -> torch.Tensor:
+        out = ring_attention(
+            query,
+            key,
+            value,
+            self.seq_group,
+            causal=causal,
+            softmax_scale=self.softmax_scale,
+            kernel=self.kernel,
+            layout=self.layout,
+        )  # [s/N, b, h, d], in the compute dtype
+        sq, b, h, d = out.shape
+        n = self.seq_group.size()
+        pairs = attended_pairs(n * sq, self.seq_group.rank(), n, causal, self.layout)
+        self.count_flops(4 * b * h * d * pairs)
+        return out
