@@ -7,17 +7,27 @@ analysis/presets.py: grid points x variants, a variant
 being a trainer mode plus flags such as ``--lss-layout zigzag``) as its own launch of the trainer,
 ``python -m torch.distributed.run --standalone --nproc-per-node P -m lss_megatron.train ...`` with
 ``--progress off`` and ``OMP_NUM_THREADS=1`` (``--standalone`` picks a free port per launch), one
-after another in the plan's interleaved order, each under a hard timeout. A run that fails or times
-out is recorded with its status and the tail of its stderr; the driver goes on. Then it writes
+after another in the plan's interleaved order, each under a hard timeout. ``--repeats K`` (default:
+the preset's) runs every configuration K times in K rounds, each round every configuration once in
+an order shuffled by a seed (``--seed``, else drawn) that plan.json records; the 1-minute load
+average is read before and after every launch. A run that fails or times out is recorded with its
+status and the tail of its stderr; the driver goes on. Then it writes
 
-* ``DIR/summary.csv``: one row per run (analysis/tables.py, docs/measurement.md);
+* ``DIR/summary.csv``: one row per configuration, the median step time over its repeats with
+  their spread and every time ratio with a bootstrap interval (analysis/repeats.py,
+  docs/measurement.md);
+* ``DIR/runs.csv``: one row per launch, with its place in the order and the load averages
+  (analysis/tables.py);
 * ``DIR/figures/*.png|pdf`` (analysis/figures.py);
 * ``DIR/best_layouts.csv`` (equal-ranks presets such as ``cpu-equal-ranks``): each mode's
   fastest layout on the preset's P ranks against nvidia-sp's (`tables.best_layouts`);
-* ``DIR/plan.json``: the preset, every command, the runs the trainer would reject;
-* ``DIR/runs/RUN_ID/``: each run's trainer output plus ``stdout.log`` / ``stderr.log``;
+* ``DIR/plan.json``: the preset, the seed, every command in launch order, the runs the trainer
+  would reject;
+* ``DIR/runs/RUN_ID/``: each run's trainer output plus ``stdout.log`` / ``stderr.log`` and
+  ``launch.json`` (status, wall time, order, load averages);
 
-and prints the summary table. ``--dry-run`` prints the commands instead; ``--collect`` builds the
+and prints the summary table, then the time ratios whose interval excludes 1 and those whose
+interval contains it. ``--dry-run`` prints the commands instead; ``--collect`` builds the
 table and figures from run folders already in ``DIR/runs`` (how cluster presets are used: print
 their sbatch commands with ``--dry-run``, run them, then ``--collect``).
 
@@ -31,6 +41,7 @@ import argparse
 import json
 import math
 import os
+import random
 import shlex
 import shutil
 import signal
@@ -39,7 +50,9 @@ import sys
 import time
 from pathlib import Path
 
-from . import tables
+from lss_megatron.resources import prog
+
+from . import repeats, tables
 from .inputs import InputError, cli, error_line
 from .presets import REPO, Plan, RunSpec, all_presets, get_preset, make_plan
 from .trainer_config import run_config
@@ -149,16 +162,44 @@ def run_trainer(cmd: list[str], run_dir: Path, timeout_s: float) -> dict:
     return {"status": status, "error": error, "wall_s": wall}
 
 
+def load_1m() -> float:
+    """The machine's 1-minute load average (NaN where the platform has none)."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return math.nan
+
+
+def launch_recorded(run: RunSpec, run_dir: Path, timeout_s: float, order: int, seed: int) -> dict:
+    """`launch` with the load average read before and after, and its place in the launch
+    order; the outcome is also written to ``run_dir/launch.json`` (what --collect reads)."""
+    before = load_1m()
+    outcome = launch(run, run_dir, timeout_s)
+    outcome.update(order=order, order_seed=seed, load_1m_before=before, load_1m_after=load_1m())
+    (run_dir / "launch.json").write_text(json.dumps(outcome, indent=2) + "\n")
+    return outcome
+
+
+def _recorded(run_dir: Path) -> dict:
+    """The launch record a run left (order, seed, load averages), {} when there is none."""
+    try:
+        doc = json.loads((run_dir / "launch.json").read_text())
+    except (FileNotFoundError, ValueError):
+        return {}
+    keys = ("order", "order_seed", "load_1m_before", "load_1m_after", "wall_s")
+    return {k: doc[k] for k in keys if k in doc}
+
+
 def collect(run: RunSpec, run_dir: Path, outcome: dict | None) -> dict:
     """Measured columns of a run, or its failure (`outcome` None: from the folder alone)."""
     if outcome is None:
-        outcome = {"status": "ok", "error": "", "wall_s": math.nan}
+        outcome = {"status": "ok", "error": "", "wall_s": math.nan, **_recorded(run_dir)}
         if not (run_dir / "summary.json").exists():
             why = "no run folder" if not run_dir.exists() else "no summary.json"
             stderr = _tail(run_dir / "stderr.log", 50_000)
             outcome = {
+                **outcome,
                 "status": "missing",
-                "wall_s": math.nan,
                 "error": why + (": " + error_line(stderr) if stderr else ""),
             }
     row = dict(outcome)
@@ -171,10 +212,12 @@ def collect(run: RunSpec, run_dir: Path, outcome: dict | None) -> dict:
 
 
 def build_table(plan: Plan, out: Path, outcomes: dict[str, dict] | None) -> tuple:
-    """(summary DataFrame, cost-model note) for every run of `plan`."""
+    """(per-launch DataFrame, summary DataFrame, cost-model note) for every run of `plan`: the
+    first one row per launch (runs.csv), the second one row per configuration (summary.csv,
+    `analysis.repeats.aggregate`)."""
     predict, note = tables.load_costmodel()
     rows = []
-    for run in plan.runs:
+    for index, run in enumerate(plan.runs):
         run_dir = out / "runs" / run.run_id
         config = effective_config(run)
         row = tables.identity_row(
@@ -182,21 +225,40 @@ def build_table(plan: Plan, out: Path, outcomes: dict[str, dict] | None) -> tupl
         )
         row.update(collect(run, run_dir, None if outcomes is None else outcomes[run.run_id]))
         row["run_dir"] = str(run_dir)
+        row["config_id"] = run.config_id
+        row.setdefault("order", index)
+        row.setdefault("order_seed", plan.seed)
         try:
             row.update(tables.predicted_columns(config, predict))
         except Exception as e:  # noqa: BLE001 - a cost-model bug must not lose the measurements
             note = f"analysis.costmodel.predict failed ({type(e).__name__}: {e}); columns empty"
             predict = None
         rows.append(row)
-    df = tables.finish(rows, plan.preset.scaling, plan.preset.memory_budget_bytes)
-    return df, note
+    runs = tables.finish(rows, plan.preset.scaling, plan.preset.memory_budget_bytes)
+    return (
+        runs,
+        repeats.aggregate(runs, plan.preset.scaling, seed=plan.seed, order=plan.configs),
+        note,
+    )
+
+
+def _recorded_seed(out: Path, collect: bool) -> int:
+    """--collect: the seed plan.json recorded (the runs were made in its order); otherwise a
+    fresh one (recorded in plan.json and summary.csv)."""
+    if collect:
+        try:
+            return int(json.loads((out / "plan.json").read_text())["seed"])
+        except (FileNotFoundError, ValueError, KeyError, TypeError):
+            return 0
+    return random.SystemRandom().randrange(2**31)
 
 
 def _print_plan(plan: Plan, out: Path) -> None:
     preset = plan.preset
     print(
-        f"# preset {preset.name}: {preset.summary} ({len(plan.runs)} runs, {preset.scaling} "
-        "scaling)"
+        f"# preset {preset.name}: {preset.summary} ({len(plan.runs)} runs: "
+        f"{len(plan.runs) // max(plan.repeats, 1)} configurations x {plan.repeats} repeats, "
+        f"interleaved, order seed {plan.seed}; {preset.scaling} scaling)"
     )
     for run in plan.runs:
         run_dir = out / "runs" / run.run_id
@@ -217,13 +279,21 @@ def _write_plan(plan: Plan, out: Path) -> None:
         "notes": preset.notes,
         "timeout_s": preset.timeout_s,
         "memory_budget_bytes": preset.memory_budget_bytes,
+        "repeats": plan.repeats,
+        "seed": plan.seed,
+        "order": "interleaved: every configuration once per round, the order within round r "
+        "shuffled by random.Random(f'{seed}:{r}') (analysis.presets.make_plan)",
+        "interval_level": repeats.LEVEL,
         "runs": [
             {
+                "order": i,
                 "run_id": r.run_id,
+                "config_id": r.config_id,
+                "repeat": r.repeat,
                 "role": r.role,
                 "command": torchrun_command(r, out / "runs" / r.run_id),
             }
-            for r in plan.runs
+            for i, r in enumerate(plan.runs)
         ],
         "skipped": [{"run_id": r, "reason": why} for r, why in plan.skipped],
     }
@@ -239,7 +309,7 @@ def _list_presets() -> None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="python -m analysis.compare",
+        prog=prog("python -m analysis.compare"),
         description="Compare serial, LSS, NVIDIA SP, Ulysses and LSS's options over a grid.",
     )
     p.add_argument(
@@ -254,7 +324,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="build the table and figures from DIR/runs without launching",
     )
-    p.add_argument("--repeats", type=int, default=None, help="override the preset's repeats")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="run every configuration K times, interleaved (default: the preset's repeats)",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="seed of the launch order within each round (default: drawn, and recorded in "
+        "plan.json and summary.csv)",
+    )
     p.add_argument(
         "--timeout",
         type=float,
@@ -284,9 +366,11 @@ def run_all(plan: Plan, out: Path, timeout_s: float, progress: bool) -> dict[str
         file=sys.stderr,
         dynamic_ncols=True,
     )
-    for run in bar:
+    for order, run in enumerate(bar):
         bar.set_postfix_str(f"{run.run_id} (failed so far: {failed})")
-        outcomes[run.run_id] = launch(run, out / "runs" / run.run_id, timeout_s)
+        outcomes[run.run_id] = launch_recorded(
+            run, out / "runs" / run.run_id, timeout_s, order, plan.seed
+        )
         if outcomes[run.run_id]["status"] != "ok":
             failed += 1
             tqdm.write(f"run {run.run_id}: {outcomes[run.run_id]['status']}", file=sys.stderr)
@@ -306,7 +390,8 @@ def _main(argv: list[str] | None) -> int:
         return 0
     preset = get_preset(args.preset)
     out = Path(args.out or f"runs/compare-{preset.name}").resolve()
-    plan = make_plan(preset, args.repeats)
+    seed = args.seed if args.seed is not None else _recorded_seed(out, args.collect)
+    plan = make_plan(preset, args.repeats, seed)
     if args.dry_run:
         _print_plan(plan, out)
         return 0
@@ -325,12 +410,15 @@ def _main(argv: list[str] | None) -> int:
     if not args.collect:
         timeout = args.timeout if args.timeout is not None else preset.timeout_s
         outcomes = run_all(plan, out, timeout, progress=not args.no_progress)
-    df, note = build_table(plan, out, outcomes)
+    runs, df, note = build_table(plan, out, outcomes)
+    tables.write_summary(runs, out / "runs.csv")
     csv = tables.write_summary(df, out / "summary.csv")
     from .figures import make_figures
 
     figures = make_figures(df, out / "figures")
     print(tables.format_table(df))
+    print()
+    print(repeats.format_intervals(df, runs))
     print()
     if preset.ranks is not None or preset.layouts:  # equal ranks: each mode's best layout
         best = tables.best_layouts(df)
@@ -341,12 +429,13 @@ def _main(argv: list[str] | None) -> int:
         print(f"skipped (the trainer would reject it) {run_id}: {why}")
     if note:
         print(f"note: {note}")
-    bad = df[df["status"] != "ok"]
+    bad = runs[runs["status"] != "ok"]
     for _, row in bad.iterrows():
         print(f"{row['status']}: {row['run_id']}: {str(row['error'])[-500:]}")
     print(
-        f"{len(df) - len(bad)}/{len(df)} runs ok; wrote {csv} and {len(figures)} figure files "
-        f"in {out / 'figures'}; {time.perf_counter() - t0:.0f} s"
+        f"{len(runs) - len(bad)}/{len(runs)} runs ok ({len(df)} configurations x "
+        f"{plan.repeats} repeats, order seed {plan.seed}); wrote {csv}, runs.csv and "
+        f"{len(figures)} figure files in {out / 'figures'}; {time.perf_counter() - t0:.0f} s"
     )
     return 0 if bad.empty else 3
 

@@ -27,6 +27,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from lss_megatron.resources import prog
+
 from .fitsearch import longest_fitting
 from .tables import config_from_row, load_costmodel, read_summary, setting_label
 
@@ -607,7 +609,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m analysis.figures", description=__doc__.split("\n")[0]
+        prog=prog("python -m analysis.figures"), description=__doc__.split("\n")[0]
     )
     p.add_argument("dir", help="a compare output folder (or its summary.csv)")
     p.add_argument("--out", default=None, help="figure folder (default DIR/figures)")

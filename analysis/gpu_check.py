@@ -1,39 +1,58 @@
-"""GPU readiness in one command: ``bash launch/gpu_check.sh --out-dir DIR [--dry-run]``.
+"""GPU readiness and the cross-mode comparison in one command:
+``bash launch/gpu_check.sh --out-dir DIR [--overwrite] [--dry-run]``.
 
-On one CUDA device (the H200 lent for tests: Python 3.12, torch 2.11; the launcher installs
-megatron-core from launch/wheels/, see docs/measurement.md), within 10 minutes:
+On one CUDA device (one H100 or H200 for 15 minutes, start included: Python 3.12, torch 2.11; the
+launcher installs megatron-core, deepspeed and their requirements from launch/wheels/, see
+docs/measurement.md), planned at most `BUDGET_S` seconds in all (`planned_seconds`):
 
+0. ``nccl_smoke``: one all-reduce on a one-rank NCCL group (gloo in the dry run), first, so a
+   sandbox NCCL failure is named before anything else runs;
 1. ``attention_checks``: every path the trainer's LSS (and Ulysses) attention takes, as one rank of
    N sees it after the K/V gather: rank 0 (square causal), the last rank (``q_offset > 0``,
    lower-right causal), a zigzag chunk pair, GQA, non-causal; in bf16 via autocast with fp32
-   inputs (what Megatron's layers hand it) and in fp32; outputs and input gradients against the
-   float64 math reference; and which SDPA kernel ran (seen through a dispatch mode), asserted:
-   flash or cuDNN for bf16, the memory-efficient kernel for fp32, never the math kernel;
-2. ``matmul_peak_flops``: the bf16 GEMM peak (8192^3);
+   inputs and in fp32; outputs and input gradients against the float64 math reference; and the
+   fused SDPA kernel that ran forward AND backward (seen through a dispatch mode), asserted:
+   flash for bf16 (the priority is pinned flash first, `lss.kernel.sdpa_priority`), the
+   memory-efficient kernel for fp32, never math;
+2. ``matmul_peak``: the bf16 GEMM peak (8192^3): warm-ups, one CUDA-event interval per rep,
+   median and min, the SM clock before and after where readable;
 3. ``attention_efficiency``: LSS partial attention of the last (most loaded) rank and of rank 0
-   of N = 8 for l/N = 4K ... 64K (h 32, h_kv 8, d 128), fp32 leaves under bf16 autocast as the
-   trainer feeds it, forward + backward; model FLOPs (3 x 4 b h d x attended pairs) per second as
-   a fraction of the measured matmul peak;
-4. ``trainer``: ``python -m lss_megatron.train`` in serial and in lss (N = 1) for a few bf16 steps
+   of N = 8 for l/N = 4K ... 64K (h 32, h_kv 8, d 128), forward + backward, with the inputs the
+   bf16 trainer feeds (bf16 q, K/V as views of one gathered [K | V] buffer); every rep's time,
+   FLOPs by both conventions (model: 3 x forward; flash: 3.5 x forward, backward recomputing the
+   scores), the peak memory of the row alone (the previous row freed first);
+4. ``mode_emulation``: every mode's per-rank work for one layer at one equal layout (P = 8:
+   lss, lss-zigzag, ulysses, nvidia-sp; first, middle and last rank where ranks differ), the
+   modes' own Megatron layers on the rank's shards (`analysis.emulate`): measured compute,
+   modelled communication (the counted bytes priced at NVLink and InfiniBand), the cost model's
+   prediction beside them, printed as a table;
+5. ``trainer``: ``python -m lss_megatron.train`` in serial and in lss (N = 1) for a few bf16 steps
    with the counters on; the rows, the cost model's prediction beside them, and that the two
    modes' losses agree (same model, same data: to 2e-2 in bf16);
-5. writes everything to ONE file, ``DIR/gpu_check.json``, rewritten after each phase (a run cut
-   short keeps what it measured). It is the record the cost model reads: copy it to
-   ``analysis/data/gpu/<device>.json`` (`analysis.costmodel.hw.get_device` takes its matmul peak
-   and its attention efficiency).
 
-Exit status 0 when every check passed, 1 otherwise (``failures`` in the JSON say which).
-``--dry-run`` runs the same code on the CPU at toy sizes (tests/e2e/test_gpu_check.py), where the
-expected kernel is the CPU flash kernel.
+and writes everything to ONE file, ``DIR/gpu_check.json``, rewritten after each phase (a run cut
+short keeps what it measured), with ``planned_seconds`` (per phase) and ``phase_seconds``
+(measured). TF32 is enabled for fp32 matmuls on CUDA, and recorded. It is the record the cost
+model reads: copy it to ``analysis/data/gpu/<device>.json`` (`analysis.costmodel.hw.get_device`
+takes its matmul peak and its attention efficiency).
+
+Exit status 0 when every check passed, 1 otherwise (``failures`` in the JSON say which), 2 for a
+bad command line (an output folder that already holds a check, without ``--overwrite``).
+``--dry-run`` runs the same code on the CPU at toy sizes (tests/unit/test_gpu_check.py,
+tests/e2e/test_gpu_check.py), where the expected kernel is the CPU flash kernel; its
+``planned_seconds`` are the GPU plan's.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
 import platform
+import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -43,46 +62,58 @@ from pathlib import Path
 
 import torch
 
+from .timing import KERNEL_OPS, kernels_seen, pinned_sdpa, sm_clock_mhz, sync, time_reps
+
+__all__ = ["KERNEL_OPS", "kernels_seen"]
 ROOT = Path(__file__).resolve().parents[1]
-KERNEL_OPS = {
-    "_scaled_dot_product_flash_attention": "flash",
-    "_flash_attention_forward": "flash",
-    "_scaled_dot_product_cudnn_attention": "cudnn",
-    "_scaled_dot_product_efficient_attention": "efficient",
-    "_efficient_attention_forward": "efficient",
-    "_scaled_dot_product_flash_attention_for_cpu": "cpu_flash",
-}
-"""aten ops of the fused SDPA kernels (forward) and the kernel each one is. The math kernel has
-no op of its own (it decomposes into matmuls): no fused op seen means math ran."""
+BUDGET_S = 420
+"""The planned seconds of every phase together (`planned_seconds`), install and imports
+included: what a 15-minute device lease leaves after the machine's start and a rerun's margin."""
+HARD_STOP_S = 540
+"""A phase whose plan would end past this (seconds since the launcher started) is skipped and
+named in ``failures``: the device call's own limit is 600 s."""
 EXPECTED = {
-    ("cuda", torch.bfloat16): {"flash", "cudnn"},
+    ("cuda", torch.bfloat16): {"flash"},
     ("cuda", torch.float32): {"efficient"},
     ("cpu", torch.bfloat16): {"cpu_flash"},
     ("cpu", torch.float32): {"cpu_flash"},
 }
+"""The one kernel every row of a (device, dtype) must run, forward and backward: SDPA's priority
+is pinned flash first on CUDA (`lss.kernel.CUDA_KERNELS`); fp32 cannot run flash there."""
 TOLERANCE = {torch.bfloat16: (2e-2, 5e-2), torch.float32: (1e-4, 1e-4)}
 """(output, gradients) max error relative to the reference's largest magnitude. bf16: inputs and
 output rounded to 8 mantissa bits (2^-9 ~ 2e-3 each), sums over the keys in fp32: a few 1e-3,
 gradients (sums over all queries) a few times that. fp32: the kernel accumulates in fp32 in a
-different order than the float64 reference: ~1e-6; 1e-4 leaves room for long rows."""
+different order than the float64 reference: ~1e-6; 1e-4 leaves room for long rows (TF32 is for
+matmuls, not the fused attention kernels)."""
 SIZES = {
     "gpu": dict(
         check=dict(sq=256, n=4, b=2, d=64),
         mm=8192,
+        mm_warmup=5,
         mm_reps=20,
         eff_n=8,
         eff_local=[4096, 8192, 16384, 32768, 65536],
         eff=dict(h=32, h_kv=8, d=128),
-        eff_reps=2,
+        eff_warmup=2,
+        eff_reps=5,
+        emu="gpu",
+        emu_warmup=3,
+        emu_reps=7,
     ),
     "dry": dict(
         check=dict(sq=16, n=2, b=2, d=16),
         mm=128,
-        mm_reps=2,
+        mm_warmup=3,
+        mm_reps=5,
         eff_n=2,
         eff_local=[32, 64],
         eff=dict(h=4, h_kv=2, d=16),
-        eff_reps=1,
+        eff_warmup=1,
+        eff_reps=5,
+        emu="dry",
+        emu_warmup=1,
+        emu_reps=5,
     ),
 }
 TRAIN_ARGS = {
@@ -138,30 +169,18 @@ COMMON_TRAIN = [
     "0",
     "--dist-timeout",
     "120",
+    "--overwrite",  # a rerun into the same --out-dir replaces the check's own trainer runs
 ]
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def kernels_seen(fn) -> set[str]:
-    """The fused SDPA kernels (`KERNEL_OPS`) that ran inside ``fn()``; {"math"} if none did."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    seen: set[str] = set()
-
-    class Spy(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            name = func.overloadpacket.__name__
-            if name in KERNEL_OPS:
-                seen.add(KERNEL_OPS[name])
-            return func(*args, **(kwargs or {}))
-
-    with Spy():
-        fn()
-    return seen or {"math"}
+PHASES = (
+    "setup",
+    "nccl_smoke",
+    "attention_checks",
+    "matmul_peak",
+    "attention_efficiency",
+    "mode_emulation",
+    "trainer",
+)
+"""``setup``: from the launcher's start (install, imports) to the first phase."""
 
 
 # --- 1. attention paths against the float64 reference ---------------------------------------------
@@ -203,7 +222,8 @@ def attention_case(device, dtype, name, h, h_kv, causal, layout, rank, sq, n, b,
         grads["out"] = out.detach().double()
         grads["qkv"] = torch.autograd.grad(out, leaves, dout.to(device, out.dtype))
 
-    kernels = kernels_seen(run)
+    with pinned_sdpa(device):
+        kernels = kernels_seen(run)
     ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
     ref = _rank_attention(*ref_leaves, r, n, layout, causal, backend="math")
     ref_grads = torch.autograd.grad(ref, ref_leaves, dout.to(device, torch.float64))
@@ -216,8 +236,7 @@ def attention_case(device, dtype, name, h, h_kv, causal, layout, rank, sq, n, b,
     tol_out, tol_grad = TOLERANCE[dtype]
     expected = EXPECTED[(device.type, dtype)]
     ok = (
-        bool(kernels & expected)
-        and "math" not in kernels
+        set(kernels["forward"]) == expected == set(kernels["backward"])
         and out_err <= tol_out
         and grad_err <= tol_grad
     )
@@ -231,7 +250,7 @@ def attention_case(device, dtype, name, h, h_kv, causal, layout, rank, sq, n, b,
         "kv_heads": h_kv,
         "layout": layout,
         "causal": causal,
-        "kernels": sorted(kernels),
+        "kernels": kernels,
         "expected_kernels": sorted(expected),
         "output_rel_err": out_err,
         "grad_rel_err": grad_err,
@@ -248,70 +267,229 @@ def attention_checks(device: torch.device, sq: int, n: int, b: int, d: int) -> l
     ]
 
 
-# --- 2. matmul peak; 3. LSS attention efficiency --------------------------------------------------
-def _time(fn, device: torch.device, repeats: int) -> float:
-    fn()  # warm-up
-    _sync(device)
+# --- 0. the backend first -----------------------------------------------------------------------
+def nccl_smoke(device: torch.device) -> dict:
+    """One all-reduce on a one-rank process group of the device's backend (NCCL on CUDA, gloo on
+    the CPU), through `parallel.comm.backend_all_reduce_` (which, unlike the trainer's calls,
+    does not skip a group of one): a sandbox where NCCL cannot start fails here, by name."""
+    import torch.distributed as dist
+
+    from lss_megatron.parallel import comm
+
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    store = dist.TCPStore("127.0.0.1", 0, 1, is_master=True)  # port 0: a free port
     t0 = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    _sync(device)
-    return (time.perf_counter() - t0) / repeats
+    kwargs = {"device_id": device} if device.type == "cuda" else {}
+    dist.init_process_group(backend, store=store, rank=0, world_size=1, **kwargs)
+    try:
+        x = torch.arange(4, dtype=torch.float32, device=device)
+        comm.backend_all_reduce_(x)
+        sync(device)
+        values = x.tolist()
+        version = str(torch.cuda.nccl.version()) if backend == "nccl" else None
+    finally:
+        dist.destroy_process_group()
+    return {
+        "backend": backend,
+        "nccl_version": version,
+        "result": values,
+        "ok": values == [0.0, 1.0, 2.0, 3.0],
+        "seconds": time.perf_counter() - t0,
+    }
 
 
-def matmul_peak(device: torch.device, n: int, repeats: int) -> float:
+# --- 2. matmul peak; 3. LSS attention efficiency --------------------------------------------------
+def matmul_peak(device: torch.device, n: int, warmup: int, reps: int) -> dict:
+    """bf16 n x n x n GEMM: `warmup` untimed products (the clock ramps up from idle), then one
+    interval per rep; FLOP/s of the median rep (``flops``, what the cost model reads) and of the
+    fastest (``flops_best``); the SM clock before and after where readable."""
     a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
     b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    return 2 * n**3 / _time(lambda: a @ b, device, repeats)
+    clock_before = sm_clock_mhz(device)
+    times = time_reps(lambda: a @ b, device, warmup=warmup, reps=reps)
+    clock_after = sm_clock_mhz(device)
+    flops = 2 * n**3
+    return {
+        "n": n,
+        "warmup": warmup,
+        "times_s": times,
+        "median_s": statistics.median(times),
+        "min_s": min(times),
+        "flops": flops / statistics.median(times),
+        "flops_best": flops / min(times),
+        "sm_clock_before": clock_before,
+        "sm_clock_after": clock_after,
+    }
+
+
+def _efficiency_row(device, peak, which, r, local, n, h, h_kv, d, warmup, reps) -> dict:
+    """One rank's partial attention at l/N = `local`, everything allocated here and freed on
+    return. Inputs as the bf16 trainer feeds them: bf16 q [l/N, 1, h, d] and K, V as the two
+    halves of one gathered [K | V] buffer [l, 1, 2 h_kv, d] (`lss.kv_gather`)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    q = torch.randn(local, 1, h, d, device=device, dtype=torch.bfloat16, requires_grad=True)
+    kv = torch.randn(n * local, 1, 2 * h_kv, d, device=device, dtype=torch.bfloat16)
+    kv.requires_grad_()
+    dout = torch.randn(local, 1, h, d, device=device, dtype=torch.bfloat16)
+
+    def step():
+        q.grad = kv.grad = None
+        k, v = kv[:, :, :h_kv], kv[:, :, h_kv:]  # 2 x [l, 1, h_kv, d], views
+        out = _rank_attention(q, k, v, r, n, "contiguous", True)  # [l/N, 1, h, d]
+        out.backward(dout)
+
+    with pinned_sdpa(device):
+        kernels = kernels_seen(step)
+        times = time_reps(step, device, warmup=warmup, reps=reps)
+    peak_mem = torch.cuda.max_memory_allocated(device) - base if device.type == "cuda" else None
+    pairs = local * (r * local) + local * (local + 1) // 2
+    forward = 4 * h * d * pairs
+    median = statistics.median(times)
+    return {
+        "rank": which,
+        "seq_parallel": n,
+        "local_len": local,
+        "seq_length": n * local,
+        "heads": h,
+        "kv_heads": h_kv,
+        "head_dim": d,
+        "dtype": "bf16",
+        "inputs": "bf16 q; K, V views of one gathered [K|V] buffer (as the bf16 trainer)",
+        "warmup": warmup,
+        "times_s": times,
+        "time_s": median,
+        "min_s": min(times),
+        "kernels": kernels,
+        "flops": 3 * forward,
+        "flops_flash_convention": forward + 5 * forward // 2,
+        "tflops": 3 * forward / median / 1e12,
+        "tflops_flash_convention": 3.5 * forward / median / 1e12,
+        "fraction_of_matmul_peak": 3 * forward / median / peak,
+        "fraction_of_matmul_peak_flash_convention": 3.5 * forward / median / peak,
+        "peak_mem_bytes": peak_mem,
+    }
 
 
 def attention_efficiency(
-    device, peak: float, local: int, n: int, h: int, h_kv: int, d: int, repeats: int
+    device, peak: float, local: int, n: int, h: int, h_kv: int, d: int, warmup: int, reps: int
 ) -> list[dict]:
-    """The last rank and rank 0 of N at l/N = `local`: fp32 leaves under bf16 autocast, causal,
-    forward + backward; model FLOPs 3 x 4 h d x pairs (b = 1)."""
+    """The last rank and rank 0 of N at l/N = `local`, causal, forward + backward; model FLOPs
+    3 x 4 h d x pairs (b = 1), and FlashAttention's convention (backward 2.5 x forward) beside.
+    Each row's peak memory is its own: the previous row is freed before the next allocates."""
     rows = []
     for which, r in (("last", n - 1), ("first", 0)):
+        gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(device)
-        q = torch.randn(local, 1, h, d, device=device, requires_grad=True)
-        k, v = (
-            torch.randn(n * local, 1, h_kv, d, device=device, requires_grad=True) for _ in range(2)
-        )
-        dout = torch.randn(local, 1, h, d, device=device, dtype=torch.bfloat16)
-
-        def step(q=q, k=k, v=v, dout=dout, r=r):
-            with torch.autocast(device.type, dtype=torch.bfloat16):
-                out = _rank_attention(q, k, v, r, n, "contiguous", True)
-            out.backward(dout)
-
-        t = _time(step, device, repeats)
-        pairs = local * (r * local) + local * (local + 1) // 2
-        flops = 3 * 4 * h * d * pairs
-        rows.append(
-            {
-                "rank": which,
-                "seq_parallel": n,
-                "local_len": local,
-                "seq_length": n * local,
-                "heads": h,
-                "kv_heads": h_kv,
-                "head_dim": d,
-                "time_s": t,
-                "flops": flops,
-                "tflops": flops / t / 1e12,
-                "fraction_of_matmul_peak": flops / t / peak,
-                "peak_mem_bytes": int(torch.cuda.max_memory_allocated(device))
-                if device.type == "cuda"
-                else None,
-            }
-        )
-        del q, k, v, dout
+        rows.append(_efficiency_row(device, peak, which, r, local, n, h, h_kv, d, warmup, reps))
     return rows
 
 
-# --- 4. the trainer on the device -------------------------------------------------------------------
+# --- 4. every mode's per-rank layer work -------------------------------------------------------
+def mode_emulation(device: torch.device, sz: dict, predict_device: str) -> tuple[list, list]:
+    """`analysis.emulate` over its plan; (rows, failures)."""
+    from .emulate import SHAPES, emulate_row, plan
+
+    shape = SHAPES[sz["emu"]]
+    rows, failures = [], []
+    for label, rank in plan(shape):
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        with pinned_sdpa(device):
+            row = emulate_row(
+                label,
+                shape,
+                rank,
+                device,
+                warmup=sz["emu_warmup"],
+                reps=sz["emu_reps"],
+                predict_device=predict_device,
+            )
+        rows.append(row)
+        name = f"mode_emulation {label} rank {rank}"
+        if row["sp_bytes"] != row["cost_model"]["sp_bytes"]:
+            failures.append(
+                f"{name}: counted {row['sp_bytes']} sp bytes, the cost model "
+                f"{row['cost_model']['sp_bytes']}"
+            )
+        if row["comm_categories"] not in ([], ["sp"]):
+            failures.append(f"{name}: collectives outside the sp group: {row['comm_categories']}")
+        if not row["output_finite"]:
+            failures.append(f"{name}: a non-finite output")
+    return rows, failures
+
+
+def kernel_mix(result: dict, device: torch.device) -> list[str]:
+    """One SDPA kernel per (dtype, direction) across every row that ran one (attention checks,
+    efficiency, emulation): the failures naming a mix, or a kernel other than `EXPECTED`."""
+    seen: dict[tuple[str, str], dict[str, set]] = {}
+    rows = [(r["dtype"], r["case"], r["kernels"]) for r in result.get("attention_checks", [])]
+    rows += [
+        ("bf16", f"efficiency {r['rank']} l/N={r['local_len']}", r["kernels"])
+        for r in result.get("attention_efficiency", [])
+    ]
+    rows += [
+        ("bf16", f"emulation {r['variant']} rank {r['rank']}", r["kernels"])
+        for r in result.get("mode_emulation", [])
+    ]
+    for dtype, where, kernels in rows:
+        for direction in ("forward", "backward"):
+            for k in kernels[direction]:
+                seen.setdefault((dtype, direction), {}).setdefault(k, set()).add(where)
+    failures = []
+    for (dtype, direction), by_kernel in sorted(seen.items()):
+        expected = EXPECTED[(device.type, getattr(torch, {"bf16": "bfloat16"}.get(dtype, dtype)))]
+        if len(by_kernel) > 1 or set(by_kernel) != expected:
+            detail = "; ".join(
+                f"{k}: {len(w)} rows, e.g. {sorted(w)[0]}" for k, w in by_kernel.items()
+            )
+            failures.append(
+                f"SDPA kernel mix ({dtype} {direction}): expected only {sorted(expected)}, "
+                f"saw {detail}"
+            )
+    return failures
+
+
+def planned_seconds(size: str = "gpu") -> dict:
+    """The plan of every phase in seconds, estimated before anything runs (the dry run records
+    the GPU plan): fixed overheads (install and imports, NCCL start, CUDA context and lazy kernel
+    loading, subprocess starts) plus the compute of every timed and untimed call at the H100's
+    datasheet bf16 peak times stated efficiencies (GEMMs 0.5, attention 0.3; conservative: the
+    measured ones are higher); emulation rows by the cost model's layer time."""
+    from .costmodel.hw import DEVICES
+    from .emulate import SHAPES, VARIANTS, plan, predicted_layer
+
+    sz = SIZES[size]
+    peak = DEVICES["h100"].peak("bf16")
+    gemm_rate, attention_rate = 0.5 * peak, 0.3 * peak
+    plan_s = {
+        "setup": 60.0,  # wheels into .gpu_site (~20 s), torch + megatron + deepspeed imports
+        "nccl_smoke": 15.0,
+        "attention_checks": 20.0,  # CUDA context, lazy kernel loading; the cases are tiny
+    }
+    plan_s["matmul_peak"] = 3.0 + (sz["mm_warmup"] + sz["mm_reps"]) * 2 * sz["mm"] ** 3 / gemm_rate
+    n, e = sz["eff_n"], sz["eff"]
+    calls = sz["eff_warmup"] + sz["eff_reps"] + 1  # + the kernel spy's
+    flops = sum(
+        3 * 4 * e["h"] * e["d"] * (local * r * local + local * (local + 1) // 2)
+        for local in sz["eff_local"]
+        for r in (n - 1, 0)
+    )
+    plan_s["attention_efficiency"] = 2.0 * len(sz["eff_local"]) + calls * flops / attention_rate
+    shape = SHAPES[sz["emu"]]
+    calls = sz["emu_warmup"] + sz["emu_reps"] + 1  # + the untimed recorded one
+    layer_s = {label: predicted_layer(VARIANTS[label], shape, "h100") for label in VARIANTS}
+    plan_s["mode_emulation"] = sum(
+        3.0 + calls * layer_s[label]["compute_s"] for label, _ in plan(shape)
+    )
+    plan_s["trainer"] = 2 * 45.0  # two subprocesses: imports, model build, 5 short steps
+    return {k: round(v, 1) for k, v in plan_s.items()}
+
+
+# --- 5. the trainer on the device -------------------------------------------------------------------
 def trainer_run(mode: str, out: Path, size: str, timeout_s: float) -> dict:
     """`python -m lss_megatron.train` (one process: serial, or lss with N = 1) with the counters
     on; its metrics rows and the cost model's prediction of the counted fields beside them."""
@@ -399,8 +577,26 @@ def _environment(device: torch.device) -> dict:
     }
 
 
-def _phase(result: dict, path: Path, name: str, fn) -> None:
-    """Run one phase; record its result, or its error as a failure; rewrite the JSON."""
+def _predict_device(device: torch.device) -> str:
+    """The cost-model preset the emulation's predictions use: this GPU's kind, else h100."""
+    name = torch.cuda.get_device_name(device).lower() if device.type == "cuda" else ""
+    return "h200" if "h200" in name else "h100"
+
+
+def _write(result: dict, path: Path) -> None:
+    path.write_text(json.dumps(result, indent=2, default=str) + "\n")
+
+
+def _phase(result: dict, path: Path, name: str, fn, started: float) -> None:
+    """Run one phase, unless its plan would end past `HARD_STOP_S`; record its result, or its
+    error as a failure, and its measured seconds; rewrite the JSON."""
+    planned = result["planned_seconds"].get(name, 0.0)
+    if not result["dry_run"] and time.time() - started + planned > HARD_STOP_S:
+        result["failures"].append(
+            f"{name}: skipped, its plan ({planned} s) would end past {HARD_STOP_S} s"
+        )
+        _write(result, path)
+        return
     t0 = time.perf_counter()
     try:
         fn()
@@ -408,17 +604,54 @@ def _phase(result: dict, path: Path, name: str, fn) -> None:
         result["failures"].append(f"{name}: {type(exc).__name__}: {exc}")
         result.setdefault("tracebacks", {})[name] = traceback.format_exc()[-4000:]
     result["phase_seconds"][name] = round(time.perf_counter() - t0, 2)
-    path.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    _write(result, path)
+
+
+def _launcher_start() -> float:
+    """When launch/gpu_check.sh started (its GPU_CHECK_T0, epoch seconds), else now."""
+    try:
+        return float(os.environ["GPU_CHECK_T0"])
+    except (KeyError, ValueError):
+        return time.time()
 
 
 def run(out_dir: Path, dry_run: bool = False) -> dict:
     """All phases (module doc); returns the record also written to ``out_dir/gpu_check.json``."""
+    started = _launcher_start()
     size = "dry" if dry_run else "gpu"
     sz = SIZES[size]
     device = torch.device("cpu") if dry_run else torch.device("cuda", torch.cuda.current_device())
+    tf32 = None
+    if device.type == "cuda":  # fp32 matmuls (the trainer's fp32 runs) on tensor cores
+        torch.set_float32_matmul_precision("high")
+        tf32 = {
+            "float32_matmul_precision": torch.get_float32_matmul_precision(),
+            "cuda_matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
+            "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
+        }
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "gpu_check.json"
-    result = {**_environment(device), "dry_run": dry_run, "failures": [], "phase_seconds": {}}
+    plan = planned_seconds("gpu")
+    result = {
+        **_environment(device),
+        "dry_run": dry_run,
+        "tf32": tf32,
+        "planned_for": "gpu (the plan of the GPU run; the dry run measures toy sizes)",
+        "planned_seconds": plan,
+        "planned_total_s": round(sum(plan.values()), 1),
+        "budget_s": BUDGET_S,
+        "failures": [],
+        "phase_seconds": {"setup": round(time.time() - started, 2)},
+    }
+    if sum(plan.values()) > BUDGET_S:
+        result["failures"].append(
+            f"plan: {sum(plan.values()):.0f} s planned, over the {BUDGET_S} s budget"
+        )
+
+    def smoke():
+        r = result["nccl_smoke"] = nccl_smoke(device)
+        if not r["ok"]:
+            result["failures"].append(f"nccl_smoke: all-reduce gave {r['result']}")
 
     def checks():
         rows = result["attention_checks"] = attention_checks(device, **sz["check"])
@@ -430,7 +663,8 @@ def run(out_dir: Path, dry_run: bool = False) -> dict:
         ]
 
     def peak():
-        result["matmul_peak_flops"] = matmul_peak(device, sz["mm"], sz["mm_reps"])
+        mm = result["matmul_peak"] = matmul_peak(device, sz["mm"], sz["mm_warmup"], sz["mm_reps"])
+        result["matmul_peak_flops"] = mm["flops"]
         result["matmul_n"] = sz["mm"]
 
     def efficiency():
@@ -441,24 +675,60 @@ def run(out_dir: Path, dry_run: bool = False) -> dict:
                 result["matmul_peak_flops"],
                 local,
                 sz["eff_n"],
-                repeats=sz["eff_reps"],
+                warmup=sz["eff_warmup"],
+                reps=sz["eff_reps"],
                 **sz["eff"],
             )
+
+    def emulation():
+        from .emulate import table
+
+        rows, failures = mode_emulation(device, sz, _predict_device(device))
+        result["mode_emulation"] = rows
+        result["mode_emulation_table"] = table(rows).splitlines()
+        result["failures"] += failures
+        print(table(rows), flush=True)
 
     def trainer():
         result["trainer"], failures = trainer_checks(out_dir, size)
         result["failures"] += failures
 
     for name, fn in (
+        ("nccl_smoke", smoke),
         ("attention_checks", checks),
         ("matmul_peak", peak),
         ("attention_efficiency", efficiency),
+        ("mode_emulation", emulation),
         ("trainer", trainer),
     ):
-        _phase(result, path, name, fn)
+        _phase(result, path, name, fn, started)
+    mix = kernel_mix(result, device)
+    for line in mix:
+        print(f"gpu_check: FAILED: {line}", file=sys.stderr, flush=True)
+    result["failures"] += mix
+    result["total_s"] = round(time.time() - started, 2)
     result["ok"] = not result["failures"]
-    path.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    _write(result, path)
     return result
+
+
+def _prepare_out_dir(out_dir: Path, overwrite: bool) -> str | None:
+    """A fresh folder, or one holding an earlier check that --overwrite replaces (its
+    gpu_check.json and train/, nothing else); the error line otherwise."""
+    if not out_dir.exists():
+        return None
+    if not out_dir.is_dir():
+        return f"--out-dir {out_dir} is not a folder"
+    if not any(out_dir.iterdir()):
+        return None
+    if not overwrite:
+        return (
+            f"--out-dir {out_dir} is not empty; pass --overwrite to replace an earlier check "
+            "there, or name a fresh folder"
+        )
+    (out_dir / "gpu_check.json").unlink(missing_ok=True)
+    shutil.rmtree(out_dir / "train", ignore_errors=True)
+    return None
 
 
 def main(argv=None) -> int:
@@ -467,6 +737,9 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--out-dir", type=Path, required=True, help="where gpu_check.json goes")
     ap.add_argument("--dry-run", action="store_true", help="the same code on the CPU, toy sizes")
+    ap.add_argument(
+        "--overwrite", action="store_true", help="replace an earlier check in --out-dir"
+    )
     args = ap.parse_args(argv)
     if not args.dry_run and not torch.cuda.is_available():
         print(
@@ -474,12 +747,25 @@ def main(argv=None) -> int:
             file=sys.stderr,
         )
         return 2
+    problem = _prepare_out_dir(args.out_dir, args.overwrite)
+    if problem:
+        print(f"gpu_check: error: {problem}", file=sys.stderr)
+        return 2
     result = run(args.out_dir, args.dry_run)
     print(
         json.dumps(
             {
                 k: result.get(k)
-                for k in ("device", "torch", "matmul_peak_flops", "ok", "failures", "phase_seconds")
+                for k in (
+                    "device",
+                    "torch",
+                    "matmul_peak_flops",
+                    "ok",
+                    "failures",
+                    "planned_seconds",
+                    "phase_seconds",
+                    "total_s",
+                )
             },
             indent=2,
         )

@@ -37,6 +37,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from lss_megatron.config import ConfigError
+from lss_megatron.resources import prog
 
 from .fitsearch import longest_fitting
 from .inputs import InputError, cli
@@ -226,7 +227,7 @@ def search_longest(
 # --- the command -------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m analysis.longest",
+        prog=prog("python -m analysis.longest"),
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -32,6 +32,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from lss_megatron.resources import prog
+
 from . import tables
 from .figures import MODE_COLOURS, _pyplot, _save, context
 from .inputs import cli, read_csv_table
@@ -395,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m analysis.paper_figures",
+        prog=prog("python -m analysis.paper_figures"),
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -21,8 +21,9 @@ A preset with explicit ``layouts`` ((label, N, D) triples) runs exactly those la
 length instead of the degrees x data-parallel grid: an equal-ranks series, where each mode
 runs at its own legal degrees on the same P ranks.
 
-Runs are ordered so that machine noise hits the modes alike: grid point by grid point, repeat by
-repeat, with the modes of a point in an order rotated by one each time. A run the trainer would
+Runs are interleaved so that machine noise hits the configurations alike: with K repeats, every
+configuration runs once per round, K rounds, the order within each round shuffled by a seed that
+plan.json records (`make_plan`; docs/measurement.md says why). A run the trainer would
 reject (e.g. nvidia-sp needs heads, key/value heads, FFN and vocabulary divisible by N) is left
 out of the plan and listed in `Plan.skipped`, with the trainer's own message.
 
@@ -48,6 +49,7 @@ their finished run folders (``--collect``). Tests never run them.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from functools import cache
@@ -200,11 +202,16 @@ class RunSpec:
         )
 
     @property
-    def run_id(self) -> str:
+    def config_id(self) -> str:
+        """The configuration (every repeat of it shares this id): ``lss_N4_D1_l1024_dense``."""
         return (
             f"{self.label}_N{self.seq_parallel}_D{self.data_parallel}_l{self.seq_length}"
-            f"{self.setting}_r{self.repeat}"
+            f"{self.setting}"
         )
+
+    @property
+    def run_id(self) -> str:
+        return f"{self.config_id}_r{self.repeat}"
 
     def trainer_args(self, out: Path | str) -> list[str]:
         """The trainer's command-line arguments, writing into `out`."""
@@ -216,7 +223,13 @@ class Plan:
     preset: Preset
     runs: tuple[RunSpec, ...]
     skipped: tuple[tuple[str, str], ...] = ()
-    """(run id, the trainer's reason) for grid runs the trainer would reject."""
+    """(configuration id, the trainer's reason) for grid runs the trainer would reject."""
+    seed: int = 0
+    """The seed of the order within each round (`make_plan`)."""
+    repeats: int = 1
+    """Rounds: every configuration runs this many times, once per round."""
+    configs: tuple[str, ...] = ()
+    """The configuration ids in grid order (references first), how summary.csv lists them."""
 
 
 class PresetError(InputError):
@@ -442,14 +455,17 @@ def grid_points(preset: Preset) -> list[tuple[str, int, int, int]]:
     return points
 
 
-def make_plan(preset: Preset, repeats: int | None = None) -> Plan:
-    """Every run of `preset`, in launch order (see the module docstring)."""
+def make_plan(preset: Preset, repeats: int | None = None, seed: int = 0) -> Plan:
+    """Every run of `preset`, in launch order: `repeats` rounds (default the preset's own), each
+    round every configuration once, in an order shuffled by ``random.Random(f"{seed}:{round}")``
+    (so a plan is reproducible from its seed, which plan.json records). A run the trainer would
+    reject is left out and listed in `Plan.skipped`."""
     repeats = preset.repeats if repeats is None else repeats
-    runs: list[RunSpec] = []
     skipped: list[tuple[str, str]] = []
     settings = [(k, r) for k in preset.kernels for r in preset.recomputes]
     planned: set[tuple] = set()
-    for index, (role, n, d, length) in enumerate(grid_points(preset)):
+    configs: list[tuple] = []
+    for role, n, d, length in grid_points(preset):
         if role == "reference":
             specs = [("serial", 1, d)]
         else:
@@ -461,16 +477,18 @@ def make_plan(preset: Preset, repeats: int | None = None) -> Plan:
         specs = [(*spec, setting) for setting in settings for spec in specs]
         specs = [s for s in specs if (s, length) not in planned]  # serial at P: once per l
         planned.update((s, length) for s in specs)
-        valid = []
         for label, sn, sd, setting in specs:
             spec = _run(preset, label, sn, sd, length, 0, role, setting)
             problem = trainer_problem(spec, data_elsewhere=preset.cluster)
             if problem is None:
-                valid.append((label, sn, sd, setting))
+                configs.append((label, sn, sd, length, role, setting))
             else:
-                skipped.append((spec.run_id.removesuffix("_r0"), problem))
-        for r in range(repeats):
-            shift = (index + r) % len(valid) if valid else 0
-            for label, sn, sd, setting in valid[shift:] + valid[:shift]:
-                runs.append(_run(preset, label, sn, sd, length, r, role, setting))
-    return Plan(preset, tuple(runs), tuple(skipped))
+                skipped.append((spec.config_id, problem))
+    runs: list[RunSpec] = []
+    for r in range(repeats):
+        order = list(configs)
+        random.Random(f"{seed}:{r}").shuffle(order)
+        for label, sn, sd, length, role, setting in order:
+            runs.append(_run(preset, label, sn, sd, length, r, role, setting))
+    ids = tuple(_run(preset, c[0], c[1], c[2], c[3], 0, c[4], c[5]).config_id for c in configs)
+    return Plan(preset, tuple(runs), tuple(skipped), seed, repeats, ids)

@@ -29,6 +29,7 @@ from __future__ import annotations
 import importlib
 import json
 import math
+import re
 import statistics
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -137,9 +138,13 @@ PREDICTED = (
     "predicted_attention_imbalance",
     "predicted_kv_transient_bytes",
 )
+LAUNCH = ("config_id", "order", "order_seed", "load_1m_before", "load_1m_after")
+"""How a launch ran: its configuration (every repeat shares it), its place in the launch order,
+the seed of that order, and the machine's 1-minute load average before and after it."""
 TAIL = ("memory_budget_bytes", "error", "run_dir")
-COLUMNS = IDENTITY + MEASURED + DERIVED + PREDICTED + TAIL
-"""Every column of summary.csv, in order."""
+COLUMNS = IDENTITY + MEASURED + DERIVED + PREDICTED + LAUNCH + TAIL
+"""Every column of the per-launch table (runs.csv), in order; summary.csv folds the repeats of
+each configuration into one row (`analysis.repeats`)."""
 
 _RATIOS = {
     "speedup_vs_nvidia_sp": "step_time_s",
@@ -276,9 +281,10 @@ def _plain(df: pd.DataFrame, mode: str) -> pd.Series:
     )
 
 
-def _lss_reference(df: pd.DataFrame) -> pd.DataFrame:
-    """Plain-LSS medians aligned with every row of `df` (NaN where there is none)."""
-    values = list(dict.fromkeys(_LSS_RATIOS.values()))
+def _lss_reference(df: pd.DataFrame, values: list[str] | None = None) -> pd.DataFrame:
+    """Plain-LSS medians of `values` (default: those `_LSS_RATIOS` read) aligned with every row
+    of `df` (NaN where there is none)."""
+    values = values or list(dict.fromkeys(_LSS_RATIOS.values()))
     ok = df[(df["status"] == "ok") & _plain(df, "lss")]
     ref = df[list(LAYOUT_KEY)].merge(
         _median_by(ok, LAYOUT_KEY, values), on=list(LAYOUT_KEY), how="left"
@@ -287,9 +293,10 @@ def _lss_reference(df: pd.DataFrame) -> pd.DataFrame:
     return ref
 
 
-def _nvidia_reference(df: pd.DataFrame) -> pd.DataFrame:
-    """nvidia-sp medians aligned with every row of `df` (NaN where there is none)."""
-    values = list(dict.fromkeys(_RATIOS.values()))
+def _nvidia_reference(df: pd.DataFrame, values: list[str] | None = None) -> pd.DataFrame:
+    """nvidia-sp medians of `values` (default: those `_RATIOS` read) aligned with every row of
+    `df` (NaN where there is none)."""
+    values = values or list(dict.fromkeys(_RATIOS.values()))
     ok = df[(df["status"] == "ok") & _plain(df, "nvidia-sp")]
     exact = _median_by(ok, LAYOUT_KEY, values)
     ref = df[list(LAYOUT_KEY)].merge(exact, on=list(LAYOUT_KEY), how="left")
@@ -309,37 +316,39 @@ def _nvidia_reference(df: pd.DataFrame) -> pd.DataFrame:
     return ref
 
 
-def _efficiency(df: pd.DataFrame, scaling: str) -> tuple[pd.Series, pd.Series, pd.Series]:
-    """(reference step time, time-based efficiency, FLOP-rate efficiency) for every row."""
+def _efficiency_reference(df: pd.DataFrame, scaling: str, values: list[str]) -> pd.DataFrame:
+    """The serial reference's medians of `values` aligned with every row of `df`, plus its
+    ``ref_ranks``: strong, serial on one rank at the same l; weak, serial with N = 1 and the same
+    D at the base length l / N."""
     ok = df[(df["status"] == "ok") & (df["mode"] == "serial") & (df["seq_parallel"] == 1)]
     rows = df.copy()
     if scaling == "strong":
-        ref = _median_by(
-            ok[ok["world_size"] == 1],
-            ["seq_length", *MODEL_KEY],
-            ["step_time_s", "model_flops_per_step"],
-        )
         keys = ["seq_length", *MODEL_KEY]
+        ref = _median_by(ok[ok["world_size"] == 1], keys, values)
         ref["ref_ranks"] = 1
     else:
-        ref = _median_by(
-            ok, ["data_parallel", "seq_length", *MODEL_KEY], ["step_time_s", "model_flops_per_step"]
-        )
+        ref = _median_by(ok, ["data_parallel", "seq_length", *MODEL_KEY], values)
         ref = ref.rename(columns={"seq_length": "base_length"})
         ref["ref_ranks"] = ref["data_parallel"]
         rows["base_length"] = rows["seq_length"] // rows["seq_parallel"]
         keys = ["data_parallel", "base_length", *MODEL_KEY]
-    ref["ref_flops"] = ref.pop("model_flops_per_step") / ref["step_time_s"]
-    ref = ref.rename(columns={"step_time_s": "ref_time"})
     merged = rows[keys].merge(ref, on=keys, how="left")
     merged.index = df.index
+    return merged
+
+
+def _efficiency(df: pd.DataFrame, scaling: str) -> tuple[pd.Series, pd.Series, pd.Series]:
+    """(reference step time, time-based efficiency, FLOP-rate efficiency) for every row."""
+    merged = _efficiency_reference(df, scaling, ["step_time_s", "model_flops_per_step"])
+    ref_time = merged["step_time_s"]
+    ref_flops = merged["model_flops_per_step"] / ref_time
     t = df["step_time_s"].where(df["status"] == "ok")
     p = df["world_size"]
-    time_eff = merged["ref_time"] / (p * t) if scaling == "strong" else merged["ref_time"] / t
+    time_eff = ref_time / (p * t) if scaling == "strong" else ref_time / t
     flops_eff = (df["achieved_flops_per_s"].where(df["status"] == "ok") / p) / (
-        merged["ref_flops"] / merged["ref_ranks"]
+        ref_flops / merged["ref_ranks"]
     )
-    return merged["ref_time"], time_eff, flops_eff
+    return ref_time, time_eff, flops_eff
 
 
 def _fill_settings(df: pd.DataFrame) -> None:
@@ -400,10 +409,20 @@ def finish(rows: list[dict], scaling: str, budget_bytes: int | None = None) -> p
         if column not in df:
             df[column] = math.nan
     df["status"] = df["status"].fillna("missing")
+    df["config_id"] = config_ids(df)
     if budget_bytes is not None:
         df["memory_budget_bytes"] = budget_bytes
     df = add_derived(df, scaling)
     return df[list(COLUMNS) + [c for c in df.columns if c not in COLUMNS]]
+
+
+def config_ids(df: pd.DataFrame) -> pd.Series:
+    """Each row's configuration: the ``config_id`` column, else the run id without ``_rK``."""
+    strip = df["run_id"].astype(str).map(lambda r: re.sub(r"_r\d+$", "", r))
+    if "config_id" not in df:
+        return strip
+    own = df["config_id"]
+    return own.where(own.notna() & (own.astype(str) != "") & (own.astype(str) != "nan"), strip)
 
 
 def write_summary(df: pd.DataFrame, path: Path | str) -> Path:
@@ -530,20 +549,49 @@ def _option_columns(df: pd.DataFrame) -> list[str]:
     return [c for c in _OPTIONS if show[c]]
 
 
+def _with_interval(point, lo, hi) -> str:
+    """``1.23 [1.10, 1.35]``, with `` ~`` when the interval contains 1 (no clear difference);
+    the point alone where there is no interval (one repeat) or the row is its own reference."""
+    if not math.isfinite(point):
+        return "-"
+    if not (math.isfinite(lo) and math.isfinite(hi)) or lo == hi:
+        return f"{point:.3g}"
+    mark = " ~" if lo <= 1 <= hi else ""
+    return f"{point:.3g} [{lo:.3g}, {hi:.3g}]{mark}"
+
+
 def format_table(df: pd.DataFrame) -> str:
     """The summary table as text (bytes in MiB), with the efficiency kind in a footer. The
     ``mode`` column shows the variant label (``lss-zigzag``, ...) where there is one; the
-    columns of the options beyond the paper appear only when the table has them."""
+    columns of the options beyond the paper appear only when the table has them. A table of
+    configurations (summary.csv with ``repeats``) shows the repeats, the step time's spread
+    (min-max) and each time ratio with its interval, marked ``~`` where it contains 1."""
     if df.empty:
         return "(no runs)"
     extra = _option_columns(df)
-    shown = df[list(_SHOWN) + extra].copy()
+    columns = list(_SHOWN) + extra
+    folded = "repeats" in df
+    if folded:
+        columns[columns.index("repeat")] = "repeats"
+    shown = df[columns].copy()
     if "variant" in df:
         shown["mode"] = df["variant"].where(df["variant"].notna(), df["mode"])
     for column in _MIB:
         if column in shown:
             shown[column] = shown[column] / 2**20
-    shown = shown.rename(columns={**_SHOWN, **_OPTIONS})
+    intervals = [c for c in columns if f"{c}_lo" in df and f"{c}_hi" in df]
+    for column in intervals:
+        shown[column] = [
+            _with_interval(float(p), float(lo), float(hi))
+            for p, lo, hi in zip(df[column], df[f"{column}_lo"], df[f"{column}_hi"], strict=True)
+        ]
+    if folded and "step_time_s_min" in df:
+        spread = [
+            f"{a:.3g}-{b:.3g}" if math.isfinite(a) else "-"
+            for a, b in zip(df["step_time_s_min"], df["step_time_s_max"], strict=True)
+        ]
+        shown.insert(shown.columns.get_loc("step_time_s") + 1, "step_min-max", spread)
+    shown = shown.rename(columns={**_SHOWN, **_OPTIONS, "repeats": "rep"})
     text = shown.to_string(index=False, float_format=lambda x: f"{x:.4g}", na_rep="-")
     kinds = sorted(set(df["efficiency_kind"].dropna().astype(str)))
     kind = kinds[0] if len(kinds) == 1 else "/".join(kinds)
@@ -559,6 +607,16 @@ def format_table(df: pd.DataFrame) -> str:
         "recomp and dtype, never across; bytes are rank 0's; step_s is the slowest "
         "rank's."
     )
+    if folded:
+        levels = sorted(set(df["interval_level"].dropna())) if "interval_level" in df else []
+        level = f"{100 * levels[0]:g}%" if levels else "bootstrap"
+        footer += (
+            f" rep = ok repeats; step_s = median over the repeats, step_min-max their spread; "
+            f"time ratios (speedup_*, eff, flops_eff) show [{level} bootstrap interval over "
+            "the repeats], '~' = the interval contains 1: no clear difference (no interval "
+            "with one repeat); bytes and calls are counted exactly, the same in every repeat: "
+            "they need no repeats and have no interval."
+        )
     if extra:
         footer += (
             " imbal = max/mean per-rank attention FLOPs (LSS); trans = peak heap growth "

@@ -7,6 +7,10 @@
 #   lss_free_port  a TCP port that was free on this host a moment ago
 #   lss_die        print "SCRIPT: error: MESSAGE" to stderr and exit 2
 #   lss_validate   run the trainer's --validate-only once for the whole job (before any rank)
+# run on its own with -h / --help: this header as usage, exit 0 (sourced: nothing happens)
+if [[ "${BASH_SOURCE[0]}" == "$0" ]]; then
+  case "${1:-}" in -h | --help) sed -n '2,/^[^#]/{/^#/s/^# \{0,1\}//p}' "$0"; exit 0 ;; esac
+fi
 
 LSS_ROOT="${LSS_ROOT:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}"
 

@@ -30,6 +30,10 @@
 #
 # Global rank r must run on the host named by MASTER_ADDR for r = 0: true for srun's and jsrun's
 # default (block) task placement; set MASTER_ADDR yourself for anything else.
+# run (not sourced) with -h / --help: this header as usage, exit 0, nothing else
+if [[ "${BASH_SOURCE[0]}" == "$0" ]]; then
+  case "${1:-}" in -h | --help) sed -n '2,/^[^#]/{/^#/s/^# \{0,1\}//p}' "$0"; exit 0 ;; esac
+fi
 
 _lss_env_err() { echo "env_from_scheduler.sh: error: $*" >&2; }
 

@@ -2,6 +2,8 @@
 # Create ./.venv and install lss-megatron with its pinned dependencies (CPU-safe).
 # Idempotent: a second run with unchanged requirements only checks a stamp file.
 #   PYTHON=python3.11 bash launch/setup_env.sh
+# -h / --help: this header as usage, exit 0, nothing else
+case "${1:-}" in -h | --help) sed -n '2,/^[^#]/{/^#/s/^# \{0,1\}//p}' "$0"; exit 0 ;; esac
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

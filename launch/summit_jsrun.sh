@@ -37,6 +37,8 @@
 #BSUB -alloc_flags smt4
 #BSUB -o lss-megatron.%J.out
 #BSUB -e lss-megatron.%J.err
+# -h / --help: this header as usage, exit 0, nothing else
+case "${1:-}" in -h | --help) sed -n '2,/^[^#]/{/^#/s/^# \{0,1\}//p}' "$0"; exit 0 ;; esac
 set -euo pipefail
 
 ROOT="${LSS_ROOT:-${LS_SUBCWD:-$PWD}}"

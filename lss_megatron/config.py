@@ -75,12 +75,15 @@ def _opt(
     section: str | None = None,
     cli_default=dataclasses.MISSING,
     hidden: bool = False,
+    aliases: tuple[str, ...] = (),
 ):
     """A config field that is also a command-line option (train.py builds the parser from it).
 
     `flag` defaults to ``--field-name``; a bool field is a switch (``--no-x`` for a field that
     defaults to True); `cli_default` is the option's default when it differs from the field's
-    (None: derived when the configuration is made); `hidden` keeps a testing aid out of --help."""
+    (None: derived when the configuration is made); `hidden` keeps a testing aid out of --help;
+    `aliases` are further flags of the same meaning and values (Megatron-LM's or DeepSpeed's
+    names, megatron_args.py)."""
     meta = {
         "help": help,
         "flag": flag,
@@ -89,6 +92,7 @@ def _opt(
         "section": section,
         "cli_default": cli_default,
         "hidden": hidden,
+        "aliases": aliases,
     }
     return field(default=default, metadata=meta)
 
@@ -99,9 +103,13 @@ class ModelConfig:
 
     num_layers: int = _opt(2, "transformer layers L")
     hidden_size: int = _opt(64, "hidden size E")
-    num_heads: int = _opt(4, "attention (query) heads h; head dim d = E / h")
+    num_heads: int = _opt(
+        4, "attention (query) heads h; head dim d = E / h", aliases=("--num-attention-heads",)
+    )
     num_kv_heads: int | None = _opt(
-        None, "key/value heads h_kv (GQA/MQA); default: --num-heads (multi-head attention)"
+        None,
+        "key/value heads h_kv (GQA/MQA); default: --num-heads (multi-head attention)",
+        aliases=("--num-query-groups",),
     )
     ffn_hidden_size: int | None = _opt(None, "MLP hidden size; default 4 E")
     seq_length: int = _opt(
@@ -214,6 +222,11 @@ def _ulysses_problems(model: ModelConfig, n: int) -> list[str]:
     all-to-all, so the N ranks must split the query and key/value heads evenly (DeepSpeed's own
     uneven-head path needs its global sequence-parallel groups and is not used here)."""
     hint = "(Ulysses splits heads over the sequence group; LSS has no head cap: try --mode lss)"
+    if importlib.util.find_spec("deepspeed") is None:  # its DistributedAttention is the mode
+        return [
+            "--mode ulysses needs DeepSpeed (deepspeed.sequence.layer.DistributedAttention): "
+            "pip install 'lss-megatron[deepspeed]' (deepspeed==0.19.8, DS_BUILD_OPS=0)"
+        ]
     return [
         f"--mode ulysses: {flag} {value} is not divisible by N = {n} {hint}"
         for flag, value in (("--num-heads", model.num_heads), ("--num-kv-heads", model.kv_heads))
@@ -239,6 +252,8 @@ class ModeRules:
     composes_with_tp: bool = False
     """Runs with ``--tensor-parallel T > 1``: Megatron TP (with sequence_parallel) inside each
     rank of its sequence group."""
+    documents: bool = False
+    """Honours ``--reset-attention-mask`` (attention within packed documents, lss/documents.py)."""
 
     def tensor_parallel(self, n: int, t: int = 1) -> int:
         return n if self.degree_group == "tensor" else t
@@ -250,10 +265,16 @@ class ModeRules:
 MODE_RULES = {
     r.name: r
     for r in (
-        ModeRules("serial", None),
-        ModeRules("lss", "context", composes_with_tp=True),
-        ModeRules("nvidia-sp", "tensor", sequence_parallel=True, problems=_nvidia_sp_problems),
-        ModeRules("ulysses", "context", problems=_ulysses_problems),
+        ModeRules("serial", None, documents=True),
+        ModeRules("lss", "context", composes_with_tp=True, documents=True),
+        ModeRules(
+            "nvidia-sp",
+            "tensor",
+            sequence_parallel=True,
+            problems=_nvidia_sp_problems,
+            documents=True,
+        ),
+        ModeRules("ulysses", "context", problems=_ulysses_problems, documents=True),
     )
 }
 """serial: N = 1, Megatron's stock attention, the reference; lss: LSS over a context-parallel
@@ -401,7 +422,7 @@ class TrainConfig:
     micro_batch_size: int | None = _opt(
         None, "B: sequences per forward/backward on one rank (default: G / D, no accumulation)"
     )
-    steps: int = _opt(10, "optimizer steps")
+    steps: int = _opt(10, "optimizer steps", aliases=("--train-iters",))
     optimizer: str = _opt("adamw", "the optimizer", choices=OPTIMIZERS)
     lr: float = _opt(1e-3, "peak learning rate")
     seed: int = _opt(1234, "seeds the initial weights and the synthetic data; nothing else does")
@@ -425,7 +446,9 @@ class TrainConfig:
     data: str = _opt("synthetic", "the dataset", choices=DATASETS, section=_DATA)
     out: str = _opt(
         "runs/latest",
-        "output folder: metrics.jsonl, config.json, summary.json",
+        "output folder: metrics.jsonl, config.json, summary.json (default: a fresh "
+        "runs/<launch date-time>-<mode>, named at the start and the end of the run)",
+        cli_default=None,
         metavar="DIR",
         section=_OUT,
     )
@@ -435,8 +458,11 @@ class TrainConfig:
         "cosine",
         "constant, or cosine (decay from lr to --min-lr at the last of --steps), after warmup",
         choices=LR_SCHEDULES,
+        aliases=("--lr-decay-style",),
     )
-    warmup_steps: int = _opt(0, "linear warmup from 0 to lr over this many steps")
+    warmup_steps: int = _opt(
+        0, "linear warmup from 0 to lr over this many steps", aliases=("--lr-warmup-iters",)
+    )
     min_lr: float | None = _opt(None, "final learning rate of the cosine (default lr/10)")
     clip_grad: float = _opt(
         1.0, "clip to this global gradient norm (every parameter counted once); 0 disables"
@@ -478,8 +504,37 @@ class TrainConfig:
         "PREFIX.idx (python -m lss_megatron.data.make_indexed builds one)",
         section=_DATA,
     )
+    reset_position_ids: bool = _opt(
+        False,
+        "Megatron-LM's: position ids restart at 0 after every --eod-token (learned positions; "
+        "Megatron's RoPE ignores position ids)",
+        section=_DATA,
+    )
+    reset_attention_mask: bool = _opt(
+        False,
+        "Megatron-LM's: attention stays inside each document (no key before the last "
+        "--eod-token), exact in every mode (docs/packed.md)",
+        section=_DATA,
+    )
+    eod_mask_loss: bool = _opt(
+        False,
+        "Megatron-LM's: no loss where the input token is --eod-token (the prediction across a "
+        "document boundary)",
+        section=_DATA,
+    )
+    eod_token: int = _opt(
+        256,
+        "the end-of-document id of the three flags above (make_indexed --append-eod writes 256 "
+        "after the 256 byte ids: --vocab-size >= 257)",
+        section=_DATA,
+    )
     eval_interval: int = _opt(0, "validate every K steps and at the end (0: never)", section=_DATA)
-    eval_steps: int = _opt(2, "validation batches (of G sequences) per evaluation", section=_DATA)
+    eval_steps: int = _opt(
+        2,
+        "validation batches (of G sequences) per evaluation",
+        section=_DATA,
+        aliases=("--eval-iters",),
+    )
     progress: str = _opt(
         "auto",
         "progress bar on rank 0 (auto: when stderr is a terminal)",
@@ -502,6 +557,7 @@ class TrainConfig:
         "with --zero-stage 1|2: a DeepSpeed config (JSON) merged over the trainer's ZeRO "
         "defaults (zero_config.py; the effective one is in config.json)",
         metavar="FILE.json",
+        aliases=("--deepspeed_config",),
     )
     tensorboard_dir: str | None = _opt(
         None,
@@ -523,6 +579,11 @@ class TrainConfig:
         flag="--no-memory-check",
         section=_OUT,
     )
+
+    @property
+    def packed(self) -> bool:
+        """Any of Megatron-LM's document flags (reset positions / attention mask, EOD loss)."""
+        return self.reset_position_ids or self.reset_attention_mask or self.eod_mask_loss
 
     @property
     def final_lr(self) -> float:
@@ -683,6 +744,7 @@ class RunConfig:
                 f"--zero-stage {self.train.zero_stage} with --tensor-parallel "
                 f"{self.parallel.tensor_parallel} is not supported (untested); use --zero-stage 0"
             )
+        p += self._document_problems()
         if self.train.data in DATASETS:
             p += check_data_config(
                 self.train.data, self.train.data_path, self.model.vocab_size, self.model.seq_length
@@ -692,6 +754,37 @@ class RunConfig:
         if p:
             raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(p))
         return self
+
+    def _document_problems(self) -> list[str]:
+        """Megatron-LM's document flags: documents to find, an EOD the vocabulary holds, and a
+        mode and model that can honour a document mask."""
+        t, flags = self.train, []
+        for name in ("reset_position_ids", "reset_attention_mask", "eod_mask_loss"):
+            if getattr(t, name):
+                flags.append("--" + name.replace("_", "-"))
+        if not flags:
+            return []
+        p = []
+        if t.data != "megatron":
+            p.append(
+                f"{flags[0]} needs --data megatron (documents ending in --eod-token), got "
+                f"--data {t.data}"
+            )
+        if not 0 <= t.eod_token < self.model.vocab_size:
+            p.append(
+                f"--eod-token {t.eod_token} is outside --vocab-size {self.model.vocab_size} (ids "
+                f"0..{self.model.vocab_size - 1}): byte documents with EOD (make_indexed "
+                f"--append-eod) need --vocab-size >= {max(t.eod_token, 0) + 1}"
+            )
+        if t.reset_attention_mask:
+            if not self.model.causal:
+                p.append("--reset-attention-mask needs causal attention (drop --no-causal)")
+            if self.parallel.mode in MODES and not self.parallel.rules.documents:
+                p.append(
+                    f"--reset-attention-mask: --mode {self.parallel.mode} cannot honour document "
+                    "masks"
+                )
+        return p
 
     def _deepspeed_file_problems(self, batch_known: bool) -> list[str]:
         """`zero_config.file_problems` with the values this run gives DeepSpeed (the batch keys

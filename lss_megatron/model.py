@@ -125,6 +125,7 @@ def build_model(
     kernel: str = "flash",
     recompute: str = "none",
     dtype: str = "fp32",
+    reset_position_ids: bool = False,
 ) -> GPTModel:
     """Build the `GPTModel` of `mode` on this rank, running attention `kernel` (flash / dense),
     Megatron's activation `recompute` (none / selective / full) in `dtype` (fp32 / bf16).
@@ -137,6 +138,10 @@ def build_model(
     every parameter and activation bf16; the fp32 master weights are training/optim.py's). The wrapper
     itself is not kept: its forward only casts floating inputs (ours are token ids) and the
     output (step.py takes the loss in fp32), and it would rename every parameter ``module.*``.
+    `reset_position_ids` (Megatron-LM's ``--reset-position-ids``): positions restart in every
+    document, so any rank may look up any row of a learned position table; every rank then keeps
+    the whole table (a replicated parameter, averaged over all ranks) instead of its segment's
+    rows.
     """
     cpu.apply()
     m = get_mode(mode)
@@ -166,7 +171,10 @@ def build_model(
         else "rope",
         share_embeddings_and_output_weights=False,
     )
+    full_table = getattr(getattr(gpt, "embedding", None), "position_embeddings", None)
     m.post_build(gpt, grid)
+    if reset_position_ids and full_table is not None:
+        gpt.embedding.position_embeddings = full_table  # the whole table, replicated
     if dtype == "bf16":
         gpt = gpt.bfloat16()  # after post_build: the position slices it makes convert too
     return gpt

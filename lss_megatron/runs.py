@@ -45,6 +45,30 @@ def new_run_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:8]
 
 
+def launch_time() -> float:
+    """When this job was launched, the same on every rank of a node: the launcher's start time
+    (torchrun's or DeepSpeed's agent is every local rank's parent), else this process's."""
+    import psutil
+
+    launched = any(os.environ.get(v) for v in ("WORLD_SIZE", "RANK", "LOCAL_RANK"))
+    try:
+        proc = psutil.Process(os.getppid() if launched else os.getpid())
+        return proc.create_time()
+    except (psutil.Error, OSError):
+        return time.time()
+
+
+def default_out(mode: str, root: str = "runs") -> str:
+    """The default ``--out``: a fresh ``runs/<launch date-time>-<mode>`` per run (so the README's
+    command works twice); a SLURM job adds its job and step ids, since its ranks have no common
+    parent. Multi-node launches outside SLURM should name ``--out`` (launch/ scripts do)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(launch_time()))
+    job = os.environ.get("SLURM_JOB_ID")
+    if job:
+        stamp += f"-job{job}.{os.environ.get('SLURM_STEP_ID', '0')}"
+    return str(Path(root) / f"{stamp}-{mode}")
+
+
 def read_json(path: Path) -> dict | None:
     """The JSON object in `path`, or None when it is missing, unreadable or not an object."""
     try:

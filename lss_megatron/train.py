@@ -33,10 +33,13 @@ from .envvars import launch_env
 from .estimate import estimate, memory_problems
 from .lifeline import install as install_lifeline
 from .log import setup_logging
-from .runs import plan
+from .megatron_args import add_to as add_megatron_flags
+from .megatron_args import resolve as resolve_megatron_flags
+from .resources import find_preset, preset_names, prog
+from .runs import default_out, plan
 from .strict_yaml import check_value
 
-PROG = "python -m lss_megatron.train"
+PROG = prog("python -m lss_megatron.train")
 SECTIONS = {ParallelConfig: "parallel layout", ModelConfig: "model", TrainConfig: "training"}
 """Each config class and the --help section of its options (a field's metadata may move one)."""
 _NOT_PRESET_KEYS = ("config", "help", "local_rank", "validate_only")
@@ -67,14 +70,17 @@ class Option:
         meta, f = self.field.metadata, self.field
         kind = _base_type(typing.get_type_hints(self.owner)[f.name])
         default = f.default if meta["cli_default"] is dataclasses.MISSING else meta["cli_default"]
-        kwargs = {"help": argparse.SUPPRESS if meta["hidden"] else meta["help"].replace("%", "%%")}
+        text = meta["help"].replace("%", "%%")
+        if default not in (None, False, ()) and kind is not bool:
+            text += " (default: %(default)s)"
+        kwargs = {"help": argparse.SUPPRESS if meta["hidden"] else text}
         if kind is bool:
             kwargs["action"] = "store_true"
         else:
             kwargs.update(default=default, choices=meta["choices"], metavar=meta["metavar"])
             if kind is not str:  # strings stay argparse's own (no type), as YAML values do
                 kwargs["type"] = kind
-        group.add_argument(self.flag, dest=self.dest, **kwargs)
+        group.add_argument(self.flag, *meta.get("aliases", ()), dest=self.dest, **kwargs)
 
     def value(self, args: argparse.Namespace):
         v = getattr(args, self.dest)
@@ -105,7 +111,8 @@ def build_parser(*, exit_on_error: bool = True) -> argparse.ArgumentParser:
         "--config",
         metavar="FILE.yaml",
         default=None,
-        help="YAML preset: keys are flag names (e.g. seq-length: 1024); flags given "
+        help="YAML preset, a file or a packaged preset's name (" + ", ".join(preset_names()) + "): "
+        "keys are flag names (e.g. seq-length: 1024; Megatron-LM's names too); flags given "
         "on the command line override it",
     )
     groups: dict[str, argparse._ArgumentGroup] = {}
@@ -114,6 +121,7 @@ def build_parser(*, exit_on_error: bool = True) -> argparse.ArgumentParser:
         if section not in groups:
             groups[section] = p.add_argument_group(section)
         opt.add_to(groups[section])
+    add_megatron_flags(p)
     p.add_argument(
         "--validate-only",
         action="store_true",
@@ -154,30 +162,59 @@ def parse_args(argv: list[str] | None = None, *, exit_on_error: bool = True) -> 
 def load_yaml_preset(path: str, parser: argparse.ArgumentParser) -> dict:
     """Read a YAML preset into argparse defaults; unknown keys and ill-typed values are errors
     (strict_yaml.py: no coercion), all reported in one message."""
+    if not Path(path).exists() and find_preset(path) is not None:
+        path = str(find_preset(path))  # a packaged preset named as such: --config tiny-cpu
     try:
         data = yaml.safe_load(Path(path).read_text()) or {}
     except FileNotFoundError:
-        parser.error(f"--config {path}: no such file")
+        parser.error(f"--config {path}: no such file, nor a packaged preset {preset_names()}")
     except yaml.YAMLError as e:
         parser.error(f"--config {path}: not valid YAML: {e}")
     if not isinstance(data, dict):
         parser.error(f"--config {path}: expected a mapping of flag names to values")
-    actions = {a.dest: a for a in parser._actions}
+    # a key is any of a flag's names (ours or Megatron-LM's), with '-' or '_'
+    actions = {
+        s.lstrip("-").replace("-", "_"): a
+        for a in parser._actions
+        if a.dest not in _NOT_PRESET_KEYS
+        for s in a.option_strings
+    }
     out, unknown, bad = {}, [], []
     for key, value in data.items():
-        dest = str(key).lstrip("-").replace("-", "_")
-        if dest not in actions or dest in _NOT_PRESET_KEYS:
+        action = actions.get(str(key).lstrip("-").replace("-", "_"))
+        if action is None:
             unknown.append(str(key))
             continue
-        value, problem = check_value(str(key), value, actions[dest])
+        value, problem = _preset_value(str(key), value, action)
         if problem:
             bad.append(problem)
-        out[dest] = value
+        elif value is not _ABSENT:
+            out[action.dest] = value
     if unknown:
         bad.insert(0, f"unknown keys {unknown}")
     if bad:
         parser.error(f"--config {path}: " + "; ".join(bad))
     return out
+
+
+_ABSENT = object()
+
+
+def _preset_value(key: str, value, action: argparse.Action):
+    """A preset value for `action`: a constant switch (``bf16: true``) or a translated choice
+    (``position-embedding-type: rope``), else strict_yaml's check."""
+    if isinstance(action, argparse._StoreConstAction) and not isinstance(
+        action, argparse._StoreTrueAction | argparse._StoreFalseAction
+    ):
+        if not isinstance(value, bool):
+            return None, f"{key}: {value!r} is not a boolean; write true or false without quotes"
+        return (action.const if value else _ABSENT), None
+    mapping = getattr(action, "mapping", None)
+    if mapping is not None:
+        if value not in mapping:
+            return None, f"{key}: {value!r} is not one of {list(mapping)}"
+        return mapping[value], None
+    return check_value(key, value, action)
 
 
 def config_from_args(args: argparse.Namespace, world_size: int) -> RunConfig:
@@ -186,7 +223,10 @@ def config_from_args(args: argparse.Namespace, world_size: int) -> RunConfig:
     values: dict[type, dict] = {cls: {} for cls in SECTIONS}
     for opt in options():
         values[opt.owner][opt.field.name] = opt.value(args)
-    parallel = values[ParallelConfig]
+    parallel, train = values[ParallelConfig], values[TrainConfig]
+    resolve_megatron_flags(args, parallel, values[ModelConfig])
+    if train["out"] is None:  # a fresh folder per run, the same on every rank
+        train["out"] = default_out(parallel["mode"])
     if parallel["seq_parallel"] is None:  # N = P / T (T = --tensor-parallel, 1 by default)
         t = parallel.get("tensor_parallel") or 1
         whole = t >= 1 and world_size % t == 0

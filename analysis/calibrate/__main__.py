@@ -9,10 +9,12 @@ import json
 import sys
 from pathlib import Path
 
+from lss_megatron.resources import prog
+
 from ..costmodel.calibrated import default_path
 from . import calibrate
 
-PROG = "python -m analysis.calibrate"
+PROG = prog("python -m analysis.calibrate")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -19,6 +19,8 @@ import statistics
 import sys
 from pathlib import Path
 
+from lss_megatron.resources import prog
+
 from ..compare import run_trainer, torchrun_command
 from ..costmodel import compare_run, find_device_file, load_device_file
 from ..costmodel.calibrated import DATA_DIR
@@ -148,7 +150,7 @@ def run_all(runs: list, runs_dir: Path, dev) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m analysis.calibrate.validate")
+    p = argparse.ArgumentParser(prog=prog("python -m analysis.calibrate.validate"))
     p.add_argument("--out", default=str(DATA_DIR / "validation.csv"))
     p.add_argument("--runs-dir", default="runs/calibrate-validation")
     p.add_argument("--device-file", default=None)

@@ -24,12 +24,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 from lss_megatron.config import ConfigError
+from lss_megatron.resources import prog
 
 from ..inputs import InputError, check_run_folder, read_json_file
 from . import DEVICES, compare_run, find_device_file, load_device_file, predict
 from .paper import SETS, Options, print_report, summit_layout, summit_paper
 
-PROG = "python -m analysis.costmodel"
+PROG = prog("python -m analysis.costmodel")
 
 
 def build_parser() -> argparse.ArgumentParser:

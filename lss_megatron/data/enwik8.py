@@ -44,6 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..resources import prog
 from .base import SPLIT_CODES, SPLITS, DataError, check_read_args
 
 ENWIK8_SIZE = 100_000_000
@@ -301,7 +302,7 @@ def download(folder: str | os.PathLike, url: str = ENWIK8_URL, timeout_s: float 
 def main(argv: list[str] | None = None) -> int:
     """``python -m lss_megatron.data.enwik8 --download DIR [--extract]``."""
     p = argparse.ArgumentParser(
-        prog="python -m lss_megatron.data.enwik8",
+        prog=prog("python -m lss_megatron.data.enwik8"),
         description=f"Download enwik8.zip ({ENWIK8_URL}) and check it.",
     )
     p.add_argument("--download", metavar="DIR", required=True, help="folder for enwik8.zip")

@@ -30,16 +30,43 @@ from megatron.core.transformer.module import MegatronModule
 
 from ..layout import LAYOUTS, attended_pairs
 from .dense_attention import dense_attention
+from .documents import document_attention, document_pairs
 from .kernel import partial_attention, to_compute_dtype
 from .operator import lss_attention
+from .positions import local_positions
 
 KERNELS = ("flash", "dense")
 
 
-def attend(q, k, v, *, kernel: str, q_offset: int, causal: bool, softmax_scale: float):
+def attend(
+    q,
+    k,
+    v,
+    *,
+    kernel: str,
+    q_offset: int,
+    causal: bool,
+    softmax_scale: float,
+    doc_start: torch.Tensor | None = None,
+):
     """q [sq, b, h, d], k/v [sk, b, h_kv, d] -> [sq, b, h, d] with `kernel`: ``flash``
     (`kernel.partial_attention`: nothing quadratic in l saved) or ``dense`` (`dense_attention`:
-    scores materialised and probabilities saved)."""
+    scores materialised and probabilities saved). `doc_start` ([b, l], the global document start
+    of every position): attention within documents (`documents.document_attention`)."""
+    if doc_start is not None:
+        if kernel not in KERNELS:
+            raise ValueError(f"unknown attention kernel {kernel!r}; expected one of {KERNELS}")
+        if not causal:
+            raise ValueError("document masks (--reset-attention-mask) need causal attention")
+        return document_attention(
+            q,
+            k,
+            v,
+            q_offset=q_offset,
+            doc_start=doc_start,
+            softmax_scale=softmax_scale,
+            backend="dense" if kernel == "dense" else "auto",
+        )
     if kernel == "flash":
         return partial_attention(
             q, k, v, q_offset=q_offset, causal=causal, softmax_scale=softmax_scale
@@ -53,7 +80,15 @@ def attend(q, k, v, *, kernel: str, q_offset: int, causal: bool, softmax_scale: 
 
 class SequenceCoreAttention(MegatronModule):
     """A `core_attention` over the context-parallel (sequence) group: causal or no mask, no
-    dropout, no attention mask, bias or packed sequences. Subclasses implement `attend`."""
+    dropout, bias or packed (THD) sequences. Subclasses implement `attend`.
+
+    Document masks (Megatron-LM's ``--reset-attention-mask``): the trainer passes, as Megatron's
+    ``attention_mask`` argument, a LongTensor ``[b, l]``: the global document start of every
+    global position (`lss.documents`; the same tensor on every rank, not a ``[b, 1, l, l]``
+    mask). A subclass that honours it sets ``supports_documents = True`` and takes
+    ``attend(..., doc_start=)``; the others refuse it in one line."""
+
+    supports_documents = False
 
     def __init__(
         self,
@@ -101,9 +136,27 @@ class SequenceCoreAttention(MegatronModule):
             return
         self.attention_flops += flops
 
-    def attend(self, query, key, value, causal: bool) -> torch.Tensor:
-        """q [s/N, b, h, d], k/v [s/N, b, h_kv, d] -> [s/N, b, h, d]."""
+    def attend(self, query, key, value, causal: bool, doc_start=None) -> torch.Tensor:
+        """q [s/N, b, h, d], k/v [s/N, b, h_kv, d] -> [s/N, b, h, d]; `doc_start` [b, l] or
+        None."""
         raise NotImplementedError
+
+    def _doc_start(self, attention_mask) -> torch.Tensor | None:
+        """The document starts [b, l] passed as ``attention_mask``, checked (class doc)."""
+        name = type(self).__name__
+        if attention_mask is None:
+            return None
+        if attention_mask.dtype != torch.long or attention_mask.dim() != 2:
+            raise NotImplementedError(
+                f"{name} masks by global position itself; pass attention_mask=None or document "
+                f"starts (int64 [b, l]), not a {attention_mask.dtype} tensor of shape "
+                f"{tuple(attention_mask.shape)}"
+            )
+        if not self.supports_documents:
+            raise NotImplementedError(
+                f"{name} cannot honour --reset-attention-mask (document masks)"
+            )
+        return attention_mask
 
     def forward(
         self,
@@ -116,11 +169,7 @@ class SequenceCoreAttention(MegatronModule):
         packed_seq_params=None,
     ) -> torch.Tensor:
         name = type(self).__name__
-        if attention_mask is not None:
-            raise NotImplementedError(
-                f"{name} masks by global position itself; pass attention_mask=None "
-                f"(got a tensor of shape {tuple(attention_mask.shape)})"
-            )
+        doc_start = self._doc_start(attention_mask)
         if attention_bias is not None or packed_seq_params is not None:
             raise NotImplementedError(
                 f"{name}: attention_bias and packed sequences are not supported"
@@ -131,7 +180,11 @@ class SequenceCoreAttention(MegatronModule):
         query, key, value = to_compute_dtype(
             query, key, value, getattr(self.config, "params_dtype", None)
         )
-        out = self.attend(query, key, value, mask_type == AttnMaskType.causal)  # [s/N, b, h, d]
+        causal = mask_type == AttnMaskType.causal
+        if doc_start is None:
+            out = self.attend(query, key, value, causal)  # [s/N, b, h, d]
+        else:
+            out = self.attend(query, key, value, causal, doc_start=doc_start)  # [s/N, b, h, d]
         sq, b, h, d = out.shape
         return out.reshape(sq, b, h * d)  # [s/N, b, h*d]
 
@@ -140,7 +193,9 @@ class FlashCoreAttention(SequenceCoreAttention):
     """The flash kernel on this rank's heads over the whole sequence (serial, nvidia-sp; Megatron
     gathers the sequence before QKV): q [l, b, hp, d], k/v [l, b, hp_kv, d] -> [l, b, hp, d]."""
 
-    def attend(self, query, key, value, causal: bool) -> torch.Tensor:
+    supports_documents = True
+
+    def attend(self, query, key, value, causal: bool, doc_start=None) -> torch.Tensor:
         return attend(
             query,
             key,
@@ -149,6 +204,7 @@ class FlashCoreAttention(SequenceCoreAttention):
             q_offset=0,
             causal=causal,
             softmax_scale=self.softmax_scale,
+            doc_start=doc_start,
         )  # [l, b, hp, d]
 
 
@@ -181,7 +237,9 @@ class LSSCoreAttention(SequenceCoreAttention):
         self.kv_chunks = kv_chunks
         """K/V are gathered in this many double-buffered head chunks (a spec parameter)."""
 
-    def attend(self, query, key, value, causal: bool) -> torch.Tensor:
+    supports_documents = True
+
+    def attend(self, query, key, value, causal: bool, doc_start=None) -> torch.Tensor:
         out = lss_attention(
             query,
             key,
@@ -192,9 +250,14 @@ class LSSCoreAttention(SequenceCoreAttention):
             backend="dense" if self.kernel == "dense" else "auto",
             layout=self.layout,
             kv_chunks=self.kv_chunks,
+            doc_start=doc_start,
         )  # [s/N, b, h, d], in the compute dtype
         sq, b, h, d = out.shape
         n = self.seq_group.size()
-        pairs = attended_pairs(n * sq, self.seq_group.rank(), n, causal, self.layout)
-        self.count_flops(4 * b * h * d * pairs)
+        if doc_start is None:
+            pairs = b * attended_pairs(n * sq, self.seq_group.rank(), n, causal, self.layout)
+        else:  # pairs within documents, summed over the b rows
+            held = local_positions(n * sq, self.seq_group.rank(), n, self.layout)  # [s/N]
+            pairs = document_pairs(doc_start, held)
+        self.count_flops(4 * h * d * pairs)
         return out

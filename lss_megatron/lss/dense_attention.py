@@ -43,9 +43,11 @@ def dense_attention(
     q_offset: int,
     causal: bool,
     softmax_scale: float | None = None,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """softmax(q k^T * scale + mask) v, materialised; q [sq, b, h, d], k/v [sk, b, h_kv, d] ->
-    [sq, b, h, d]."""
+    [sq, b, h, d]. `mask` ([b, sq, sk] bool, True = masked; the document mask of
+    `documents.document_mask`) replaces the causal mask when given."""
     sq, b, h, d = q.shape
     sk, h_kv = k.shape[0], k.shape[2]
     if k.shape != v.shape or k.shape[1] != b or k.shape[3] != d or h % h_kv:
@@ -63,7 +65,9 @@ def dense_attention(
     half = q.dtype in (torch.float16, torch.bfloat16)
     x = scores.view(b, h_kv, g, sq, sk)  # [b, h_kv, g, sq, sk]
     x = x.float() if half else x
-    if causal:
+    if mask is not None:
+        x = x.masked_fill_(mask[:, None, None], MASKED_SCORE)  # [b, 1, 1, sq, sk]
+    elif causal:
         x = x.masked_fill_(causal_mask(sq, sk, q_offset, q.device), MASKED_SCORE)
     probs = torch.nn.functional.softmax(x, dim=-1)  # [b, h_kv, g, sq, sk]
     if half:

@@ -25,7 +25,8 @@ Backends and what autograd saves for backward (es = element size of the input dt
   when ``q_offset + sq == sk``, otherwise a boolean ``[sq, q_offset + sq]`` mask. The kernel decides
   what it saves; on CPU (torch 2.13) that is q, k, v, out, lse plus, with a mask, a float
   ``[sq, q_offset + sq]`` mask: quadratic, but with no b or h factor.
-  On CUDA it runs under an explicit allow-list, `CUDA_KERNELS` (flash, cuDNN, memory-efficient):
+  On CUDA it runs under an explicit allow-list, `CUDA_KERNELS` (flash, memory-efficient, cuDNN, tried
+  in that order, `sdpa_priority`):
   where none of them can run, it raises `AttentionKernelError` instead of falling back to the math
   kernel (a [b, h, sq, sk] fp32 score tensor). The fused kernels save q, k, v, out and the lse
   (linear in sk). Flash and cuDNN need 16-bit inputs and the memory-efficient kernel has no GQA,
@@ -52,6 +53,7 @@ autocast op's).
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 
@@ -66,14 +68,25 @@ logger = logging.getLogger(__name__)
 BACKENDS = ("auto", "cpu_flash", "sdpa", "math")
 CUDA_KERNELS = (
     SDPBackend.FLASH_ATTENTION,
-    SDPBackend.CUDNN_ATTENTION,
     SDPBackend.EFFICIENT_ATTENTION,
+    SDPBackend.CUDNN_ATTENTION,
 )
-"""The SDPA kernels allowed on CUDA (never the quadratic math kernel)."""
+"""The SDPA kernels allowed on CUDA (never the quadratic math kernel), in priority order: flash
+first wherever it can run (16-bit), so square causal calls (SDPA's selector, which would put cuDNN
+first on sm90) and offset calls (the lower-right mask, which dispatches to flash itself) run the
+same kernel in every mode and on every rank (`sdpa_priority`)."""
 _FLASH_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _MATH_CHUNK = 256
 _flash_failed = False  # set once a private op raised; "auto" then stops choosing cpu_flash
 _expand_noted = False  # fp32 GQA on CUDA: K/V expansion logged once
+
+
+def sdpa_priority():
+    """`sdpa_kernel` allowing only `CUDA_KERNELS`, tried in that order (``set_priority``, torch >=
+    2.6; older torch keeps its own order among them)."""
+    if "set_priority" in inspect.signature(sdpa_kernel).parameters:
+        return sdpa_kernel(list(CUDA_KERNELS), set_priority=True)
+    return sdpa_kernel(list(CUDA_KERNELS))
 
 
 class AttentionKernelError(RuntimeError):
@@ -252,7 +265,7 @@ def _sdpa_attention(q, k, v, q_offset: int, causal: bool, scale: float) -> torch
     kb, vb = _expand_kv_for_kernel(qb, kb, vb)  # [b, h or h_kv, sk, d]
     _check_cuda_kernel(qb, kb, vb, mask)
     try:
-        with sdpa_kernel(list(CUDA_KERNELS)):
+        with sdpa_priority():
             out = F.scaled_dot_product_attention(
                 qb, kb, vb, attn_mask=mask, is_causal=is_causal, scale=scale, enable_gqa=True
             )  # [b, h, sq, d]
@@ -291,7 +304,7 @@ def _check_cuda_kernel(qb, kb, vb, mask) -> None:
         return
     cuda = torch.backends.cuda
     params = cuda.SDPAParams(qb, kb, vb, None, 0.0, False, qb.shape[1] != kb.shape[1])
-    with sdpa_kernel(list(CUDA_KERNELS)):
+    with sdpa_priority():
         if cuda.can_use_flash_attention(params) or cuda.can_use_efficient_attention(params):
             return
     raise AttentionKernelError(

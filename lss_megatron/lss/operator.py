@@ -27,6 +27,7 @@ import torch.distributed as dist
 from ..layout import LAYOUTS, zigzag_gather_order
 from ..parallel import comm
 from .dense_attention import dense_attention
+from .documents import document_attention
 from .kernel import partial_attention, to_compute_dtype
 from .kv_gather import finish_kv_all_gather, fused_kv_all_gather, start_kv_all_gather
 
@@ -43,6 +44,7 @@ def lss_attention(
     layout: str = "contiguous",
     kv_chunks: int = 1,
     params_dtype: torch.dtype | None = None,
+    doc_start: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """LSS partial attention over a sequence-parallel group.
 
@@ -64,6 +66,10 @@ def lss_attention(
             c+1 while chunk c is attended); bounds the transient gathered/gradient buffers to one
             chunk. Same result and bytes; the one all-gather and the one reduce-scatter become
             `kv_chunks` of each.
+        doc_start: packed documents (Megatron-LM's ``--reset-attention-mask``): LongTensor
+            ``[b, l]``, the global start of the document of every GLOBAL position (the same on
+            every rank); queries attend only inside their document, and key blocks of other
+            documents are skipped (`documents.document_attention`). Needs ``causal``.
 
     Returns:
         ``[s/N, b, h, d]``.
@@ -76,7 +82,7 @@ def lss_attention(
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[3])
 
     def attend(q_, k_full, v_full):  # local queries x all keys of the gathered heads
-        return _partial(q_, k_full, v_full, r, n, layout, causal, scale, backend)
+        return _partial(q_, k_full, v_full, r, n, layout, causal, scale, backend, doc_start)
 
     if kv_chunks <= 1:
         k_full, v_full = fused_kv_all_gather(k, v, group)  # 2 x [s, b, h_kv, d]
@@ -126,22 +132,54 @@ def _check_inputs(q, k, v, layout: str, kv_chunks: int) -> None:
         raise ValueError(f"lss_attention: kv heads {h_kv} not divisible by kv_chunks {kv_chunks}")
 
 
+@functools.cache
+def zigzag_permutation(n: int, device: torch.device) -> torch.Tensor:
+    """`zigzag_gather_order(n)` as an index tensor on `device`, built once per (n, device): a
+    ``torch.tensor(..., device=cuda)`` per forward would be a blocking host-to-device copy in
+    every layer. Read-only (index_select never writes it)."""
+    return torch.tensor(zigzag_gather_order(n), device=device)  # [2N]
+
+
 def _partial(
-    q, k_full, v_full, r: int, n: int, layout: str, causal: bool, scale: float, backend: str
+    q,
+    k_full,
+    v_full,
+    r: int,
+    n: int,
+    layout: str,
+    causal: bool,
+    scale: float,
+    backend: str,
+    doc_start: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Partial attention of this rank's queries against the gathered (rank-ordered) K/V."""
     sq = q.shape[0]
-    kernel = (
-        dense_attention
-        if backend == "dense"
-        else functools.partial(partial_attention, backend=backend)
-    )
+    if doc_start is not None:
+        if not causal:
+            raise ValueError("lss_attention: document masks (doc_start) need causal attention")
+
+        def kernel(q_, k_, v_, *, q_offset, causal, softmax_scale):
+            return document_attention(
+                q_,
+                k_,
+                v_,
+                q_offset=q_offset,
+                doc_start=doc_start,
+                softmax_scale=softmax_scale,
+                backend=backend,
+            )
+    else:
+        kernel = (
+            dense_attention
+            if backend == "dense"
+            else functools.partial(partial_attention, backend=backend)
+        )
     if layout == "contiguous":
         return kernel(
             q, k_full, v_full, q_offset=r * sq, causal=causal, softmax_scale=scale
         )  # [s/N, b, h, d]
     c = sq // 2  # zigzag chunk length l/(2N)
-    perm = torch.tensor(zigzag_gather_order(n), device=k_full.device)  # [2N]: slot of chunk j
+    perm = zigzag_permutation(n, k_full.device)  # [2N]: slot of chunk j, built once per device
     k_glob = k_full.view(2 * n, c, *k_full.shape[1:]).index_select(0, perm).flatten(0, 1)
     v_glob = v_full.view(2 * n, c, *v_full.shape[1:]).index_select(0, perm).flatten(0, 1)
     outs = [

@@ -47,9 +47,16 @@ class _FullSequenceAttention(torch.nn.Module):
         self.softmax_scale = softmax_scale
         self.kernel = kernel
 
-    def forward(self, q, k, v, causal: bool):
+    def forward(self, q, k, v, causal: bool, doc_start=None):
         return attend(
-            q, k, v, kernel=self.kernel, q_offset=0, causal=causal, softmax_scale=self.softmax_scale
+            q,
+            k,
+            v,
+            kernel=self.kernel,
+            q_offset=0,
+            causal=causal,
+            softmax_scale=self.softmax_scale,
+            doc_start=doc_start,
         )
 
 
@@ -69,8 +76,15 @@ class UlyssesCoreAttention(SequenceCoreAttention):
             gather_idx=0,
         )
 
-    def attend(self, query, key, value, causal: bool) -> torch.Tensor:
-        return self.ulysses(query, key, value, _BATCH_DIM, None, causal=causal)  # [l/N, b, h, d]
+    supports_documents = True
+    """The whole sequence is local after the all-to-all: the global document starts [b, l]
+    (the same on every rank) mask it as in serial."""
+
+    def attend(self, query, key, value, causal: bool, doc_start=None) -> torch.Tensor:
+        kw = {} if doc_start is None else {"doc_start": doc_start}
+        return self.ulysses(
+            query, key, value, _BATCH_DIM, None, causal=causal, **kw
+        )  # [l/N, b, h, d]
 
 
 def layer_spec(model, grid, kernel: str = "flash"):

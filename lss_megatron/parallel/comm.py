@@ -502,6 +502,15 @@ def all_reduce_(x: torch.Tensor, group, *, category: str) -> torch.Tensor:
     return x
 
 
+def backend_all_reduce_(x: torch.Tensor, group=None) -> torch.Tensor:
+    """In-place sum of `x` over the group, issued even on a group of ONE rank (which
+    `all_reduce_` skips): it exercises the backend itself, e.g. NCCL in a sandbox
+    (analysis/gpu_check.py's first phase). Category ``other``."""
+    with _as("other"):
+        dist.all_reduce(x, op=dist.ReduceOp.SUM, group=group)
+    return x
+
+
 def max_over_ranks(value: float, device=None, group=None) -> float:
     """The largest `value` over the group (default: every rank), e.g. the slowest rank's step
     time. Not categorised for the counters: call it outside `record()`."""

@@ -206,6 +206,11 @@ def _train(cfg: RunConfig, rank: int, result: RunResult) -> None:
         tensorboard_dir=t.tensorboard_dir,
         start=r.start,
         device_type=r.device.type,
+        arguments={
+            k: v
+            for section in ("model", "parallel", "train", "derived")
+            for k, v in r.effective.get(section, {}).items()
+        },
     )
     skips = SkipGuard(cfg.train.max_consecutive_skips)
     try:
@@ -241,6 +246,7 @@ def _set_up(cfg: RunConfig, rank: int) -> _Run:
         kernel=t.attention_kernel,
         recompute=t.recompute,
         dtype=t.dtype,
+        reset_position_ids=t.reset_position_ids,
     )
     model.to(device)
     settings = check_settings(

@@ -43,7 +43,7 @@ def lss_sp_bytes(n: int, length: int, model: dict, train: dict) -> int:
 @pytest.mark.slow
 @pytest.mark.timeout(360)
 def test_compare_smoke(tmp_path):
-    from analysis import figures, tables
+    from analysis import figures, repeats, tables
     from analysis.presets import get_preset, make_plan
 
     out = tmp_path / "smoke"
@@ -76,8 +76,12 @@ def test_compare_smoke(tmp_path):
     df = pd.read_csv(out / "summary.csv")
     preset = get_preset("smoke")
     plan = make_plan(preset)
-    assert set(tables.COLUMNS) <= set(df.columns)
-    assert sorted(df["run_id"]) == sorted(r.run_id for r in plan.runs)
+    assert set(repeats.SUMMARY_COLUMNS) <= set(df.columns)  # one row per configuration
+    assert list(df["run_id"]) == list(plan.configs) and (df["repeats"] == 1).all()
+    runs = pd.read_csv(out / "runs.csv")  # one row per launch, in the recorded order
+    assert set(tables.COLUMNS) <= set(runs.columns)
+    assert sorted(runs["run_id"]) == sorted(r.run_id for r in plan.runs)
+    assert runs["load_1m_before"].notna().all() and runs["order"].is_unique
     assert (df["status"] == "ok").all(), df[["run_id", "status", "error"]]
     assert (df["efficiency_kind"] == "strong").all()
     assert (df["attention_kernel"] == "flash").all() and (df["recompute"] == "none").all()

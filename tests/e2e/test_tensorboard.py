@@ -1,7 +1,8 @@
 """`--tensorboard-dir`, the Megatron-style iteration line and the output folder in the log.
 
 The TensorBoard events are read back with TensorBoard's own `EventAccumulator`; every scalar
-must equal the ``metrics.jsonl`` value of the same step and key (float32 in the event file:
+must equal the ``metrics.jsonl`` value of the same step and key (Megatron-LM's tag name where it
+has one: tracking.MEGATRON_TAGS) (float32 in the event file:
 relative 1e-6, since TensorBoard stores scalars as float32, whose relative spacing is 6e-8).
 """
 
@@ -54,12 +55,13 @@ def test_tensorboard_events_equal_metrics_and_log_lines(tmp_path):
             expected.setdefault(tag, {})[r["step"]] = value
     assert set(events) == set(expected)
     for key in (
-        "loss",
-        "lr",
-        "grad_norm",
-        "step_time_s",
+        "lm loss",
+        "learning-rate",
+        "grad-norm",
+        "iteration-time",
         "tokens_per_s",
-        "valid_loss",
+        "lm loss validation",
+        "lm loss validation ppl",
         "activation_bytes",
         "consumed_tokens",
         "tflops_per_s_per_rank",

@@ -1,0 +1,150 @@
+"""Packed documents, one process: the JSONL / EOD converter, the document starts against
+Megatron's own masks and position ids, the document kernel against a masked oracle, and the
+one-line refusals. Every mode against serial: tests/ranks/test_packed.py."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from lss_megatron.config import ConfigError, ModelConfig, ParallelConfig, RunConfig, TrainConfig
+from lss_megatron.data.documents import document_starts, megatron_masks
+from lss_megatron.data.make_indexed import EOD_TOKEN, make_indexed
+from lss_megatron.lss.documents import document_attention, document_mask, document_pairs
+from tests.support import attention_inputs, run_cmd
+
+TOL = 1e-5  # fp32 kernels against a float64 oracle: rounding only
+
+
+def test_jsonl_documents_end_in_eod_and_empty_ones_are_counted(tmp_path):
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    texts = ["héllo", "", "ab", "", "", "x" * 300]
+    src = tmp_path / "d.jsonl"
+    src.write_text("\n".join(json.dumps({"text": t, "id": i}) for i, t in enumerate(texts)))
+    stats: dict = {}
+    n_docs, n_tokens = make_indexed(
+        src, tmp_path / "d", json_key="text", append_eod=True, stats=stats
+    )
+    ds = IndexedDataset(str(tmp_path / "d"))
+    want = [list(t.encode()) + [EOD_TOKEN] for t in texts if t]
+    assert [ds[i].tolist() for i in range(len(ds))] == want
+    assert ds[0].dtype == np.uint16 and EOD_TOKEN == 256
+    assert (n_docs, n_tokens, stats["empty_documents"]) == (3, sum(map(len, want)), 3)
+    # byte input split at a separator (enwik8's pages: '</page>') with EOD after each page
+    raw = tmp_path / "pages.xml"
+    raw.write_bytes(b"<page>a</page>\n<page>bc</page>\n")
+    make_indexed(raw, tmp_path / "p", separator=b"</page>", append_eod=True)
+    pages = IndexedDataset(str(tmp_path / "p"))
+    assert [bytes(pages[i][:-1].astype(np.uint8)) for i in range(len(pages))] == [
+        b"<page>a</page>",
+        b"\n<page>bc</page>",
+        b"\n",
+    ]
+    assert all(pages[i][-1] == EOD_TOKEN for i in range(len(pages)))
+
+
+def _cli(*args):
+    return run_cmd([sys.executable, "-m", "lss_megatron.data.make_indexed", *args], timeout=120)
+
+
+def test_converter_refuses_in_one_line(tmp_path):
+    src = tmp_path / "d.jsonl"
+    src.write_text('{"text": "a"}\n{"body": "b"}\n')
+    res = _cli("--input", src, "--json-keys", "text", "--output-prefix", tmp_path / "o")
+    assert res.returncode == 2 and res.stderr.strip().count("\n") == 0, res.stderr
+    assert "line 2" in res.stderr and "'text'" in res.stderr
+    res = _cli("--input", src, "--output-prefix", tmp_path / "o")
+    assert res.returncode == 2 and "--json-keys" in res.stderr.splitlines()[-1]
+
+
+def test_document_starts_are_megatrons_masks_and_positions():
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 6, (3, 40), generator=g)  # id 0 plays EOD: ~1 in 6 tokens
+    tokens[1, 0] = tokens[1, -1] = 0  # EOD first and last
+    mask, loss, pos = megatron_masks(tokens, 0, True, True, True)
+    ds = document_starts(tokens, 0)
+    assert torch.equal(document_mask(ds, 0, 40, 40), mask[:, 0])
+    assert torch.equal(torch.arange(40)[None] - ds, pos)
+    assert torch.equal(loss, (tokens != 0).float())
+    # a query range in the middle (a rank's segment) sees the same rows of the mask
+    assert torch.equal(document_mask(ds, 16, 8, 24), mask[:, 0, 16:24, :24])
+    # attended pairs = the mask's visible entries
+    assert document_pairs(ds, torch.arange(40)) == int((~mask).sum())
+
+
+def _masked_reference(q, k, v, dout, doc_start, q_offset):
+    q, k, v = (t.clone().requires_grad_(True) for t in (q, k, v))
+    sq, sk, g = q.shape[0], q_offset + q.shape[0], q.shape[2] // k.shape[2]
+    kk = k[:sk].repeat_interleave(g, 2)  # [sk, b, h, d]
+    vv = v[:sk].repeat_interleave(g, 2)
+    scores = torch.einsum("ibhd,jbhd->bhij", q, kk) / q.shape[3] ** 0.5  # [b, h, sq, sk]
+    scores = scores.masked_fill(document_mask(doc_start, q_offset, sq, sk)[:, None], -torch.inf)
+    out = torch.einsum("bhij,jbhd->ibhd", scores.softmax(-1), vv)  # [sq, b, h, d]
+    out.backward(dout)
+    return out.detach(), q.grad, k.grad, v.grad
+
+
+@pytest.mark.parametrize("backend", ["cpu_flash", "dense", "sdpa"])
+def test_document_kernel_matches_masked_attention(backend):
+    q, k, v, dout = attention_inputs((True, 4, 2, 8, 48, 2), seed=1)
+    tokens = torch.randint(0, 7, (2, 48), generator=torch.Generator().manual_seed(2))
+    ds = document_starts(tokens, 0)
+    for q_offset, sq in ((0, 48), (16, 16), (40, 8)):
+        qs = slice(q_offset, q_offset + sq)
+        ref = _masked_reference(q[qs], k, v, dout[qs], ds, q_offset)
+        lq, lk, lv = (t.float().clone().requires_grad_(True) for t in (q[qs], k, v))
+        out = document_attention(lq, lk, lv, q_offset=q_offset, doc_start=ds, backend=backend)
+        out.backward(dout[qs].float())
+        for name, got, want in zip(
+            ("out", "dq", "dk", "dv"), (out, lq.grad, lk.grad, lv.grad), ref, strict=True
+        ):
+            err = (got.double() - want).abs().max().item()
+            assert err < TOL, f"{backend} q_offset={q_offset}: {name} error {err:.2e}"
+
+
+def test_attention_work_falls_with_document_length():
+    length, pos = 64, torch.arange(64)
+    pairs = []
+    for doc in (64, 16, 4):
+        tokens = torch.ones(1, length, dtype=torch.long)
+        tokens[0, doc - 1 :: doc] = 0
+        pairs.append(document_pairs(document_starts(tokens, 0), pos))
+    assert pairs == [64 * 65 // 2, 4 * 16 * 17 // 2, 16 * 4 * 5 // 2]
+
+
+def _config(**train):
+    return RunConfig(
+        model=ModelConfig(vocab_size=train.pop("vocab", 257), causal=train.pop("causal", True)),
+        parallel=ParallelConfig(mode="serial", world_size=1),
+        train=TrainConfig(**train),
+    )
+
+
+def test_document_flags_refused_in_one_line(tmp_path):
+    def problems(**kw):
+        with pytest.raises(ConfigError) as e:
+            _config(**kw).validate()
+        return str(e.value).splitlines()[1:]
+
+    msgs = problems(reset_attention_mask=True, data="synthetic", vocab=300)
+    assert any("--reset-attention-mask needs --data megatron" in m for m in msgs), msgs
+    (msg,) = [m for m in problems(eod_mask_loss=True, vocab=256) if "is outside" in m]
+    assert "--eod-token 256 is outside --vocab-size 256" in msg and ">= 257" in msg
+    msgs = problems(reset_attention_mask=True, causal=False, vocab=300)
+    assert any("--reset-attention-mask needs causal attention" in m for m in msgs)
+
+
+def test_a_core_attention_without_document_support_refuses():
+    from lss_megatron.lss.core_attention import SequenceCoreAttention
+
+    core = SequenceCoreAttention.__new__(SequenceCoreAttention)
+    torch.nn.Module.__init__(core)
+    with pytest.raises(NotImplementedError, match="cannot honour --reset-attention-mask"):
+        core._doc_start(torch.zeros(1, 4, dtype=torch.long))
+    with pytest.raises(NotImplementedError, match="not a torch.bool tensor"):
+        core._doc_start(torch.zeros(1, 1, 4, 4, dtype=torch.bool))
