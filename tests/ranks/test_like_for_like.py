@@ -16,7 +16,8 @@ G 2, B 1: two micro-batches), one step each:
   whose dense blocks are recomputed in backward (linear with both kernels).
 * recompute through Megatron's own checkpointing: LSS, Ulysses and the ring repeat their forward
   communication in backward (sp bytes exactly 1.5x, one more all-gather / four more all-to-alls
-  per layer and micro-batch; the ring 4/3x, N-1 more K/V shifts) and save fewer bytes.
+  per layer and micro-batch; the ring 4/3x, N-1 more K/V shifts) and save fewer bytes (not the
+  ring: it saves no length-l tensor, and Megatron's checkpoint keeps more than it does).
 * bf16 (Megatron mixed precision, fp32 master weights): sp and saved bytes exactly half of fp32's
   where the tensors are bf16 (counted per dtype), and loss / gradients track serial bf16.
 * the cost model (analysis.costmodel.predict) reproduces every counted byte exactly.
@@ -251,9 +252,10 @@ def test_selective_recompute_repeats_the_forward_communication(mode):
     layers, micro = MODEL["num_layers"], 2
     for kernel in ("flash", "dense"):
         none, sel = _get(mode, kernel, "none"), _get(mode, kernel, "selective")
-        if mode == "ring":
+        if mode == "ring":  # it saves nothing of length l, so recompute buys it no memory:
+            # Megatron's checkpoint keeps q, k, v and the projection input, more than the ring's
+            # q, one [K | V] block, output and lse (both counts: the cost-model test, exactly)
             assert 3 * sel["sp_bytes"] == 4 * none["sp_bytes"] > 0, (mode, kernel)
-            assert sel["saved"] < none["saved"], (mode, kernel, sel["saved"], none["saved"])
             continue
         assert 2 * sel["sp_bytes"] == 3 * none["sp_bytes"] > 0, (mode, kernel)
         if mode == "lss":

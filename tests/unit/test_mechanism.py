@@ -25,6 +25,8 @@ def test_equal_ranks_plan_is_every_legal_layout_on_four_ranks():
         ("lss", 2, 2),
         ("nvidia-sp", 2, 2),
         ("ulysses", 2, 2),
+        ("ring", 4, 1),
+        ("ring", 2, 2),
         ("serial", 1, 4),
     }
     assert {r.world_size for r in plan.runs if r.role == "grid"} == {4}
