@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from .costmodel import make_config, predict
+from .costmodel.counts import mode_of
 from .costmodel.hw import DEVICES
 from .timing import kernels_seen, time_reps
 
@@ -117,14 +118,14 @@ def emulated_rank(variant: Variant, n: int, rank: int):
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     from lss_megatron.compat import cpu
-    from lss_megatron.config import MODE_RULES
+    from lss_megatron.modes import get_mode
     from lss_megatron.parallel import comm
     from lss_megatron.parallel.grid import Grid
 
     if dist.is_initialized():
         raise RuntimeError("emulated_rank: torch.distributed is already initialised here")
     cpu.apply()
-    rules = MODE_RULES[variant.mode]
+    rules = get_mode(variant.mode)
     tp, cp = rules.tensor_parallel(n, 1), rules.context_parallel(n)
     dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=n)
     try:
@@ -167,7 +168,6 @@ def build_layer(variant: Variant, shape: LayerShape, grid, device: torch.device)
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
     from lss_megatron.compat import cpu
-    from lss_megatron.config import MODE_RULES
     from lss_megatron.model import transformer_config
     from lss_megatron.modes import get_mode
 
@@ -180,7 +180,7 @@ def build_layer(variant: Variant, shape: LayerShape, grid, device: torch.device)
         model,
         context_parallel=grid.seq_size,
         tensor_parallel=grid.tp_size,
-        sequence_parallel=MODE_RULES[variant.mode].sequence_parallel or grid.tp_size > 1,
+        sequence_parallel=get_mode(variant.mode).sequence_parallel or grid.tp_size > 1,
         dtype="bf16",
     )
     cfg.perform_initialization = False  # drawn below, on the device
@@ -266,7 +266,11 @@ def predicted_layer(variant: Variant, shape: LayerShape, device: str) -> dict:
             micro_batch_size=shape.micro_batch,
             position_embedding="rope",
             dtype="bf16",
-            **({"lss_layout": variant.layout} if variant.mode == "lss" else {}),
+            **(
+                {"lss_layout": variant.layout}
+                if "lss_layout" in mode_of(variant.mode).options
+                else {}
+            ),
         )
         return predict(cfg, device=device)
 
@@ -289,7 +293,7 @@ def attention_pairs(variant: Variant, shape: LayerShape, rank: int) -> int:
     """(query, key) pairs this rank's attention visits per head and sequence (causal)."""
     from lss_megatron.layout import attended_pairs
 
-    if variant.mode in ("lss", "ring"):
+    if mode_of(variant.mode).costs.local_queries:  # l/N queries against all keys
         return attended_pairs(shape.seq_length, rank, shape.n, True, variant.layout)
     return attended_pairs(shape.seq_length, 0, 1, True)  # all l queries on this rank's heads
 

@@ -27,9 +27,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from lss_megatron.modes import REFERENCE
 from lss_megatron.resources import prog
 
+from . import plotting
 from .fitsearch import longest_fitting
+from .plotting import context
 from .tables import config_from_row, load_costmodel, read_summary, setting_label
 
 MAX_SEQ_LENGTH = 1 << 24
@@ -86,7 +89,7 @@ def strong_scaling_data(df: pd.DataFrame) -> pd.DataFrame:
     """
     ok = _ok(df)
     out = _best_layout(ok, "step_time_s", ["mode", "setting", "seq_length", "world_size"], True)
-    t1 = ok[(ok["mode"] == "serial") & (ok["world_size"] == 1)]
+    t1 = ok[(ok["mode"] == REFERENCE) & (ok["world_size"] == 1)]
     t1 = t1.groupby(["setting", "seq_length"])["step_time_s"].median().rename("t1")
     out = out.join(t1, on=["setting", "seq_length"])
     out["speedup"] = out.pop("t1") / out["step_time_s"]
@@ -113,7 +116,7 @@ def weak_efficiency_data(df: pd.DataFrame) -> pd.DataFrame:
     ]
     med = ok.groupby(keys)[["step_time_s", "model_flops_per_step"]].median().reset_index()
     med["achieved_flops_per_s"] = med["model_flops_per_step"] / med["step_time_s"]
-    ref = med[(med["mode"] == "serial") & (med["seq_parallel"] == 1)]
+    ref = med[(med["mode"] == REFERENCE) & (med["seq_parallel"] == 1)]
     ref = ref[
         ["setting", "data_parallel", "seq_length", "step_time_s", "achieved_flops_per_s"]
     ].rename(
@@ -122,7 +125,7 @@ def weak_efficiency_data(df: pd.DataFrame) -> pd.DataFrame:
     on = ["setting", "data_parallel", "base_length"]
     out = med.merge(ref, on=on, how="inner")
     scaled = out[out["seq_parallel"] > 1][on].drop_duplicates()
-    refs = out[(out["mode"] == "serial") & (out["world_size"] == out["data_parallel"])]
+    refs = out[(out["mode"] == REFERENCE) & (out["world_size"] == out["data_parallel"])]
     out = pd.concat([out[out["seq_parallel"] > 1], refs.merge(scaled, on=on)])
     out["time_efficiency"] = out["t1"] / out["step_time_s"]
     out["flops_efficiency"] = (out["achieved_flops_per_s"] / out["world_size"]) / (
@@ -232,6 +235,72 @@ def longest_sequence_data(
     return pd.DataFrame(rows, columns=cols)
 
 
+def overview_data(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per run configuration (variant, setting, N, D, l; repeats folded): group (the
+    layout, and l when the table has several), label (the variant), mode (the trainer's: the
+    colour), option (the variant's option beyond its mode, ``zigzag``, ``zero1``, ...), setting,
+    style (option and setting: the hatch; empty for the plain configuration), step_time_s (median
+    over repeats), step_time_s_min / step_time_s_max (the repeats' spread: summary.csv's columns
+    where it has them), repeats, activation_bytes, sp_comm_bytes (rank 0's, per micro-batch /
+    per step). Sorted by group (l, P, N), then mode, style and label."""
+    ok = _ok(df)
+    cols = [
+        "group",
+        "label",
+        "mode",
+        "option",
+        "setting",
+        "style",
+        "seq_parallel",
+        "data_parallel",
+        "world_size",
+        "seq_length",
+        "step_time_s",
+        "step_time_s_min",
+        "step_time_s_max",
+        "repeats",
+        "activation_bytes",
+        "sp_comm_bytes",
+    ]
+    if ok.empty:
+        return pd.DataFrame(columns=cols)
+    ok = ok.assign(
+        label=ok["mode"],
+        mode=ok.get("trainer_mode", ok["mode"]),
+        lo=ok.get("step_time_s_min", ok["step_time_s"]),
+        hi=ok.get("step_time_s_max", ok["step_time_s"]),
+        n_rep=ok["repeats"] if "repeats" in ok else 1,
+    )
+    keys = ["label", "mode", "setting", "seq_parallel", "data_parallel", "world_size", "seq_length"]
+    g = ok.groupby(keys, dropna=False)
+    out = g[["step_time_s", "activation_bytes", "sp_comm_bytes"]].median()
+    out["step_time_s_min"] = g["lo"].min()
+    out["step_time_s_max"] = g["hi"].max()
+    out["repeats"] = g["n_rep"].sum()
+    out = out.reset_index()
+    out["option"] = [
+        label.removeprefix(f"{mode}-") if label != mode else ""
+        for label, mode in zip(out["label"], out["mode"], strict=True)
+    ]
+    out["style"] = [
+        ", ".join(x for x in (option, "" if setting == "flash" else setting) if x)
+        for option, setting in zip(out["option"], out["setting"], strict=True)
+    ]
+    several = out["seq_length"].nunique() > 1
+    out["group"] = [
+        f"N{n} x D{d}" + (f"\nl={length}" if several else "")
+        for n, d, length in zip(
+            out["seq_parallel"], out["data_parallel"], out["seq_length"], strict=True
+        )
+    ]
+    mode_rank = {m: i for i, m in enumerate(plotting.MODE_COLOURS)}
+    out["_mode"] = out["mode"].map(lambda m: mode_rank.get(m, len(mode_rank)))
+    out = out.sort_values(
+        ["seq_length", "world_size", "seq_parallel", "_mode", "style", "label"], kind="stable"
+    )
+    return out[cols].reset_index(drop=True)
+
+
 def throughput_data(df: pd.DataFrame) -> pd.DataFrame:
     """mode, setting, seq_length, world_size, seq_parallel, data_parallel, tokens_per_s,
     tokens_per_s_per_rank, achieved_flops_per_s (best layout per mode, setting, l, P)."""
@@ -250,48 +319,15 @@ def throughput_data(df: pd.DataFrame) -> pd.DataFrame:
 # markers and dashed lines modelled (cost model, or a fit extrapolated from measurements); an
 # axis is logarithmic only where its values span more than `LOG_SPAN`; times in ms, bytes in
 # KiB/MiB/GiB; the title names the preset and the machine (`context`).
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-MODE_COLOURS = {
-    "serial": "tab:gray",
-    "lss": "tab:blue",
-    "nvidia-sp": "tab:red",
-    "ulysses": "tab:purple",
-}
-VARIANT_COLOURS = (
-    "tab:green",
-    "tab:orange",
-    "tab:brown",
-    "tab:pink",
-    "tab:olive",
-    "tab:cyan",
-    "black",
-    "gold",
-)
-"""Colours of the other variants (lss-zigzag, lss-kv4, ...), in label order."""
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "h", "<")
 """Markers of the sequence lengths (or N), in increasing order."""
-LOG_SPAN = 30.0
-"""An axis turns logarithmic when its largest value exceeds its smallest by more than this."""
 
 
 class Palette:
     """Colour per mode and marker per value (sequence length, or N), fixed for one figure."""
 
     def __init__(self, modes, values):
-        modes = sorted(set(modes))
-        others = [m for m in modes if m not in MODE_COLOURS]
-        self.colours = {
-            m: MODE_COLOURS.get(m) or VARIANT_COLOURS[others.index(m) % len(VARIANT_COLOURS)]
-            for m in modes
-        }
+        self.colours = plotting.shades(modes)  # the mode's colour; its variants in its tones
         self.values = sorted(set(values))
         self.markers = {v: MARKERS[i % len(MARKERS)] for i, v in enumerate(self.values)}
 
@@ -354,43 +390,6 @@ class Palette:
         )
 
 
-def _scale(ax, axis: str, values, base: int = 10) -> None:
-    """Logarithmic only when the positive values span more than `LOG_SPAN`; integer ticks on a
-    rank axis."""
-    from matplotlib.ticker import ScalarFormatter
-
-    v = np.asarray([x for x in np.ravel(values) if np.isfinite(x) and x > 0], dtype=float)
-    if v.size and v.max() / v.min() > LOG_SPAN:
-        (ax.set_xscale if axis == "x" else ax.set_yscale)("log", base=base)
-    if axis == "x" and base == 2 and v.size:  # ranks: ticks at the measured P
-        ax.set_xticks(sorted(set(v.astype(int))))
-        ax.xaxis.set_major_formatter(ScalarFormatter())
-        ax.xaxis.set_minor_locator(_pyplot().NullLocator())
-
-
-def _bytes_unit(values) -> tuple[float, str]:
-    """(divisor, unit) so that the largest value reads between 1 and 1024."""
-    top = np.nanmax(np.asarray(values, dtype=float)) if len(values) else 0.0
-    for div, unit in ((2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB")):
-        if top >= div:
-            return float(div), unit
-    return 1.0, "B"
-
-
-def context(df: pd.DataFrame) -> str:
-    """ "preset X · machine Y" of the ok runs (from the ``preset`` and ``machine`` columns)."""
-    ok = df[df["status"] == "ok"] if "status" in df else df
-
-    def names(column: str) -> str:
-        if column not in ok:
-            return ""
-        values = sorted({str(x) for x in ok[column].dropna() if str(x)})
-        return ", ".join(values)
-
-    preset = names("preset") or "preset not recorded"
-    return f"preset {preset} · {names('machine') or 'machine not recorded'}"
-
-
 def on_gpu(df: pd.DataFrame) -> bool:
     """Whether every ok run recorded a CUDA machine (``machine`` column from config.json)."""
     ok = df[df["status"] == "ok"] if "status" in df else df
@@ -409,30 +408,12 @@ def _labelled(data: pd.DataFrame) -> pd.DataFrame:
     )
 
 
-def _save(fig, stem: Path) -> list[Path]:
-    paths = [stem.with_suffix(".png"), stem.with_suffix(".pdf")]
-    fig.tight_layout()
-    for path in paths:
-        fig.savefig(path, dpi=120, bbox_inches="tight")
-    _pyplot().close(fig)
-    return paths
-
-
-def _empty(ax, why: str) -> None:
-    ax.text(0.5, 0.5, why, ha="center", va="center", transform=ax.transAxes, wrap=True)
-    ax.set_axis_off()
-
-
-def _title(fig, title: str, ctx: str) -> None:
-    fig.suptitle(f"{title}\n{ctx}" if ctx else title, fontsize=10)
-
-
 def plot_strong_scaling(data: pd.DataFrame, stem: Path, ctx: str = "") -> list[Path]:
     data = _labelled(data)
-    plt = _pyplot()
+    plt = plotting.pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     if data.empty:
-        _empty(left, "no runs")
+        plotting.empty(left, "no runs")
     else:
         pal = Palette(data["mode"], data["seq_length"])
         for (mode, length), g in data.groupby(["mode", "seq_length"]):
@@ -447,25 +428,27 @@ def plot_strong_scaling(data: pd.DataFrame, stem: Path, ctx: str = "") -> list[P
         ):
             ax.set_xlabel("ranks P")
             ax.set_ylabel(ylabel)
-            _scale(ax, "x", data["world_size"], base=2)
-            _scale(ax, "y", values)
+            plotting.scale(ax, "x", data["world_size"], base=2)
+            plotting.scale(ax, "y", values)
             ax.grid(alpha=0.3)
         pal.legend(right, "l")
-    _title(fig, "Strong scaling (T_1: serial on one rank at the same l)", ctx)
-    return _save(fig, stem)
+    plotting.title(fig, "Strong scaling (T_1: serial on one rank at the same l)", ctx)
+    return plotting.save(fig, stem)
 
 
 def plot_weak_efficiency(data: pd.DataFrame, stem: Path, ctx: str = "") -> list[Path]:
     data = _labelled(data)
-    plt = _pyplot()
+    plt = plotting.pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     if data.empty:
-        _empty(axes[0], "no weak-scaling pairs (l / N = a base length with a serial reference)")
+        plotting.empty(
+            axes[0], "no weak-scaling pairs (l / N = a base length with a serial reference)"
+        )
     else:
         pal = Palette(data["mode"], data["base_length"])
         for (mode, base), g in data.groupby(["mode", "base_length"]):
             kw = pal.style(mode, base)
-            if mode.split(" [")[0] == "serial":  # the label: mode [setting]
+            if mode.split(" [")[0] == REFERENCE:  # the label: mode [setting]
                 kw["linestyle"] = "none"  # the reference point(s), efficiency 1
             axes[0].plot(g["world_size"], g["time_efficiency"], **kw)
             axes[1].plot(g["world_size"], g["flops_efficiency"], **kw)
@@ -473,14 +456,14 @@ def plot_weak_efficiency(data: pd.DataFrame, stem: Path, ctx: str = "") -> list[
             axes, ("time: T_1 / T_P", "FLOP rate per rank / reference's"), strict=True
         ):
             ax.axhline(1.0, color="k", linestyle=":", linewidth=1)
-            _scale(ax, "x", data["world_size"], base=2)
+            plotting.scale(ax, "x", data["world_size"], base=2)
             ax.set_xlabel("ranks P")
             ax.set_title(what, fontsize=9)
             ax.grid(alpha=0.3)
         axes[0].set_ylabel("parallel efficiency")
         pal.legend(axes[1], "l/N")
-    _title(fig, "Weak scaling (l proportional to N; reference: serial at l/N)", ctx)
-    return _save(fig, stem)
+    plotting.title(fig, "Weak scaling (l proportional to N; reference: serial at l/N)", ctx)
+    return plotting.save(fig, stem)
 
 
 def _memory_panel(ax, data: pd.DataFrame, pal: Palette, column: str, div: float) -> None:
@@ -497,13 +480,13 @@ def plot_memory(data: pd.DataFrame, stem: Path, ctx: str = "", gpu: bool = False
     """Activations and activations + state per rank; peak memory only on GPU (on CPU it is the
     process RSS, mostly the imported libraries, and says nothing about the method)."""
     data = _labelled(data)
-    plt = _pyplot()
+    plt = plotting.pyplot()
     panels = 3 if gpu else 2
     fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4))
     if data.empty:
-        _empty(axes[0], "no runs")
-        _title(fig, "Memory per rank", ctx)
-        return _save(fig, stem)
+        plotting.empty(axes[0], "no runs")
+        plotting.title(fig, "Memory per rank", ctx)
+        return plotting.save(fig, stem)
     data = data.assign(total_bytes=data["activation_bytes"] + data["state_bytes"])
     pal = Palette(data["mode"], data["seq_parallel"])
     columns = [
@@ -513,65 +496,175 @@ def plot_memory(data: pd.DataFrame, stem: Path, ctx: str = "", gpu: bool = False
     if gpu:
         columns.append(("peak_mem_bytes", "peak allocated GPU memory"))
     for ax, (column, label) in zip(axes, columns, strict=True):
-        div, unit = _bytes_unit(data[column])
+        div, unit = plotting.bytes_unit(data[column])
         _memory_panel(ax, data, pal, column, div)
         ax.set_xlabel("sequence length l")
         ax.set_ylabel(f"{label} [{unit}]", fontsize=8)
-        _scale(ax, "x", data["seq_length"], base=2)
-        _scale(ax, "y", data[column])
+        plotting.scale(ax, "x", data["seq_length"], base=2)
+        plotting.scale(ax, "y", data[column])
         ax.grid(alpha=0.3)
     modelled = data.get("predicted_activation_bytes")
     pal.legend(
         axes[-1], "N", "cost model" if modelled is not None and modelled.notna().any() else None
     )
     note = "" if gpu else "; CPU: peak RSS (mostly imports) not drawn"
-    _title(fig, f"Memory per rank (rank 0; activations of one micro-batch{note})", ctx)
-    return _save(fig, stem)
+    plotting.title(fig, f"Memory per rank (rank 0; activations of one micro-batch{note})", ctx)
+    return plotting.save(fig, stem)
 
 
 def plot_longest_sequence(data: pd.DataFrame, stem: Path, ctx: str = "") -> list[Path]:
     """Every point here is modelled (cost model, or a fit to measured lengths): hollow, dashed."""
     data = _labelled(data)
-    plt = _pyplot()
+    plt = plotting.pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 4))
     if data.empty:
-        _empty(ax, "needs two sequence lengths per layout (or analysis.costmodel)")
-        _title(fig, "Longest trainable sequence", ctx)
-        return _save(fig, stem)
+        plotting.empty(ax, "needs two sequence lengths per layout (or analysis.costmodel)")
+        plotting.title(fig, "Longest trainable sequence", ctx)
+        return plotting.save(fig, stem)
     pal = Palette(data["mode"], data["seq_parallel"])
     for (mode, n), g in data.groupby(["mode", "seq_parallel"]):
         g = g.sort_values("world_size")
         ax.plot(g["world_size"], g["max_seq_length"], **pal.style(mode, n, modelled=True))
-    _scale(ax, "x", data["world_size"], base=2)
-    _scale(ax, "y", data["max_seq_length"], base=2)
+    plotting.scale(ax, "x", data["world_size"], base=2)
+    plotting.scale(ax, "y", data["max_seq_length"], base=2)
     ax.set_xlabel("ranks P")
     ax.set_ylabel("longest trainable sequence l")
     ax.grid(alpha=0.3)
     source = ", ".join(sorted(set(data["source"])))
     pal.legend(ax, "N", f"modelled ({source})", measured=False)
     budget = data["budget_bytes"].iloc[0] / 2**30
-    _title(fig, f"Longest sequence under {budget:.3g} GiB per rank (modelled: {source})", ctx)
-    return _save(fig, stem)
+    plotting.title(
+        fig, f"Longest sequence under {budget:.3g} GiB per rank (modelled: {source})", ctx
+    )
+    return plotting.save(fig, stem)
 
 
 def plot_throughput(data: pd.DataFrame, stem: Path, ctx: str = "") -> list[Path]:
     data = _labelled(data)
-    plt = _pyplot()
+    plt = plotting.pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 4))
     if data.empty:
-        _empty(ax, "no runs")
+        plotting.empty(ax, "no runs")
     else:
         pal = Palette(data["mode"], data["seq_length"])
         for (mode, length), g in data.groupby(["mode", "seq_length"]):
             ax.plot(g["world_size"], g["tokens_per_s"], **pal.style(mode, length))
-        _scale(ax, "x", data["world_size"], base=2)
-        _scale(ax, "y", data["tokens_per_s"])
+        plotting.scale(ax, "x", data["world_size"], base=2)
+        plotting.scale(ax, "y", data["tokens_per_s"])
         ax.set_xlabel("ranks P")
         ax.set_ylabel("tokens / s (global batch)")
         ax.grid(alpha=0.3)
         pal.legend(ax, "l")
-    _title(fig, "Throughput", ctx)
-    return _save(fig, stem)
+    plotting.title(fig, "Throughput", ctx)
+    return plotting.save(fig, stem)
+
+
+def _bar_positions(groups: list[str], gap: float = 0.8) -> tuple[np.ndarray, dict]:
+    """x of each bar (a gap between layout groups) and each group's (first, last) x."""
+    xs, spans, x = [], {}, 0.0
+    for i, group in enumerate(groups):
+        if i and group != groups[i - 1]:
+            x += gap
+        xs.append(x)
+        first, _ = spans.get(group, (x, x))
+        spans[group] = (first, x)
+        x += 1.0
+    return np.asarray(xs), spans
+
+
+def plot_overview(data: pd.DataFrame, stem: Path, ctx: str = "") -> list[Path]:
+    """Three panels, one bar per run configuration, grouped by layout: step time (the repeats'
+    min-max as error bars), bytes saved for backward per rank, sequence-parallel bytes per step.
+    Colour = mode (`plotting.MODE_COLOURS`), hatch = option / kernel / recompute / dtype."""
+    from matplotlib.patches import Patch
+    from matplotlib.transforms import blended_transform_factory
+
+    plt = plotting.pyplot()
+    what = "Overview: every run configuration (colour = mode, hatch = option / kernel / recompute)"
+    if data.empty:
+        fig, ax = plt.subplots(figsize=(8, 3))
+        plotting.empty(ax, "no runs")
+        plotting.title(fig, what, ctx)
+        return plotting.save(fig, stem)
+    x, spans = _bar_positions(list(data["group"]))
+    styles = list(dict.fromkeys(sorted(data["style"], key=lambda s: (s != "", s))))
+    hatch = {s: plotting.HATCHES[i % len(plotting.HATCHES)] for i, s in enumerate(styles)}
+    colours = [plotting.mode_colour(m) for m in data["mode"]]
+    hatches = [hatch[s] for s in data["style"]]
+    width = max(8.0, 0.42 * len(data) + 0.5 * len(spans) + 3.5)
+    fig, axes = plt.subplots(3, 1, figsize=(width, 9.5), sharex=True)
+    k = data["repeats"].astype(float)
+    med = data["step_time_s"] * 1e3
+    err = np.vstack(
+        [
+            (med - data["step_time_s_min"] * 1e3).clip(lower=0),
+            (data["step_time_s_max"] * 1e3 - med).clip(lower=0),
+        ]
+    )
+    err[:, (k < 2).to_numpy()] = 0.0
+    kmin, kmax = int(k.min()), int(k.max())
+    reps = f"{kmin}" if kmin == kmax else f"{kmin}-{kmax}"
+    panels = [
+        (med, None, f"step time [ms]\n(median; bars: min-max of {reps} repeats)"),
+        (data["activation_bytes"], "bytes", "bytes saved for backward\nper rank (rank 0)"),
+        (data["sp_comm_bytes"], "bytes", "sequence-parallel bytes\nper step (rank 0)"),
+    ]
+    for ax, (values, kind, label) in zip(axes, panels, strict=True):
+        values = values.astype(float)
+        div, unit = plotting.bytes_unit(values) if kind == "bytes" else (1.0, "")
+        heights = values / div
+        ax.bar(
+            x,
+            heights,
+            width=0.8,
+            color=colours,
+            hatch=hatches,
+            edgecolor="black",
+            linewidth=0.5,
+            yerr=err if kind is None and err.any() else None,
+            capsize=3,
+            error_kw={"elinewidth": 1.0, "ecolor": "black"},
+        )
+        for xi, h in zip(x, heights, strict=True):
+            if h == 0:  # a zero bar is invisible: say it
+                ax.text(xi, 0, "0", ha="center", va="bottom", fontsize=7)
+        ax.set_ylabel(label + (f" [{unit}]" if unit else ""), fontsize=8)
+        plotting.scale(ax, "y", heights)
+        if ax.get_yscale() == "linear":
+            ax.set_ylim(bottom=0)
+        ax.grid(axis="y", alpha=0.3)
+        for first, _ in list(spans.values())[1:]:
+            ax.axvline(first - 0.9, color="gray", linewidth=0.8, linestyle=":")
+    top = axes[0]
+    trans = blended_transform_factory(top.transData, top.transAxes)
+    for group, (first, last) in spans.items():
+        top.text(
+            (first + last) / 2, 1.02, group, transform=trans, ha="center", va="bottom", fontsize=8
+        )
+    bottom = axes[-1]
+    bottom.set_xticks(x)
+    bottom.set_xticklabels(
+        [
+            f"{label} [{setting}]" if setting != "flash" else label
+            for label, setting in zip(data["label"], data["setting"], strict=True)
+        ],
+        rotation=60,
+        ha="right",
+        fontsize=8,
+    )
+    handles = [
+        Patch(facecolor=plotting.mode_colour(m), edgecolor="black", label=m)
+        for m in dict.fromkeys(data["mode"])
+    ]
+    handles += [
+        Patch(facecolor="white", edgecolor="black", hatch=hatch[s], label=s or "plain (flash)")
+        for s in styles
+    ]
+    top.legend(
+        handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0
+    )
+    plotting.title(fig, what, ctx)
+    return plotting.save(fig, stem)
 
 
 FIGURES: dict[str, tuple[Callable[..., pd.DataFrame], Callable[..., list[Path]]]] = {
@@ -580,7 +673,11 @@ FIGURES: dict[str, tuple[Callable[..., pd.DataFrame], Callable[..., list[Path]]]
     "memory": (memory_data, plot_memory),
     "longest_sequence": (longest_sequence_data, plot_longest_sequence),
     "throughput": (throughput_data, plot_throughput),
+    "overview": (overview_data, plot_overview),
 }
+PER_LENGTH = ("memory",)
+"""Figures whose x axis is the sequence length: drawn only for tables with several lengths (the
+overview shows one length's bytes)."""
 
 
 def make_figures(
@@ -591,7 +688,11 @@ def make_figures(
     out.mkdir(parents=True, exist_ok=True)
     paths: list[Path] = []
     ctx = context(df)
+    ok = df[df["status"] == "ok"] if "status" in df else df
+    one_length = ok["seq_length"].nunique() == 1
     for name, (data_fn, plot_fn) in FIGURES.items():
+        if name in PER_LENGTH and one_length:
+            continue
         if name == "longest_sequence":
             data = data_fn(df, budget_bytes, source)
         else:

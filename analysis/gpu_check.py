@@ -62,6 +62,8 @@ from pathlib import Path
 
 import torch
 
+from lss_megatron.modes import METHOD, REFERENCE
+
 from .timing import KERNEL_OPS, kernels_seen, pinned_sdpa, sm_clock_mhz, sync, time_reps
 
 __all__ = ["KERNEL_OPS", "kernels_seen"]
@@ -543,14 +545,14 @@ def trainer_run(mode: str, out: Path, size: str, timeout_s: float) -> dict:
 def trainer_checks(out_dir: Path, size: str) -> tuple[dict, list[str]]:
     runs = {
         mode: trainer_run(mode, out_dir / "train" / mode, size, timeout_s=240)
-        for mode in ("serial", "lss")
+        for mode in (REFERENCE, METHOD)
     }
     failures = [f"trainer {m}: exit {r['exit_code']}" for m, r in runs.items() if r["exit_code"]]
     if not failures:
         for mode, r in runs.items():
             if not all(math.isfinite(row["loss"]) for row in r["rows"]):
                 failures.append(f"trainer {mode}: a non-finite loss")
-        a, b = (runs[m]["rows"][0]["loss"] for m in ("serial", "lss"))
+        a, b = (runs[m]["rows"][0]["loss"] for m in (REFERENCE, METHOD))
         runs["step1_loss_difference"] = abs(a - b)
         if abs(a - b) > 2e-2:  # bf16 (3 significant digits), different attention kernels
             failures.append(f"trainer: step-1 loss serial {a} vs lss {b} differ by > 2e-2")

@@ -37,6 +37,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from lss_megatron.config import ConfigError
+from lss_megatron.modes import get_mode
 from lss_megatron.resources import prog
 
 from .fitsearch import longest_fitting
@@ -340,7 +341,7 @@ def plan(args: argparse.Namespace, trainer: tuple[str, ...]) -> tuple[list[Searc
 def longest_row(
     search: Search, length: int, rec: dict | None, budget: int, granularity: int, runs: int
 ) -> dict:
-    t = search.seq_parallel if search.mode == "nvidia-sp" else 1
+    t = get_mode(search.mode).tensor_parallel(search.seq_parallel)
     return {
         "mode": search.mode,
         "seq_parallel": search.seq_parallel,
@@ -432,14 +433,14 @@ def _main(argv: list[str] | None) -> int:
 
 def plot_longest(rows: list[dict], stem: Path, budget: int) -> list[Path]:
     """Longest l vs P, one colour per mode (measured: every point is a run that fitted)."""
-    from .figures import MODE_COLOURS, _pyplot, _save
+    from .plotting import mode_colour, pyplot, save
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for mode in MODES:
         pts = sorted((r["world_size"], r["longest_seq_length"]) for r in rows if r["mode"] == mode)
         if pts:
-            ax.plot(*zip(*pts, strict=True), marker="o", color=MODE_COLOURS.get(mode), label=mode)
+            ax.plot(*zip(*pts, strict=True), marker="o", color=mode_colour(mode), label=mode)
     ax.set_xlabel("ranks P")
     ax.set_ylabel("longest sequence length l (tokens)")
     ax.set_xticks(sorted({r["world_size"] for r in rows}))
@@ -448,9 +449,7 @@ def plot_longest(rows: list[dict], stem: Path, budget: int) -> list[Path]:
     ax.set_title(f"Longest l within {budget / MiB:,.0f} MiB per rank (measured, CPU)", fontsize=10)
     ax.grid(alpha=0.3)
     stem.parent.mkdir(parents=True, exist_ok=True)
-    paths = _save(fig, stem)
-    plt.close(fig)
-    return paths
+    return save(fig, stem)
 
 
 if __name__ == "__main__":

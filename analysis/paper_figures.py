@@ -35,8 +35,8 @@ import pandas as pd
 from lss_megatron.resources import prog
 
 from . import tables
-from .figures import MODE_COLOURS, _pyplot, _save, context
 from .inputs import cli, read_csv_table
+from .plotting import MODE_COLOURS, context, mode_colour, pyplot, save, shade
 
 ASSUMPTIONS = ("paper-2023", "modern")
 MODELLED_STYLE = {"paper-2023": "--", "modern": ":"}
@@ -111,7 +111,7 @@ def _modelled_by_mode(ax, series: dict, key: str, x: str, y: str, scale: float =
                 g[x],
                 g[y] * scale,
                 label=label,
-                **_hollow(MODE_COLOURS.get(mode, "black"), MODELLED_STYLE[a]),
+                **_hollow(mode_colour(mode), MODELLED_STYLE[a]),
             )
 
 
@@ -158,7 +158,7 @@ def _weak(df: pd.DataFrame | None) -> pd.DataFrame:
 
 # --- the five figures ----------------------------------------------------------------------------
 def fig_speedup(measured: dict, series: dict, claims: dict, stem: Path) -> list[Path]:
-    plt = _pyplot()
+    plt = pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     df = _equal_ranks(measured.get("summary"))
     best = tables.best_layouts(df) if df is not None else pd.DataFrame()
@@ -172,7 +172,7 @@ def fig_speedup(measured: dict, series: dict, claims: dict, stem: Path) -> list[
                 g["world_size"],
                 g["speedup_vs_nvidia_sp_best"],
                 marker="o",
-                color=MODE_COLOURS.get(mode),
+                color=mode_colour(mode),
                 label=f"{mode} ({setting}), l={length}",
             )
             for _, r in g.iterrows():
@@ -199,7 +199,7 @@ def fig_speedup(measured: dict, series: dict, claims: dict, stem: Path) -> list[
                 g["ranks"],
                 g["speedup_per_iteration"],
                 label=f"{a}: LSS N=P vs SP t={t}",
-                **_hollow("tab:blue" if t == 6 else "tab:cyan", MODELLED_STYLE[a]),
+                **_hollow(shade(MODE_COLOURS["lss"], 0 if t == 6 else 2), MODELLED_STYLE[a]),
             )
     c = claims["speedup"]
     _claim(right, c["ranks"], c["value"], f"paper: {c['value']}x")
@@ -213,11 +213,11 @@ def fig_speedup(measured: dict, series: dict, claims: dict, stem: Path) -> list[
         log_x=True,
     )
     fig.suptitle("Per-iteration speedup of LSS over head-capped NVIDIA SP", fontsize=10)
-    return _save(fig, stem)
+    return save(fig, stem)
 
 
 def fig_memory(measured: dict, series: dict, claims: dict, stem: Path) -> list[Path]:
-    plt = _pyplot()
+    plt = pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     s = measured.get("searches")
     if s is None or s.empty:
@@ -230,7 +230,7 @@ def fig_memory(measured: dict, series: dict, claims: dict, stem: Path) -> list[P
                 g["seq_length"],
                 g["rank_bytes_max"] / 2**20,
                 marker="o",
-                color=MODE_COLOURS.get(mode),
+                color=mode_colour(mode),
                 label=f"{mode} P={p} ({rec})",
                 linestyle="-" if rec == "none" else "-.",
             )
@@ -251,11 +251,11 @@ def fig_memory(measured: dict, series: dict, claims: dict, stem: Path) -> list[P
         f"modelled: Summit V100 (paper: {c['value']}x less memory at 144 GPUs)",
     )
     fig.suptitle("Memory per rank vs sequence length", fontsize=10)
-    return _save(fig, stem)
+    return save(fig, stem)
 
 
 def fig_longest(measured: dict, series: dict, claims: dict, stem: Path) -> list[Path]:
-    plt = _pyplot()
+    plt = pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     lg = measured.get("longest")
     if lg is None or lg.empty:
@@ -267,7 +267,7 @@ def fig_longest(measured: dict, series: dict, claims: dict, stem: Path) -> list[
                 g["world_size"],
                 g["longest_seq_length"],
                 marker="o",
-                color=MODE_COLOURS.get(mode),
+                color=mode_colour(mode),
                 label=mode,
             )
         left.set_xticks(sorted(lg["world_size"].unique()))
@@ -285,7 +285,7 @@ def fig_longest(measured: dict, series: dict, claims: dict, stem: Path) -> list[
     _claim(right, c["ranks"], c["value"], f"paper: l = {c['value']:,.0f}")
     _finish(right, "GPUs", "longest l (modelled, 16 GB)", "modelled: Summit V100", log_x=True)
     fig.suptitle("Longest sequence vs ranks", fontsize=10)
-    return _save(fig, stem)
+    return save(fig, stem)
 
 
 def _vs_ranks(
@@ -301,7 +301,7 @@ def _vs_ranks(
     ylabel: str,
     title: str,
 ) -> list[Path]:
-    plt = _pyplot()
+    plt = pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     df = measured.get("summary")
     weak = _weak(df)
@@ -315,7 +315,7 @@ def _vs_ranks(
                 g["world_size"],
                 g[column] * scale,
                 marker="o",
-                color=MODE_COLOURS.get(mode),
+                color=mode_colour(mode),
                 label=mode,
             )
         left.set_xticks(sorted(weak["world_size"].unique()))
@@ -328,7 +328,7 @@ def _vs_ranks(
             m["ranks"],
             m[model_column] * scale,
             label=f"{a}: LSS",
-            **_hollow("tab:blue", MODELLED_STYLE[a]),
+            **_hollow(MODE_COLOURS["lss"], MODELLED_STYLE[a]),
         )
     c = claims[key if key != "weak_scaling" else "efficiency"]
     _claim(right, c["ranks"], c["value"], f"paper: {c['value']:g} {c['unit']}")
@@ -340,7 +340,7 @@ def _vs_ranks(
         log_x=True,
     )
     fig.suptitle(title, fontsize=10)
-    return _save(fig, stem)
+    return save(fig, stem)
 
 
 def fig_weak(measured: dict, series: dict, claims: dict, stem: Path) -> list[Path]:

@@ -36,6 +36,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from lss_megatron.modes import BASELINE, METHOD, REFERENCE
+
 SETTING_KEY = ("attention_kernel", "recompute", "dtype")
 """The kernel, recompute and precision a run used: ratios and efficiencies are only ever formed
 between runs that agree on all three (like for like), never across."""
@@ -285,7 +287,7 @@ def _lss_reference(df: pd.DataFrame, values: list[str] | None = None) -> pd.Data
     """Plain-LSS medians of `values` (default: those `_LSS_RATIOS` read) aligned with every row
     of `df` (NaN where there is none)."""
     values = values or list(dict.fromkeys(_LSS_RATIOS.values()))
-    ok = df[(df["status"] == "ok") & _plain(df, "lss")]
+    ok = df[(df["status"] == "ok") & _plain(df, METHOD)]
     ref = df[list(LAYOUT_KEY)].merge(
         _median_by(ok, LAYOUT_KEY, values), on=list(LAYOUT_KEY), how="left"
     )
@@ -297,7 +299,7 @@ def _nvidia_reference(df: pd.DataFrame, values: list[str] | None = None) -> pd.D
     """nvidia-sp medians of `values` (default: those `_RATIOS` read) aligned with every row of
     `df` (NaN where there is none)."""
     values = values or list(dict.fromkeys(_RATIOS.values()))
-    ok = df[(df["status"] == "ok") & _plain(df, "nvidia-sp")]
+    ok = df[(df["status"] == "ok") & _plain(df, BASELINE)]
     exact = _median_by(ok, LAYOUT_KEY, values)
     ref = df[list(LAYOUT_KEY)].merge(exact, on=list(LAYOUT_KEY), how="left")
     ref.index = df.index
@@ -307,7 +309,7 @@ def _nvidia_reference(df: pd.DataFrame, values: list[str] | None = None) -> pd.D
         lambda g: g[["seq_parallel", "data_parallel"]].drop_duplicates().shape[0] == 1
     )
     same_p = _median_by(unique, ["world_size", "seq_length", *MODEL_KEY], values)
-    serial = df["mode"] == "serial"
+    serial = df["mode"] == REFERENCE
     if serial.any() and not same_p.empty:
         keys = ["world_size", "seq_length", *MODEL_KEY]
         alt = df.loc[serial, keys].merge(same_p, on=keys, how="left")
@@ -320,7 +322,7 @@ def _efficiency_reference(df: pd.DataFrame, scaling: str, values: list[str]) -> 
     """The serial reference's medians of `values` aligned with every row of `df`, plus its
     ``ref_ranks``: strong, serial on one rank at the same l; weak, serial with N = 1 and the same
     D at the base length l / N."""
-    ok = df[(df["status"] == "ok") & (df["mode"] == "serial") & (df["seq_parallel"] == 1)]
+    ok = df[(df["status"] == "ok") & (df["mode"] == REFERENCE) & (df["seq_parallel"] == 1)]
     rows = df.copy()
     if scaling == "strong":
         keys = ["seq_length", *MODEL_KEY]
@@ -688,7 +690,7 @@ def best_layouts(df: pd.DataFrame) -> pd.DataFrame:
             }
         )
     out = pd.DataFrame(rows)
-    nsp = out[out["mode"] == "nvidia-sp"]
+    nsp = out[out["mode"] == BASELINE]
     keys = ["seq_length", "world_size", *MODEL_KEY]
     ref = out[keys].merge(
         nsp[[*keys, "step_time_s", "activation_bytes"]], on=keys, how="left", suffixes=("", "_nsp")

@@ -1,3 +1,5 @@
-"""The baselines LSS is compared with, at the top level where the design puts them. Their code is
-the modes' own (`lss_megatron/modes/`); these modules only re-export it, and nothing in
-lss_megatron imports them."""
+"""The baselines LSS is compared with, each one mode module (`lss_megatron.modes.base.Mode`):
+``nvidia_sp`` (Megatron TP + sequence_parallel) and ``ulysses`` (DeepSpeed-Ulysses; its core
+attention is ``ulysses_attention``). The registry (`lss_megatron.modes`) names them by dotted path
+and imports them lazily; nothing in the core imports them. Installed as ``lss_megatron.baselines``:
+import them by that name only."""

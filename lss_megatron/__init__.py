@@ -5,7 +5,7 @@ Public API (imported lazily, so `import lss_megatron` stays light). For a Megatr
 * `get_lss_layer_spec(*, causal=True, layout="contiguous", kv_chunks=1)`: Megatron's local GPT
   layer spec with `LSSCoreAttention` as its core attention (layout and K/V chunking are spec
   parameters);
-* `prepare_lss_model(model, *, layout="contiguous")`: once, on the built `GPTModel`, on every rank
+* `prepare_lss_model(model)`: once, on the built `GPTModel`, on every rank
   of the context-parallel group: checks the model and makes its positions exact for the layout
   (feed batches cut by that layout, with GLOBAL position ids; README "In Megatron-Core");
 * on machines without CUDA, call `lss_megatron.compat.cpu.apply()` before building the model.

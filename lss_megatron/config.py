@@ -9,8 +9,9 @@ Three dataclasses, one per concern, and `RunConfig` that holds them:
 Each field carries its command-line flag in its metadata (`_opt`: help, choices, flag name), so
 the trainer's CLI is derived from these classes (train.py) and each option is described once.
 
-`MODE_RULES` says, per parallel mode, which Megatron group has the degree N and which models the
-mode cannot run (the per-mode limits). `RunConfig.validate()` checks everything that can be
+What differs between the parallel modes (which Megatron group has the degree N, which models and
+options a mode refuses) each mode declares in its own module (`lss_megatron.modes`, the
+registry); this module asks it. `RunConfig.validate()` checks everything that can be
 checked without torch or a process group and raises `ConfigError` naming every offending value
 at once. This module imports nothing heavy, so a bad command line fails within a fraction of a
 second.
@@ -22,12 +23,15 @@ import dataclasses
 import importlib.util
 import math
 import os
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .data import DATASETS, check_data_config
 from .layout import LAYOUTS
+from .modes import MODES, find_mode, get_mode, modes_accepting
+from .modes.base import Mode, tensor_parallel_problems
+
+__all__ = ["MODES", "tensor_parallel_problems"]  # the registry's, re-exported for callers
 
 POSITION_EMBEDDINGS = ("learned", "rope")
 OPTIMIZERS = ("sgd", "adamw")
@@ -180,109 +184,6 @@ class ModelConfig:
         return p
 
 
-# --- the parallel modes: degrees and limits (the torch side of each is modes/<name>.py) --------
-def tensor_parallel_problems(
-    model: ModelConfig, t: int, who: str, degree: str, hint: str = ""
-) -> list[str]:
-    """Megatron's tensor parallelism of degree `t` splits attention heads, key/value heads, the
-    MLP and the (padded) vocabulary `t` ways. `who` and `degree` name the flags in messages."""
-    p = [
-        f"{who}: {flag} {value} is not divisible by {degree} = {t}{hint}"
-        for flag, value in (("--num-heads", model.num_heads), ("--num-kv-heads", model.kv_heads))
-        if value % t
-    ]
-    if model.ffn_size % t:
-        p.append(f"{who}: --ffn-hidden-size {model.ffn_size} is not divisible by {degree} = {t}")
-    if model.padded_vocab_size % t:
-        p.append(
-            f"{who}: the model vocabulary {model.padded_vocab_size} (--vocab-size "
-            f"{model.vocab_size}, --make-vocab-size-divisible-by "
-            f"{model.make_vocab_size_divisible_by}) is not divisible by {degree} = {t}: "
-            "Megatron-Core splits it over tensor-parallel ranks; pad it with "
-            "--make-vocab-size-divisible-by"
-        )
-    return p
-
-
-def _nvidia_sp_problems(model: ModelConfig, n: int) -> list[str]:
-    """Tensor parallelism of degree N splits attention heads, key/value heads, the MLP and the
-    vocabulary N ways, and sequence parallelism splits the sequence N ways."""
-    if n < 2:
-        return [
-            f"--mode nvidia-sp needs --seq-parallel N >= 2 (tensor parallelism of degree N), got "
-            f"{n}: with N = 1 Megatron runs without sequence parallelism, which would silently be "
-            "plain data parallelism; use --mode serial for that"
-        ]
-    hint = " (LSS splits only the sequence and has no such limit: try --mode lss)"
-    return tensor_parallel_problems(model, n, "--mode nvidia-sp", "N", hint)
-
-
-def _ulysses_problems(model: ModelConfig, n: int) -> list[str]:
-    """Ulysses turns a sequence segment of every head into the whole sequence of h/N heads with an
-    all-to-all, so the N ranks must split the query and key/value heads evenly (DeepSpeed's own
-    uneven-head path needs its global sequence-parallel groups and is not used here)."""
-    hint = "(Ulysses splits heads over the sequence group; LSS has no head cap: try --mode lss)"
-    if importlib.util.find_spec("deepspeed") is None:  # its DistributedAttention is the mode
-        return [
-            "--mode ulysses needs DeepSpeed (deepspeed.sequence.layer.DistributedAttention): "
-            "pip install 'lss-megatron[deepspeed]' (deepspeed==0.19.8, DS_BUILD_OPS=0)"
-        ]
-    return [
-        f"--mode ulysses: {flag} {value} is not divisible by N = {n} {hint}"
-        for flag, value in (("--num-heads", model.num_heads), ("--num-kv-heads", model.kv_heads))
-        if n >= 1 and value % n
-    ]
-
-
-def _no_problems(model: ModelConfig, n: int) -> list[str]:
-    return []
-
-
-@dataclass(frozen=True)
-class ModeRules:
-    """What a parallel mode asks of Megatron's groups for a degree N, and what it cannot run."""
-
-    name: str
-    degree_group: str | None
-    """The Megatron group of size N: ``context`` (the sequence group), ``tensor``, or None."""
-    sequence_parallel: bool = False
-    """Megatron's `sequence_parallel` flag (Korthikanti et al.)."""
-    problems: Callable[[ModelConfig, int], list[str]] = _no_problems
-    """(model config, N) -> messages for the configurations this mode cannot run."""
-    composes_with_tp: bool = False
-    """Runs with ``--tensor-parallel T > 1``: Megatron TP (with sequence_parallel) inside each
-    rank of its sequence group."""
-    documents: bool = False
-    """Honours ``--reset-attention-mask`` (attention within packed documents, lss/documents.py)."""
-
-    def tensor_parallel(self, n: int, t: int = 1) -> int:
-        return n if self.degree_group == "tensor" else t
-
-    def context_parallel(self, n: int) -> int:
-        return n if self.degree_group == "context" else 1
-
-
-MODE_RULES = {
-    r.name: r
-    for r in (
-        ModeRules("serial", None, documents=True),
-        ModeRules("lss", "context", composes_with_tp=True, documents=True),
-        ModeRules(
-            "nvidia-sp",
-            "tensor",
-            sequence_parallel=True,
-            problems=_nvidia_sp_problems,
-            documents=True,
-        ),
-        ModeRules("ulysses", "context", problems=_ulysses_problems, documents=True),
-    )
-}
-"""serial: N = 1, Megatron's stock attention, the reference; lss: LSS over a context-parallel
-(sequence) group of N, optionally with Megatron TP of degree T inside each sequence rank; nvidia-sp: Megatron tensor parallelism of degree N with
-``sequence_parallel``; ulysses: DeepSpeed-Ulysses on the same sequence group as LSS."""
-MODES = tuple(MODE_RULES)
-
-
 def parse_fault(spec: str) -> tuple[str, int, int] | None:
     """``KIND:RANK:STEP`` -> (kind, rank, step); None when `spec` is not of that form."""
     parts = spec.split(":")
@@ -338,8 +239,9 @@ class ParallelConfig:
         return self.world_size // model_parallel if model_parallel > 0 else 0
 
     @property
-    def rules(self) -> ModeRules:
-        return MODE_RULES[self.mode]
+    def rules(self) -> Mode:
+        """The mode's declaration (`lss_megatron.modes.get_mode`): degrees, limits, options."""
+        return get_mode(self.mode)
 
     @property
     def tensor_parallel_size(self) -> int:
@@ -367,21 +269,19 @@ class ParallelConfig:
         if self.tensor_parallel < 1:
             p.append(f"--tensor-parallel must be >= 1, got {self.tensor_parallel}")
             return p
-        if self.tensor_parallel > 1 and self.mode in MODES and not self.rules.composes_with_tp:
+        mode = find_mode(self.mode)  # None: unknown, named above
+        if mode is not None and self.tensor_parallel > 1 and not mode.composes_with_tp:
+            composing = " / ".join(m for m in MODES if get_mode(m).composes_with_tp)
             p.append(
-                f"--tensor-parallel {self.tensor_parallel} applies to --mode lss only, not "
-                f"{self.mode}"
+                f"--tensor-parallel {self.tensor_parallel} applies to --mode {composing} only, "
+                f"not {self.mode}"
                 + (
                     " (its tensor-parallel degree is --seq-parallel N)"
-                    if self.mode == "nvidia-sp"
+                    if mode.degree_group == "tensor"
                     else ""
                 )
             )
-        if self.mode == "serial" and self.seq_parallel != 1:
-            p.append(
-                f"--mode serial means no sequence parallelism (N = 1), got --seq-parallel "
-                f"{self.seq_parallel}; use --mode lss for N > 1"
-            )
+        p += mode.degree_problems(self.seq_parallel) if mode is not None else []
         n, t, d = self.seq_parallel, self.tensor_parallel, self.dp
         if n * t * d != self.world_size and t > 1:
             p.append(
@@ -395,12 +295,18 @@ class ParallelConfig:
             )
         if self.lss_layout not in LAYOUTS:
             p.append(f"--lss-layout {self.lss_layout!r} is not one of {LAYOUTS}")
-        elif self.lss_layout != "contiguous" and self.mode != "lss":
-            p.append(f"--lss-layout {self.lss_layout} applies to --mode lss only, not {self.mode}")
+        elif self.lss_layout != "contiguous" and mode and "lss_layout" not in mode.options:
+            p.append(
+                f"--lss-layout {self.lss_layout} applies to --mode "
+                f"{' / '.join(modes_accepting('lss_layout'))} only, not {self.mode}"
+            )
         if self.kv_gather_chunks < 1:
             p.append(f"--kv-gather-chunks must be >= 1, got {self.kv_gather_chunks}")
-        elif self.kv_gather_chunks > 1 and self.mode != "lss":
-            p.append(f"--kv-gather-chunks applies to --mode lss only, not {self.mode}")
+        elif self.kv_gather_chunks > 1 and mode and "kv_gather_chunks" not in mode.options:
+            p.append(
+                f"--kv-gather-chunks applies to --mode "
+                f"{' / '.join(modes_accepting('kv_gather_chunks'))} only, not {self.mode}"
+            )
         if not 0 < self.dist_timeout_s <= MAX_DIST_TIMEOUT_S:  # NaN fails too
             p.append(
                 f"--dist-timeout must be in (0, {MAX_DIST_TIMEOUT_S:g}] seconds (one week), "
@@ -549,7 +455,8 @@ class TrainConfig:
     zero_stage: int = _opt(
         0,
         "DeepSpeed ZeRO over all ranks of the gradient group (training/zero.py): 0 off, 1 shards "
-        "optimizer state, 2 also gradients. Needs DeepSpeed; no checkpoints (docs/zero.md)",
+        "optimizer state, 2 also gradients. Needs DeepSpeed; checkpoints reshard to and from "
+        "plain runs (docs/zero.md)",
         choices=ZERO_STAGES,
     )
     deepspeed_config: str | None = _opt(
@@ -779,7 +686,8 @@ class RunConfig:
         if t.reset_attention_mask:
             if not self.model.causal:
                 p.append("--reset-attention-mask needs causal attention (drop --no-causal)")
-            if self.parallel.mode in MODES and not self.parallel.rules.documents:
+            declared = find_mode(self.parallel.mode)
+            if declared is not None and not declared.documents:
                 p.append(
                     f"--reset-attention-mask: --mode {self.parallel.mode} cannot honour document "
                     "masks"

@@ -17,10 +17,10 @@
   of h/N heads after its all-to-all. Selective recompute keeps only the core attention's inputs,
   full recompute each layer's input.
 
-These are the tensors that must coexist at the peak; temporary buffers, the framework's own memory
+What the attention saves is each mode's own (`Mode.estimate_attention`). These are the tensors that must coexist at the peak; temporary buffers, the framework's own memory
 and allocator slack come on top, so the estimate is a lower bound and a run it refuses cannot fit.
-The exact per-tensor enumeration is the cost model's (analysis/costmodel_counts.py, kept apart on
-purpose); tests/test_faults_upfront.py holds this estimate against it and against measured bytes.
+The exact per-tensor enumeration is the cost model's (analysis/costmodel/counts.py, kept apart on
+purpose); tests/unit/test_faults_upfront.py holds this estimate against it and against measured bytes.
 Import-light: no torch unless `available_memory` asks CUDA (only where a GPU device exists).
 """
 
@@ -29,7 +29,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from .config import MODE_RULES
+from .modes import get_mode
 
 GIB = 2**30
 
@@ -57,8 +57,8 @@ class Estimate:
 
 def _degrees(mode: str, n: int) -> tuple[int, bool]:
     """(tensor-parallel size, whether the sequence group splits tokens), from the mode's rules."""
-    rules = MODE_RULES[mode]
-    return rules.tensor_parallel(n), rules.context_parallel(n) > 1
+    declared = get_mode(mode)
+    return declared.tensor_parallel(n), declared.context_parallel(n) > 1
 
 
 def parameter_count(m, mode: str, n: int) -> tuple[int, int]:
@@ -78,31 +78,6 @@ def parameter_count(m, mode: str, n: int) -> tuple[int, int]:
     return count, tensors
 
 
-def _attention_saved(m, mode: str, n: int, b: int, es: int, kernel: str) -> tuple[int, str]:
-    ll, d, h, kv = m.seq_length, m.head_dim, m.num_heads, m.kv_heads
-    seg = ll // n
-    dense = kernel == "dense"
-    if mode in ("serial", "nvidia-sp"):  # DotProductAttention (dense) or FlashCoreAttention
-        t, _ = _degrees(mode, n)
-        saved = ll * b * (h + 2 * kv) // t * d * es + ll * b * h // t * d * es  # qkv, context
-        if dense:
-            saved += b * (h // t) * ll * ll * es + (ll * ll if m.causal else 0)  # probs, mask
-            return saved, "DotProductAttention (scores materialised)"
-        return saved + b * (h // t) * ll * 4, "flash attention"  # lse
-    if mode == "ulysses":
-        saved = ll * b * (2 * h // n + 2 * max(1, kv // n)) * d * es + seg * b * h * d * es
-        if dense:
-            saved += b * (h // n) * ll * ll * es + (ll * ll if m.causal else 0)
-            return saved, "Ulysses dense attention (scores materialised)"
-        return saved + b * (h // n) * ll * 4, "Ulysses flash attention"
-    saved = seg * b * (h + 2 * kv) * d * es + ll * b * 2 * kv * d * es  # qkv, gathered [K|V]
-    saved += seg * b * h * d * es  # output
-    if dense:
-        saved += b * h * seg * ll * es + (seg * ll if m.causal else 0)
-        return saved, "LSS dense attention (scores materialised)"
-    return saved + b * h * seg * 4, "LSS flash attention"
-
-
 def activation_bytes(
     m,
     mode: str,
@@ -114,11 +89,11 @@ def activation_bytes(
 ) -> tuple[int, str]:
     """(bytes saved for backward in one micro-batch's forward, the attention kernel)."""
     es = 2 if dtype == "bf16" else 4
-    t, _ = _degrees(mode, n)
+    t, split = _degrees(mode, n)
     b, e = micro_batch, m.hidden_size
-    local = m.seq_length if mode == "serial" else m.seq_length // n  # norm / residual regions
-    tp_tokens = m.seq_length if mode in ("serial", "nvidia-sp") else m.seq_length // n
-    attention, name = _attention_saved(m, mode, n, b, es, kernel)
+    local = m.seq_length // n  # norm / residual regions (serial: N = 1)
+    tp_tokens = m.seq_length // n if split else m.seq_length  # QKV, MLP and loss regions
+    attention, name = get_mode(mode).estimate_attention(m, n, b, es, kernel)
     if recompute == "selective":  # the checkpoint keeps q, k, v (the fused QKV output), context
         attention = tp_tokens * b * (2 * m.num_heads + 2 * m.kv_heads) // t * m.head_dim * es
     layer = 4 * local * b * e * es + 2 * tp_tokens * b * (m.ffn_size // t) * es + attention

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 
 from .config import ConfigError
+from .modes import find_mode
 
 POSITION_TYPES = {"learned_absolute": "learned", "rope": "rope"}
 """Megatron-LM's --position-embedding-type values -> ours."""
@@ -87,6 +88,8 @@ def resolve(args: argparse.Namespace, parallel: dict, model: dict) -> None:
     (in place); raises `ConfigError` naming a contradiction."""
     problems = []
     mode = parallel["mode"]
+    declared = find_mode(mode)
+    by_tp = declared is not None and declared.degree_group == "tensor"  # nvidia-sp: its N is TP
     tp, cp = getattr(args, "megatron_tp", None), getattr(args, "megatron_cp", None)
 
     def put(key: str, value: int, flag: str, ours: str) -> None:
@@ -97,14 +100,14 @@ def resolve(args: argparse.Namespace, parallel: dict, model: dict) -> None:
             parallel[key] = value
 
     if tp is not None:
-        if mode == "nvidia-sp":
+        if by_tp:
             put("seq_parallel", tp, "--tensor-model-parallel-size", "--seq-parallel")
         else:
             put("tensor_parallel", tp, "--tensor-model-parallel-size", "--tensor-parallel")
     if cp is not None:
-        if mode == "nvidia-sp" and cp != 1:
+        if by_tp and cp != 1:
             problems.append(
-                f"--context-parallel-size {cp}: nvidia-sp has no context-parallel group; its "
+                f"--context-parallel-size {cp}: {mode} has no context-parallel group; its "
                 "degree is --tensor-model-parallel-size"
             )
         else:

@@ -145,11 +145,11 @@ def build_model(
     """
     cpu.apply()
     m = get_mode(mode)
-    by_tp = m.rules.degree_group == "tensor"
+    by_tp = m.degree_group == "tensor"
     n, t = (grid.tp_size, 1) if by_tp else (grid.seq_size, grid.tp_size)
-    if (t > 1 and not m.rules.composes_with_tp) or (
-        m.rules.context_parallel(n),
-        m.rules.tensor_parallel(n, t),
+    if (t > 1 and not m.composes_with_tp) or (
+        m.context_parallel(n),
+        m.tensor_parallel(n, t),
     ) != (grid.seq_size, grid.tp_size):
         raise ValueError(f"build_model: mode {mode!r} does not match the grid {grid}")
     model_parallel_cuda_manual_seed(seed)
@@ -159,7 +159,7 @@ def build_model(
             model,
             context_parallel=grid.seq_size,
             tensor_parallel=grid.tp_size,
-            sequence_parallel=m.rules.sequence_parallel or grid.tp_size > 1,
+            sequence_parallel=m.sequence_parallel or grid.tp_size > 1,
             dtype=dtype,
             recompute=recompute,
         ),

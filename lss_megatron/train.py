@@ -35,6 +35,7 @@ from .lifeline import install as install_lifeline
 from .log import setup_logging
 from .megatron_args import add_to as add_megatron_flags
 from .megatron_args import resolve as resolve_megatron_flags
+from .modes import MODES, get_mode
 from .resources import find_preset, preset_names, prog
 from .runs import default_out, plan
 from .strict_yaml import check_value
@@ -217,6 +218,11 @@ def _preset_value(key: str, value, action: argparse.Action):
     return check_value(key, value, action)
 
 
+def _without_degree(mode: str) -> bool:
+    """A mode without a degree group runs at N = 1 (serial)."""
+    return mode in MODES and get_mode(mode).degree_group is None
+
+
 def config_from_args(args: argparse.Namespace, world_size: int) -> RunConfig:
     """The (not yet validated) configuration of parsed `args` on `world_size` processes; N
     defaults to P / T (1 for serial)."""
@@ -231,7 +237,7 @@ def config_from_args(args: argparse.Namespace, world_size: int) -> RunConfig:
         t = parallel.get("tensor_parallel") or 1
         whole = t >= 1 and world_size % t == 0
         parallel["seq_parallel"] = (
-            1 if parallel["mode"] == "serial" else (world_size // t if whole else world_size)
+            1 if _without_degree(parallel["mode"]) else (world_size // t if whole else world_size)
         )
     return RunConfig(
         model=ModelConfig(**values[ModelConfig]),

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from lss_megatron.modes import REFERENCE
+
 from ..compare import child_env
 from ..costmodel import predict
 from ..costmodel.calibrated import device_from_dict
@@ -111,10 +113,10 @@ def from_trainer(record: dict, modes: tuple[str, ...]) -> tuple[dict, list[dict]
     base = _zero(record)
     runs: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="calibrate-runs-") as tmp:
-        for mode, n in (("serial", 1), *((m, 2) for m in modes)):
+        for mode, n in ((REFERENCE, 1), *((m, 2) for m in modes)):
             grid = (
                 [(L, M) for L in LAYERS for M in MICRO]
-                if mode == "serial"
+                if mode == REFERENCE
                 else [(L, MICRO[0]) for L in LAYERS]
             )
             for L, M in grid:

@@ -26,14 +26,22 @@ from ..costmodel import compare_run, find_device_file, load_device_file
 from ..costmodel.calibrated import DATA_DIR
 from ..presets import get_preset, make_plan
 
-SHAPES = [  # (mode, N, D, layers, hidden, heads, kv heads, ffn, l, kernel)
+SHAPES = [  # (mode, N, D, layers, hidden, heads, kv heads, ffn, l, kernel[, recompute, zero])
     ("serial", 1, 1, 2, 192, 6, 6, 384, 768, "flash"),
     ("lss", 4, 1, 3, 96, 4, 2, 256, 1536, "flash"),
     ("nvidia-sp", 2, 2, 2, 160, 4, 4, 320, 512, "flash"),
     ("ulysses", 2, 1, 6, 64, 4, 2, 256, 2048, "flash"),
     ("lss", 2, 2, 2, 256, 8, 8, 512, 768, "dense"),
     ("serial", 1, 2, 3, 128, 4, 4, 256, 1024, "dense"),
+    # recompute and ZeRO (issue 20): what the trainer runs beyond the plain step
+    ("lss", 2, 1, 3, 128, 4, 4, 384, 1024, "flash", "selective", 0),
+    ("nvidia-sp", 2, 1, 2, 192, 6, 6, 512, 768, "dense", "selective", 0),
+    ("lss", 4, 1, 2, 128, 4, 2, 256, 2048, "flash", "full", 0),
+    ("serial", 1, 1, 2, 160, 5, 5, 320, 640, "flash", "full", 0),
+    ("lss", 2, 2, 2, 128, 4, 4, 256, 1024, "flash", "none", 1),
+    ("ulysses", 2, 1, 3, 96, 4, 2, 256, 1536, "flash", "none", 2),
 ]
+"""Shapes no preset uses; the last six add selective and full recompute and ZeRO 1 / 2."""
 COLUMNS = [
     "run_id",
     "set",
@@ -48,6 +56,8 @@ COLUMNS = [
     "ffn",
     "seq_length",
     "kernel",
+    "recompute",
+    "zero_stage",
     "predicted_s",
     "measured_s",
     "ratio",
@@ -59,7 +69,8 @@ COLUMNS = [
 def new_shape_runs(template) -> list:
     """RunSpecs of `SHAPES`, from a cpu-strong run's flags with the model and layout changed."""
     runs = []
-    for mode, n, d, layers, e, h, kv, f, ll, kernel in SHAPES:
+    for mode, n, d, layers, e, h, kv, f, ll, kernel, *more in SHAPES:
+        recompute, zero = more or ("none", 0)
         flags = {
             **template.flags,
             "mode": mode,
@@ -72,6 +83,8 @@ def new_shape_runs(template) -> list:
             "ffn-hidden-size": f,
             "seq-length": ll,
             "attention-kernel": kernel,
+            "recompute": recompute,
+            "zero-stage": zero,
             "steps": 5,
         }
         runs.append(
@@ -119,6 +132,8 @@ def row(run, set_name: str, out: Path, dev, load: dict) -> dict:
         "ffn": m.get("ffn_hidden_size"),
         "seq_length": run.seq_length,
         "kernel": run.flags.get("attention-kernel", "flash"),
+        "recompute": run.flags.get("recompute", "none"),
+        "zero_stage": run.flags.get("zero-stage", 0),
         "predicted_s": round(pred, 5),
         "measured_s": round(meas, 5),
         "ratio": round(pred / meas, 4),

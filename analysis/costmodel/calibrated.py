@@ -33,8 +33,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..inputs import InputError, read_json_file
-from .counts import Layout, Shape, buckets, other_comm, param_count, parameters
-from .steptime import Assumptions, attention_work, elementwise_bytes, sp_comm_time
+from .counts import UPDATE_BYTES, Layout, Shape, other_comm, param_count
+from .steptime import (
+    Assumptions,
+    attention_work,
+    elementwise_bytes,
+    grad_comm_time,
+    sp_comm_time,
+)
 
 BASE_HEAD_DIM = 16
 """The head dimension of a calibration's plain ``flash`` / ``dense`` tables; tables measured at
@@ -43,7 +49,6 @@ other head dimensions are named ``flash_d32``, ``dense_d32``, ..."""
 DATA_DIR = Path(__file__).resolve().parents[1] / "data" / "cpu"
 SCHEMA = 1
 OPS = ("all_gather", "reduce_scatter", "all_reduce", "all_to_all")
-MODES = ("serial", "lss", "nvidia-sp", "ulysses")
 
 
 def default_path(directory: Path = DATA_DIR) -> Path:
@@ -275,27 +280,7 @@ def gemm_time(s: Shape, lay: Layout, dev: CalibratedDevice) -> float:
 def comm_time(s: Shape, lay: Layout, dev: CalibratedDevice) -> dict:
     """Seconds of activation traffic (one micro-batch), gradient sync and small all-reduces."""
     net = dev.network
-    ps = parameters(s, lay)
-    pb = lay.grad_elem
-
-    def reduce(sel, n: int) -> float:
-        return (
-            sum(
-                net.time("all_reduce", 2 * (n - 1) * x // n, n)
-                for x in buckets([p.numel * pb for p in sel])
-            )
-            if n > 1 and sel
-            else 0.0
-        )
-
-    if lay.mode == "nvidia-sp":
-        grad = reduce([p for p in ps if p.tp_partial], lay.tp) + reduce(ps, lay.d)
-    else:
-        grad = (
-            reduce([p for p in ps if p.tp_partial], lay.tp)
-            + reduce([p for p in ps if not p.seq_local], lay.grad_group)
-            + reduce([p for p in ps if p.seq_local], lay.d)
-        )
+    grad = grad_comm_time(s, lay, dev)
     calls = other_comm(s, lay)[1]
     return {
         "sp": sp_comm_time(s, lay, dev),
@@ -317,7 +302,7 @@ def cpu_step_time(s: Shape, lay: Layout, dev: CalibratedDevice, optimizer: str) 
     elementwise = el_bytes / dev.elementwise_bw(tensor)
     fixed_micro = dev.overhead("per_micro", mode) + s.layers * dev.overhead("per_micro_layer", mode)
     fixed_step = dev.overhead("per_step", mode) + s.layers * dev.overhead("per_step_layer", mode)
-    update_bytes = 28 if optimizer == "adamw" else 12
+    update_bytes = UPDATE_BYTES.get(optimizer, UPDATE_BYTES["sgd"])
     opt = param_count(s, lay) * update_bytes / dev.elementwise_bw(1 << 22)
     comm = comm_time(s, lay, dev)
     parts = {

@@ -18,21 +18,51 @@ Megatron's TP with ``sequence_parallel`` runs inside each sequence rank on l/N t
 collectives are the nvidia-sp formulas on l/N tokens and a group of t), and the K/V gather
 moves this rank's h_kv/t heads.
 
-Modes: ``serial``, ``lss``, ``nvidia-sp`` (what the trainer runs: exact), ``ulysses`` and ``ring``
-(peers at paper scale: the same conventions applied to DeepSpeed-Ulysses' four all-to-alls per
-layer and ring attention's K/V passing, not validated against a counted run).
+What differs between modes each mode declares (`lss_megatron.modes`, its `Mode.costs`: its
+activation collectives, what its attention saves, the shape of its kernel call); this module
+holds what every mode shares. Modes: the trainer's (``serial``, ``lss``, ``nvidia-sp``,
+``ulysses``: exact) and the peers it does not run (`peers`: ``ring``, the same conventions applied
+to ring attention's K/V passing, not validated against a counted run).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
-MODES = ("serial", "lss", "nvidia-sp", "ulysses", "ring")
-SEQUENCE_MODES = ("lss", "ulysses", "ring")
-"""Modes whose sequence group splits every sequence into N segments (TP = 1): positions are
-sequence-distributed and gradients doubly averaged as in LSS (the trainer's Ulysses does so)."""
+from lss_megatron.modes import MODES as TRAINER_MODES
+from lss_megatron.modes import get_mode
+from lss_megatron.modes.base import Mode
+from lss_megatron.modes.costs import (
+    BOOL,
+    FP32,
+    INT32,
+    INT64,
+    Collective,
+    all_reduce_bytes,
+    all_to_all_bytes,
+    core_inputs_bytes,
+    gather_bytes,
+    probs_bytes,
+)
+
+from .peers import PEERS
+
+__all__ = ["BOOL", "INT64", "all_to_all_bytes", "gather_bytes", "probs_bytes"]  # re-exported
+
+MODES = (*TRAINER_MODES, *PEERS)
 BUCKET_BYTES = 25 * 1024 * 1024
-INT64, INT32, BOOL, FP32 = 8, 4, 1, 4
+UPDATE_BYTES = {"adamw": 28, "sgd": 12}
+"""Bytes the optimizer update moves per parameter (fp32 parameter, gradient and state, each read
+and written: AdamW 4 + 4 + 2 x 4 read, 4 + 2 x 4 written; SGD parameter and gradient read, the
+parameter written)."""
+
+
+def mode_of(name: str) -> Mode:
+    """The declaration of a trainer mode (`lss_megatron.modes.get_mode`) or a peer (`peers`)."""
+    return PEERS[name] if name in PEERS else get_mode(name)
+
+
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp64": 8}
 
 
@@ -104,29 +134,34 @@ class Layout:
         (never views of the fused QKV output, whose bias add runs in the parameters' dtype)."""
         return self.act_bytes < self.param_bytes
 
+    @cached_property
+    def spec(self) -> Mode:
+        """The mode's declaration (`mode_of`)."""
+        return mode_of(self.mode)
+
     @property
     def tp(self) -> int:
-        """Megatron's tensor-parallel size."""
-        return self.n if self.mode == "nvidia-sp" else self.t
+        """Megatron's tensor-parallel size (nvidia-sp: N; lss: its --tensor-parallel T)."""
+        return self.spec.tensor_parallel(self.n, self.t)
 
     @property
     def grad_group(self) -> int:
-        """Ranks replicated weights are averaged over: the data group in nvidia-sp, the
-        sequence x data group (all P / T ranks of one tensor-parallel rank) otherwise."""
-        return self.d if self.mode == "nvidia-sp" else self.n * self.d
+        """Ranks replicated weights are averaged over: all P / TP ranks of one tensor-parallel
+        rank (the data group in nvidia-sp, the sequence x data group otherwise)."""
+        return self.world // self.tp
 
     def tp_tokens(self, seq: int) -> int:
         """Tokens of a sequence in this rank's tensor-parallel regions (QKV, attention, MLP,
-        loss): all l in serial and nvidia-sp, the segment l/N in sequence modes."""
-        return seq if self.mode in ("serial", "nvidia-sp") else seq // self.n
+        loss): all l in serial and nvidia-sp, the segment l/N in modes that split the sequence."""
+        return seq // self.n if self.spec.splits_sequence else seq
 
     @property
     def attention_kernel(self) -> str:
-        """auto: Megatron's DotProductAttention (scores materialised) for serial and nvidia-sp, a
-        memory-efficient kernel (LSS's cpu_flash / sdpa, ring's and Ulysses' flash) otherwise."""
+        """auto: the mode's `Costs.default_kernel` (Megatron's DotProductAttention, scores
+        materialised, for serial and nvidia-sp; a memory-efficient kernel otherwise)."""
         if self.kernel != "auto":
             return self.kernel
-        return "materialized" if self.mode in ("serial", "nvidia-sp") else "flash"
+        return self.spec.costs.default_kernel
 
 
 def shape_from_config(model: dict) -> Shape:
@@ -194,7 +229,9 @@ def layout_from_config(config: dict) -> Layout:
         recompute=train.get("recompute") or "none",
         master_weights=half,
         zigzag=par.get("lss_layout", "contiguous") == "zigzag",
-        kv_chunks=int(par.get("kv_gather_chunks") or 1) if mode == "lss" else 1,
+        kv_chunks=int(par.get("kv_gather_chunks") or 1)
+        if "kv_gather_chunks" in mode_of(mode).options
+        else 1,
         zero_stage=int(train.get("zero_stage") or 0),
         t=t,
         cpu=config.get("runtime", {}).get("backend") == "gloo",
@@ -217,7 +254,7 @@ def parameters(s: Shape, lay: Layout) -> list[Param]:
     e, qkv = s.hidden, (s.heads + 2 * s.kv_heads) * s.head_dim
     out = [Param("embedding.word_embeddings.weight", s.padded_vocab // t * e)]
     if s.learned_positions:  # sequence-distributed in every mode that splits the sequence
-        local = lay.mode in SEQUENCE_MODES
+        local = lay.spec.splits_sequence
         rows = s.seq // lay.n if local else s.seq
         out.append(Param("embedding.position_embeddings.weight", rows * e, seq_local=local))
     for i in range(s.layers):
@@ -260,230 +297,70 @@ def buckets(sizes: list[int], bucket_bytes: int = BUCKET_BYTES) -> list[int]:
     return out
 
 
-def all_reduce_bytes(nbytes: int, n: int) -> int:
-    return 2 * (n - 1) * nbytes // n if n > 1 else 0
-
-
-def gather_bytes(local_nbytes: int, n: int) -> int:
-    """All-gather of a local shard, or reduce-scatter into one: (n-1) x the local shard."""
-    return (n - 1) * local_nbytes if n > 1 else 0
-
-
-def all_to_all_bytes(local_nbytes: int, n: int) -> int:
-    return (n - 1) * local_nbytes // n if n > 1 else 0
-
-
 # --- communication per optimizer step ------------------------------------------------------------
-def megatron_sp_bytes(s: Shape, tokens: int, b: int, t: int, es: int, fwd: int = 1) -> int:
-    """Megatron TP of degree t with sequence_parallel on `tokens` tokens per sequence (nvidia-sp:
-    l; LSS x TP: l/N): its gathers, reduce-scatters and all-reduces of one micro-batch; `fwd`:
-    how often the layers' forward collectives run (2 under full recompute)."""
-    if t == 1:
-        return 0
-    u = gather_bytes(tokens // t * b * s.hidden * es, t)  # one sequence-parallel AG or RS
-    # per layer: forward AG before QKV and FC1, RS after proj and FC2 (4, x fwd); backward the
-    # adjoints (4) plus Megatron's re-gather of QKV's and FC1's inputs for weight grads (2)
-    total = s.layers * (4 * fwd + 6) * u
-    total += 3 * u  # output layer: AG forward, re-gather and RS of the input grad backward
-    # vocab-parallel cross-entropy in fp32 (Megatron casts the logits): max, target, sum-exp
-    total += 3 * all_reduce_bytes(tokens * b * FP32, t)
-    if s.learned_positions:  # word embedding all-reduce, then scatter (backward: AG)
-        total += all_reduce_bytes(b * tokens * s.hidden * es, t) + u
-    else:  # embedding reduce-scatter straight into the sequence shard (backward: AG)
-        total += 2 * u
-    return total
-
-
-def _forward_repeats(lay: Layout) -> int:
-    """How often a layer's forward communication runs per micro-batch: twice under recompute
-    (Megatron re-runs the checkpointed part in backward). LSS and Ulysses communicate inside the
-    core attention, so selective and full recompute both repeat it; nvidia-sp's sequence-parallel
-    collectives sit around the linear layers, so only full recompute repeats them."""
-    if lay.recompute == "full" or (lay.recompute == "selective" and lay.mode != "nvidia-sp"):
-        return 2
-    return 1
+def sp_plan(s: Shape, lay: Layout) -> list[Collective]:
+    """Activation collectives (category sp) of one micro-batch's forward and backward, this rank:
+    the mode's own (`Costs.sp_plan`)."""
+    return lay.spec.costs.sp_plan(s, lay)
 
 
 def sp_bytes_per_micro_batch(s: Shape, lay: Layout) -> int:
     """Activation traffic (category sp) of one micro-batch's forward and backward, this rank."""
-    n, b, es, ll = lay.n, lay.micro_batch, lay.act_bytes, s.seq
-    if n == 1 and lay.tp == 1:
-        return 0
-    seg = ll // n
-    fwd = _forward_repeats(lay)
-    tp_fwd = 2 if lay.recompute == "full" else 1  # Megatron's TP collectives around the linears
-    kes = lay.attn_bytes if lay.mode in ("lss", "ulysses") else es  # q, k, v cast to the
-    # compute dtype before they travel (Megatron's own TP traffic stays in es)
-    kv = seg * b * 2 * (s.kv_heads // lay.t) * s.head_dim * kes  # local [K | V], h_kv/T heads
-    if lay.mode == "lss":  # all-gather of [K|V] per forward (x fwd), one reduce-scatter backward
-        return s.layers * (fwd + 1) * gather_bytes(kv, n) + megatron_sp_bytes(
-            s, seg, b, lay.t, es, tp_fwd
-        )
-    if lay.mode == "ring":  # forward passes K/V n-1 times; backward K/V and dK/dV n-1 times each
-        return s.layers * 3 * (n - 1) * kv
-    if lay.mode == "ulysses":  # q, k, v and output all-to-all, forward (x fwd) and backward
-        q = seg * b * s.heads * s.head_dim * kes
-        k = seg * b * s.kv_heads * s.head_dim * kes
-        per_dir = 2 * all_to_all_bytes(q, n) + 2 * all_to_all_bytes(k, n)
-        return s.layers * (fwd + 1) * per_dir
-    if lay.mode == "nvidia-sp":
-        return megatron_sp_bytes(s, ll, b, n, es, fwd)
-    return 0
+    return sum(c.total_bytes for c in sp_plan(s, lay))
 
 
 def sp_calls_per_micro_batch(s: Shape, lay: Layout) -> int:
-    tp_fwd = 2 if lay.recompute == "full" else 1  # Megatron's TP forward collectives repeat
-    # only under full recompute (they sit around the linear layers)
-    megatron = (4 * tp_fwd + 6) * s.layers + 3 + 3 + 2 if lay.tp > 1 else 0  # TP + SP calls
-    if lay.n == 1:
-        return megatron
-    fwd = _forward_repeats(lay)
-    return {
-        "lss": (fwd + 1) * s.layers * lay.kv_chunks + megatron,
-        "ring": 3 * (lay.n - 1) * s.layers,
-        "ulysses": 4 * (fwd + 1) * s.layers,
-        "nvidia-sp": megatron,
-    }.get(lay.mode, 0)
+    return sum(c.total_calls for c in sp_plan(s, lay))
+
+
+def grad_plan(s: Shape, lay: Layout) -> list[Collective]:
+    """The gradient reduction of one step (`grad_sync.GradientAverager`): bucketed all-reduces of
+    the gradients (element size `Layout.grad_elem`: fp32 under bf16 master weights) in 25 MiB
+    buckets, one call per bucket: first Megatron's sums of sequence-parallel (`tp_partial`)
+    gradients over the tensor-parallel group (consecutive ranks), then the replicated
+    parameters over the gradient group (the TP ranks apart), then the sequence-local position
+    rows over the data group (N x TP ranks apart). The counters' check (`grad_comm`) and the
+    time model (`steptime`) both read it."""
+    params = parameters(s, lay)
+    groups = [
+        ([p for p in params if p.tp_partial], lay.tp, 1),
+        ([p for p in params if not p.seq_local], lay.grad_group, lay.tp),
+        ([p for p in params if p.seq_local], lay.d, lay.n * lay.t),
+    ]
+    return [
+        Collective("all_reduce", all_reduce_bytes(x, n), n, stride=stride)
+        for ps, n, stride in groups
+        if ps and n > 1
+        for x in buckets([p.numel * lay.grad_elem for p in ps])
+    ]
 
 
 def grad_comm(s: Shape, lay: Layout) -> tuple[int, int]:
-    """(bytes, calls) of gradient synchronisation per step (`grad_sync.GradientAverager`)."""
-    params = parameters(s, lay)
-    pb = lay.grad_elem
-
-    def reduce(ps: list[Param], n: int) -> tuple[int, int]:
-        if n <= 1:
-            return 0, 0
-        bs = buckets([p.numel * pb for p in ps])
-        return sum(all_reduce_bytes(x, n) for x in bs), len(bs)
-
-    groups: list[tuple[list[Param], int]] = []
-    if lay.tp > 1:
-        groups.append(([p for p in params if p.tp_partial], lay.tp))  # TP sums first
-    groups.append(([p for p in params if not p.seq_local], lay.grad_group))
-    groups.append(([p for p in params if p.seq_local], lay.d))
-    total = [reduce(ps, n) for ps, n in groups if ps]
-    return sum(x for x, _ in total), sum(c for _, c in total)
+    """(bytes, calls) of gradient synchronisation per step (`grad_plan`)."""
+    plan = grad_plan(s, lay)
+    return sum(c.total_bytes for c in plan), sum(c.total_calls for c in plan)
 
 
 def other_comm(s: Shape, lay: Layout) -> tuple[int, int]:
     """(bytes, calls) per step: the fp64 loss all-reduce and the global-norm partial sums."""
     parts = [all_reduce_bytes(8, lay.grad_group)]
-    if lay.mode in SEQUENCE_MODES:
+    if lay.spec.splits_sequence:
         parts.append(all_reduce_bytes(8, lay.n))  # sequence-local squared norms
     parts.append(all_reduce_bytes(8, lay.tp))  # tensor-parallel squared norms
     return sum(parts), sum(1 for x in parts if x)
 
 
 # --- bytes saved for backward (one micro-batch, this rank) -----------------------------------------
-def _lse(b: int, heads: int, tokens: int, es: int) -> int:
-    """A flash kernel's log-sum-exp [b, heads, tokens]: fp32 (fp64 for fp64 inputs)."""
-    return b * heads * tokens * (8 if es == 8 else FP32)
-
-
-def _probs(b: int, heads: int, rows: int, keys: int, es: int) -> int:
-    """Saved probabilities [b, heads, rows, keys]; bf16/fp16 also keep the fp32 softmax output
-    (Megatron's ``attention_softmax_in_fp32``)."""
-    return b * heads * rows * keys * (es + (FP32 if es < FP32 else 0))
-
-
-def _core_inputs(s: Shape, lay: Layout, tokens: int, hp: int, kvp: int) -> int:
-    """Storages behind q, k and v as Megatron hands them to the core attention (tokens, hp query
-    and kvp key/value heads on this rank): the fused QKV output (v is always a view of it), plus
-    q's copy when the head split or RoPE makes one, plus k's RoPE output."""
-    b, es, d = lay.micro_batch, lay.act_bytes, s.head_dim
-    rope = not s.learned_positions
-    total = tokens * b * (hp + 2 * kvp) * d * es
-    if rope or (hp > kvp > 1):
-        total += tokens * b * hp * d * es
-    return total + (tokens * b * kvp * d * es if rope else 0)
-
-
-def _dpa_saved(s: Shape, lay: Layout, sq: int) -> int:
-    """Megatron's DotProductAttention on hp = h/t heads over sq tokens (serial, nvidia-sp)."""
-    t, b, es, d = lay.tp, lay.micro_batch, lay.act_bytes, s.head_dim
-    hp, kvp = s.heads // t, s.kv_heads // t
-    grouped, rope = s.heads > s.kv_heads, not s.learned_positions
-    full = sq * b * hp * d * es
-    # q stays a view of the fused QKV output unless RoPE rewrites it or the head split needs a
-    # copy: [sq, b, ng, g*d] -> [sq*b*hp, d] is a view only if g == 1, or ng == 1 and b == 1
-    q_view = not rope and (not grouped or (kvp == 1 and b == 1))
-    k_view, v_view = not (rope or grouped), not grouped
-    total = 0 if q_view else full  # rope output, or a copy when heads are grouped
-    if grouped:
-        total += 2 * full  # k and v repeated to hp heads
-    elif rope:
-        total += sq * b * kvp * d * es  # rope output of k
-    if q_view or k_view or v_view:
-        total += sq * b * (hp + 2 * kvp) * d * es  # the fused QKV output they are views of
-    total += sq * sq * BOOL if s.causal else 0  # the causal mask, rebuilt per layer
-    return total + _probs(b, hp, sq, sq, es) + full  # probabilities, context (proj input)
-
-
-def _flash_saved(s: Shape, lay: Layout, sq: int) -> int:
-    """`FlashCoreAttention` on hp = h/t heads over sq tokens (serial, nvidia-sp): its inputs
-    q, k, v, the output (= the projection's input) and the log-sum-exp."""
-    hp, kvp, b = s.heads // lay.tp, s.kv_heads // lay.tp, lay.micro_batch
-    out = sq * b * hp * s.head_dim * lay.act_bytes
-    return _core_inputs(s, lay, sq, hp, kvp) + out + _lse(b, hp, sq, lay.act_bytes)
-
-
-def _lss_saved(s: Shape, lay: Layout) -> int:
-    """LSS core attention on this rank's h/T heads, flash: q, the gathered [K|V] buffer, output
-    (= proj input), lse; dense: contiguous copies of q and of the gathered K and V,
-    probabilities [b, h, l/N, l] and masks [rows, l] per kernel call, output (= proj input).
-    q, K/V and the output are in the compute dtype (`Layout.attn_bytes`)."""
-    b, es, d, seg, ll = lay.micro_batch, lay.attn_bytes, s.head_dim, s.seq // lay.n, s.seq
-    h, kvh = s.heads // lay.t, s.kv_heads // lay.t
-    rope, grouped = not s.learned_positions, s.heads > s.kv_heads
-    out = seg * b * h * d * es
-    kv = ll * b * 2 * kvh * d * es  # the gathered [K | V]
-    index = (2 * lay.n * INT64) * lay.kv_chunks if lay.zigzag else 0  # chunk order, per gather
-    if lay.attention_kernel == "materialized":
-        calls = 2 if lay.zigzag else 1  # each zigzag chunk copies the whole (re-ordered) K, V
-        total = seg * b * h * d * es + calls * kv + out + index
-        total += _probs(b, h, seg, ll, es)
-        return total + (lay.kv_chunks * seg * ll * BOOL if s.causal else 0)
-    if rope or (grouped and kvh > 1) or lay.attn_cast:  # rope output, a copy of grouped heads,
-        q = seg * b * h * d * es  # or the cast to the compute dtype
-    else:
-        q = seg * b * (h + 2 * kvh) * d * es  # a view of the fused QKV output
-    total = q + kv + out + _lse(b, h, seg, es) + index
-    if lay.zigzag or lay.kv_chunks > 1:  # chunk outputs, then their concatenation (proj input)
-        total += out
-    return total
-
-
-def _sequence_local_core_saved(s: Shape, lay: Layout) -> int:
-    """Ulysses (all heads' tokens after the all-to-all, h/N heads) and ring attention cores."""
-    b, es, d, n, ll = lay.micro_batch, lay.act_bytes, s.head_dim, lay.n, s.seq
-    seg = ll // n
-    if lay.mode == "ulysses":  # q, k, v on [l, b, h/N, d] (dense: their copies), proj input
-        es = lay.attn_bytes  # q, k, v cast to the compute dtype before the all-to-alls
-        h, kv = s.heads // n, max(1, s.kv_heads // n)
-        core = ll * b * (h + 2 * kv) * d * es + seg * b * s.heads * d * es
-        if lay.attention_kernel == "materialized":  # probabilities, mask; the output is not saved
-            return core + _probs(b, h, ll, ll, es) + (ll * ll * BOOL if s.causal else 0)
-        return core + ll * b * h * d * es + _lse(b, h, ll, es)  # flash: output, lse
-    # ring: q, local k, v, out, lse (kv blocks of other ranks are received, not saved)
-    return seg * b * (2 * s.heads + 2 * s.kv_heads) * d * es + b * s.heads * seg * FP32
-
-
 def _attention_saved(s: Shape, lay: Layout) -> int:
     """One layer's attention block between QKV and the output projection (RoPE included)."""
-    b, es, d, n, ll = lay.micro_batch, lay.act_bytes, s.head_dim, lay.n, s.seq
-    tokens = ll if lay.mode in ("serial", "nvidia-sp") else ll // n  # tokens of q, k, v
+    b, es, d = lay.micro_batch, lay.act_bytes, s.head_dim
+    tokens = lay.tp_tokens(s.seq)  # tokens of q, k, v
     rope = 4 * tokens * d * es if not s.learned_positions else 0  # cos, sin for q and for k
     if lay.recompute == "selective":  # Megatron's checkpoint keeps q, k, v and a mask-type int
         hp, kvp = s.heads // lay.tp, s.kv_heads // lay.tp
         proj_input = tokens * b * hp * d * es
-        return rope + _core_inputs(s, lay, tokens, hp, kvp) + INT32 + proj_input
-    if lay.mode == "lss":
-        return rope + _lss_saved(s, lay)
-    if lay.mode in ("serial", "nvidia-sp"):
-        dense = lay.attention_kernel == "materialized"
-        return rope + (_dpa_saved(s, lay, ll) if dense else _flash_saved(s, lay, ll))
-    return rope + _sequence_local_core_saved(s, lay)
+        return rope + core_inputs_bytes(s, lay, tokens, hp, kvp) + INT32 + proj_input
+    return rope + lay.spec.costs.attention_saved(s, lay)
 
 
 def activation_bytes(s: Shape, lay: Layout) -> int:
@@ -551,29 +428,17 @@ def model_flops_per_step(s: Shape, global_batch: int) -> int:
 # --- beyond the paper: causal balance, chunked K/V gathers, ZeRO ---------------------------------
 def attention_imbalance(s: Shape, lay: Layout) -> float | None:
     """LSS: max / mean over the sequence group of the (query, key) pairs each rank attends (the
-    trainer's ``attention_imbalance``); None for other modes. Contiguous causal segments: rank r
-    attends s_loc (r s_loc) + s_loc (s_loc + 1) / 2 pairs, so the last rank does most; zigzag
-    (chunks r and 2N-1-r of length c = l/2N) gives every rank c^2 (2N-1) + c (c+1): 1.0."""
-    if lay.mode != "lss":
-        return None
-    n, seg = lay.n, s.seq // lay.n
-    if not s.causal or n == 1 or lay.zigzag:
-        return 1.0
-    pairs = [seg * r * seg + seg * (seg + 1) // 2 for r in range(n)]
-    return max(pairs) / (sum(pairs) / n)
+    trainer's ``attention_imbalance``, `Costs.imbalance`); None for modes that do not report it."""
+    return lay.spec.costs.imbalance(s, lay)
 
 
 def kv_transient_bytes(s: Shape, lay: Layout) -> int | None:
-    """LSS: the largest full-length K/V buffer that exists only transiently in one layer, the
-    concatenated [dK | dV] of one gather before its reduce-scatter, l b 2 (h_kv / C) d es: C-fold
-    smaller with --kv-gather-chunks C (the gathered K/V itself is saved for backward either way,
-    so it is in ``activation_bytes``). None for other modes. An indicator of what chunking saves,
-    not the whole measured ``transient_peak_bytes`` (which also holds everything else step 1
-    allocates)."""
-    if lay.mode != "lss" or lay.n == 1:
-        return None
-    kv = s.kv_heads // lay.t // lay.kv_chunks  # this rank's heads of one chunk
-    return s.seq * lay.micro_batch * 2 * kv * s.head_dim * lay.attn_bytes
+    """LSS: the largest full-length K/V buffer that exists only transiently in one layer
+    (`Costs.kv_transient`: one gather's [dK | dV], C-fold smaller with --kv-gather-chunks C; the
+    gathered K/V itself is saved for backward either way, so it is in ``activation_bytes``);
+    None for other modes. An indicator of what chunking saves, not the whole measured
+    ``transient_peak_bytes`` (which also holds everything else step 1 allocates)."""
+    return lay.spec.costs.kv_transient(s, lay)
 
 
 def transient_bytes(s: Shape, lay: Layout) -> int:
@@ -587,21 +452,14 @@ def transient_bytes(s: Shape, lay: Layout) -> int:
       the scores' gradient (es), [b, heads, queries, keys] each. A flash kernel's blockwise
       transients are tiles, left out.
     """
-    b, es, d, ll, n = lay.micro_batch, lay.attn_bytes, s.head_dim, s.seq, lay.n
-    if lay.mode in ("serial", "nvidia-sp"):
-        heads, kvh, queries, keys = s.heads // lay.tp, s.kv_heads // lay.tp, ll, ll
-    elif lay.mode == "ulysses":
-        heads, kvh, queries, keys = s.heads // n, max(1, s.kv_heads // n), ll, ll
-    else:  # lss, ring: local queries against all keys
-        heads, kvh, queries, keys = s.heads // lay.t, s.kv_heads // lay.t, ll // n, ll
+    b, es, d = lay.micro_batch, lay.attn_bytes, s.head_dim
+    heads, kvh, queries, keys = lay.spec.costs.attention_shape(s, lay)
     grads = queries * b * heads * d * es
-    if lay.mode == "lss" and n > 1:
-        grads += kv_transient_bytes(s, lay) or 0
-    else:
-        grads += keys * b * 2 * kvh * d * es
+    kv = kv_transient_bytes(s, lay)
+    grads += kv if kv is not None else keys * b * 2 * kvh * d * es
     if lay.attention_kernel != "materialized":
         return grads
-    return grads + _probs(b, heads, queries, keys, es) + b * heads * queries * keys * es
+    return grads + probs_bytes(b, heads, queries, keys, es) + b * heads * queries * keys * es
 
 
 ZERO_ALIGNMENT = 2
@@ -653,7 +511,7 @@ def zero_counts(s: Shape, lay: Layout, optimizer: str) -> dict:
         "other_comm_bytes": all_reduce_bytes(8, group),
         "other_comm_calls": 1 if group > 1 else 0,
     }
-    if lay.mode != "nvidia-sp" and group > 1:
+    if lay.tp == 1 and group > 1:
         bs = buckets([p.numel * pb for p in ps])
         reductions = 1 if lay.zero_stage == 1 else lay.micro_batches
         out["grad_comm_bytes"] = (

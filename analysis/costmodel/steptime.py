@@ -30,15 +30,14 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from .counts import (
+    UPDATE_BYTES,
+    Collective,
     Layout,
     Shape,
-    _forward_repeats,
-    all_reduce_bytes,
     attention_pairs,
-    buckets,
-    gather_bytes,
+    grad_plan,
     param_count,
-    parameters,
+    sp_plan,
 )
 from .hw import Device
 
@@ -85,13 +84,12 @@ def attention_work(s: Shape, lay: Layout) -> tuple[float, float]:
     """(executed attention FLOPs forward + backward, score bytes through HBM) of one micro-batch on
     the slowest rank."""
     b, d, ll, n = lay.micro_batch, s.head_dim, s.seq, lay.n
-    seg = ll // n
     kernel = lay.attention_kernel
-    if lay.mode in ("serial", "nvidia-sp", "ulysses"):
-        heads, sq = s.heads // (lay.tp if lay.mode != "ulysses" else n), ll
+    heads, _, sq, keys = lay.spec.costs.attention_shape(s, lay)
+    if not lay.spec.costs.local_queries:  # all l queries (serial, nvidia-sp, ulysses)
         pairs = sq * ll if kernel == "materialized" else attention_pairs(ll, s.causal)
-    else:  # lss, ring: local queries against all keys; the last segment sees the most
-        heads, sq = s.heads // lay.t, seg
+    else:  # local queries against all keys (lss, ring): the last segment sees the most
+        seg = sq
         if kernel == "materialized":
             pairs = seg * ll
         elif not s.causal:
@@ -117,80 +115,26 @@ def elementwise_bytes(s: Shape, lay: Layout, a: Assumptions) -> float:
     return float(b * es * (s.layers * per_layer + loss))
 
 
+def plan_time(plan: list[Collective], network) -> float:
+    """Seconds of a list of collectives on `network` (`hw.Network` or the calibrated CPU's)."""
+    return sum(c.calls * network.time(c.op, c.nbytes, c.n, c.stride) for c in plan if c.n > 1)
+
+
 def sp_comm_time(s: Shape, lay: Layout, dev: Device) -> float:
     """Seconds of activation traffic for one micro-batch (forward + backward), this rank."""
-    net, n, b, es, ll = dev.network, lay.n, lay.micro_batch, lay.act_bytes, s.seq
-    if n == 1 and lay.tp == 1:
-        return 0.0
-    seg = ll // n
-    kes = lay.attn_bytes if lay.mode in ("lss", "ulysses") else es  # cast before they travel
-    kv = seg * b * 2 * (s.kv_heads // lay.t) * s.head_dim * kes
-    if lay.mode == "lss":
-        # the N ranks of a sequence group are T apart (Megatron's order tp-cp-dp)
-        gathers = (
-            s.layers
-            * (_forward_repeats(lay) + 1)
-            * net.time("all_gather", gather_bytes(kv, n), n, lay.t)
-        )
-        return gathers + _megatron_sp_time(s, seg, lay, dev)
-    if lay.mode == "ring":
-        alpha, bw = net.link(n)  # every step, every rank sends a block to its ring neighbour
-        return s.layers * 3 * (n - 1) * (alpha + kv / bw)
-    if lay.mode == "ulysses":
-        q = seg * b * s.heads * s.head_dim * kes
-        k = seg * b * s.kv_heads * s.head_dim * kes
-        one = [q, k, k, q]  # q, k, v in; output back
-        repeats = _forward_repeats(lay) + 1
-        return s.layers * repeats * sum(net.time("all_to_all", (n - 1) * x / n, n) for x in one)
-    if lay.mode == "nvidia-sp":
-        return _megatron_sp_time(s, ll, lay, dev)
-    return 0.0
-
-
-def _megatron_sp_time(s: Shape, tokens: int, lay: Layout, dev: Device) -> float:
-    """Megatron TP + sequence_parallel over `tokens` tokens per sequence on lay.tp ranks."""
-    net, t, b, es = dev.network, lay.tp, lay.micro_batch, lay.act_bytes
-    if t == 1:
-        return 0.0
-    u = net.time("all_gather", gather_bytes(tokens // t * b * s.hidden * es, t), t)
-    fwd = 2 if lay.recompute == "full" else 1  # forward collectives repeat under full recompute
-    total = ((4 * fwd + 6) * s.layers + 3) * u
-    total += 3 * net.time("all_reduce", all_reduce_bytes(tokens * b * es, t), t)
-    if s.learned_positions:
-        total += net.time("all_reduce", all_reduce_bytes(b * tokens * s.hidden * es, t), t) + u
-    else:
-        total += 2 * u
-    return total
+    return plan_time(sp_plan(s, lay), dev.network)
 
 
 def grad_comm_time(s: Shape, lay: Layout, dev: Device) -> float:
-    """Seconds of gradient synchronisation per step (bucketed all-reduces, no overlap)."""
-    net, pb = dev.network, lay.param_bytes
-    ps = parameters(s, lay)
-
-    def reduce(sel, n: int, stride: int) -> float:
-        if n <= 1 or not sel:
-            return 0.0
-        return sum(
-            net.time("all_reduce", all_reduce_bytes(x, n), n, stride)
-            for x in buckets([p.numel * pb for p in sel])
-        )
-
-    tp_sums = reduce([p for p in ps if p.tp_partial], lay.tp, 1)
-    if lay.mode == "nvidia-sp":
-        return tp_sums + reduce(ps, lay.d, lay.n)
-    return (
-        tp_sums
-        + reduce([p for p in ps if not p.seq_local], lay.grad_group, lay.t)
-        + reduce([p for p in ps if p.seq_local], lay.d, lay.n * lay.t)
-    )
+    """Seconds of gradient synchronisation per step (`counts.grad_plan`, no overlap)."""
+    return plan_time(grad_plan(s, lay), dev.network)
 
 
 def attention_efficiency(s: Shape, lay: Layout, dev: Device, a: Assumptions) -> float:
     """The fused attention kernel's fraction of peak: measured on this device at this rank's
     l/N (launch/gpu_check.sh, bf16, `Device.attention_efficiency`) for 16-bit runs where there is
     a measurement, else the assumed ``a.attention_efficiency``."""
-    queries = s.seq if lay.mode == "ulysses" else s.seq // lay.n  # per kernel call
+    queries = lay.spec.costs.attention_shape(s, lay)[2]  # per kernel call
     measured = dev.attention_efficiency_at(queries) if lay.attn_bytes == 2 else None
     return measured if measured is not None else a.attention_efficiency
 
@@ -206,15 +150,15 @@ def step_time(s: Shape, lay: Layout, dev: Device, a: Assumptions, optimizer: str
         attention = att_flops / (peak * attention_efficiency(s, lay, dev, a))
     elementwise = elementwise_bytes(s, lay, a) / hbm
     sp = sp_comm_time(s, lay, dev)
-    if (lay.mode == "ring" and a.overlap_ring) or (lay.mode == "lss" and a.overlap_kv_gather):
+    overlap = lay.spec.costs.overlap
+    if overlap is not None and getattr(a, overlap):
         sp = max(0.0, sp - attention)
     redo = attention / 3  # recompute: the forward share (1 of 3) of what is re-run
     redo += (gemm + elementwise) / 3 if lay.recompute == "full" else 0.0
     recompute = redo if lay.recompute in ("selective", "full") else 0.0
     per_micro = gemm + attention + elementwise + sp + recompute
     grad = grad_comm_time(s, lay, dev)
-    update_bytes = 28 if optimizer == "adamw" else 12  # fp32 param, grad, state: read + write
-    opt = param_count(s, lay) * update_bytes / hbm
+    opt = param_count(s, lay) * UPDATE_BYTES.get(optimizer, UPDATE_BYTES["sgd"]) / hbm
     m = lay.micro_batches
     total = m * per_micro + grad + opt
     return {

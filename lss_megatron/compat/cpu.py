@@ -14,8 +14,13 @@ machine without CUDA, `apply()` installs these replacements (and nothing else):
 3. ``get_default_causal_mask`` (transformer/utils.py, also bound in fusions/fused_softmax.py)
    builds its mask on "cuda"; the replacement builds the same mask on the CPU.
 4. ``torch.cuda.synchronize`` and the stream API are no-ops (megatron-core 0.19's DDP touches them).
+5. Megatron's RoPE slicing for context parallelism (``get_pos_emb_on_this_cp_rank``, bound in
+   rotary_pos_embedding.py) pins its index and moves it to CUDA; the replacement selects the same
+   zig-zag rows (chunks r and 2N-1-r of 2N) on the CPU. Our modes never call it (their
+   `SegmentRotaryEmbedding` replaces Megatron's slicing), but a model whose `prepare_lss_model`
+   was forgotten does, and must reach `LSSCoreAttention`'s clear refusal as it would on a GPU.
 
-The LayerNorm that nvidia-sp needs without apex is the mode's own (`modes/nvidia_sp.py`).
+The LayerNorm that nvidia-sp needs without apex is `modes/sp_norms.py`'s (nvidia-sp, and LSS x TP).
 
 `apply()` does nothing when CUDA is available, is idempotent, and returns the names it applied.
 """
@@ -26,6 +31,7 @@ import contextlib
 import logging
 
 import megatron.core.fusions.fused_softmax as fused_softmax
+import megatron.core.models.common.embeddings.rotary_pos_embedding as mrope
 import megatron.core.tensor_parallel.random as mrandom
 import megatron.core.transformer.utils as tutils
 import torch
@@ -49,6 +55,18 @@ class _NullStream:
 def _cpu_causal_mask(sq: int) -> torch.Tensor:
     """Megatron's default causal mask ([sq, sq], True = masked) built on the CPU."""
     return torch.triu(torch.ones(sq, sq, dtype=torch.bool), diagonal=1)
+
+
+def _cpu_pos_emb_on_this_cp_rank(pos_emb: torch.Tensor, seq_dim: int, cp_group) -> torch.Tensor:
+    """Megatron's zig-zag slice of rotary embeddings for this context-parallel rank, on the CPU:
+    [l, ...] along `seq_dim` -> [l/N, ...] (chunks r and 2N-1-r of 2N)."""
+    from ..layout import segment_chunks
+
+    n, r = cp_group.size(), cp_group.rank()
+    rows = [
+        torch.arange(lo, hi) for lo, hi in segment_chunks(pos_emb.shape[seq_dim], r, n, "zigzag")
+    ]
+    return pos_emb.index_select(seq_dim, torch.cat(rows))  # [l/N, ...]
 
 
 def apply() -> list[str]:
@@ -81,6 +99,9 @@ def apply() -> list[str]:
     torch.cuda.default_stream = lambda *a, **k: _NullStream()
     torch.cuda.stream = lambda *a, **k: contextlib.nullcontext()
     _applied.append("null_streams")
+
+    mrope.get_pos_emb_on_this_cp_rank = _cpu_pos_emb_on_this_cp_rank
+    _applied.append("rope_cp_slice_on_cpu")
 
     log.debug("Megatron-Core CPU accommodations applied: %s", _applied)
     return list(_applied)

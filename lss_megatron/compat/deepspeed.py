@@ -1,7 +1,7 @@
 """DeepSpeed without compilation: its communication backend minus the shared-memory op.
 
 DeepSpeed's `TorchBackend` JIT-builds a shared-memory C++ op (it only serves inference
-all-reduce) when it is created. ZeRO (`training/zero.py`) and Ulysses (`modes/ulysses.py`) both
+all-reduce) when it is created. ZeRO (`training/zero.py`) and Ulysses (`baselines/ulysses_attention.py`) both
 create one; `no_shm_op()` skips the build for the duration, and `deepspeed_backend()` installs,
 when none is set, DeepSpeed's `TorchBackend` on the existing torch.distributed groups with
 `all_to_all_single` passing its tensors positionally, so `parallel.comm.record()` sees every

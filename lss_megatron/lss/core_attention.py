@@ -11,7 +11,7 @@ RoPE has already been applied to query and key with global positions (positions.
 sequence group is Megatron's context-parallel group (`pg_collection.cp`).
 
 `SequenceCoreAttention` is the part every sequence-splitting core attention shares (the checks,
-the sequence group, the softmax scale, the output reshape); Ulysses' (`modes/ulysses.py`) is one
+the sequence group, the softmax scale, the output reshape); Ulysses' (`baselines/ulysses_attention.py`) is one
 too.
 `FlashCoreAttention` (serial, nvidia-sp) is one as well: the flash kernel over the whole sequence
 on this rank's heads. ``kernel`` (a spec parameter, ``--attention-kernel``) picks flash or dense
@@ -236,10 +236,19 @@ class LSSCoreAttention(SequenceCoreAttention):
         (`modes.lss.get_lss_layer_spec(layout=...)`), checked by `prepare_lss_model`."""
         self.kv_chunks = kv_chunks
         """K/V are gathered in this many double-buffered head chunks (a spec parameter)."""
+        self.prepared = False
+        """Set by `prepare_lss_model`; a group of N > 1 refuses to run without it (positions
+        would be the whole table's, or RoPE's local ones: silently wrong)."""
 
     supports_documents = True
 
     def attend(self, query, key, value, causal: bool, doc_start=None) -> torch.Tensor:
+        if not self.prepared and self.seq_group.size() > 1:
+            raise RuntimeError(
+                "LSSCoreAttention: this model was not prepared for LSS: call "
+                "prepare_lss_model(model) once after building it, on every rank of the "
+                "context-parallel group (it makes positions sequence-distributed)"
+            )
         out = lss_attention(
             query,
             key,

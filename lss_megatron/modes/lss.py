@@ -5,8 +5,8 @@ Two calls make a Megatron-Core `GPTModel` an LSS model (the trainer's lss mode u
 * `get_lss_layer_spec(causal=..., layout=..., kv_chunks=...)`: Megatron's local GPT layer spec
   with `LSSCoreAttention` as its one changed field; the segment layout and the K/V gather
   chunking are parameters of that spec (`ModuleSpec.params`), so every layer is built with them;
-* `prepare_lss_model(model, layout=...)`: once, on the built model, on every rank of the
-  context-parallel group: checks that the model is one LSS can make exact, then makes positions
+* `prepare_lss_model(model)`: once, on the built model, on every rank of the
+  context-parallel group (the layout is the spec's; an unprepared model refuses to run): checks that the model is one LSS can make exact, then makes positions
   sequence-distributed (learned rows, RoPE angles) for the layout.
 
 Batches must then be cut by the same layout (contiguous segment n, or zigzag chunks n and 2N-1-n,
@@ -15,13 +15,18 @@ which is Megatron-LM's `get_batch_on_this_cp_rank`) and carry GLOBAL position id
 
 from __future__ import annotations
 
-from megatron.core.transformer.spec_utils import ModuleSpec
-
 from ..layout import LAYOUTS, segment_chunks
-from ..lss.core_attention import LSSCoreAttention
-from ..lss.positions import SegmentPositionEmbedding, SegmentRotaryEmbedding, distribute_positions
-from .base import Mode
-from .nvidia_sp import with_sequence_parallel_norms
+from .base import Costs, Mode
+from .costs import (
+    BOOL,
+    INT64,
+    Collective,
+    forward_repeats,
+    gather_bytes,
+    lse_bytes,
+    megatron_sp_plan,
+    probs_bytes,
+)
 from .serial import get_serial_layer_spec
 
 POSITION_TYPES = ("learned_absolute", "rope", "none")
@@ -41,6 +46,10 @@ def get_lss_layer_spec(
         raise ValueError(f"get_lss_layer_spec: layout {layout!r} is not one of {LAYOUTS}")
     if not isinstance(kv_chunks, int) or kv_chunks < 1:
         raise ValueError(f"get_lss_layer_spec: kv_chunks must be an int >= 1, got {kv_chunks!r}")
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
+    from ..lss.core_attention import LSSCoreAttention
+
     spec = get_serial_layer_spec(causal)
     spec.submodules.self_attention.submodules.core_attention = ModuleSpec(
         module=LSSCoreAttention,
@@ -63,8 +72,11 @@ def _unwrap(model):
     return inner
 
 
-def _check_attention(gpt, layout: str) -> list[LSSCoreAttention]:
-    """Every core attention is an LSSCoreAttention built for `layout` on one group."""
+def _check_attention(gpt, layout: str | None) -> list:
+    """Every core attention is an LSSCoreAttention (built for `layout` when it is given) on one
+    group, all with one layout."""
+    from ..lss.core_attention import LSSCoreAttention
+
     attentions = [m for m in gpt.modules() if hasattr(m, "core_attention")]
     cores = [a.core_attention for a in attentions]
     other = sorted({type(c).__name__ for c in cores if not isinstance(c, LSSCoreAttention)})
@@ -75,11 +87,13 @@ def _check_attention(gpt, layout: str) -> list[LSSCoreAttention]:
             "transformer_layer_spec=get_lss_layer_spec(...)"
         )
     wrong = sorted({c.layout for c in cores if c.layout != layout})
-    if wrong:
+    if layout is not None and wrong:
         raise ValueError(
             f"prepare_lss_model: layout {layout!r}, but the model was built with "
             f"get_lss_layer_spec(layout={wrong[0]!r}); use the same layout in both"
         )
+    if len({c.layout for c in cores}) != 1:
+        raise ValueError("prepare_lss_model: the layers were built with different layouts")
     if len({id(c.seq_group) for c in cores}) != 1:
         raise ValueError("prepare_lss_model: the layers attend over different process groups")
     return cores
@@ -87,6 +101,8 @@ def _check_attention(gpt, layout: str) -> list[LSSCoreAttention]:
 
 def _check_model(gpt, n: int, layout: str) -> None:
     """Megatron's config, the sequence length and the positional encoding fit N and `layout`."""
+    from ..lss.positions import SegmentPositionEmbedding, SegmentRotaryEmbedding
+
     cfg = gpt.config
     if cfg.context_parallel_size != n:
         raise ValueError(
@@ -116,7 +132,7 @@ def _check_model(gpt, n: int, layout: str) -> None:
         )
 
 
-def prepare_lss_model(model, *, layout: str = "contiguous"):
+def prepare_lss_model(model, *, layout: str | None = None):
     """Make a built Megatron-Core `GPTModel` (or a wrapper with ``.module``) exact under LSS.
 
     Call once on every rank of the context-parallel group, after `GPTModel(...,
@@ -126,15 +142,22 @@ def prepare_lss_model(model, *, layout: str = "contiguous"):
     cut, or whose positional encoding it cannot make exact; then it keeps only this rank's rows of
     a learned position table (a sequence-local parameter: average its gradient over the data
     group only, see docs/megatron-lm.md) and makes RoPE use this rank's global positions.
-    Returns `model`."""
-    if layout not in LAYOUTS:
+    `layout` defaults to the one the spec built the layers with (`get_lss_layer_spec(layout=)`:
+    one source of truth); given, it must agree. Until this has run, an `LSSCoreAttention` on a
+    group of N > 1 refuses to attend. Returns `model`."""
+    if layout is not None and layout not in LAYOUTS:
         raise ValueError(f"prepare_lss_model: layout {layout!r} is not one of {LAYOUTS}")
+    from ..lss.positions import distribute_positions
+
     gpt = _unwrap(model)
     cores = _check_attention(gpt, layout)
+    layout = cores[0].layout
     group = cores[0].seq_group
     n, rank = group.size(), group.rank()
     _check_model(gpt, n, layout)
     distribute_positions(gpt, rank, n, layout)
+    for core in cores:
+        core.prepared = True
     return model
 
 
@@ -144,11 +167,122 @@ def _layer_spec(model, grid, kernel: str = "flash"):
     spec = get_lss_layer_spec(
         causal=model.causal, layout=grid.layout, kv_chunks=grid.kv_gather_chunks, kernel=kernel
     )
-    return with_sequence_parallel_norms(spec, model.num_layers) if grid.tp_size > 1 else spec
+    if grid.tp_size == 1:
+        return spec
+    from .sp_norms import with_sequence_parallel_norms
+
+    return with_sequence_parallel_norms(spec, model.num_layers)
 
 
 def _post_build(model, grid) -> None:
     prepare_lss_model(model, layout=grid.layout)
 
 
-MODE = Mode(name="lss", layer_spec=_layer_spec, post_build=_post_build)
+# --- cost model --------------------------------------------------------------------------------
+def sp_plan(s, lay) -> list[Collective]:
+    """Per layer and micro-batch: the all-gather of this rank's [K|V] (h_kv/T heads, in the
+    compute dtype; again under recompute) and one reduce-scatter of [dK|dV] backward, in C head
+    chunks each, on the N ranks of the sequence group (T apart); with T > 1 Megatron's TP on
+    the segment's l/N tokens."""
+    n, b, seg, c = lay.n, lay.micro_batch, s.seq // lay.n, lay.kv_chunks
+    kv = seg * b * 2 * (s.kv_heads // lay.t) * s.head_dim * lay.attn_bytes  # local [K | V]
+    chunk = gather_bytes(kv // c, n)
+    fwd = forward_repeats(lay, comm_in_core=True)
+    tp_fwd = forward_repeats(lay, comm_in_core=False)
+    return [
+        Collective("all_gather", chunk, n, s.layers * fwd * c, stride=lay.t),
+        Collective("reduce_scatter", chunk, n, s.layers * c, stride=lay.t),
+        *megatron_sp_plan(s, seg, b, lay.t, lay.act_bytes, tp_fwd),
+    ]
+
+
+def attention_shape(s, lay) -> tuple[int, int, int, int]:
+    """Local queries (l/N) against all l keys, on this rank's h/T heads."""
+    return s.heads // lay.t, s.kv_heads // lay.t, s.seq // lay.n, s.seq
+
+
+def attention_saved(s, lay) -> int:
+    """LSS core attention on this rank's h/T heads, flash: q, the gathered [K|V] buffer, output
+    (= proj input), lse; dense: contiguous copies of q and of the gathered K and V,
+    probabilities [b, h, l/N, l] and masks [rows, l] per kernel call, output (= proj input).
+    q, K/V and the output are in the compute dtype (`Layout.attn_bytes`)."""
+    b, es, d, seg, ll = lay.micro_batch, lay.attn_bytes, s.head_dim, s.seq // lay.n, s.seq
+    h, kvh = s.heads // lay.t, s.kv_heads // lay.t
+    rope, grouped = not s.learned_positions, s.heads > s.kv_heads
+    out = seg * b * h * d * es
+    kv = ll * b * 2 * kvh * d * es  # the gathered [K | V]
+    index = (2 * lay.n * INT64) * lay.kv_chunks if lay.zigzag else 0  # chunk order, per gather
+    if lay.attention_kernel == "materialized":
+        calls = 2 if lay.zigzag else 1  # each zigzag chunk copies the whole (re-ordered) K, V
+        total = seg * b * h * d * es + calls * kv + out + index
+        total += probs_bytes(b, h, seg, ll, es)
+        return total + (lay.kv_chunks * seg * ll * BOOL if s.causal else 0)
+    if rope or (grouped and kvh > 1) or lay.attn_cast:  # rope output, a copy of grouped heads,
+        q = seg * b * h * d * es  # or the cast to the compute dtype
+    else:
+        q = seg * b * (h + 2 * kvh) * d * es  # a view of the fused QKV output
+    total = q + kv + out + lse_bytes(b, h, seg, es) + index
+    if lay.zigzag or lay.kv_chunks > 1:  # chunk outputs, then their concatenation (proj input)
+        total += out
+    return total
+
+
+def kv_transient(s, lay) -> int | None:
+    """The largest full-length K/V buffer that exists only transiently in one layer, the
+    concatenated [dK | dV] of one gather before its reduce-scatter, l b 2 (h_kv / C) d es:
+    C-fold smaller with --kv-gather-chunks C (the gathered K/V itself is saved for backward
+    either way). None at N = 1."""
+    if lay.n == 1:
+        return None
+    kv = s.kv_heads // lay.t // lay.kv_chunks  # this rank's heads of one chunk
+    return s.seq * lay.micro_batch * 2 * kv * s.head_dim * lay.attn_bytes
+
+
+def imbalance(s, lay) -> float:
+    """max / mean over the sequence group of the (query, key) pairs each rank attends (the
+    trainer's ``attention_imbalance``). Contiguous causal segments: rank r attends
+    s_loc (r s_loc) + s_loc (s_loc + 1) / 2 pairs, so the last rank does most; zigzag (chunks r
+    and 2N-1-r of length c = l/2N) gives every rank c^2 (2N-1) + c (c+1): 1.0."""
+    n, seg = lay.n, s.seq // lay.n
+    if not s.causal or n == 1 or lay.zigzag:
+        return 1.0
+    pairs = [seg * r * seg + seg * (seg + 1) // 2 for r in range(n)]
+    return max(pairs) / (sum(pairs) / n)
+
+
+# --- memory estimate ---------------------------------------------------------------------------
+def estimate_attention(m, n: int, b: int, es: int, kernel: str) -> tuple[int, str]:
+    """q, k, v of the segment, the gathered [K|V] of the whole sequence, the output (dense: the
+    probabilities [b, h, l/N, l] and mask; flash: the log-sum-exp)."""
+    ll, d, h, kv = m.seq_length, m.head_dim, m.num_heads, m.kv_heads
+    seg = ll // n
+    saved = seg * b * (h + 2 * kv) * d * es + ll * b * 2 * kv * d * es  # qkv, gathered [K|V]
+    saved += seg * b * h * d * es  # output
+    if kernel == "dense":
+        saved += b * h * seg * ll * es + (seg * ll if m.causal else 0)
+        return saved, "LSS dense attention (scores materialised)"
+    return saved + b * h * seg * 4, "LSS flash attention"
+
+
+MODE = Mode(
+    name="lss",
+    label="lss",
+    colour="tab:blue",
+    degree_group="context",
+    layer_spec=_layer_spec,
+    post_build=_post_build,
+    composes_with_tp=True,
+    options=("lss_layout", "kv_gather_chunks"),
+    documents=True,
+    costs=Costs(
+        sp_plan=sp_plan,
+        attention_saved=attention_saved,
+        attention_shape=attention_shape,
+        comm_in_core=True,
+        local_queries=True,
+        overlap="overlap_kv_gather",
+        kv_transient=kv_transient,
+        imbalance=imbalance,
+    ),
+    estimate_attention=estimate_attention,
+)

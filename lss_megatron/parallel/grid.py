@@ -22,7 +22,6 @@ from dataclasses import dataclass
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
-from ..config import ParallelConfig
 from . import comm
 
 
@@ -54,12 +53,14 @@ class Grid:
         )
 
 
-def initialize_grid(parallel: ParallelConfig) -> Grid:
-    """Build Megatron's groups for `parallel` on the already-initialised default group.
+def initialize_grid(parallel) -> Grid:
+    """Build Megatron's groups for `parallel` (a validated `config.ParallelConfig`: its sizes
+    are all this reads) on the already-initialised default group.
 
-    The mode decides how the degree N maps onto Megatron (`config.MODE_RULES`): LSS and Ulysses
-    use a context-parallel group of size N (the sequence group), nvidia-sp a tensor-parallel group
-    of size N, serial neither. Every group gets the run's collective timeout.
+    The mode decides how the degree N maps onto Megatron (its `Mode.degree_group`): LSS and
+    Ulysses use a context-parallel group of size N (the sequence group), nvidia-sp a
+    tensor-parallel group of size N, serial neither. Every group gets the run's collective
+    timeout.
     """
     if not dist.is_initialized():
         raise RuntimeError("initialize_grid: torch.distributed is not initialised")

@@ -51,7 +51,7 @@ def dataset_for(cfg: RunConfig):
 def megatron_mask(cfg: RunConfig) -> bool:
     """The model's core attention is Megatron's own `DotProductAttention` (the dense kernel in
     serial and nvidia-sp): it takes Megatron's [b, 1, l, l] document mask."""
-    return cfg.train.attention_kernel == "dense" and cfg.parallel.mode in ("serial", "nvidia-sp")
+    return cfg.train.attention_kernel == "dense" and cfg.parallel.rules.megatron_attention
 
 
 def step_micro_batches(cfg: RunConfig, grid: Grid, step: int, device=None, split: str = "train"):

@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from baselines.ulysses import sp_bytes_per_layer
+from lss_megatron.baselines.ulysses import sp_bytes_per_layer
 from lss_megatron.config import ModelConfig
 from tests.support import ROOT, read_metrics, torchrun_train
 

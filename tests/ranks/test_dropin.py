@@ -154,7 +154,12 @@ def _lss_worker(rank, world, cases):
         prepare_lss_model(model, layout=layout)
         losses, meg_grads = _megatron_step(cfg, model, batch)
         _, ours = _build(n, pos, get_lss_layer_spec(layout=layout))  # the same weights
-        prepare_lss_model(ours, layout=layout)
+        try:  # forgetting prepare_lss_model is an error, not a silently wrong model
+            ours(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+            unprepared = "ran"
+        except RuntimeError as e:
+            unprepared = str(e)
+        prepare_lss_model(ours)  # the layout comes from the spec: one source of truth
         ours(batch["tokens"], batch["position_ids"], None, labels=batch["labels"]).mean().backward()
         GradientAverager(ours, grid)()
         slices = {
@@ -173,6 +178,7 @@ def _lss_worker(rank, world, cases):
                 "ours": {k: p.grad.numpy().copy() for k, p in ours.named_parameters()},
                 "init": {k: p.detach().numpy().copy() for k, p in model.named_parameters()},
                 "rows": slices,
+                "unprepared": unprepared,
             }
         )
         destroy_grid()
@@ -211,6 +217,7 @@ def _check(ref, ranks):
     for r in ranks:
         n, pos, layout = r["case"]
         tag = f"N={n} D={r['data_size']} {pos} {layout} data_rank={r['data_rank']}"
+        assert "call prepare_lss_model(model)" in r["unprepared"], (tag, r["unprepared"])
         per = GLOBAL_BATCH // r["data_size"]
         rows = slice(r["data_rank"] * per, (r["data_rank"] + 1) * per)
         ref_tok = ref["tokens"][rows][:, r["positions"]]  # the reference at this rank's positions

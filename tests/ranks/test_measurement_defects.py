@@ -51,12 +51,12 @@ def _unreadable_worker(rank, world):
     import torch
     import torch.distributed as dist
 
-    from lss_megatron.parallel import comm
+    from lss_megatron.parallel import comm, recording
 
     def broken(a, k):
         raise KeyError("no tensor")
 
-    comm._BYTES["all_reduce"] = broken
+    recording._BYTES["all_reduce"] = broken
     x = torch.ones(4)
     with comm.record():
         try:
@@ -65,11 +65,11 @@ def _unreadable_worker(rank, world):
         except RuntimeError as e:
             strict = str(e)
     dist.all_reduce(x)  # the collective itself still ran on the other rank: stay in step
-    comm._strict = lambda: False  # outside tests
+    recording._strict = lambda: False  # outside tests
     records = []
     handler = logging.Handler()
     handler.emit = records.append
-    logging.getLogger(comm.__name__).addHandler(handler)
+    logging.getLogger(recording.__name__).addHandler(handler)
     with comm.record() as log:
         dist.all_reduce(x)
         dist.all_reduce(x)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from baselines.ulysses import sp_bytes_per_layer
+from lss_megatron.baselines.ulysses import sp_bytes_per_layer
 from lss_megatron.config import ModelConfig
 from tests.support import MODEL, check_model, model_worker, run_ranks
 

@@ -451,12 +451,13 @@ def test_figures_regenerate_from_csv_alone(tmp_path, capsys):
         "memory",
         "longest_sequence",
         "throughput",
+        "overview",
     }
 
 
 def test_figures_of_an_empty_table(tmp_path, df):
     paths = figures.make_figures(df[df["status"] == "nope"], tmp_path, 1e6, "measured")
-    assert len(paths) == 10 and all(p.exists() for p in paths)
+    assert len(paths) == 2 * len(figures.FIGURES) and all(p.exists() for p in paths)
 
 
 # --- presets and plans ---------------------------------------------------------------------------

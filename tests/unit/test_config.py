@@ -131,7 +131,7 @@ def test_nvidia_sp_guard_refuses_a_model_without_sequence_parallelism():
     """If Megatron built the model without TP = N and sequence_parallel, the run must stop."""
     from types import SimpleNamespace
 
-    from baselines.nvidia_sp import verify_sequence_parallel
+    from lss_megatron.baselines.nvidia_sp import verify_sequence_parallel
 
     grid = SimpleNamespace(tp_size=2)
     ok = SimpleNamespace(

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from analysis.costmodel import Assumptions, make_config, predict
-from analysis.costmodel.counts import _probs, layout_from_config
+from analysis.costmodel.counts import layout_from_config, probs_bytes
 from analysis.costmodel.paper import PAPER_CLAIMS, Options, paper_series, summit_paper
 from analysis.costmodel.scenarios import ASSUMPTION_SETS, SP_DEGREES, get_set, setup_144
 
@@ -101,7 +101,7 @@ def test_transient_score_bytes_count_in_fits():
     p = predict(make_config("nvidia-sp", 2, 1, **kw), device="v100-summit")
     # input grads dq, dk, dv [l, b, h/t, d] + dP (fp16 and fp32 softmax) + dS (fp16)
     heads, ll, d = 2, 256, 16
-    expect = 3 * ll * heads * d * 2 + _probs(1, heads, ll, ll, 2) + heads * ll * ll * 2
+    expect = 3 * ll * heads * d * 2 + probs_bytes(1, heads, ll, ll, 2) + heads * ll * ll * 2
     assert p["transient_bytes"] == expect
     assert p["peak_bytes"] == p["memory_bytes"] + expect and p["fits_memory"]
     lss = predict(make_config("lss", 2, 1, **{**kw, "attention_kernel": "flash"}))
@@ -184,7 +184,7 @@ def test_preset_comments_quote_the_model():
     from analysis.costmodel.paper import summit_layout
 
     text = (ROOT / "launch/presets/paper-enwik8-144gpu.yaml").read_text()
-    probs_and_mask = _probs(1, 12 // 6, 6144, 6144, 4) + 6144 * 6144  # fp32, t = 6, bool mask
+    probs_and_mask = probs_bytes(1, 12 // 6, 6144, 6144, 4) + 6144 * 6144  # fp32, t = 6, bool mask
     assert f"{probs_and_mask / 1e9:.2f} GB per layer (4.7 GB of activations" in text
     dense = summit_layout("144", mode="nvidia-sp", attention_kernel="materialized")
     assert f"{dense['peak_bytes'] / 1e9:.1f} GB peak" in text

@@ -1,16 +1,19 @@
 """How the figures read (analysis/figures.py), checked on the drawn matplotlib objects: one colour
 per mode, one marker per sequence length, measured solid and filled, modelled dashed and hollow,
-linear axes over narrow ranges, no CPU-RSS panel, the preset and the machine in every title."""
+linear axes over narrow ranges, no CPU-RSS panel, the preset and the machine in every title; the
+overview (one bar per configuration, colour = mode, hatch = option / setting, the repeats' spread
+as error bars), and the one colour table every figure of the project takes its colours from."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import matplotlib.colors as mcolors
+import numpy as np
 import pandas as pd
 import pytest
 
-from analysis import figures, tables
+from analysis import figures, plotting, repeats, tables
 from tests.support import ROOT
 
 FIXTURE = ROOT / "analysis" / "fixtures" / "summary.csv"
@@ -32,7 +35,7 @@ def drawn(monkeypatch):
         figs[Path(stem).name] = fig
         return []
 
-    monkeypatch.setattr(figures, "_save", keep)
+    monkeypatch.setattr(plotting, "save", keep)
     yield figs
     import matplotlib.pyplot as plt
 
@@ -115,3 +118,94 @@ def test_modelled_points_are_hollow_and_dashed(df, drawn, tmp_path):
     longest = [ln for _, ln in _lines(drawn["longest_sequence"])]
     assert longest and all(ln.get_linestyle() == "--" for ln in longest)
     assert all(mcolors.to_hex(ln.get_markerfacecolor()) == "#ffffff" for ln in longest)
+
+
+def _fixture_with_repeats() -> pd.DataFrame:
+    """summary.csv of the fixture's launches run 3 times each (step times +-5 %), one row per
+    configuration; the lss and nvidia-sp runs at N = 2, l = 64 also with the dense kernel."""
+    base = tables.read_summary(FIXTURE)
+    base = base[base["repeat"] == 0]
+    dense = base[(base["seq_parallel"] == 2) & (base["seq_length"] == 64)]
+    dense = dense[dense["variant"].isin(["lss", "nvidia-sp"])].assign(attention_kernel="dense")
+    rows = []
+    for _, row in pd.concat([base, dense], ignore_index=True).iterrows():
+        for r, f in enumerate((0.95, 1.0, 1.05)):
+            setting = "_dense" if row["attention_kernel"] == "dense" else ""
+            rows.append(
+                {
+                    **row.to_dict(),
+                    "run_id": str(row["run_id"]).replace("_r0", f"{setting}_r{r}"),
+                    "config_id": None,
+                    "repeat": r,
+                    "step_time_s": row["step_time_s"] * f,
+                }
+            )
+    runs = tables.finish(rows, "strong")
+    return repeats.aggregate(runs, "strong").assign(machine=CPU)
+
+
+def test_overview_one_bar_per_configuration(drawn, tmp_path):
+    df = _fixture_with_repeats()
+    figures.make_figures(df, tmp_path, 1e6, "measured")
+    fig = drawn["overview"]
+    assert f"preset fixture · {CPU}" in fig._suptitle.get_text()
+    data = figures.overview_data(df)
+    ok = df[df["status"] == "ok"]
+    assert len(data) == len(ok)  # one bar per run configuration (the failed one has none)
+    step, saved, sp = fig.axes[:3]
+    assert "step time [ms]" in step.get_ylabel() and "3 repeats" in step.get_ylabel()
+    assert "saved for backward" in saved.get_ylabel() and "sequence-parallel" in sp.get_ylabel()
+    for ax, column, scale in (
+        (step, "step_time_s", 1e3),
+        (saved, "activation_bytes", None),
+        (sp, "sp_comm_bytes", None),
+    ):
+        bars = ax.patches
+        assert len(bars) == len(data)
+        heights = [b.get_height() for b in bars]
+        div = plotting.bytes_unit(data[column])[0] if scale is None else 1 / scale
+        assert heights == pytest.approx(list(data[column] / div), rel=1e-9)
+        for bar, mode in zip(bars, data["mode"], strict=True):  # colour = the mode's
+            assert mcolors.to_hex(bar.get_facecolor()) == mcolors.to_hex(
+                plotting.MODE_COLOURS[mode]
+            )
+    hatch = {s: b.get_hatch() or "" for s, b in zip(data["style"], step.patches, strict=True)}
+    assert hatch[""] == "" and len(set(hatch.values())) == len(hatch)  # one hatch per style
+    assert {"zigzag", "zero1", "dense"} <= set(hatch)
+    # error bars: the repeats' min and max around the median
+    lines = [c for c in step.collections if len(c.get_segments()) == len(data)]
+    assert lines, "no error bars"
+    spans = sorted((s[:, 1].min(), s[:, 1].max()) for s in lines[0].get_segments())
+    lo, hi = data["step_time_s_min"] * 1e3, data["step_time_s_max"] * 1e3
+    expected = sorted(zip(lo, hi, strict=True))
+    assert np.ravel(spans) == pytest.approx(np.ravel(expected), rel=1e-9)
+    groups = {t.get_text() for t in step.texts}
+    assert {"N2 x D1\nl=64", "N1 x D1\nl=128"} <= groups  # grouped by layout (and l)
+
+
+def test_one_length_draws_the_overview_not_the_memory_curves(drawn, tmp_path):
+    df = _fixture_with_repeats()
+    paths = figures.make_figures(df[df["seq_length"] == 64], tmp_path, 1e6, "measured")
+    assert "memory" not in drawn and "overview" in drawn and not paths  # save is stubbed
+
+
+def test_every_mode_has_its_own_fixed_colour():
+    colours = plotting.MODE_COLOURS
+    assert set(colours) == {"serial", "lss", "nvidia-sp", "ulysses", "ring"}
+    assert len({mcolors.to_hex(c) for c in colours.values()}) == len(colours)
+    for label, mode in (
+        ("lss-zigzag", "lss"),
+        ("ulysses-zero1", "ulysses"),
+        ("nvidia-sp [dense, selective]", "nvidia-sp"),
+        ("serial [dense]", "serial"),
+        ("ring", "ring"),
+    ):
+        assert plotting.mode_of(label) == mode
+        assert plotting.mode_colour(label) == colours[mode]
+    tones = plotting.shades(["lss", "lss-zigzag", "lss-kv4", "serial", "nvidia-sp"])
+    assert tones["lss"] == colours["lss"] and tones["serial"] == colours["serial"]
+    blue = mcolors.to_rgb(colours["lss"])
+    for label in ("lss-zigzag", "lss-kv4"):  # the mode's hue, another tone
+        rgb = mcolors.to_rgb(tones[label])
+        assert rgb != blue and np.argmax(rgb) == np.argmax(blue)
+    assert len({mcolors.to_hex(c) for c in tones.values()}) == len(tones)

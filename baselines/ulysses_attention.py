@@ -1,4 +1,4 @@
-"""ulysses: DeepSpeed-Ulysses (Jacobs et al. 2023) as the core attention of the same Megatron GPT model.
+"""DeepSpeed-Ulysses (Jacobs et al. 2023) as Megatron's core attention: the ulysses mode's torch part.
 
 Like LSS, rank n of a sequence group of N ranks (Megatron's context-parallel group, TP = 1)
 holds the contiguous segment [n l/N, (n+1) l/N) of every sequence, with the same
@@ -13,7 +13,7 @@ in reverse. Per layer and micro-batch a rank sends, in each direction,
 
 Query head i of rank r is global head r h/N + i and its key/value head is r h_kv/N + i // (h/h_kv),
 which is Megatron's GQA grouping, so GQA is exact when N divides h and h_kv (the limits,
-`config.MODE_RULES["ulysses"]`).
+`ulysses.problems`).
 
 DeepSpeed's collectives go through `deepspeed.comm`, which dispatches to a process-wide backend.
 When none is set, `compat.deepspeed.deepspeed_backend()` installs DeepSpeed's `TorchBackend` on
@@ -26,13 +26,9 @@ only when the first Ulysses layer is built.
 from __future__ import annotations
 
 import torch
-from megatron.core.transformer.spec_utils import ModuleSpec
 
-from ..compat.deepspeed import deepspeed_backend
-from ..lss.core_attention import SequenceCoreAttention, attend
-from ..lss.positions import distribute_positions
-from .base import Mode
-from .serial import get_serial_layer_spec
+from lss_megatron.compat.deepspeed import deepspeed_backend
+from lss_megatron.lss.core_attention import SequenceCoreAttention, attend
 
 _BATCH_DIM = 1  # Megatron's sbhd layout: [s, b, h, d]
 
@@ -85,45 +81,3 @@ class UlyssesCoreAttention(SequenceCoreAttention):
         return self.ulysses(
             query, key, value, _BATCH_DIM, None, causal=causal, **kw
         )  # [l/N, b, h, d]
-
-
-def layer_spec(model, grid, kernel: str = "flash"):
-    """Megatron's local GPT layer spec with `UlyssesCoreAttention` (running `kernel`) as its core
-    attention."""
-    spec = get_serial_layer_spec(model.causal)
-    spec.submodules.self_attention.submodules.core_attention = ModuleSpec(
-        module=UlyssesCoreAttention, params={"kernel": kernel}
-    )
-    return spec
-
-
-def post_build(model, grid) -> None:
-    """Contiguous sequence-distributed positions (as LSS), and a guard that every layer really
-    runs Ulysses on the N-rank sequence group with TP = 1."""
-    if getattr(grid, "layout", "contiguous") != "contiguous":
-        raise ValueError(f"ulysses needs contiguous segments, got layout {grid.layout!r}")
-    distribute_positions(model, grid.seq_rank, grid.seq_size)
-    cores = [layer.self_attention.core_attention for layer in model.decoder.layers]
-    cfg = model.config
-    if (
-        not all(isinstance(c, UlyssesCoreAttention) for c in cores)
-        or any(torch.distributed.get_world_size(c.seq_group) != grid.seq_size for c in cores)
-        or (cfg.context_parallel_size, cfg.tensor_model_parallel_size) != (grid.seq_size, 1)
-    ):
-        raise RuntimeError(
-            f"ulysses: the model does not run UlyssesCoreAttention on a sequence group of "
-            f"{grid.seq_size} ranks with TP = 1 (core attention {type(cores[0]).__name__}, "
-            f"CP {cfg.context_parallel_size}, TP {cfg.tensor_model_parallel_size})"
-        )
-
-
-def sp_bytes_per_layer(model, n: int, micro_batch: int, element_size: int = 4) -> int:
-    """Bytes one rank sends in the four forward all-to-alls of one layer and micro-batch (the
-    backward sends the same), by `parallel.comm`'s convention: (n-1)/n of the local tensor.
-    q and the output hold (l/N) b h d elements on a rank, k and v (l/N) b h_kv d."""
-    head = (model.seq_length // n) * micro_batch * model.head_dim * element_size
-    heads = (model.num_heads, model.kv_heads, model.kv_heads, model.num_heads)  # q, k, v, out
-    return sum((n - 1) * h * head // n for h in heads)
-
-
-MODE = Mode(name="ulysses", layer_spec=layer_spec, post_build=post_build)
