@@ -276,8 +276,17 @@ class RingCoreAttention(SequenceCoreAttention):
         if layout not in LAYOUTS:
             raise ValueError(f"RingCoreAttention: layout {layout!r} is not one of {LAYOUTS}")
         self.layout = layout
+        self.prepared = False
+        """Set by `ring.prepare_ring_model`; a group of N > 1 refuses to run without it
+        (positions would be the whole table's, or RoPE's local ones: silently wrong)."""
 
-    def attend(self, query, key, value, causal: bool) -> torch.Tensor:
+    def attend(self, query, key, value, causal: bool, doc_start=None) -> torch.Tensor:
+        if not self.prepared and self.seq_group.size() > 1:
+            raise RuntimeError(
+                "RingCoreAttention: this model was not prepared for the ring: call "
+                "prepare_ring_model(model) once after building it, on every rank of the "
+                "context-parallel group (it makes positions sequence-distributed)"
+            )
         out = ring_attention(
             query,
             key,
