@@ -108,7 +108,7 @@ def _reference():
         (1, 1, pos, "contiguous", "dense", causal)
         for pos, causal in (("learned", True), ("rope", True), ("learned", False))
     ]
-    res = run_ranks(_worker, 1, refs, timeout=120)[0]
+    res = run_ranks(_worker, 1, refs, timeout=300)[0]
     return {(r["layout"][2], r["layout"][5]): r for r in res}
 
 
