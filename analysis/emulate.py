@@ -29,6 +29,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from lss_megatron.modes import MODES
+
 from .costmodel import make_config, predict
 from .costmodel.counts import mode_of
 from .costmodel.hw import DEVICES
@@ -39,13 +41,17 @@ BF16 = torch.bfloat16
 
 @dataclass(frozen=True)
 class Variant:
-    """One row family: a trainer mode and the option that changes its per-rank work."""
+    """One row family: a trainer mode and the options that change its per-rank work."""
 
     mode: str
     layout: str = "contiguous"
     causal_ranks: bool = False
     """Ranks do unequal causal work (contiguous LSS, zigzag LSS, ring): take the first, middle and
     last rank; otherwise every rank does the same work and rank 0 stands for all."""
+    options: tuple = ()
+    """((name, value), ...): mode options beyond the layout, by their `parallel.grid.Grid`
+    field, which is also the cost model's `make_config` flag (e.g. ``("lss_save_kv",
+    "local")``)."""
 
 
 VARIANTS = {
@@ -53,7 +59,12 @@ VARIANTS = {
     "lss-zigzag": Variant("lss", "zigzag", causal_ranks=True),
     "ulysses": Variant("ulysses"),
     "nvidia-sp": Variant("nvidia-sp"),
-    # "ring": Variant("ring", causal_ranks=True),  # one line, once --mode ring is on main
+    # ring attention (issue 22), as soon as the registry holds its mode (checked against the
+    # ring branch's mode: 18,432 counted bytes = the cost model's at the dry shape, every rank)
+    **({"ring": Variant("ring", causal_ranks=True)} if "ring" in MODES else {}),
+    # one line each once on main: LSS's K/V kept local and overlapped gathers (issue 21):
+    # "lss-localkv": Variant("lss", causal_ranks=True, options=(("lss_save_kv", "local"),)),
+    # "lss-overlap": Variant("lss", causal_ranks=True, options=(("lss_overlap", True),)),
 }
 """The emulated variants: each at the same degree P with its own legal layout."""
 
@@ -149,6 +160,7 @@ def emulated_rank(variant: Variant, n: int, rank: int):
             tp_rank=ps.get_tensor_model_parallel_rank(),
             tp_size=tp,
             layout=variant.layout,
+            **dict(variant.options),
         )
         comm.tag_group(grid.seq_group, "sp")
         comm.tag_group(grid.tp_group, "sp")
@@ -185,6 +197,9 @@ def build_layer(variant: Variant, shape: LayerShape, grid, device: torch.device)
     )
     cfg.perform_initialization = False  # drawn below, on the device
     layer = build_module(spec, config=cfg, layer_number=1).to(device=device, dtype=BF16)
+    core = layer.self_attention.core_attention
+    if hasattr(core, "prepared"):  # LSS: what `prepare_lss_model` does for a GPTModel, the
+        core.prepared = True  # emulation does itself: it feeds the rank's global RoPE angles
     with torch.no_grad():
         for name, p in layer.named_parameters():
             if name.endswith("bias"):
@@ -245,6 +260,13 @@ def modelled_comm_seconds(calls: dict, nbytes: dict, n: int) -> dict:
     return out
 
 
+def config_flags(variant: Variant) -> dict:
+    """The variant's options as the cost model's `make_config` flags: the layout (where the
+    mode takes one) and `Variant.options`."""
+    layout = {"lss_layout": variant.layout} if "lss_layout" in mode_of(variant.mode).options else {}
+    return {**layout, **dict(variant.options)}
+
+
 def predicted_layer(variant: Variant, shape: LayerShape, device: str) -> dict:
     """The cost model's time for ONE layer of one micro-batch (forward + backward) on the
     slowest rank: its per-micro-batch terms at 2 layers minus at 1 layer (embedding, logits,
@@ -266,11 +288,7 @@ def predicted_layer(variant: Variant, shape: LayerShape, device: str) -> dict:
             micro_batch_size=shape.micro_batch,
             position_embedding="rope",
             dtype="bf16",
-            **(
-                {"lss_layout": variant.layout}
-                if "lss_layout" in mode_of(variant.mode).options
-                else {}
-            ),
+            **config_flags(variant),
         )
         return predict(cfg, device=device)
 

@@ -270,10 +270,11 @@ def attention_checks(device: torch.device, sq: int, n: int, b: int, d: int) -> l
 
 
 # --- 0. the backend first -----------------------------------------------------------------------
-def nccl_smoke(device: torch.device) -> dict:
+def backend_smoke(device: torch.device) -> dict:
     """One all-reduce on a one-rank process group of the device's backend (NCCL on CUDA, gloo on
     the CPU), through `parallel.comm.backend_all_reduce_` (which, unlike the trainer's calls,
-    does not skip a group of one): a sandbox where NCCL cannot start fails here, by name."""
+    does not skip a group of one). Runs in the process that calls it (`nccl_smoke` gives it a
+    process of its own)."""
     import torch.distributed as dist
 
     from lss_megatron.parallel import comm
@@ -298,6 +299,45 @@ def nccl_smoke(device: torch.device) -> dict:
         "ok": values == [0.0, 1.0, 2.0, 3.0],
         "seconds": time.perf_counter() - t0,
     }
+
+
+SMOKE_TIMEOUT_S = 90
+
+
+def nccl_smoke(device: torch.device, timeout_s: float = SMOKE_TIMEOUT_S, command=None) -> dict:
+    """`backend_smoke` in a process of its own, first: a sandbox where NCCL cannot start (an
+    error, or a hang in its transport probing) is named here, with the tail of NCCL's own
+    warnings (``NCCL_DEBUG=WARN``), and never hangs the check; this process never builds an
+    NCCL group (the emulation runs on the fake backend, the trainer in its own processes).
+    `command` replaces the child's command line (tests)."""
+    cmd = command or [
+        sys.executable,
+        "-c",
+        "import json, torch; from analysis.gpu_check import backend_smoke; "
+        f"print('SMOKE ' + json.dumps(backend_smoke(torch.device({str(device)!r}))))",
+    ]
+    env = {**os.environ, "NCCL_DEBUG": os.environ.get("NCCL_DEBUG", "WARN")}
+    if device.type != "cuda":
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    try:
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=timeout_s, env=env, cwd=ROOT
+        )
+    except subprocess.TimeoutExpired as exc:
+        tail = (exc.stderr or b"")[-2000:]
+        return {
+            "ok": False,
+            "error": f"no answer within {timeout_s:.0f} s (a hang in the backend's start?)",
+            "stderr_tail": tail.decode(errors="replace") if isinstance(tail, bytes) else tail,
+        }
+    lines = [x for x in proc.stdout.splitlines() if x.startswith("SMOKE ")]
+    if proc.returncode != 0 or not lines:
+        return {
+            "ok": False,
+            "error": f"exit {proc.returncode}",
+            "stderr_tail": proc.stderr[-3000:],
+        }
+    return json.loads(lines[-1].removeprefix("SMOKE "))
 
 
 # --- 2. matmul peak; 3. LSS attention efficiency --------------------------------------------------
@@ -424,9 +464,9 @@ def mode_emulation(device: torch.device, sz: dict, predict_device: str) -> tuple
     return rows, failures
 
 
-def kernel_mix(result: dict, device: torch.device) -> list[str]:
-    """One SDPA kernel per (dtype, direction) across every row that ran one (attention checks,
-    efficiency, emulation): the failures naming a mix, or a kernel other than `EXPECTED`."""
+def _kernel_rows(result: dict) -> dict[tuple[str, str], dict[str, set]]:
+    """{(dtype, direction): {kernel: the rows that ran it}} over every row that ran a fused
+    kernel (attention checks, efficiency, emulation)."""
     seen: dict[tuple[str, str], dict[str, set]] = {}
     rows = [(r["dtype"], r["case"], r["kernels"]) for r in result.get("attention_checks", [])]
     rows += [
@@ -438,15 +478,31 @@ def kernel_mix(result: dict, device: torch.device) -> list[str]:
         for r in result.get("mode_emulation", [])
     ]
     for dtype, where, kernels in rows:
+        dtype = {"bfloat16": "bf16", "float32": "fp32"}.get(dtype, dtype)
         for direction in ("forward", "backward"):
-            for k in kernels[direction]:
+            for k in kernels.get(direction, []):
                 seen.setdefault((dtype, direction), {}).setdefault(k, set()).add(where)
+    return seen
+
+
+def kernel_summary(result: dict) -> dict[str, dict[str, int]]:
+    """{"bf16 forward": {kernel: rows}, ...}: what the check prints and records."""
+    return {
+        f"{dtype} {direction}": {k: len(w) for k, w in sorted(by_kernel.items())}
+        for (dtype, direction), by_kernel in sorted(_kernel_rows(result).items())
+    }
+
+
+def kernel_mix(result: dict, device: torch.device) -> list[str]:
+    """One SDPA kernel per (dtype, direction) across every row that ran one (attention checks,
+    efficiency, emulation): the failures naming a mix, or a kernel other than `EXPECTED`."""
     failures = []
-    for (dtype, direction), by_kernel in sorted(seen.items()):
-        expected = EXPECTED[(device.type, getattr(torch, {"bf16": "bfloat16"}.get(dtype, dtype)))]
+    for (dtype, direction), by_kernel in sorted(_kernel_rows(result).items()):
+        torch_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+        expected = EXPECTED[(device.type, torch_dtype)]
         if len(by_kernel) > 1 or set(by_kernel) != expected:
             detail = "; ".join(
-                f"{k}: {len(w)} rows, e.g. {sorted(w)[0]}" for k, w in by_kernel.items()
+                f"{k}: {len(w)} rows, e.g. {sorted(w)[0]}" for k, w in sorted(by_kernel.items())
             )
             failures.append(
                 f"SDPA kernel mix ({dtype} {direction}): expected only {sorted(expected)}, "
@@ -653,7 +709,9 @@ def run(out_dir: Path, dry_run: bool = False) -> dict:
     def smoke():
         r = result["nccl_smoke"] = nccl_smoke(device)
         if not r["ok"]:
-            result["failures"].append(f"nccl_smoke: all-reduce gave {r['result']}")
+            why = r.get("error") or f"the all-reduce gave {r.get('result')}"
+            tail = (r.get("stderr_tail") or "").strip().splitlines()[-1:]
+            result["failures"].append(f"nccl_smoke: {why}" + (f": {tail[0]}" if tail else ""))
 
     def checks():
         rows = result["attention_checks"] = attention_checks(device, **sz["check"])
@@ -704,6 +762,7 @@ def run(out_dir: Path, dry_run: bool = False) -> dict:
         ("trainer", trainer),
     ):
         _phase(result, path, name, fn, started)
+    result["sdpa_kernels"] = kernel_summary(result)
     mix = kernel_mix(result, device)
     for line in mix:
         print(f"gpu_check: FAILED: {line}", file=sys.stderr, flush=True)
@@ -764,6 +823,7 @@ def main(argv=None) -> int:
                     "matmul_peak_flops",
                     "ok",
                     "failures",
+                    "sdpa_kernels",
                     "planned_seconds",
                     "phase_seconds",
                     "total_s",

@@ -78,6 +78,8 @@ class UlyssesCoreAttention(SequenceCoreAttention):
 
     def attend(self, query, key, value, causal: bool, doc_start=None) -> torch.Tensor:
         kw = {} if doc_start is None else {"doc_start": doc_start}
-        return self.ulysses(
-            query, key, value, _BATCH_DIM, None, causal=causal, **kw
-        )  # [l/N, b, h, d]
+        out = self.ulysses(query, key, value, _BATCH_DIM, None, causal=causal, **kw)
+        sq, b, h, d = out.shape  # [l/N, b, h, d]
+        n = self.seq_group.size()
+        self.count_sequence_flops(b, n * sq, h // n, d, causal, doc_start)  # l keys, h/N heads
+        return out

@@ -28,15 +28,18 @@ from __future__ import annotations
 
 import json
 import statistics
+from dataclasses import replace
 from pathlib import Path
 
-from .calibrated import CalibratedDevice, cpu_step_time, find_device_file, load_device_file
+from .calibrated import CalibratedDevice, find_device_file, load_device_file
 from .configs import config_from_preset, layout_problems, make_config
 from .counts import (
     FP32,
     MODES,
     activation_bytes,
     attention_imbalance,
+    document_attention_fraction,
+    document_attention_imbalance,
     grad_comm,
     kv_transient_bytes,
     layout_from_config,
@@ -87,8 +90,14 @@ def predict(
     config: dict,
     device: str | Device | CalibratedDevice | None = None,
     assumptions: Assumptions | None = None,
+    document_lengths=None,
 ) -> dict:
     """Per-rank costs of one optimizer step of the run `config` (the trainer's config.json).
+
+    `document_lengths` (token counts of the packed documents, an empirical distribution): with
+    ``--reset-attention-mask`` in `config`, also ``attention_flops_vs_causal`` (expected pairs
+    within documents over causal pairs, `counts.document_attention_fraction`) and LSS's
+    ``attention_imbalance`` under document masks (`counts.document_attention_imbalance`).
 
     Counts (rank 0, per step, as the trainer counts them): ``sp_comm_bytes``,
     ``grad_comm_bytes``, ``other_comm_bytes`` (+ ``*_calls``), ``activation_bytes`` (one
@@ -103,8 +112,8 @@ def predict(
     (`counts.zero_counts`: state about 1/P, padded partitions). With a `device`:
     ``step_time_s``, ``time_breakdown_s``, ``achieved_flops_per_s``, ``fits_memory``
     (``peak_bytes`` within the device's memory); a `CalibratedDevice` (``python -m
-    analysis.calibrate``) times the run with the measured CPU model (`calibrated.cpu_step_time`)
-    instead of the GPU roofline.
+    analysis.calibrate``) times the run with its measured rates instead of the GPU roofline's
+    (`steptime.step_time` prices either).
     """
     s = shape_from_config(config["model"])
     lay = layout_from_config(config)
@@ -136,6 +145,10 @@ def predict(
         "kv_transient_bytes": kv_transient_bytes(s, lay),
         "zero_stage": lay.zero_stage,
     }
+    if document_lengths is not None and config["train"].get("reset_attention_mask"):
+        out["attention_flops_vs_causal"] = document_attention_fraction(document_lengths, s.seq)
+        if lay.mode == "lss":
+            out["attention_imbalance"] = document_attention_imbalance(document_lengths, s, lay)
     if lay.zero_stage:
         out.update(zero_counts(s, lay, optimizer))
     if lay.master_weights and not lay.zero_stage:
@@ -151,10 +164,9 @@ def predict(
     out["peak_bytes"] = out["memory_bytes"] + out["transient_bytes"]
     if device is not None:
         dev = device if isinstance(device, CalibratedDevice) else get_device(device)
-        if isinstance(dev, CalibratedDevice):
-            timing = cpu_step_time(s, lay, dev, optimizer)
-        else:
-            timing = step_time(s, lay, dev, assumptions or Assumptions(), optimizer)
+        if assumptions is not None:
+            dev = replace(dev, assumptions=assumptions)
+        timing = step_time(s, lay, dev, optimizer)
         out.update(timing)
         out["device"] = dev.name
         out["achieved_flops_per_s"] = out["model_flops_per_step"] / timing["step_time_s"]

@@ -33,14 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..inputs import InputError, read_json_file
-from .counts import UPDATE_BYTES, Layout, Shape, other_comm, param_count
-from .steptime import (
-    Assumptions,
-    attention_work,
-    elementwise_bytes,
-    grad_comm_time,
-    sp_comm_time,
-)
+from .hw import Assumptions
 
 BASE_HEAD_DIM = 16
 """The head dimension of a calibration's plain ``flash`` / ``dense`` tables; tables measured at
@@ -120,6 +113,8 @@ class CalibratedDevice:
     overheads: dict
     source: str = ""
     load_avg: list = field(default_factory=list)
+    assumptions: Assumptions = field(default_factory=Assumptions)
+    """Only its elementwise passes and overlaps apply here (the rates are measured)."""
 
     def share(self, ranks: int) -> float:
         """Slowdown of each rank's compute when `ranks` single-thread processes share the cores:
@@ -127,12 +122,30 @@ class CalibratedDevice:
         shared machine it measures the other users' load as much as this machine."""
         return max(1.0, ranks / self.cores)
 
-    def gemm_rate(self, flops: float) -> float:
+    # --- the device interface the step time reads (`hw.Device` has the same) -------------------
+    def precision(self, elem_bytes: int) -> str:
+        return "fp32" if elem_bytes == 4 else "bf16"
+
+    def gemm_rate(self, flops: float, elem_bytes: int = 4) -> float:
+        """FLOP/s measured at this many FLOPs per call (fp32 tables; the trainer's CPU bf16 is
+        not calibrated separately)."""
         return interpolate(self.gemm, flops)
 
-    def attention_rate(self, kernel: str, flops: float, head_dim: int = BASE_HEAD_DIM) -> float:
+    def attention_fraction(self, queries: int, elem_bytes: int = 4) -> None:
+        """No fraction of a peak: the CPU's attention rates are measured."""
+        return None
+
+    def attention_rate(
+        self,
+        kernel: str,
+        flops: float,
+        head_dim: int = BASE_HEAD_DIM,
+        queries: int = 0,
+        elem_bytes: int = 4,
+    ) -> float:
         """FLOP/s of `kernel` at `flops` per call, from the table measured at the head dimension
-        nearest `head_dim` (on a log scale; files without per-d tables: the one table)."""
+        nearest `head_dim` (on a log scale; files without per-d tables: the one table); the
+        dense tables include the score traffic."""
         name = "dense" if kernel == "materialized" else "flash"
         dims = {BASE_HEAD_DIM: name} | {
             int(k.rsplit("_d", 1)[1]): k for k in self.attention if k.startswith(f"{name}_d")
@@ -140,12 +153,24 @@ class CalibratedDevice:
         nearest = min(dims, key=lambda d: abs(math.log(d / head_dim)))
         return interpolate(self.attention[dims[nearest]], flops)
 
+    def score_time(self, score_bytes: float) -> float:
+        """In the measured dense rates already."""
+        return 0.0
+
     def elementwise_bw(self, nbytes: float) -> float:
+        """Bytes/s of an elementwise chain over tensors of `nbytes`, measured."""
         return interpolate(self.elementwise, nbytes)
 
+    def collective_time(self, op: str, nbytes: float, n: int, stride: int = 1) -> float:
+        return self.network.time(op, nbytes, n, stride)
+
     def overhead(self, key: str, mode: str) -> float:
+        """Fixed seconds the calibration fitted (per mode where it fitted one, else serial's)."""
         v = self.overheads[key]
         return float(v.get(mode, v["serial"]) if isinstance(v, dict) else v)
+
+    def report(self, gemm_calls: list[float], elem_bytes: int) -> dict:
+        return {"gemm_flops_per_s": [self.gemm_rate(f, elem_bytes) for f in gemm_calls]}
 
 
 # --- reading and checking a device file -----------------------------------------------------------
@@ -253,77 +278,3 @@ def load_device_file(path: str | Path) -> CalibratedDevice:
     return device_from_dict(
         read_json_file(path, "a calibration from analysis.calibrate"), str(path)
     )
-
-
-# --- the step time ------------------------------------------------------------------------------------
-def gemm_shapes(s: Shape, lay: Layout) -> list[tuple[int, int, int, int]]:
-    """(count per micro-batch, m, k, n) of this rank's forward GEMMs: QKV, proj, FC1, FC2 per
-    layer on the tokens of the tensor-parallel region with weights split T ways, the output layer."""
-    t, b = lay.tp, lay.micro_batch
-    m = b * lay.tp_tokens(s.seq)  # lss x TP: Megatron SP gathers the segment inside the region
-    qkv = (s.heads + 2 * s.kv_heads) * s.head_dim
-    return [
-        (s.layers, m, s.hidden, qkv // t),
-        (s.layers, m, s.heads * s.head_dim // t, s.hidden),
-        (s.layers, m, s.hidden, s.ffn // t),
-        (s.layers, m, s.ffn // t, s.hidden),
-        (1, m, s.hidden, s.padded_vocab // t),
-    ]
-
-
-def gemm_time(s: Shape, lay: Layout, dev: CalibratedDevice) -> float:
-    """Seconds of linear layers, forward + backward (3 GEMMs of 2mkn FLOPs each), one micro-batch."""
-    total = 0.0
-    for count, m, k, n in gemm_shapes(s, lay):
-        flops = 3.0 * 2 * m * k * n
-        total += count * flops / dev.gemm_rate(flops)
-    return total
-
-
-def comm_time(s: Shape, lay: Layout, dev: CalibratedDevice) -> dict:
-    """Seconds of activation traffic (one micro-batch), gradient sync and small all-reduces."""
-    net = dev.network
-    grad = grad_comm_time(s, lay, dev)
-    calls = other_comm(s, lay)[1]
-    return {
-        "sp": sp_comm_time(s, lay, dev),
-        "grad": grad,
-        "other": calls * net.time("all_reduce", 16, lay.world),
-    }
-
-
-def cpu_step_time(s: Shape, lay: Layout, dev: CalibratedDevice, optimizer: str) -> dict:
-    """Seconds per optimizer step on the slowest rank of a calibrated CPU, with its breakdown."""
-    mode, m, share = lay.mode, lay.micro_batches, dev.share(lay.world)
-    gemm = gemm_time(s, lay, dev)
-    att_flops, _ = attention_work(s, lay)
-    per_call = att_flops / s.layers / lay.micro_batch
-    rate = dev.attention_rate(lay.attention_kernel, per_call, s.head_dim) if att_flops else 1.0
-    attention = att_flops / rate
-    el_bytes = elementwise_bytes(s, lay, Assumptions())
-    tensor = lay.micro_batch * lay.tp_tokens(s.seq) * s.hidden * lay.act_bytes
-    elementwise = el_bytes / dev.elementwise_bw(tensor)
-    fixed_micro = dev.overhead("per_micro", mode) + s.layers * dev.overhead("per_micro_layer", mode)
-    fixed_step = dev.overhead("per_step", mode) + s.layers * dev.overhead("per_step_layer", mode)
-    update_bytes = UPDATE_BYTES.get(optimizer, UPDATE_BYTES["sgd"])
-    opt = param_count(s, lay) * update_bytes / dev.elementwise_bw(1 << 22)
-    comm = comm_time(s, lay, dev)
-    parts = {
-        "gemm": share * m * gemm,
-        "attention": share * m * attention,
-        "elementwise": share * m * elementwise,
-        "fixed_overhead": share * (m * fixed_micro + fixed_step),
-        "optimizer": share * opt,
-        "sp_comm_exposed": m * comm["sp"],
-        "grad_comm": comm["grad"],
-        "other_comm": comm["other"],
-    }
-    return {
-        "step_time_s": sum(parts.values()),
-        "time_breakdown_s": parts,
-        "compute_share": share,
-        "gemm_flops_per_s": [
-            dev.gemm_rate(3.0 * 2 * a * b * c) for _, a, b, c in gemm_shapes(s, lay)
-        ],
-        "precision": "fp32" if lay.act_bytes == 4 else "bf16",
-    }

@@ -425,6 +425,52 @@ def model_flops_per_step(s: Shape, global_batch: int) -> int:
     return 3 * global_batch * (s.seq * per_token + attention)
 
 
+# --- packed documents (--reset-attention-mask) -------------------------------------------------
+def expected_visible_keys(document_lengths, seq: int):
+    """[seq] float: the expected number of keys the query at sequence position p sees under
+    document masks, for documents whose lengths (tokens, EOD included) follow the empirical
+    distribution `document_lengths`, packed in random order and cut into sequences of `seq`
+    (Megatron's GPTDataset). A random token lies in a document of length D with probability
+    proportional to D, at a uniform offset A in [0, D): P(A = a) = P(D > a) / E[D] (renewal
+    theory). It sees min(A, p) + 1 keys: A within its document, at most p within the sequence."""
+    import numpy as np
+
+    d = np.asarray(document_lengths, dtype=np.int64)
+    if d.size == 0 or d.min() < 1:
+        raise ValueError("document lengths must be >= 1 (and at least one)")
+    m = int(d.max())
+    counts = np.bincount(d, minlength=m + 1).astype(float)  # [m + 1]
+    survival = 1.0 - np.cumsum(counts) / d.size  # [m + 1]: P(D > a)
+    p_age = survival[:m] / d.mean()  # [m]: P(A = a)
+    tail = p_age[::-1].cumsum()[::-1]  # [m]: P(A >= k)
+    ge = np.zeros(seq)
+    k = min(m, seq)
+    ge[1:k] = tail[1:k]  # P(A >= k) for k = 1 .. seq-1
+    return 1.0 + np.cumsum(ge)  # [seq]: 1 + sum_{k=1..p} P(A >= k) = E[min(A, p)] + 1
+
+
+def document_attention_fraction(document_lengths, seq: int) -> float:
+    """Expected attention pairs under document masks over plain causal pairs
+    (`expected_visible_keys`): the trainer's ``attention_flops_vs_causal``."""
+    return float(expected_visible_keys(document_lengths, seq).sum()) / attention_pairs(seq, True)
+
+
+def document_attention_imbalance(document_lengths, s: Shape, lay: Layout) -> float | None:
+    """LSS under document masks: max / mean over the sequence group of the expected pairs each
+    rank attends (its positions' `expected_visible_keys`); None for other modes."""
+    if lay.mode != "lss":
+        return None
+    from lss_megatron.layout import segment_chunks
+
+    keys = expected_visible_keys(document_lengths, s.seq)
+    layout = "zigzag" if lay.zigzag else "contiguous"
+    pairs = [
+        sum(keys[lo:hi].sum() for lo, hi in segment_chunks(s.seq, r, lay.n, layout))
+        for r in range(lay.n)
+    ]
+    return float(max(pairs) / (sum(pairs) / lay.n))
+
+
 # --- beyond the paper: causal balance, chunked K/V gathers, ZeRO ---------------------------------
 def attention_imbalance(s: Shape, lay: Layout) -> float | None:
     """LSS: max / mean over the sequence group of the (query, key) pairs each rank attends (the

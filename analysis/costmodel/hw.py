@@ -24,10 +24,23 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 GB = 1e9
+
+
+@dataclass(frozen=True)
+class Assumptions:
+    """Efficiencies of the GPU time model (fractions of datasheet peaks) and what overlaps."""
+
+    gemm_efficiency: float = 0.7
+    attention_efficiency: float = 0.5
+    score_passes: int = 15
+    elementwise_passes_hidden: int = 30
+    elementwise_passes_ffn: int = 10
+    overlap_ring: bool = True
+    overlap_kv_gather: bool = False
 
 
 @dataclass(frozen=True)
@@ -97,6 +110,8 @@ class Device:
     """Measured by launch/gpu_check.sh: ((l/N, fraction of the bf16 matmul peak), ...) of LSS
     partial attention on the most loaded rank, forward + backward, bf16 (`attention_efficiency_at`
     interpolates). Empty: the time model's assumed efficiency applies."""
+    assumptions: Assumptions = field(default_factory=Assumptions)
+    """The stated efficiencies the rates below apply (`steptime.step_time` reads the overlaps)."""
 
     def attention_efficiency_at(self, local_len: int) -> float | None:
         """Measured efficiency at `local_len` queries per rank: linear in log2(l/N) between
@@ -116,6 +131,60 @@ class Device:
         if precision not in self.peak_flops:
             raise ValueError(f"{self.name} has no {precision} peak; has {sorted(self.peak_flops)}")
         return self.peak_flops[precision]
+
+    # --- the device interface the step time reads (`calibrated.CalibratedDevice` has the same) --
+    def precision(self, elem_bytes: int) -> str:
+        """The precision a run computes in: fp32, or a 16-bit one (fp16; bf16 where the device
+        has no fp16 peak)."""
+        return "fp32" if elem_bytes == 4 else "fp16"
+
+    def _peak_at(self, elem_bytes: int) -> float:
+        prec = self.precision(elem_bytes)
+        if prec == "fp16" and "fp16" not in self.peak_flops:
+            prec = "bf16"
+        return self.peak(prec)
+
+    def gemm_rate(self, flops: float, elem_bytes: int = 4) -> float:
+        """FLOP/s of a GEMM: the peak at this precision x ``gemm_efficiency``."""
+        return self._peak_at(elem_bytes) * self.assumptions.gemm_efficiency
+
+    def attention_fraction(self, queries: int, elem_bytes: int = 4) -> float:
+        """The fused attention kernel's fraction of peak: measured on this device at `queries`
+        per kernel call (launch/gpu_check.sh, bf16) for 16-bit runs where there is a
+        measurement, else the assumed ``attention_efficiency``."""
+        measured = self.attention_efficiency_at(queries) if elem_bytes == 2 else None
+        return measured if measured is not None else self.assumptions.attention_efficiency
+
+    def attention_rate(
+        self, kernel: str, flops: float, head_dim: int, queries: int = 0, elem_bytes: int = 4
+    ) -> float:
+        """FLOP/s of attention: a materialising kernel's two GEMMs at the GEMM rate (its score
+        traffic is `score_time`), a flash-style kernel at `attention_fraction` of the peak."""
+        if kernel == "materialized":
+            return self.gemm_rate(flops, elem_bytes)
+        return self._peak_at(elem_bytes) * self.attention_fraction(queries, elem_bytes)
+
+    def score_time(self, score_bytes: float) -> float:
+        """A materialised score tensor through HBM ``score_passes`` times (scores, mask,
+        softmax, probabilities and their gradients)."""
+        return self.assumptions.score_passes * score_bytes / self.hbm_bw
+
+    def elementwise_bw(self, nbytes: float) -> float:
+        return self.hbm_bw
+
+    def collective_time(self, op: str, nbytes: float, n: int, stride: int = 1) -> float:
+        return self.network.time(op, nbytes, n, stride)
+
+    def share(self, ranks: int) -> float:
+        """One rank per GPU: nothing shares its compute."""
+        return 1.0
+
+    def overhead(self, key: str, mode: str) -> float:
+        """No fixed per-step costs are modelled on a GPU."""
+        return 0.0
+
+    def report(self, gemm_calls: list[float], elem_bytes: int) -> dict:
+        return {"peak_flops": self._peak_at(elem_bytes)}
 
 
 SUMMIT = Network(

@@ -1,33 +1,40 @@
-"""Step time of one optimizer step on the slowest rank: a roofline for compute plus alpha-beta
-communication (`hw`), with every efficiency an explicit, stated assumption.
+"""Step time of one optimizer step on the slowest rank, one function for every device.
 
-    step = M x (GEMMs + attention + memory-bound elementwise + exposed activation traffic)
-           + gradient synchronisation + optimizer update
+A device (`hw.Device`: a GPU's datasheet and stated efficiencies, or
+`calibrated.CalibratedDevice`: a measured CPU) provides the same rates: ``gemm_rate``,
+``attention_rate`` by kernel, ``score_time`` (a materialising kernel's score traffic through
+memory, where the rate does not include it), ``elementwise_bw``, ``collective_time`` by kind,
+group size and stride, ``share`` (how many ranks share a core) and ``overhead`` (fixed seconds
+the calibration measured). `step_time` prices the counts (`counts`) and the mode's plans of
+collectives (`Mode.costs.sp_plan`, `counts.grad_plan`) on it:
 
-* GEMMs: executed FLOPs (forward + backward = 3 x forward) / (peak x ``gemm_efficiency``);
-* attention: a flash-style kernel visits the attended (query, key) pairs at
-  ``attention_efficiency`` of peak; a materialising kernel (Megatron's DotProductAttention) runs
-  two GEMMs over the FULL l x l square (it does not skip masked blocks) and moves the score tensor
-  through HBM ``score_passes`` times (scores, mask, softmax, dropout-free probabilities, their
-  gradients);
-* LSS and ring attention with contiguous causal segments: the last segment's rank attends to
-  the most keys and sets the pace;
+    step = share x [M (GEMMs + attention + elementwise + recompute + per-micro-batch overhead)
+                    + per-step overhead + optimizer update]
+           + M x exposed activation traffic + gradient synchronisation + small all-reduces
+
+* GEMMs: this rank's forward GEMMs (QKV, proj, FC1, FC2 per layer, the output layer), forward +
+  backward = 3 x forward FLOPs, each at the device's rate for its size;
+* attention: the executed FLOPs (forward + backward) of the mode's kernel call
+  (`Costs.attention_shape`): a flash-style kernel visits the attended (query, key) pairs, a
+  materialising kernel (Megatron's DotProductAttention) runs two GEMMs over the FULL square (it
+  does not skip masked blocks) and moves the score tensor through memory; LSS and ring
+  attention with contiguous causal segments: the last segment's rank attends to the most keys
+  and sets the pace;
 * communication is not overlapped with compute (the trainer gathers K/V and reduces gradients
-  synchronously), except ring attention, whose K/V passing hides behind the attention compute,
-  and, with ``overlap_kv_gather``, LSS's K/V gather and reduce-scatter, which then hide behind
-  the attention compute in the same way (a pipelined, chunked gather; the trainer does not);
+  synchronously), except where the mode declares an overlap (`Costs.overlap`) and the
+  assumptions turn it on (ring attention; LSS with ``overlap_kv_gather``): its activation
+  traffic then hides behind the attention compute;
 * recompute (``train.recompute``) re-runs the checkpointed forward in backward: selective the
-  attention core (one third of its forward + backward time, and LSS's / Ulysses' forward
-  communication once more), full the whole layer (a third of GEMM, attention and elementwise
-  time, and every forward collective once more), as `counts` counts the repeated traffic;
+  attention core (one third of its forward + backward time; its communication is in the plan),
+  full the whole layer (a third of GEMM, attention and elementwise time);
 * elementwise work (LayerNorm, GeLU, residual and bias adds, loss): ``elementwise_passes_hidden``
   passes over every [tokens, E] activation and ``elementwise_passes_ffn`` over every [tokens, F]
-  one, at HBM bandwidth; the optimizer reads and writes its state once per step.
+  one; the optimizer reads and writes its state once per step (`counts.UPDATE_BYTES`).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 from .counts import (
     UPDATE_BYTES,
@@ -36,63 +43,55 @@ from .counts import (
     Shape,
     attention_pairs,
     grad_plan,
+    other_comm,
     param_count,
     sp_plan,
 )
-from .hw import Device
+from .hw import Assumptions
+
+__all__ = ["Assumptions", "step_time"]
 
 
-@dataclass(frozen=True)
-class Assumptions:
-    """Efficiencies of the time model (fractions of datasheet peaks)."""
-
-    gemm_efficiency: float = 0.7
-    attention_efficiency: float = 0.5
-    score_passes: int = 15
-    elementwise_passes_hidden: int = 30
-    elementwise_passes_ffn: int = 10
-    overlap_ring: bool = True
-    overlap_kv_gather: bool = False
-
-
-def precision_of(lay: Layout) -> str:
-    return "fp32" if lay.act_bytes == 4 else "fp16"
-
-
-def _peak(dev: Device, lay: Layout) -> float:
-    prec = precision_of(lay)
-    if prec == "fp16" and "fp16" not in dev.peak_flops:
-        prec = "bf16"
-    return dev.peak(prec)
+def gemm_shapes(s: Shape, lay: Layout) -> list[tuple[int, int, int, int]]:
+    """(count per micro-batch, m, k, n) of this rank's forward GEMMs: QKV, proj, FC1, FC2 per
+    layer on the tokens of the tensor-parallel region with weights split T ways, the output layer."""
+    t, b = lay.tp, lay.micro_batch
+    m = b * lay.tp_tokens(s.seq)  # lss x TP: Megatron SP gathers the segment inside the region
+    qkv = (s.heads + 2 * s.kv_heads) * s.head_dim
+    return [
+        (s.layers, m, s.hidden, qkv // t),
+        (s.layers, m, s.heads * s.head_dim // t, s.hidden),
+        (s.layers, m, s.hidden, s.ffn // t),
+        (s.layers, m, s.ffn // t, s.hidden),
+        (1, m, s.hidden, s.padded_vocab // t),
+    ]
 
 
 def gemm_flops(s: Shape, lay: Layout) -> float:
     """Executed GEMM FLOPs of one micro-batch, forward + backward, this rank."""
-    per_token = (
-        s.layers
-        * (
-            2 * s.hidden * (s.heads + 2 * s.kv_heads) * s.head_dim
-            + 2 * s.heads * s.head_dim * s.hidden
-            + 4 * s.hidden * s.ffn
-        )
-        + 2 * s.hidden * s.padded_vocab
-    )
-    return 3.0 * lay.micro_batch * (s.seq / (lay.n * lay.t)) * per_token
+    return sum(count * 3.0 * 2 * m * k * n for count, m, k, n in gemm_shapes(s, lay))
+
+
+def gemm_time(s: Shape, lay: Layout, dev) -> float:
+    """Seconds of linear layers, forward + backward (3 GEMMs of 2mkn FLOPs each), one micro-batch."""
+    total = 0.0
+    for count, m, k, n in gemm_shapes(s, lay):
+        flops = 3.0 * 2 * m * k * n
+        total += count * flops / dev.gemm_rate(flops, lay.act_bytes)
+    return total
 
 
 def attention_work(s: Shape, lay: Layout) -> tuple[float, float]:
-    """(executed attention FLOPs forward + backward, score bytes through HBM) of one micro-batch on
-    the slowest rank."""
+    """(executed attention FLOPs forward + backward, score bytes through memory) of one
+    micro-batch on the slowest rank."""
     b, d, ll, n = lay.micro_batch, s.head_dim, s.seq, lay.n
     kernel = lay.attention_kernel
-    heads, _, sq, keys = lay.spec.costs.attention_shape(s, lay)
+    heads, _, sq, _ = lay.spec.costs.attention_shape(s, lay)
     if not lay.spec.costs.local_queries:  # all l queries (serial, nvidia-sp, ulysses)
         pairs = sq * ll if kernel == "materialized" else attention_pairs(ll, s.causal)
     else:  # local queries against all keys (lss, ring): the last segment sees the most
         seg = sq
-        if kernel == "materialized":
-            pairs = seg * ll
-        elif not s.causal:
+        if kernel == "materialized" or not s.causal:
             pairs = seg * ll
         elif lay.zigzag:  # balanced: every rank does 1/N of the causal pairs (+ rounding)
             pairs = -(-attention_pairs(ll, True) // n)
@@ -105,6 +104,17 @@ def attention_work(s: Shape, lay: Layout) -> tuple[float, float]:
     return flops, scores
 
 
+def attention_time(s: Shape, lay: Layout, dev) -> float:
+    """Seconds of the attention kernel calls of one micro-batch, forward + backward."""
+    flops, scores = attention_work(s, lay)
+    if not flops:
+        return 0.0
+    per_call = flops / s.layers / lay.micro_batch
+    queries = lay.spec.costs.attention_shape(s, lay)[2]
+    rate = dev.attention_rate(lay.attention_kernel, per_call, s.head_dim, queries, lay.act_bytes)
+    return flops / rate + dev.score_time(scores)
+
+
 def elementwise_bytes(s: Shape, lay: Layout, a: Assumptions) -> float:
     ll, b, es, t = s.seq, lay.micro_batch, lay.act_bytes, lay.tp
     tp_tokens = lay.tp_tokens(ll)
@@ -115,65 +125,68 @@ def elementwise_bytes(s: Shape, lay: Layout, a: Assumptions) -> float:
     return float(b * es * (s.layers * per_layer + loss))
 
 
-def plan_time(plan: list[Collective], network) -> float:
-    """Seconds of a list of collectives on `network` (`hw.Network` or the calibrated CPU's)."""
-    return sum(c.calls * network.time(c.op, c.nbytes, c.n, c.stride) for c in plan if c.n > 1)
+def plan_time(plan: list[Collective], dev) -> float:
+    """Seconds of a list of collectives on `dev` (`collective_time`, by kind, group and stride)."""
+    return sum(
+        c.calls * dev.collective_time(c.op, c.nbytes, c.n, c.stride) for c in plan if c.n > 1
+    )
 
 
-def sp_comm_time(s: Shape, lay: Layout, dev: Device) -> float:
+def sp_comm_time(s: Shape, lay: Layout, dev) -> float:
     """Seconds of activation traffic for one micro-batch (forward + backward), this rank."""
-    return plan_time(sp_plan(s, lay), dev.network)
+    return plan_time(sp_plan(s, lay), dev)
 
 
-def grad_comm_time(s: Shape, lay: Layout, dev: Device) -> float:
+def grad_comm_time(s: Shape, lay: Layout, dev) -> float:
     """Seconds of gradient synchronisation per step (`counts.grad_plan`, no overlap)."""
-    return plan_time(grad_plan(s, lay), dev.network)
+    return plan_time(grad_plan(s, lay), dev)
 
 
-def attention_efficiency(s: Shape, lay: Layout, dev: Device, a: Assumptions) -> float:
-    """The fused attention kernel's fraction of peak: measured on this device at this rank's
-    l/N (launch/gpu_check.sh, bf16, `Device.attention_efficiency`) for 16-bit runs where there is
-    a measurement, else the assumed ``a.attention_efficiency``."""
-    queries = lay.spec.costs.attention_shape(s, lay)[2]  # per kernel call
-    measured = dev.attention_efficiency_at(queries) if lay.attn_bytes == 2 else None
-    return measured if measured is not None else a.attention_efficiency
+def other_comm_time(s: Shape, lay: Layout, dev) -> float:
+    """Seconds of the step's small all-reduces (`counts.other_comm`: the loss, the global norm's
+    partial sums), each priced as 16 bytes over all ranks."""
+    return other_comm(s, lay)[1] * dev.collective_time("all_reduce", 16, lay.world)
 
 
-def step_time(s: Shape, lay: Layout, dev: Device, a: Assumptions, optimizer: str) -> dict:
-    """Seconds per optimizer step on the slowest rank, with its breakdown."""
-    peak, hbm = _peak(dev, lay), dev.hbm_bw
-    gemm = gemm_flops(s, lay) / (peak * a.gemm_efficiency)
-    att_flops, score_bytes = attention_work(s, lay)
-    if lay.attention_kernel == "materialized":
-        attention = att_flops / (peak * a.gemm_efficiency) + a.score_passes * score_bytes / hbm
-    else:
-        attention = att_flops / (peak * attention_efficiency(s, lay, dev, a))
-    elementwise = elementwise_bytes(s, lay, a) / hbm
+def step_time(s: Shape, lay: Layout, dev, optimizer: str) -> dict:
+    """Seconds per optimizer step on the slowest rank of `dev` (a `hw.Device` or a
+    `calibrated.CalibratedDevice`; its `assumptions` hold the stated efficiencies and overlaps),
+    with its breakdown."""
+    a, mode, m = dev.assumptions, lay.mode, lay.micro_batches
+    share = dev.share(lay.world)
+    gemm = gemm_time(s, lay, dev)
+    attention = attention_time(s, lay, dev)
+    tensor = lay.micro_batch * lay.tp_tokens(s.seq) * s.hidden * lay.act_bytes
+    elementwise = elementwise_bytes(s, lay, a) / dev.elementwise_bw(tensor)
+    redo = attention / 3  # recompute: the forward share (1 of 3) of what is re-run
+    redo += (gemm + elementwise) / 3 if lay.recompute == "full" else 0.0
+    recompute = redo if lay.recompute in ("selective", "full") else 0.0
     sp = sp_comm_time(s, lay, dev)
     overlap = lay.spec.costs.overlap
     if overlap is not None and getattr(a, overlap):
         sp = max(0.0, sp - attention)
-    redo = attention / 3  # recompute: the forward share (1 of 3) of what is re-run
-    redo += (gemm + elementwise) / 3 if lay.recompute == "full" else 0.0
-    recompute = redo if lay.recompute in ("selective", "full") else 0.0
-    per_micro = gemm + attention + elementwise + sp + recompute
-    grad = grad_comm_time(s, lay, dev)
-    opt = param_count(s, lay) * UPDATE_BYTES.get(optimizer, UPDATE_BYTES["sgd"]) / hbm
-    m = lay.micro_batches
-    total = m * per_micro + grad + opt
+    fixed_micro = dev.overhead("per_micro", mode) + s.layers * dev.overhead("per_micro_layer", mode)
+    fixed_step = dev.overhead("per_step", mode) + s.layers * dev.overhead("per_step_layer", mode)
+    update = UPDATE_BYTES.get(optimizer, UPDATE_BYTES["sgd"])
+    opt = param_count(s, lay) * update / dev.elementwise_bw(1 << 22)
+    parts = {
+        "gemm": share * m * gemm,
+        "attention": share * m * attention,
+        "elementwise": share * m * elementwise,
+        "recompute": share * m * recompute,
+        "fixed_overhead": share * (m * fixed_micro + fixed_step),
+        "optimizer": share * opt,
+        "sp_comm_exposed": m * sp,
+        "grad_comm": grad_comm_time(s, lay, dev),
+        "other_comm": other_comm_time(s, lay, dev),
+    }
+    queries = lay.spec.costs.attention_shape(s, lay)[2]
     return {
-        "step_time_s": total,
-        "time_breakdown_s": {
-            "gemm": m * gemm,
-            "attention": m * attention,
-            "elementwise": m * elementwise,
-            "sp_comm_exposed": m * sp,
-            "recompute": m * recompute,
-            "grad_comm": grad,
-            "optimizer": opt,
-        },
+        "step_time_s": sum(parts.values()),
+        "time_breakdown_s": parts,
+        "compute_share": share,
+        "precision": dev.precision(lay.act_bytes),
         "assumptions": asdict(a),
-        "attention_efficiency": attention_efficiency(s, lay, dev, a),
-        "precision": precision_of(lay),
-        "peak_flops": peak,
+        "attention_efficiency": dev.attention_fraction(queries, lay.act_bytes),
+        **dev.report([3.0 * 2 * x * y * z for _, x, y, z in gemm_shapes(s, lay)], lay.act_bytes),
     }

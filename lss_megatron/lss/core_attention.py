@@ -30,7 +30,7 @@ from megatron.core.transformer.module import MegatronModule
 
 from ..layout import LAYOUTS, attended_pairs
 from .dense_attention import dense_attention
-from .documents import document_attention, document_pairs
+from .documents import document_attention, document_pairs, needed_remote_keys
 from .kernel import partial_attention, to_compute_dtype
 from .operator import lss_attention
 from .positions import local_positions
@@ -127,14 +127,27 @@ class SequenceCoreAttention(MegatronModule):
         self.attention_flops = 0
         """Forward attention FLOPs (4 b h d x attended pairs) of the training forwards since the
         last reset (`count_flops`): this rank's share of the attention work."""
+        self.causal_flops = 0
+        """The same forwards' FLOPs without document masks (plain causal): with
+        ``--reset-attention-mask`` the work the document tiles skip is the difference."""
 
-    def count_flops(self, flops: int) -> None:
-        """Add one forward's attention FLOPs, except in evaluation (not training) and in
-        Megatron's recompute during backward (checkpointing with grad enabled): each training
-        step counts each layer's forward once."""
+    def count_flops(self, flops: int, causal_flops: int | None = None) -> None:
+        """Add one forward's attention FLOPs (and, with documents, the plain causal FLOPs of the
+        same forward), except in evaluation (not training) and in Megatron's recompute during
+        backward (checkpointing with grad enabled): each training step counts each layer's
+        forward once."""
         if not self.training or (is_checkpointing() and torch.is_grad_enabled()):
             return
         self.attention_flops += flops
+        self.causal_flops += flops if causal_flops is None else causal_flops
+
+    def count_sequence_flops(self, b: int, seq: int, heads: int, d: int, causal, doc_start) -> None:
+        """`count_flops` for attention over the whole sequence (every query of the sequence against the
+        keys it sees) on `heads` heads: serial / nvidia-sp's flash kernel, Ulysses' local
+        attention."""
+        full = b * (seq * (seq + 1) // 2 if causal else seq * seq)
+        pairs = full if doc_start is None else document_pairs(doc_start, torch.arange(seq))
+        self.count_flops(4 * heads * d * pairs, 4 * heads * d * full)
 
     def attend(self, query, key, value, causal: bool, doc_start=None) -> torch.Tensor:
         """q [s/N, b, h, d], k/v [s/N, b, h_kv, d] -> [s/N, b, h, d]; `doc_start` [b, l] or
@@ -196,7 +209,7 @@ class FlashCoreAttention(SequenceCoreAttention):
     supports_documents = True
 
     def attend(self, query, key, value, causal: bool, doc_start=None) -> torch.Tensor:
-        return attend(
+        out = attend(
             query,
             key,
             value,
@@ -206,6 +219,9 @@ class FlashCoreAttention(SequenceCoreAttention):
             softmax_scale=self.softmax_scale,
             doc_start=doc_start,
         )  # [l, b, hp, d]
+        sq, b, hp, d = out.shape
+        self.count_sequence_flops(b, sq, hp, d, causal, doc_start)
+        return out
 
 
 class LSSCoreAttention(SequenceCoreAttention):
@@ -236,6 +252,10 @@ class LSSCoreAttention(SequenceCoreAttention):
         (`modes.lss.get_lss_layer_spec(layout=...)`), checked by `prepare_lss_model`."""
         self.kv_chunks = kv_chunks
         """K/V are gathered in this many double-buffered head chunks (a spec parameter)."""
+        self.kv_remote_needed = self.kv_remote_gathered = 0
+        """With document masks: other ranks' key positions that some local query sees, and
+        those the all-gather brings ((N-1) l/N), over the training forwards since the last
+        reset: what a gather of only the needed K/V would move (`metrics.attention_balance`)."""
         self.prepared = False
         """Set by `prepare_lss_model`; a group of N > 1 refuses to run without it (positions
         would be the whole table's, or RoPE's local ones: silently wrong)."""
@@ -263,10 +283,13 @@ class LSSCoreAttention(SequenceCoreAttention):
         )  # [s/N, b, h, d], in the compute dtype
         sq, b, h, d = out.shape
         n = self.seq_group.size()
-        if doc_start is None:
-            pairs = b * attended_pairs(n * sq, self.seq_group.rank(), n, causal, self.layout)
-        else:  # pairs within documents, summed over the b rows
+        full = b * attended_pairs(n * sq, self.seq_group.rank(), n, causal, self.layout)
+        pairs = full
+        if doc_start is not None:  # pairs within documents, summed over the b rows
             held = local_positions(n * sq, self.seq_group.rank(), n, self.layout)  # [s/N]
             pairs = document_pairs(doc_start, held)
-        self.count_flops(4 * h * d * pairs)
+            if self.training and not (is_checkpointing() and torch.is_grad_enabled()):
+                self.kv_remote_needed += needed_remote_keys(doc_start, held)
+                self.kv_remote_gathered += (n - 1) * sq
+        self.count_flops(4 * h * d * pairs, 4 * h * d * full)
         return out

@@ -52,6 +52,21 @@ def document_pairs(doc_start: torch.Tensor, positions: torch.Tensor) -> int:
     return int((positions.to(doc_start.device)[None, :] - ds + 1).sum())
 
 
+def needed_remote_keys(doc_start: torch.Tensor, held: torch.Tensor) -> int:
+    """Key positions NOT in `held` (this rank's global positions, [m] long) that some query of
+    `held` sees in some batch row (one K/V gather serves every row): the other ranks' keys a
+    gather of only the needed K/V would bring."""
+    ds = doc_start[:, held.to(doc_start.device)].amin(dim=0).cpu()  # [m]: earliest start
+    length = doc_start.shape[1]
+    need = torch.zeros(length + 1, dtype=torch.long)
+    hp = held.cpu()
+    need.index_add_(0, ds, torch.ones_like(ds))  # +1 at each interval start
+    need.index_add_(0, hp + 1, -torch.ones_like(hp))  # -1 after each interval end
+    seen = need.cumsum(0)[:length] > 0  # [l]: positions inside some [ds[p], p]
+    seen[hp] = False
+    return int(seen.sum())
+
+
 def _tiles(doc_start: torch.Tensor, q_offset: int, sq: int) -> list[tuple[int, int, int, int]]:
     """(row, a, e, s): local queries [a, e) of batch row `row` belong to the document starting at
     global position s (one tile per document the local queries meet)."""

@@ -65,9 +65,12 @@ def check_unique_devices(
 
 
 def prepare_cuda() -> None:
-    """Before an NCCL process group: `NCCL_ERROR_ENV`, and this rank's device (`LOCAL_RANK`)."""
+    """Before an NCCL process group: `NCCL_ERROR_ENV`, this rank's device (`LOCAL_RANK`), and
+    TF32 for fp32 matmuls (``set_float32_matmul_precision("high")``: an fp32 run's GEMMs on the
+    tensor cores; config.json's runtime records the precision)."""
     for key, value in NCCL_ERROR_ENV.items():
         os.environ.setdefault(key, value)
+    torch.set_float32_matmul_precision("high")
     index = select_cuda_device(int(os.environ.get("LOCAL_RANK", 0)), torch.cuda.device_count())
     torch.cuda.set_device(index)
 

@@ -37,7 +37,7 @@ import torch.distributed as dist
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..config import ModelConfig
-from ..lss.core_attention import LSSCoreAttention
+from ..lss.core_attention import SequenceCoreAttention
 from ..parallel import comm
 
 
@@ -254,23 +254,42 @@ class TransientPeak:
 
 def attention_balance(model, grid, device) -> dict:
     """Per-rank attention FLOPs of this step (forward + backward = 3 x forward) across the
-    sequence group, and max/mean: the causal load imbalance (1.0 = balanced). Analytic: the LSS
-    core attention modules add 4 b h d x the pairs each training forward attends. Empty for
-    modes without LSS core attention."""
-    modules = [m for m in model.modules() if isinstance(m, LSSCoreAttention)]
+    sequence group, and max/mean: the causal load imbalance (1.0 = balanced). Analytic: the
+    sequence core attention modules (LSS, Ulysses, the flash kernel of serial / nvidia-sp) add
+    4 b h d x the pairs each training forward attends. With document masks
+    (``--reset-attention-mask``) also ``attention_flops_vs_causal``: this step's attention FLOPs
+    over the sequence group against the same step without document masks (the work the document
+    tiles skip), and for LSS ``kv_needed_fraction``: of the other ranks' keys the K/V all-gather
+    brought to the sequence group, the fraction some local query sees (a gather of only those
+    would move this fraction of the K/V bytes). Empty for Megatron's own `DotProductAttention`."""
+    modules = [m for m in model.modules() if isinstance(m, SequenceCoreAttention)]
     if not modules:
         return {}
-    mine = torch.tensor(
-        [3 * sum(m.attention_flops for m in modules)], dtype=torch.int64, device=device
-    )
+    counts = [
+        3 * sum(m.attention_flops for m in modules),
+        3 * sum(m.causal_flops for m in modules),
+        sum(getattr(m, "kv_remote_needed", 0) for m in modules),
+        sum(getattr(m, "kv_remote_gathered", 0) for m in modules),
+    ]
     for m in modules:
-        m.attention_flops = 0
-    per_rank = comm.all_gather_dim0(mine, grid.seq_group, category="other").tolist()
+        m.attention_flops = m.causal_flops = 0
+        if hasattr(m, "kv_remote_needed"):
+            m.kv_remote_needed = m.kv_remote_gathered = 0
+    mine = torch.tensor(counts, dtype=torch.int64, device=device)
+    rows = comm.all_gather_dim0(mine, grid.seq_group, category="other").view(-1, 4).tolist()
+    per_rank = [r[0] for r in rows]
     mean = sum(per_rank) / len(per_rank)
-    return {
+    out = {
         "attention_flops_per_rank": per_rank,
         "attention_imbalance": max(per_rank) / mean if mean else 1.0,
     }
+    causal = sum(r[1] for r in rows)
+    if causal and causal != sum(per_rank):
+        out["attention_flops_vs_causal"] = sum(per_rank) / causal
+    gathered = sum(r[3] for r in rows)
+    if gathered:  # LSS with document masks: what a gather of only the needed K/V would move
+        out["kv_needed_fraction"] = sum(r[2] for r in rows) / gathered
+    return out
 
 
 def runtime_info(model, grid, start: int, load: str | None) -> dict:
@@ -291,5 +310,6 @@ def runtime_info(model, grid, start: int, load: str | None) -> dict:
         "resumed_from": load,
         "torch": torch.__version__,
         "megatron_core": mcore,
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),  # "high": TF32 (CUDA)
         "machine": machine_description(next(model.parameters()).device, dist.get_backend()),
     }

@@ -12,7 +12,7 @@ import subprocess
 import pytest
 
 from analysis.costmodel.hw import get_device
-from analysis.emulate import SHAPES, plan
+from analysis.emulate import SHAPES, VARIANTS, plan
 from analysis.gpu_check import BUDGET_S, CASES, PHASES
 from tests.support import ROOT
 
@@ -24,13 +24,13 @@ def _check(out, *extra):
         ["bash", "launch/gpu_check.sh", "--dry-run", "--out-dir", str(out), *extra],
         capture_output=True,
         text=True,
-        timeout=280,
+        timeout=560,
         cwd=ROOT,
     )
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(600)
 def test_dry_run_of_the_prepared_check(tmp_path):
     """The documented command with --dry-run: every phase runs and passes on the CPU, one JSON
     with the planned (GPU, within the budget) and measured seconds of every phase, a row per mode
@@ -55,11 +55,23 @@ def test_dry_run_of_the_prepared_check(tmp_path):
     assert all(len(r["times_s"]) >= 5 and r["kernels"] == CPU_FLASH for r in eff)
     rows = rec["mode_emulation"]
     assert [(r["variant"], r["rank"]) for r in rows] == plan(SHAPES["dry"])
-    assert {r["mode"] for r in rows} == {"lss", "ulysses", "nvidia-sp"}
+    assert (
+        {r["mode"] for r in rows}
+        == {v.mode for v in VARIANTS.values()}
+        >= {
+            "lss",
+            "ulysses",
+            "nvidia-sp",
+        }
+    )
     for r in rows:
         assert r["kernels"] == CPU_FLASH and len(r["times_s"]) >= 5
         assert r["sp_bytes"] == r["cost_model"]["sp_bytes"] > 0
     assert "variant" in rec["mode_emulation_table"][0] and "fwd+bwd ms" in res.stdout
+    kernels = rec["sdpa_kernels"]  # one kernel in every dtype and direction, every row counted
+    assert set(kernels) == {f"{t} {d}" for t in ("bf16", "fp32") for d in ("forward", "backward")}
+    assert all(list(k) == ["cpu_flash"] for k in kernels.values())
+    assert kernels["bf16 forward"]["cpu_flash"] == len(CASES) + len(eff) + len(rows)
     for mode in ("serial", "lss"):
         run = rec["trainer"][mode]
         assert run["exit_code"] == 0 and len(run["rows"]) == 2

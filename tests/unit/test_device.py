@@ -99,3 +99,23 @@ def test_suite_hides_cuda():
         pytest.skip("LSS_TEST_CUDA=1 keeps CUDA visible")
     assert os.environ["CUDA_VISIBLE_DEVICES"] == ""
     assert not torch.cuda.is_available()
+
+
+def test_prepare_cuda_enables_tf32_for_fp32_matmuls(monkeypatch):
+    """On CUDA the trainer runs fp32 GEMMs as TF32 (recorded in config.json's runtime as
+    ``float32_matmul_precision``); the device choice itself is stubbed here (no GPU)."""
+    import torch
+
+    from lss_megatron.training import devices
+
+    chosen = []
+    for key in NCCL_ERROR_ENV:  # prepare_cuda sets them: restored after the test
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setattr(devices, "select_cuda_device", lambda local_rank, count: 0)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    before = torch.get_float32_matmul_precision()
+    try:
+        devices.prepare_cuda()
+        assert torch.get_float32_matmul_precision() == "high" and chosen == [0]
+    finally:
+        torch.set_float32_matmul_precision(before)

@@ -18,7 +18,7 @@ from analysis import gpu_check
 from analysis.costmodel import make_config, predict
 from analysis.costmodel.counts import layout_from_config, parameters, shape_from_config
 from analysis.costmodel.hw import get_device
-from analysis.emulate import SHAPES, VARIANTS, emulate_row, layer_shapes, ranks_of
+from analysis.emulate import SHAPES, VARIANTS, config_flags, emulate_row, layer_shapes, ranks_of
 from analysis.gpu_check import CASES, attention_case, kernels_seen
 from lss_megatron.lss.kernel import partial_attention
 
@@ -57,7 +57,6 @@ def test_emulated_shards_are_the_cost_models_per_rank_parameters(label):
     lss, ulysses: every weight whole), on the first and the last rank. The trainer's own model on
     real gloo ranks: tests/ranks/test_emulate.py."""
     variant = VARIANTS[label]
-    extra = {"lss_layout": variant.layout} if variant.mode == "lss" else {}
     cfg = make_config(
         variant.mode,
         DRY.n,
@@ -71,7 +70,7 @@ def test_emulated_shards_are_the_cost_models_per_rank_parameters(label):
         vocab_size=DRY.vocab,
         global_batch_size=1,
         position_embedding="rope",
-        **extra,
+        **config_flags(variant),
     )
     want = {
         p.name.removeprefix("decoder.layers.0."): p.numel
@@ -151,6 +150,7 @@ def test_a_kernel_mix_fails_loudly():
     )
     (line,) = gpu_check.kernel_mix(result, cuda)
     assert "SDPA kernel mix (bf16 forward)" in line and "cudnn" in line and "flash" in line
+    assert gpu_check.kernel_summary(result)["bf16 forward"] == {"cudnn": 1, "flash": 2}
 
 
 def test_efficiency_row_times_every_rep_with_both_flop_conventions():
@@ -164,8 +164,18 @@ def test_efficiency_row_times_every_rep_with_both_flop_conventions():
 
 
 def test_backend_smoke_runs_a_one_rank_all_reduce():
-    r = gpu_check.nccl_smoke(torch.device("cpu"))
+    r = gpu_check.backend_smoke(torch.device("cpu"))
     assert r["backend"] == "gloo" and r["ok"] and r["result"] == [0.0, 1.0, 2.0, 3.0]
+
+
+def test_a_failing_or_hanging_backend_is_named_not_waited_for():
+    """The smoke child's failure (exit and stderr) or silence (timeout) is a result with the
+    reason, never a hang or a traceback of the check itself (stand-in children: no NCCL here)."""
+    cpu = torch.device("cpu")
+    dead = gpu_check.nccl_smoke(cpu, command=["sh", "-c", "echo 'NCCL WARN no socket' >&2; exit 3"])
+    assert not dead["ok"] and dead["error"] == "exit 3" and "NCCL WARN" in dead["stderr_tail"]
+    hung = gpu_check.nccl_smoke(cpu, timeout_s=1, command=["sleep", "30"])
+    assert not hung["ok"] and "no answer within 1 s" in hung["error"]
 
 
 def test_out_dir_needs_a_fresh_folder_or_overwrite(tmp_path, capsys):

@@ -138,3 +138,50 @@ def test_gradient_time_prices_fp32_gradients_under_bf16_master_weights(mode):
     assert pred["time_breakdown_s"]["grad_comm"] == pytest.approx(expected_time, rel=1e-12)
     assert pred["grad_comm_bytes"] == expected_bytes
     assert sum(c.calls * c.nbytes for c in grad_plan(s, lay)) == expected_bytes
+
+
+DEVICE_METHODS = (
+    "gemm_rate",
+    "attention_rate",
+    "attention_fraction",
+    "score_time",
+    "elementwise_bw",
+    "collective_time",
+    "share",
+    "overhead",
+    "precision",
+    "report",
+)
+
+
+@pytest.mark.parametrize("mode", ["lss", "nvidia-sp"])
+def test_one_step_time_prices_the_plans_on_either_device(mode):
+    """A GPU preset (`hw.Device`) and a calibrated CPU offer the same rates, and one step-time
+    function prices a mode's plans on either: its activation and gradient collectives at the
+    device's own `collective_time`, the optimizer update at `UPDATE_BYTES` over its
+    elementwise bandwidth."""
+    from analysis.costmodel.calibrated import CalibratedDevice, load_device_file
+    from analysis.costmodel.counts import UPDATE_BYTES, param_count, sp_plan
+    from analysis.costmodel.hw import Device
+    from analysis.costmodel.steptime import step_time
+
+    for cls in (Device, CalibratedDevice):
+        assert all(callable(getattr(cls, name)) for name in DEVICE_METHODS), cls
+    cpu = load_device_file(ROOT / "analysis" / "fixtures" / "device-cpu.json")
+    cfg = make_config(mode, 2, 1, **SMALL)
+    s, lay = shape_from_config(cfg["model"]), layout_from_config(cfg)
+    for dev in (get_device("h100"), cpu):
+        out = step_time(s, lay, dev, "adamw")
+        parts = out["time_breakdown_s"]
+        assert out["step_time_s"] == pytest.approx(sum(parts.values()), rel=1e-12)
+
+        def priced(plan, dev=dev):
+            return sum(c.calls * dev.collective_time(c.op, c.nbytes, c.n, c.stride) for c in plan)
+
+        assert parts["sp_comm_exposed"] == pytest.approx(
+            lay.micro_batches * priced(sp_plan(s, lay))
+        )
+        assert parts["grad_comm"] == pytest.approx(priced(grad_plan(s, lay)))
+        update = param_count(s, lay) * UPDATE_BYTES["adamw"] / dev.elementwise_bw(1 << 22)
+        assert parts["optimizer"] == pytest.approx(dev.share(lay.world) * update)
+        assert parts["sp_comm_exposed"] > 0 and parts["grad_comm"] >= 0

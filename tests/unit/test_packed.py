@@ -148,3 +148,44 @@ def test_a_core_attention_without_document_support_refuses():
         core._doc_start(torch.zeros(1, 4, dtype=torch.long))
     with pytest.raises(NotImplementedError, match="not a torch.bool tensor"):
         core._doc_start(torch.zeros(1, 1, 4, 4, dtype=torch.bool))
+
+
+def test_needed_remote_keys_are_the_other_ranks_keys_some_query_sees():
+    from lss_megatron.lss.documents import needed_remote_keys
+
+    # documents [0, 4), [4, 8), [8, 14), [14, 16); rank 3 of 4 holds 12..15
+    ds = torch.tensor([[0] * 4 + [4] * 4 + [8] * 6 + [14] * 2])
+    assert needed_remote_keys(ds, torch.arange(12, 16)) == 4  # keys 8..11 of rank 2
+    assert needed_remote_keys(ds, torch.arange(4, 8)) == 0  # a document of its own
+    two_rows = torch.cat([ds, torch.zeros_like(ds)])  # row 2: one document: everything before
+    assert needed_remote_keys(two_rows, torch.arange(12, 16)) == 12
+
+
+def test_cost_model_document_fraction_matches_counted_pairs():
+    from analysis.costmodel.counts import document_attention_fraction
+
+    rng = np.random.default_rng(0)
+    for lo, hi, seq in ((2, 60, 256), (100, 900, 512)):
+        lengths = rng.integers(lo, hi, 2000)
+        stream = torch.from_numpy(np.concatenate([np.arange(n) for n in lengths]))  # offsets
+        rows = stream[: len(stream) // seq * seq].view(-1, seq)  # sequences cut from the stream
+        ds = torch.arange(seq)[None] - torch.minimum(rows, torch.arange(seq)[None])  # [r, seq]
+        counted = document_pairs(ds, torch.arange(seq)) / (rows.shape[0] * seq * (seq + 1) / 2)
+        model = document_attention_fraction(lengths, seq)
+        # the model is an expectation; ~1,000 sequences of random documents: within 3 %
+        assert abs(model / counted - 1) < 0.03, (lo, hi, model, counted)
+
+
+def test_cpu_packed_runs_are_ones_the_trainer_accepts(tmp_path):
+    from analysis import packed
+    from analysis.trainer_config import problems, run_config
+
+    prefix, lengths = packed.make_mix(tmp_path, "short", tokens=20_000)
+    assert sum(lengths) >= 20_000 and min(lengths) >= packed.MIXES["short"][0] + 1
+    for label, (mode, n, extra) in packed.MODES.items():
+        for flags in (packed.FLAGS, []):
+            cmd = packed.trainer_command(mode, n, extra + flags, prefix, tmp_path / "o", 3)
+            args = cmd[cmd.index("lss_megatron.train") + 1 :]
+            cfg = run_config(args, n)
+            assert problems(cfg) == [], (label, flags, problems(cfg))
+            assert cfg.train.reset_attention_mask == bool(flags)

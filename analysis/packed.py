@@ -1,0 +1,217 @@
+"""cpu-packed: every mode on packed documents against unpacked runs of the same tokens.
+
+    python -m analysis.packed --out runs/cpu-packed [--steps 3]
+
+Two document-length mixes (`MIXES`) are written as JSONL and converted with
+``make_indexed --json-keys text --append-eod`` into ``OUT/data/MIX``. For each mix and each mode
+(`MODES`: serial on one rank; lss contiguous, lss zigzag, nvidia-sp and ulysses on N = 4 ranks)
+the trainer runs twice on the same samples: packed (``--reset-position-ids
+--reset-attention-mask --eod-mask-loss``) and unpacked (no flags: plain causal attention over
+the same tokens). The table (``OUT/packed.csv``, printed as markdown) gives per run the step time
+(the trainer's median after warm-up), the attention FLOPs of the step summed over the sequence
+group and their max / mean over its ranks, the packed / unpacked ratios of both, LSS's
+``kv_needed_fraction`` (the K/V bytes a gather of only the needed keys would move, of the
+all-gather's) and the cost model's predicted attention-FLOP fraction for the mix's document
+lengths (`analysis.costmodel.counts.document_attention_fraction`). The load average is recorded
+before and after every run. Runs are sequential; CPU timings are noisy, FLOPs and bytes exact.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from .compare import load_1m, run_trainer
+from .costmodel.counts import document_attention_fraction
+from .tables import read_run
+
+L, N = 1024, 4
+MIXES = {
+    "short": (16, 160),
+    "long": (256, 3072),
+}
+"""Document lengths in bytes, uniform in [lo, hi] (plus the EOD token): short documents (mean
+~88 tokens, ~12 per sequence) and long ones (mean ~1,660: most sequences hold one or two)."""
+MODES = {
+    "serial": ("serial", 1, []),
+    "lss": ("lss", N, []),
+    "lss-zigzag": ("lss", N, ["--lss-layout", "zigzag"]),
+    "nvidia-sp": ("nvidia-sp", N, []),
+    "ulysses": ("ulysses", N, []),
+}
+MODEL = (
+    "--num-layers 2 --hidden-size 256 --num-heads 8 --num-kv-heads 4 --ffn-hidden-size 256 "
+    "--vocab-size 257 --make-vocab-size-divisible-by 4 --position-embedding learned"
+).split()
+FLAGS = ["--reset-position-ids", "--reset-attention-mask", "--eod-mask-loss"]
+
+
+def make_mix(folder: Path, name: str, tokens: int = 400_000, seed: int = 0) -> tuple[str, list]:
+    """Write OUT/data/NAME.jsonl and its indexed dataset; returns (prefix, document lengths in
+    tokens, EOD included)."""
+    from lss_megatron.data.make_indexed import make_indexed
+
+    lo, hi = MIXES[name]
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    src, lengths, total = folder / f"{name}.jsonl", [], 0
+    with src.open("w") as f:
+        while total < tokens:
+            n = int(rng.integers(lo, hi + 1))
+            text = "".join(chr(c) for c in rng.integers(97, 123, n))
+            f.write(json.dumps({"text": text}) + "\n")
+            lengths.append(n + 1)
+            total += n + 1
+    make_indexed(src, folder / name, json_key="text", append_eod=True)
+    return str(folder / name), lengths
+
+
+def trainer_command(mode: str, n: int, extra: list, data: str, out: Path, steps: int) -> list:
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        str(n),
+        "-m",
+        "lss_megatron.train",
+        "--mode",
+        mode,
+        "--seq-parallel",
+        str(n),
+        "--seq-length",
+        str(L),
+        *MODEL,
+        "--global-batch-size",
+        "2",
+        "--micro-batch-size",
+        "1",
+        "--steps",
+        str(steps),
+        "--data",
+        "megatron",
+        "--data-path",
+        data,
+        "--out",
+        str(out),
+        "--overwrite",
+        "--progress",
+        "off",
+        *extra,
+    ]
+
+
+def run_one(label, mix, packed, data, out: Path, steps: int, timeout_s: float) -> dict:
+    mode, n, extra = MODES[label]
+    run_dir = out / "runs" / f"{label}_{mix}_{'packed' if packed else 'unpacked'}"
+    before = load_1m()
+    cmd = trainer_command(mode, n, extra + (FLAGS if packed else []), data, run_dir, steps)
+    outcome = run_trainer(cmd, run_dir, timeout_s)
+    row = {"mode": label, "mix": mix, "packed": packed, "status": outcome["status"]}
+    row.update(load_1m_before=before, load_1m_after=load_1m(), error=outcome["error"])
+    if outcome["status"] != "ok":
+        return row
+    measured = read_run(run_dir)
+    steps_rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x]
+    last = steps_rows[-1]
+    per_rank = last.get("attention_flops_per_rank") or []
+    row.update(
+        step_time_s=measured["step_time_s"],
+        sp_comm_bytes=measured["sp_comm_bytes"],
+        attention_flops=sum(per_rank) if per_rank else math.nan,
+        attention_max_over_mean=last.get("attention_imbalance", math.nan),
+        attention_flops_vs_causal=last.get(
+            "attention_flops_vs_causal", 1.0 if per_rank else math.nan
+        ),
+        kv_needed_fraction=last.get("kv_needed_fraction", math.nan),
+        final_loss=measured["final_loss"],
+    )
+    return row
+
+
+def table(rows: list[dict]) -> str:
+    import pandas as pd
+
+    df = pd.DataFrame(rows)
+    ok = df[df["status"] == "ok"]
+    key = ["mode", "mix"]
+    unpacked = ok[~ok["packed"]].set_index(key)
+    out = []
+    for r in ok[ok["packed"]].itertuples():
+        base = unpacked.loc[(r.mode, r.mix)] if (r.mode, r.mix) in unpacked.index else None
+        t0 = base["step_time_s"] if base is not None else math.nan
+        f0 = base["attention_flops"] if base is not None else math.nan
+        out.append(
+            {
+                "mode": r.mode,
+                "mix": r.mix,
+                "attn FLOPs packed": f"{r.attention_flops:.3g}",
+                "attn FLOPs ratio": f"{r.attention_flops / f0:.3f}",
+                "predicted ratio": f"{r.predicted_fraction:.3f}",
+                "attn max/mean packed": f"{r.attention_max_over_mean:.3f}",
+                "attn max/mean unpacked": f"{base['attention_max_over_mean']:.3f}"
+                if base is not None
+                else "",
+                "K/V needed": ""
+                if math.isnan(r.kv_needed_fraction)
+                else f"{r.kv_needed_fraction:.3f}",
+                "step s packed": f"{r.step_time_s:.3f}",
+                "step s unpacked": f"{t0:.3f}",
+                "time ratio": f"{r.step_time_s / t0:.3f}",
+            }
+        )
+    if not out:
+        return "(no packed run finished)"
+    head = list(out[0])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(str(r[k]) for k in head) + " |" for r in out]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m analysis.packed", description=__doc__.split("\n")[0]
+    )
+    p.add_argument("--out", default="runs/cpu-packed", metavar="DIR")
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--timeout-s", type=float, default=300.0)
+    p.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    p.add_argument("--mixes", nargs="+", default=list(MIXES), choices=list(MIXES))
+    p.add_argument("--table", action="store_true", help="print the table of OUT/packed.json only")
+    args = p.parse_args(argv)
+    out = Path(args.out).absolute()
+    if args.table:
+        print(table(json.loads((out / "packed.json").read_text())))
+        return 0
+    rows = []
+    for mix in args.mixes:
+        data, lengths = make_mix(out / "data", mix)
+        predicted = document_attention_fraction(lengths, L)
+        for label in args.modes:
+            for packed in (True, False):
+                row = run_one(label, mix, packed, data, out, args.steps, args.timeout_s)
+                row["predicted_fraction"] = predicted
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    (out / "packed.json").write_text(json.dumps(rows, indent=1) + "\n")
+    import pandas as pd
+
+    pd.DataFrame(rows).to_csv(out / "packed.csv", index=False)
+    loads = [r[k] for r in rows for k in ("load_1m_before", "load_1m_after")]
+    print(table(rows))
+    print(
+        f"load average (1 min) over the runs: median {statistics.median(loads):.1f}, "
+        f"max {max(loads):.1f}"
+    )
+    return 0 if all(r["status"] == "ok" for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
