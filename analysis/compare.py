@@ -52,7 +52,7 @@ from pathlib import Path
 
 from lss_megatron.resources import prog
 
-from . import repeats, tables
+from . import outdir, repeats, tables
 from .inputs import InputError, cli, error_line
 from .presets import REPO, Plan, RunSpec, all_presets, get_preset, make_plan
 from .trainer_config import run_config
@@ -132,16 +132,39 @@ def _tail(path: Path, chars: int = STDERR_TAIL) -> str:
     return text[-chars:].strip()
 
 
-def launch(run: RunSpec, run_dir: Path, timeout_s: float) -> dict:
+def launch(run: RunSpec, run_dir: Path, timeout_s: float, reuse: bool = False) -> dict:
     """Run one launch; returns status (ok / failed / timeout), error (stderr tail), wall_s."""
-    return run_trainer(torchrun_command(run, run_dir), run_dir, timeout_s)
+    return run_trainer(torchrun_command(run, run_dir), run_dir, timeout_s, reuse)
 
 
-def run_trainer(cmd: list[str], run_dir: Path, timeout_s: float) -> dict:
+OUTCOME = "outcome.json"
+"""In each run folder: the command, status, error and wall time of its launch (for --resume)."""
+
+
+def reusable(cmd: list[str], run_dir: Path) -> dict | None:
+    """The outcome of an earlier, complete launch of exactly `cmd` into `run_dir`, or None."""
+    try:
+        done = json.loads((run_dir / OUTCOME).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(done, dict) or done.get("command") != [str(c) for c in cmd]:
+        return None
+    if done.get("status") != "ok" or not (run_dir / "summary.json").exists():
+        return None
+    return {k: done[k] for k in ("status", "error", "wall_s") if k in done}
+
+
+def run_trainer(cmd: list[str], run_dir: Path, timeout_s: float, reuse: bool = False) -> dict:
     """Run the trainer command `cmd` writing into `run_dir` (emptied first), under a hard
-    timeout; returns status (ok / failed / timeout), error (stderr tail), wall_s."""
+    timeout; returns status (ok / failed / timeout), error (stderr tail), wall_s. `reuse`: an
+    earlier complete launch of the same command there is kept, not run again (--resume).
+    Interrupted (Ctrl-C, SIGTERM: outdir.signals), the launch's process group is stopped and
+    waited for before the interruption goes on."""
+    if reuse and (done := reusable(cmd, run_dir)) is not None:
+        return done
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
+    outdir.note(run_dir)
     t0 = time.perf_counter()
     with (run_dir / "stdout.log").open("w") as out, (run_dir / "stderr.log").open("w") as err:
         proc = subprocess.Popen(
@@ -154,12 +177,19 @@ def run_trainer(cmd: list[str], run_dir: Path, timeout_s: float) -> dict:
         except subprocess.TimeoutExpired:
             _stop(proc)
             status, error = "timeout", f"killed after the {timeout_s:g} s timeout: "
+        except BaseException:  # Ctrl-C, SIGTERM (outdir.Interrupted): nothing left running
+            _stop(proc)
+            raise
     wall = time.perf_counter() - t0
     if status == "ok" and not (run_dir / "summary.json").exists():
         status, error = "failed", "exit status 0 but no summary.json: "
     if status != "ok":
         error += error_line(_tail(run_dir / "stderr.log", 50_000))
-    return {"status": status, "error": error, "wall_s": wall}
+    outcome = {"status": status, "error": error, "wall_s": wall}
+    (run_dir / OUTCOME).write_text(
+        json.dumps({"command": [str(c) for c in cmd], **outcome}, indent=1) + "\n"
+    )
+    return outcome
 
 
 def load_1m() -> float:
@@ -170,9 +200,14 @@ def load_1m() -> float:
         return math.nan
 
 
-def launch_recorded(run: RunSpec, run_dir: Path, timeout_s: float, order: int, seed: int) -> dict:
+def launch_recorded(
+    run: RunSpec, run_dir: Path, timeout_s: float, order: int, seed: int, reuse: bool = False
+) -> dict:
     """`launch` with the load average read before and after, and its place in the launch
-    order; the outcome is also written to ``run_dir/launch.json`` (what --collect reads)."""
+    order; the outcome is also written to ``run_dir/launch.json`` (what --collect reads).
+    `reuse` (--resume): a complete earlier launch of the same command keeps its record."""
+    if reuse and (done := reusable(torchrun_command(run, run_dir), run_dir)) is not None:
+        return {**done, **_recorded(run_dir)}
     before = load_1m()
     outcome = launch(run, run_dir, timeout_s)
     outcome.update(order=order, order_seed=seed, load_1m_before=before, load_1m_after=load_1m())
@@ -206,8 +241,9 @@ def collect(run: RunSpec, run_dir: Path, outcome: dict | None) -> dict:
     if outcome["status"] == "ok":
         try:
             row.update(tables.read_run(run_dir))
-        except (FileNotFoundError, ValueError, KeyError) as e:
-            row.update(status="failed", error=f"unreadable outputs: {e}")
+        except Exception as e:  # noqa: BLE001 - any run that does not parse is named in the table
+            why = " ".join(str(e).split())[:300]
+            row.update(status="failed", error=f"unreadable outputs: {type(e).__name__}: {why}")
     return row
 
 
@@ -344,16 +380,49 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="override the preset's per-run timeout (seconds)",
     )
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the comparison in --out (deletes exactly what its outputs.json lists)",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the comparison in --out: runs already complete (same command) are kept",
+    )
     p.add_argument("--list", action="store_true", help="list the presets and exit")
     args = p.parse_args(argv)
     if not args.list and args.preset is None:
         p.error("--preset is required (or --list)")
-    if args.repeats is not None and args.repeats < 1:
-        p.error("--repeats must be >= 1")
+    if args.repeats is not None and not 1 <= args.repeats <= MAX_REPEATS:
+        p.error(f"--repeats must be in [1, {MAX_REPEATS}], got {args.repeats}")
+    if args.timeout is not None and not MIN_TIMEOUT_S <= args.timeout <= MAX_TIMEOUT_S:
+        p.error(
+            f"--timeout must be in [{MIN_TIMEOUT_S:g}, {MAX_TIMEOUT_S:g}] seconds, got {args.timeout}"
+        )
     return args
 
 
-def run_all(plan: Plan, out: Path, timeout_s: float, progress: bool) -> dict[str, dict]:
+MAX_REPEATS = 1000
+"""More repeats than this is a typo (the plan would hold millions of runs), not a measurement."""
+MIN_TIMEOUT_S, MAX_TIMEOUT_S = 1.0, 7 * 24 * 3600.0
+"""A per-run timeout below a second kills every launch before it imports; NaN fails both."""
+
+
+def legacy_outputs(out: Path) -> list[str]:
+    """What a comparison written before manifests holds: its files and the runs plan.json lists."""
+    names = ["plan.json", "summary.csv", "runs.csv", "best_layouts.csv"]
+    try:
+        plan = json.loads((out / "plan.json").read_text())
+        names += [f"runs/{r['run_id']}" for r in plan.get("runs", []) if isinstance(r, dict)]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass
+    return names
+
+
+def run_all(
+    plan: Plan, out: Path, timeout_s: float, progress: bool, reuse: bool = False
+) -> dict[str, dict]:
     from tqdm import tqdm
 
     outcomes: dict[str, dict] = {}
@@ -369,7 +438,7 @@ def run_all(plan: Plan, out: Path, timeout_s: float, progress: bool) -> dict[str
     for order, run in enumerate(bar):
         bar.set_postfix_str(f"{run.run_id} (failed so far: {failed})")
         outcomes[run.run_id] = launch_recorded(
-            run, out / "runs" / run.run_id, timeout_s, order, plan.seed
+            run, out / "runs" / run.run_id, timeout_s, order, plan.seed, reuse
         )
         if outcomes[run.run_id]["status"] != "ok":
             failed += 1
@@ -404,25 +473,36 @@ def _main(argv: list[str] | None) -> int:
         return 2
     if args.collect and not (out / "runs").is_dir():
         raise InputError(f"--collect {out}: no runs/ folder there (nothing was launched into it)")
-    out.mkdir(parents=True, exist_ok=True)
+    outdir.take(
+        out,
+        "analysis.compare",
+        what="comparison",
+        overwrite=args.overwrite,
+        resume=args.resume or args.collect,  # --collect builds the table of the runs there
+        legacy=legacy_outputs,
+    )
     _write_plan(plan, out)
+    outdir.note(out / "plan.json")
     outcomes = None
     if not args.collect:
         timeout = args.timeout if args.timeout is not None else preset.timeout_s
-        outcomes = run_all(plan, out, timeout, progress=not args.no_progress)
+        outcomes = run_all(plan, out, timeout, progress=not args.no_progress, reuse=args.resume)
     runs, df, note = build_table(plan, out, outcomes)
     tables.write_summary(runs, out / "runs.csv")
+    outdir.note(out / "runs.csv")
     csv = tables.write_summary(df, out / "summary.csv")
     from .figures import make_figures
 
     figures = make_figures(df, out / "figures")
+    outdir.note(csv, *figures)
     print(tables.format_table(df))
     print()
     print(repeats.format_intervals(df, runs))
     print()
-    if preset.ranks is not None or preset.layouts:  # equal ranks: each mode's best layout
+    if preset.ranks is not None or preset.grids:  # equal ranks: each mode's best rank grid
         best = tables.best_layouts(df)
         best.to_csv(out / "best_layouts.csv", index=False)
+        outdir.note(out / "best_layouts.csv")
         print(tables.format_best_layouts(best))
         print()
     for run_id, why in plan.skipped:

@@ -728,6 +728,10 @@ def _main(argv: list[str] | None) -> int:
         help="longest-sequence memory model (auto: cost model if present)",
     )
     args = p.parse_args(argv)
+    if args.budget_gib is not None and not 0 < args.budget_gib < 2**20:  # NaN and inf fail too
+        from .inputs import InputError
+
+        raise InputError(f"--budget-gib must be a positive, finite number, got {args.budget_gib}")
     df = read_summary(args.dir, ("mode", *NUMERIC), NUMERIC)
     if not (df["status"] == "ok").any():
         from .inputs import InputError

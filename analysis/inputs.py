@@ -26,14 +26,36 @@ class InputError(ValueError):
 
 
 def cli(prog: str, main: Callable[[], int]) -> int:
+    """Run `main`: bad input is one line and exit 2; an output that cannot be written one line
+    and exit 1; SIGINT, SIGTERM or SIGHUP stop the driver's running trainer (its process group,
+    waited for: `compare.run_trainer`) and end it with one line and 128 + the signal number."""
+    from .outdir import Interrupted, release, signals
+
     try:
-        return main()
+        with signals():
+            return main()
     except InputError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # an output that cannot be written: one line too (a failure, exit 1)
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 1
+    except (KeyboardInterrupt, Interrupted) as e:
+        signum = getattr(e, "signum", 2)
+        print(
+            f"{prog}: error: stopped by {signal_name(signum)}; its running trainer was stopped "
+            "and waited for, nothing it started is left running",
+            file=sys.stderr,
+        )
+        return 128 + signum
+    finally:
+        release()
+
+
+def signal_name(signum: int) -> str:
+    import signal
+
+    return signal.Signals(signum).name
 
 
 def read_csv_table(path: Path, required: Iterable[str] = (), numeric: Iterable[str] = ()):

@@ -40,6 +40,7 @@ from lss_megatron.config import ConfigError
 from lss_megatron.modes import get_mode
 from lss_megatron.resources import prog
 
+from . import outdir
 from .fitsearch import longest_fitting
 from .inputs import InputError, cli
 
@@ -157,6 +158,25 @@ def best_layout(
 
 
 # --- running it ----------------------------------------------------------------------------------
+_REUSE = False
+"""--resume: a run already complete with the same command is not run again."""
+
+
+def legacy_outputs(out: Path) -> list[str]:
+    """What a search written before manifests holds: its tables and the runs searches.csv lists."""
+    names = ["longest.csv", "longest_all_recompute.csv", "searches.csv"]
+    try:
+        with (out / "searches.csv").open() as f:
+            names += [
+                str(Path(r["run_dir"]).relative_to(out.resolve()))
+                for r in csv.DictReader(f)
+                if r.get("run_dir") and Path(r["run_dir"]).is_relative_to(out.resolve())
+            ]
+    except (OSError, ValueError, csv.Error):
+        pass
+    return names
+
+
 def launch_one(search: Search, seq_length: int, out: Path, timeout_s: float) -> dict:
     """Run the trainer for one step at `seq_length`; its record for searches.csv."""
     from .compare import run_trainer
@@ -175,7 +195,7 @@ def launch_one(search: Search, seq_length: int, out: Path, timeout_s: float) -> 
         "--out",
         str(run_dir),
     ]
-    outcome = run_trainer(cmd, run_dir, timeout_s)
+    outcome = run_trainer(cmd, run_dir, timeout_s, reuse=_REUSE)
     measured = _rank_bytes(run_dir) if outcome["status"] == "ok" else None
     if outcome["status"] == "ok" and measured is None:
         outcome = {**outcome, "status": "failed", "error": "no rank_bytes_max in metrics.jsonl"}
@@ -247,7 +267,19 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="B",
         help="per-rank memory budget in MiB (compared with rank_bytes_max)",
     )
-    p.add_argument("--out", required=True, help="output folder (refused if it holds a table)")
+    p.add_argument(
+        "--out", required=True, help="output folder (refused if it holds another search)"
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the search in --out (deletes exactly what its outputs.json lists)",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the search in --out: runs already complete (same command) are kept",
+    )
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     p.add_argument(
         "--recompute",
@@ -261,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=256,
         metavar="G",
-        help="candidate lengths are multiples of G and of the layout's N (default 256)",
+        help="candidate lengths are multiples of G and of the rank grid's N (default 256)",
     )
     p.add_argument(
         "--max-seq-length",
@@ -287,20 +319,15 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, tuple[str, ...]]:
     bad += [
         f"--{k.replace('_', '-')} {getattr(args, k)}"
         for k in ("budget_mib", "granularity", "max_seq_length", "timeout")
-        if not getattr(args, k) > 0
+        if not (getattr(args, k) > 0 and math.isfinite(getattr(args, k)))
     ]
     if bad:
-        raise InputError(f"must be positive: {', '.join(bad)}")
+        raise InputError(f"must be positive and finite: {', '.join(bad)}")
     owned = [a for a in trainer if a.split("=")[0] in _OWNED]
     if owned:
         raise InputError(
             f"{' '.join(owned)}: analysis.longest sets these itself (the layout, "
             "the length, one step of one sequence per rank, flash)"
-        )
-    out = Path(args.out)
-    if (out / "longest.csv").exists():
-        raise InputError(
-            f"--out {out} already holds longest.csv (another search's); choose a new folder"
         )
     return args, tuple(trainer)
 
@@ -384,9 +411,18 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None) -> int:
     args, trainer = parse(argv)
+    global _REUSE
     searches, refused = plan(args, trainer)
     out = Path(args.out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    outdir.take(
+        out,
+        "analysis.longest",
+        what="search",
+        overwrite=args.overwrite,
+        resume=args.resume,
+        legacy=legacy_outputs,
+    )
+    _REUSE = args.resume
     budget = int(args.budget_mib * MiB)
     for why in refused:
         print(f"skipped: {why}")
@@ -395,6 +431,7 @@ def _main(argv: list[str] | None) -> int:
     def log(rec: dict) -> None:
         log_rows.append(rec)
         _write_csv(out / "searches.csv", log_rows, SEARCH_COLUMNS)
+        outdir.note(out / "searches.csv")
         b = rec["rank_bytes_max"]
         print(
             f"  {rec['mode']:<9} N={rec['seq_parallel']} D={rec['data_parallel']} "
@@ -420,6 +457,7 @@ def _main(argv: list[str] | None) -> int:
     _write_csv(out / "longest.csv", table, COLUMNS)
     _write_csv(out / "longest_all_recompute.csv", rows, COLUMNS)
     figures = plot_longest(table, out / "figures" / "longest_seq_length", budget)
+    outdir.note(out / "longest.csv", out / "longest_all_recompute.csv", *figures)
     for row in table:
         print(
             f"{row['mode']:<9} P={row['world_size']} N={row['seq_parallel']} "

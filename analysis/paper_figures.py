@@ -140,7 +140,7 @@ def _equal_ranks(df: pd.DataFrame | None) -> pd.DataFrame | None:
 
     if df is None or "preset" not in df:
         return None
-    equal = {n for n, p in all_presets().items() if p.ranks is not None or p.layouts}
+    equal = {n for n, p in all_presets().items() if p.ranks is not None or p.grids}
     df = df[df["preset"].isin(equal)]
     return df if not df.empty else None
 

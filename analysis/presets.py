@@ -1,6 +1,6 @@
 """Comparison presets: the runs `python -m analysis.compare --preset NAME` makes, and their order.
 
-A preset is a grid of sequence-parallel degrees N, data-parallel sizes D and sequence lengths l,
+A preset is a grid of sequence-parallel sizes N, data-parallel sizes D and sequence lengths l,
 one model, one training recipe and the attention kernels and recompute settings to run (default:
 flash, no recompute, the trainer's defaults, for every mode). For every grid point (N, D, l) it runs each of its
 **variants** on P = N x D ranks (and, with ``serial_at_scale``, ``serial`` = plain data
@@ -17,9 +17,9 @@ zigzag``), ``lss-kv2`` / ``lss-kv4`` (``--kv-gather-chunks``), ``lss-zero1`` / `
 names the run (``lss-zigzag_N4_D1_l512_r0``) and the table's ``variant`` column. A variant whose
 flag this trainer lacks is skipped with that reason, like any run the trainer would reject.
 
-A preset with explicit ``layouts`` ((label, N, D) triples) runs exactly those layouts at every
-length instead of the degrees x data-parallel grid: an equal-ranks series, where each mode
-runs at its own legal degrees on the same P ranks.
+A preset with explicit ``grids`` ((label, N, D) triples: a variant on a rank grid) runs exactly
+those at every length instead of the sizes x data-parallel grid: an equal-ranks series, where each mode
+runs at its own legal sizes on the same P ranks.
 
 Runs are interleaved so that machine noise hits the configurations alike: with K repeats, every
 configuration runs once per round, K rounds, the order within each round shuffled by a seed that
@@ -57,11 +57,9 @@ from pathlib import Path
 from types import MappingProxyType, UnionType
 from typing import Union, get_args, get_origin, get_type_hints
 
-import yaml
-
 from lss_megatron.config import ConfigError
 from lss_megatron.resources import compare_presets_dir, source_root
-from lss_megatron.strict_yaml import check_value
+from lss_megatron.strict_yaml import YamlFileError, check_value, load_file
 
 from .inputs import InputError
 from .trainer_config import argv, problems, run_config, trainer_actions, trainer_flags
@@ -116,14 +114,14 @@ def get_variant(label: str) -> Variant:
 
 @dataclass(frozen=True)
 class Preset:
-    """A comparison grid: one model and recipe, many layouts and lengths."""
+    """A comparison grid: one model and recipe, many rank grids and lengths."""
 
     name: str
     summary: str
     scaling: str
     """``strong`` (fixed lengths) or ``weak`` (l = base length x N)."""
     degrees: tuple[int, ...]
-    """Sequence-parallel degrees N of the lss / nvidia-sp runs."""
+    """Sequence-parallel sizes N of the lss / nvidia-sp runs."""
     seq_lengths: tuple[int, ...]
     """strong: the lengths l; weak: the base lengths l0 (tokens per sequence-parallel rank)."""
     model: Mapping[str, object]
@@ -133,9 +131,9 @@ class Preset:
     data_parallel: tuple[int, ...] = (1,)
     """Data-parallel sizes D of the grid (P = N x D)."""
     ranks: int | None = None
-    """Equal ranks: every grid run uses exactly this many ranks P, at each degree N of `degrees`
+    """Equal ranks: every grid run uses exactly this many ranks P, at each size N of `degrees`
     that divides it (D = P / N; `data_parallel` is then unused), so that each mode runs at every
-    layout the trainer allows it on P ranks and the best layout per mode can be compared."""
+    rank grid the trainer allows it on P ranks and the best grid per mode can be compared."""
     modes: tuple[str, ...] = PARALLEL_MODES
     """Variant labels (`VARIANTS`; plain modes are their own labels) run at every grid point."""
     serial_at_scale: bool = False
@@ -154,17 +152,17 @@ class Preset:
     gpus_per_node: int = 6
     """Cluster presets: GPUs (tasks) per node of the printed sbatch commands."""
     notes: str = ""
-    layouts: tuple[tuple[str, int, int], ...] = ()
-    """Explicit (variant label, N, D) layouts, each run at every length of `seq_lengths` (strong
+    grids: tuple[tuple[str, int, int], ...] = ()
+    """Explicit (variant label, N, D) rank grids, each run at every length of `seq_lengths` (strong
     scaling) instead of the `degrees` x `data_parallel` grid: how an equal-ranks series gives
-    each mode its own legal degrees on the same P = N x D ranks."""
+    each mode its own legal sizes on the same P = N x D ranks."""
 
     def __post_init__(self) -> None:
         if self.scaling not in ("strong", "weak"):
             raise ValueError(f"preset {self.name}: scaling must be strong or weak")
-        if self.layouts and self.scaling != "strong":
-            raise ValueError(f"preset {self.name}: explicit layouts need strong scaling")
-        for label in (*self.modes, *(x[0] for x in self.layouts)):
+        if self.grids and self.scaling != "strong":
+            raise ValueError(f"preset {self.name}: explicit grids need strong scaling")
+        for label in (*self.modes, *(x[0] for x in self.grids)):
             get_variant(label)
         object.__setattr__(self, "model", MappingProxyType(dict(self.model)))
         object.__setattr__(self, "train", MappingProxyType(dict(self.train)))
@@ -306,9 +304,9 @@ def load_preset(path: Path) -> Preset:
     missing keys, ill-typed values and trainer flags the trainer lacks are all reported at once
     as a `PresetError`."""
     try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as e:
-        raise PresetError(f"compare preset {path}: not readable YAML ({e})") from None
+        data = load_file(path, "compare preset")
+    except YamlFileError as e:
+        raise PresetError(str(e)) from None
     if not isinstance(data, dict):
         raise PresetError(f"compare preset {path}: expected a mapping of keys to values")
     hints = get_type_hints(Preset)
@@ -317,8 +315,8 @@ def load_preset(path: Path) -> Preset:
     actions = trainer_actions()
     values: dict[str, object] = {"name": path.stem}
     bad = [f"missing key {k!r}" for k in _REQUIRED if k not in data]
-    if "degrees" not in data and "layouts" not in data:
-        bad.append("needs degrees (or explicit layouts)")
+    if "degrees" not in data and "grids" not in data:
+        bad.append("needs degrees (or explicit grids)")
     for key, value in data.items():
         name = keys.get(str(key))
         if name is None:
@@ -429,10 +427,10 @@ def trainer_problem(run: RunSpec, data_elsewhere: bool = False) -> str | None:
 def grid_points(preset: Preset) -> list[tuple[str, int, int, int]]:
     """(role, N, D, l) in run order: each reference before the grid points that use it."""
     points: list[tuple[str, int, int, int]] = []
-    if preset.layouts:
+    if preset.grids:
         for length in preset.seq_lengths:
             points.append(("reference", 1, 1, length))
-            for n, d in dict.fromkeys((n, d) for _, n, d in preset.layouts):
+            for n, d in dict.fromkeys((n, d) for _, n, d in preset.grids):
                 points.append(("grid", n, d, length))
         return points
     if preset.ranks is not None:  # equal ranks: P fixed, every N x D = P
@@ -472,7 +470,7 @@ def make_plan(preset: Preset, repeats: int | None = None, seed: int = 0) -> Plan
             specs = [("serial", 1, d)]
         else:
             specs = [
-                (m, n, d) for m in preset.modes if not preset.layouts or (m, n, d) in preset.layouts
+                (m, n, d) for m in preset.modes if not preset.grids or (m, n, d) in preset.grids
             ]
             if preset.serial_at_scale:
                 specs.append(("serial", 1, n * d))

@@ -50,6 +50,10 @@ FAULT_KINDS = ("crash", "hang", "nan")
 MAX_SEED = 2**32 - 1
 """Seeds feed numpy's and torch's generators; numpy's take 32-bit values."""
 MAX_DIST_TIMEOUT_S = 7 * 24 * 3600.0
+MAX_STEPS, MAX_EVAL_STEPS, MAX_MICRO_BATCHES = 10**9, 10**6, 2**16
+"""Upper bounds that only a typo reaches: a run that would never finish is refused up front."""
+MIN_DIST_TIMEOUT_S = 1.0
+"""A collective timeout under a second fails the first all-reduce of any real run."""
 
 
 class ConfigError(ValueError):
@@ -181,6 +185,12 @@ class ModelConfig:
             p.append(
                 f"--position-embedding {self.position_embedding!r} is not one of {POSITION_EMBEDDINGS}"
             )
+        elif self.position_embedding == "rope" and self.head_dim % 2:
+            p.append(
+                f"--position-embedding rope needs an even head dimension (rotary embeddings turn "
+                f"pairs of channels), got d = --hidden-size {self.hidden_size} / --num-heads "
+                f"{self.num_heads} = {self.head_dim}"
+            )
         return p
 
 
@@ -203,9 +213,9 @@ class ParallelConfig:
     """P, the number of processes (from the launcher; not an option)."""
     seq_parallel: int = _opt(
         1,
-        "N: the sequence-parallel degree (default: P, 1 for serial). LSS and Ulysses: segments "
-        "per sequence = size of the sequence group (Megatron's context-parallel group); "
-        "nvidia-sp: the tensor-parallel size",
+        "N: the sequence-parallel size (default: P, 1 for serial). LSS and Ulysses: the ranks "
+        "one sequence is split over = the size of the sequence group (Megatron's "
+        "context-parallel size); nvidia-sp: the tensor-parallel size",
         cli_default=None,
     )
     tensor_parallel: int = _opt(
@@ -307,10 +317,10 @@ class ParallelConfig:
                 f"--kv-gather-chunks applies to --mode "
                 f"{' / '.join(modes_accepting('kv_gather_chunks'))} only, not {self.mode}"
             )
-        if not 0 < self.dist_timeout_s <= MAX_DIST_TIMEOUT_S:  # NaN fails too
+        if not MIN_DIST_TIMEOUT_S <= self.dist_timeout_s <= MAX_DIST_TIMEOUT_S:  # NaN fails too
             p.append(
-                f"--dist-timeout must be in (0, {MAX_DIST_TIMEOUT_S:g}] seconds (one week), "
-                f"got {self.dist_timeout_s}"
+                f"--dist-timeout must be in [{MIN_DIST_TIMEOUT_S:g}, {MAX_DIST_TIMEOUT_S:g}] "
+                f"seconds (one week), got {self.dist_timeout_s}"
             )
         return p
 
@@ -547,6 +557,11 @@ class TrainConfig:
                 p.append(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if self.eval_steps < 1:
             p.append(f"--eval-steps must be >= 1, got {self.eval_steps}")
+        for name, top in (("steps", MAX_STEPS), ("eval_steps", MAX_EVAL_STEPS)):
+            if getattr(self, name) > top:  # a typo that would never finish, not a run
+                p.append(
+                    f"--{name.replace('_', '-')} must be <= {top:,}, got {getattr(self, name):,}"
+                )
         return p
 
     def problems(self, dp: int) -> list[str]:
@@ -593,6 +608,12 @@ class TrainConfig:
             p.append(
                 f"--micro-batch-size {self.micro_batch_size} does not divide the per-replica batch "
                 f"G / D = {self.global_batch_size} / {dp} = {self.global_batch_size // dp}"
+            )
+        elif (self.global_batch_size // dp) // (self.micro_batch_size or 1) > MAX_MICRO_BATCHES:
+            p.append(
+                f"--global-batch-size {self.global_batch_size} with --micro-batch-size "
+                f"{self.micro_batch_size} is {(self.global_batch_size // dp) // self.micro_batch_size:,} "
+                f"micro-batches per step and replica, more than {MAX_MICRO_BATCHES:,}"
             )
         return p
 
@@ -641,6 +662,7 @@ class RunConfig:
         if not p:
             p += self._layout_problems()
         p += self.train.problems(self.parallel.dp if not parallel_problems else 0)
+        p += self._fault_problems()
         if self.train.dtype == "bf16" and self.parallel.tensor_parallel > 1:
             p.append(
                 "--dtype bf16 with --tensor-parallel > 1 is not supported: LSS x TP has not been "
@@ -654,13 +676,36 @@ class RunConfig:
         p += self._document_problems()
         if self.train.data in DATASETS:
             p += check_data_config(
-                self.train.data, self.train.data_path, self.model.vocab_size, self.model.seq_length
+                self.train.data,
+                self.train.data_path,
+                self.model.vocab_size,
+                self.model.seq_length,
+                evaluates=self.train.eval_interval > 0,
             )
         if self.train.deepspeed_config and self.train.zero_stage in (1, 2):
             p += self._deepspeed_file_problems(batch_known=not p)
         if p:
             raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(p))
         return self
+
+    def _fault_problems(self) -> list[str]:
+        """A ``--fault`` that cannot fire (a rank or step outside the run) never passes silently."""
+        fault = parse_fault(self.train.fault) if self.train.fault else None
+        if fault is None:
+            return []
+        kind, rank, step = fault
+        last = self.train.stop_after or self.train.steps
+        p = []
+        if rank >= self.parallel.world_size:
+            p.append(
+                f"--fault {self.train.fault}: rank {rank} is not in this run of P = "
+                f"{self.parallel.world_size} ranks (0..{self.parallel.world_size - 1})"
+            )
+        if not 1 <= step <= last:
+            p.append(
+                f"--fault {self.train.fault}: step {step} is outside this run's steps 1..{last}"
+            )
+        return p
 
     def _document_problems(self) -> list[str]:
         """Megatron-LM's document flags: documents to find, an EOD the vocabulary holds, and a

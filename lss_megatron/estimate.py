@@ -20,7 +20,8 @@
 What the attention saves is each mode's own (`Mode.estimate_attention`). These are the tensors that must coexist at the peak; temporary buffers, the framework's own memory
 and allocator slack come on top, so the estimate is a lower bound and a run it refuses cannot fit.
 The exact per-tensor enumeration is the cost model's (analysis/costmodel/counts.py, kept apart on
-purpose); tests/unit/test_faults_upfront.py holds this estimate against it and against measured bytes.
+purpose); tests/unit/test_faults_upfront.py holds this estimate against it, and
+tests/e2e/test_faults_upfront.py against measured bytes.
 Import-light: no torch unless `available_memory` asks CUDA (only where a GPU device exists).
 """
 

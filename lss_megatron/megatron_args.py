@@ -51,7 +51,7 @@ def add_to(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         metavar="T",
-        help="nvidia-sp: its degree N (Megatron TP + sequence_parallel); lss: --tensor-parallel",
+        help="nvidia-sp: its size N (Megatron TP + sequence_parallel); lss: --tensor-parallel",
     )
     g.add_argument(
         "--context-parallel-size",
@@ -59,7 +59,7 @@ def add_to(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         metavar="N",
-        help="lss / ulysses: --seq-parallel N (the context-parallel group); refused by nvidia-sp",
+        help="lss / ulysses: --seq-parallel N (the sequence group); refused by nvidia-sp",
     )
     g.add_argument("--bf16", dest="dtype", action="store_const", const="bf16", help="--dtype bf16")
     g.add_argument(

@@ -137,7 +137,7 @@ def build_model(
     bf16: Megatron's mixed precision model, as its `Float16Module` makes it (``module.bfloat16()``:
     every parameter and activation bf16; the fp32 master weights are training/optim.py's). The wrapper
     itself is not kept: its forward only casts floating inputs (ours are token ids) and the
-    output (step.py takes the loss in fp32), and it would rename every parameter ``module.*``.
+    output (training/micro_batches.py takes the loss in fp32), and it would rename every parameter ``module.*``.
     `reset_position_ids` (Megatron-LM's ``--reset-position-ids``): positions restart in every
     document, so any rank may look up any row of a learned position table; every rank then keeps
     the whole table (a replicated parameter, averaged over all ranks) instead of its segment's

@@ -26,8 +26,6 @@ import typing
 import warnings
 from pathlib import Path
 
-import yaml
-
 from .config import ConfigError, ModelConfig, ParallelConfig, RunConfig, TrainConfig
 from .envvars import launch_env
 from .estimate import estimate, memory_problems
@@ -37,8 +35,9 @@ from .megatron_args import add_to as add_megatron_flags
 from .megatron_args import resolve as resolve_megatron_flags
 from .modes import MODES, get_mode
 from .resources import find_preset, preset_names, prog
+from .resume import resume_problems
 from .runs import default_out, plan
-from .strict_yaml import check_value
+from .strict_yaml import YamlFileError, check_value, load_file
 
 PROG = prog("python -m lss_megatron.train")
 SECTIONS = {ParallelConfig: "parallel layout", ModelConfig: "model", TrainConfig: "training"}
@@ -165,12 +164,12 @@ def load_yaml_preset(path: str, parser: argparse.ArgumentParser) -> dict:
     (strict_yaml.py: no coercion), all reported in one message."""
     if not Path(path).exists() and find_preset(path) is not None:
         path = str(find_preset(path))  # a packaged preset named as such: --config tiny-cpu
-    try:
-        data = yaml.safe_load(Path(path).read_text()) or {}
-    except FileNotFoundError:
+    if not Path(path).exists():
         parser.error(f"--config {path}: no such file, nor a packaged preset {preset_names()}")
-    except yaml.YAMLError as e:
-        parser.error(f"--config {path}: not valid YAML: {e}")
+    try:  # a FIFO, folder, binary file, duplicate key or alias bomb: one line (strict_yaml)
+        data = load_file(path, "--config") or {}
+    except YamlFileError as e:
+        parser.error(str(e))
     if not isinstance(data, dict):
         parser.error(f"--config {path}: expected a mapping of flag names to values")
     # a key is any of a flag's names (ours or Megatron-LM's), with '-' or '_'
@@ -266,7 +265,10 @@ def preflight(args: argparse.Namespace, env=None, env_problems=()) -> RunConfig:
         problems = []
     except ConfigError as e:  # "invalid configuration:" and one "  - problem" line each
         problems = [x.strip()[2:] for x in str(e).splitlines()[1:]]
-    problems += plan(cfg.train).problems  # folders: independent of the rest
+    folders = plan(cfg.train)  # folders: independent of the rest
+    problems += folders.problems
+    if not problems and folders.load_path is not None:  # what the resume would change
+        problems += resume_problems(folders.load_path, cfg.to_dict())
     if not problems and cfg.train.memory_check:
         problems += memory_problems(cfg, env.local_rank, env.local_world_size)
     if problems:
@@ -299,7 +301,8 @@ def main(argv: list[str] | None = None) -> int:
         p = cfg.parallel
         print(
             f"lss_megatron.train: valid: --mode {p.mode}, P = {p.world_size} = N {p.seq_parallel} "
-            f"x D {p.dp}; per-rank memory estimate {estimate(cfg).describe()}"
+            f"x T {p.tensor_parallel} x D {p.dp}; per-rank memory estimate "
+            f"{estimate(cfg).describe()}"
         )
         return 0
     from .training.loop import run  # torch and Megatron load only once the config is valid

@@ -159,4 +159,53 @@ def file_problems(path: str, expected: dict) -> list[str]:
                 f"--deepspeed-config {path}: zero_optimization.{key} is not supported: it "
                 "needs DeepSpeed's compiled CPU Adam (this trainer compiles nothing)"
             )
+    if not p:
+        p += deepspeed_problems(path, user, expected)
     return p
+
+
+def deepspeed_problems(path: str, user: dict, expected: dict) -> list[str]:
+    """What DeepSpeed's own config classes (`deepspeed.runtime.config.DeepSpeedConfig`, its
+    pydantic sections such as `DeepSpeedZeroConfig`) refuse in the file merged over the
+    trainer's defaults, before any process group (so a bad bucket size or ZeRO key no longer
+    passes --validate-only to fail at run time). The batch keys are the trainer's and checked
+    above; they are validated here at one data rank. Empty when DeepSpeed is not installed (the
+    ZeRO check says so)."""
+    try:
+        from deepspeed.runtime.config import DeepSpeedConfig
+    except ImportError:
+        return []
+    stage = expected.get("zero_optimization.stage", 1)
+    clip = expected.get("gradient_clipping", 1.0)
+    base = defaults(
+        micro=1,
+        accumulation=1,
+        data_ranks=1,
+        clip=clip,
+        stage=stage if stage in (0, 1, 2, 3) else 1,
+        bucket_elements=500_000_000,
+        overlap_comm=False,
+    )
+    mine = {k: v for k, v in user.items() if k not in OWNED_TOP}
+    try:
+        DeepSpeedConfig(merge(base, mine))
+    except Exception as e:  # noqa: BLE001 - pydantic's ValidationError, ValueError, TypeError...
+        return [f"--deepspeed-config {path}: DeepSpeed refuses it: {_reason(e)}"]
+    return []
+
+
+def _reason(e: Exception) -> str:
+    """DeepSpeed's reason in one line: pydantic's field, message and value, else the text."""
+    errors = getattr(e, "errors", None)
+    if callable(errors):
+        try:
+            parts = [
+                f"{'.'.join(str(x) for x in err.get('loc', ()))}: {err.get('msg')} "
+                f"(got {err.get('input')!r})"
+                for err in errors()
+            ]
+            return "; ".join(parts)[:400]
+        except Exception:  # noqa: BLE001 - fall back to the text
+            pass
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text}"[:400]

@@ -21,6 +21,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import queue
@@ -212,6 +213,31 @@ def snapshot(folder) -> dict[str, str]:
     return out
 
 
+@contextlib.contextmanager
+def small_filesystem(folder, size_kib: int):
+    """A real file system of `size_kib` KiB mounted at `folder` (tmpfs; needs root or
+    CAP_SYS_ADMIN), unmounted afterwards; the test is skipped, saying why, where none can be
+    mounted (the mocked full-disk tests still run there)."""
+    import subprocess
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    res = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size_kib}k", "tmpfs", str(folder)],
+        capture_output=True,
+        text=True,
+    )
+    if res.returncode != 0:
+        import pytest
+
+        why = " ".join((res.stderr or res.stdout).split())[:200]
+        pytest.skip(f"cannot mount a {size_kib} KiB tmpfs here ({why}); the mocked test covers it")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
+
 def error_lines(stderr: str) -> list[str]:
     """The lines that report an error (the trainer's and the analysis commands' `error:`)."""
     return [x for x in stderr.splitlines() if "error:" in x or "Traceback" in x]
@@ -285,7 +311,11 @@ def model_worker(rank, world, layouts):
     from lss_megatron.parallel import comm
     from lss_megatron.parallel.grid import destroy_grid, initialize_grid
     from lss_megatron.parallel.params import is_sequence_local
-    from lss_megatron.training.step import forward_backward, global_mean_loss, step_micro_batches
+    from lss_megatron.training.micro_batches import (
+        forward_backward,
+        global_mean_loss,
+        step_micro_batches,
+    )
 
     out = []
     for layout in layouts:

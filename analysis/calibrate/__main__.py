@@ -12,6 +12,8 @@ from pathlib import Path
 from lss_megatron.resources import prog
 
 from ..costmodel.calibrated import default_path
+from ..inputs import cli
+from ..outdir import check_output_file, write_file
 from . import calibrate
 
 PROG = prog("python -m analysis.calibrate")
@@ -33,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="few sizes, no trainer runs (seconds; for tests, not for predictions)",
     )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     return p
 
 
@@ -42,15 +45,15 @@ def main(argv: list[str] | None = None) -> int:
     bad = [r for r in args.ranks if r < 2 or r > 64]
     if bad:
         p.error(f"--ranks {bad[0]}: rank counts must be between 2 and 64")
+    return cli("analysis.calibrate", lambda: _main(args))
+
+
+def _main(args) -> int:
     out = Path(args.out) if args.out else default_path()
-    if out.exists() and out.is_dir():
-        p.error(f"--out {out}: is a folder, not a file")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        p.error(f"--out {out}: cannot create its folder ({e.strerror})")
+    # before measuring (minutes): a file that cannot be written, or an earlier calibration
+    check_output_file(out, "--out", overwrite=args.overwrite, what="a calibration")
     record = calibrate(sorted(set(args.ranks)), quick=args.quick)
-    out.write_text(json.dumps(record, indent=1) + "\n")
+    write_file(out, json.dumps(record, indent=1) + "\n")
     load = record["load_avg"]
     print(
         f"wrote {out} ({record['seconds']} s; load average {load[0][0]:.2f} -> {load[1][0]:.2f} "

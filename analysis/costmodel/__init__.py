@@ -31,7 +31,7 @@ import statistics
 from dataclasses import replace
 from pathlib import Path
 
-from .calibrated import CalibratedDevice, find_device_file, load_device_file
+from .calibrated import CalibratedDevice, NotCalibrated, find_device_file, load_device_file
 from .configs import config_from_preset, layout_problems, make_config
 from .counts import (
     FP32,
@@ -147,7 +147,7 @@ def predict(
     }
     if document_lengths is not None and config["train"].get("reset_attention_mask"):
         out["attention_flops_vs_causal"] = document_attention_fraction(document_lengths, s.seq)
-        if lay.mode == "lss":
+        if out["attention_imbalance"] is not None:  # a mode that reports it (lss)
             out["attention_imbalance"] = document_attention_imbalance(document_lengths, s, lay)
     if lay.zero_stage:
         out.update(zero_counts(s, lay, optimizer))
@@ -166,10 +166,14 @@ def predict(
         dev = device if isinstance(device, CalibratedDevice) else get_device(device)
         if assumptions is not None:
             dev = replace(dev, assumptions=assumptions)
-        timing = step_time(s, lay, dev, optimizer)
+        try:
+            timing = step_time(s, lay, dev, optimizer)
+        except NotCalibrated as e:  # a 16-bit run on an fp32-only calibration: no time
+            timing = {"step_time_s": None, "step_time_note": str(e)}
         out.update(timing)
         out["device"] = dev.name
-        out["achieved_flops_per_s"] = out["model_flops_per_step"] / timing["step_time_s"]
+        if timing["step_time_s"] is not None:
+            out["achieved_flops_per_s"] = out["model_flops_per_step"] / timing["step_time_s"]
         out["fits_memory"] = out["peak_bytes"] <= dev.memory_bytes
     return out
 
@@ -220,4 +224,6 @@ def compare_run(run_dir: str | Path, device: CalibratedDevice | None = None) -> 
         out[key] = (pred[key], counted[0] if len(counted) == 1 else counted)
     if device is not None:
         out["step_time_s"] = (pred["step_time_s"], measured_step_time(rows))
+        if pred.get("step_time_note"):
+            out["step_time_note"] = pred["step_time_note"]
     return out

@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="with --preset summit-paper: predict a hypothetical layout instead, the "
+        help="with --preset summit-paper: predict a hypothetical rank grid instead, the "
         "--base preset with make_config arguments changed (e.g. mode=ulysses)",
     )
     p.add_argument(
@@ -102,7 +102,12 @@ def _print_comparison(cmp: dict) -> None:
         if k == "device_file":
             print(f"device: {value}")
             continue
+        if k == "step_time_note":
+            print(f"step_time_s: not predicted: {value}")
+            continue
         pr, co = value
+        if k == "step_time_s" and pr is None:
+            continue  # the note says why
         if k == "step_time_s":
             ratio = f"{pr / co:.3f}" if co else "n/a"
             print(

@@ -44,6 +44,10 @@ SCHEMA = 1
 OPS = ("all_gather", "reduce_scatter", "all_reduce", "all_to_all")
 
 
+class NotCalibrated(ValueError):
+    """The calibration did not measure what the run needs (e.g. bf16 rates)."""
+
+
 def default_path(directory: Path = DATA_DIR) -> Path:
     """Where calibrate writes by default: <host>.json (this-machine.json without a hostname)."""
     return directory / f"{socket.gethostname() or 'this-machine'}.json"
@@ -127,8 +131,13 @@ class CalibratedDevice:
         return "fp32" if elem_bytes == 4 else "bf16"
 
     def gemm_rate(self, flops: float, elem_bytes: int = 4) -> float:
-        """FLOP/s measured at this many FLOPs per call (fp32 tables; the trainer's CPU bf16 is
-        not calibrated separately)."""
+        """FLOP/s measured at this many FLOPs per call. The tables are fp32: a 16-bit run raises
+        `NotCalibrated` (the trainer's CPU bf16 was not measured, so its time is not priced)."""
+        if elem_bytes != 4:
+            raise NotCalibrated(
+                f"this calibration ({self.source or self.name}) measured fp32 rates only; a "
+                f"{8 * elem_bytes}-bit run's step time is not predicted on it"
+            )
         return interpolate(self.gemm, flops)
 
     def attention_fraction(self, queries: int, elem_bytes: int = 4) -> None:

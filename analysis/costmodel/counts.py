@@ -457,8 +457,9 @@ def document_attention_fraction(document_lengths, seq: int) -> float:
 
 def document_attention_imbalance(document_lengths, s: Shape, lay: Layout) -> float | None:
     """LSS under document masks: max / mean over the sequence group of the expected pairs each
-    rank attends (its positions' `expected_visible_keys`); None for other modes."""
-    if lay.mode != "lss":
+    rank attends (its positions' `expected_visible_keys`); None for modes that do not report an
+    imbalance (`Costs.imbalance`)."""
+    if lay.spec.costs.imbalance(s, lay) is None:
         return None
     from lss_megatron.layout import segment_chunks
 

@@ -17,7 +17,7 @@ All-reduces take the cheaper of a ring and a tree (``2 ceil(log2 n)`` latency st
 ring's bytes), as NCCL picks trees when latency dominates. Ranks are placed in order (rank r on
 node r // gpus_per_node), as Megatron orders them (tp-cp-ep-dp-pp): a sequence or
 tensor-parallel group is consecutive, a data group strided by N.
-Figures are datasheet values or stated assumptions (docs/costmodel.md, shared/docs/hardware.md).
+Figures are datasheet values or stated assumptions (docs/costmodel.md, docs/hardware.md).
 """
 
 from __future__ import annotations

@@ -63,7 +63,7 @@ SOURCES = (
     (
         "device",
         "V100 SXM2 16 GB, 125 TFLOP/s fp16 tensor, 900 GB/s; Summit node of 6",
-        "shared/docs/hardware.md (datasheet; the paper names V100 and 144 / 3,456 GPUs)",
+        "docs/hardware.md (datasheets; the paper names V100 and 144 / 3,456 GPUs)",
     ),
     (
         "paper-2023 precision",
@@ -73,7 +73,7 @@ SOURCES = (
     (
         "paper-2023 kernel",
         "materialised scores on both sides",
-        "FlashAttention v1/v2 did not support V100 (sm70) in 2023; shared/docs/research/paper.md",
+        "FlashAttention v1/v2 did not support V100 (sm70) in 2023; docs/hardware.md",
     ),
     (
         "modern",
@@ -84,7 +84,7 @@ SOURCES = (
         "baseline degree t",
         "6 or 12",
         "t must divide the 12 heads (Megatron TP); 6 = one "
-        "Summit node, 12 = two nodes (shared/docs/research/paper.md, 1.5)",
+        "Summit node, 12 = two nodes (docs/hardware.md)",
     ),
     (
         "LSS degree N",
@@ -117,7 +117,7 @@ SOURCES = (
     (
         "network",
         "NVLink 50 GB/s in a socket, X-Bus 32 GB/s, EDR 23 GB/s per node; 5 / 10 us",
-        "hw.SUMMIT (shared/docs/hardware.md)",
+        "hw.SUMMIT (docs/hardware.md)",
     ),
     (
         "K/V-gather overlap",

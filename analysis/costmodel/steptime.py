@@ -37,15 +37,22 @@ from __future__ import annotations
 from dataclasses import asdict
 
 from .counts import (
+    FP32,
     UPDATE_BYTES,
+    ZERO_ALIGNMENT,
     Collective,
     Layout,
     Shape,
+    all_reduce_bytes,
     attention_pairs,
+    buckets,
+    gather_bytes,
     grad_plan,
     other_comm,
     param_count,
     sp_plan,
+    zero_counts,
+    zero_parameters,
 )
 from .hw import Assumptions
 
@@ -148,6 +155,31 @@ def other_comm_time(s: Shape, lay: Layout, dev) -> float:
     return other_comm(s, lay)[1] * dev.collective_time("all_reduce", 16, lay.world)
 
 
+def zero_partition(s: Shape, lay: Layout) -> int:
+    """Elements of one rank's ZeRO partition: the flat buffer padded to a multiple of
+    ``ZERO_ALIGNMENT`` x group, cut into equal parts (`counts.zero_counts`)."""
+    numel = sum(p.numel for p in zero_parameters(s, lay))
+    align = ZERO_ALIGNMENT * lay.grad_group
+    return -(-numel // align) * align // lay.grad_group
+
+
+def zero_grad_time(s: Shape, lay: Layout, dev) -> float:
+    """Seconds of DeepSpeed ZeRO's gradient traffic per step, the collectives `counts.zero_counts`
+    counts: the gradients all-reduced in buckets (stage 1 once per step, stage 2 after every
+    micro-batch), the updated partitions all-gathered, the fp32 norm all-reduced."""
+    group, pb = lay.grad_group, lay.param_bytes
+    if group <= 1:
+        return 0.0
+    reductions = 1 if lay.zero_stage == 1 else lay.micro_batches
+    bs = buckets([p.numel * pb for p in zero_parameters(s, lay)])
+    return (
+        reductions
+        * sum(dev.collective_time("all_reduce", all_reduce_bytes(x, group), group) for x in bs)
+        + dev.collective_time("all_gather", gather_bytes(zero_partition(s, lay) * pb, group), group)
+        + dev.collective_time("all_reduce", all_reduce_bytes(FP32, group), group)
+    )
+
+
 def step_time(s: Shape, lay: Layout, dev, optimizer: str) -> dict:
     """Seconds per optimizer step on the slowest rank of `dev` (a `hw.Device` or a
     `calibrated.CalibratedDevice`; its `assumptions` hold the stated efficiencies and overlaps),
@@ -168,7 +200,11 @@ def step_time(s: Shape, lay: Layout, dev, optimizer: str) -> dict:
     fixed_micro = dev.overhead("per_micro", mode) + s.layers * dev.overhead("per_micro_layer", mode)
     fixed_step = dev.overhead("per_step", mode) + s.layers * dev.overhead("per_step_layer", mode)
     update = UPDATE_BYTES.get(optimizer, UPDATE_BYTES["sgd"])
-    opt = param_count(s, lay) * update / dev.elementwise_bw(1 << 22)
+    # ZeRO where the counts model its traffic (not nvidia-sp's tensor-parallel sums): its own
+    # gradient collectives, and the optimizer updates only this rank's partition
+    zero = bool(lay.zero_stage) and zero_counts(s, lay, optimizer)["grad_comm_bytes"] is not None
+    updated = zero_partition(s, lay) if zero else param_count(s, lay)
+    opt = updated * update / dev.elementwise_bw(1 << 22)
     parts = {
         "gemm": share * m * gemm,
         "attention": share * m * attention,
@@ -177,7 +213,7 @@ def step_time(s: Shape, lay: Layout, dev, optimizer: str) -> dict:
         "fixed_overhead": share * (m * fixed_micro + fixed_step),
         "optimizer": share * opt,
         "sp_comm_exposed": m * sp,
-        "grad_comm": grad_comm_time(s, lay, dev),
+        "grad_comm": zero_grad_time(s, lay, dev) if zero else grad_comm_time(s, lay, dev),
         "other_comm": other_comm_time(s, lay, dev),
     }
     queries = lay.spec.costs.attention_shape(s, lay)[2]

@@ -84,14 +84,16 @@ def enwik8_file_problems(path: str | os.PathLike, expected_size: int = ENWIK8_SI
                 if ZIP_MEMBER not in names:
                     return [f"{p}: the zip has no member {ZIP_MEMBER!r} (it holds {names[:5]})"]
                 size = zf.getinfo(ZIP_MEMBER).file_size
+                with zf.open(ZIP_MEMBER) as member:  # the member opens and its data inflates
+                    member.read(1 << 16)
             if size != expected_size:
                 return [
                     f"{p}: zip member {ZIP_MEMBER!r} has {size:,} bytes, expected {expected_size:,}"
                 ]
             return []
         size = p.stat().st_size
-    except zipfile.BadZipFile as e:
-        return [f"{p}: corrupt or not a zip file ({e})"]
+    except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as e:
+        return [f"{p}: corrupt or not a zip file ({' '.join(str(e).split())[:200]})"]
     except OSError as e:
         return [f"{p}: cannot read ({e})"]
     if size != expected_size:
@@ -316,6 +318,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--extract", action="store_true", help="also extract the raw file next to it")
     args = p.parse_args(argv)
+    if not 0.1 <= args.timeout <= 86400:  # NaN fails too; inf would never give up
+        p.error(f"--timeout must be in [0.1, 86400] seconds, got {args.timeout}")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         path = download(args.download, args.url, args.timeout)

@@ -105,8 +105,33 @@ def _vocab_problem(bin_path: Path, dtype: type, vocab_size: int) -> str | None:
     return None
 
 
-def indexed_problems(path: str | None, vocab_size: int, seq_length: int | None = None) -> list[str]:
-    """Configuration problems of ``--data megatron --data-path PREFIX`` (torch-free, fast)."""
+def _document_table_problem(idx_path: Path, lengths: np.ndarray, itemsize: int, bin_size: int):
+    """Why the index's document table does not fit the .bin (a negative length, a document that
+    starts before 0 or ends past the end of the file), or None. Reads the index's pointers."""
+    if len(lengths) and int(lengths.min()) < 0:
+        i = int(np.argmin(lengths))
+        return f"{idx_path}: document {i} has a negative length {int(lengths[i])}"
+    pointers = np.fromfile(
+        idx_path, dtype=np.int64, count=len(lengths), offset=34 + 4 * len(lengths)
+    )
+    if len(pointers) != len(lengths):
+        return f"{idx_path}: truncated (the document pointers are cut short)"
+    ends = pointers + lengths.astype(np.int64) * itemsize  # [documents] byte end of each
+    bad = np.flatnonzero((pointers < 0) | (ends > bin_size))
+    if len(bad):
+        i = int(bad[0])
+        return (
+            f"{idx_path}: document {i} spans bytes {int(pointers[i]):,}..{int(ends[i]):,} of a "
+            f"{bin_size:,}-byte .bin (the index does not describe this .bin)"
+        )
+    return None
+
+
+def indexed_problems(
+    path: str | None, vocab_size: int, seq_length: int | None = None, evaluates: bool = False
+) -> list[str]:
+    """Configuration problems of ``--data megatron --data-path PREFIX`` (torch-free, fast);
+    `evaluates`: the valid split must hold one sample too."""
     if path is None:
         return [f"--data megatron needs --data-path PREFIX (PREFIX.bin and PREFIX.idx; {HINT})"]
     prefix = split_prefix(path)
@@ -124,15 +149,20 @@ def indexed_problems(path: str | None, vocab_size: int, seq_length: int | None =
             f"--data-path {path}: {bin_path} has {bin_path.stat().st_size:,} bytes, the index "
             f"says {int(lengths.sum(dtype=np.int64)) * itemsize:,}"
         ]
+    table = _document_table_problem(idx_path, lengths, itemsize, bin_path.stat().st_size)
+    if table:
+        return [f"--data-path {path}: {table}"]
     problems = []
-    lo, hi = split_bounds(len(lengths))["train"]
-    train_tokens = int(lengths[lo:hi].sum(dtype=np.int64))
-    if seq_length is not None and train_tokens < seq_length + 1:
-        problems.append(
-            f"--data-path {path}: the train split ({hi - lo} documents, "
-            f"{train_tokens:,} tokens) cannot hold one sample of --seq-length "
-            f"{seq_length} + 1 tokens"
-        )
+    for split in ("train", "valid") if evaluates else ("train",):
+        lo, hi = split_bounds(len(lengths))[split]
+        tokens = int(lengths[lo:hi].sum(dtype=np.int64))
+        if seq_length is not None and tokens < seq_length + 1:
+            why = " (--eval-interval evaluates on it)" if split == "valid" else ""
+            problems.append(
+                f"--data-path {path}: the {split} split ({hi - lo} documents, "
+                f"{tokens:,} tokens) cannot hold one sample of --seq-length "
+                f"{seq_length} + 1 tokens{why}"
+            )
     bad = _vocab_problem(bin_path, dtype, vocab_size)
     if bad:
         problems.append(f"--data-path {path}: {bin_path} {bad}")

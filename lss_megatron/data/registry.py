@@ -16,7 +16,11 @@ indexed dataset (``--data-path PREFIX``: PREFIX.bin + PREFIX.idx)."""
 
 
 def check_data_config(
-    name: str, path: str | None, vocab_size: int, seq_length: int | None = None
+    name: str,
+    path: str | None,
+    vocab_size: int,
+    seq_length: int | None = None,
+    evaluates: bool = False,
 ) -> list[str]:
     """Problems of ``--data name --data-path path --vocab-size V``, as messages naming the values
     (missing file, wrong size, corrupt zip or missing member, vocabulary mismatch; megatron: bad
@@ -35,7 +39,7 @@ def check_data_config(
     if name == "megatron":
         from .megatron_indexed import indexed_problems
 
-        return indexed_problems(path, vocab_size, seq_length)
+        return indexed_problems(path, vocab_size, seq_length, evaluates)
     return [f"--data {name!r} is not one of {DATASETS}"]
 
 

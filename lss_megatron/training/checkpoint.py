@@ -1,15 +1,15 @@
-"""Sharded, layout-independent, atomic checkpoints.
+"""Sharded, grid-independent, atomic checkpoints (written on one rank grid and mode, read on any).
 
 Every rank writes its own part with torch.distributed.checkpoint (DCP, `training.sharded`), in
 CANONICAL form: each tensor is stored as boxes of the full tensor of the one-process model, at
 their global offsets (`parallel.params.local_pieces`): a replicated parameter once (DCP keeps one
 copy, on the least loaded rank), an LSS position slice as its runs of global rows, a
 tensor-parallel shard at its offset along ``partition_dim``, a ZeRO partition as the boxes its
-flat fragment covers (`training.zero.ZeroLayout`: fp32 master weights and optimizer state per
+flat fragment covers (`training.zero.ZeroSharding`: fp32 master weights and optimizer state per
 parameter). On load each rank reads only the boxes it holds, from whichever chunks overlap them,
 so a checkpoint saved with LSS at N = 4 loads at N = 2, in serial, nvidia-sp or Ulysses, with or
 without ZeRO: anything with the same model. Why DCP and not Megatron's dist_checkpointing: our
-own layouts (position slices holding arbitrary global rows, `optim.MasterWeights`, DeepSpeed's
+own shardings (position slices holding arbitrary global rows, `optim.MasterWeights`, DeepSpeed's
 flat ZeRO partitions) are not Megatron ShardedTensors; DCP takes any list of boxes.
 
 Layout on disk (``--save DIR``), format version 2::
@@ -56,7 +56,7 @@ import torch
 from ..parallel import comm
 from ..parallel.grid import Grid
 from ..parallel.params import full_shape, local_pieces, to_local
-from ..runs import latest_checkpoint, prune_checkpoints
+from ..runs import disk_full, free_space, latest_checkpoint, manifest_update, prune_checkpoints
 from . import sharded
 
 FORMAT_VERSION = 2
@@ -70,6 +70,7 @@ MODEL_KEYS = (
     "seq_length",
     "padded_vocab_size",
     "position_embedding",
+    "causal",
 )
 log = logging.getLogger(__name__)
 
@@ -83,9 +84,9 @@ class CheckpointWriteError(OSError):
 
 
 # --- what a rank holds (`parallel.params`) ------------------------------------------------------
-class PlainLayout:
+class PlainSharding:
     """The model's (or `optim.MasterWeights`') parameters and a torch optimizer's state, each as
-    this rank's boxes of the full tensor (`local_pieces`). `ZeroLayout` is the ZeRO counterpart."""
+    this rank's boxes of the full tensor (`local_pieces`). `ZeroSharding` is the ZeRO counterpart."""
 
     def __init__(self, model, optimizer, grid: Grid):
         self.model, self.optimizer, self.grid = model, optimizer, grid
@@ -161,16 +162,16 @@ def save_checkpoint(
     config: dict,
     *,
     keep_last: int = 0,
-    layout=None,
+    sharding=None,
 ) -> Path | None:
     """Collective: every rank writes its part. Returns the path (rank 0; None elsewhere).
-    `layout`: what the ranks hold (default `PlainLayout(model, optimizer, grid)`)."""
+    `sharding`: what the ranks hold (default `PlainSharding(model, optimizer, grid)`)."""
     directory, name = Path(directory), f"step_{step:08d}"
-    layout = layout or PlainLayout(model, optimizer, grid)
+    sharding = sharding or PlainSharding(model, optimizer, grid)
     agree = _Agreement(directory, step, grid)
     tmp = agree(lambda: _make_temporary(directory, name), only_rank0=True)[0]
     agree.tmp = tmp
-    write = sharded.ShardWrite(tmp, layout.entries(), grid.rank)
+    write = sharded.ShardWrite(tmp, sharding.entries(), grid.rank)
     plans = agree(write.local_plan)
     results = agree(lambda: write.write(plans))
     meta = {"format_version": FORMAT_VERSION, "step": step, "config": config}
@@ -198,7 +199,7 @@ class _Agreement:
         if not only_rank0 or self.grid.rank == 0:
             try:
                 value = fn()
-            except OSError as e:
+            except Exception as e:  # noqa: BLE001 - torch.save wraps a full disk in RuntimeError
                 error = _write_failure(self.directory, self.step, e)
         outcomes = comm.all_gather_object((value, error), None)  # every rank's, in rank order
         errors = [e for _, e in outcomes if e is not None]
@@ -210,8 +211,12 @@ class _Agreement:
 
 
 def _make_temporary(directory: Path, name: str) -> Path:
+    """The save's temporary folder, listed in the folder's manifest (runs.py) so that the next
+    run of this folder knows it as this run's own if the save is killed."""
     directory.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=directory))
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=directory))
+    manifest_update(directory, "temporaries", add=[tmp.name])
+    return tmp
 
 
 def _publish(directory: Path, name: str, tmp: Path, write, results, state, meta) -> Path:
@@ -225,12 +230,16 @@ def _publish(directory: Path, name: str, tmp: Path, write, results, state, meta)
     try:
         if final.exists():  # re-saving a step: move the old one aside first
             trash = Path(tempfile.mkdtemp(prefix=f".old-{name}-", dir=directory))
+            manifest_update(directory, "temporaries", add=[trash.name])
             os.rename(final, trash / name)
             os.rename(tmp, final)
             shutil.rmtree(trash, ignore_errors=True)
+            manifest_update(directory, "temporaries", remove=[trash.name])
         else:
             os.rename(tmp, final)
         _fsync_dir(directory)
+        manifest_update(directory, "checkpoints", add=[name])
+        manifest_update(directory, "temporaries", remove=[tmp.name])
         _write_synced(directory / ".latest.tmp", lambda f: f.write(name.encode()))
         os.replace(directory / ".latest.tmp", directory / "latest")
         _fsync_dir(directory)
@@ -250,13 +259,17 @@ def _prune(directory: Path, keep: int, run_id) -> None:
         )
 
 
-def _write_failure(directory: Path, step: int, e: OSError) -> str:
-    """One line: what was not written, where, why, the free space, what is still there."""
-    try:
-        free = f"{shutil.disk_usage(directory).free / 2**20:,.1f} MiB free"
-    except OSError:
-        free = "free space unknown"
-    why = "no space left" if e.errno in (errno.ENOSPC, errno.EDQUOT) else (e.strerror or str(e))
+def _write_failure(directory: Path, step: int, e: Exception) -> str:
+    """One line: what was not written, where, why, the free space, what is still there. A full
+    disk is recognised behind any wrapper (`runs.disk_full`: torch.save's RuntimeError)."""
+    free = free_space(directory)
+    full = disk_full(e)
+    if full is not None:
+        why = "disk quota exceeded" if full.errno == errno.EDQUOT else "no space left"
+    elif isinstance(e, OSError):
+        why = e.strerror or str(e)
+    else:
+        why = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
     kept, _ = latest_checkpoint(directory) if directory.is_dir() else (None, "")
     still = f"the previous checkpoint {kept.name} is intact" if kept else "no earlier checkpoint"
     return f"checkpoint step {step} not written to {directory}: {why} ({free}); {still}"
@@ -311,9 +324,9 @@ def check_compatible(meta: dict, model_config: dict, path: Path) -> None:
         raise CheckpointError(f"checkpoint {path} is for another model: " + "; ".join(diffs))
 
 
-def load_checkpoint(path: Path, model, optimizer, grid: Grid, *, layout=None) -> int:
+def load_checkpoint(path: Path, model, optimizer, grid: Grid, *, sharding=None) -> int:
     """Load `path` into this rank's model and optimizer (reading its part); returns the step.
-    `layout`: what the ranks hold (default `PlainLayout(model, optimizer, grid)`). No
+    `sharding`: what the ranks hold (default `PlainSharding(model, optimizer, grid)`). No
     communication: every rank reads the metadata and the chunks it needs itself."""
     meta = read_meta(path)
     version = meta.get("format_version")
@@ -332,10 +345,10 @@ def load_checkpoint(path: Path, model, optimizer, grid: Grid, *, layout=None) ->
             f"checkpoint {path}: cannot read .metadata: it is corrupt, "
             f"truncated or not DCP metadata ({_load_failure(e)})"
         ) from None
-    layout = layout or PlainLayout(model, optimizer, grid)
+    sharding = sharding or PlainSharding(model, optimizer, grid)
     try:
         with torch.no_grad():
-            sharded.read_shards(path, stored, layout.targets(stored.state_dict_metadata))
+            sharded.read_shards(path, stored, sharding.targets(stored.state_dict_metadata))
     except (ValueError, sharded.ShardError) as e:
         raise CheckpointError(f"checkpoint {path}: {e}") from None
     except Exception as e:  # noqa: BLE001 - unreadable chunk files
@@ -343,7 +356,7 @@ def load_checkpoint(path: Path, model, optimizer, grid: Grid, *, layout=None) ->
             f"checkpoint {path}: cannot read its chunks: they are corrupt, "
             f"truncated or missing ({_load_failure(e)})"
         ) from None
-    layout.commit()
+    sharding.commit()
     torch.set_rng_state(state["torch_rng"])
     return int(meta["step"])
 

@@ -36,7 +36,16 @@ from ..log import get_logger
 from ..model import build_model, check_settings
 from ..parallel import comm
 from ..parallel.grid import Grid, destroy_grid, initialize_grid
-from ..runs import RunFolderError, claim, latest_checkpoint
+from ..resume import changed_hyperparameters
+from ..runlock import release_all as release_folders
+from ..runs import (
+    RunFolderError,
+    claim,
+    disk_full,
+    disk_full_line,
+    latest_checkpoint,
+    metric_lines,
+)
 from . import faults
 from .checkpoint import (
     CheckpointError,
@@ -56,10 +65,10 @@ from .metrics import (
     runtime_info,
     step_time_summary,
 )
+from .micro_batches import evaluate, global_mean_loss, step_micro_batches
 from .nonfinite import NonFiniteLoss, SkipGuard, nonfinite_parameters
 from .optim import MasterWeights, lr_at, set_lr
 from .replicas import check_replicas
-from .step import evaluate, global_mean_loss, step_micro_batches
 from .stepper import PlainStepper, Stepper
 from .tracking import Tracker
 from .zero import ZeroEngine
@@ -184,9 +193,14 @@ def run(cfg: RunConfig, rank: int) -> RunResult:
         log.error("%s", e)
         result.exit_code = 2
     except Exception as e:  # noqa: BLE001 - every failure ends this rank non-zero, with a reason
-        log.error("rank %d failed: %s", rank, _explain(e, cfg), exc_info=True)
+        full = disk_full(e)
+        if full is not None:  # a full disk under --out (metrics, config, summary): one line
+            log.error("rank %d: %s", rank, disk_full_line(full, cfg.train.out))
+        else:
+            log.error("rank %d failed: %s", rank, _explain(e, cfg), exc_info=True)
         result.exit_code = 1
     finally:
+        release_folders()  # rank 0's locks on --out and --save (runlock.py)
         destroy_grid()
         if owns_process_group and dist.is_initialized() and result.exit_code == 0:
             dist.destroy_process_group()
@@ -273,9 +287,12 @@ def _resume(cfg: RunConfig, stepper: Stepper, grid: Grid, effective: dict) -> in
         raise CheckpointError(f"--load {t.load}: no complete checkpoint there")
     if note and grid.rank == 0:
         log.warning("%s", note)
+    if grid.rank == 0:
+        for line in changed_hyperparameters(path, effective):
+            log.warning("%s", line)
     check_compatible(read_meta(path), effective["model"], path)
     start = load_checkpoint(
-        path, _trainable(stepper), stepper.optimizer, grid, layout=stepper.checkpoint_layout()
+        path, _trainable(stepper), stepper.optimizer, grid, sharding=stepper.checkpoint_sharding()
     )
     if isinstance(_trainable(stepper), MasterWeights):
         stepper.trainable.copy_to_model()
@@ -312,10 +329,16 @@ def _claim_folders(r: _Run) -> str | None:
             "model": r.effective["model"],
             "optimizer": {k: r.effective["train"][k] for k in optim_keys},
         }
+        notes: list[str] = []
         try:
-            run_id = claim(r.cfg.train, record)
-        except (RunFolderError, OSError) as e:
+            run_id = claim(r.cfg.train, record, notes)
+        except RunFolderError as e:
             error = str(e)
+        except OSError as e:  # e.g. a full disk while writing run.json or checkpoints.json
+            full = disk_full(e)
+            error = disk_full_line(full, r.cfg.train.out) if full else str(e)
+        for line in notes:
+            log.warning("%s", line)
     error = comm.all_gather_object(error, None)[0]
     if error is not None:
         raise RunFolderError(error)
@@ -337,12 +360,8 @@ def _open_outputs(r: _Run) -> None:
     metrics_path = r.out / "metrics.jsonl"
     kept = []
     if r.start and metrics_path.exists():  # resuming into the same folder: keep steps <= start
-        kept = [
-            x
-            for x in metrics_path.read_text().splitlines()
-            if x.strip() and json.loads(x).get("step", 0) <= r.start
-        ]
-    metrics_path.write_text("".join(x + "\n" for x in kept))
+        kept = [x for x in metric_lines(metrics_path, log.warning) if x[0] <= r.start]
+    metrics_path.write_text("".join(line + "\n" for _, line in kept))
 
 
 # --- one step ----------------------------------------------------------------------------------
@@ -480,7 +499,7 @@ def _save(r: _Run, step: int, skipped: bool) -> None:
         r.grid,
         r.effective,
         keep_last=t.keep_last,
-        layout=r.stepper.checkpoint_layout(),
+        sharding=r.stepper.checkpoint_sharding(),
     )
     if path is not None:
         log.info("saved checkpoint %s", path)

@@ -2,12 +2,12 @@
 
 What a rank contributes is an `Entries` map: for every key (``model/<param>``,
 ``optim/<param>/<state>``) the canonical shape of the tensor in the one-process model and this
-rank's pieces of it, each a box given by its global offsets. Any layout is a list of boxes:
+rank's pieces of it, each a box given by its global offsets. Any sharding is a list of boxes:
 a replicated tensor is one box at offset 0 (written once: DCP's `dedup_save_plans` keeps it in
 one rank's plan, the least loaded), an LSS position slice is one box per run of consecutive
 global rows, a tensor-parallel shard one box offset along its partition dimension, a ZeRO
 partition the boxes its flat fragment of each parameter covers (`flat_boxes`). Loading asks for
-boxes the same way, so a checkpoint written by any layout is read by any other: DCP reads, from
+boxes the same way, so a checkpoint written under any sharding is read under any other: DCP reads, from
 each stored chunk, the overlap with each requested box (`create_read_items_for_chunk_list`).
 
 The steps of a save (`SavePlan` per rank, global plan, writes, metadata) are run here one by one

@@ -20,8 +20,8 @@ from ..config import RunConfig
 from ..lss.grad_sync import GradientAverager
 from ..parallel.grid import Grid
 from .metrics import memory_stats
+from .micro_batches import forward_backward
 from .optim import MasterWeights, build_optimizer, clip_gradients, global_grad_norm
-from .step import forward_backward
 
 
 class Stepper(ABC):
@@ -55,8 +55,8 @@ class Stepper(ABC):
         """What runs the step, for config.json (None: the trainer's own path)."""
         return None
 
-    def checkpoint_layout(self):
-        """What this rank holds for a checkpoint (None: `checkpoint.PlainLayout` of the
+    def checkpoint_sharding(self):
+        """What this rank holds for a checkpoint (None: `checkpoint.PlainSharding` of the
         trainable parameters and the optimizer)."""
         return None
 

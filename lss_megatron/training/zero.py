@@ -47,7 +47,7 @@ The DeepSpeed config is zero_config.defaults with ``--deepspeed-config FILE`` me
 (zero_config.py says which keys the trainer owns); the effective one is in config.json
 (``runtime.zero.ds_config``), with why ``overlap_comm`` is on (CUDA) or off (CPU/gloo).
 
-Checkpoints (`ZeroLayout`): the same sharded, canonical checkpoint as the plain trainer. Each rank
+Checkpoints (`ZeroSharding`): the same sharded, canonical checkpoint as the plain trainer. Each rank
 saves, per parameter, the boxes its flat fp32 partition covers (DeepSpeed's ``_hp_mapping``
 fragments: master weights as ``model/<name>``, Adam's moments as ``optim/<name>/<key>``), so a
 ZeRO checkpoint loads into a plain run and a plain one into ZeRO, at any P (docs/zero.md).
@@ -69,9 +69,9 @@ from ..parallel.params import full_shape, grad_is_tp_partial, local_pieces, to_f
 from ..zero_config import defaults, merge, overlap_comm_default, read_file
 from .checkpoint import check_parameters, check_shape, optimizer_keys
 from .metrics import unique_storage_bytes
+from .micro_batches import forward_backward
 from .optim import build_optimizer
 from .sharded import fragment_pieces
-from .step import forward_backward
 from .stepper import Stepper
 
 BUCKET_BYTES = 25 * 1024 * 1024
@@ -289,8 +289,8 @@ class ZeroEngine(Stepper):
             del opt.check_overflow
         return float("nan")
 
-    def checkpoint_layout(self) -> ZeroLayout:
-        return ZeroLayout(self)
+    def checkpoint_sharding(self) -> ZeroSharding:
+        return ZeroSharding(self)
 
     def memory_stats(self) -> dict:
         """This rank's parameter, gradient and optimizer bytes (see module doc)."""
@@ -308,8 +308,8 @@ class ZeroEngine(Stepper):
         }
 
 
-class ZeroLayout:
-    """What a ZeRO rank holds for a checkpoint (`checkpoint.PlainLayout`'s counterpart). A
+class ZeroSharding:
+    """What a ZeRO rank holds for a checkpoint (`checkpoint.PlainSharding`'s counterpart). A
     parameter's ``_hp_mapping`` (DeepSpeed's tensor fragment) says which flat range
     [start, start + numel) of the parameter (this rank's TP shard in nvidia-sp) lies in this
     rank's fp32 partition: those elements of the master weights and of each optimizer state

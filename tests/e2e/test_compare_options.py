@@ -60,6 +60,8 @@ def result(tmp_path_factory):
             "analysis.compare",
             "--preset",
             "cpu-options",
+            "--repeats",
+            "1",
             "--out",
             str(out),
             "--no-progress",

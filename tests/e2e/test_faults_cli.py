@@ -225,3 +225,22 @@ def test_compare_keeps_a_failed_runs_own_error_line(tmp_path, monkeypatch):
         "got nan" in got["error"]
     ), got["error"]
     assert "ChildFailedError" not in got["error"] and len(got["error"]) < 600
+
+
+def test_config_files_that_are_not_presets_on_the_command_line(tmp_path):
+    """As a user types it: a FIFO (reading it would block forever) and an alias bomb as
+    --config are one line each, exit 2, in seconds, nothing created."""
+    import os
+
+    fifo = tmp_path / "fifo.yaml"
+    os.mkfifo(fifo)
+    bomb = tmp_path / "bomb.yaml"
+    lines = ["a0: &a0 [1, 1, 1, 1, 1, 1, 1, 1, 1]"]
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 10)]
+    bomb.write_text("\n".join(lines) + "\nsteps: *a9\n")
+    for path, words in ((fifo, "is a FIFO"), (bomb, "nested aliases")):
+        t0 = time.monotonic()
+        res = train(["--config", path, "--out", tmp_path / "o"], timeout=60)
+        assert res.returncode == 2 and words in res.stderr, res.stderr
+        assert len(error_lines(res.stderr)) == 1 and "Traceback" not in res.stderr
+        assert time.monotonic() - t0 < 30 and not (tmp_path / "o").exists()

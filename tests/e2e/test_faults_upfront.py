@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from lss_megatron import estimate as est
-from tests.support import ROOT, TINY, clean_env, train
+from tests.support import ROOT, TINY, clean_env, small_filesystem, train
 
 pytestmark = pytest.mark.faults
 
@@ -40,14 +40,20 @@ def test_estimate_against_measured_bytes(tmp_path):
 @pytest.mark.slow
 @pytest.mark.timeout(200)
 def test_disk_full_through_the_trainer(tmp_path):
-    """The user's view: exit 1, one error line, no traceback, step 1's checkpoint intact."""
+    """The user's view: exit 1, one error line, no traceback, step 1's checkpoint intact. The
+    full disk comes as torch.save really reports it: a RuntimeError ("unexpected pos") whose
+    context is the OSError(ENOSPC) of the write (a real full disk: test_real_full_disk)."""
     script = (
         "import errno, sys, torch\n"
         "import lss_megatron.training.checkpoint as ck\n"
         "real = torch.save\n"
         "def save(obj, f, *a, **k):\n"
         "    if ck.latest_checkpoint(sys.argv[1])[0] is not None:\n"
-        "        raise OSError(errno.ENOSPC, 'No space left on device')\n"
+        "        try:\n"
+        "            raise OSError(errno.ENOSPC, 'No space left on device')\n"
+        "        except OSError:\n"
+        "            raise RuntimeError('[enforce fail at inline_container.cc:672] . "
+        "unexpected pos 704 vs 598')\n"
         "    real(obj, f, *a, **k)\n"
         "ck.torch.save = save\n"
         "from lss_megatron.train import main\n"
@@ -130,3 +136,32 @@ def test_one_process_run_leaks_no_temporary_folder(tmp_path):
     left = sorted(p.name for p in scratch.iterdir())
     # torch's own compile cache (one per user, reused by every run) is the only thing allowed
     assert [x for x in left if not x.startswith("torchinductor_")] == [], left
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_real_full_disk(tmp_path):
+    """A real full disk (a 500 KiB tmpfs; a checkpoint of the TINY model is ~350 KB): step 1
+    saved, step 2 does not fit: exit 1, one line naming the folder and its free space, no
+    temporary folder left, ``latest`` naming step 1. Then --out on a full
+    disk (metrics.jsonl cannot be written): one line too, no traceback."""
+    with small_filesystem(tmp_path / "fs", 500) as fs:
+        ck = fs / "ck"
+        res = train([*TINY, "--out", tmp_path / "o", "--save", ck, "--save-interval", "1"])
+        assert res.returncode == 1, res.stderr[-3000:]
+        errors = [x for x in res.stderr.splitlines() if "ERROR" in x]
+        assert len(errors) == 1 and "Traceback" not in res.stderr, res.stderr[-3000:]
+        assert f"checkpoint step 2 not written to {ck}: no space left (" in errors[0]
+        assert "MiB free); the previous checkpoint step_00000001 is intact" in errors[0]
+        assert (ck / "latest").read_text() == "step_00000001"
+        assert sorted(x.name for x in ck.iterdir()) == [
+            "checkpoints.json",
+            "latest",
+            "step_00000001",
+        ], "no temporary folder left"
+    with small_filesystem(tmp_path / "fs2", 12) as fs:
+        res = train([*TINY, "--out", fs / "o"])
+        assert res.returncode in (1, 2), res.stderr[-3000:]
+        errors = [x for x in res.stderr.splitlines() if "ERROR" in x or "error:" in x]
+        assert len(errors) == 1 and "Traceback" not in res.stderr, res.stderr[-3000:]
+        assert "no space left on the device (" in errors[0] and str(fs) in errors[0]

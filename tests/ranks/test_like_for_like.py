@@ -119,8 +119,12 @@ def _job(mode, world, kernel, recompute, dtype, length, want_grads):
     from lss_megatron.parallel import comm
     from lss_megatron.parallel.grid import destroy_grid, initialize_grid
     from lss_megatron.training.metrics import SavedBytes
+    from lss_megatron.training.micro_batches import (
+        forward_backward,
+        global_mean_loss,
+        step_micro_batches,
+    )
     from lss_megatron.training.optim import MasterWeights
-    from lss_megatron.training.step import forward_backward, global_mean_loss, step_micro_batches
 
     cfg = _config(mode, world, kernel, recompute, dtype, length)
     grid = initialize_grid(cfg.parallel)

@@ -32,7 +32,11 @@ def _tp_worker(rank, world, layouts):
     from lss_megatron.model import build_model
     from lss_megatron.parallel.grid import destroy_grid, initialize_grid
     from lss_megatron.parallel.params import ROWS_ATTR
-    from lss_megatron.training.step import forward_backward, global_mean_loss, step_micro_batches
+    from lss_megatron.training.micro_batches import (
+        forward_backward,
+        global_mean_loss,
+        step_micro_batches,
+    )
 
     gathered = []
     start = kv_gather.comm.start_all_gather_dim0

@@ -104,7 +104,7 @@ def _flops_worker(rank, world):
     from lss_megatron.lss.core_attention import LSSCoreAttention
     from lss_megatron.model import build_model
     from lss_megatron.parallel.grid import destroy_grid, initialize_grid
-    from lss_megatron.training.step import forward_backward, step_micro_batches
+    from lss_megatron.training.micro_batches import forward_backward, step_micro_batches
 
     out = {}
     for recompute in ("none", "selective", "full"):

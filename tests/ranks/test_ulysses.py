@@ -35,7 +35,7 @@ def _recording_worker(rank, world, layouts, ext_dir):
     which deepspeed.comm backend ran, and points TORCH_EXTENSIONS_DIR at `ext_dir` so that any
     JIT build would show there."""
     os.environ["TORCH_EXTENSIONS_DIR"] = ext_dir
-    import lss_megatron.training.step as step
+    import lss_megatron.training.micro_batches as step
     from lss_megatron.parallel import comm
 
     logs, inner = [], step.forward_backward

@@ -32,7 +32,7 @@ def _zero_worker(rank, world, stages):
     from lss_megatron.config import ModelConfig, ParallelConfig, RunConfig, TrainConfig
     from lss_megatron.model import build_model
     from lss_megatron.parallel.grid import destroy_grid, initialize_grid
-    from lss_megatron.training.step import global_mean_loss, step_micro_batches
+    from lss_megatron.training.micro_batches import global_mean_loss, step_micro_batches
     from lss_megatron.training.stepper import PlainStepper
     from lss_megatron.training.zero import ZeroEngine
 

@@ -66,7 +66,11 @@ def _model_worker(rank, world, layouts):
     from lss_megatron.lss.grad_sync import GradientAverager
     from lss_megatron.model import build_model
     from lss_megatron.parallel.grid import destroy_grid, initialize_grid
-    from lss_megatron.training.step import forward_backward, global_mean_loss, step_micro_batches
+    from lss_megatron.training.micro_batches import (
+        forward_backward,
+        global_mean_loss,
+        step_micro_batches,
+    )
 
     out = []
     for n, pos, mode, layout in layouts:

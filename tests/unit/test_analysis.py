@@ -498,7 +498,7 @@ def test_weak_plan_scales_length_with_n():
 def test_options_plan(monkeypatch):
     """cpu-options: plain LSS and every option at N = 4 (P = 4) plus the serial reference; a
     variant whose flag the trainer lacks is skipped with that reason."""
-    plan = presets.make_plan(presets.get_preset("cpu-options"))
+    plan = presets.make_plan(presets.get_preset("cpu-options"), repeats=1)
     labels = {r.label for r in plan.runs}
     zero = {"lss-zero1", "lss-zero2"}
     assert {"serial", "lss", "lss-zigzag", "lss-kv4", "ulysses", "nvidia-sp"} <= labels
@@ -559,7 +559,7 @@ def test_cluster_presets():
 
 
 def test_equal_ranks_preset():
-    """Each mode at its own legal degrees on the same 144 GPUs (explicit layouts)."""
+    """Each mode at its own legal degrees on the same 144 GPUs (explicit rank grids)."""
     plan = presets.make_plan(presets.get_preset("paper-enwik8-144gpu-equal-ranks"))
     grid = [r for r in plan.runs if r.role == "grid"]
     assert {(r.mode, r.seq_parallel, r.data_parallel, r.setting) for r in grid} == {
@@ -571,7 +571,7 @@ def test_equal_ranks_preset():
     assert not plan.skipped and {r.world_size for r in grid} == {144}
     assert {(r.mode, r.world_size) for r in plan.runs if r.role == "reference"} == {("serial", 1)}
     assert {r.seq_length for r in plan.runs} == {6912}
-    with pytest.raises(ValueError, match="explicit layouts need strong scaling"):
+    with pytest.raises(ValueError, match="explicit grids need strong scaling"):
         presets.Preset(
             name="x",
             summary="",
@@ -580,7 +580,7 @@ def test_equal_ranks_preset():
             seq_lengths=(64,),
             model={},
             train={},
-            layouts=(("lss", 2, 1),),
+            grids=(("lss", 2, 1),),
         )
 
 

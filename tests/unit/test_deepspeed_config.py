@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from lss_megatron.config import ModelConfig, ParallelConfig, RunConfig, TrainConfig
 from lss_megatron.zero_config import defaults, file_problems, merge, overlap_comm_default
 
@@ -106,3 +108,22 @@ def test_validation_computes_deepspeeds_data_ranks(tmp_path):
     assert cfg("lss")._deepspeed_file_problems(batch_known=True) == []  # micro 2 x 1 x 4 ranks
     probs = cfg("nvidia-sp")._deepspeed_file_problems(batch_known=True)
     assert probs and "train_batch_size 8 disagrees with the run's 4" in probs[0]
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize(
+    "zero,fragment",
+    [
+        ({"reduce_bucket_size": -5}, "reduce_bucket_size: Input should be greater than 0 (got -5)"),
+        ({"bogus_key": 1}, "bogus_key: Extra inputs are not permitted"),
+    ],
+)
+def test_deepspeeds_own_classes_validate_the_file(tmp_path, zero, fragment):
+    """What only DeepSpeed knows (its pydantic ZeRO section, its top-level keys) is refused at
+    validation through DeepSpeedConfig itself, one line, not at run time."""
+    pytest.importorskip("deepspeed")
+    path = _file(tmp_path, {"zero_optimization": {"stage": 2, **zero}})
+    probs = file_problems(path, EXPECTED)
+    assert len(probs) == 1 and "DeepSpeed refuses it: " in probs[0] and fragment in probs[0], probs
+    top = _file(tmp_path, {"communication_data_type": "fp13"})
+    assert "Invalid communication_data_type" in file_problems(top, EXPECTED)[0]

@@ -178,3 +178,189 @@ def test_figures_into_an_unwritable_folder_is_one_line(tmp_path, capsys):
     code = figures.main([str(FIXTURE), "--out", str(blocker / "figs")])
     err = capsys.readouterr().err
     assert code == 1 and len(error_lines(err)) == 1 and "Traceback" not in err, err
+
+
+# --- analysis.compare owns its --out ------------------------------------------------------------
+RUN_FIXTURE = ROOT / "analysis" / "fixtures" / "run-lss-n2"
+_FAKE_TRAINER = (
+    "import shutil, sys\n"
+    "open(sys.argv[3], 'a').write(sys.argv[2] + '\\n')\n"
+    "shutil.copytree(sys.argv[1], sys.argv[2], dirs_exist_ok=True)\n"
+)
+
+
+@pytest.fixture
+def fake_launches(tmp_path, monkeypatch):
+    """compare's launches copy a real run's outputs (analysis/fixtures/run-lss-n2) instead of
+    training; every launch is logged in the returned file."""
+    log = tmp_path / "launches.log"
+    log.write_text("")
+    monkeypatch.setattr(figures, "make_figures", lambda df, out, *a, **k: [])  # not under test
+    monkeypatch.setattr(
+        compare,
+        "torchrun_command",
+        lambda run, out: [
+            sys.executable,
+            "-c",
+            _FAKE_TRAINER,
+            str(RUN_FIXTURE),
+            str(out),
+            str(log),
+        ],
+    )
+    return log
+
+
+def _launches(log) -> int:
+    return len(log.read_text().splitlines())
+
+
+def test_compare_owns_its_out(tmp_path, capsys, fake_launches):
+    """A second comparison into one --out is refused (one line, no byte changed); --resume runs
+    nothing already complete; --overwrite deletes exactly what outputs.json lists (a file and a
+    run folder someone else put there stay)."""
+    from tests.support import snapshot
+
+    out = tmp_path / "cmp"
+    argv = ["--preset", "smoke", "--out", str(out), "--no-progress"]
+    assert compare.main(argv) == 0, capsys.readouterr().err
+    n = _launches(fake_launches)
+    assert n == 10 and (out / "outputs.json").is_file()
+    capsys.readouterr()
+    before = snapshot(out)
+    _one_error(capsys, compare.main(argv), "already holds the outputs of another comparison")
+    assert snapshot(out) == before and _launches(fake_launches) == n
+
+    assert compare.main([*argv, "--resume"]) == 0
+    assert _launches(fake_launches) == n, "--resume ran a run that was complete"
+
+    (out / "notes.txt").write_text("mine")
+    (out / "runs" / "someone-elses").mkdir()
+    capsys.readouterr()
+    assert compare.main([*argv, "--overwrite"]) == 0
+    assert _launches(fake_launches) == 2 * n
+    assert (out / "notes.txt").read_text() == "mine" and (out / "runs" / "someone-elses").is_dir()
+    assert not (out / ".lss-megatron.lock").exists(), "the lock is released at the end"
+
+
+def test_compare_collect_names_a_run_that_does_not_parse(tmp_path, capsys, fake_launches):
+    out = tmp_path / "cmp"
+    argv = ["--preset", "smoke", "--out", str(out), "--no-progress"]
+    assert compare.main(argv) == 0
+    runs = sorted((out / "runs").iterdir())
+    (runs[0] / "config.json").write_text("[1, 2]")  # valid JSON, not an object
+    (runs[1] / "summary.json").write_text("[]")
+    (runs[2] / "metrics.jsonl").write_text("[1]\n")
+    capsys.readouterr()
+    assert compare.main([*argv, "--collect"]) == 3
+    text = capsys.readouterr().out
+    for r in runs[:3]:
+        assert f"failed: {r.name}: unreadable outputs: " in text, text
+    assert "Traceback" not in text
+
+
+@pytest.mark.parametrize(
+    "argv,fragment",
+    [
+        (["--timeout", "nan"], "--timeout must be in [1, 604800] seconds, got nan"),
+        (["--timeout", "inf"], "--timeout must be in [1, 604800] seconds, got inf"),
+        (["--timeout", "0.001"], "--timeout must be in [1, 604800] seconds"),
+        (["--repeats", "1000000000"], "--repeats must be in [1, 1000]"),
+        (["--overwrite", "--resume"], "--overwrite and --resume exclude each other"),
+    ],
+)
+def test_compare_numbers_and_flags_are_bounded(tmp_path, capsys, argv, fragment):
+    try:
+        code = compare.main(["--preset", "smoke", "--out", str(tmp_path / "o"), *argv])
+    except SystemExit as e:  # argparse's way: usage, the message, exit 2
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2 and fragment in err and "Traceback" not in err, err
+    assert not (tmp_path / "o").exists()
+
+
+_DRIVER = """
+import sys
+from analysis import compare
+child = (
+    "import subprocess, sys, time\\n"
+    "g = subprocess.Popen(['sleep', '300'])\\n"
+    "open(sys.argv[1], 'w').write(f'{__import__(\\"os\\").getpid()} {g.pid}')\\n"
+    "time.sleep(300)\\n"
+)
+compare.torchrun_command = lambda run, out: [sys.executable, "-c", child, sys.argv[1]]
+sys.exit(compare.main(["--preset", "smoke", "--out", sys.argv[2], "--no-progress"]))
+"""
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_compare_stops_its_children_on_a_signal(tmp_path, sig):
+    """Ctrl-C or SIGTERM to analysis.compare: the running launch's whole process group (here a
+    child and its grandchild) is stopped and waited for; one line, exit 128 + the signal."""
+    import signal
+    import time
+
+    import psutil
+
+    pids, out = tmp_path / "pids", tmp_path / "cmp"
+    driver = subprocess.Popen(
+        [sys.executable, "-c", _DRIVER, str(pids), str(out)],
+        cwd=ROOT,
+        env=clean_env(),
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 120
+    while not (pids.exists() and len(pids.read_text().split()) == 2):
+        assert time.monotonic() < deadline and driver.poll() is None, "the launch never started"
+        time.sleep(0.2)
+    children = [int(x) for x in pids.read_text().split()]
+    driver.send_signal(getattr(signal, sig))
+    err = driver.communicate(timeout=60)[1]
+    assert driver.returncode == 128 + getattr(signal, sig), err
+    assert len(error_lines(err)) == 1 and f"stopped by {sig}" in err and "Traceback" not in err
+    for pid in children:
+        try:
+            assert psutil.Process(pid).status() == psutil.STATUS_ZOMBIE, f"{pid} left running"
+        except psutil.NoSuchProcess:
+            pass
+    assert not (out / ".lss-megatron.lock").exists()
+
+
+# --- analysis.calibrate and its validation: outputs checked before measuring ----------------------
+def test_calibrate_checks_its_out_before_measuring(tmp_path, capsys):
+    """An --out that cannot be written, or one holding an earlier calibration, is one line and
+    exit 2 at once (not after minutes of measuring); nothing is changed."""
+    from analysis.calibrate.__main__ import main as calibrate_main
+
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    _one_error(
+        capsys,
+        calibrate_main(["--quick", "--out", str(a_file / "dev.json")]),
+        "its folder cannot be written",
+    )
+    old = tmp_path / "dev.json"
+    old.write_text('{"earlier": true}')
+    _one_error(
+        capsys, calibrate_main(["--quick", "--out", str(old)]), "already holds a calibration"
+    )
+    assert old.read_text() == '{"earlier": true}'
+
+
+def test_validate_checks_its_outputs_before_running(tmp_path, capsys):
+    from analysis.calibrate.validate import main as validate_main
+
+    dev = ROOT / "analysis" / "data" / "cpu" / "vm.json"
+    old = tmp_path / "validation.csv"
+    old.write_text("run_id\n")
+    argv = ["--device-file", str(dev), "--out", str(old), "--runs-dir", str(tmp_path / "r")]
+    _one_error(capsys, validate_main(argv), "already holds a validation table")
+    assert old.read_text() == "run_id\n" and not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-1"])
+def test_figures_budget_is_a_finite_positive_number(tmp_path, capsys, value):
+    code = figures.main([str(FIXTURE), "--out", str(tmp_path / "f"), "--budget-gib", value])
+    _one_error(capsys, code, "--budget-gib must be a positive, finite number")
+    assert not (tmp_path / "f").exists()

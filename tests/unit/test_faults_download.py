@@ -128,3 +128,15 @@ def test_cli_against_a_stalled_server(server, tmp_path):
 def test_bad_timeout_is_refused(tmp_path):
     with pytest.raises(DataError, match="timeout must be > 0"):
         download(tmp_path, "http://127.0.0.1:9/x", timeout_s=0)
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "0.001", "1e9"])
+def test_cli_timeout_is_bounded(tmp_path, capsys, value):
+    """--timeout is a finite number of seconds in [0.1, 86400]: inf would never give up."""
+    from lss_megatron.data.enwik8 import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--download", str(tmp_path / "d"), "--timeout", value])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--timeout must be in [0.1, 86400] seconds" in err, err
+    assert not (tmp_path / "d").exists()

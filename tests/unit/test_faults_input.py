@@ -35,9 +35,26 @@ def _problems(argv: list[str], world: int = 1) -> str:
         (["--lr", "-1"], "--lr must be a finite number > 0, got -1"),
         (["--min-lr", "nan"], "--min-lr must be finite, got nan"),
         (["--min-lr", "1"], "--min-lr 1.0 must be in [0, --lr 0.001]"),
-        (["--dist-timeout", "nan"], "--dist-timeout must be in (0, 604800] seconds"),
-        (["--dist-timeout", "inf"], "--dist-timeout must be in (0, 604800] seconds"),
-        (["--dist-timeout", "0"], "--dist-timeout must be in (0, 604800] seconds"),
+        (["--dist-timeout", "nan"], "--dist-timeout must be in [1, 604800] seconds"),
+        (["--dist-timeout", "inf"], "--dist-timeout must be in [1, 604800] seconds"),
+        (["--dist-timeout", "0"], "--dist-timeout must be in [1, 604800] seconds"),
+        (["--dist-timeout", "1e-9"], "--dist-timeout must be in [1, 604800] seconds"),
+        (["--steps", str(10**15)], "--steps must be <= 1,000,000,000"),
+        (["--eval-steps", str(10**12)], "--eval-steps must be <= 1,000,000"),
+        (
+            ["--global-batch-size", str(10**14), "--micro-batch-size", "1"],
+            "micro-batches per step and replica, more than 65,536",
+        ),
+        (
+            ["--position-embedding", "rope", "--hidden-size", "30", "--num-heads", "2"],
+            "--position-embedding rope needs an even head dimension",
+        ),
+        (["--fault", "crash:1:1"], "--fault crash:1:1: rank 1 is not in this run of P = 1"),
+        (["--fault", "nan:0:11"], "--fault nan:0:11: step 11 is outside this run's steps 1..10"),
+        (
+            ["--fault", "hang:0:5", "--stop-after", "4"],
+            "--fault hang:0:5: step 5 is outside this run's steps 1..4",
+        ),
         (["--seed", "-1"], "--seed must be in [0, 2**32 - 1], got -1"),
         (["--seed", str(2**32)], f"--seed must be in [0, 2**32 - 1], got {2**32}"),
         (["--weight-decay", "nan"], "--weight-decay must be finite, got nan"),
@@ -97,6 +114,72 @@ def test_yaml_problems_come_in_one_message(tmp_path, capsys):
     err = capsys.readouterr().err
     assert len(error_lines(err)) == 1 and "steps: 4.7" in err and "no-causal" in err, err
     assert "unknown keys ['what']" in err
+
+
+def _bomb(levels: int, width: int = 9) -> str:
+    """Nested aliases: `width` ** `levels` values from a few hundred bytes."""
+    lines = [f"a0: &a0 [{', '.join(['1'] * width)}]"]
+    for i in range(1, levels + 1):
+        lines.append(f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * width)}]")
+    return "\n".join(lines) + f"\nsteps: *a{levels}\n"
+
+
+def _make_config(tmp_path, kind: str):
+    import os
+
+    path = tmp_path / f"{kind}.yaml"
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "folder":
+        path.mkdir()
+    elif kind == "binary":
+        path.write_bytes(bytes(range(256)) * 4)
+    elif kind == "nul":
+        path.write_bytes(b"steps: 3\n\x00\n")
+    elif kind == "duplicate":
+        path.write_text("steps: 3\nlr: 1e-3\nsteps: 4\n")
+    elif kind == "bomb":
+        path.write_text(_bomb(9))  # 9**10 values: hours to expand, bytes to write
+    elif kind == "huge":
+        path.write_text("# padding\n" * 200_000)
+    return path
+
+
+@pytest.mark.parametrize(
+    "kind,fragment",
+    [
+        ("fifo", "is a FIFO, not a YAML file"),  # reading it would block forever
+        ("folder", "is a folder, not a YAML file"),
+        ("binary", "not a text file (not UTF-8: binary?)"),
+        ("nul", "not a text file (NUL bytes: binary?)"),
+        ("duplicate", "key 'steps' given twice (lines 1 and 3)"),
+        ("bomb", "expands to more than 100,000 values through nested aliases"),
+        ("huge", "more than a preset (1,048,576)"),
+    ],
+)
+def test_yaml_files_that_are_not_presets(tmp_path, capsys, kind, fragment):
+    """One line, exit 2, within seconds, whatever --config names."""
+    import time
+
+    path = _make_config(tmp_path, kind)
+    t0 = time.monotonic()
+    with pytest.raises(SystemExit) as e:
+        parse_args(["--config", str(path)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(error_lines(err)) == 1 and fragment in err, err
+    assert "Traceback" not in err and time.monotonic() - t0 < 10
+
+
+def test_a_nested_alias_value_is_named_short(tmp_path, capsys):
+    """A nested-alias value under the bomb limit (9**4 values) is refused as the wrong type, and
+    the message shows it abbreviated, never expanded."""
+    path = tmp_path / "p.yaml"
+    path.write_text(_bomb(3))
+    with pytest.raises(SystemExit):
+        parse_args(["--config", str(path)])
+    err = capsys.readouterr().err
+    line = [x for x in err.splitlines() if "error:" in x][0]
+    assert "steps: [[[" in line and "...]" in line and len(line) < 400, line
 
 
 def test_yaml_good_values_are_taken_as_typed(tmp_path):

@@ -5,6 +5,7 @@ names it; files that are not checkpoints are one clear line without PyTorch's
 
 from __future__ import annotations
 
+import errno
 import itertools
 import json
 import os
@@ -158,3 +159,105 @@ def test_meta_without_a_step_is_a_clear_error(tmp_path):
     (tmp_path / "meta.json").write_text("[1]")
     with pytest.raises(CheckpointError, match="meta.json has no integer 'step'"):
         read_meta(tmp_path)
+
+
+def test_torch_save_on_a_real_full_disk_is_a_full_disk(tmp_path):
+    """What torch.save really raises on a full file system (a 64 KiB tmpfs): a RuntimeError
+    ("unexpected pos") whose context is OSError(ENOSPC). `runs.disk_full` finds it, and the
+    checkpoint's failure line says "no space left" with the free space."""
+    from lss_megatron.training.checkpoint import _write_failure, _write_synced
+    from tests.support import small_filesystem
+
+    with small_filesystem(tmp_path / "fs", 64) as fs:
+        with pytest.raises(RuntimeError) as info:
+            _write_synced(fs / "state.pt", lambda f: torch.save({"x": torch.zeros(100_000)}, f))
+        full = runs.disk_full(info.value)
+        assert full is not None and full.errno == errno.ENOSPC, repr(info.value)
+        line = _write_failure(fs, 3, info.value)
+        assert line.startswith(f"checkpoint step 3 not written to {fs}: no space left (0.")
+        assert "\n" not in line
+
+
+def test_disk_full_behind_any_wrapper():
+    """The mock beside the real test: EDQUOT as a cause, ENOSPC as a context; another error is
+    not a full disk."""
+    try:
+        try:
+            raise OSError(errno.EDQUOT, "Disk quota exceeded", "/q/metrics.jsonl")
+        except OSError as inner:
+            raise RuntimeError("wrapped") from inner
+    except RuntimeError as e:
+        found = runs.disk_full(e)
+        assert found is not None and found.errno == errno.EDQUOT
+        assert runs.disk_full_line(found, "/elsewhere").startswith(
+            "could not write to /q: disk quota exceeded ("
+        )
+    assert runs.disk_full(RuntimeError("unexpected pos 1 vs 2")) is None
+    assert runs.disk_full(OSError(errno.EACCES, "denied")) is None
+
+
+# --- data files, checked before the model is built ---------------------------------------------
+@pytest.fixture
+def indexed(tmp_path):
+    """A small Megatron indexed dataset (60 documents of 20..300 bytes; valid: 3 documents)."""
+    from lss_megatron.data.make_indexed import make_indexed
+    from tests.support import byte_corpus
+
+    src = tmp_path / "corpus.raw"
+    src.write_bytes(byte_corpus())
+    make_indexed(src, tmp_path / "corpus", separator=b"<END>")
+    return tmp_path / "corpus"
+
+
+def test_an_index_that_does_not_describe_its_bin_is_refused(indexed):
+    """The document table must fit the .bin: a pointer past its end or a negative length is one
+    line up front (Megatron's reader would fail, or read garbage, after the model is built)."""
+    import numpy as np
+
+    from lss_megatron.data import check_data_config
+    from lss_megatron.data.megatron_indexed import read_index_header
+
+    assert check_data_config("megatron", str(indexed), 256, 32) == []
+    idx = indexed.with_suffix(".idx")
+    good = idx.read_bytes()
+    n = len(read_index_header(idx)[1])
+    pointers = np.frombuffer(good, dtype=np.int64, count=n, offset=34 + 4 * n).copy()
+    pointers[5] = indexed.with_suffix(".bin").stat().st_size  # document 5 starts at the end
+    idx.write_bytes(good[: 34 + 4 * n] + pointers.tobytes() + good[34 + 12 * n :])
+    p = check_data_config("megatron", str(indexed), 256, 32)
+    assert len(p) == 1 and "document 5 spans bytes" in p[0] and "does not describe" in p[0], p
+    lengths = np.frombuffer(good, dtype=np.int32, count=n, offset=34).copy()
+    lengths[0], lengths[1] = -lengths[0], lengths[1] + 2 * lengths[0]  # the same total
+    idx.write_bytes(good[:34] + lengths.tobytes() + good[34 + 4 * n :])
+    p = check_data_config("megatron", str(indexed), 256, 32)
+    assert len(p) == 1 and "document 0 has a negative length" in p[0], p
+
+
+def test_evaluation_needs_a_valid_split_that_holds_a_sample(indexed):
+    from lss_megatron.data import check_data_config
+
+    longest = 600  # the train split (54 documents) holds it
+    assert check_data_config("megatron", str(indexed), 256, longest) == []
+    p = check_data_config("megatron", str(indexed), 256, 2000, evaluates=True)
+    assert any("the valid split" in x and "--eval-interval evaluates on it" in x for x in p), p
+    assert not any("valid" in x for x in check_data_config("megatron", str(indexed), 256, 2000))
+
+
+def test_a_zip_whose_data_does_not_inflate_is_refused(tmp_path):
+    """A zip whose directory reads but whose member's data is damaged is found up front (it
+    used to be found when extracting, after the model was built)."""
+    import zipfile
+
+    from lss_megatron.data.enwik8 import enwik8_file_problems
+
+    data = bytes(range(256)) * 400
+    z = tmp_path / "enwik8.zip"
+    with zipfile.ZipFile(z, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("enwik8", data)
+    assert enwik8_file_problems(z, expected_size=len(data)) == []
+    raw = bytearray(z.read_bytes())
+    start = 30 + len("enwik8")  # the local header, then the deflated data
+    raw[start : start + 40] = b"\xff" * 40
+    z.write_bytes(bytes(raw))
+    p = enwik8_file_problems(z, expected_size=len(data))
+    assert len(p) == 1 and "corrupt or not a zip file" in p[0], p

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.unit
 
 # --- cpu-equal-ranks ----------------------------------------------------------------------------
 def test_equal_ranks_plan_is_every_legal_layout_on_four_ranks():
-    plan = presets.make_plan(presets.get_preset("cpu-equal-ranks"))
+    plan = presets.make_plan(presets.get_preset("cpu-equal-ranks"), repeats=1)
     grid = {(r.label, r.seq_parallel, r.data_parallel) for r in plan.runs if r.role == "grid"}
     assert grid == {
         ("lss", 4, 1),
@@ -226,7 +226,7 @@ def test_a_folder_holding_a_table_is_not_overwritten(tmp_path, capsys):
     (tmp_path / "longest.csv").write_text("mode\nlss\n")
     argv = ["--ranks", "4", "--budget-mib", "8", "--out", str(tmp_path)]
     assert longest.main(argv) == 2
-    assert "already holds longest.csv" in capsys.readouterr().err
+    assert "already holds the outputs of another search (longest.csv)" in capsys.readouterr().err
     assert (tmp_path / "longest.csv").read_text() == "mode\nlss\n"
 
 

@@ -1,4 +1,5 @@
-"""One optimizer step's data and forward/backward, shared by the trainer and the tests.
+"""A step's micro-batches and the loop over them, shared by the trainer and the tests: the data of one
+optimizer step, its forward/backward, evaluation and the global loss.
 
 Loss: the global per-token mean over the G x l tokens of the step. Each rank's backward uses
 ``sum(its token losses) / (its tokens this step)``; all ranks hold equally many tokens, so the
