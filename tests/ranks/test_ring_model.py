@@ -45,7 +45,11 @@ def _worker(rank, world, layouts):
     from lss_megatron.model import build_model
     from lss_megatron.parallel import comm
     from lss_megatron.parallel.grid import destroy_grid, initialize_grid
-    from lss_megatron.training.step import forward_backward, global_mean_loss, step_micro_batches
+    from lss_megatron.training.micro_batches import (
+        forward_backward,
+        global_mean_loss,
+        step_micro_batches,
+    )
 
     out = []
     for layout in layouts:
