@@ -95,6 +95,22 @@ VARIANTS: Mapping[str, Variant] = MappingProxyType(
         "lss-zigzag": Variant("lss", {"lss-layout": "zigzag"}, "zigzag segments: causal balance"),
         "lss-kv2": Variant("lss", {"kv-gather-chunks": 2}, "K/V gathered in 2 head chunks"),
         "lss-kv4": Variant("lss", {"kv-gather-chunks": 4}, "K/V gathered in 4 head chunks"),
+        "lss-local": Variant(
+            "lss", {"lss-save-kv": "local"}, "K/V kept local, re-gathered in backward"
+        ),
+        "lss-overlap": Variant(
+            "lss", {"lss-overlap": True}, "gather behind the local blocks, reduce-scatter behind"
+        ),
+        "lss-local-overlap": Variant(
+            "lss",
+            {"lss-save-kv": "local", "lss-overlap": True},
+            "K/V kept local and the gathers / reduce-scatters overlapped: LSS at its best",
+        ),
+        "lss-megatron-cp": Variant(
+            "lss",
+            {"lss-save-kv": "local", "lss-kv-gather": "separate"},
+            "Megatron's all_gather CP: K and V gathered apart, re-gathered in backward",
+        ),
         "lss-zero1": Variant("lss", {"zero-stage": 1}, "ZeRO-1 over all P ranks"),
         "lss-zero2": Variant("lss", {"zero-stage": 2}, "ZeRO-2 over all P ranks"),
         "ulysses-zero1": Variant("ulysses", {"zero-stage": 1}, "Ulysses with ZeRO-1"),

@@ -73,6 +73,9 @@ IDENTITY = (
     "world_size",
     "lss_layout",
     "kv_gather_chunks",
+    "lss_save_kv",
+    "lss_kv_gather",
+    "lss_overlap",
     "zero_stage",
     "seq_length",
     "hidden_size",
@@ -105,6 +108,7 @@ MEASURED = (
     "grad_comm_calls",
     "sp_comm_time_s",
     "grad_comm_time_s",
+    "sp_exposed_s",
     "activation_bytes",
     "param_bytes",
     "grad_bytes",
@@ -182,6 +186,9 @@ def identity_row(
         "world_size": p["world_size"],
         "lss_layout": p.get("lss_layout", "contiguous"),
         "kv_gather_chunks": p.get("kv_gather_chunks", 1),
+        "lss_save_kv": p.get("lss_save_kv", "gathered"),
+        "lss_kv_gather": p.get("lss_kv_gather", "fused"),
+        "lss_overlap": bool(p.get("lss_overlap", False)),
         "zero_stage": t.get("zero_stage", 0),
         "seq_length": m["seq_length"],
         "hidden_size": m["hidden_size"],
@@ -248,7 +255,7 @@ def read_run(run_dir: Path | str) -> dict:
         s["transient_peak_bytes"] for s in steps if s.get("transient_peak_bytes") is not None
     ]
     row["transient_peak_bytes"] = transient[0] if transient else math.nan
-    for k in ("sp_comm_time_s", "grad_comm_time_s"):
+    for k in ("sp_comm_time_s", "grad_comm_time_s", "sp_exposed_s"):
         row[k] = statistics.median(s.get(k, math.nan) for s in steady)
     config = run_dir / "config.json"
     if config.exists():
@@ -279,6 +286,9 @@ def _plain(df: pd.DataFrame, mode: str) -> pd.Series:
         (df["mode"] == mode)
         & default("lss_layout", "contiguous")
         & default("kv_gather_chunks", 1)
+        & default("lss_save_kv", "gathered")
+        & default("lss_kv_gather", "fused")
+        & default("lss_overlap", "False")
         & default("zero_stage", 0)
     )
 
@@ -741,6 +751,8 @@ def config_from_row(row: Mapping, seq_length: int | None = None) -> dict:
         value = row.get(k)
         if value is None or (isinstance(value, float) and math.isnan(value)) or value == "":
             return default
+        if isinstance(default, bool):  # "False" read back from a CSV is not truthy
+            return str(value).strip().lower() in ("true", "1", "1.0")
         return type(default)(value)
 
     cfg = RunConfig(
@@ -763,6 +775,9 @@ def config_from_row(row: Mapping, seq_length: int | None = None) -> dict:
             data_parallel=i("data_parallel"),
             lss_layout=option("lss_layout", "contiguous"),
             kv_gather_chunks=option("kv_gather_chunks", 1),
+            lss_save_kv=option("lss_save_kv", "gathered"),
+            lss_kv_gather=option("lss_kv_gather", "fused"),
+            lss_overlap=option("lss_overlap", False),
         ),
         train=TrainConfig(
             global_batch_size=i("global_batch_size"),

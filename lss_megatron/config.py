@@ -35,11 +35,23 @@ __all__ = ["MODES", "tensor_parallel_problems"]  # the registry's, re-exported f
 
 POSITION_EMBEDDINGS = ("learned", "rope")
 OPTIMIZERS = ("sgd", "adamw")
-DTYPES = ("fp32", "bf16")
+DTYPES = ("fp32", "bf16", "fp16")
+LOSS_SCALE_FIELDS = (
+    "loss_scale",
+    "initial_loss_scale",
+    "min_loss_scale",
+    "loss_scale_window",
+    "hysteresis",
+)
+"""--fp16's loss-scaling options (Megatron-LM's names and defaults)."""
 ATTENTION_KERNELS = ("flash", "dense")
 """`flash`: a memory-efficient kernel in every mode (nothing quadratic in l is saved); `dense`:
 scores materialised and probabilities saved in every mode (Megatron's `DotProductAttention` for
 serial and nvidia-sp). Same kernel family in every mode, so modes compare like for like."""
+SAVE_KV = ("gathered", "local")
+"""LSS: what autograd keeps of K/V (`lss.kv_gather.SAVE_KV`, the same names)."""
+KV_GATHERS = ("fused", "separate")
+"""LSS: [K|V] in one collective each way (the paper) or K and V in two (Megatron's all_gather CP)."""
 RECOMPUTE = ("none", "selective", "full")
 """Megatron's activation recompute (`TransformerConfig.recompute_granularity`): `selective`
 recomputes the core attention in backward, `full` every transformer layer (uniform, 1 layer)."""
@@ -237,6 +249,25 @@ class ParallelConfig:
         "chunk c is attended): bounded transient K/V buffers, same result and bytes",
         metavar="C",
     )
+    lss_save_kv: str = _opt(
+        "gathered",
+        "LSS: what autograd keeps of K/V for backward: gathered (the paper: the whole gathered "
+        "K/V of every layer) or local (this rank's segment; backward re-gathers it: one more "
+        "gather per layer, Megatron's all_gather CP and Llama 3's choice; flash kernel only)",
+        choices=SAVE_KV,
+    )
+    lss_overlap: bool = _opt(
+        False,
+        "LSS: attend the local blocks while the K/V gather is in flight and merge the remote "
+        "ones exactly through the log-sum-exp; in backward, reduce-scatter (and re-gather) "
+        "behind compute. Same result and bytes; flash kernel only",
+    )
+    lss_kv_gather: str = _opt(
+        "fused",
+        "LSS: fused (one collective of [K|V] each way, the paper) or separate (K and V in two "
+        "calls each way, Megatron-Core's all_gather CP): the same bytes",
+        choices=KV_GATHERS,
+    )
     dist_timeout_s: float = _opt(
         300.0, "seconds before a hung collective fails the job", flag="--dist-timeout"
     )
@@ -317,6 +348,19 @@ class ParallelConfig:
                 f"--kv-gather-chunks applies to --mode "
                 f"{' / '.join(modes_accepting('kv_gather_chunks'))} only, not {self.mode}"
             )
+        for name, flag, value, choices, default in (
+            ("lss_save_kv", "--lss-save-kv", self.lss_save_kv, SAVE_KV, "gathered"),
+            ("lss_kv_gather", "--lss-kv-gather", self.lss_kv_gather, KV_GATHERS, "fused"),
+            ("lss_overlap", "--lss-overlap", self.lss_overlap, (False, True), False),
+        ):
+            if value not in choices:
+                p.append(f"{flag} {value!r} is not one of {choices}")
+            elif value != default and mode and name not in mode.options:
+                shown = "" if isinstance(value, bool) else f" {value}"
+                p.append(
+                    f"{flag}{shown} applies to --mode "
+                    f"{' / '.join(modes_accepting(name))} only, not {self.mode}"
+                )
         if not MIN_DIST_TIMEOUT_S <= self.dist_timeout_s <= MAX_DIST_TIMEOUT_S:  # NaN fails too
             p.append(
                 f"--dist-timeout must be in [{MIN_DIST_TIMEOUT_S:g}, {MAX_DIST_TIMEOUT_S:g}] "
@@ -345,8 +389,24 @@ class TrainConfig:
     dtype: str = _opt(
         "fp32",
         "bf16: Megatron mixed precision (bf16 parameters and activations, fp32 master "
-        "weights, optimizer state and gradient reduction; training/optim.py MasterWeights)",
+        "weights, optimizer state and gradient reduction; training/optim.py MasterWeights); "
+        "fp16: the same in fp16 with Megatron's loss scaling (dynamic unless --loss-scale; an "
+        "overflowing step is skipped on every rank and logged)",
         choices=DTYPES,
+    )
+    loss_scale: float | None = _opt(
+        None,
+        "--fp16: a static loss scale (Megatron-LM's --loss-scale); default: dynamic scaling",
+    )
+    initial_loss_scale: float = _opt(
+        2.0**32, "--fp16, dynamic: the first loss scale (Megatron-LM's default 2**32)"
+    )
+    min_loss_scale: float = _opt(1.0, "--fp16, dynamic: the scale never falls below this")
+    loss_scale_window: int = _opt(
+        1000, "--fp16, dynamic: double the scale after this many steps without overflow"
+    )
+    hysteresis: int = _opt(
+        2, "--fp16, dynamic: overflowing steps tolerated before the scale is halved"
     )
     attention_kernel: str = _opt(
         "flash",
@@ -562,6 +622,41 @@ class TrainConfig:
                 p.append(
                     f"--{name.replace('_', '-')} must be <= {top:,}, got {getattr(self, name):,}"
                 )
+        return p + self._loss_scale_problems()
+
+    def _loss_scale_problems(self) -> list[str]:
+        p = []
+        scales = {
+            "initial_loss_scale": self.initial_loss_scale,
+            "min_loss_scale": self.min_loss_scale,
+        }
+        if self.loss_scale is not None:
+            scales["loss_scale"] = self.loss_scale
+        for name, value in scales.items():
+            if not (math.isfinite(value) and value > 0):
+                p.append(f"--{name.replace('_', '-')} must be a finite number > 0, got {value}")
+        if not p and self.min_loss_scale > self.initial_loss_scale:
+            p.append(
+                f"--min-loss-scale {self.min_loss_scale} exceeds --initial-loss-scale "
+                f"{self.initial_loss_scale}"
+            )
+        for name in ("loss_scale_window", "hysteresis"):
+            if getattr(self, name) < 1:
+                p.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.dtype != "fp16":
+            given = [
+                f.name
+                for f in dataclasses.fields(self)
+                if f.name in LOSS_SCALE_FIELDS and getattr(self, f.name) != f.default
+            ]
+            if given:
+                flags = ", ".join("--" + g.replace("_", "-") for g in given)
+                p.append(f"{flags}: loss scaling applies to --dtype fp16 only, not {self.dtype}")
+        elif self.zero_stage:
+            p.append(
+                f"--dtype fp16 with --zero-stage {self.zero_stage} is not supported yet "
+                "(DeepSpeed's fp16 optimizer is not wired); use --dtype bf16 or the plain stepper"
+            )
         return p
 
     def problems(self, dp: int) -> list[str]:
@@ -663,11 +758,19 @@ class RunConfig:
             p += self._layout_problems()
         p += self.train.problems(self.parallel.dp if not parallel_problems else 0)
         p += self._fault_problems()
-        if self.train.dtype == "bf16" and self.parallel.tensor_parallel > 1:
+        if self.train.dtype != "fp32" and self.parallel.tensor_parallel > 1:
             p.append(
-                "--dtype bf16 with --tensor-parallel > 1 is not supported: LSS x TP has not been "
+                f"--dtype {self.train.dtype} with --tensor-parallel > 1 is not supported: LSS x TP "
+                "has not been "
                 "tested with Megatron's bf16 model yet; use fp32"
             )
+        if self.parallel.lss_save_kv == "local" and self.train.attention_kernel == "dense":
+            p.append(
+                "--lss-save-kv local needs --attention-kernel flash (the dense kernel saves its "
+                "own copies of the gathered K/V, so keeping them local would save nothing)"
+            )
+        if self.parallel.lss_overlap and self.train.attention_kernel == "dense":
+            p.append("--lss-overlap needs --attention-kernel flash (it merges flash blocks)")
         if self.train.zero_stage and self.parallel.tensor_parallel > 1:
             p.append(
                 f"--zero-stage {self.train.zero_stage} with --tensor-parallel "

@@ -89,7 +89,7 @@ def activation_bytes(
     recompute: str = "none",
 ) -> tuple[int, str]:
     """(bytes saved for backward in one micro-batch's forward, the attention kernel)."""
-    es = 2 if dtype == "bf16" else 4
+    es = 2 if dtype in ("bf16", "fp16") else 4
     t, split = _degrees(mode, n)
     b, e = micro_batch, m.hidden_size
     local = m.seq_length // n  # norm / residual regions (serial: N = 1)
@@ -113,7 +113,10 @@ def estimate(cfg) -> Estimate:
     params = grads = 4 * count
     optimizer = 8 * count + 4 * tensors if t.optimizer == "adamw" else 0
     world = cfg.parallel.world_size
-    if t.dtype == "bf16":  # the bf16 model plus fp32 masters (ZeRO: DeepSpeed's partitions)
+    if t.dtype in (
+        "bf16",
+        "fp16",
+    ):  # a 16-bit model plus fp32 masters (ZeRO: DeepSpeed's partitions)
         params = 2 * count + (-(-4 * count // world) if t.zero_stage else 4 * count)
     if t.zero_stage >= 1:
         optimizer = -(-optimizer // world)

@@ -10,7 +10,9 @@ Flags of the same meaning and values are plain aliases, declared on the config f
   parallelism T inside each sequence rank;
 * ``--context-parallel-size N``: the sequence group N of lss / ulysses (Megatron's context-parallel
   group); nvidia-sp has none (its degree is the tensor-parallel size), so N > 1 is refused there;
-* ``--bf16``: ``--dtype bf16``;
+* ``--bf16``: ``--dtype bf16``; ``--fp16``: ``--dtype fp16`` (its loss-scaling flags are
+  config fields of Megatron-LM's names: ``--loss-scale``, ``--initial-loss-scale``,
+  ``--min-loss-scale``, ``--loss-scale-window``, ``--hysteresis``);
 * ``--position-embedding-type {learned_absolute,rope}``: ``--position-embedding {learned,rope}``;
 * ``--max-position-embeddings M``: the learned table has exactly ``--seq-length`` rows here
   (sequence-distributed in LSS), so M must equal it.
@@ -62,6 +64,13 @@ def add_to(parser: argparse.ArgumentParser) -> None:
         help="lss / ulysses: --seq-parallel N (the sequence group); refused by nvidia-sp",
     )
     g.add_argument("--bf16", dest="dtype", action="store_const", const="bf16", help="--dtype bf16")
+    g.add_argument(
+        "--fp16",
+        dest="dtype",
+        action="store_const",
+        const="fp16",
+        help="--dtype fp16 (with Megatron's dynamic loss scaling)",
+    )
     g.add_argument(
         "--position-embedding-type",
         dest="position_embedding",

@@ -41,7 +41,7 @@ def model_settings(model) -> dict:
     """``attention_kernel``, ``recompute`` and ``dtype`` the built model really runs, read back
     from its modules, its Megatron config and its parameters."""
     dtypes = {p.dtype for p in model.parameters()}
-    names = {torch.float32: "fp32", torch.bfloat16: "bf16"}
+    names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
     return {
         "attention_kernel": attention_kernel_of(model),
         "recompute": model.config.recompute_granularity or "none",
@@ -101,8 +101,9 @@ def transformer_config(
         sequence_parallel=sequence_parallel,
         use_cpu_initialization=True,
         perform_initialization=True,
-        params_dtype=torch.bfloat16 if dtype == "bf16" else torch.float32,
+        params_dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype, torch.float32),
         bf16=dtype == "bf16",
+        fp16=dtype == "fp16",
         hidden_dropout=0.0,
         attention_dropout=0.0,
         init_method_std=0.02,
@@ -177,4 +178,6 @@ def build_model(
         gpt.embedding.position_embeddings = full_table  # the whole table, replicated
     if dtype == "bf16":
         gpt = gpt.bfloat16()  # after post_build: the position slices it makes convert too
+    elif dtype == "fp16":
+        gpt = gpt.half()  # Megatron's Float16Module under --fp16, likewise after post_build
     return gpt

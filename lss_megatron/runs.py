@@ -379,9 +379,10 @@ def plan(train, *, check_paths: bool = True) -> Plan:
             p.problems.append(f"--load must name a folder, got {train.load!r}")
         else:
             p.load_path, p.load_note = latest_checkpoint(train.load)
-            if p.load_path is None:
+            megatron = (Path(train.load) / "latest_checkpointed_iteration.txt").is_file()
+            if p.load_path is None and not megatron:  # a Megatron-LM checkpoint loads as such
                 p.problems.append(f"--load {train.load}: no complete checkpoint there")
-            else:
+            elif p.load_path is not None:
                 p.run_id = checkpoint_run_id(p.load_path)
                 p.loaded_step = _step_of(p.load_path)
     if p.problems:

@@ -293,19 +293,23 @@ GLOBAL_BATCH = 4
 MICRO_BATCH = 1
 
 
-def model_configs(world, n, d, pos, mode, causal=True):
+def model_configs(world, n, d, pos, mode, causal=True, parallel=()):
+    """The RunConfig of one layout; `parallel`: more ParallelConfig fields, as (name, value)
+    pairs (e.g. ``(("lss_save_kv", "local"),)``)."""
     from lss_megatron.config import ModelConfig, ParallelConfig, RunConfig, TrainConfig
 
     return RunConfig(
         model=ModelConfig(position_embedding=pos, causal=causal, **MODEL),
-        parallel=ParallelConfig(mode=mode, world_size=world, seq_parallel=n, data_parallel=d),
+        parallel=ParallelConfig(
+            mode=mode, world_size=world, seq_parallel=n, data_parallel=d, **dict(parallel)
+        ),
         train=TrainConfig(global_batch_size=GLOBAL_BATCH, micro_batch_size=MICRO_BATCH, seed=SEED),
     ).validate()
 
 
 def model_worker(rank, world, layouts):
-    """For each (N, D, pos, mode[, causal, bucket_bytes]): one forward/backward step + gradient
-    averaging."""
+    """For each (N, D, pos, mode[, causal, bucket_bytes[, parallel]]): one forward/backward step +
+    gradient averaging (`parallel`: more ParallelConfig fields as (name, value) pairs)."""
     from lss_megatron.lss.grad_sync import GradientAverager
     from lss_megatron.model import build_model
     from lss_megatron.parallel import comm
@@ -319,10 +323,10 @@ def model_worker(rank, world, layouts):
 
     out = []
     for layout in layouts:
-        n, d, pos, mode, causal, bucket_bytes = (
-            (*layout, True, None)[:6] if len(layout) == 4 else layout
+        n, d, pos, mode, causal, bucket_bytes, parallel = (
+            (*layout, True, None, ())[:7] if len(layout) == 4 else (*layout, ())[:7]
         )
-        cfg = model_configs(world, n, d, pos, mode, causal)
+        cfg = model_configs(world, n, d, pos, mode, causal, parallel)
         grid = initialize_grid(cfg.parallel)
         # the reference runs Megatron's own DotProductAttention; the parallel modes flash
         model = build_model(

@@ -100,6 +100,9 @@ class Layout:
     master_weights: bool = False  # bf16 model + fp32 master weights, gradients, optimizer state
     zigzag: bool = False  # LSS zigzag layout: rank n holds chunks n and 2N-1-n of 2N
     kv_chunks: int = 1  # LSS --kv-gather-chunks C: K/V gathered in C head chunks
+    local_kv: bool = False  # LSS --lss-save-kv local: K/V kept local, re-gathered in backward
+    kv_separate: bool = False  # LSS --lss-kv-gather separate: K and V in two calls each way
+    overlap: bool = False  # LSS --lss-overlap: gathers / reduce-scatters behind the blocks
     zero_stage: int = 0  # --zero-stage: DeepSpeed ZeRO over the gradient group (0: off)
     t: int = 1  # lss --tensor-parallel T: Megatron TP with sequence_parallel inside each segment
     cpu: bool = False  # the trainer on CPU (gloo): bf16 LayerNorm keeps bf16 mean/rstd there
@@ -232,6 +235,11 @@ def layout_from_config(config: dict) -> Layout:
         kv_chunks=int(par.get("kv_gather_chunks") or 1)
         if "kv_gather_chunks" in mode_of(mode).options
         else 1,
+        local_kv="lss_save_kv" in mode_of(mode).options
+        and par.get("lss_save_kv", "gathered") == "local",
+        kv_separate="lss_kv_gather" in mode_of(mode).options
+        and par.get("lss_kv_gather", "fused") == "separate",
+        overlap="lss_overlap" in mode_of(mode).options and bool(par.get("lss_overlap", False)),
         zero_stage=int(train.get("zero_stage") or 0),
         t=t,
         cpu=config.get("runtime", {}).get("backend") == "gloo",

@@ -23,7 +23,9 @@ collectives (`Mode.costs.sp_plan`, `counts.grad_plan`) on it:
 * communication is not overlapped with compute (the trainer gathers K/V and reduces gradients
   synchronously), except where the mode declares an overlap (`Costs.overlap`) and the
   assumptions turn it on (ring attention; LSS with ``overlap_kv_gather``): its activation
-  traffic then hides behind the attention compute;
+  traffic then hides behind the attention compute; the trainer's ``--lss-overlap`` hides LSS's
+  behind the part of the attention that needs no remote K/V (`overlap_share`: the local blocks,
+  and all but the first of C head chunks);
 * recompute (``train.recompute``) re-runs the checkpointed forward in backward: selective the
   attention core (one third of its forward + backward time; its communication is in the plan),
   full the whole layer (a third of GEMM, attention and elementwise time);
@@ -155,6 +157,26 @@ def other_comm_time(s: Shape, lay: Layout, dev) -> float:
     return other_comm(s, lay)[1] * dev.collective_time("all_reduce", 16, lay.world)
 
 
+def overlap_share(s: Shape, lay: Layout) -> float:
+    """Under --lss-overlap, the share of the slowest rank's attention (forward and backward)
+    that can run while its K/V collectives travel: the local blocks (the causal diagonal, the
+    earlier local chunk under zigzag; all local keys without a mask) need no remote K/V, and with
+    C head chunks every chunk but the first also runs while the next chunk travels."""
+    n, seg = lay.n, s.seq // lay.n
+    if n == 1:
+        return 1.0
+    if not s.causal:
+        local = 1.0 / n
+    elif lay.zigzag:  # chunks r, 2N-1-r: diagonals of both and the full earlier-chunk block
+        c = seg // 2
+        local = (2 * c * (c + 1) / 2 + c * c) / (attention_pairs(s.seq, True) / n)
+    else:  # the last segment's rank: its diagonal against (N-1) l/N prefix keys
+        diag = seg * (seg + 1) / 2
+        local = diag / (diag + (n - 1) * seg * seg)
+    c = lay.kv_chunks
+    return local + (1.0 - local) * (c - 1) / c
+
+
 def zero_partition(s: Shape, lay: Layout) -> int:
     """Elements of one rank's ZeRO partition: the flat buffer padded to a multiple of
     ``ZERO_ALIGNMENT`` x group, cut into equal parts (`counts.zero_counts`)."""
@@ -197,6 +219,8 @@ def step_time(s: Shape, lay: Layout, dev, optimizer: str) -> dict:
     overlap = lay.spec.costs.overlap
     if overlap is not None and getattr(a, overlap):
         sp = max(0.0, sp - attention)
+    elif mode == "lss" and lay.overlap:  # --lss-overlap: what needs no remote K/V hides it
+        sp = max(0.0, sp - attention * overlap_share(s, lay))
     fixed_micro = dev.overhead("per_micro", mode) + s.layers * dev.overhead("per_micro_layer", mode)
     fixed_step = dev.overhead("per_step", mode) + s.layers * dev.overhead("per_step_layer", mode)
     update = UPDATE_BYTES.get(optimizer, UPDATE_BYTES["sgd"])

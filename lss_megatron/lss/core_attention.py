@@ -32,6 +32,7 @@ from ..layout import LAYOUTS, attended_pairs
 from .dense_attention import dense_attention
 from .documents import document_attention, document_pairs, needed_remote_keys
 from .kernel import partial_attention, to_compute_dtype
+from .kv_gather import SAVE_KV
 from .operator import lss_attention
 from .positions import local_positions
 
@@ -235,6 +236,9 @@ class LSSCoreAttention(SequenceCoreAttention):
         *,
         layout: str = "contiguous",
         kv_chunks: int = 1,
+        save_kv: str = "gathered",
+        fused_kv: bool = True,
+        overlap: bool = False,
         **kwargs,
     ):
         super().__init__(config, layer_number, attn_mask_type, **kwargs)
@@ -252,6 +256,22 @@ class LSSCoreAttention(SequenceCoreAttention):
         (`modes.lss.get_lss_layer_spec(layout=...)`), checked by `prepare_lss_model`."""
         self.kv_chunks = kv_chunks
         """K/V are gathered in this many double-buffered head chunks (a spec parameter)."""
+        if save_kv not in SAVE_KV:
+            raise ValueError(f"LSSCoreAttention: save_kv {save_kv!r} is not one of {SAVE_KV}")
+        if save_kv == "local" and self.kernel == "dense":
+            raise ValueError(
+                "LSSCoreAttention: save_kv='local' needs the flash kernel (the dense kernel "
+                "saves its own copies of the gathered K/V)"
+            )
+        self.save_kv = save_kv
+        """What autograd keeps of K/V: ``gathered`` or ``local`` (re-gathered in backward)."""
+        self.fused_kv = fused_kv
+        """K and V travel in one collective each way (the paper) or in two (Megatron's CP)."""
+        if overlap and self.kernel != "flash":
+            raise ValueError("LSSCoreAttention: overlap needs the flash kernel")
+        self.overlap = overlap
+        """Gathers and reduce-scatters overlapped with the attention blocks (`lss/overlap.py`)."""
+
         self.kv_remote_needed = self.kv_remote_gathered = 0
         """With document masks: other ranks' key positions that some local query sees, and
         those the all-gather brings ((N-1) l/N), over the training forwards since the last
@@ -269,6 +289,9 @@ class LSSCoreAttention(SequenceCoreAttention):
                 "prepare_lss_model(model) once after building it, on every rank of the "
                 "context-parallel group (it makes positions sequence-distributed)"
             )
+        # Megatron's recompute runs this forward again inside backward, where the gathered K/V
+        # are used at once: keeping them local there would only gather a third time
+        recomputing = is_checkpointing() and torch.is_grad_enabled()
         out = lss_attention(
             query,
             key,
@@ -279,6 +302,9 @@ class LSSCoreAttention(SequenceCoreAttention):
             backend="dense" if self.kernel == "dense" else "auto",
             layout=self.layout,
             kv_chunks=self.kv_chunks,
+            save_kv="gathered" if recomputing else self.save_kv,
+            fused=self.fused_kv,
+            overlap=self.overlap,
             doc_start=doc_start,
         )  # [s/N, b, h, d], in the compute dtype
         sq, b, h, d = out.shape

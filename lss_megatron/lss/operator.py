@@ -24,12 +24,19 @@ import math
 import torch
 import torch.distributed as dist
 
-from ..layout import LAYOUTS, zigzag_gather_order
+from ..layout import LAYOUTS
 from ..parallel import comm
 from .dense_attention import dense_attention
 from .documents import document_attention
 from .kernel import partial_attention, to_compute_dtype
-from .kv_gather import finish_kv_all_gather, fused_kv_all_gather, start_kv_all_gather
+from .kv_gather import (  # noqa: F401 - zigzag_permutation: re-exported
+    SAVE_KV,
+    KVTransport,
+    finish_kv_all_gather,
+    keep_local,
+    zigzag_permutation,
+)
+from .overlap import overlapped_lss_attention
 
 
 def lss_attention(
@@ -44,6 +51,9 @@ def lss_attention(
     layout: str = "contiguous",
     kv_chunks: int = 1,
     params_dtype: torch.dtype | None = None,
+    save_kv: str = "gathered",
+    fused: bool = True,
+    overlap: bool = False,
     doc_start: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """LSS partial attention over a sequence-parallel group.
@@ -66,6 +76,14 @@ def lss_attention(
             c+1 while chunk c is attended); bounds the transient gathered/gradient buffers to one
             chunk. Same result and bytes; the one all-gather and the one reduce-scatter become
             `kv_chunks` of each.
+        save_kv: ``gathered`` (the paper: autograd keeps the gathered K/V) or ``local`` (it keeps
+            this rank's k, v and backward re-gathers them: one more gather per layer, (N-1)/N of
+            the gathered K/V bytes not kept; `kv_gather.keep_local`).
+        fused: gather [K | V] in one collective (the paper); False gathers K and V in two calls
+            each way (Megatron-Core's all_gather CP): the same bytes, twice the calls.
+        overlap: attend the local blocks while the gather is in flight and merge the remote
+            ones through the log-sum-exp; in backward, reduce-scatter while the rest computes
+            (`overlap.overlapped_lss_attention`; the CPU flash kernel). Same result and bytes.
         doc_start: packed documents (Megatron-LM's ``--reset-attention-mask``): LongTensor
             ``[b, l]``, the global start of the document of every GLOBAL position (the same on
             every rank); queries attend only inside their document, and key blocks of other
@@ -74,41 +92,67 @@ def lss_attention(
     Returns:
         ``[s/N, b, h, d]``.
     """
-    _check_inputs(q, k, v, layout, kv_chunks)
+    _check_inputs(q, k, v, layout, kv_chunks, save_kv)
     q, k, v = to_compute_dtype(q, k, v, params_dtype)  # before the gather: K/V travel in it
     group = group if group is not None else dist.group.WORLD
     n = comm.group_size(group)
     r = comm.group_rank(group)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[3])
+    zigzag_n = n if layout == "zigzag" and n > 1 else None
+    transport = KVTransport(group, fused=fused, zigzag_n=zigzag_n)  # K/V arrive in global order
+
+    if overlap:
+        if backend == "dense" or doc_start is not None:
+            raise ValueError("lss_attention: overlap needs the flash kernel and no document mask")
+        return overlapped_lss_attention(
+            q,
+            k,
+            v,
+            transport,
+            r=r,
+            n=n,
+            layout=layout,
+            causal=causal,
+            scale=scale,
+            kv_chunks=kv_chunks,
+            save_kv=save_kv,
+        )  # [s/N, b, h, d]
 
     def attend(q_, k_full, v_full):  # local queries x all keys of the gathered heads
         return _partial(q_, k_full, v_full, r, n, layout, causal, scale, backend, doc_start)
 
-    if kv_chunks <= 1:
-        k_full, v_full = fused_kv_all_gather(k, v, group)  # 2 x [s, b, h_kv, d]
-        return attend(q, k_full, v_full)  # [s/N, b, h, d]
-    # Bounded, overlapped gathers: kv heads in `kv_chunks` chunks; the gather of chunk c+1 is in
-    # flight while chunk c is attended; backward reduce-scatters each chunk's gradients.
-    h, h_kv = q.shape[2], k.shape[2]
-    hc = h_kv // kv_chunks  # kv heads per chunk
-    qc = hc * (h // h_kv)  # query heads per chunk (GQA groups stay whole)
-    chunk = [slice(c * hc, (c + 1) * hc) for c in range(kv_chunks)]
-    pending = start_kv_all_gather(k[:, :, chunk[0]], v[:, :, chunk[0]], group)
-    outs = []
-    for c in range(kv_chunks):
-        k_c, v_c = k[:, :, chunk[c]], v[:, :, chunk[c]]  # [s/N, b, hc, d]
-        upcoming = (
-            start_kv_all_gather(k[:, :, chunk[c + 1]], v[:, :, chunk[c + 1]], group)
-            if c + 1 < kv_chunks
-            else None
-        )
-        k_full, v_full = finish_kv_all_gather(k_c, v_c, pending)  # 2 x [s, b, hc, d]
-        outs.append(attend(q[:, :, c * qc : (c + 1) * qc], k_full, v_full))  # [s/N, b, qc, d]
-        pending = upcoming
-    return torch.cat(outs, dim=2)  # [s/N, b, h, d]
+    # save_kv="local": the gathered K/V are not kept for backward (re-gathered there)
+    with keep_local(save_kv == "local" and torch.is_grad_enabled()) as local:
+        if kv_chunks <= 1:
+            pending = transport.start(k, v)
+            k_full, v_full = finish_kv_all_gather(k, v, pending)  # 2 x [s, b, h_kv, d]
+            if local is not None:
+                local.add(k_full, v_full, pending, k, v, q)
+            return attend(q, k_full, v_full)  # [s/N, b, h, d]
+        # Bounded, overlapped gathers: kv heads in `kv_chunks` chunks; the gather of chunk c+1 is
+        # in flight while chunk c is attended; backward reduce-scatters each chunk's gradients.
+        h, h_kv = q.shape[2], k.shape[2]
+        hc = h_kv // kv_chunks  # kv heads per chunk
+        qc = hc * (h // h_kv)  # query heads per chunk (GQA groups stay whole)
+        chunk = [slice(c * hc, (c + 1) * hc) for c in range(kv_chunks)]
+        pending = transport.start(k[:, :, chunk[0]], v[:, :, chunk[0]])
+        outs = []
+        for c in range(kv_chunks):
+            k_c, v_c = k[:, :, chunk[c]], v[:, :, chunk[c]]  # [s/N, b, hc, d]
+            upcoming = (
+                transport.start(k[:, :, chunk[c + 1]], v[:, :, chunk[c + 1]])
+                if c + 1 < kv_chunks
+                else None
+            )
+            k_full, v_full = finish_kv_all_gather(k_c, v_c, pending)  # 2 x [s, b, hc, d]
+            if local is not None:
+                local.add(k_full, v_full, pending, k_c, v_c, q)
+            outs.append(attend(q[:, :, c * qc : (c + 1) * qc], k_full, v_full))  # [s/N, b, qc, d]
+            pending = upcoming
+        return torch.cat(outs, dim=2)  # [s/N, b, h, d]
 
 
-def _check_inputs(q, k, v, layout: str, kv_chunks: int) -> None:
+def _check_inputs(q, k, v, layout: str, kv_chunks: int, save_kv: str = "gathered") -> None:
     """Raise ValueError naming the shapes or options `lss_attention` cannot take."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(
@@ -130,14 +174,8 @@ def _check_inputs(q, k, v, layout: str, kv_chunks: int) -> None:
         raise ValueError(f"lss_attention: zigzag needs an even local length, got {sq}")
     if kv_chunks > 1 and h_kv % kv_chunks:
         raise ValueError(f"lss_attention: kv heads {h_kv} not divisible by kv_chunks {kv_chunks}")
-
-
-@functools.cache
-def zigzag_permutation(n: int, device: torch.device) -> torch.Tensor:
-    """`zigzag_gather_order(n)` as an index tensor on `device`, built once per (n, device): a
-    ``torch.tensor(..., device=cuda)`` per forward would be a blocking host-to-device copy in
-    every layer. Read-only (index_select never writes it)."""
-    return torch.tensor(zigzag_gather_order(n), device=device)  # [2N]
+    if save_kv not in SAVE_KV:
+        raise ValueError(f"lss_attention: save_kv {save_kv!r} is not one of {SAVE_KV}")
 
 
 def _partial(
@@ -178,15 +216,12 @@ def _partial(
         return kernel(
             q, k_full, v_full, q_offset=r * sq, causal=causal, softmax_scale=scale
         )  # [s/N, b, h, d]
-    c = sq // 2  # zigzag chunk length l/(2N)
-    perm = zigzag_permutation(n, k_full.device)  # [2N]: slot of chunk j, built once per device
-    k_glob = k_full.view(2 * n, c, *k_full.shape[1:]).index_select(0, perm).flatten(0, 1)
-    v_glob = v_full.view(2 * n, c, *v_full.shape[1:]).index_select(0, perm).flatten(0, 1)
+    c = sq // 2  # zigzag chunk length l/(2N); k_full/v_full arrive in global order
     outs = [
         kernel(
             q[i * c : (i + 1) * c],
-            k_glob,
-            v_glob,
+            k_full,
+            v_full,
             q_offset=chunk * c,
             causal=causal,
             softmax_scale=scale,

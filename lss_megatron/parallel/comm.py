@@ -1,6 +1,7 @@
 """Every collective of lss_megatron goes through this module, so it can be counted and timed.
 
 The API: `all_gather_dim0`, `start_all_gather_dim0` (async), `reduce_scatter_dim0`,
+`start_reduce_scatter_dim0` (async),
 `all_reduce_`, `start_ring_shift` (async send to the next rank, receive from the previous),
 `all_gather_object`, `max_over_ranks`, `group_size` / `group_rank`. Every call
 that moves training data names a `category`:
@@ -44,6 +45,7 @@ __all__ = [
     "record",
     "reduce_scatter_dim0",
     "start_all_gather_dim0",
+    "start_reduce_scatter_dim0",
     "start_ring_shift",
     "tag_group",
 ]
@@ -105,6 +107,25 @@ def reduce_scatter_dim0(x: torch.Tensor, group, *, category: str) -> torch.Tenso
     with as_category(category):
         scatter(out, x, op=dist.ReduceOp.SUM, group=group)
     return out
+
+
+def start_reduce_scatter_dim0(x: torch.Tensor, group, *, category: str):
+    """Launch `reduce_scatter_dim0` asynchronously: returns (out [s, ...], work); `work.wait()`
+    (None on a group of one rank, where out is x) before reading out. Counted like the blocking
+    one; while recording, the time counted runs from the launch to the end of ``work.wait()``."""
+    n = group_size(group)
+    if n == 1:
+        return x, None
+    if x.shape[0] % n:
+        raise ValueError(
+            f"start_reduce_scatter_dim0: dim 0 ({x.shape[0]}) not divisible by group size {n}"
+        )
+    x = x.contiguous()
+    out = torch.empty((x.shape[0] // n, *x.shape[1:]), dtype=x.dtype, device=x.device)
+    scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+    with as_category(category):
+        work = scatter(out, x, op=dist.ReduceOp.SUM, group=group, async_op=True)
+    return out, work
 
 
 def all_reduce_(x: torch.Tensor, group, *, category: str) -> torch.Tensor:

@@ -45,6 +45,12 @@ class Grid:
     """Which tokens a sequence rank holds: `contiguous` segments or `zigzag` chunk pairs."""
     kv_gather_chunks: int = 1
     """How the sequence group gathers K/V: in this many double-buffered head chunks."""
+    lss_save_kv: str = "gathered"
+    """What LSS keeps of K/V for backward: ``gathered`` or ``local`` (re-gathered in backward)."""
+    lss_kv_gather: str = "fused"
+    lss_overlap: bool = False
+    """LSS's gathers and reduce-scatters overlapped with the attention blocks."""
+    """LSS's K/V collectives: ``fused`` (one each way) or ``separate`` (K and V apart)."""
 
     def __repr__(self) -> str:  # groups are not printable in a useful way
         return (
@@ -89,6 +95,9 @@ def initialize_grid(parallel) -> Grid:
         tp_rank=ps.get_tensor_model_parallel_rank(),
         layout=parallel.lss_layout,
         kv_gather_chunks=parallel.kv_gather_chunks,
+        lss_save_kv=parallel.lss_save_kv,
+        lss_kv_gather=parallel.lss_kv_gather,
+        lss_overlap=parallel.lss_overlap,
         tp_size=ps.get_tensor_model_parallel_world_size(),
     )
     # collectives that Megatron or DeepSpeed issue on these groups are counted by category

@@ -27,8 +27,10 @@ returns once the collective is queued, so wall time would be launch overhead): t
 before the call, the end event after the current stream has been made to wait for the
 collective. Events are read by `CommLog.summary()`, which the trainer calls after synchronising
 the device. A work handle that is never waited on has no completion time: its interval is NaN.
-`AsyncWork.wait` is also the one place where the time a rank spends blocked waiting on an async
-collective (an exposed wait) is seen.
+Exposed time (``sp_exposed_s``): the part of that a rank spent blocked, waiting on the
+collective instead of computing: a blocking collective's whole interval, an async one's from the
+start of its ``wait()`` (`AsyncWork.wait`, the one place it is seen) to its completion (`_Span`).
+The difference to ``sp_comm_time_s`` is what compute hid (docs/measurement.md).
 
 A collective whose bytes cannot be read from its arguments raises under tests (pytest imported,
 or ``LSS_STRICT_COMM=1``) and otherwise warns once per op and counts 0 bytes.
@@ -64,6 +66,8 @@ class CommLog:
     calls: dict = field(default_factory=lambda: defaultdict(int))
     bytes: dict = field(default_factory=lambda: defaultdict(int))
     seconds: dict = field(default_factory=lambda: defaultdict(float))
+    exposed: dict = field(default_factory=lambda: defaultdict(float))
+    """Seconds this rank was blocked waiting on the collectives (`_Span.exposed_seconds`)."""
 
     pending: list = field(default_factory=list)  # (key, _Span) not read yet (CUDA events)
 
@@ -74,10 +78,12 @@ class CommLog:
             self.pending.append(((op, category), seconds))
         else:
             self.seconds[(op, category)] += seconds
+            self.exposed[(op, category)] += seconds
 
     def _resolve(self) -> None:
         for key, span in self.pending:
             self.seconds[key] += span.seconds()
+            self.exposed[key] += span.exposed_seconds()
         self.pending.clear()
 
     def count(self, op: str | None = None, category: str | None = None) -> int:
@@ -94,12 +100,18 @@ class CommLog:
         self._resolve()
         return sum(t for (_, k), t in self.seconds.items() if category is None or k == category)
 
+    def exposed_s(self, category: str | None = None) -> float:
+        """Seconds blocked in waits on the collectives of `category` (all when None)."""
+        self._resolve()
+        return sum(t for (_, k), t in self.exposed.items() if category is None or k == category)
+
     def summary(self) -> dict:
         out = {}
         for cat in CATEGORIES:
             out[f"{cat}_comm_bytes"] = self.nbytes(cat)
             out[f"{cat}_comm_calls"] = self.count(category=cat)
             out[f"{cat}_comm_time_s"] = self.time_s(cat)
+        out["sp_exposed_s"] = self.exposed_s("sp")
         return out
 
 
@@ -252,33 +264,51 @@ def _op_name(name: str) -> str:
 
 
 class _Span:
-    """Start-to-completion time of one collective: wall time, or CUDA events on the current
-    stream for CUDA tensors (read after the device is synchronised)."""
+    """Start-to-completion time of one collective, and the part of it this rank was blocked
+    waiting (exposed): wall time, or CUDA events on the current stream for CUDA tensors (read
+    after the device is synchronised).
+
+    A blocking collective is exposed from start to end. An async one only from the start of its
+    ``wait()`` to the end (`begin_wait`): on the CPU the wall time the caller sat in ``wait()``;
+    on CUDA the time the current stream stalled between an event recorded before ``wait()`` and
+    one recorded after it (``wait()`` makes the stream wait for the collective), so compute
+    queued behind the collective's launch counts as hiding it."""
 
     def __init__(self, cuda: bool):
-        self.cuda, self.end = cuda, None
-        if cuda:
-            self.start = torch.cuda.Event(enable_timing=True)
-            self.start.record()
-        else:
-            self.start = time.perf_counter()
+        self.cuda, self.end, self.wait_start = cuda, None, None
+        self.start = self._now()
+
+    def _now(self):
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def begin_wait(self) -> None:
+        if self.wait_start is None and self.end is None:
+            self.wait_start = self._now()
 
     def stop(self) -> None:
-        if self.end is not None:
-            return
+        if self.end is None:
+            self.end = self._now()
+
+    def _between(self, a, b) -> float:
         if self.cuda:
-            self.end = torch.cuda.Event(enable_timing=True)
-            self.end.record()
-        else:
-            self.end = time.perf_counter()
+            b.synchronize()
+            return a.elapsed_time(b) / 1e3
+        return b - a
 
     def seconds(self) -> float:
         if self.end is None:
             return math.nan  # never waited on: no completion time
-        if self.cuda:
-            self.end.synchronize()
-            return self.start.elapsed_time(self.end) / 1e3
-        return self.end - self.start
+        return self._between(self.start, self.end)
+
+    def exposed_seconds(self) -> float:
+        if self.end is None:
+            return math.nan
+        begin = self.wait_start if self.wait_start is not None else self.start
+        return self._between(begin, self.end)
 
 
 class AsyncWork:
@@ -291,6 +321,7 @@ class AsyncWork:
         self._work, self._span = work, span
 
     def wait(self, *args, **kwargs):
+        self._span.begin_wait()
         out = self._work.wait(*args, **kwargs)
         self._span.stop()
         return out

@@ -163,9 +163,11 @@ def save_checkpoint(
     *,
     keep_last: int = 0,
     sharding=None,
+    extra: dict | None = None,
 ) -> Path | None:
     """Collective: every rank writes its part. Returns the path (rank 0; None elsewhere).
-    `sharding`: what the ranks hold (default `PlainSharding(model, optimizer, grid)`)."""
+    `sharding`: what the ranks hold (default `PlainSharding(model, optimizer, grid)`); `extra`:
+    JSON-able state the same on every rank, kept in the metadata (fp16's loss scaler)."""
     directory, name = Path(directory), f"step_{step:08d}"
     sharding = sharding or PlainSharding(model, optimizer, grid)
     agree = _Agreement(directory, step, grid)
@@ -174,7 +176,7 @@ def save_checkpoint(
     write = sharded.ShardWrite(tmp, sharding.entries(), grid.rank)
     plans = agree(write.local_plan)
     results = agree(lambda: write.write(plans))
-    meta = {"format_version": FORMAT_VERSION, "step": step, "config": config}
+    meta = {"format_version": FORMAT_VERSION, "step": step, "config": config, **(extra or {})}
     state = {"torch_rng": torch.get_rng_state()}
     final = agree(
         lambda: _publish(directory, name, tmp, write, results, state, meta), only_rank0=True

@@ -56,6 +56,8 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .devices import DeviceError, check_cuda_ranks, prepare_cuda, sync_device
+from .megatron_ckpt import MegatronCheckpointError, is_megatron_checkpoint
+from .megatron_ckpt import read as read_megatron
 from .metrics import (
     SavedBytes,
     TransientPeak,
@@ -282,6 +284,13 @@ def _resume(cfg: RunConfig, stepper: Stepper, grid: Grid, effective: dict) -> in
     """Load the newest checkpoint of ``--load`` into what the stepper steps (the model, or its
     fp32 masters under bf16, then copied into the model); returns its step."""
     t = cfg.train
+    if is_megatron_checkpoint(t.load):
+        if t.zero_stage:
+            raise CheckpointError(
+                f"--load {t.load}: a Megatron-LM checkpoint loads into a plain run only (not "
+                f"--zero-stage {t.zero_stage}); resume from that run's own checkpoint under ZeRO"
+            )
+        return _import_megatron(t.load, stepper, grid, t.steps)
     path, note = latest_checkpoint(t.load)
     if path is None:
         raise CheckpointError(f"--load {t.load}: no complete checkpoint there")
@@ -290,15 +299,54 @@ def _resume(cfg: RunConfig, stepper: Stepper, grid: Grid, effective: dict) -> in
     if grid.rank == 0:
         for line in changed_hyperparameters(path, effective):
             log.warning("%s", line)
-    check_compatible(read_meta(path), effective["model"], path)
+    meta = read_meta(path)
+    check_compatible(meta, effective["model"], path)
     start = load_checkpoint(
         path, _trainable(stepper), stepper.optimizer, grid, sharding=stepper.checkpoint_sharding()
     )
+    if stepper.scaler is not None and isinstance(meta.get("loss_scaler"), dict):
+        stepper.scaler.load_state_dict(meta["loss_scaler"])  # fp16 resumes its scale
     if isinstance(_trainable(stepper), MasterWeights):
         stepper.trainable.copy_to_model()
     log.info("resumed from %s (step %d)", path, start)
     if start >= t.steps:
         raise CheckpointError(f"--load {path}: already at step {start} >= --steps {t.steps}")
+    return start
+
+
+def _import_megatron(load: str, stepper: Stepper, grid: Grid, steps: int) -> int:
+    """Start from a Megatron-LM checkpoint of the same model (training/megatron_ckpt.py): its
+    weights, stitched over its tensor-parallel files, cut to what this rank holds; the step is its
+    iteration; the optimizer starts fresh (Megatron's optimizer state is not ours)."""
+    from ..parallel.params import to_local
+
+    trainable = _trainable(stepper)
+    params = dict(trainable.named_parameters())
+    dims = {
+        n: (p.partition_dim if getattr(p, "tensor_model_parallel", False) else None)
+        for n, p in params.items()
+    }
+    try:
+        start, full, _ = read_megatron(load, dims)
+    except MegatronCheckpointError as e:
+        raise CheckpointError(f"--load {load}: {e}") from None
+    missing, extra = sorted(set(params) - set(full)), sorted(set(full) - set(params))
+    if missing or extra:
+        raise CheckpointError(
+            f"--load {load}: a Megatron-LM checkpoint of another model: parameters missing "
+            f"{missing[:3]}, unexpected {extra[:3]}"
+        )
+    with torch.no_grad():
+        for name, p in params.items():
+            try:
+                p.copy_(to_local(full[name].to(p.dtype), p, grid))
+            except (ValueError, RuntimeError) as e:
+                raise CheckpointError(f"--load {load}: {name}: {e}") from None
+    if isinstance(trainable, MasterWeights):
+        stepper.trainable.copy_to_model()
+    log.info("started from Megatron-LM checkpoint %s (iteration %d; fresh optimizer)", load, start)
+    if start >= steps:
+        raise CheckpointError(f"--load {load}: already at iteration {start} >= --steps {steps}")
     return start
 
 
@@ -401,14 +449,24 @@ def _train_step(r: _Run, step: int, result: RunResult) -> tuple[dict, object]:
                 "(--skip-nonfinite would skip such steps)"
             )
         grad_norm = stepper.step(skip=skipped)
+        overflow = stepper.overflowed  # fp16: gradients overflowed on some rank, update skipped
     sync_device(r.device)  # the step ends when its kernels have run
     dt_local = time.perf_counter() - t0
     dt = comm.max_over_ranks(dt_local, r.device)  # a step is as slow as its slowest rank
     r.step_times.append(dt)
-    if skipped:
+    if skipped or overflow:
         result.skipped_steps += 1
+    if skipped:
         log.warning(
             "non-finite loss at step %d: step skipped (%d so far)", step, result.skipped_steps
+        )
+    elif overflow and r.rank == 0:  # the same decision on every rank: said once
+        log.warning(
+            "fp16 gradients overflowed at step %d: update skipped on every rank, loss scale now "
+            "%g (%d skipped so far)",
+            step,
+            stepper.scaler.scale,
+            result.skipped_steps,
         )
     result.losses[step] = loss
     return {
@@ -421,6 +479,11 @@ def _train_step(r: _Run, step: int, result: RunResult) -> tuple[dict, object]:
         "tokens_per_s": r.tokens_per_step / dt,
         "skipped": skipped,
         "skipped_steps": result.skipped_steps,
+        **(
+            {"overflow": overflow, "loss_scale": stepper.scaler.scale}
+            if stepper.scaler is not None
+            else {}
+        ),
         "consumed_samples": step * t.global_batch_size,
         "consumed_tokens": step * r.tokens_per_step,
         **clog.summary(),
@@ -500,6 +563,7 @@ def _save(r: _Run, step: int, skipped: bool) -> None:
         r.effective,
         keep_last=t.keep_last,
         sharding=r.stepper.checkpoint_sharding(),
+        extra={"loss_scaler": r.stepper.scaler.state_dict()} if r.stepper.scaler else None,
     )
     if path is not None:
         log.info("saved checkpoint %s", path)

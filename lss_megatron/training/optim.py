@@ -79,6 +79,73 @@ class MasterWeights:
             p.copy_(master)
 
 
+class LossScaler:
+    """Megatron's fp16 loss scaling (``--fp16``): the loss is multiplied by `scale` before
+    backward and the fp32 master gradients divided by it after; a step whose gradients are not
+    finite on ANY rank is skipped on every rank (`found_nonfinite` all-reduces the flag).
+
+    Static (``--loss-scale S``): the scale never changes. Dynamic (Megatron-LM's
+    DynamicGradScaler): start at ``--initial-loss-scale``; after ``--hysteresis`` overflowing
+    steps (counted since the last growth) halve it, not below ``--min-loss-scale``; after
+    ``--loss-scale-window`` steps in a row without overflow double it. Its state goes into
+    checkpoints, so a resumed run scales as the uninterrupted one."""
+
+    def __init__(
+        self,
+        *,
+        static: float | None = None,
+        initial: float = 2.0**32,
+        minimum: float = 1.0,
+        window: int = 1000,
+        hysteresis: int = 2,
+    ):
+        self.dynamic = static is None
+        self.scale = float(initial if static is None else static)
+        self.minimum, self.window, self.hysteresis = minimum, window, hysteresis
+        self._growth, self._hysteresis_left = 0, hysteresis
+
+    def update(self, overflow: bool) -> None:
+        """After a step: shrink on overflow (after the hysteresis), grow after a clean window."""
+        if not self.dynamic:
+            return
+        if overflow:
+            self._growth = 0
+            self._hysteresis_left -= 1
+            if self._hysteresis_left <= 0:
+                self.scale = max(self.scale / 2.0, self.minimum)
+        else:
+            self._growth += 1
+            if self._growth == self.window:
+                self._growth, self._hysteresis_left = 0, self.hysteresis
+                self.scale *= 2.0
+
+    def state_dict(self) -> dict:
+        return {
+            "scale": self.scale,
+            "growth": self._growth,
+            "hysteresis_left": self._hysteresis_left,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.dynamic:
+            self.scale = float(state["scale"])
+            self._growth, self._hysteresis_left = (
+                int(state["growth"]),
+                int(state["hysteresis_left"]),
+            )
+
+
+def found_nonfinite(params) -> bool:
+    """Whether any gradient of `params` on ANY rank holds inf or nan (one all-reduce over every
+    rank: sequence-local slices and tensor-parallel shards differ between ranks)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    local = any(not torch.isfinite(g).all() for g in grads)
+    device = grads[0].device if grads else torch.device("cpu")
+    flag = torch.tensor([1.0 if local else 0.0], device=device)
+    comm.all_reduce_(flag, None, category="other")  # the number of ranks that overflowed
+    return bool(flag.item())
+
+
 def build_optimizer(params, name: str, lr: float, weight_decay: float = 0.0):
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)

@@ -21,7 +21,14 @@ from ..lss.grad_sync import GradientAverager
 from ..parallel.grid import Grid
 from .metrics import memory_stats
 from .micro_batches import forward_backward
-from .optim import MasterWeights, build_optimizer, clip_gradients, global_grad_norm
+from .optim import (
+    LossScaler,
+    MasterWeights,
+    build_optimizer,
+    clip_gradients,
+    found_nonfinite,
+    global_grad_norm,
+)
 
 
 class Stepper(ABC):
@@ -51,6 +58,11 @@ class Stepper(ABC):
     def memory_stats(self) -> dict:
         """This rank's parameter, gradient and optimizer-state bytes."""
 
+    overflowed: bool = False
+    """The last `step` was skipped because fp16 gradients overflowed (on any rank)."""
+    scaler: LossScaler | None = None
+    """fp16's loss scaler (None in fp32 / bf16); its state is saved with checkpoints."""
+
     def describe(self) -> dict | None:
         """What runs the step, for config.json (None: the trainer's own path)."""
         return None
@@ -69,23 +81,46 @@ class PlainStepper(Stepper):
     def __init__(self, model: torch.nn.Module, cfg: RunConfig, grid: Grid):
         t = cfg.train
         self.model, self.grid, self.clip = model, grid, t.clip_grad
-        self.trainable = MasterWeights(model) if t.dtype == "bf16" else model
+        self.trainable = MasterWeights(model) if t.dtype in ("bf16", "fp16") else model
         """What the optimizer steps and checkpoints save: the model or its fp32 masters."""
         params = [p for p in self.trainable.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(params, t.optimizer, t.lr, t.weight_decay)
         self.average_gradients = GradientAverager(self.trainable, grid)
+        if t.dtype == "fp16":
+            self.scaler = LossScaler(
+                static=t.loss_scale,
+                initial=t.initial_loss_scale,
+                minimum=t.min_loss_scale,
+                window=t.loss_scale_window,
+                hysteresis=t.hysteresis,
+            )
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
 
     def forward_backward(self, micro_batches, *, saved=None) -> torch.Tensor:
-        local_loss, _ = forward_backward(self.model, micro_batches, saved=saved)
+        if self.scaler is None:
+            local_loss, _ = forward_backward(self.model, micro_batches, saved=saved)
+        else:  # fp16: backward of the scaled loss (the reported loss is not scaled)
+            scale = self.scaler.scale
+            local_loss, _ = forward_backward(
+                self.model, micro_batches, saved=saved, backward=lambda x: (x * scale).backward()
+            )
         return local_loss
 
     def sync_gradients(self) -> None:
         self.average_gradients()
 
     def step(self, skip: bool = False) -> float:
+        self.overflowed = False
+        if self.scaler is not None and not skip:
+            params = list(self.trainable.parameters())
+            for p in params:  # fp32 master gradients, unscaled
+                if p.grad is not None:
+                    p.grad.mul_(1.0 / self.scaler.scale)
+            self.overflowed = found_nonfinite(params)
+            self.scaler.update(self.overflowed)
+            skip = self.overflowed
         if skip:
             self.optimizer.zero_grad(set_to_none=True)
             return float("nan")

@@ -86,6 +86,8 @@ def iteration_line(rec: dict, *, steps: int, global_batch: int, device_type: str
         f"grad norm: {rec['grad_norm']:.3f}",
         f"number of skipped iterations: {rec.get('skipped_steps', 0):3d}",
     ]
+    if "loss_scale" in rec:  # --fp16, as Megatron-LM prints it
+        parts.insert(8, f"loss scale: {rec['loss_scale']:.1f}")
     if mem is not None:
         parts.append(f"peak memory (MiB): {mem / 2**20:.1f} ({where})")
     return " | ".join(parts) + " |"
@@ -97,12 +99,12 @@ def interval_record(recs: list[dict]) -> dict:
     skipped, ``step_time_s`` and the throughput over all of them, and the skipped steps of the
     interval."""
     last = dict(recs[-1])
-    kept = [r["loss"] for r in recs if not r.get("skipped")]
+    kept = [r["loss"] for r in recs if not (r.get("skipped") or r.get("overflow"))]
     if kept:
         last["loss"] = sum(kept) / len(kept)
     for key in ("step_time_s", "tflops_per_s_per_rank"):
         last[key] = sum(r[key] for r in recs) / len(recs)
-    last["skipped_steps"] = sum(bool(r.get("skipped")) for r in recs)
+    last["skipped_steps"] = sum(bool(r.get("skipped") or r.get("overflow")) for r in recs)
     return last
 
 

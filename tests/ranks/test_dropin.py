@@ -309,6 +309,25 @@ def _refusal_worker(rank, world):
         ),
     )
     expect("kv chunks", ValueError, lambda: _build(world, "rope", get_lss_layer_spec(kv_chunks=3)))
+    expect("bad save_kv spec", ValueError, lambda: get_lss_layer_spec(save_kv="cpu"))
+    expect(
+        "overlap mismatch",
+        ValueError,
+        lambda: prepare_lss_model(
+            _build(world, "learned", get_lss_layer_spec(overlap=True))[1], overlap=False
+        ),
+    )
+    expect("overlap dense", ValueError, lambda: get_lss_layer_spec(overlap=True, kernel="dense"))
+    expect(
+        "local with dense", ValueError, lambda: get_lss_layer_spec(save_kv="local", kernel="dense")
+    )
+    expect(
+        "save_kv mismatch",
+        ValueError,
+        lambda: prepare_lss_model(
+            _build(world, "learned", get_lss_layer_spec(save_kv="local"))[1], save_kv="gathered"
+        ),
+    )
     expect("not a GPTModel", TypeError, lambda: prepare_lss_model(torch.nn.Linear(2, 2)))
     _, model = _build(world, "learned", get_lss_layer_spec())
     prepare_lss_model(model)
@@ -335,6 +354,11 @@ def test_prepare_refuses_what_it_cannot_make_exact():
         "cp mismatch": "context_parallel_size=1",
         "length": "divisible by 2N = 4",
         "kv chunks": "kv_chunks 3 does not divide",
+        "bad save_kv spec": "save_kv 'cpu' is not one of",
+        "overlap mismatch": "get_lss_layer_spec(overlap=True)",
+        "overlap dense": "overlap needs kernel='flash'",
+        "local with dense": "needs kernel='flash'",
+        "save_kv mismatch": "get_lss_layer_spec(save_kv='local')",
         "not a GPTModel": "GPTModel, got Linear",
         "twice": "already prepared",
         "local positions": "outside this rank's rows",

@@ -38,6 +38,8 @@ MODEL = dict(
     num_layers=2, hidden_size=32, num_heads=4, num_kv_heads=2, seq_length=16, vocab_size=64
 )
 WORLD = {"serial": 1, "lss": 2, "nvidia-sp": 2, "ulysses": 2, "ring": 2}
+VARIANTS = {"lss-local": ("lss", (("lss_save_kv", "local"),))}
+"""LSS configurations run like a mode here: (mode, ParallelConfig fields); flash kernel only."""
 SETTINGS = list(itertools.product(("flash", "dense"), ("none", "selective", "full")))
 LENGTHS = (16, 32, 48, 64)
 ABS_TOL, REL_TOL = 1e-5, 1e-3
@@ -50,9 +52,10 @@ percent of the tensor's largest entry; 2e-3 / 5e-2 bound that with margin."""
 def _config(mode: str, world: int, kernel="flash", recompute="none", dtype="fp32", length=16):
     from lss_megatron.config import ModelConfig, ParallelConfig, RunConfig, TrainConfig
 
+    mode, extra = VARIANTS.get(mode, (mode, ()))
     return RunConfig(
         model=ModelConfig(**{**MODEL, "seq_length": length}),
-        parallel=ParallelConfig(mode=mode, world_size=world, seq_parallel=world),
+        parallel=ParallelConfig(mode=mode, world_size=world, seq_parallel=world, **dict(extra)),
         train=TrainConfig(
             global_batch_size=2,
             micro_batch_size=1,
@@ -127,6 +130,7 @@ def _job(mode, world, kernel, recompute, dtype, length, want_grads):
     from lss_megatron.training.optim import MasterWeights
 
     cfg = _config(mode, world, kernel, recompute, dtype, length)
+    mode = cfg.parallel.mode
     grid = initialize_grid(cfg.parallel)
     model = build_model(
         cfg.model, grid, mode=mode, seed=3, kernel=kernel, recompute=recompute, dtype=dtype
@@ -160,13 +164,11 @@ def _worker(rank, world, mode, jobs):
 
 
 def _jobs(mode: str) -> list[tuple]:
-    jobs = [(k, r, "fp32", 16, True) for k, r in SETTINGS]
+    kernels = ("flash",) if mode in VARIANTS else ("flash", "dense")
+    jobs = [(k, r, "fp32", 16, True) for k, r in SETTINGS if k in kernels]
     jobs += [("flash", "none", "bf16", 16, True)]
     jobs += [
-        (k, "none", "fp32", length, False)
-        for k in ("flash", "dense")
-        for length in LENGTHS
-        if length != 16
+        (k, "none", "fp32", length, False) for k in kernels for length in LENGTHS if length != 16
     ]
     return jobs
 
@@ -177,7 +179,8 @@ _RESULTS: dict[str, dict] = {}
 def results(mode: str) -> dict:
     """{(kernel, recompute, dtype, l, grads?): result} of `mode` (rank 0), computed once."""
     if mode not in _RESULTS:
-        _RESULTS[mode] = run_ranks(_worker, WORLD[mode], mode, _jobs(mode), timeout=240)[0]
+        world = WORLD[VARIANTS.get(mode, (mode,))[0]]
+        _RESULTS[mode] = run_ranks(_worker, world, mode, _jobs(mode), timeout=240)[0]
     return _RESULTS[mode]
 
 
@@ -303,3 +306,83 @@ def test_bf16_tracks_serial_bf16(mode):
     _assert_grads_close(got["grads"], ref["grads"], float("inf"), BF16_REL_TOL, f"{mode} bf16")
     fp32 = _get("serial")
     assert abs(ref["loss"] - fp32["loss"]) > 0, "bf16 must change the numerics"
+
+
+@pytest.mark.timeout(300)
+def test_local_kv_is_exact_and_trades_a_gather_for_the_gathered_kv():
+    """--lss-save-kv local against serial-flash (loss, every gradient) under every recompute
+    setting and against lss (the paper's form): without recompute, sp bytes exactly 1.5x (the
+    K/V re-gathered in backward) and the bytes saved for backward exactly (N-1)/N of the
+    gathered K/V [l, b, 2 h_kv, d] fewer per layer; under Megatron's recompute the gathered K/V
+    are used at once in backward, so local changes nothing there (same bytes, same saved);
+    linear in l; bf16 halves its bytes."""
+    ref, n = _get("serial"), WORLD["lss"]
+    for recompute in ("none", "selective", "full"):
+        got, paper = _get("lss-local", recompute=recompute), _get("lss", recompute=recompute)
+        tag = f"lss-local recompute={recompute}"
+        assert abs(got["loss"] - ref["loss"]) <= ABS_TOL, (tag, got["loss"], ref["loss"])
+        _assert_grads_close(got["grads"], ref["grads"], ABS_TOL, REL_TOL, tag)
+        if recompute != "none":
+            assert (got["sp_bytes"], got["saved"]) == (paper["sp_bytes"], paper["saved"]), tag
+    got, paper = _get("lss-local"), _get("lss")
+    assert 2 * got["sp_bytes"] == 3 * paper["sp_bytes"] > 0
+    layers, kv_heads, d = MODEL["num_layers"], MODEL["num_kv_heads"], MODEL["hidden_size"] // 4
+    gathered_kv = 16 * 1 * 2 * kv_heads * d * 4  # [l, b, 2 h_kv, d] fp32, per layer
+    assert paper["saved"] - got["saved"] == layers * (n - 1) * gathered_kv // n
+    assert got["saved"] == got["saved_again"]
+    a = [_get("lss-local", length=length)["saved"] for length in LENGTHS]
+    assert (np.diff(a) > 0).all() and (np.diff(a, 2) == 0).all(), a
+    bf16 = _get("lss-local", dtype="bf16")
+    assert 2 * bf16["sp_bytes"] == got["sp_bytes"]
+    assert abs(bf16["loss"] - _get("serial", dtype="bf16")["loss"]) <= BF16_LOSS_TOL
+
+
+def _variants_worker(rank, world, jobs):
+    from lss_megatron.config import ModelConfig, ParallelConfig, RunConfig, TrainConfig
+    from lss_megatron.model import build_model
+    from lss_megatron.parallel import comm
+    from lss_megatron.parallel.grid import destroy_grid, initialize_grid
+    from lss_megatron.training.metrics import SavedBytes
+    from lss_megatron.training.step import forward_backward, step_micro_batches
+
+    out = []
+    for pos, kv_heads, options, recompute in jobs:
+        cfg = RunConfig(
+            model=ModelConfig(
+                **{**MODEL, "num_kv_heads": kv_heads, "seq_length": 32},
+                position_embedding=pos,
+            ),
+            parallel=ParallelConfig(
+                mode="lss", world_size=world, seq_parallel=world, **dict(options)
+            ),
+            train=TrainConfig(global_batch_size=2, micro_batch_size=1, seed=3, recompute=recompute),
+        ).validate()
+        grid = initialize_grid(cfg.parallel)
+        model = build_model(cfg.model, grid, mode="lss", seed=3, recompute=recompute)
+        saved = SavedBytes(model)
+        with comm.record() as log:
+            forward_backward(model, step_micro_batches(cfg, grid, step=1), saved=saved)
+        counted = (saved.peak, log.nbytes("sp"), log.count(category="sp"))
+        out.append((pos, kv_heads, options, recompute, cfg.to_dict(), counted))
+        destroy_grid()
+    return out
+
+
+@pytest.mark.timeout(600)
+def test_cost_model_counts_every_lss_variant_exactly():
+    """The cost model's saved bytes, sp bytes and sp calls equal the counted ones for local K/V,
+    overlap, separate gathers, zigzag and chunks, alone and combined, learned and RoPE, GQA and
+    MHA (where local k, v are views of q's buffer), and under recompute."""
+    from analysis.costmodel import predict
+
+    local, over = ("lss_save_kv", "local"), ("lss_overlap", True)
+    sep, zig, c2 = ("lss_kv_gather", "separate"), ("lss_layout", "zigzag"), ("kv_gather_chunks", 2)
+    options = [(), (local,), (over,), (local, sep), (zig, local, over), (c2, over), (c2, local)]
+    jobs = [(p, k, o, "none") for p in ("learned", "rope") for k in (2, 4) for o in options]
+    jobs += [("learned", 2, (local,), "selective"), ("rope", 4, (local, over), "full")]
+    for pos, kv_heads, opts, recompute, config, counted in run_ranks(
+        _variants_worker, 2, jobs, timeout=540
+    )[0]:
+        pred = predict({**config, "runtime": {"backend": "gloo"}})
+        want = (pred["activation_bytes"], pred["sp_comm_bytes"], pred["sp_comm_calls"])
+        assert counted == want, (pos, kv_heads, dict(opts), recompute, counted, want)

@@ -47,7 +47,7 @@ def _tp_worker(rank, world, layouts):
 
     kv_gather.comm.start_all_gather_dim0 = spy
     out = []
-    for n, t, d, pos, layout in layouts:
+    for n, t, d, pos, layout, *options in layouts:  # options: save_kv, overlap
         cfg = RunConfig(
             model=ModelConfig(position_embedding=pos, **MODEL),
             parallel=ParallelConfig(
@@ -57,6 +57,8 @@ def _tp_worker(rank, world, layouts):
                 tensor_parallel=t,
                 data_parallel=d,
                 lss_layout=layout,
+                lss_save_kv=options[0] if options else "gathered",
+                lss_overlap=len(options) > 1 and options[1] == "overlap",
             ),
             train=TrainConfig(
                 global_batch_size=GLOBAL_BATCH, micro_batch_size=MICRO_BATCH, seed=SEED
@@ -71,7 +73,7 @@ def _tp_worker(rank, world, layouts):
         GradientAverager(model, grid)()
         out.append(
             {
-                "layout": (n, t, d, pos, layout),
+                "layout": (n, t, d, pos, layout, *options),
                 "loss": global_mean_loss(local_loss, grid),
                 "seq_rank": grid.seq_rank,
                 "tp_rank": grid.tp_rank,
@@ -156,16 +158,21 @@ def _runs(world, layouts):
     return out
 
 
-LAYOUTS4 = [(2, 2, 1, "learned", "contiguous"), (2, 2, 1, "rope", "zigzag")]
+LAYOUTS4 = [
+    (2, 2, 1, "learned", "contiguous"),
+    (2, 2, 1, "rope", "zigzag"),
+    (2, 2, 1, "learned", "zigzag", "local", "overlap"),  # K/V local, re-gathered; overlapped
+]
 LAYOUTS8 = [(2, 2, 2, "learned", "zigzag"), (2, 2, 2, "rope", "contiguous")]
 
 
 @pytest.mark.timeout(600)
 def test_lss_x_tp_n2_t2_d1(reference):
-    """4 ranks: learned contiguous and RoPE zigzag."""
+    """4 ranks: learned contiguous, RoPE zigzag, learned zigzag with --lss-save-kv local and
+    --lss-overlap (the backward re-gather moves the same [l/N, b, 2 h_kv/T, d] buffers)."""
     runs = _runs(4, LAYOUTS4)
     for layout in LAYOUTS4:
-        n, t, d, pos, _ = layout
+        n, t, d, pos = layout[:4]
         check_tp(reference[pos], runs[layout], n, t, d, pos)
 
 
@@ -175,5 +182,5 @@ def test_lss_x_tp_n2_t2_d2(reference):
     """8 ranks: the data replicas on top (gradient group N x D per TP rank)."""
     runs = _runs(8, LAYOUTS8)
     for layout in LAYOUTS8:
-        n, t, d, pos, _ = layout
+        n, t, d, pos = layout[:4]
         check_tp(reference[pos], runs[layout], n, t, d, pos)

@@ -1,7 +1,9 @@
 """Measurement defects fixed with the like-for-like comparison (issue 10, item 5), and the
 kernel check at start-up.
 
-* an async collective's wait is part of its time (a straggler is not 0.000 s);
+* an async collective's wait is part of its time (a straggler is not 0.000 s), and the exposed
+  time (`sp_exposed_s`) is only the part spent blocked in waits: compute issued between launch
+  and wait hides the collective, a late peer does not;
 * a collective whose bytes cannot be read raises under tests, and otherwise warns once and
   counts 0;
 * the step time is the slowest rank's;
@@ -43,6 +45,48 @@ def test_async_gather_wait_is_timed():
     (t0, b0, c0), (_, b1, c1) = run_ranks(_async_wait_worker, 2, timeout=90)
     assert t0 >= 0.8 * STRAGGLER_S, f"rank 0 waited for the straggler but sp time is {t0:.3f} s"
     assert b0 == b1 == 4 * 1 * 2 * 2 * 8 * 4 and c0 == c1 == 1  # (N-1) x local [K|V], one call
+
+
+def _exposed_worker(rank, world):
+    import time
+
+    import torch
+    import torch.distributed as dist
+
+    from lss_megatron.parallel import comm
+
+    group, x = dist.group.WORLD, torch.ones(64, 8)
+    out = {}
+    dist.barrier()
+    with comm.record() as log:  # hidden: rank 0 computes (sleeps) between launch and wait
+        _, work = comm.start_all_gather_dim0(x, group, category="sp")
+        if rank == 0:
+            time.sleep(STRAGGLER_S)
+        work.wait()
+    out["hidden"] = log.summary()
+    dist.barrier()
+    with comm.record() as log:  # exposed: rank 1 launches late, rank 0 waits at once
+        if rank == 1:
+            time.sleep(STRAGGLER_S)
+        _, work = comm.start_all_gather_dim0(x, group, category="sp")
+        work.wait()
+    out["late_peer"] = log.summary()
+    dist.barrier()
+    with comm.record() as log:  # blocking: all of it is exposed
+        comm.reduce_scatter_dim0(x, group, category="sp")
+    out["blocking"] = log.summary()
+    return out
+
+
+@pytest.mark.timeout(120)
+def test_exposed_time_is_the_time_blocked_in_waits():
+    r0, _ = run_ranks(_exposed_worker, 2, timeout=90)
+    hidden, late, blocking = r0["hidden"], r0["late_peer"], r0["blocking"]
+    assert hidden["sp_comm_time_s"] >= 0.8 * STRAGGLER_S, hidden  # launch to completion
+    assert hidden["sp_exposed_s"] < 0.5 * STRAGGLER_S, hidden  # done behind the "compute"
+    assert late["sp_exposed_s"] >= 0.8 * STRAGGLER_S, late  # blocked until the peer came
+    assert late["sp_exposed_s"] <= late["sp_comm_time_s"], late
+    assert blocking["sp_exposed_s"] == blocking["sp_comm_time_s"] > 0, blocking
 
 
 def _unreadable_worker(rank, world):

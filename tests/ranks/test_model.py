@@ -37,12 +37,24 @@ def reference():
 
 # bidirectional attention, and gradient buckets of 4 KiB so averaging needs several all-reduces
 SMALL_BUCKETS_NONCAUSAL = (2, 1, "learned", "lss", False, 4096)
+# K/V kept local and re-gathered in backward (--lss-save-kv local), composed with chunked
+# gathers, data parallelism and Megatron's all_gather CP (K and V gathered apart)
+LOCAL_KV = (("lss_save_kv", "local"),)
+OVERLAP = ("lss_overlap", True)  # --lss-overlap: the gathers behind the local blocks
+KV_VARIANTS = [
+    (2, 1, "rope", "lss", True, None, (*LOCAL_KV, ("kv_gather_chunks", 2), OVERLAP)),
+    (4, 1, "rope", "lss", True, None, (*LOCAL_KV, OVERLAP)),
+    (2, 1, "learned", "lss", True, None, (OVERLAP,)),
+    (2, 2, "learned", "lss", True, None, (*LOCAL_KV, ("lss_kv_gather", "separate"))),
+]
 LAYOUTS_BY_WORLD = {
     2: [
         (2, 1, "learned", "lss"),
         (2, 1, "rope", "lss"),
         SMALL_BUCKETS_NONCAUSAL,
         (2, 1, "rope", "nvidia-sp"),
+        KV_VARIANTS[0],
+        KV_VARIANTS[2],
     ],
     4: [
         (4, 1, "learned", "lss"),
@@ -51,6 +63,8 @@ LAYOUTS_BY_WORLD = {
         (2, 2, "rope", "lss"),
         (4, 1, "learned", "nvidia-sp"),
         (2, 2, "rope", "nvidia-sp"),
+        KV_VARIANTS[1],
+        KV_VARIANTS[3],
     ],
 }
 
@@ -92,6 +106,16 @@ def test_noncausal_with_small_gradient_buckets(reference, parallel_runs):
     for r in ranks:
         assert r["grad_calls"] == r["expected_grad_calls"]
         assert 1 < r["grad_calls"] < r["num_params"], (r["grad_calls"], r["num_params"])
+
+
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("layout", KV_VARIANTS, ids=lambda x: f"N{x[0]}D{x[1]}-{x[2]}")
+def test_lss_kv_variants_match_one_process(reference, parallel_runs, layout):
+    """--lss-save-kv local (with --kv-gather-chunks 2 and --lss-overlap, with --lss-overlap, with
+    D = 2 and separate K/V gathers) and --lss-overlap alone: the same loss, gradients and token
+    losses as the one-process model."""
+    n, d, pos = layout[:3]
+    check_model(reference[(pos, True)], parallel_runs[layout], n, d, pos)
 
 
 NVIDIA_SP_LAYOUTS = [(2, 1, "rope"), (4, 1, "learned"), (2, 2, "rope")]

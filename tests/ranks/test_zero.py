@@ -8,7 +8,8 @@ gradient norm, and then every parameter, equal the plain stepper's within 1e-5 (
 only the reduction order differs; seen ~1e-7). Memory: AdamW keeps two moments per element of
 this rank's partition plus one 4-byte step, and the P partitions tile the flat parameter buffer.
 
-Stage 2 also keeps fewer gradient bytes than the full gradients. The same checks through the
+Stage 2 also keeps fewer gradient bytes than the full gradients. ZeRO-2 with K/V kept local
+(`--lss-save-kv local`, re-gathered in backward) matches the same plain stepper. The same checks through the
 trainer (skipped steps and nvidia-sp included): tests/e2e/test_zero.py.
 """
 
@@ -26,6 +27,7 @@ STEPS = 3
 
 
 def _zero_worker(rank, world, stages):
+    import dataclasses
     import os
 
     os.environ.update(LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE=str(world))  # as torchrun
@@ -36,7 +38,7 @@ def _zero_worker(rank, world, stages):
     from lss_megatron.training.stepper import PlainStepper
     from lss_megatron.training.zero import ZeroEngine
 
-    def config(stage):
+    def config(stage, save_kv="gathered"):
         return RunConfig(
             model=ModelConfig(
                 num_layers=2,
@@ -47,7 +49,9 @@ def _zero_worker(rank, world, stages):
                 vocab_size=64,
                 position_embedding="learned",
             ),
-            parallel=ParallelConfig(mode="lss", world_size=world, seq_parallel=world),
+            parallel=ParallelConfig(
+                mode="lss", world_size=world, seq_parallel=world, lss_save_kv=save_kv
+            ),
             train=TrainConfig(
                 global_batch_size=4,
                 micro_batch_size=2,
@@ -63,10 +67,12 @@ def _zero_worker(rank, world, stages):
     cfg = config(0)
     grid = initialize_grid(cfg.parallel)
     out = {}
-    for stage in (0, *stages):
-        model = build_model(cfg.model, grid, mode="lss", seed=cfg.train.seed)
+    for key in (0, *stages):  # a stage, or (stage, save_kv)
+        stage, save_kv = key if isinstance(key, tuple) else (key, "gathered")
+        g = dataclasses.replace(grid, lss_save_kv=save_kv)
+        model = build_model(cfg.model, g, mode="lss", seed=cfg.train.seed)
         if stage:
-            stepper = ZeroEngine(model, config(stage), grid)
+            stepper = ZeroEngine(model, config(stage, save_kv), g)
         else:
             stepper = PlainStepper(model, cfg, grid)
         losses, norms = [], []
@@ -77,7 +83,7 @@ def _zero_worker(rank, world, stages):
             losses.append(global_mean_loss(local, grid))
             norms.append(stepper.step())
         params = {n: p.detach().numpy().copy() for n, p in model.named_parameters()}
-        out[stage] = {
+        out[key] = {
             "losses": losses,
             "norms": norms,
             "params": params,
@@ -92,12 +98,13 @@ def _zero_worker(rank, world, stages):
 @pytest.mark.timeout(240)
 def test_zero_steps_match_the_plain_stepper():
     world = 2
-    for r in run_ranks(_zero_worker, world, (1, 2), timeout=200):
+    for r in run_ranks(_zero_worker, world, (1, 2, (2, "local")), timeout=200):
         plain = r[0]
         assert plain["norms"][0] > 0.5, "clipping must be active on the first step"
         rows = slice(r["seq_rank"] * r["segment"], (r["seq_rank"] + 1) * r["segment"])
-        for stage in (1, 2):
-            z, tag = r[stage], f"ZeRO-{stage} rank {r['seq_rank']}"
+        for key in (1, 2, (2, "local")):
+            stage = key[0] if isinstance(key, tuple) else key
+            z, tag = r[key], f"ZeRO-{key} rank {r['seq_rank']}"
             for step, (a, b) in enumerate(zip(z["losses"], plain["losses"], strict=True), 1):
                 assert abs(a - b) < TOL, f"{tag} step {step}: loss {a} vs {b}"
             for step, (a, b) in enumerate(zip(z["norms"], plain["norms"], strict=True), 1):

@@ -73,18 +73,26 @@ def _model_worker(rank, world, layouts):
     )
 
     out = []
-    for n, pos, mode, layout in layouts:
+    for n, pos, mode, layout, *extra in layouts:  # extra: save_kv, key/value heads
+        save_kv = extra[0] if extra else "gathered"
+        kv_heads = extra[1] if len(extra) > 1 else 2
         cfg = RunConfig(
             model=ModelConfig(
                 num_layers=2,
                 hidden_size=32,
                 num_heads=4,
-                num_kv_heads=2,
+                num_kv_heads=kv_heads,
                 seq_length=16,
                 vocab_size=64,
                 position_embedding=pos,
             ),
-            parallel=ParallelConfig(mode=mode, world_size=world, seq_parallel=n, lss_layout=layout),
+            parallel=ParallelConfig(
+                mode=mode,
+                world_size=world,
+                seq_parallel=n,
+                lss_layout=layout,
+                lss_save_kv=save_kv,
+            ),
             train=TrainConfig(global_batch_size=2, micro_batch_size=1, seed=3),
         ).validate()
         grid = initialize_grid(cfg.parallel)
@@ -95,7 +103,7 @@ def _model_worker(rank, world, layouts):
         GradientAverager(model, grid)()
         out.append(
             {
-                "key": (pos, layout),
+                "key": (pos, layout, save_kv, kv_heads),
                 "loss": global_mean_loss(local_loss, grid),
                 "grads": {k: p.grad.numpy().copy() for k, p in model.named_parameters()},
                 "tokens": tok.numpy().copy(),
@@ -108,20 +116,20 @@ def _model_worker(rank, world, layouts):
 
 @pytest.mark.timeout(300)
 def test_zigzag_model_matches_one_process():
-    ref = {
-        r["key"][0]: r
-        for r in run_ranks(
-            _model_worker, 1, [(1, p, "serial", "contiguous") for p in ("learned", "rope")]
-        )[0]
-    }
-    runs = run_ranks(
-        _model_worker, 4, [(4, p, "lss", "zigzag") for p in ("learned", "rope")], timeout=200
-    )
+    serial = [(1, p, "serial", "contiguous") for p in ("learned", "rope")]
+    serial.append((1, "learned", "serial", "contiguous", "gathered", 4))  # MHA
+    ref = {(r["key"][0], r["key"][3]): r for r in run_ranks(_model_worker, 1, serial)[0]}
+    # the paper's form; K/V kept local (re-gathered in backward) at GQA, and at MHA with learned
+    # positions, where the local k, v kept are views of Megatron's QKV output (q's buffer)
+    variants = [(4, p, "lss", "zigzag") for p in ("learned", "rope")]
+    variants.append((4, "learned", "lss", "zigzag", "local"))
+    variants.append((4, "learned", "lss", "zigzag", "local", 4))
+    runs = run_ranks(_model_worker, 4, variants, timeout=250)
     for rank_results in runs:
         for r in rank_results:
             pos = r["key"][0]
-            base = ref[pos]
-            tag = f"zigzag {pos} seq_rank={r['seq_rank']}"
+            base = ref[(pos, r["key"][3])]
+            tag = f"zigzag {r['key']} seq_rank={r['seq_rank']}"
             idx = _local_index(16, r["seq_rank"], 4).numpy()
             assert abs(r["loss"] - base["loss"]) < TOL, tag
             for name, g in r["grads"].items():

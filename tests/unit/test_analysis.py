@@ -495,6 +495,10 @@ def test_weak_plan_scales_length_with_n():
     assert ("serial", 1, 128) in grid and ("serial", 1, 256) in grid
 
 
+def by_label(plan) -> dict:
+    return {r.label: r for r in plan.runs}
+
+
 def test_options_plan(monkeypatch):
     """cpu-options: plain LSS and every option at N = 4 (P = 4) plus the serial reference; a
     variant whose flag the trainer lacks is skipped with that reason."""
@@ -503,7 +507,11 @@ def test_options_plan(monkeypatch):
     zero = {"lss-zero1", "lss-zero2"}
     assert {"serial", "lss", "lss-zigzag", "lss-kv4", "ulysses", "nvidia-sp"} <= labels
     assert labels | {s.split("_")[0] for s, _ in plan.skipped} >= zero  # run, or skipped
-    assert max(r.world_size for r in plan.runs) == 4 and len(plan.runs) + len(plan.skipped) == 8
+    assert max(r.world_size for r in plan.runs) == 4 and len(plan.runs) + len(plan.skipped) == 12
+    assert {"lss-local", "lss-overlap", "lss-local-overlap", "lss-megatron-cp"} <= labels
+    args = " ".join(by_label(plan)["lss-megatron-cp"].trainer_args("o"))
+    assert "--lss-save-kv local" in args and "--lss-kv-gather separate" in args
+    assert "--lss-overlap" in " ".join(by_label(plan)["lss-overlap"].trainer_args("o"))
     by = {r.label: r for r in plan.runs}
     length = presets.get_preset("cpu-options").seq_lengths[0]
     assert by["lss-zigzag"].mode == "lss"

@@ -82,6 +82,38 @@ BAD = [
         ],
     ),
     (
+        "--lss-save-kv on another mode",
+        _cfg(parallel={"mode": "ulysses", "world_size": 2, "lss_save_kv": "local"}),
+        ["--lss-save-kv local applies to --mode lss only, not ulysses"],
+    ),
+    (
+        "--lss-save-kv unknown",
+        _cfg(parallel={"world_size": 2, "lss_save_kv": "cpu"}),
+        ["--lss-save-kv 'cpu' is not one of"],
+    ),
+    (
+        "--lss-save-kv local with the dense kernel",
+        _cfg(
+            parallel={"world_size": 2, "lss_save_kv": "local"}, train={"attention_kernel": "dense"}
+        ),
+        ["--lss-save-kv local needs --attention-kernel flash"],
+    ),
+    (
+        "--lss-overlap on another mode",
+        _cfg(parallel={"mode": "ulysses", "world_size": 2, "lss_overlap": True}),
+        ["--lss-overlap applies to --mode lss only, not ulysses"],
+    ),
+    (
+        "--lss-overlap with the dense kernel",
+        _cfg(parallel={"world_size": 2, "lss_overlap": True}, train={"attention_kernel": "dense"}),
+        ["--lss-overlap needs --attention-kernel flash"],
+    ),
+    (
+        "--lss-kv-gather on another mode",
+        _cfg(parallel={"mode": "nvidia-sp", "world_size": 2, "lss_kv_gather": "separate"}),
+        ["--lss-kv-gather separate applies to --mode lss only, not nvidia-sp"],
+    ),
+    (
         "micro batch does not divide G/D",
         _cfg(train={"global_batch_size": 4, "micro_batch_size": 3}),
         ["--micro-batch-size 3", "4"],

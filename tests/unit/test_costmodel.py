@@ -394,4 +394,6 @@ def test_options_beyond_the_paper_match_counted_runs():
     )
     assert (z2["grad_bytes"], z2["grad_comm_bytes"]) == (146432, 2102406)
     both = predict(_options_config("lss", 4, 1, layout="zigzag", chunks=2, **learned))
-    assert (both["activation_bytes"], both["sp_comm_bytes"]) == (727872, 786432)
+    # 727,872 until the zigzag reorder moved inside the K/V gather (issue 21): autograd no longer
+    # keeps the 2N-entry int64 chunk order per gather (2 x 2 x 64 bytes fewer)
+    assert (both["activation_bytes"], both["sp_comm_bytes"]) == (727616, 786432)

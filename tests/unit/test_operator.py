@@ -21,23 +21,26 @@ def test_lss_attention_rejects_bad_shapes():
 
 def test_zigzag_permutation_is_built_once_per_device():
     """The zigzag gather order is an index tensor built once per (N, device) and reused by every
-    layer's forward (on CUDA a fresh ``torch.tensor(..., device=cuda)`` would block the host every
-    layer); the reused tensor still puts every gathered chunk where the per-forward one did."""
+    layer's gather (on CUDA a fresh ``torch.tensor(..., device=cuda)`` would block the host every
+    layer); `KVTransport` puts every gathered chunk (rank order) at its global place with it, and
+    its backward puts the gradients back into rank order (the exact inverse)."""
     import torch
 
     from lss_megatron.layout import zigzag_gather_order
-    from lss_megatron.lss import operator
+    from lss_megatron.lss import kv_gather, operator
 
-    operator.zigzag_permutation.cache_clear()
+    assert operator.zigzag_permutation is kv_gather.zigzag_permutation  # still importable there
+    kv_gather.zigzag_permutation.cache_clear()
     n, c = 2, 4
-    q = torch.randn(2 * c, 1, 2, 8)
-    kv = [torch.randn(2 * n * c, 1, 2, 8) for _ in range(2)]
-    outs = [
-        operator._partial(q, *kv, 1, n, "zigzag", True, 0.35, "math") for _ in range(3)
-    ]  # three layers' forwards
-    info = operator.zigzag_permutation.cache_info()
+    transport = kv_gather.KVTransport(None, zigzag_n=n)
+    buf = torch.randn(2 * n * c, 1, 4, 8)  # rank order: rank s holds chunks s and 2N-1-s
+    outs = [transport._to_global(buf) for _ in range(3)]  # three layers' gathers
+    info = kv_gather.zigzag_permutation.cache_info()
     assert (info.misses, info.hits) == (1, 2), info
-    perm = operator.zigzag_permutation(n, torch.device("cpu"))
-    assert perm is operator.zigzag_permutation(n, torch.device("cpu"))
+    perm = kv_gather.zigzag_permutation(n, torch.device("cpu"))
+    assert perm is kv_gather.zigzag_permutation(n, torch.device("cpu"))
     assert perm.tolist() == zigzag_gather_order(n)
     assert all(torch.equal(o, outs[0]) for o in outs)
+    for j, slot in enumerate(zigzag_gather_order(n)):  # chunk j of the sequence, from its slot
+        assert torch.equal(outs[0][j * c : (j + 1) * c], buf[slot * c : (slot + 1) * c])
+    assert torch.equal(transport._to_ranks(outs[0]), buf)

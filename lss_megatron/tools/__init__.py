@@ -1,0 +1,1 @@
+"""Command-line tools beside the trainer (``python -m lss_megatron.tools.NAME``)."""
