@@ -501,7 +501,8 @@ def transient_bytes(s: Shape, lay: Layout) -> int:
     one layer's attention backward holds at once on this rank, for the memory-fits checks.
 
     * the core's input gradients: dq over its queries and dK, dV over all its keys (LSS: the
-      full-length [dK | dV] of one gather, `kv_transient_bytes`, before its reduce-scatter);
+      full-length [dK | dV] of one gather, `kv_transient_bytes`, before its reduce-scatter; with
+      --lss-save-kv local also the K/V re-gathered for the backward);
     * with materialised scores, also the probabilities' gradient (in the element sizes the
       probabilities are saved in, `_probs`: es, plus fp32 under Megatron's fp32 softmax) and
       the scores' gradient (es), [b, heads, queries, keys] each. A flash kernel's blockwise
@@ -512,6 +513,10 @@ def transient_bytes(s: Shape, lay: Layout) -> int:
     grads = queries * b * heads * d * es
     kv = kv_transient_bytes(s, lay)
     grads += kv if kv is not None else keys * b * 2 * kvh * d * es
+    if lay.local_kv and lay.recompute == "none" and lay.n > 1:  # --lss-save-kv local: the
+        chunks = 2 if lay.overlap and lay.kv_chunks > 1 else 1  # re-gathered K/V of the chunk
+        grads += chunks * keys * b * 2 * kvh * d * es // lay.kv_chunks  # in backward (and the
+        # next one's, in flight, under --lss-overlap)
     if lay.attention_kernel != "materialized":
         return grads
     return grads + probs_bytes(b, heads, queries, keys, es) + b * heads * queries * keys * es

@@ -343,7 +343,7 @@ def _variants_worker(rank, world, jobs):
     from lss_megatron.parallel import comm
     from lss_megatron.parallel.grid import destroy_grid, initialize_grid
     from lss_megatron.training.metrics import SavedBytes
-    from lss_megatron.training.step import forward_backward, step_micro_batches
+    from lss_megatron.training.micro_batches import forward_backward, step_micro_batches
 
     out = []
     for pos, kv_heads, options, recompute in jobs:
