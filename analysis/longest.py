@@ -4,7 +4,7 @@ cost model and the figures use too).
 
     python -m analysis.longest --ranks 4 --num-heads 2 --budget-mib 64 --out runs/longest
 
-For each mode (lss, nvidia-sp, ulysses) and each rank count P, the mode runs at its most
+For each mode (lss, nvidia-sp, ulysses, ring) and each rank count P, the mode runs at its most
 memory-saving legal layout on P ranks: the largest sequence degree N (nvidia-sp: tensor-parallel
 size t) the trainer accepts for this model, the rest data-parallel (D = P / N, one micro-batch of
 one sequence per rank). It runs with the flash kernel and, for each ``--recompute`` setting, the
@@ -45,7 +45,7 @@ from .fitsearch import longest_fitting
 from .inputs import InputError, cli
 
 MiB = 1 << 20
-MODES = ("lss", "nvidia-sp", "ulysses")
+MODES = ("lss", "nvidia-sp", "ulysses", "ring")
 RECOMPUTES = ("none", "selective", "full")
 COLUMNS = (
     "mode",

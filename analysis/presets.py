@@ -115,6 +115,8 @@ VARIANTS: Mapping[str, Variant] = MappingProxyType(
         "lss-zero2": Variant("lss", {"zero-stage": 2}, "ZeRO-2 over all P ranks"),
         "ulysses-zero1": Variant("ulysses", {"zero-stage": 1}, "Ulysses with ZeRO-1"),
         "ulysses-zero2": Variant("ulysses", {"zero-stage": 2}, "Ulysses with ZeRO-2"),
+        "ring": Variant("ring", about="ring attention: K/V blocks passed rank to rank, lse merge"),
+        "ring-zigzag": Variant("ring", {"lss-layout": "zigzag"}, "ring on zigzag segments"),
     }
 )
 """Every variant label a preset may list. Plain modes are their own labels."""

@@ -1,259 +1,144 @@
-"""ring: ring attention (context parallelism's p2p algorithm) on the same Megatron GPT model.
+"""ring: ring attention (context parallelism's p2p algorithm) as a mode of the same Megatron GPT model.
 
-Megatron-Core's context parallelism (``cp_comm_type="p2p"``, its default), ring-flash-attention
-and PyTorch's ``context_parallel`` all run this algorithm; Megatron's needs TransformerEngine's
-attention (GPU only) and PyTorch's has no CPU kernel, so on CPU it is this module, on the same
-attention blocks LSS uses (`lss.kernel.block_forward` / `block_backward` for flash,
-`lss.dense_attention.dense_block_forward` / `dense_block_backward` for dense) and the same
-log-sum-exp merge (`lss.kernel.lse_merge`), so the comparison is like for like.
+The scheme most Megatron users run for long sequences (Megatron-Core's ``cp_comm_type="p2p"``,
+ring-flash-attention, PyTorch's ``context_parallel``), on LSS's terms: rank n of a sequence
+group of N ranks (Megatron's context-parallel group, TP = 1) holds its segment of every sequence,
+contiguous or zigzag (``--lss-layout``, as LSS), with the same sequence-distributed positions
+(learned rows / RoPE at global positions), data sharding, loss and double gradient averaging.
+Only the core attention differs (`ring_attention.RingCoreAttention`): K/V blocks travel rank to
+rank with send/recv, overlapped with the attention of the block in hand, on the blocks of LSS's
+kernels, merged through the log-sum-exp; the backward runs the ring in reverse with dK/dV
+travelling with their blocks. No head cap: any h, h_kv.
 
-Rank r of the sequence group (N ranks) holds its segment of q, k, v: contiguous (segment r) or
-zigzag (chunks r and 2N-1-r of 2N), the layout LSS uses (`layout.segment_chunks`).
+Two calls make a Megatron-Core `GPTModel` a ring model, as for LSS (the trainer uses exactly
+them): `get_ring_layer_spec(causal=..., layout=..., kernel=...)` and, once on the built model,
+`prepare_ring_model(model, layout=...)`, with LSS's checks.
 
-Forward, N steps: at step t the rank holds the [K | V] block of rank src = r - t (mod N). At the
-start of each step but the last it launches the async shift of that block to rank r+1 and the
-receive of the next one from rank r-1 (`comm.start_ring_shift`, category ``sp``, tag 0), then
-attends the block in hand with the kernel and merges in fp32 (fp64 for fp64 inputs) through the
-log-sum-exp, then waits. Causal: only (query chunk, key chunk) pairs with key chunk < query
-chunk (full blocks) or equal (square diagonal blocks) are attended; fully masked blocks are
-skipped (their K/V still pass on). Only the h_kv key/value heads travel (GQA).
-
-Backward, the ring again: K/V are shifted as in forward (N-1 shifts), and a [dK | dV]
-accumulator travels with each block: at step t the rank adds its contribution to block src's
-gradient to the accumulator it received (started at zero at step 0 for its own block) and
-shifts it on (tag 1); after N shifts every block's gradient, summed over all ranks, is home.
-Blocks' backward uses the merged output and lse (exact). dQ accumulates locally in fp32.
-
-Per layer and micro-batch a rank sends (es = element size of the compute dtype):
-forward (N-1) K/V blocks = ``(N-1) * 2 * (l/N) * b * h_kv * d * es``; backward (N-1) K/V blocks
-plus N [dK | dV] blocks = ``(2N-1) * 2 * (l/N) * b * h_kv * d * es`` (the gradients travel in
-the compute dtype, as LSS's reduce-scatter does; they are summed in fp32 on each rank).
-
-Saved for backward: q [l/N, b, h, d], the LOCAL k, v [l/N, b, h_kv, d], the output
-[l/N, b, h, d] and the lse [b, h, l/N] (fp32): nothing of length l, unlike LSS's gathered K/V.
+Per layer and micro-batch a rank sends 3 (N-1) local [K | V] blocks of (l/N) b 2 h_kv d elements
+in the compute dtype (forward N-1 K/V; backward N-1 K/V and N-1 [dK | dV]), each one isend and
+one irecv (category ``sp``); it saves q, one [K | V] block, the output and the lse: nothing of
+length l. This module is torch-free at import (config checks and the cost model read it); the
+torch part is `ring_attention`, imported when the first layer spec is built.
 """
 
 from __future__ import annotations
 
-import math
-
-import torch
-import torch.distributed as dist
-from torch.autograd.function import once_differentiable
-
 from lss_megatron.layout import LAYOUTS
-from lss_megatron.lss.dense_attention import dense_block_backward, dense_block_forward
-from lss_megatron.lss.kernel import (
-    block_backward,
-    block_forward,
-    flash_eligible,
-    lse_merge,
-    to_compute_dtype,
-)
-from lss_megatron.parallel import comm
-
-KERNELS = ("flash", "dense")
-_KV_TAG, _DKV_TAG = 0, 1  # the K/V shift and the [dK | dV] shift of one backward step
+from lss_megatron.modes import lss, serial
+from lss_megatron.modes.base import Costs, Mode
+from lss_megatron.modes.costs import Collective, forward_repeats, lse_bytes
 
 
-# --- which blocks a step attends ----------------------------------------------------------------
-def chunk_ids(rank: int, n: int, layout: str) -> tuple[int, ...]:
-    """The global chunks rank `rank` holds, in local order: contiguous: (rank,) of N chunks;
-    zigzag: (rank, 2N-1-rank) of 2N chunks."""
-    return (rank,) if layout == "contiguous" else (rank, 2 * n - 1 - rank)
-
-
-def _runs(idx: list[int]) -> list[tuple[int, int]]:
-    """Consecutive runs of sorted indices as half-open ranges: [0, 1, 3] -> [(0, 2), (3, 4)]."""
-    runs: list[tuple[int, int]] = []
-    for i in idx:
-        if runs and runs[-1][1] == i:
-            runs[-1] = (runs[-1][0], i + 1)
-        else:
-            runs.append((i, i + 1))
-    return runs
-
-
-def step_tasks(
-    q_chunks: tuple[int, ...], k_chunks: tuple[int, ...], c: int, causal: bool
-) -> list[tuple[slice, slice, bool]]:
-    """The kernel calls of one step: (query rows, key rows, square-causal) over the local queries
-    (chunks `q_chunks` of `c` rows each) and the block in hand (chunks `k_chunks`). Non-causal:
-    one call over everything. Causal: each diagonal pair (same chunk) as a causal call; key
-    chunks before a query chunk as mask-free calls, grouped so that query chunks seeing the same
-    key chunks, and key chunks seen by the same query chunks, share one call where they are
-    adjacent in memory; key chunks after a query chunk are skipped."""
-    if not causal:
-        return [(slice(0, len(q_chunks) * c), slice(0, len(k_chunks) * c), False)]
-    tasks = [
-        (slice(i * c, (i + 1) * c), slice(j * c, (j + 1) * c), True)
-        for i, qc in enumerate(q_chunks)
-        for j, kc in enumerate(k_chunks)
-        if qc == kc
-    ]
-    seen_by: dict[tuple[int, ...], list[int]] = {}  # query chunks -> the key chunks they all see
-    for j, kc in enumerate(k_chunks):
-        rows = tuple(i for i, qc in enumerate(q_chunks) if qc > kc)
-        if rows:
-            seen_by.setdefault(rows, []).append(j)
-    for rows, keys in seen_by.items():
-        for qa, qb in _runs(list(rows)):
-            for ka, kb in _runs(keys):
-                tasks.append((slice(qa * c, qb * c), slice(ka * c, kb * c), False))
-    return tasks
-
-
-def _block_kernels(kernel: str, q: torch.Tensor, k: torch.Tensor):
-    """(forward, backward) block functions: the CPU flash ops where they run, else the dense
-    block (also flash's stand-in off the CPU, where torch has no lse-returning public kernel)."""
-    if kernel == "flash" and flash_eligible(q, k):
-        return block_forward, block_backward
-    return dense_block_forward, dense_block_backward
-
-
-# --- the autograd function ----------------------------------------------------------------------
-def _bhsd(x: torch.Tensor) -> torch.Tensor:
-    return x.permute(1, 2, 0, 3)  # [s, b, h, d] -> [b, h, s, d] (a view)
-
-
-class _RingAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, group, causal: bool, scale: float, kernel: str, layout: str):
-        n, r = comm.group_size(group), comm.group_rank(group)
-        sq, b, h, d = q.shape
-        h_kv = k.shape[2]
-        c = sq // len(chunk_ids(r, n, layout))  # rows per chunk
-        fwd, _ = _block_kernels(kernel, q, k)
-        acc = torch.promote_types(q.dtype, torch.float32)
-        qb = _bhsd(q)  # [b, h, sq, d]
-        out = torch.zeros(b, h, sq, d, dtype=acc, device=q.device)  # merged so far
-        lse = torch.full((b, h, sq), -math.inf, dtype=acc, device=q.device)
-        kv = torch.cat([k, v], dim=2)  # [sq, b, 2*h_kv, d]: the block that travels
-        for t in range(n):
-            shift = (
-                comm.start_ring_shift(kv, group, category="sp", tag=_KV_TAG) if t < n - 1 else None
-            )
-            src = (r - t) % n
-            for rows, keys, diag in step_tasks(
-                chunk_ids(r, n, layout), chunk_ids(src, n, layout), c, causal
-            ):
-                kb, vb = _bhsd(kv[keys, :, :h_kv]), _bhsd(kv[keys, :, h_kv:])  # [b, h_kv, k, d]
-                o, l_blk = fwd(qb[:, :, rows], kb, vb, diag, scale)
-                out[:, :, rows], lse[:, :, rows] = lse_merge(
-                    [(out[:, :, rows], lse[:, :, rows]), (o, l_blk)]
-                )
-            if shift is not None:
-                kv = shift.wait()  # [sq, b, 2*h_kv, d] of rank r - t - 1
-        out = out.permute(2, 0, 1, 3).to(q.dtype).contiguous()  # [sq, b, h, d]
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.group, ctx.causal, ctx.scale = group, causal, scale
-        ctx.kernel, ctx.layout = kernel, layout
-        return out
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dout):
-        q, k, v, out, lse = ctx.saved_tensors
-        group, layout = ctx.group, ctx.layout
-        n, r = comm.group_size(group), comm.group_rank(group)
-        sq, h_kv = q.shape[0], k.shape[2]
-        c = sq // len(chunk_ids(r, n, layout))
-        _, bwd = _block_kernels(ctx.kernel, q, k)
-        acc = lse.dtype
-        qb, ob, dob = _bhsd(q), _bhsd(out), _bhsd(dout.to(q.dtype))  # [b, h, sq, d]
-        dq = torch.zeros(qb.shape, dtype=acc, device=q.device)  # [b, h, sq, d]
-        kv = torch.cat([k, v], dim=2)  # [sq, b, 2*h_kv, d]
-        dkv_shift = None  # the [dK | dV] accumulator in flight
-        for t in range(n):
-            shift = (
-                comm.start_ring_shift(kv, group, category="sp", tag=_KV_TAG) if t < n - 1 else None
-            )
-            src = (r - t) % n
-            if t == 0:
-                dkv = torch.zeros(kv.shape, dtype=acc, device=q.device)  # block r's, from zero
-            else:
-                dkv = dkv_shift.wait().to(acc)  # block src's, summed over ranks src..r-1
-            for rows, keys, diag in step_tasks(
-                chunk_ids(r, n, layout), chunk_ids(src, n, layout), c, ctx.causal
-            ):
-                kb, vb = _bhsd(kv[keys, :, :h_kv]), _bhsd(kv[keys, :, h_kv:])  # [b, h_kv, k, d]
-                dq_b, dk_b, dv_b = bwd(
-                    dob[:, :, rows],
-                    qb[:, :, rows],
-                    kb,
-                    vb,
-                    ob[:, :, rows],
-                    lse[:, :, rows],
-                    diag,
-                    ctx.scale,
-                )
-                dq[:, :, rows] += dq_b
-                dkv[keys, :, :h_kv] += dk_b.permute(2, 0, 1, 3)  # [k, b, h_kv, d]
-                dkv[keys, :, h_kv:] += dv_b.permute(2, 0, 1, 3)
-            dkv_shift = comm.start_ring_shift(dkv.to(kv.dtype), group, category="sp", tag=_DKV_TAG)
-            if shift is not None:
-                kv = shift.wait()
-        dkv = dkv_shift.wait()  # [sq, b, 2*h_kv, d]: this rank's block, summed over all ranks
-        dq = dq.permute(2, 0, 1, 3).to(q.dtype)  # [sq, b, h, d]
-        return dq, dkv[:, :, :h_kv], dkv[:, :, h_kv:], None, None, None, None, None
-
-
-def ring_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    group=None,
-    *,
-    causal: bool = True,
-    softmax_scale: float | None = None,
-    kernel: str = "flash",
-    layout: str = "contiguous",
-    params_dtype: torch.dtype | None = None,
-) -> torch.Tensor:
-    """Ring attention over a sequence-parallel group (module doc).
-
-    Args:
-        q: local queries ``[s/N, b, h, d]`` (sbhd, as in Megatron), at the global positions of
-            this rank's chunks (`layout`).
-        k, v: local keys and values ``[s/N, b, h_kv, d]``, ``h % h_kv == 0`` (GQA/MQA).
-        group: the sequence-parallel process group (default: the whole world).
-        causal: mask by global position; False attends to every key.
-        softmax_scale: defaults to ``1/sqrt(d)``.
-        kernel: ``flash`` (the CPU flash blocks of `lss.kernel`) or ``dense`` (scores
-            materialised per block).
-        layout: ``contiguous`` or ``zigzag`` (`layout.LAYOUTS`), as the data was cut.
-        params_dtype: as `lss.operator.lss_attention`: q, k, v are cast to the compute dtype
-            before anything travels.
-
-    Returns:
-        ``[s/N, b, h, d]`` in the compute dtype.
-    """
-    _check_inputs(q, k, v, kernel, layout)
-    q, k, v = to_compute_dtype(q, k, v, params_dtype)  # before the ring: K/V travel in it
-    group = group if group is not None else dist.group.WORLD
-    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[3])
-    with torch.autocast(q.device.type, enabled=False):  # the blocks run in exactly that dtype
-        return _RingAttention.apply(q, k, v, group, causal, scale, kernel, layout)
-
-
-def _check_inputs(q, k, v, kernel: str, layout: str) -> None:
-    """Raise ValueError naming the shapes or options `ring_attention` cannot take."""
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(
-            f"ring_attention expects sbhd tensors: q {tuple(q.shape)}, k {tuple(k.shape)}, "
-            f"v {tuple(v.shape)}"
-        )
-    sq, b, h, d = q.shape
-    if k.shape != v.shape or k.shape[0] != sq or k.shape[1] != b or k.shape[3] != d:
-        raise ValueError(
-            f"ring_attention: k {tuple(k.shape)} and v {tuple(v.shape)} must both be "
-            f"[s/N={sq}, b={b}, h_kv, d={d}] to match q {tuple(q.shape)}"
-        )
-    if h % k.shape[2]:
-        raise ValueError(f"ring_attention: heads h={h} not divisible by kv heads {k.shape[2]}")
-    if kernel not in KERNELS:
-        raise ValueError(f"ring_attention: unknown kernel {kernel!r}; expected one of {KERNELS}")
+def get_ring_layer_spec(*, causal: bool = True, layout: str = "contiguous", kernel: str = "flash"):
+    """Megatron's local GPT layer spec with `RingCoreAttention` (running `kernel`: flash or dense
+    blocks) as its core attention; `layout`: ``contiguous`` or ``zigzag``, as the batches are
+    cut."""
     if layout not in LAYOUTS:
-        raise ValueError(f"ring_attention: unknown layout {layout!r}; expected one of {LAYOUTS}")
-    if layout == "zigzag" and sq % 2:
-        raise ValueError(f"ring_attention: zigzag needs an even local length, got {sq}")
+        raise ValueError(f"get_ring_layer_spec: layout {layout!r} is not one of {LAYOUTS}")
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
+    from .ring_attention import RingCoreAttention
+
+    spec = serial.get_serial_layer_spec(causal)
+    spec.submodules.self_attention.submodules.core_attention = ModuleSpec(
+        module=RingCoreAttention, params={"layout": layout, "kernel": kernel}
+    )
+    return spec
+
+
+def prepare_ring_model(model, *, layout: str | None = None):
+    """Make a built Megatron-Core `GPTModel` (or a wrapper with ``.module``) exact under the ring:
+    `prepare_lss_model`'s checks for `RingCoreAttention` built by `get_ring_layer_spec` (same
+    layout, one group, context_parallel_size = N, a sequence length the layout cuts, learned /
+    RoPE / no positions, not prepared twice), then positions for this rank's segment. `layout`
+    defaults to the one the spec built the layers with; given, it must agree. Call once on every
+    rank of the context-parallel group; until then a ring layer on N > 1 ranks refuses to
+    attend. Returns `model`."""
+    from .ring_attention import RingCoreAttention
+
+    return lss.prepare_sequence_model(
+        model,
+        layout=layout,
+        core=RingCoreAttention,
+        who="prepare_ring_model",
+        spec="get_ring_layer_spec",
+    )
+
+
+def _layer_spec(model, grid, kernel: str = "flash"):
+    return get_ring_layer_spec(causal=model.causal, layout=grid.layout, kernel=kernel)
+
+
+def _post_build(model, grid) -> None:
+    prepare_ring_model(model, layout=grid.layout)
+
+
+# --- cost model --------------------------------------------------------------------------------
+def _block(s, lay) -> int:
+    """Bytes of one local [K | V] block: (l/N) b 2 h_kv d in the compute dtype."""
+    return s.seq // lay.n * lay.micro_batch * 2 * s.kv_heads * s.head_dim * lay.attn_bytes
+
+
+def sp_plan(s, lay) -> list[Collective]:
+    """Per layer and micro-batch, N-1 K/V shifts forward (again under recompute: they sit in the
+    core attention), N-1 K/V and N-1 [dK | dV] shifts backward; a shift is one isend of a block
+    to the ring neighbour and one irecv (0 bytes: the sender counts them)."""
+    n = lay.n
+    shifts = s.layers * (forward_repeats(lay, comm_in_core=True) + 2) * (n - 1)
+    return [Collective("p2p", _block(s, lay), n, shifts), Collective("p2p", 0, n, shifts)]
+
+
+def attention_shape(s, lay) -> tuple[int, int, int, int]:
+    """Local queries (l/N) against all l keys, block by block."""
+    return s.heads, s.kv_heads, s.seq // lay.n, s.seq
+
+
+def attention_saved(s, lay) -> int:
+    """q (a view of the fused QKV output unless RoPE, a GQA head copy or the compute-dtype cast
+    made it its own), one [K | V] block (the last one forward held), the output (= the
+    projection's input) and the lse; the same for the dense blocks (recomputed in backward)."""
+    b, es, d, seg = lay.micro_batch, lay.attn_bytes, s.head_dim, s.seq // lay.n
+    h, kvh = s.heads, s.kv_heads
+    rope, grouped = not s.learned_positions, h > kvh
+    own_q = rope or (grouped and kvh > 1) or lay.attn_cast
+    q = seg * b * (h if own_q else h + 2 * kvh) * d * es
+    return q + _block(s, lay) + seg * b * h * d * es + lse_bytes(b, h, seg, es)
+
+
+def kv_transient(s, lay) -> int:
+    """What a layer's backward holds beyond the saved bytes, in blocks: the K/V block in hand and
+    the one arriving, the [dK | dV] accumulator (fp32) and the one arriving."""
+    fp32_block = _block(s, lay) * max(4, lay.attn_bytes) // lay.attn_bytes
+    return 3 * _block(s, lay) + fp32_block
+
+
+# --- memory estimate ---------------------------------------------------------------------------
+def estimate_attention(m, n: int, b: int, es: int, kernel: str) -> tuple[int, str]:
+    """q, k, v of the segment, one [K | V] block, the output and the log-sum-exp (dense blocks are
+    recomputed in backward: nothing quadratic)."""
+    seg, d, h, kv = m.seq_length // n, m.head_dim, m.num_heads, m.kv_heads
+    saved = seg * b * (h + 2 * kv) * d * es + seg * b * 2 * kv * d * es + seg * b * h * d * es
+    name = "ring attention (dense blocks)" if kernel == "dense" else "ring attention"
+    return saved + b * h * seg * 4, name
+
+
+MODE = Mode(
+    name="ring",
+    label="ring",
+    colour="tab:orange",
+    degree_group="context",
+    layer_spec=_layer_spec,
+    post_build=_post_build,
+    options=("lss_layout",),
+    costs=Costs(
+        sp_plan=sp_plan,
+        attention_saved=attention_saved,
+        attention_shape=attention_shape,
+        local_queries=True,
+        comm_in_core=True,
+        overlap="overlap_ring",
+        kv_transient=kv_transient,
+        imbalance=lss.imbalance,  # the same attended pairs per rank as LSS
+    ),
+    estimate_attention=estimate_attention,
+)

@@ -3,9 +3,12 @@
     python examples/megatron_gpt_lss.py                                  # 1 process
     torchrun --nproc-per-node 2 examples/megatron_gpt_lss.py --layout zigzag --positions rope
     torchrun --nproc-per-node 4 examples/megatron_gpt_lss.py --context-parallel 2   # N=2, D=2
+    torchrun --nproc-per-node 2 examples/megatron_gpt_lss.py --attention ring       # the ring
 
 Megatron-Core's own `GPTModel`, built from `get_lss_layer_spec(layout=...)` on a context-parallel
-group of N ranks, then `prepare_lss_model(model, layout=...)`. Each rank reads its part of every
+group of N ranks, then `prepare_lss_model(model, layout=...)`; with ``--attention ring``, ring
+attention's pair, `get_ring_layer_spec(layout=...)` and `prepare_ring_model(model, layout=...)`
+(`lss_megatron.baselines.ring`), in exactly the same places: nothing else changes. Each rank reads its part of every
 sequence, cut by the layout with GLOBAL position ids (zigzag is Megatron's own
 `get_batch_on_this_cp_rank`), and the step is Megatron's: `DistributedDataParallel` and
 `finalize_model_grads` average gradients over data x context, plus LSS's position fix-up
@@ -31,6 +34,7 @@ import torch.distributed as dist
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--layout", choices=("contiguous", "zigzag"), default="contiguous")
+    p.add_argument("--attention", choices=("lss", "ring"), default="lss")
     p.add_argument("--positions", choices=("learned", "rope"), default="learned")
     p.add_argument("--context-parallel", type=int, default=None, help="N (default: all ranks)")
     p.add_argument("--seq-length", type=int, default=32)
@@ -60,8 +64,14 @@ def build(args, cp: int):
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    from lss_megatron import get_lss_layer_spec, prepare_lss_model
     from lss_megatron.compat import cpu
+
+    if args.attention == "ring":
+        from lss_megatron.baselines.ring import get_ring_layer_spec as layer_spec
+        from lss_megatron.baselines.ring import prepare_ring_model as prepare
+    else:
+        from lss_megatron import get_lss_layer_spec as layer_spec
+        from lss_megatron import prepare_lss_model as prepare
 
     cpu.apply()  # Megatron-Core on a machine without CUDA; does nothing when CUDA is present
     parallel_state.initialize_model_parallel(context_parallel_size=cp)
@@ -79,12 +89,12 @@ def build(args, cp: int):
     )
     model = GPTModel(
         config=config,
-        transformer_layer_spec=get_lss_layer_spec(layout=args.layout),
+        transformer_layer_spec=layer_spec(layout=args.layout),
         vocab_size=128,
         max_sequence_length=args.seq_length,
         position_embedding_type="rope" if args.positions == "rope" else "learned_absolute",
     )
-    prepare_lss_model(model, layout=args.layout)
+    prepare(model, layout=args.layout)
     return config, model.to(torch.cuda.current_device() if torch.cuda.is_available() else "cpu")
 
 

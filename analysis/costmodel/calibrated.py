@@ -82,7 +82,10 @@ class CpuNetwork:
     fits: dict  # op -> {n: (alpha, bw)}
 
     def _fit(self, op: str, n: int) -> tuple[float, float]:
-        table = self.fits["all_gather" if op in ("p2p",) else op]
+        if op == "p2p":  # one step of an all-gather ring on the same n ranks (bandwidth as
+            alpha, bw = self._fit("all_gather", n)  # measured with all n ranks sending)
+            return alpha / max(1, n - 1), bw
+        table = self.fits[op]
         if n in table:
             return table[n]
         m = min(table, key=lambda k: abs(k - n))  # extrapolate latency by ring steps
@@ -93,7 +96,7 @@ class CpuNetwork:
         return self._fit("all_gather", n)
 
     def time(self, op: str, nbytes: float, n: int, stride: int = 1) -> float:
-        if n <= 1:
+        if n <= 1 or (op == "p2p" and nbytes <= 0):  # a receive: its sender pays the transfer
             return 0.0
         alpha, bw = self._fit(op, n)
         return alpha + max(nbytes, 0) / bw

@@ -7,10 +7,9 @@ numbers, `config_from_preset` from a launch/presets YAML file; either raises `Co
 the trainer's messages for a layout the trainer would refuse (data files aside: the cost model
 reads none).
 
-Three things the trainer does not run are what-ifs written over its configuration, each checked
+Two things the trainer does not run are what-ifs written over its configuration, each checked
 as the trainer value with the same limits (`TWINS`):
 
-* mode ``ring`` (ring attention, a peer at paper scale): splits only the sequence, as ``lss``;
 * dtype ``fp16`` (V100 tensor cores; half-precision activations and compute, fp32 master
   weights): checked as ``fp32``;
 * the ``costmodel`` section: ``attention_kernel`` ``auto``, ``flash`` or ``materialized``.
@@ -26,7 +25,7 @@ from lss_megatron.config import ConfigError
 
 from ..trainer_config import argv, from_dict, problems, run_config
 
-TWINS = {("parallel", "mode"): {"ring": "lss"}, ("train", "dtype"): {"fp16": "fp32"}}
+TWINS = {("train", "dtype"): {"fp16": "fp32"}}
 """(section, field) -> {what-if value: the trainer value it is checked as}."""
 COSTMODEL_KEYS = ("attention_kernel", "param_dtype")
 """Keys of the ``costmodel`` section (`counts.layout_from_config`), not trainer flags."""

@@ -152,7 +152,7 @@ def _blocks(sq: int, sk: int, q_offset: int, causal: bool) -> list[tuple[int, in
 def block_forward(qb, kb, vb, causal: bool, scale: float):
     """One mask-free (or square causal) flash block: qb [b, h, sq, d], kb/vb [b, h_kv, n, d]
     (bhsd, any strides) -> out [b, h, sq, d] (input dtype), lse [b, h, sq] (fp32; fp64 for fp64
-    inputs). Shared with the ring (`baselines/ring.py`), which merges blocks with `lse_merge`."""
+    inputs). Shared with the ring (`baselines/ring_attention.py`), which merges blocks with `lse_merge`."""
     b, h, sq, d = qb.shape
     h_kv = kb.shape[1]
     g = h // h_kv

@@ -9,7 +9,8 @@ needs torch imports it inside its functions (config checks and the cost model st
 * ``serial``: N = 1, Megatron's stock local spec: the reference;
 * ``lss``: the LSS Transformer on a context-parallel (sequence) group of N ranks;
 * ``nvidia-sp``: Megatron tensor parallelism of degree N with ``sequence_parallel=True``;
-* ``ulysses``: DeepSpeed-Ulysses on the same sequence group and positions as LSS.
+* ``ulysses``: DeepSpeed-Ulysses on the same sequence group and positions as LSS;
+* ``ring``: ring attention (context parallelism's p2p algorithm), likewise.
 
 A new mode is one module and one line here (docs/design.md, "Adding a mode").
 """
@@ -26,6 +27,7 @@ REGISTRY: dict[str, str] = {
     "lss": "lss_megatron.modes.lss",
     "nvidia-sp": "lss_megatron.baselines.nvidia_sp",
     "ulysses": "lss_megatron.baselines.ulysses",
+    "ring": "lss_megatron.baselines.ring",
 }
 MODES = tuple(REGISTRY)
 REFERENCE = "serial"

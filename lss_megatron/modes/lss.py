@@ -90,7 +90,7 @@ def get_lss_layer_spec(
     return spec
 
 
-def _unwrap(model):
+def _unwrap(model, who: str = "prepare_lss_model"):
     """The GPTModel inside Megatron's wrappers (DDP, Float16Module: ``.module``)."""
     from megatron.core.models.gpt import GPTModel
 
@@ -98,34 +98,41 @@ def _unwrap(model):
     while not isinstance(inner, GPTModel) and hasattr(inner, "module"):
         inner = inner.module
     if not isinstance(inner, GPTModel):
-        raise TypeError(
-            f"prepare_lss_model: expected a Megatron-Core GPTModel, got {type(model).__name__}"
-        )
+        raise TypeError(f"{who}: expected a Megatron-Core GPTModel, got {type(model).__name__}")
     return inner
 
 
-def _check_attention(gpt, layout: str | None, **options) -> list:
+def _check_attention(
+    gpt,
+    layout: str | None,
+    core=None,
+    who="prepare_lss_model",
+    spec="get_lss_layer_spec",
+    **options,
+) -> list:
     """Every core attention is an LSSCoreAttention (built for `layout` and the `options`, e.g.
     ``save_kv``, ``overlap``, when they are not None) on one group, all built alike."""
     from ..lss.core_attention import LSSCoreAttention
 
+    core = core or LSSCoreAttention  # the ring's prepare passes its own (prepare_sequence_model)
+
     attentions = [m for m in gpt.modules() if hasattr(m, "core_attention")]
     cores = [a.core_attention for a in attentions]
-    other = sorted({type(c).__name__ for c in cores if not isinstance(c, LSSCoreAttention)})
+    other = sorted({type(c).__name__ for c in cores if not isinstance(c, core)})
     if not cores or other:
         raise ValueError(
-            "prepare_lss_model: the model's core attention is "
-            f"{other or 'missing'}, not LSSCoreAttention: build the GPTModel with "
-            "transformer_layer_spec=get_lss_layer_spec(...)"
+            f"{who}: the model's core attention is "
+            f"{other or 'missing'}, not {core.__name__}: build the GPTModel with "
+            f"transformer_layer_spec={spec}(...)"
         )
     wrong = sorted({c.layout for c in cores if c.layout != layout})
     if layout is not None and wrong:
         raise ValueError(
-            f"prepare_lss_model: layout {layout!r}, but the model was built with "
-            f"get_lss_layer_spec(layout={wrong[0]!r}); use the same layout in both"
+            f"{who}: layout {layout!r}, but the model was built with "
+            f"{spec}(layout={wrong[0]!r}); use the same layout in both"
         )
     if len({c.layout for c in cores}) != 1:
-        raise ValueError("prepare_lss_model: the layers were built with different layouts")
+        raise ValueError(f"{who}: the layers were built with different layouts")
     for name, want in options.items():
         built = sorted({repr(getattr(c, name)) for c in cores})
         if len(built) != 1:
@@ -136,39 +143,38 @@ def _check_attention(gpt, layout: str | None, **options) -> list:
                 f"get_lss_layer_spec({name}={built[0]}); use the same {name} in both"
             )
     if len({id(c.seq_group) for c in cores}) != 1:
-        raise ValueError("prepare_lss_model: the layers attend over different process groups")
+        raise ValueError(f"{who}: the layers attend over different process groups")
     return cores
 
 
-def _check_model(gpt, n: int, layout: str) -> None:
+def _check_model(gpt, n: int, layout: str, who: str = "prepare_lss_model") -> None:
     """Megatron's config, the sequence length and the positional encoding fit N and `layout`."""
     from ..lss.positions import SegmentPositionEmbedding, SegmentRotaryEmbedding
 
     cfg = gpt.config
     if cfg.context_parallel_size != n:
         raise ValueError(
-            f"prepare_lss_model: the model was built with context_parallel_size="
+            f"{who}: the model was built with context_parallel_size="
             f"{cfg.context_parallel_size} but its attention runs on a context-parallel group of "
             f"{n} ranks; build it after initialize_model_parallel(context_parallel_size={n})"
         )
     try:
         segment_chunks(gpt.max_sequence_length, 0, n, layout)
     except ValueError as e:
-        raise ValueError(f"prepare_lss_model: max_sequence_length: {e}") from None
+        raise ValueError(f"{who}: max_sequence_length: {e}") from None
     kind = gpt.position_embedding_type
     if kind not in POSITION_TYPES:
         raise ValueError(
-            f"prepare_lss_model: position_embedding_type {kind!r} is not supported "
-            f"(one of {POSITION_TYPES})"
+            f"{who}: position_embedding_type {kind!r} is not supported (one of {POSITION_TYPES})"
         )
     emb = getattr(gpt, "embedding", None)
     if isinstance(
         getattr(emb, "position_embeddings", None), SegmentPositionEmbedding
     ) or isinstance(getattr(gpt, "rotary_pos_emb", None), SegmentRotaryEmbedding):
-        raise RuntimeError("prepare_lss_model: this model is already prepared (call it once)")
+        raise RuntimeError(f"{who}: this model is already prepared (call it once)")
     if kind == "rope" and not hasattr(gpt.rotary_pos_emb, "get_emb"):
         raise ValueError(
-            f"prepare_lss_model: rotary embedding {type(gpt.rotary_pos_emb).__name__} has no "
+            f"{who}: rotary embedding {type(gpt.rotary_pos_emb).__name__} has no "
             "get_emb(); only Megatron's RotaryEmbedding is supported"
         )
 
@@ -203,6 +209,27 @@ def prepare_lss_model(
     distribute_positions(gpt, rank, n, layout)
     for core in cores:
         core.prepared = True
+    return model
+
+
+def prepare_sequence_model(model, *, layout: str | None, core: type, who: str, spec: str):
+    """`prepare_lss_model`'s checks and position step for any core attention that splits the
+    sequence over the context-parallel group by a layout (the ring's): `core` is its class,
+    `spec` the layer-spec function that builds it and `who` the public name in messages.
+    Returns `model`."""
+    if layout is not None and layout not in LAYOUTS:
+        raise ValueError(f"{who}: layout {layout!r} is not one of {LAYOUTS}")
+    from ..lss.positions import distribute_positions
+
+    gpt = _unwrap(model, who)
+    cores = _check_attention(gpt, layout, core, who, spec)
+    layout = cores[0].layout
+    group = cores[0].seq_group
+    n, rank = group.size(), group.rank()
+    _check_model(gpt, n, layout, who)
+    distribute_positions(gpt, rank, n, layout)
+    for c in cores:
+        c.prepared = True
     return model
 
 

@@ -184,10 +184,12 @@ class PendingShift:
         return self._received
 
 
-def start_ring_shift(x: torch.Tensor, group, *, category: str, tag: int = 0) -> PendingShift:
+def start_ring_shift(
+    x: torch.Tensor, group, *, category: str, tag: int = 0, reverse: bool = False
+) -> PendingShift:
     """Send `x` to the next rank of the group and receive the previous rank's tensor of the same
     shape and dtype, asynchronously (one ``isend`` and one ``irecv``): ``.wait()`` returns what
-    rank r-1 sent. Counted as ``isend`` (the bytes of `x`) and ``irecv`` (0 bytes: the sender
+    rank r-1 sent (`reverse`: send to r-1, receive from r+1). Counted as ``isend`` (the bytes of `x`) and ``irecv`` (0 bytes: the sender
     counts them) under `category`; while recording, each one's time runs from the launch to the
     end of ``wait()``. `tag` keeps two shifts in flight between the same ranks apart. On a group
     of one rank the tensor comes straight back and nothing is counted."""
@@ -197,8 +199,9 @@ def start_ring_shift(x: torch.Tensor, group, *, category: str, tag: int = 0) -> 
         return PendingShift(x, x, [])
     r = group_rank(group)
     out = torch.empty_like(x)
-    nxt = dist.get_global_rank(group, (r + 1) % n) if group is not None else (r + 1) % n
-    prv = dist.get_global_rank(group, (r - 1) % n) if group is not None else (r - 1) % n
+    step = -1 if reverse else 1
+    nxt = dist.get_global_rank(group, (r + step) % n) if group is not None else (r + step) % n
+    prv = dist.get_global_rank(group, (r - step) % n) if group is not None else (r - step) % n
     with as_category(category):
         works = [
             dist.isend(x, nxt, group=group, tag=tag),

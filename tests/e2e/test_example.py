@@ -1,5 +1,5 @@
 """examples/megatron_gpt_lss.py, the README's "In Megatron-Core" section as a script, on 1 and 2
-ranks (and N = 2 x D = 2 on 4): the per-token losses of every step, put back in global order,
+ranks (and N = 2 x D = 2 on 4; and the ring's spec and prepare step on 2): the per-token losses of every step, put back in global order,
 agree within 1e-5 (fp32; kernels and reduction order differ, observed ~1e-6 after three SGD steps).
 Three steps, so the gradients (Megatron's DDP + finalize_model_grads + the position fix-up) are
 checked too: a wrong gradient changes the losses of steps 2 and 3.
@@ -28,6 +28,10 @@ RUNS = {  # name: (processes, flags)
     "four-learned-zigzag-d2": (
         4,
         ["--positions", "learned", "--layout", "zigzag", "--context-parallel", "2"],
+    ),
+    "two-rope-zigzag-ring": (
+        2,
+        ["--positions", "rope", "--layout", "zigzag", "--attention", "ring"],
     ),
 }
 
@@ -81,6 +85,7 @@ def losses(tmp_path_factory) -> dict:
         ("two-learned-contiguous", "one-learned"),
         ("two-rope-zigzag", "one-rope"),
         ("four-learned-zigzag-d2", "one-learned"),
+        ("two-rope-zigzag-ring", "one-rope"),
     ],
 )
 def test_example_matches_one_process(losses, name, reference):

@@ -1,7 +1,7 @@
 """Like for like: every mode x attention kernel x recompute against serial with the flash kernel,
 and what the kernel, recompute and bf16 do to the bytes saved for backward and communicated.
 
-Each mode runs once (CPU, gloo; serial on 1 rank, lss / nvidia-sp / ulysses at N = 2) through a
+Each mode runs once (CPU, gloo; serial on 1 rank, lss / nvidia-sp / ulysses / ring at N = 2) through a
 list of jobs on a tiny GQA model (2 layers, E 32, 4 heads, 2 key/value heads, learned positions,
 G 2, B 1: two micro-batches), one step each:
 
@@ -12,10 +12,12 @@ G 2, B 1: two micro-batches), one step each:
   the relative bound keeps small gradients (LayerNorm) from hiding behind the absolute one.
 * growth in l: bytes saved for backward (`metrics.SavedBytes`, counted over unique storages) at
   l = 16, 32, 48, 64 are exactly linear in l with flash (second difference 0) and exactly
-  quadratic with dense (third difference 0, second difference > 0), in every mode.
-* recompute through Megatron's own checkpointing: LSS and Ulysses repeat their forward
+  quadratic with dense (third difference 0, second difference > 0), in every mode but the ring,
+  whose dense blocks are recomputed in backward (linear with both kernels).
+* recompute through Megatron's own checkpointing: LSS, Ulysses and the ring repeat their forward
   communication in backward (sp bytes exactly 1.5x, one more all-gather / four more all-to-alls
-  per layer and micro-batch) and save fewer bytes.
+  per layer and micro-batch; the ring 4/3x, N-1 more K/V shifts) and save fewer bytes (not the
+  ring: it saves no length-l tensor, and Megatron's checkpoint keeps more than it does).
 * bf16 (Megatron mixed precision, fp32 master weights): sp and saved bytes exactly half of fp32's
   where the tensors are bf16 (counted per dtype), and loss / gradients track serial bf16.
 * the cost model (analysis.costmodel.predict) reproduces every counted byte exactly.
@@ -35,7 +37,7 @@ pytestmark = pytest.mark.slow  # ~40 s of CPU for the four modes; minutes on a l
 MODEL = dict(
     num_layers=2, hidden_size=32, num_heads=4, num_kv_heads=2, seq_length=16, vocab_size=64
 )
-WORLD = {"serial": 1, "lss": 2, "nvidia-sp": 2, "ulysses": 2}
+WORLD = {"serial": 1, "lss": 2, "nvidia-sp": 2, "ulysses": 2, "ring": 2}
 VARIANTS = {"lss-local": ("lss", (("lss_save_kv", "local"),))}
 """LSS configurations run like a mode here: (mode, ParallelConfig fields); flash kernel only."""
 SETTINGS = list(itertools.product(("flash", "dense"), ("none", "selective", "full")))
@@ -225,8 +227,8 @@ def test_saved_bytes_linear_with_flash_quadratic_with_dense(mode):
         d2 = np.diff(a, 2)
         d3 = np.diff(a, 3)
         assert (d1 > 0).all(), (mode, kernel, a)
-        if kernel == "flash":
-            assert (d2 == 0).all(), f"{mode} flash: saved bytes {a} not linear in l"
+        if kernel == "flash" or mode == "ring":  # the ring recomputes dense blocks in backward
+            assert (d2 == 0).all(), f"{mode} {kernel}: saved bytes {a} not linear in l"
         else:
             assert (d3 == 0).all() and (d2 > 0).all(), f"{mode} dense: {a} not quadratic in l"
 
@@ -248,14 +250,20 @@ def test_cost_model_predicts_every_count_exactly(mode):
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("mode", ["lss", "ulysses"])
+@pytest.mark.parametrize("mode", ["lss", "ulysses", "ring"])
 def test_selective_recompute_repeats_the_forward_communication(mode):
     """LSS keeps no gathered K/V: its fused gather runs again in backward (Ulysses: its four
     all-to-alls). sp bytes exactly 1.5x, one more gather (four more all-to-alls) per layer and
-    micro-batch, fewer bytes saved; the result is exact against serial (the parity test)."""
+    micro-batch, fewer bytes saved; the result is exact against serial (the parity test). The
+    ring's forward passes K/V N-1 times again: its 3 (N-1) blocks become 4 (N-1), 4/3x."""
     layers, micro = MODEL["num_layers"], 2
     for kernel in ("flash", "dense"):
         none, sel = _get(mode, kernel, "none"), _get(mode, kernel, "selective")
+        if mode == "ring":  # it saves nothing of length l, so recompute buys it no memory:
+            # Megatron's checkpoint keeps q, k, v and the projection input, more than the ring's
+            # q, one [K | V] block, output and lse (both counts: the cost-model test, exactly)
+            assert 3 * sel["sp_bytes"] == 4 * none["sp_bytes"] > 0, (mode, kernel)
+            continue
         assert 2 * sel["sp_bytes"] == 3 * none["sp_bytes"] > 0, (mode, kernel)
         if mode == "lss":
             assert sel["sp_all_gathers"] == none["sp_all_gathers"] + layers * micro
@@ -291,7 +299,7 @@ def test_bf16_halves_the_bytes_of_bf16_tensors(mode):
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("mode", ["lss", "nvidia-sp", "ulysses"])
+@pytest.mark.parametrize("mode", ["lss", "nvidia-sp", "ulysses", "ring"])
 def test_bf16_tracks_serial_bf16(mode):
     ref, got = _get("serial", dtype="bf16"), _get(mode, dtype="bf16")
     assert abs(got["loss"] - ref["loss"]) <= BF16_LOSS_TOL, (mode, got["loss"], ref["loss"])
@@ -335,7 +343,7 @@ def _variants_worker(rank, world, jobs):
     from lss_megatron.parallel import comm
     from lss_megatron.parallel.grid import destroy_grid, initialize_grid
     from lss_megatron.training.metrics import SavedBytes
-    from lss_megatron.training.step import forward_backward, step_micro_batches
+    from lss_megatron.training.micro_batches import forward_backward, step_micro_batches
 
     out = []
     for pos, kv_heads, options, recompute in jobs:

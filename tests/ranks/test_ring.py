@@ -1,9 +1,9 @@
-"""`ring_attention` (baselines/ring.py) on N gloo ranks against one-process attention.
+"""`ring_attention` (baselines/ring_attention.py) on N gloo ranks against one-process attention.
 
 Tolerance 1e-5 (fp32 on CPU): the ring's blocks and the float64 reference differ only in fp32
 accumulation order (blocks merged through the log-sum-exp in fp32); errors seen are ~1e-6.
 Traffic: counted by `comm.record()` and independently by wrapping `torch.distributed.isend`, and
-both equal the closed form: forward N-1 K/V shifts, backward N-1 K/V shifts plus N [dK | dV]
+both equal the closed form: forward N-1 K/V shifts, backward N-1 K/V shifts plus N-1 [dK | dV]
 shifts, each a local [K | V] block of (l/N) b 2 h_kv d elements (only the h_kv heads travel).
 """
 
@@ -58,7 +58,7 @@ def _rows(seq: int, rank: int, n: int, layout: str):
 
 
 def _ring_worker(rank, world, cases, runs):
-    from lss_megatron.baselines.ring import ring_attention
+    from lss_megatron.baselines.ring_attention import ring_attention
     from lss_megatron.parallel import comm
 
     results = []
@@ -87,7 +87,7 @@ def _ring_worker(rank, world, cases, runs):
                     "counted": (fwd_log.nbytes("sp"), bwd_log.nbytes("sp")),
                     "calls": (fwd_log.count("isend", "sp"), bwd_log.count("isend", "sp")),
                     "raw": (fwd_raw.sent, bwd_raw.sent, fwd_raw.calls, bwd_raw.calls),
-                    "expected": ((world - 1) * block, (2 * world - 1) * block),
+                    "expected": ((world - 1) * block, 2 * (world - 1) * block),
                     "other": fwd_log.nbytes()
                     + bwd_log.nbytes()
                     - fwd_log.nbytes("sp")
@@ -105,7 +105,7 @@ the blocks run in bf16 and merge in fp32, errors seen are ~5e-3 on O(1) values."
 def _bf16_worker(rank, world):
     """bf16 q, k, v through both kernels: the output is bf16, K/V and [dK | dV] travel in bf16."""
 
-    from lss_megatron.baselines.ring import ring_attention
+    from lss_megatron.baselines.ring_attention import ring_attention
     from lss_megatron.parallel import comm
 
     case = (True, 6, 2, 12, 48, 2)
@@ -125,7 +125,7 @@ def _bf16_worker(rank, world):
                 (g.double() - r[idx]).abs().max().item() for g, r in zip(got, ref, strict=True)
             ),
             "bytes": log.nbytes("sp"),
-            "expected": (3 * world - 2) * 2 * lk.numel() * 2,  # (N-1) + (2N-1) bf16 blocks
+            "expected": 3 * (world - 1) * 2 * lk.numel() * 2,  # 3 (N-1) bf16 [K|V] blocks
         }
     return out
 
@@ -143,7 +143,7 @@ def _check(per_rank, world):
             fwd, bwd = r["expected"]
             assert r["counted"] == (fwd, bwd), f"{tag}: counted {r['counted']} != {(fwd, bwd)}"
             assert r["raw"][:2] == (fwd, bwd), f"{tag}: isend bytes {r['raw'][:2]}"
-            assert r["calls"] == (world - 1, 2 * world - 1) == r["raw"][2:], tag
+            assert r["calls"] == (world - 1, 2 * (world - 1)) == r["raw"][2:], tag
             assert r["other"] == 0, f"{tag}: traffic outside 'sp'"
 
 

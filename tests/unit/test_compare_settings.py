@@ -138,13 +138,13 @@ def test_cpu_kernels_preset_runs_every_mode_under_every_setting():
         }
         want = {
             (m, k, rc)
-            for m in ("serial", "lss", "nvidia-sp", "ulysses")
+            for m in ("serial", "lss", "nvidia-sp", "ulysses", "ring")
             for k in ("flash", "dense")
             for rc in ("none", "selective")
         }
-        assert seen == want and len(plan.runs) == 16, name
+        assert seen == want and len(plan.runs) == 20, name
         assert {r.seq_parallel for r in plan.runs if r.mode != "serial"} == {n}
-        assert len({r.run_id for r in plan.runs}) == 16
+        assert len({r.run_id for r in plan.runs}) == 20
     smoke = presets.make_plan(presets.get_preset("smoke"))
     assert all(
         "attention-kernel" not in r.flags and "recompute" not in r.flags for r in smoke.runs

@@ -25,6 +25,8 @@ def test_equal_ranks_plan_is_every_legal_layout_on_four_ranks():
         ("lss", 2, 2),
         ("nvidia-sp", 2, 2),
         ("ulysses", 2, 2),
+        ("ring", 4, 1),
+        ("ring", 2, 2),
         ("serial", 1, 4),
     }
     assert {r.world_size for r in plan.runs if r.role == "grid"} == {4}
@@ -229,7 +231,9 @@ def test_a_folder_holding_a_table_is_not_overwritten(tmp_path, capsys):
 
 
 def test_main_writes_the_table_the_searches_and_a_figure(tmp_path, monkeypatch):
-    run, _ = _fake_runner({"lss": 1000.0, "nvidia-sp": 2000.0, "ulysses": 2000.0}, base=0)
+    run, _ = _fake_runner(
+        {"lss": 1000.0, "nvidia-sp": 2000.0, "ulysses": 2000.0, "ring": 1000.0}, base=0
+    )
     monkeypatch.setattr(longest, "launch_one", lambda s, length, out, t: run(s, length))
     out = tmp_path / "out"
     argv = ["--ranks", "4", "--budget-mib", "4", "--out", str(out), "--recompute", "none", *MODEL]
@@ -249,7 +253,9 @@ def test_main_writes_the_table_the_searches_and_a_figure(tmp_path, monkeypatch):
 def test_paper_figures_draw_measured_beside_modelled(tmp_path, monkeypatch):
     from analysis import paper_figures
 
-    run, _ = _fake_runner({"lss": 1000.0, "nvidia-sp": 2000.0, "ulysses": 2000.0}, base=0)
+    run, _ = _fake_runner(
+        {"lss": 1000.0, "nvidia-sp": 2000.0, "ulysses": 2000.0, "ring": 1000.0}, base=0
+    )
     monkeypatch.setattr(longest, "launch_one", lambda s, length, out, t: run(s, length))
     lg = tmp_path / "longest"
     assert (

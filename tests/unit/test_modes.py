@@ -30,14 +30,15 @@ SMALL = dict(num_layers=2, hidden_size=64, num_heads=4, seq_length=256, global_b
 
 
 def test_every_mode_declares_itself_under_its_registered_name():
-    assert MODES == ("serial", "lss", "nvidia-sp", "ulysses")
+    assert MODES == ("serial", "lss", "nvidia-sp", "ulysses", "ring")
     for name in COSTED:
         mode = mode_of(name)
         assert mode.name == name and mode.label and mode.colour
     assert len({mode_of(m).colour for m in COSTED}) == len(COSTED)  # one colour per mode
-    assert [get_mode(m).degree_group for m in MODES] == [None, "context", "tensor", "context"]
-    with pytest.raises(ValueError, match="unknown mode 'ring'"):
-        get_mode("ring")  # a cost-model peer until the trainer runs it
+    groups = [None, "context", "tensor", "context", "context"]
+    assert [get_mode(m).degree_group for m in MODES] == groups
+    with pytest.raises(ValueError, match="unknown mode 'rings'"):
+        get_mode("rings")
 
 
 def test_baselines_are_named_by_path_and_loaded_once():
@@ -60,7 +61,7 @@ def test_rules_estimate_and_costs_need_no_torch():
         "from lss_megatron.config import ModelConfig, ParallelConfig, RunConfig\n"
         "from lss_megatron.estimate import estimate\n"
         "from analysis.costmodel import make_config, predict\n"
-        "for mode, n in (('serial', 1), ('lss', 2), ('nvidia-sp', 2), ('ulysses', 2)):\n"
+        "for mode, n in (('serial', 1), ('lss', 2), ('nvidia-sp', 2), ('ulysses', 2), ('ring', 2)):\n"
         "    cfg = RunConfig(parallel=ParallelConfig(mode=mode, world_size=n, seq_parallel=n))\n"
         "    assert estimate(cfg.validate()).total > 0\n"
         "    predict(make_config(mode, n, 1, num_layers=2, hidden_size=64, num_heads=4,\n"
