@@ -53,7 +53,8 @@ from pathlib import Path
 from lss_megatron.resources import prog
 
 from . import outdir, repeats, tables
-from .inputs import InputError, cli, error_line
+from .inputs import InputError, error_line
+from .outdir import cli
 from .presets import REPO, Plan, RunSpec, all_presets, get_preset, make_plan
 from .trainer_config import run_config
 

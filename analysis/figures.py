@@ -705,7 +705,7 @@ def make_figures(
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .inputs import cli
+    from .outdir import cli
 
     return cli("analysis.figures", lambda: _main(argv))
 

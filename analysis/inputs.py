@@ -1,9 +1,8 @@
 """Bad input to the analysis commands: one line, exit 2, never a traceback.
 
 * `InputError`: a missing, empty or malformed file or folder; the message names it.
-* `cli(prog, main)`: run a command's ``main``; an `InputError` becomes ``PROG: error: MESSAGE``
-  on stderr and exit status 2 (an `OSError`, e.g. an output folder that cannot be written, the
-  same line and exit status 1).
+* `outdir.cli(prog, main)` runs a command's ``main`` so that an `InputError` becomes one line
+  and exit 2 (it lives beside the drivers' signal handling, above this module).
 * `read_csv_table(path, required, numeric)`: a CSV as a DataFrame, or an `InputError` saying what
   is wrong with it.
 * `read_json_file(path, what)`: a JSON object, or an `InputError`; `check_run_folder(run, flag)`:
@@ -16,46 +15,12 @@ from __future__ import annotations
 
 import json
 import re
-import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 
 
 class InputError(ValueError):
     """Input an analysis command cannot use; the message names the path and the problem."""
-
-
-def cli(prog: str, main: Callable[[], int]) -> int:
-    """Run `main`: bad input is one line and exit 2; an output that cannot be written one line
-    and exit 1; SIGINT, SIGTERM or SIGHUP stop the driver's running trainer (its process group,
-    waited for: `compare.run_trainer`) and end it with one line and 128 + the signal number."""
-    from .outdir import Interrupted, release, signals
-
-    try:
-        with signals():
-            return main()
-    except InputError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:  # an output that cannot be written: one line too (a failure, exit 1)
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 1
-    except (KeyboardInterrupt, Interrupted) as e:
-        signum = getattr(e, "signum", 2)
-        print(
-            f"{prog}: error: stopped by {signal_name(signum)}; its running trainer was stopped "
-            "and waited for, nothing it started is left running",
-            file=sys.stderr,
-        )
-        return 128 + signum
-    finally:
-        release()
-
-
-def signal_name(signum: int) -> str:
-    import signal
-
-    return signal.Signals(signum).name
 
 
 def read_csv_table(path: Path, required: Iterable[str] = (), numeric: Iterable[str] = ()):

@@ -42,7 +42,8 @@ from lss_megatron.resources import prog
 
 from . import outdir
 from .fitsearch import longest_fitting
-from .inputs import InputError, cli
+from .inputs import InputError
+from .outdir import cli
 
 MiB = 1 << 20
 MODES = ("lss", "nvidia-sp", "ulysses", "ring")

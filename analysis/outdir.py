@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import signal
+import sys
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -200,3 +201,34 @@ def write_file(path: Path, text: str) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def cli(prog: str, main: Callable[[], int]) -> int:
+    """Run `main`: bad input is one line and exit 2; an output that cannot be written one line
+    and exit 1; SIGINT, SIGTERM or SIGHUP stop the driver's running trainer (its process group,
+    waited for: `compare.run_trainer`) and end it with one line and 128 + the signal number."""
+    try:
+        with signals():
+            return main()
+    except InputError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # an output that cannot be written: one line too (a failure, exit 1)
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 1
+    except (KeyboardInterrupt, Interrupted) as e:
+        signum = getattr(e, "signum", 2)
+        print(
+            f"{prog}: error: stopped by {signal_name(signum)}; its running trainer was stopped "
+            "and waited for, nothing it started is left running",
+            file=sys.stderr,
+        )
+        return 128 + signum
+    finally:
+        release()
+
+
+def signal_name(signum: int) -> str:
+    import signal
+
+    return signal.Signals(signum).name

@@ -35,7 +35,8 @@ import pandas as pd
 from lss_megatron.resources import prog
 
 from . import tables
-from .inputs import cli, read_csv_table
+from .inputs import read_csv_table
+from .outdir import cli
 from .plotting import MODE_COLOURS, context, mode_colour, pyplot, save, shade
 
 ASSUMPTIONS = ("paper-2023", "modern")

@@ -12,8 +12,7 @@ from pathlib import Path
 from lss_megatron.resources import prog
 
 from ..costmodel.calibrated import default_path
-from ..inputs import cli
-from ..outdir import check_output_file, write_file
+from ..outdir import check_output_file, cli, write_file
 from . import calibrate
 
 PROG = prog("python -m analysis.calibrate")

@@ -26,8 +26,7 @@ from .. import outdir
 from ..compare import run_trainer, torchrun_command
 from ..costmodel import compare_run, find_device_file, load_device_file, predict
 from ..costmodel.calibrated import DATA_DIR
-from ..inputs import cli
-from ..outdir import check_output_file, write_file
+from ..outdir import check_output_file, cli, write_file
 from ..presets import get_preset, make_plan
 
 SHAPES = [  # (mode, N, D, layers, hidden, heads, kv heads, ffn, l, kernel[, recompute, zero])
