@@ -20,7 +20,7 @@ CLI_BAD = [
     (4, ["--seq-parallel", "2", "--global-batch-size", "3"], ["--global-batch-size 3"]),
     (2, ["--mode", "serial", "--seq-parallel", "2"], ["--mode serial"]),
     (1, ["--no-such-flag", "7"], ["unrecognized arguments: --no-such-flag"]),
-    (1, ["--mode", "ring"], ["invalid choice: 'ring'"]),
+    (1, ["--mode", "rings"], ["invalid choice: 'rings'"]),
     (2, ["--data", "enwik8", "--data-path", "/no/such/enwik8.zip"], ["/no/such/enwik8.zip"]),
     (2, ["--mode", "nvidia-sp", "--seq-parallel", "1"], ["needs --seq-parallel N >= 2"]),
     (
