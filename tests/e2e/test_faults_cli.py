@@ -227,6 +227,7 @@ def test_compare_keeps_a_failed_runs_own_error_line(tmp_path, monkeypatch):
     assert "ChildFailedError" not in got["error"] and len(got["error"]) < 600
 
 
+@pytest.mark.slow  # over ~10 s: the fast tier stays under 5 min
 def test_config_files_that_are_not_presets_on_the_command_line(tmp_path):
     """As a user types it: a FIFO (reading it would block forever) and an alias bomb as
     --config are one line each, exit 2, in seconds, nothing created."""

@@ -141,6 +141,7 @@ def _check_world(runs, world):
             _check(runs["ref"][(r["layout"][2], r["layout"][5])], r)
 
 
+@pytest.mark.slow  # over ~10 s: the fast tier stays under 5 min
 @pytest.mark.timeout(400)
 def test_ring_model_n2_matches_one_process(runs):
     """N = 2: contiguous and zigzag, learned and RoPE, flash and dense, causal and not."""

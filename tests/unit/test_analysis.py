@@ -622,6 +622,7 @@ def test_equal_ranks_preset():
         )
 
 
+@pytest.mark.slow  # over ~10 s: the fast tier stays under 5 min
 def test_every_preset_file_loads_and_plans():
     """The presets are the YAML files of launch/presets/compare/, one per preset, read strictly;
     each plans at least one run and every grid point has its serial reference."""

@@ -44,6 +44,7 @@ def _numbers(x, where="record"):
             yield from _numbers(v, f"{where}[{i}]")
 
 
+@pytest.mark.slow  # over ~10 s: the fast tier stays under 5 min
 def test_quick_calibration_writes_a_valid_device_file(tmp_path):
     out = tmp_path / "dev.json"
     t0 = time.perf_counter()

@@ -215,6 +215,7 @@ def _launches(log) -> int:
     return len(log.read_text().splitlines())
 
 
+@pytest.mark.slow  # over ~10 s: the fast tier stays under 5 min
 def test_compare_owns_its_out(tmp_path, capsys, fake_launches):
     """A second comparison into one --out is refused (one line, no byte changed); --resume runs
     nothing already complete; --overwrite deletes exactly what outputs.json lists (a file and a

@@ -250,6 +250,7 @@ def test_main_writes_the_table_the_searches_and_a_figure(tmp_path, monkeypatch):
 
 
 # --- analysis.paper_figures ---------------------------------------------------------------------
+@pytest.mark.slow  # over ~10 s: the fast tier stays under 5 min
 def test_paper_figures_draw_measured_beside_modelled(tmp_path, monkeypatch):
     from analysis import paper_figures
 

@@ -52,6 +52,7 @@ def _cli(*args):
     return run_cmd([sys.executable, "-m", "lss_megatron.data.make_indexed", *args], timeout=120)
 
 
+@pytest.mark.slow  # over ~10 s: the fast tier stays under 5 min
 def test_converter_refuses_in_one_line(tmp_path):
     src = tmp_path / "d.jsonl"
     src.write_text('{"text": "a"}\n{"body": "b"}\n')
