@@ -72,7 +72,7 @@ def _worker(rank, world, cases):
 
 
 @pytest.mark.timeout(200)
-@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("world", [2, pytest.param(4, marks=pytest.mark.slow)])  # 4: slow tier
 def test_chunked_gathers_are_exact_with_the_same_bytes(world):
     case = (True, 8, 4, 8, 32, 2)  # causal, GQA h=8 over h_kv=4, d=8, l=32, b=2
     cases = [

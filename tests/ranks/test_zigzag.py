@@ -51,7 +51,7 @@ def _operator_worker(rank, world, cases):
 
 
 @pytest.mark.timeout(200)
-@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("world", [2, pytest.param(4, marks=pytest.mark.slow)])  # 4: slow tier
 def test_zigzag_operator_matches_full_attention(world):
     cases = [(True, 4, 2, 12, 32, 2), (False, 4, 4, 8, 16, 1), (True, 4, 1, 16, 16, 2)]
     for rank, results in enumerate(run_ranks(_operator_worker, world, cases, timeout=150)):
@@ -115,6 +115,7 @@ def _model_worker(rank, world, layouts):
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.slow  # ~23 s; zigzag keeps its fast operator check (N = 2)
 def test_zigzag_model_matches_one_process():
     serial = [(1, p, "serial", "contiguous") for p in ("learned", "rope")]
     serial.append((1, "learned", "serial", "contiguous", "gathered", 4))  # MHA
