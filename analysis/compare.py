@@ -38,6 +38,7 @@ bad command line.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -55,7 +56,7 @@ from lss_megatron.resources import prog
 from . import outdir, repeats, tables
 from .inputs import InputError, error_line
 from .outdir import cli
-from .presets import REPO, Plan, RunSpec, all_presets, get_preset, make_plan
+from .presets import REPO, Plan, Preset, RunSpec, all_presets, get_preset, make_plan
 from .trainer_config import run_config
 
 STDERR_TAIL = 2000
@@ -380,6 +381,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help="override the preset's per-run timeout (seconds)",
     )
+    for key, what in SELECTING.items():
+        p.add_argument(
+            f"--{key}",
+            type=_names,
+            default=None,
+            metavar="A,B,...",
+            help=f"run these {what} instead of the preset's (comma-separated; the model, data, "
+            "recipe and precision stay the preset's; plan.json and the summary record it)",
+        )
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     p.add_argument(
         "--overwrite",
@@ -402,6 +412,45 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             f"--timeout must be in [{MIN_TIMEOUT_S:g}, {MAX_TIMEOUT_S:g}] seconds, got {args.timeout}"
         )
     return args
+
+
+SELECTING = {
+    "modes": "variant labels (analysis.presets.VARIANTS)",
+    "kernels": "attention kernels",
+    "recomputes": "recompute settings",
+}
+"""The preset fields a command line may set: which schemes and settings run, never the model,
+data, recipe or precision, so every ratio the table forms stays between like runs."""
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(x.strip() for x in text.split(",") if x.strip()))
+
+
+def select(preset: Preset, args: argparse.Namespace) -> Preset:
+    """`preset` with the ``--modes`` / ``--kernels`` / ``--recomputes`` given in place of its
+    own (the model, recipe, lengths and degrees stay the preset's). The summary, plan.json and
+    every figure title then name the selection."""
+    from lss_megatron.config import ATTENTION_KERNELS, RECOMPUTE
+
+    from .presets import VARIANTS
+
+    known = {"modes": tuple(VARIANTS), "kernels": ATTENTION_KERNELS, "recomputes": RECOMPUTE}
+    changes = {}
+    for key in SELECTING:
+        wanted = getattr(args, key, None)
+        if wanted is None:
+            continue
+        bad = [x for x in wanted if x not in known[key]] or ([] if wanted else ["(empty)"])
+        if bad:
+            raise InputError(
+                f"--{key} {', '.join(bad)}: expected a comma-separated list of {', '.join(known[key])}"
+            )
+        changes[key] = wanted
+    if not changes:
+        return preset
+    said = "; ".join(f"{k} {','.join(v)}" for k, v in changes.items())
+    return dataclasses.replace(preset, summary=f"{preset.summary} [selected: {said}]", **changes)
 
 
 MAX_REPEATS = 1000
@@ -458,7 +507,7 @@ def _main(argv: list[str] | None) -> int:
     if args.list:
         _list_presets()
         return 0
-    preset = get_preset(args.preset)
+    preset = select(get_preset(args.preset), args)
     out = Path(args.out or f"runs/compare-{preset.name}").resolve()
     seed = args.seed if args.seed is not None else _recorded_seed(out, args.collect)
     plan = make_plan(preset, args.repeats, seed)

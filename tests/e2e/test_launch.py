@@ -130,6 +130,7 @@ def test_deepspeed_matches_torchrun(tmp_path):
 
 
 @pytest.mark.timeout(150)
+@pytest.mark.slow  # ~11 s: a 2-rank trainer launch; presets still load and validate in unit tests
 def test_tiny_preset_runs_with_override(tmp_path):
     """launch/torchrun.sh runs tiny-cpu.yaml through --config; `--steps 2` on the command line
     overrides the preset's steps (config.json says 2, metrics has 2 steps), the rest comes from

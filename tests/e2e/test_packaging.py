@@ -105,6 +105,7 @@ def test_wheel_contents(wheel):
 
 
 @pytest.mark.timeout(600)
+@pytest.mark.slow  # ~22 s: a pip install into a fresh folder and a trainer run there
 def test_installed_wheel_runs_outside_the_checkout(wheel, tmp_path):
     site = tmp_path / "site"
     res = subprocess.run(

@@ -36,6 +36,7 @@ def _events(folder: Path):
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.slow  # ~9 s: a trainer launch
 def test_tensorboard_events_equal_metrics_and_log_lines(tmp_path):
     """2-rank LSS run: the event file's scalars are metrics.jsonl's; one iteration line per step
     (--log-interval 1) and a validation line at steps 2 and 4; the output folder named at the

@@ -93,6 +93,7 @@ def test_chunked_gathers_are_exact_with_the_same_bytes(world):
 
 
 @pytest.mark.timeout(240)
+@pytest.mark.slow  # ~13 s; the exactness and bytes of chunked gathers stay in the fast tier
 def test_chunked_gathers_lower_the_peak_memory():
     from analysis.kv_chunks_memory import measure
 

@@ -175,6 +175,7 @@ def _flops_worker(rank, world):
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.slow  # ~7 s; unit/test_costmodel checks the FLOP formula the counter uses
 def test_attention_flops_count_each_training_forward_once():
     """Rank 1 of N = 2, causal, l = 16, b = 1, h d = 32, 2 layers: 4 h d x pairs per layer,
     pairs = 8 x 8 + 8 x 9 / 2 = 100 (analytic); evaluation adds nothing, recompute adds nothing."""

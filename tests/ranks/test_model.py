@@ -88,7 +88,19 @@ def parallel_runs():
     return _Runs()
 
 
-LAYOUTS = [(n, d, p) for n, d in ((2, 1), (4, 1), (2, 2)) for p in ("learned", "rope")]
+def tiered(layouts, unpack=True):
+    """The 4-rank layouts (one 4-rank spawn, ~24 s idle) in the slow tier; every mode and option
+    keeps its 2-rank check in the fast tier."""
+    slow = pytest.mark.slow
+    return [
+        (pytest.param(*x, marks=slow) if unpack else pytest.param(x, marks=slow))
+        if x[0] * x[1] == 4
+        else x
+        for x in layouts
+    ]
+
+
+LAYOUTS = tiered([(n, d, p) for n, d in ((2, 1), (4, 1), (2, 2)) for p in ("learned", "rope")])
 
 
 @pytest.mark.timeout(400)
@@ -109,7 +121,9 @@ def test_noncausal_with_small_gradient_buckets(reference, parallel_runs):
 
 
 @pytest.mark.timeout(400)
-@pytest.mark.parametrize("layout", KV_VARIANTS, ids=lambda x: f"N{x[0]}D{x[1]}-{x[2]}")
+@pytest.mark.parametrize(
+    "layout", tiered(KV_VARIANTS, unpack=False), ids=lambda x: f"N{x[0]}D{x[1]}-{x[2]}"
+)
 def test_lss_kv_variants_match_one_process(reference, parallel_runs, layout):
     """--lss-save-kv local (with --kv-gather-chunks 2 and --lss-overlap, with --lss-overlap, with
     D = 2 and separate K/V gathers) and --lss-overlap alone: the same loss, gradients and token
@@ -118,7 +132,7 @@ def test_lss_kv_variants_match_one_process(reference, parallel_runs, layout):
     check_model(reference[(pos, True)], parallel_runs[layout], n, d, pos)
 
 
-NVIDIA_SP_LAYOUTS = [(2, 1, "rope"), (4, 1, "learned"), (2, 2, "rope")]
+NVIDIA_SP_LAYOUTS = tiered([(2, 1, "rope"), (4, 1, "learned"), (2, 2, "rope")])
 
 
 @pytest.mark.timeout(400)

@@ -91,6 +91,7 @@ def _serial_load_worker(rank, world, directory):
 
 
 @pytest.mark.timeout(200)
+@pytest.mark.slow  # ~14 s; the fast tier keeps unit/test_sharded_checkpoint and e2e keep_last
 def test_two_ranks_write_their_own_files_and_reshard_to_serial(tmp_path):
     import torch
 
@@ -158,6 +159,7 @@ def _version_1_worker(rank, world, directory):
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.slow  # ~7 s
 def test_version_1_checkpoints_still_load(tmp_path):
     r = run_ranks(_version_1_worker, 1, tmp_path / "ck", timeout=90)[0]
     assert r == {"step": 2, "same": True}

@@ -91,14 +91,20 @@ def runs(tmp_path_factory):
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("n,d,pos", [layout[:3] for layout in LAYOUTS2 + LAYOUTS4])
+@pytest.mark.parametrize(
+    "n,d,pos",
+    [x[:3] for x in LAYOUTS2]
+    + [pytest.param(*x[:3], marks=pytest.mark.slow) for x in LAYOUTS4],  # one 4-rank spawn: ~19 s
+)
 def test_ulysses_model_matches_one_process(runs, n, d, pos):
     """Loss, per-token losses and every gradient (position slices included) within 1e-5."""
     check_model(runs["ref"][pos], runs[(n, d, pos)], n, d, pos)
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("n,d", [(2, 1), (4, 1), (2, 2)])
+@pytest.mark.parametrize(
+    "n,d", [(2, 1), *(pytest.param(*x, marks=pytest.mark.slow) for x in ((4, 1), (2, 2)))]
+)
 def test_ulysses_all_to_all_traffic(runs, n, d):
     """4 all-to-alls per layer forward and 4 backward per micro-batch, on the sequence group,
     (N-1)/N of the local q, k, v and output tensors; no other activation traffic; no JIT build."""

@@ -149,3 +149,26 @@ def test_cpu_kernels_preset_runs_every_mode_under_every_setting():
     assert all(
         "attention-kernel" not in r.flags and "recompute" not in r.flags for r in smoke.runs
     )  # flash, no recompute: the trainer's defaults
+
+
+def test_modes_kernels_recomputes_select_runs_of_the_same_preset(capsys):
+    """`--modes/--kernels/--recomputes` pick which schemes and settings run; the model and recipe
+    stay the preset's (so the ratios stay like for like) and the summary names the selection."""
+    from analysis import compare
+
+    args = compare.parse_args(
+        ["--preset", "cpu-kernels", "--modes", "lss,lss-local,ring", "--kernels", "flash"]
+    )
+    base = presets.get_preset("cpu-kernels")
+    chosen = compare.select(base, args)
+    assert chosen.modes == ("lss", "lss-local", "ring")
+    assert chosen.kernels == ("flash",) and chosen.recomputes == base.recomputes
+    assert chosen.model == base.model and chosen.train == base.train
+    assert "[selected: modes lss,lss-local,ring; kernels flash]" in chosen.summary
+    plan = presets.make_plan(chosen, repeats=1)
+    labels = {r.label for r in plan.runs}
+    assert labels == {"serial", "lss", "lss-local", "ring"}  # serial: the efficiency reference
+    assert {r.flags.get("attention-kernel", "flash") for r in plan.runs} == {"flash"}
+    for bad, word in (["--modes", "lss,rings"], "rings"), (["--kernels", ","], "(empty)"):
+        with pytest.raises(compare.InputError, match=word.replace("(", r"\(").replace(")", r"\)")):
+            compare.select(base, compare.parse_args(["--preset", "cpu-kernels", *bad]))
