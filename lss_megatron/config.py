@@ -529,10 +529,18 @@ class TrainConfig:
         "plain runs (docs/zero.md)",
         choices=ZERO_STAGES,
     )
+    deepspeed: bool = _opt(
+        False,
+        "DeepSpeed's switch: the optimizer step runs under deepspeed.initialize (ZeRO stage 1 or "
+        "2, from --deepspeed_config's zero_optimization.stage or --zero-stage; docs/zero.md)",
+    )
     deepspeed_config: str | None = _opt(
         None,
-        "with --zero-stage 1|2: a DeepSpeed config (JSON) merged over the trainer's ZeRO "
-        "defaults (zero_config.py; the effective one is in config.json)",
+        "a DeepSpeed config (JSON), read as DeepSpeed reads it: its batch keys are sequences "
+        "per step over the data ranks (the sequence group is not counted), its ZeRO stage, "
+        "gradient_clipping, optimizer (Adam/AdamW/SGD) and bf16 set the matching options; "
+        "sections the trainer cannot run exactly are refused; the rest is merged over the "
+        "trainer's ZeRO defaults (docs/zero.md; the effective one is in config.json)",
         metavar="FILE.json",
         aliases=("--deepspeed_config",),
     )
@@ -568,10 +576,16 @@ class TrainConfig:
 
     def _zero_problems(self) -> list[str]:
         if self.zero_stage == 0:
-            if self.deepspeed_config:
+            if self.deepspeed_config or self.deepspeed:
+                flag = (
+                    f"--deepspeed-config {self.deepspeed_config}"
+                    if self.deepspeed_config
+                    else "--deepspeed"
+                )
                 return [
-                    f"--deepspeed-config {self.deepspeed_config} needs --zero-stage 1 or 2 "
-                    "(DeepSpeed runs only the ZeRO optimizer step here)"
+                    f"{flag} needs ZeRO stage 1 or 2 (zero_optimization.stage in the DeepSpeed "
+                    "config, or --zero-stage): DeepSpeed runs only the ZeRO optimizer step here, "
+                    "and stage 0 is the plain trainer's step (drop the DeepSpeed flags)"
                 ]
             return []
         if self.zero_stage not in ZERO_STAGES:
@@ -843,24 +857,29 @@ class RunConfig:
         return p
 
     def _deepspeed_file_problems(self, batch_known: bool) -> list[str]:
-        """`zero_config.file_problems` with the values this run gives DeepSpeed (the batch keys
-        only when the layout and batch are valid). DeepSpeed's data ranks are Megatron's
-        data-parallel group with the context-parallel ranks: P over the tensor-parallel size,
-        as training/zero.py's MegatronMPU says."""
+        """`zero_config.file_problems`: the file against this run's options (the batch only when
+        the layout and batch are valid). DeepSpeed's data ranks are the D data replicas: the
+        sequence group is given to DeepSpeed as its sequence-parallel group, not as data ranks
+        (training/zero.py's MegatronMPU)."""
         from .zero_config import file_problems
 
         par, t = self.parallel, self.train
-        expected: dict = {"gradient_clipping": t.clip_grad, "zero_optimization.stage": t.zero_stage}
+        run: dict = {
+            "clip_grad": t.clip_grad,
+            "zero_stage": t.zero_stage,
+            "dtype": t.dtype,
+            "optimizer": t.optimizer,
+            "lr": t.lr,
+            "weight_decay": t.weight_decay,
+        }
         if batch_known:
-            ranks = par.world_size // par.tensor_parallel_size
-            expected.update(
-                {
-                    "train_micro_batch_size_per_gpu": self.micro_batch,
-                    "gradient_accumulation_steps": self.num_micro_batches,
-                    "train_batch_size": self.micro_batch * self.num_micro_batches * ranks,
-                }
-            )
-        return file_problems(t.deepspeed_config, expected)
+            run.update(global_batch_size=t.global_batch_size, micro_batch_size=self.micro_batch)
+        return file_problems(
+            t.deepspeed_config,
+            run,
+            data_ranks=max(par.dp, 1),
+            seq_ranks=par.context_parallel_size if find_mode(par.mode) else 1,
+        )
 
     def to_dict(self) -> dict:
         """The effective configuration, with every derived value filled in."""

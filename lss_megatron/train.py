@@ -33,7 +33,7 @@ from .lifeline import install as install_lifeline
 from .log import setup_logging
 from .megatron_args import add_to as add_megatron_flags
 from .megatron_args import resolve as resolve_megatron_flags
-from .modes import MODES, get_mode
+from .modes import MODES, find_mode, get_mode
 from .resources import find_preset, preset_names, prog
 from .resume import resume_problems
 from .runs import default_out, plan
@@ -238,11 +238,32 @@ def config_from_args(args: argparse.Namespace, world_size: int) -> RunConfig:
         parallel["seq_parallel"] = (
             1 if _without_degree(parallel["mode"]) else (world_size // t if whole else world_size)
         )
+    par = ParallelConfig(world_size=world_size, **parallel)
+    if train["deepspeed_config"]:
+        _adopt_deepspeed_config(train, par)
     return RunConfig(
-        model=ModelConfig(**values[ModelConfig]),
-        parallel=ParallelConfig(world_size=world_size, **parallel),
-        train=TrainConfig(**values[TrainConfig]),
+        model=ModelConfig(**values[ModelConfig]), parallel=par, train=TrainConfig(**train)
     )
+
+
+def _adopt_deepspeed_config(train: dict, par: ParallelConfig) -> None:
+    """The DeepSpeed config's batch keys, ZeRO stage, clipping, optimizer and bf16 become the
+    run's options where the flags left them at their defaults (zero_config.adopt: DeepSpeed's
+    meaning, D data ranks, the sequence group not counted). Raises `ConfigError`, one line per
+    problem, before any process group."""
+    from .zero_config import adopt
+
+    field_defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    mode = find_mode(par.mode)
+    problems = adopt(
+        train["deepspeed_config"],
+        train,
+        field_defaults,
+        data_ranks=max(par.dp, 1),
+        seq_ranks=mode.context_parallel(par.seq_parallel) if mode else 1,
+    )
+    if problems:
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
 
 
 def config_from_argv(argv: list[str], world_size: int) -> RunConfig:

@@ -2,10 +2,13 @@
 
 ``--zero-stage {1,2}`` runs the same Megatron model, data and loss as the plain trainer, but the
 optimizer step belongs to DeepSpeed: optimizer state (stage 1) and also gradients (stage 2) are
-partitioned over DeepSpeed's data-parallel group, which here is Megatron's data-parallel group
-*with* the context-parallel (sequence) ranks (`grid.grad_group`): all P = N x D ranks in LSS,
-Ulysses and serial, the D data replicas in nvidia-sp (whose tensor-parallel group is DeepSpeed's
-model-parallel group). How it keeps the plain trainer's semantics:
+partitioned over DeepSpeed's sequence x data-parallel group, which here is Megatron's
+data-parallel group *with* the context-parallel (sequence) ranks (`grid.grad_group`): all
+P = N x D ranks in LSS, Ulysses and serial, the D data replicas in nvidia-sp (whose
+tensor-parallel group is DeepSpeed's model-parallel group). DeepSpeed is told the sequence group
+as its sequence-parallel group and the D replicas as its data-parallel group (`MegatronMPU`, the
+protocol of Megatron-DeepSpeed's Ulysses), so its batch keys count sequences over D. How it keeps
+the plain trainer's semantics:
 
 * **Positions.** The LSS position slices are different parameters on different sequence ranks,
   so DeepSpeed must not average or partition them as one tensor. Under ZeRO the learned position
@@ -18,11 +21,13 @@ model-parallel group). How it keeps the plain trainer's semantics:
   parameters (nvidia-sp LayerNorms) are first summed over the tensor-parallel group by a gradient
   hook (what `lss.grad_sync.GradientAverager` does for the plain trainer).
 * **Micro-batches.** Each micro-batch loss is already divided by the step's local token count
-  (`step.forward_backward`), so `engine.backward(loss, scale_wrt_gas=False)` and DeepSpeed's
-  ``managed_gradient_accumulation = false``: backward only accumulates, and the single
-  `engine.step()` per optimizer step reduces (stage 1) or finalises the reduced partitions
-  (stage 2) and updates. ``train_batch_size = micro x accumulation x P`` (DeepSpeed counts the
-  sequence ranks as data ranks).
+  (`micro_batches.forward_backward`), so `engine.backward(loss / N, scale_wrt_gas=False)` and
+  DeepSpeed's ``managed_gradient_accumulation = false``: backward only accumulates, and the
+  single `engine.step()` per optimizer step reduces (stage 1) or finalises the reduced
+  partitions (stage 2) and updates. DeepSpeed divides the gradient sum over the N x D ranks by
+  D (its data ranks), so each rank back-propagates its share of the sequence's loss, the local
+  mean over N: the result is the mean over P, the plain trainer's. ``train_batch_size = micro x
+  accumulation x D``: sequences per step, as DeepSpeed users read it.
 * **Clipping, norm, lr.** ``gradient_clipping = --clip-grad``; DeepSpeed's norm over its
   partitions (each element once) is the global norm, logged as ``grad_norm``; its clip factor
   is the trainer's, ``clip / (norm + 1e-6)`` when ``norm + 1e-6 > clip``. The learning rate is
@@ -66,7 +71,7 @@ from ..lss.positions import SegmentPositionEmbedding
 from ..parallel import comm
 from ..parallel.grid import Grid
 from ..parallel.params import full_shape, grad_is_tp_partial, local_pieces, to_full
-from ..zero_config import defaults, merge, overlap_comm_default, read_file
+from ..zero_config import defaults, for_deepspeed, merge, overlap_comm_default, read_file
 from .checkpoint import check_parameters, check_shape, optimizer_keys
 from .metrics import unique_storage_bytes
 from .micro_batches import forward_backward
@@ -79,9 +84,19 @@ BUCKET_BYTES = 25 * 1024 * 1024
 
 
 class MegatronMPU:
-    """DeepSpeed's ``mpu`` protocol over this run's grid: model parallel = Megatron's tensor
-    parallel group; data parallel = the gradient group (data-parallel with context-parallel), so
-    the sequence ranks, which see different tokens of replicated weights, are data ranks."""
+    """DeepSpeed's ``mpu`` protocol over this run's grid, with the sequence group given as such
+    (the protocol Megatron-DeepSpeed's Ulysses uses; deepspeed/utils/groups.py):
+
+    * model parallel: Megatron's tensor-parallel group (nvidia-sp's degree N);
+    * data parallel: Megatron's data-parallel group, the D replicas. DeepSpeedConfig counts these
+      as its world size, so ``train_batch_size = micro x accumulation x D`` sequences per step;
+    * sequence parallel: Megatron's context-parallel group, the N sequence ranks (LSS, Ulysses,
+      ring; 1 for nvidia-sp and serial);
+    * sequence x data parallel: the gradient group (data-parallel with context-parallel), N x D
+      ranks. ZeRO partitions and reduces over it and divides the sum by D = (N x D) / N: each
+      sequence rank is expected to back-propagate its share of the sequence's loss (local token
+      sum over the tokens of the whole sequence), so `ZeroEngine` scales its local mean by 1/N.
+    """
 
     def __init__(self, grid: Grid):
         self.grid = grid
@@ -103,12 +118,30 @@ class MegatronMPU:
         return dist.get_global_rank(self.grid.tp_group, 0)
 
     def get_data_parallel_group(self):
-        return self.grid.grad_group
+        return self.grid.data_group
 
     def get_data_parallel_rank(self) -> int:
-        return dist.get_rank(self.grid.grad_group)
+        return self.grid.data_rank
 
     def get_data_parallel_world_size(self) -> int:
+        return self.grid.data_size
+
+    def get_sequence_parallel_group(self):
+        return self.grid.seq_group
+
+    def get_sequence_parallel_rank(self) -> int:
+        return self.grid.seq_rank
+
+    def get_sequence_parallel_world_size(self) -> int:
+        return self.grid.seq_size
+
+    def get_sequence_data_parallel_group(self):
+        return self.grid.grad_group
+
+    def get_sequence_data_parallel_rank(self) -> int:
+        return dist.get_rank(self.grid.grad_group)
+
+    def get_sequence_data_parallel_world_size(self) -> int:
         return dist.get_world_size(self.grid.grad_group)
 
     def get_pipeline_model_parallel_world_size(self) -> int:
@@ -216,11 +249,12 @@ class ZeroEngine(Stepper):
                 args=deepspeed_args(params[0].device),
                 model=model,
                 optimizer=client,
-                config=config,
+                config=for_deepspeed(config),
                 mpu=mpu,
                 dist_init_required=False,
             )
         self.model = model
+        self.loss_share = 1.0 / grid.seq_size
         self.grad_bytes = 0
         self.bucket_bytes = self.bucket_elements * elem
 
@@ -232,6 +266,9 @@ class ZeroEngine(Stepper):
             "stage": self.stage,
             "optimizer": type(self.optimizer).__name__,
             "data_parallel_size": self.engine.dp_world_size,
+            "sequence_parallel_size": self.engine.sequence_parallel_size,
+            "sequence_data_parallel_size": self.engine.seq_dp_world_size,
+            "train_batch_size": self.engine.train_batch_size(),
             "replicated_position_table": self.replicated_positions,
             "bucket_elements": self.bucket_elements,
             "overlap_comm": bool(self.config["zero_optimization"]["overlap_comm"]),
@@ -255,7 +292,9 @@ class ZeroEngine(Stepper):
         return total
 
     def _backward(self, loss: torch.Tensor) -> None:
-        self.engine.backward(loss, scale_wrt_gas=False)
+        # DeepSpeed divides the sum over the N x D ranks by D (MegatronMPU): this rank's share
+        # of its sequence's loss is its local mean over N
+        self.engine.backward(loss * self.loss_share, scale_wrt_gas=False)
 
     def _held_grad_bytes(self) -> int:
         """Gradient bytes this rank holds between backward and the step: `.grad` of parameters

@@ -86,8 +86,13 @@ def test_lss_zero_matches_plain(plain, tmp_path, stage):
     rows = train(tmp_path / "zero", [*LSS, "--zero-stage", str(stage)])
     assert_same_training(rows, plain, f"LSS ZeRO-{stage}")
     config = json.loads((tmp_path / "zero" / "config.json").read_text())
-    assert config["runtime"]["zero"]["data_parallel_size"] == P  # the sequence ranks included
-    assert config["runtime"]["zero"]["replicated_position_table"]
+    zero = config["runtime"]["zero"]
+    # DeepSpeed is told the sequence group as such (MegatronMPU): D = 2 data ranks, N = 2
+    # sequence ranks, ZeRO over the N x D = P ranks; its batch is the 8 sequences per step
+    assert zero["data_parallel_size"] == 2 and zero["sequence_parallel_size"] == 2
+    assert zero["sequence_data_parallel_size"] == P and zero["train_batch_size"] == 8
+    assert zero["ds_config"]["train_batch_size"] == 8
+    assert zero["replicated_position_table"]
 
     z, ref = rows[-1], plain[-1]
     assert z["zero_stage"] == stage
