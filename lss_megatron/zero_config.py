@@ -205,9 +205,11 @@ def batch_settings(path: str, user: dict, data_ranks: int) -> tuple[dict, list[s
             )
         out = {"global_batch_size": ("train_batch_size", tb)}
     elif mb is not None:
-        total = mb * (ga or 1) * d
-        out = {"global_batch_size": ("train_micro_batch_size_per_gpu", total)}
-        out["micro_batch_size"] = ("train_micro_batch_size_per_gpu", mb)
+        out = {"micro_batch_size": ("train_micro_batch_size_per_gpu", mb)}
+        if ga is not None or AUTO not in (user.get(BATCH_KEYS[0]), user.get(BATCH_KEYS[2])):
+            # DeepSpeed: accumulation 1 unless given (an "auto" key is the trainer's to fill)
+            total = mb * (ga or 1) * d
+            out["global_batch_size"] = ("train_micro_batch_size_per_gpu", total)
     elif ga is not None:
         p.append(
             f"--deepspeed-config {path}: gradient_accumulation_steps {ga} alone does not set a "

@@ -1,6 +1,7 @@
-"""`--deepspeed-config FILE` end to end: bad files refused at validation (exit 2, before any
-process group), and a ZeRO-2 LSS run with a file (overlap_comm forced on, a smaller reduce
-bucket) against the same run without one: bucketing and overlap change only when gradients are
+"""`--deepspeed --deepspeed_config FILE` (DeepSpeed's spelling) end to end: bad files refused at
+validation (exit 2, before any process group), and a ZeRO-2 LSS run whose stage and batch come
+from the file (overlap_comm forced on, a smaller reduce bucket) against the same run by
+--zero-stage 2 without a file: bucketing and overlap change only when gradients are
 reduced, not the sums, so the losses agree within 1e-5 (fp32; seen bitwise equal). The effective
 config and the overlap_comm reason are in config.json."""
 
@@ -28,7 +29,8 @@ def _file(tmp_path: Path, content) -> str:
 @pytest.mark.parametrize(
     "args,fragment",
     [
-        (["--deepspeed-config", "{file}"], "needs --zero-stage 1 or 2"),
+        (["--deepspeed-config", "{file}"], "needs ZeRO stage 1 or 2"),
+        (["--deepspeed", "--deepspeed_config", "{file}"], "needs ZeRO stage 1 or 2"),
         (
             [
                 "--zero-stage",
@@ -40,7 +42,8 @@ def _file(tmp_path: Path, content) -> str:
                 "--micro-batch-size",
                 "2",
             ],
-            "train_micro_batch_size_per_gpu 1 disagrees with the run's 2",
+            "train_micro_batch_size_per_gpu gives --micro-batch-size 1, but --micro-batch-size 2 "
+            "was set",
         ),
     ],
 )
@@ -68,8 +71,6 @@ def test_zero_run_with_a_deepspeed_config(tmp_path):
         "--mode",
         "lss",
         "--seq-parallel",
-        "2",
-        "--zero-stage",
         "2",
         "--num-layers",
         "2",
@@ -101,14 +102,19 @@ def test_zero_run_with_a_deepspeed_config(tmp_path):
     path = _file(
         tmp_path,
         {
-            "train_batch_size": "auto",
+            "train_batch_size": 4,
+            "train_micro_batch_size_per_gpu": 1,
             "gradient_accumulation_steps": 4,
             "zero_optimization": {"stage": 2, "overlap_comm": True, "reduce_bucket_size": 5000},
             "steps_per_print": 1000,
         },
     )
     runs = {}
-    for name, extra in (("default", []), ("file", ["--deepspeed-config", path])):
+    # DeepSpeed's spelling: the stage and the batch come from the file
+    for name, extra in (
+        ("default", ["--zero-stage", "2"]),
+        ("file", ["--deepspeed", "--deepspeed_config", path]),
+    ):
         out = tmp_path / name
         res = torchrun_train(2, [*common, *extra, "--out", str(out)], timeout=300)
         assert res.returncode == 0, res.stderr[-3000:]
@@ -125,6 +131,9 @@ def test_zero_run_with_a_deepspeed_config(tmp_path):
     )
     zo = z1["ds_config"]["zero_optimization"]
     assert zo["reduce_bucket_size"] == 5000 and zo["contiguous_gradients"] is True  # merged
-    # auto: micro 1 x 4 micro-batches x 2 DeepSpeed data ranks (the sequence ranks count)
-    assert z1["ds_config"]["train_batch_size"] == 8 and z1["ds_config"]["steps_per_print"] == 1000
+    # micro 1 x 4 micro-batches x D = 1 data rank: the 4 sequences per step (the N = 2
+    # sequence ranks are DeepSpeed's sequence-parallel group, not data ranks)
+    assert z1["ds_config"]["train_batch_size"] == 4 and z1["ds_config"]["steps_per_print"] == 1000
+    assert (z1["data_parallel_size"], z1["sequence_parallel_size"]) == (1, 2)
+    assert z1["train_batch_size"] == 4 and file_cfg["train"]["zero_stage"] == 2
     assert z1["bucket_elements"] == 5000 and filed[-1]["zero_bucket_bytes"] == 5000 * 4
