@@ -100,20 +100,30 @@ def _finish(ax, xlabel: str, ylabel: str, title: str, log_x: bool = False) -> No
         ax.legend(fontsize=7)
 
 
+DEGREE_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "h")
+"""Markers of the degrees (or P) in one panel, in increasing order: the colour names the mode,
+the marker its degree, so two degrees of one mode never look alike."""
+
+
+def degree_markers(values) -> dict:
+    """A marker per distinct value (increasing order)."""
+    return {v: DEGREE_MARKERS[i % len(DEGREE_MARKERS)] for i, v in enumerate(sorted(set(values)))}
+
+
 def _modelled_by_mode(ax, series: dict, key: str, x: str, y: str, scale: float = 1.0) -> None:
-    """One hollow dashed (paper-2023) or dotted (modern) line per mode of frame `key`."""
+    """One hollow dashed (paper-2023) or dotted (modern) line per mode of frame `key`, in the
+    mode's colour; where the frame has degrees (memory_vs_length), one marker per degree."""
     for a, frames in series.items():
         frame = frames[key]
         keys = ["mode", "degree"] if "degree" in frame and key == "memory_vs_length" else ["mode"]
+        markers = degree_markers(frame["degree"]) if len(keys) == 2 else {}
         for k, g in frame.groupby(keys):
             mode = k[0] if isinstance(k, tuple) else k
             label = f"{a}: {mode}" + (f" (degree {k[1]})" if len(keys) == 2 else "")
-            ax.plot(
-                g[x],
-                g[y] * scale,
-                label=label,
-                **_hollow(mode_colour(mode), MODELLED_STYLE[a]),
-            )
+            style = _hollow(mode_colour(mode), MODELLED_STYLE[a])
+            if len(keys) == 2:
+                style["marker"] = markers[k[1]]
+            ax.plot(g[x], g[y] * scale, label=label, **style)
 
 
 # --- the measured side ---------------------------------------------------------------------------
@@ -125,11 +135,19 @@ def read_inputs(compare: list[Path], longest: Path | None) -> dict[str, pd.DataF
     if frames:
         out["summary"] = pd.concat(frames, ignore_index=True)
     if longest is not None:
-        out["longest"] = read_csv_table(
-            Path(longest) / "longest.csv", required=("mode", "world_size", "longest_seq_length")
+        folder = Path(longest).resolve().name  # what the titles name it by
+        out["longest"] = tables.with_preset(
+            read_csv_table(
+                Path(longest) / "longest.csv",
+                required=("mode", "world_size", "longest_seq_length"),
+            ),
+            folder,
         )
-        out["searches"] = read_csv_table(
-            Path(longest) / "searches.csv", required=("mode", "seq_length", "rank_bytes_max")
+        out["searches"] = tables.with_preset(
+            read_csv_table(
+                Path(longest) / "searches.csv", required=("mode", "seq_length", "rank_bytes_max")
+            ),
+            folder,
         )
     return out
 
@@ -158,6 +176,36 @@ def _weak(df: pd.DataFrame | None) -> pd.DataFrame:
 
 
 # --- the five figures ----------------------------------------------------------------------------
+def _layout_labels(ax, best: pd.DataFrame) -> None:
+    """Each point's best layout, in its mode's colour, as one column per P beside the points,
+    top to bottom in the order of the points' speedups: a fixed 8-point line pitch, so labels of
+    points close together (several modes at one P) never print over each other."""
+    column = "speedup_vs_nvidia_sp_best"
+    last = best["world_size"].max()
+    for p, g in best.groupby("world_size"):
+        g = g.sort_values(column, ascending=False)
+        top = float(g[column].max())
+        side = -1 if p == last else 1  # the last column left of its points, inside the axes
+        for i, (_, r) in enumerate(g.iterrows()):
+            ax.annotate(
+                str(r["best_layout"]),
+                (p, top),
+                fontsize=6,
+                color=mode_colour(r["mode"]),
+                textcoords="offset points",
+                xytext=(6 * side, 2 - 8 * i),
+                va="top",
+                ha="left" if side > 0 else "right",
+            )
+
+
+def _named(frame: pd.DataFrame | None) -> str:
+    """ " (preset NAME)" of a measured table (`read_inputs` names it by its folder)."""
+    if frame is None or "preset" not in frame or frame.empty:
+        return ""
+    return " (preset " + ", ".join(sorted({str(x) for x in frame["preset"].dropna()})) + ")"
+
+
 def fig_speedup(measured: dict, series: dict, claims: dict, stem: Path) -> list[Path]:
     plt = pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
@@ -176,14 +224,7 @@ def fig_speedup(measured: dict, series: dict, claims: dict, stem: Path) -> list[
                 color=mode_colour(mode),
                 label=f"{mode} ({setting}), l={length}",
             )
-            for _, r in g.iterrows():
-                left.annotate(
-                    r["best_layout"],
-                    (r["world_size"], r["speedup_vs_nvidia_sp_best"]),
-                    fontsize=6,
-                    textcoords="offset points",
-                    xytext=(4, -10),
-                )
+        _layout_labels(left, best)
         left.axhline(1.0, color="gray", linewidth=0.8)
         left.set_xticks(sorted(best["world_size"].unique()))
     _finish(
@@ -225,12 +266,13 @@ def fig_memory(measured: dict, series: dict, claims: dict, stem: Path) -> list[P
         _missing(left, "python -m analysis.longest --ranks 4 --num-heads 2 --budget-mib 48 ...")
     else:
         ok = s[s["rank_bytes_max"].notna()]
+        markers = degree_markers(ok["world_size"])
         for (mode, rec, p), g in ok.groupby(["mode", "recompute", "world_size"]):
             g = g.sort_values("seq_length")
             left.plot(
                 g["seq_length"],
                 g["rank_bytes_max"] / 2**20,
-                marker="o",
+                marker=markers[p],
                 color=mode_colour(mode),
                 label=f"{mode} P={p} ({rec})",
                 linestyle="-" if rec == "none" else "-.",
@@ -239,7 +281,7 @@ def fig_memory(measured: dict, series: dict, claims: dict, stem: Path) -> list[P
         left,
         "sequence length l",
         "MiB per rank (rank_bytes_max)",
-        "measured: analysis.longest runs, CPU (gloo), flash kernel",
+        f"measured: analysis.longest runs{_named(s)}, CPU (gloo), flash kernel",
     )
     _modelled_by_mode(right, series, "memory_vs_length", "seq_length", "bytes_per_rank", 2**-30)
     right.axhline(16, color="gray", linewidth=0.8)
@@ -274,7 +316,7 @@ def fig_longest(measured: dict, series: dict, claims: dict, stem: Path) -> list[
         left.set_xticks(sorted(lg["world_size"].unique()))
         budget = lg["budget_bytes"].iloc[0] / 2**20 if "budget_bytes" in lg else float("nan")
         left.set_ylim(bottom=0)
-    title = "measured: longest l that ran within the budget, CPU (gloo)"
+    title = f"measured: longest l that ran within the budget{_named(lg)}, CPU (gloo)"
     _finish(
         left,
         "ranks P",

@@ -115,7 +115,8 @@ def bytes_unit(values) -> tuple[float, str]:
 
 
 def context(df: pd.DataFrame) -> str:
-    """ "preset X · machine Y" of the ok runs (from the ``preset`` and ``machine`` columns)."""
+    """ "preset X · machine Y" of the ok runs (from the ``preset`` and ``machine`` columns;
+    `tables.read_summary` fills a missing preset with the run folder's name)."""
     ok = df[df["status"] == "ok"] if "status" in df else df
 
     def names(column: str) -> str:
@@ -124,7 +125,9 @@ def context(df: pd.DataFrame) -> str:
         values = sorted({str(x) for x in ok[column].dropna() if str(x)})
         return ", ".join(values)
 
-    preset = names("preset") or "preset not recorded"
+    # tables.read_summary names a run without a preset by its folder; a frame made in code
+    # without either says so plainly (never "preset preset not recorded")
+    preset = names("preset") or "(unnamed)"
     return f"preset {preset} · {names('machine') or 'machine not recorded'}"
 
 

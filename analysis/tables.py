@@ -477,7 +477,18 @@ def read_summary(path: Path | str, required=(), numeric=()) -> pd.DataFrame:
     df = read_csv_table(path, ("run_id", "status", *required), numeric)
     if "error" in df:
         df["error"] = df["error"].fillna("").astype(str)
-    return df
+    return with_preset(df, path.resolve().parent.name)
+
+
+def with_preset(df: pd.DataFrame, folder: str) -> pd.DataFrame:
+    """`df` with every missing ``preset`` (no column, or an empty cell: a table from before the
+    column, or runs made without a preset) set to the run folder's name `folder`, so a figure's
+    title always names what it shows."""
+    if "preset" not in df:
+        return df.assign(preset=folder)
+    preset = df["preset"].astype(object)
+    missing = preset.isna() | (preset.astype(str).str.strip() == "")
+    return df.assign(preset=preset.where(~missing, folder))
 
 
 # --- the cost model (analysis.costmodel, optional) ------------------------------------------------

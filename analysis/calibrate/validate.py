@@ -25,7 +25,7 @@ from lss_megatron.resources import prog
 from .. import outdir
 from ..compare import run_trainer, torchrun_command
 from ..costmodel import compare_run, find_device_file, load_device_file, predict
-from ..costmodel.calibrated import DATA_DIR
+from ..costmodel.calibrated import writable_dir
 from ..outdir import check_output_file, cli, write_file
 from ..presets import get_preset, make_plan
 
@@ -194,7 +194,11 @@ def run_all(runs: list, runs_dir: Path, dev, rerun: bool = True) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog=prog("python -m analysis.calibrate.validate"))
-    p.add_argument("--out", default=str(DATA_DIR / "validation.csv"))
+    p.add_argument(
+        "--out",
+        default=str(writable_dir() / "validation.csv"),
+        help="CSV (default: analysis/data/cpu in a checkout, else the user's data folder)",
+    )
     p.add_argument("--runs-dir", default="runs/calibrate-validation")
     p.add_argument("--device-file", default=None)
     p.add_argument("--only", choices=("cpu-strong", "new-shapes"), default=None)

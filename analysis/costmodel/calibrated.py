@@ -32,6 +32,8 @@ import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lss_megatron.resources import source_root, user_data_dir
+
 from ..inputs import InputError, read_json_file
 from .hw import Assumptions
 
@@ -40,6 +42,16 @@ BASE_HEAD_DIM = 16
 other head dimensions are named ``flash_d32``, ``dense_d32``, ..."""
 
 DATA_DIR = Path(__file__).resolve().parents[1] / "data" / "cpu"
+"""The device files beside the code (``analysis/data/cpu``): written only in a checkout."""
+
+
+def writable_dir() -> Path:
+    """Where calibrate writes by default: `DATA_DIR` in a source checkout, else (an installed
+    package, whose folder may be read-only site-packages) ``cpu/`` under the user's data folder
+    (`lss_megatron.resources.user_data_dir`)."""
+    return DATA_DIR if source_root() is not None else user_data_dir() / "cpu"
+
+
 SCHEMA = 1
 OPS = ("all_gather", "reduce_scatter", "all_reduce", "all_to_all")
 
@@ -48,16 +60,23 @@ class NotCalibrated(ValueError):
     """The calibration did not measure what the run needs (e.g. bf16 rates)."""
 
 
-def default_path(directory: Path = DATA_DIR) -> Path:
-    """Where calibrate writes by default: <host>.json (this-machine.json without a hostname)."""
+def default_path(directory: Path | None = None) -> Path:
+    """Where calibrate writes by default: <host>.json (this-machine.json without a hostname) in
+    `directory` (default `writable_dir`)."""
+    directory = writable_dir() if directory is None else directory
     return directory / f"{socket.gethostname() or 'this-machine'}.json"
 
 
-def find_device_file(directory: Path = DATA_DIR) -> Path | None:
-    """This machine's calibration (`default_path`), else this-machine.json, else None."""
-    for path in (default_path(directory), directory / "this-machine.json"):
-        if path.is_file():
-            return path
+def find_device_file(directory: Path | None = None) -> Path | None:
+    """This machine's calibration (`default_path`), else this-machine.json, else None; in
+    `directory`, or by default in `writable_dir` and then `DATA_DIR`."""
+    folders = (
+        [directory] if directory is not None else list(dict.fromkeys([writable_dir(), DATA_DIR]))
+    )
+    for folder in folders:
+        for path in (default_path(folder), folder / "this-machine.json"):
+            if path.is_file():
+                return path
     return None
 
 

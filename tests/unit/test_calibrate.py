@@ -160,3 +160,22 @@ def test_attention_rate_comes_from_the_nearest_head_dimension():
     assert dev.attention_rate("flash", 1e8, 32) == 1e10  # no flash_d32: the base table
     data["attention"]["dense_dx"] = [[1e6, 1e10]]  # not a table name: left out
     assert "dense_dx" not in device_from_dict(data, "test").attention
+
+
+def test_default_device_file_is_user_writable_when_installed(tmp_path, monkeypatch):
+    """In a checkout calibrate writes analysis/data/cpu/<host>.json; installed (no checkout:
+    `source_root` is None), it writes under the user's data folder, never into site-packages,
+    and the cost model finds it there first."""
+    from analysis.calibrate.__main__ import build_parser
+    from analysis.costmodel import calibrated
+
+    assert calibrated.writable_dir() == calibrated.DATA_DIR  # this checkout
+    monkeypatch.setattr(calibrated, "source_root", lambda: None)
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path))
+    home = tmp_path / "lss-megatron" / "cpu"
+    assert calibrated.writable_dir() == home
+    assert calibrated.default_path().parent == home
+    assert str(home) in build_parser().format_help().replace("\n", "").replace(" ", "")
+    calibrated.default_path().parent.mkdir(parents=True)
+    calibrated.default_path().write_text("{}")
+    assert calibrated.find_device_file() == calibrated.default_path()
