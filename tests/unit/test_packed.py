@@ -190,3 +190,37 @@ def test_cpu_packed_runs_are_ones_the_trainer_accepts(tmp_path):
             cfg = run_config(args, n)
             assert problems(cfg) == [], (label, flags, problems(cfg))
             assert cfg.train.reset_attention_mask == bool(flags)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+def test_ring_document_tiles_cover_exactly_the_document_mask(layout):
+    """The ring's kernel calls under documents (`document_step_tasks`), over the N steps of
+    each rank, cover every visible (query, key) pair once and nothing else: the attention work
+    is the document pairs the metrics count, and blocks no local query sees are skipped."""
+    from baselines.ring_attention import chunk_ids, document_step_tasks
+    from lss_megatron.lss.positions import local_positions
+
+    length, n = 48, 3
+    tokens = torch.randint(0, 9, (2, length), generator=torch.Generator().manual_seed(5))
+    tokens[1] = 1  # row 2: one document crossing every segment and chunk
+    ds = document_starts(tokens, 0)
+    c = length // (n * (1 if layout == "contiguous" else 2))
+    skipped = 0
+    for r in range(n):
+        held = local_positions(length, r, n, layout)  # [l/N] global positions
+        covered = torch.zeros(2, len(held), length, dtype=torch.long)  # [b, l/N, l]
+        for src in range(n):
+            keys = local_positions(length, src, n, layout)  # the block in hand, local order
+            tasks = document_step_tasks(chunk_ids(r, n, layout), chunk_ids(src, n, layout), c, ds)
+            skipped += not any(t[0].start == 0 for t in tasks)  # row 1 sees none of this block
+            for bs, rows, ks, diag in tasks:
+                q_glob, k_glob = held[rows], keys[ks]
+                see = torch.ones(len(q_glob), len(k_glob), dtype=torch.long)
+                if diag:  # the square diagonal: query i sees keys j <= i
+                    assert torch.equal(q_glob, k_glob)
+                    see = see.tril()
+                covered[bs, rows.start : rows.stop, k_glob] += see
+        want = (~document_mask(ds, 0, length, length))[:, held].long()  # [b, l/N, l]
+        assert torch.equal(covered, want), f"rank {r}: tiles differ from the document mask"
+        assert int(covered.sum()) == document_pairs(ds, held)
+    assert skipped > 0, "some block is skipped for a row whose queries see none of it"
