@@ -88,6 +88,58 @@ def trainer_command(mode: str, n: int, extra: dict, data: str, out: Path, steps:
     return torchrun_command(run, out)
 
 
+def kv_need_count(
+    prefix: str,
+    n: int,
+    layout: str,
+    *,
+    seq_length: int = L,
+    steps: int = 3,
+    batch: int = 2,
+    seed: int = 1234,
+) -> dict:
+    """Exact count, from the document starts alone (no training), of what LSS's K/V all-gather
+    brings that no query needs: for the first `steps` training steps of `batch` samples of one
+    row each (micro-batch 1, the presets' recipe), on each of the `n` ranks (`layout`), the other
+    ranks' key positions some local query sees (`lss.documents.needed_remote_keys`) against the
+    (N-1) l/N the gather brings. Returns the totals and, per rank, the needed fraction; bytes
+    follow as positions x b x 2 h_kv d x element size, per layer, forward (gather) and again
+    backward (reduce-scatter)."""
+    import torch
+
+    from lss_megatron.data import build_dataset
+    from lss_megatron.data.documents import document_starts
+    from lss_megatron.data.make_indexed import EOD_TOKEN
+    from lss_megatron.lss.documents import needed_remote_keys
+    from lss_megatron.lss.positions import local_positions
+
+    ds = build_dataset(
+        "megatron",
+        seq_length=seq_length,
+        vocab_size=257,
+        seed=seed,
+        path=prefix,
+        eval_batch_size=batch,
+    )
+    needed, gathered = [0] * n, [0] * n
+    for step in range(1, steps + 1):
+        for i in range(batch):
+            rows = torch.from_numpy(ds.read("train", step, [i], 0, seq_length - 1))  # [1, l]
+            starts = document_starts(rows, EOD_TOKEN)  # [1, l]
+            for r in range(n):
+                held = local_positions(seq_length, r, n, layout)  # [l/N]
+                needed[r] += needed_remote_keys(starts, held)
+                gathered[r] += (n - 1) * (seq_length // n)
+    return {
+        "n": n,
+        "layout": layout,
+        "needed_positions": sum(needed),
+        "gathered_positions": sum(gathered),
+        "needed_fraction": sum(needed) / sum(gathered),
+        "needed_fraction_per_rank": [a / b for a, b in zip(needed, gathered, strict=True)],
+    }
+
+
 def run_one(label, mix, packed, data, out: Path, steps: int, timeout_s: float) -> dict:
     mode, n, extra = MODES[label]
     run_dir = out / "runs" / f"{label}_{mix}_{'packed' if packed else 'unpacked'}"
@@ -169,10 +221,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     p.add_argument("--mixes", nargs="+", default=list(MIXES), choices=list(MIXES))
     p.add_argument("--table", action="store_true", help="print the table of OUT/packed.json only")
+    p.add_argument(
+        "--kv-count",
+        action="store_true",
+        help="write the mixes and print the exact needed-K/V count of LSS's gather (no training)",
+    )
     args = p.parse_args(argv)
     out = Path(args.out).absolute()
     if args.table:
         print(table(json.loads((out / "packed.json").read_text())))
+        return 0
+    if args.kv_count:  # this script's mixes and the cpu-packed preset's
+        from .presets import get_preset
+
+        preset = get_preset("cpu-packed")
+        mixes = [(m, *MIXES[m], 400_000) for m in args.mixes]
+        mixes += [
+            (f"cpu-packed-{m}", lo, hi, preset.document_tokens) for m, lo, hi in preset.documents
+        ]
+        for name, lo, hi, tokens in mixes:
+            data, _ = write_mix(out / "data", name, lo, hi, tokens)
+            for n in (2, 4):
+                for layout in ("contiguous", "zigzag"):
+                    count = kv_need_count(data, n, layout)
+                    print(json.dumps({"mix": name, "doc_bytes": [lo, hi], **count}), flush=True)
         return 0
     rows = []
     for mix in args.mixes:
