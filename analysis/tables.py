@@ -424,9 +424,13 @@ def is_packed(df: pd.DataFrame) -> pd.Series:
 def _unpacked_reference(df: pd.DataFrame, values: list[str]) -> pd.DataFrame:
     """For every packed row, the medians of `values` over the ok unpacked runs of the same
     variant, layout, model, setting and document mix; NaN elsewhere."""
-    keys = ["variant", *(k for k in LAYOUT_KEY if k != "packed")]
-    ok = df[(df["status"] == "ok") & ~is_packed(df)]
-    ref = df[keys].merge(_median_by(ok, keys, values), on=keys, how="left")
+    label = (
+        df["variant"].where(df["variant"].notna(), df["mode"]) if "variant" in df else df["mode"]
+    )
+    frame = df.assign(_label=label)
+    keys = ["_label", *(k for k in LAYOUT_KEY if k != "packed")]
+    ok = frame[(frame["status"] == "ok") & ~is_packed(frame)]
+    ref = frame[keys].merge(_median_by(ok, keys, values), on=keys, how="left")
     ref.index = df.index
     ref.loc[~is_packed(df), values] = math.nan
     return ref
