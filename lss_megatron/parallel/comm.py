@@ -29,8 +29,6 @@ import torch.distributed as dist
 
 from .recording import CATEGORIES, CommLog, as_category, record, tag_group
 
-_as = as_category  # its name before the recording moved out (#19): branches in flight use it
-
 __all__ = [
     "CATEGORIES",
     "CommLog",
