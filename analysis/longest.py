@@ -203,22 +203,10 @@ def legacy_outputs(out: Path) -> list[str]:
 
 def launch_one(search: Search, seq_length: int, out: Path, timeout_s: float) -> dict:
     """Run the trainer for one step at `seq_length`; its record for searches.csv."""
-    from .compare import run_trainer
+    from .compare import launch_command, run_trainer
 
     run_dir = out / "runs" / search.run_id(seq_length)
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        str(search.world_size),
-        "-m",
-        "lss_megatron.train",
-        *search.args(seq_length),
-        "--out",
-        str(run_dir),
-    ]
+    cmd = launch_command(search.world_size, [*search.args(seq_length), "--out", str(run_dir)])
     outcome = run_trainer(cmd, run_dir, timeout_s, reuse=_REUSE)
     measured = _rank_bytes(run_dir) if outcome["status"] == "ok" else None
     if outcome["status"] == "ok" and measured is None:
