@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+import time
 import typing
 import warnings
 from pathlib import Path
@@ -276,6 +277,18 @@ def preflight(args: argparse.Namespace, env=None, env_problems=()) -> RunConfig:
     return cfg
 
 
+SILENT_EXIT_DELAY_S = 10.0
+"""How long a rank that refuses bad input without printing it waits before exiting: the launcher
+(torchrun, DeepSpeed) stops the job at the first exit, so a quiet rank leaving first would kill
+rank 0 before it prints the one line. Rank 0's exit ends the wait (the launcher stops the rest)."""
+
+
+def _refused(speaks: bool, launched: bool) -> int:
+    if launched and not speaks:
+        time.sleep(SILENT_EXIT_DELAY_S)
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     # Megatron-Core warns about missing apex/TransformerEngine and deprecated defaults on every
     # rank; they are expected here (see docs/design.md) and drown the training log.
@@ -288,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     except ArgsError as e:  # as argparse itself: usage, the message, exit status 2
         if speaks:
             sys.stderr.write(f"{e.usage}{PROG}: error: {e}\n")
-        raise SystemExit(2) from None
+        raise SystemExit(_refused(speaks, env.launched)) from None
     if env.launched and not args.validate_only:
         install_lifeline()  # this rank ends within seconds of its launcher (lifeline.py)
     try:
@@ -296,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         if speaks:
             print(f"lss_megatron.train: error: {e}", file=sys.stderr)
-        return 2
+        return _refused(speaks, env.launched)
     if args.validate_only:
         p = cfg.parallel
         print(
