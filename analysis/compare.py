@@ -266,7 +266,7 @@ def build_table(plan: Plan, out: Path, outcomes: dict[str, dict] | None) -> tupl
         run_dir = out / "runs" / run.run_id
         config = effective_config(run)
         row = tables.identity_row(
-            config, run.run_id, run.role, run.repeat, plan.preset.name, run.label
+            config, run.run_id, run.role, run.repeat, plan.preset.name, run.label, run.documents
         )
         row.update(collect(run, run_dir, None if outcomes is None else outcomes[run.run_id]))
         row["run_dir"] = str(run_dir)
@@ -343,6 +343,27 @@ def _write_plan(plan: Plan, out: Path) -> None:
         "skipped": [{"run_id": r, "reason": why} for r, why in plan.skipped],
     }
     (out / "plan.json").write_text(json.dumps(doc, indent=2) + "\n")
+
+
+def write_documents(preset: Preset, folder: Path) -> None:
+    """The preset's document mixes (`Preset.documents`), written into `folder` (deterministic:
+    a rerun writes the same files), where its plan's ``--data-path`` flags point."""
+    if not preset.documents:
+        return
+    import warnings
+
+    from .mixes import write_mix
+
+    with warnings.catch_warnings():  # Megatron's import notes (no TransformerEngine / Apex)
+        warnings.simplefilter("ignore")
+        import lss_megatron.data.make_indexed  # noqa: F401
+    for name, lo, hi in preset.documents:
+        prefix, lengths = write_mix(folder, name, lo, hi, preset.document_tokens)
+        print(
+            f"# document mix {name}: {len(lengths):,} documents of {lo + 1}..{hi + 1} tokens "
+            f"(EOD included), {sum(lengths):,} tokens -> {prefix}.bin/.idx"
+        )
+    outdir.note(folder)
 
 
 def _list_presets() -> None:
@@ -517,7 +538,7 @@ def _main(argv: list[str] | None) -> int:
     preset = select(get_preset(args.preset), args)
     out = Path(args.out or f"runs/compare-{preset.name}").resolve()
     seed = args.seed if args.seed is not None else _recorded_seed(out, args.collect)
-    plan = make_plan(preset, args.repeats, seed)
+    plan = make_plan(preset, args.repeats, seed, data_dir=out / "data")
     if args.dry_run:
         _print_plan(plan, out)
         return 0
@@ -542,6 +563,7 @@ def _main(argv: list[str] | None) -> int:
     outdir.note(out / "plan.json")
     outcomes = None
     if not args.collect:
+        write_documents(preset, out / "data")
         timeout = args.timeout if args.timeout is not None else preset.timeout_s
         outcomes = run_all(plan, out, timeout, progress=not args.no_progress, reuse=args.resume)
     runs, df, note = build_table(plan, out, outcomes)

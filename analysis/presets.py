@@ -50,6 +50,7 @@ their finished run folders (``--collect``). Tests never run them.
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from functools import cache
@@ -172,6 +173,15 @@ class Preset:
     """Explicit (variant label, N, D) rank grids, each run at every length of `seq_lengths` (strong
     scaling) instead of the `degrees` x `data_parallel` grid: how an equal-ranks series gives
     each mode its own legal sizes on the same P = N x D ranks."""
+    documents: tuple[tuple[str, int, int], ...] = ()
+    """Packed documents: document-length mixes (name, lo, hi), each document lo..hi bytes
+    (uniform) plus EOD. `analysis.compare` writes each mix (`analysis.mixes.write_mix`,
+    `document_tokens` tokens, deterministic) into ``OUT/data/NAME`` before the launches, and
+    every configuration runs on every mix twice: packed (Megatron-LM's ``--reset-position-ids
+    --reset-attention-mask --eod-mask-loss``) and unpacked (no flags: the same tokens, plain
+    causal attention). The data flags are then the plan's (``data: megatron``, ``data-path``)."""
+    document_tokens: int = 200_000
+    """Tokens written per document mix."""
 
     def __post_init__(self) -> None:
         if self.scaling not in ("strong", "weak"):
@@ -180,6 +190,14 @@ class Preset:
             raise ValueError(f"preset {self.name}: explicit grids need strong scaling")
         for label in (*self.modes, *(x[0] for x in self.grids)):
             get_variant(label)
+        names = [name for name, _, _ in self.documents]
+        if len(set(names)) < len(names) or any(not re.fullmatch(r"[a-z0-9-]+", x) for x in names):
+            raise ValueError(
+                f"preset {self.name}: document mix names {names} must be distinct, of a-z 0-9 -"
+            )
+        for name, lo, hi in self.documents:
+            if not 1 <= lo <= hi:
+                raise ValueError(f"preset {self.name}: document mix {name}: need 1 <= {lo} <= {hi}")
         object.__setattr__(self, "model", MappingProxyType(dict(self.model)))
         object.__setattr__(self, "train", MappingProxyType(dict(self.train)))
 
@@ -199,6 +217,8 @@ class RunSpec:
     """Every trainer flag (without dashes) except --out and --progress."""
     variant: str = ""
     """The variant label (`VARIANTS`); empty means the plain mode."""
+    documents: str = ""
+    """The document mix (`Preset.documents`) the run reads; empty: the preset's own data."""
 
     @property
     def label(self) -> str:
@@ -209,12 +229,21 @@ class RunSpec:
         return self.seq_parallel * self.data_parallel
 
     @property
+    def packed(self) -> bool:
+        """Megatron-LM's document flags are on (attention within documents)."""
+        return bool(self.flags.get("reset-attention-mask"))
+
+    @property
     def setting(self) -> str:
-        """``_dense``, ``_selective``, ``_dense_selective``; empty for flash without recompute."""
+        """``_dense``, ``_selective``, ``_dense_selective``; empty for flash without recompute;
+        then, on a document mix, ``_MIX_packed`` or ``_MIX_unpacked``."""
         kernel = self.flags.get("attention-kernel", "flash")
         recompute = self.flags.get("recompute", "none")
-        return (f"_{kernel}" if kernel != "flash" else "") + (
-            f"_{recompute}" if recompute != "none" else ""
+        docs = f"_{self.documents}_{'packed' if self.packed else 'unpacked'}"
+        return (
+            (f"_{kernel}" if kernel != "flash" else "")
+            + (f"_{recompute}" if recompute != "none" else "")
+            + (docs if self.documents else "")
         )
 
     @property
@@ -253,6 +282,10 @@ class PresetError(InputError):
 
 
 _PLANNED = ("mode", "seq-parallel", "data-parallel", "seq-length", "out", "progress", "config")
+PACKED_FLAGS = ("reset-position-ids", "reset-attention-mask", "eod-mask-loss")
+"""Megatron-LM's document flags: on in a document mix's packed runs, off in its unpacked ones."""
+_DOCUMENT_FLAGS = ("data", "data-path", "eod-token", *PACKED_FLAGS)
+"""Trainer flags a preset with `Preset.documents` may not set: the plan sets them per mix."""
 """Trainer flags the plan sets for each run: a preset's ``model`` / ``train`` may not."""
 _SIZE_UNITS = {"KiB": 1 << 10, "MiB": MiB, "GiB": GiB}
 _REQUIRED = ("summary", "scaling", "seq-lengths", "model", "train")
@@ -348,6 +381,12 @@ def load_preset(path: Path) -> Preset:
             problems = [problem] if problem else []
         bad += problems
         values[name] = value
+    if values.get("documents"):
+        bad += [
+            f"train.{flag}: set by the plan for each document mix"
+            for flag in _DOCUMENT_FLAGS
+            if flag in values.get("train", {})
+        ]
     if not bad:
         try:
             return Preset(**{"degrees": (), **values})
@@ -379,13 +418,18 @@ def get_preset(name: str) -> Preset:
     return presets[name]
 
 
+PLAIN = ("flash", "none", "", False)
+"""A run's setting (kernel, recompute, document mix, packed): the trainer's defaults."""
+
+
 def _flags(
     preset: Preset,
     label: str,
     n: int,
     d: int,
     length: int,
-    setting: tuple[str, str] = ("flash", "none"),
+    setting: tuple = PLAIN,
+    data_dir: Path | None = None,
 ) -> dict[str, object]:
     variant = get_variant(label)
     flags: dict[str, object] = dict(
@@ -394,10 +438,20 @@ def _flags(
     flags.update(preset.model)
     flags.update(preset.train)
     flags.update(variant.flags)
-    kernel, recompute = setting
+    kernel, recompute, mix, packed = setting
     if (kernel, recompute) != ("flash", "none"):  # the trainer's defaults stay implicit
         flags.update({"attention-kernel": kernel, "recompute": recompute})
+    if mix:
+        folder = data_dir if data_dir is not None else default_data_dir(preset)
+        flags.update({"data": "megatron", "data-path": str(Path(folder) / mix)})
+        flags.update(dict.fromkeys(PACKED_FLAGS, True) if packed else {})
     return flags
+
+
+def default_data_dir(preset: Preset) -> Path:
+    """Where a preset's document mixes live when no output folder is given (`analysis.compare`
+    passes ``OUT/data``): ``runs/compare-NAME/data``, absolute."""
+    return Path(f"runs/compare-{preset.name}/data").resolve()
 
 
 def _run(
@@ -408,7 +462,8 @@ def _run(
     length: int,
     repeat: int,
     role: str,
-    setting: tuple[str, str] = ("flash", "none"),
+    setting: tuple = PLAIN,
+    data_dir: Path | None = None,
 ):
     variant = get_variant(label)
     return RunSpec(
@@ -418,8 +473,9 @@ def _run(
         length,
         repeat,
         role,
-        _flags(preset, label, n, d, length, setting),
+        _flags(preset, label, n, d, length, setting, data_dir),
         "" if label == variant.mode else label,
+        setting[2],
     )
 
 
@@ -471,14 +527,18 @@ def grid_points(preset: Preset) -> list[tuple[str, int, int, int]]:
     return points
 
 
-def make_plan(preset: Preset, repeats: int | None = None, seed: int = 0) -> Plan:
+def make_plan(
+    preset: Preset, repeats: int | None = None, seed: int = 0, data_dir: Path | None = None
+) -> Plan:
     """Every run of `preset`, in launch order: `repeats` rounds (default the preset's own), each
     round every configuration once, in an order shuffled by ``random.Random(f"{seed}:{round}")``
     (so a plan is reproducible from its seed, which plan.json records). A run the trainer would
-    reject is left out and listed in `Plan.skipped`."""
+    reject is left out and listed in `Plan.skipped`. `data_dir`: where the document mixes are
+    (`Preset.documents`; default `default_data_dir`); they need not exist yet."""
     repeats = preset.repeats if repeats is None else repeats
     skipped: list[tuple[str, str]] = []
-    settings = [(k, r) for k in preset.kernels for r in preset.recomputes]
+    mixes = [(m, p) for m, _, _ in preset.documents for p in (True, False)] or [("", False)]
+    settings = [(k, r, *m) for k in preset.kernels for r in preset.recomputes for m in mixes]
     planned: set[tuple] = set()
     configs: list[tuple] = []
     for role, n, d, length in grid_points(preset):
@@ -494,8 +554,9 @@ def make_plan(preset: Preset, repeats: int | None = None, seed: int = 0) -> Plan
         specs = [s for s in specs if (s, length) not in planned]  # serial at P: once per l
         planned.update((s, length) for s in specs)
         for label, sn, sd, setting in specs:
-            spec = _run(preset, label, sn, sd, length, 0, role, setting)
-            problem = trainer_problem(spec, data_elsewhere=preset.cluster)
+            spec = _run(preset, label, sn, sd, length, 0, role, setting, data_dir)
+            # document mixes are written when the comparison starts: not there yet
+            problem = trainer_problem(spec, data_elsewhere=preset.cluster or bool(preset.documents))
             if problem is None:
                 configs.append((label, sn, sd, length, role, setting))
             else:
@@ -505,6 +566,8 @@ def make_plan(preset: Preset, repeats: int | None = None, seed: int = 0) -> Plan
         order = list(configs)
         random.Random(f"{seed}:{r}").shuffle(order)
         for label, sn, sd, length, role, setting in order:
-            runs.append(_run(preset, label, sn, sd, length, r, role, setting))
-    ids = tuple(_run(preset, c[0], c[1], c[2], c[3], 0, c[4], c[5]).config_id for c in configs)
+            runs.append(_run(preset, label, sn, sd, length, r, role, setting, data_dir))
+    ids = tuple(
+        _run(preset, c[0], c[1], c[2], c[3], 0, c[4], c[5], data_dir).config_id for c in configs
+    )
     return Plan(preset, tuple(runs), tuple(skipped), seed, repeats, ids)

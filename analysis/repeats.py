@@ -37,8 +37,12 @@ TIME_RATIOS = {
     "speedup_vs_lss": "lss",
     "parallel_efficiency": "serial",
     "flops_efficiency": "serial",
+    "step_time_vs_unpacked": "unpacked",
 }
 """The derived columns that are ratios of step times, and whose median is the reference."""
+INVERSE = frozenset({"step_time_vs_unpacked"})
+"""Time ratios of this configuration's step time over its reference's (the others are the
+reference's over this one's)."""
 BYTE_COLUMNS = (
     "sp_comm_bytes",
     "grad_comm_bytes",
@@ -157,7 +161,8 @@ def reference_rows(df: pd.DataFrame, scaling: str) -> dict[str, pd.Series]:
     nvidia = tables._nvidia_reference(pos, ["_row"])["_row"]
     lss = tables._lss_reference(pos, ["_row"])["_row"]
     serial = tables._efficiency_reference(pos, scaling, ["_row"])["_row"]
-    by = {"nvidia-sp": nvidia, "lss": lss, "serial": serial}
+    unpacked = tables._unpacked_reference(pos, ["_row"])["_row"]
+    by = {"nvidia-sp": nvidia, "lss": lss, "serial": serial, "unpacked": unpacked}
     return {column: by[ref] for column, ref in TIME_RATIOS.items()}
 
 
@@ -187,7 +192,7 @@ def add_intervals(
     `TIME_RATIOS` and ``interval_level``.
 
     A time ratio is (reference's median step time) / (this configuration's), times a constant
-    (ranks, FLOPs). Percentile bootstrap: each configuration's repeats are drawn with replacement
+    (ranks, FLOPs); for `INVERSE` columns the other way round. Percentile bootstrap: each configuration's repeats are drawn with replacement
     `resamples` times, independently of the others, and the ratio recomputed from the drawn
     medians; the interval is the central `level` of those ratios, widened where needed to hold
     the point estimate (a median of few repeats is discrete). A configuration that is its own
@@ -214,7 +219,11 @@ def add_intervals(
                 continue
             if np.isnan(factors[i, 0]) or np.isnan(factors[j, 0]):
                 continue
-            draws = point * factors[j] / factors[i]
+            draws = (
+                point * factors[i] / factors[j]
+                if column in INVERSE
+                else point * factors[j] / factors[i]
+            )
             a, b = np.quantile(draws, q)
             lo[i], hi[i] = min(a, point), max(b, point)
         df[f"{column}_lo"], df[f"{column}_hi"] = lo, hi

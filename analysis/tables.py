@@ -22,6 +22,15 @@ Every ratio and efficiency compares runs with the same attention kernel, recompu
   serial run on one rank at the same l; weak T_1 / T_P, T_1 the serial run with N = 1 and the
   same D (one rank when D = 1) at the base length l / N.
 * ``flops_efficiency``: achieved model FLOP/s per rank over the reference's (same references).
+* Packed documents (`presets.Preset.documents`): ``attention_flops_max`` / ``_mean`` are the
+  step's attention FLOPs (forward + backward) of the most loaded rank and the mean over the
+  sequence group (``attention_imbalance`` is their ratio); ``attention_flops_vs_unpacked`` and
+  ``step_time_vs_unpacked`` = this packed run's mean attention FLOPs / step time over the
+  unpacked run of the same variant, layout, model, setting and document mix (below 1: packing
+  saves); ``kv_needed_fraction`` (LSS) the fraction of the other ranks' keys the K/V all-gather
+  brings that some local query sees, and ``kv_unneeded_bytes`` = (1 - that) x ``sp_comm_bytes``:
+  the bytes per rank and step of the gather (forward) and reduce-scatter (backward) that carry
+  keys no query on the receiving rank sees (what a needed-only exchange would not move).
 """
 
 from __future__ import annotations
@@ -38,9 +47,11 @@ import pandas as pd
 
 from lss_megatron.modes import BASELINE, METHOD, REFERENCE
 
-SETTING_KEY = ("attention_kernel", "recompute", "dtype")
-"""The kernel, recompute and precision a run used: ratios and efficiencies are only ever formed
-between runs that agree on all three (like for like), never across."""
+SETTING_KEY = ("attention_kernel", "recompute", "dtype", "documents", "packed")
+"""The kernel, recompute and precision a run used, and its document mix and whether Megatron-LM's
+document flags were on (`presets.Preset.documents`; empty / False otherwise): ratios and
+efficiencies are only ever formed between runs that agree on all of them (like for like), never
+across; packed against unpacked is its own pair of columns (``*_vs_unpacked``)."""
 MODEL_KEY = (
     "hidden_size",
     "num_layers",
@@ -95,6 +106,8 @@ IDENTITY = (
     "dtype",
     "attention_kernel",
     "recompute",
+    "documents",
+    "packed",
 )
 MEASURED = (
     "step_time_s",
@@ -116,6 +129,10 @@ MEASURED = (
     "peak_mem_bytes",
     "final_loss",
     "attention_imbalance",
+    "attention_flops_max",
+    "attention_flops_mean",
+    "kv_needed_fraction",
+    "kv_unneeded_bytes",
     "transient_peak_bytes",
     "core_attention",
     "wall_s",
@@ -134,6 +151,8 @@ DERIVED = (
     "flops_efficiency",
     "efficiency_kind",
     "reference_step_time_s",
+    "attention_flops_vs_unpacked",
+    "step_time_vs_unpacked",
 )
 PREDICTED = (
     "predicted_sp_comm_bytes",
@@ -169,11 +188,19 @@ _LSS_RATIOS = {
 
 # --- one run -------------------------------------------------------------------------------------
 def identity_row(
-    config: Mapping, run_id: str, role: str, repeat: int, preset: str, variant: str | None = None
+    config: Mapping,
+    run_id: str,
+    role: str,
+    repeat: int,
+    preset: str,
+    variant: str | None = None,
+    documents: str = "",
 ) -> dict:
     """The identity columns of a run from its effective configuration (`RunConfig.to_dict()`);
-    `variant` is the preset's label (analysis.presets.VARIANTS), by default the mode."""
+    `variant` is the preset's label (analysis.presets.VARIANTS), by default the mode;
+    `documents` the document mix it reads (`presets.RunSpec.documents`)."""
     m, p, t = config["model"], config["parallel"], config["train"]
+    flags = ("reset_position_ids", "reset_attention_mask", "eod_mask_loss")
     return {
         "run_id": run_id,
         "preset": preset,
@@ -208,6 +235,8 @@ def identity_row(
         "dtype": t["dtype"],
         "attention_kernel": t.get("attention_kernel", "flash"),
         "recompute": t.get("recompute", "none"),
+        "documents": documents,
+        "packed": any(bool(t.get(f)) for f in flags),
     }
 
 
@@ -250,6 +279,11 @@ def read_run(run_dir: Path | str) -> dict:
         "attention_imbalance",
     ):
         row[k] = last.get(k, math.nan)
+    per_rank = last.get("attention_flops_per_rank") or []
+    row["attention_flops_max"] = max(per_rank) if per_rank else math.nan
+    row["attention_flops_mean"] = sum(per_rank) / len(per_rank) if per_rank else math.nan
+    row["kv_needed_fraction"] = last.get("kv_needed_fraction", math.nan)
+    row["kv_unneeded_bytes"] = (1 - row["kv_needed_fraction"]) * row["sp_comm_bytes"]
     row["activation_bytes"] = max(s.get("activation_bytes", 0) for s in steps)
     transient = [
         s["transient_peak_bytes"] for s in steps if s.get("transient_peak_bytes") is not None
@@ -375,6 +409,31 @@ def _fill_settings(df: pd.DataFrame) -> None:
         df["recompute"] = "none"
     if "dtype" not in df:
         df["dtype"] = "fp32"
+    # the document mix and flags (empty / False before they existed; CSV reads "" as NaN)
+    docs = df["documents"] if "documents" in df else pd.Series("", index=df.index)
+    df["documents"] = docs.fillna("").astype(str).replace("nan", "")
+    packed = df["packed"] if "packed" in df else pd.Series(False, index=df.index)
+    df["packed"] = packed.map(lambda x: str(x).strip().lower() in ("true", "1", "1.0"))
+
+
+def is_packed(df: pd.DataFrame) -> pd.Series:
+    """Rows run with Megatron-LM's document flags (after `_fill_settings`)."""
+    return df["packed"].astype(bool) if "packed" in df else pd.Series(False, index=df.index)
+
+
+def _unpacked_reference(df: pd.DataFrame, values: list[str]) -> pd.DataFrame:
+    """For every packed row, the medians of `values` over the ok unpacked runs of the same
+    variant, layout, model, setting and document mix; NaN elsewhere."""
+    label = (
+        df["variant"].where(df["variant"].notna(), df["mode"]) if "variant" in df else df["mode"]
+    )
+    frame = df.assign(_label=label)
+    keys = ["_label", *(k for k in LAYOUT_KEY if k != "packed")]
+    ok = frame[(frame["status"] == "ok") & ~is_packed(frame)]
+    ref = frame[keys].merge(_median_by(ok, keys, values), on=keys, how="left")
+    ref.index = df.index
+    ref.loc[~is_packed(df), values] = math.nan
+    return ref
 
 
 def setting_label(df: pd.DataFrame) -> pd.Series:
@@ -387,6 +446,10 @@ def setting_label(df: pd.DataFrame) -> pd.Series:
             parts.append(str(row["recompute"]))
         if str(row.get("dtype") or "fp32") not in ("fp32", "nan"):
             parts.append(str(row["dtype"]))
+        docs = row.get("documents")
+        if isinstance(docs, str) and docs and docs != "nan":
+            packed = str(row.get("packed")).lower() in ("true", "1", "1.0")
+            parts.append(f"{docs} {'packed' if packed else 'unpacked'}")
         return ", ".join(p for p in parts if p and p != "nan")
 
     return pd.Series([label(r) for _, r in df.iterrows()], index=df.index, dtype=object)
@@ -429,6 +492,16 @@ def add_derived(df: pd.DataFrame, scaling: str) -> pd.DataFrame:
     df["reference_step_time_s"], df["parallel_efficiency"], df["flops_efficiency"] = _efficiency(
         df, scaling
     )
+    for value in ("attention_flops_mean", "step_time_s"):
+        if value not in df:
+            df[value] = math.nan
+    unpacked = _unpacked_reference(df, ["attention_flops_mean", "step_time_s"])
+    for column, value in (
+        ("attention_flops_vs_unpacked", "attention_flops_mean"),
+        ("step_time_vs_unpacked", "step_time_s"),
+    ):
+        base = unpacked[value].where(unpacked[value] > 0)
+        df[column] = (pd.to_numeric(df[value], errors="coerce").where(ok) / base).astype(float)
     df["efficiency_kind"] = scaling
     return df
 
@@ -534,6 +607,13 @@ _SHOWN = {
     "flops_efficiency": "flops_eff",
 }
 _OPTIONS = {
+    "documents": "docs",
+    "packed": "packed",
+    "attention_flops_max": "attnGF_max",
+    "attention_flops_mean": "attnGF_mean",
+    "attention_flops_vs_unpacked": "attnF_vs_unp",
+    "step_time_vs_unpacked": "time_vs_unp",
+    "kv_unneeded_bytes": "kv_unneeded_MiB",
     "attention_imbalance": "imbal",
     "transient_peak_bytes": "trans_MiB",
     "optimizer_state_bytes": "opt_MiB",
@@ -553,7 +633,9 @@ _MIB = (
     "transient_peak_bytes",
     "optimizer_state_bytes",
     "grad_bytes",
+    "kv_unneeded_bytes",
 )
+_GIGA = ("attention_flops_max", "attention_flops_mean")
 _PAPER_MODES = {"serial", "lss", "nvidia-sp"}
 
 
@@ -567,7 +649,15 @@ def _option_columns(df: pd.DataFrame) -> list[str]:
     the ratios against plain LSS where a variant other than the paper's modes ran."""
     variants = set(df["variant"].dropna().astype(str)) if "variant" in df else set()
     zero = _has(df, "zero_stage") and (pd.to_numeric(df["zero_stage"], errors="coerce") > 0).any()
+    docs = "documents" in df and df["documents"].fillna("").astype(str).replace("nan", "").any()
     show = {
+        "documents": docs,
+        "packed": docs,
+        "attention_flops_max": docs,
+        "attention_flops_mean": docs,
+        "attention_flops_vs_unpacked": docs,
+        "step_time_vs_unpacked": docs,
+        "kv_unneeded_bytes": docs and _has(df, "kv_unneeded_bytes"),
         "attention_imbalance": _has(df, "attention_imbalance"),
         "transient_peak_bytes": _has(df, "transient_peak_bytes"),
         "optimizer_state_bytes": zero,
@@ -610,6 +700,9 @@ def format_table(df: pd.DataFrame) -> str:
     for column in _MIB:
         if column in shown:
             shown[column] = shown[column] / 2**20
+    for column in _GIGA:
+        if column in shown:
+            shown[column] = shown[column] / 1e9
     intervals = [c for c in columns if f"{c}_lo" in df and f"{c}_hi" in df]
     for column in intervals:
         shown[column] = [
@@ -655,6 +748,16 @@ def format_table(df: pd.DataFrame) -> str:
             "of step 1's forward + backward; opt, gradmem = optimizer-state and gradient "
             "bytes; *_vs_lss = plain LSS's value over this run's (same N, D, l): above 1 "
             "is faster or smaller."
+        )
+    if "documents" in extra:
+        footer += (
+            " docs = the document mix, packed = Megatron-LM's --reset-position-ids "
+            "--reset-attention-mask --eod-mask-loss on (else the same tokens, plain causal); "
+            "attnGF_max / _mean = attention GFLOPs per step (forward + backward) of the most "
+            "loaded rank / the mean rank of the sequence group; attnF_vs_unp, time_vs_unp = "
+            "this packed run's mean attention FLOPs / step time over the unpacked run of the "
+            "same mode and mix (below 1: packing saves); kv_unneeded = LSS's K/V gather and "
+            "reduce-scatter bytes per rank that carry keys no query of the receiving rank sees."
         )
     return f"{text}\n\n{footer}"
 

@@ -14,6 +14,11 @@ Two calls make a Megatron-Core `GPTModel` a ring model, as for LSS (the trainer 
 them): `get_ring_layer_spec(causal=..., layout=..., kernel=...)` and, once on the built model,
 `prepare_ring_model(model, layout=...)`, with LSS's checks.
 
+Packed documents (Megatron-LM's ``--reset-attention-mask``, docs/packed.md): every rank gets the
+global document starts ``[b, l]`` with its batch, so it knows which keys of each block in hand
+its queries see; the blocks travel as before and the kernel calls cover only the document tiles
+(`ring_attention.document_step_tasks`), blocks no local query sees being skipped.
+
 Per layer and micro-batch a rank sends 3 (N-1) local [K | V] blocks of (l/N) b 2 h_kv d elements
 in the compute dtype (forward N-1 K/V; backward N-1 K/V and N-1 [dK | dV]), each one isend and
 one irecv (category ``sp``); it saves q, one [K | V] block, the output and the lse: nothing of
@@ -130,6 +135,7 @@ MODE = Mode(
     layer_spec=_layer_spec,
     post_build=_post_build,
     options=("lss_layout",),
+    documents=True,
     costs=Costs(
         sp_plan=sp_plan,
         attention_saved=attention_saved,

@@ -33,6 +33,13 @@ Per layer and micro-batch a rank sends (es = element size of the compute dtype),
 one local [K | V] block of ``2 * (l/N) * b * h_kv * d * es`` bytes: forward N-1 (K/V), backward
 N-1 (K/V) plus N-1 ([dK | dV], in the compute dtype, as LSS's reduce-scatter): 3 (N-1) blocks.
 
+Packed documents (``doc_start`` [b, l], Megatron-LM's ``--reset-attention-mask``): the global
+document starts are on every rank (from its batch), so nothing about documents travels; each
+step's kernel calls are the document tiles of `document_step_tasks` (per batch row and document,
+the keys of the block in hand that document's queries see), and a block no local query of a row
+sees is skipped. Every block still travels (the next rank may need it). The forward FLOPs counted
+(`count_flops`) are then the pairs within documents, as LSS's.
+
 Saved for backward: q [l/N, b, h, d], one [K | V] block [l/N, b, 2 h_kv, d] (block r+1), the
 output [l/N, b, h, d] and the lse [b, h, l/N] (fp32): nothing of length l, unlike LSS's gathered
 K/V.
@@ -49,6 +56,7 @@ from torch.autograd.function import once_differentiable
 from lss_megatron.layout import LAYOUTS, attended_pairs
 from lss_megatron.lss.core_attention import SequenceCoreAttention
 from lss_megatron.lss.dense_attention import dense_block_backward, dense_block_forward
+from lss_megatron.lss.documents import document_pairs
 from lss_megatron.lss.kernel import (
     block_backward,
     block_forward,
@@ -56,6 +64,7 @@ from lss_megatron.lss.kernel import (
     lse_merge,
     to_compute_dtype,
 )
+from lss_megatron.lss.positions import local_positions
 from lss_megatron.parallel import comm
 
 KERNELS = ("flash", "dense")
@@ -109,6 +118,48 @@ def step_tasks(
     return tasks
 
 
+def document_step_tasks(
+    q_chunks: tuple[int, ...], k_chunks: tuple[int, ...], c: int, doc_start
+) -> list[tuple[slice, slice, slice, bool]]:
+    """The kernel calls of one step under document masks (Megatron-LM's
+    ``--reset-attention-mask``): (batch rows, query rows, key rows, square-causal). `doc_start`
+    [b, l] (CPU long) is the global start of the document of every global position, the same on
+    every rank, so each rank knows which keys of the block in hand its queries see without any
+    message. Per batch row, each local query chunk is cut into tiles, one per document it meets;
+    tile [qa, qe) of a document starting at s sees, of key chunk kc, the keys [max(s, kc c),
+    (kc+1) c) when kc < the query chunk (one mask-free call), and of its own chunk the keys
+    [max(s, qa'), qa) mask-free plus the square diagonal [qa, qe) (qa' the chunk start). Keys of
+    other documents are never touched: a block no local query of a row can see gives no call
+    (skipped), so the work is the attended pairs ``sum_p (p - doc_start[p] + 1)``
+    (`lss.documents.document_pairs`), as LSS's document tiles."""
+    tasks = []
+    for r in range(doc_start.shape[0]):
+        rows_b = slice(r, r + 1)
+        for i, qc in enumerate(q_chunks):
+            starts = doc_start[r, qc * c : (qc + 1) * c]  # [c]: this chunk's document starts
+            cuts = ((starts[1:] != starts[:-1]).nonzero().flatten() + 1).tolist()
+            for a, e in zip([0, *cuts], [*cuts, c], strict=True):
+                s = int(starts[a])  # the tile's document start (global)
+                rows = slice(i * c + a, i * c + e)
+                for j, kc in enumerate(k_chunks):
+                    lo = max(s, kc * c) - kc * c  # first visible key, local to key chunk j
+                    if kc < qc and lo < c:
+                        tasks.append((rows_b, rows, slice(j * c + lo, (j + 1) * c), False))
+                    elif kc == qc:
+                        if lo < a:
+                            tasks.append((rows_b, rows, slice(j * c + lo, j * c + a), False))
+                        tasks.append((rows_b, rows, slice(j * c + a, j * c + e), True))
+    return tasks
+
+
+def _tasks(q_chunks, k_chunks, c: int, causal: bool, doc_start):
+    """(batch rows, query rows, key rows, square-causal) of one step: every row at once without
+    documents (`step_tasks`), per row and document with them (`document_step_tasks`)."""
+    if doc_start is None:
+        return [(slice(None), *t) for t in step_tasks(q_chunks, k_chunks, c, causal)]
+    return document_step_tasks(q_chunks, k_chunks, c, doc_start)
+
+
 def _block_kernels(kernel: str, q: torch.Tensor, k: torch.Tensor):
     """(forward, backward) block functions: the CPU flash ops where they run, else the dense
     block (also flash's stand-in off the CPU, where torch has no lse-returning public kernel)."""
@@ -124,7 +175,9 @@ def _bhsd(x: torch.Tensor) -> torch.Tensor:
 
 class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, group, causal: bool, scale: float, kernel: str, layout: str):
+    def forward(
+        ctx, q, k, v, group, causal: bool, scale: float, kernel: str, layout: str, doc_start
+    ):
         n, r = comm.group_size(group), comm.group_rank(group)
         sq, b, h, d = q.shape
         h_kv = k.shape[2]
@@ -140,20 +193,20 @@ class _RingAttention(torch.autograd.Function):
                 comm.start_ring_shift(kv, group, category="sp", tag=_KV_TAG) if t < n - 1 else None
             )
             src = (r - t) % n
-            for rows, keys, diag in step_tasks(
-                chunk_ids(r, n, layout), chunk_ids(src, n, layout), c, causal
+            for bs, rows, keys, diag in _tasks(
+                chunk_ids(r, n, layout), chunk_ids(src, n, layout), c, causal, doc_start
             ):
-                kb, vb = _bhsd(kv[keys, :, :h_kv]), _bhsd(kv[keys, :, h_kv:])  # [b, h_kv, k, d]
-                o, l_blk = fwd(qb[:, :, rows], kb, vb, diag, scale)
-                out[:, :, rows], lse[:, :, rows] = lse_merge(
-                    [(out[:, :, rows], lse[:, :, rows]), (o, l_blk)]
+                kb, vb = _bhsd(kv[keys, bs, :h_kv]), _bhsd(kv[keys, bs, h_kv:])  # [b', h_kv, k, d]
+                o, l_blk = fwd(qb[bs, :, rows], kb, vb, diag, scale)
+                out[bs, :, rows], lse[bs, :, rows] = lse_merge(
+                    [(out[bs, :, rows], lse[bs, :, rows]), (o, l_blk)]
                 )
             if shift is not None:
                 kv = shift.wait()  # [sq, b, 2*h_kv, d] of rank r - t - 1
         out = out.permute(2, 0, 1, 3).to(q.dtype).contiguous()  # [sq, b, h, d]
         ctx.save_for_backward(q, kv, out, lse)  # kv: block r+1 (its own for N = 1)
         ctx.group, ctx.causal, ctx.scale = group, causal, scale
-        ctx.kernel, ctx.layout = kernel, layout
+        ctx.kernel, ctx.layout, ctx.doc_start = kernel, layout, doc_start
         return out
 
     @staticmethod
@@ -178,22 +231,24 @@ class _RingAttention(torch.autograd.Function):
                 dkv = torch.zeros(kv.shape, dtype=acc, device=q.device)  # block r+1's, from zero
             else:
                 dkv = dkv_shift.wait().to(acc)  # block blk's, summed over ranks blk-1..r+1
-            tasks = step_tasks(chunk_ids(r, n, layout), chunk_ids(blk, n, layout), c, ctx.causal)
-            for rows, keys, diag in tasks:
-                kb, vb = _bhsd(kv[keys, :, :h_kv]), _bhsd(kv[keys, :, h_kv:])  # [b, h_kv, k, d]
+            tasks = _tasks(
+                chunk_ids(r, n, layout), chunk_ids(blk, n, layout), c, ctx.causal, ctx.doc_start
+            )
+            for bs, rows, keys, diag in tasks:
+                kb, vb = _bhsd(kv[keys, bs, :h_kv]), _bhsd(kv[keys, bs, h_kv:])  # [b', h_kv, k, d]
                 dq_b, dk_b, dv_b = bwd(
-                    dob[:, :, rows],
-                    qb[:, :, rows],
+                    dob[bs, :, rows],
+                    qb[bs, :, rows],
                     kb,
                     vb,
-                    ob[:, :, rows],
-                    lse[:, :, rows],
+                    ob[bs, :, rows],
+                    lse[bs, :, rows],
                     diag,
                     ctx.scale,
                 )
-                dq[:, :, rows] += dq_b
-                dkv[keys, :, :h_kv] += dk_b.permute(2, 0, 1, 3)  # [k, b, h_kv, d]
-                dkv[keys, :, h_kv:] += dv_b.permute(2, 0, 1, 3)
+                dq[bs, :, rows] += dq_b
+                dkv[keys, bs, :h_kv] += dk_b.permute(2, 0, 1, 3)  # [k, b', h_kv, d]
+                dkv[keys, bs, h_kv:] += dv_b.permute(2, 0, 1, 3)
             if shift is not None:  # the accumulator follows its block to rank r-1
                 dkv_shift = comm.start_ring_shift(
                     dkv.to(kv.dtype), group, category="sp", tag=_DKV_TAG, reverse=True
@@ -202,7 +257,7 @@ class _RingAttention(torch.autograd.Function):
         # the last block was this rank's own: dkv [sq, b, 2*h_kv, d], summed over all ranks
         dq = dq.permute(2, 0, 1, 3).to(q.dtype)  # [sq, b, h, d]
         dkv = dkv.to(kv.dtype)
-        return dq, dkv[:, :, :h_kv], dkv[:, :, h_kv:], None, None, None, None, None
+        return dq, dkv[:, :, :h_kv], dkv[:, :, h_kv:], None, None, None, None, None, None
 
 
 def ring_attention(
@@ -216,6 +271,7 @@ def ring_attention(
     kernel: str = "flash",
     layout: str = "contiguous",
     params_dtype: torch.dtype | None = None,
+    doc_start: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Ring attention over a sequence-parallel group (module doc).
 
@@ -231,6 +287,11 @@ def ring_attention(
         layout: ``contiguous`` or ``zigzag`` (`layout.LAYOUTS`), as the data was cut.
         params_dtype: as `lss.operator.lss_attention`: q, k, v are cast to the compute dtype
             before anything travels.
+        doc_start: packed documents (Megatron-LM's ``--reset-attention-mask``): LongTensor
+            ``[b, l]``, the global start of the document of every GLOBAL position, the same on
+            every rank (nothing about documents travels); queries attend only inside their
+            document and blocks no local query sees are skipped (`document_step_tasks`). Needs
+            ``causal``.
 
     Returns:
         ``[s/N, b, h, d]`` in the compute dtype.
@@ -238,9 +299,11 @@ def ring_attention(
     _check_inputs(q, k, v, kernel, layout)
     q, k, v = to_compute_dtype(q, k, v, params_dtype)  # before the ring: K/V travel in it
     group = group if group is not None else dist.group.WORLD
+    if doc_start is not None:
+        doc_start = _check_documents(doc_start, q, comm.group_size(group), causal)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[3])
     with torch.autocast(q.device.type, enabled=False):  # the blocks run in exactly that dtype
-        return _RingAttention.apply(q, k, v, group, causal, scale, kernel, layout)
+        return _RingAttention.apply(q, k, v, group, causal, scale, kernel, layout, doc_start)
 
 
 def _check_inputs(q, k, v, kernel: str, layout: str) -> None:
@@ -266,10 +329,27 @@ def _check_inputs(q, k, v, kernel: str, layout: str) -> None:
         raise ValueError(f"ring_attention: zigzag needs an even local length, got {sq}")
 
 
+def _check_documents(doc_start: torch.Tensor, q: torch.Tensor, n: int, causal: bool):
+    """`doc_start` on the CPU, after checking it is [b, l] long for causal attention."""
+    sq, b = q.shape[0], q.shape[1]
+    if not causal:
+        raise ValueError("ring_attention: document masks (doc_start) need causal attention")
+    if doc_start.dtype != torch.long or tuple(doc_start.shape) != (b, n * sq):
+        raise ValueError(
+            f"ring_attention: doc_start {doc_start.dtype} {tuple(doc_start.shape)} must be int64 "
+            f"[b={b}, l={n * sq}] (the document start of every global position)"
+        )
+    return doc_start.cpu()
+
+
 class RingCoreAttention(SequenceCoreAttention):
     """Ring attention over the context-parallel (sequence) group, as Megatron's `core_attention`:
     (q [l/N, b, h, d], k/v [l/N, b, h_kv, d], mask None) -> [l/N, b, h*d]. `layout` is a spec
-    parameter (`ring.get_ring_layer_spec(layout=...)`), checked by `ring.prepare_ring_model`."""
+    parameter (`ring.get_ring_layer_spec(layout=...)`), checked by `ring.prepare_ring_model`.
+    Document masks (``--reset-attention-mask``): the document starts [b, l] as Megatron's
+    ``attention_mask`` (`SequenceCoreAttention`)."""
+
+    supports_documents = True
 
     def __init__(self, config, layer_number: int, attn_mask_type, *, layout="contiguous", **kw):
         super().__init__(config, layer_number, attn_mask_type, **kw)
@@ -296,9 +376,14 @@ class RingCoreAttention(SequenceCoreAttention):
             softmax_scale=self.softmax_scale,
             kernel=self.kernel,
             layout=self.layout,
+            doc_start=doc_start,
         )  # [s/N, b, h, d], in the compute dtype
         sq, b, h, d = out.shape
         n = self.seq_group.size()
-        pairs = attended_pairs(n * sq, self.seq_group.rank(), n, causal, self.layout)
-        self.count_flops(4 * b * h * d * pairs)
+        full = b * attended_pairs(n * sq, self.seq_group.rank(), n, causal, self.layout)
+        pairs = full
+        if doc_start is not None:  # pairs within documents, summed over the b rows
+            held = local_positions(n * sq, self.seq_group.rank(), n, self.layout)  # [s/N]
+            pairs = document_pairs(doc_start, held)
+        self.count_flops(4 * h * d * pairs, 4 * h * d * full)
         return out

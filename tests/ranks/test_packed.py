@@ -4,7 +4,8 @@ every mode against serial on a packed Megatron indexed dataset (JSONL documents 
 The reference is serial with Megatron's own `DotProductAttention` fed Megatron's own masks and
 position ids (`_get_ltor_masks_and_position_ids`, `data.documents.megatron_masks`); the parallel
 modes use the global document starts (`doc_start`) instead: lss contiguous / zigzag / K/V in head
-chunks / dense kernel / x TP, nvidia-sp (flash and Megatron's dense), ulysses, at 2 and 4 ranks.
+chunks / dense kernel / x TP, nvidia-sp (flash and Megatron's dense), ulysses, ring (contiguous /
+zigzag / dense blocks / RoPE; with DP), at 2 and 4 ranks (the ring at N = 2 also in the fast tier).
 Documents of 1..90 tokens cross segment and sequence boundaries (asserted on the batch).
 Tolerance: fp32 on CPU, 1e-5 absolute (gradients also 1e-3 of their largest entry), as
 tests/support.py: only kernels and reduction orders differ.
@@ -161,12 +162,29 @@ def _runs(world):
         ("nvidia-sp-dense", dict(mode="nvidia-sp", n=n, kernel="dense")),
         ("ulysses", dict(mode="ulysses", n=n)),
     ]
+    if world == 2:  # the fast test below runs RING_FAST at N = 2
+        runs += [r for r in RING_RUNS(2) if r not in RING_FAST]
     if world == 4:
         runs += [
             ("lss-N2-D2", dict(mode="lss", n=2, d=2)),
             ("lss-N2-T2", dict(mode="lss", n=2, t=2)),
+            *RING_RUNS(4),
+            ("ring-N2-D2-zigzag", dict(mode="ring", n=2, d=2, layout="zigzag")),
         ]
     return runs
+
+
+def RING_RUNS(n):  # noqa: N802 - a table, as _runs
+    return [
+        ("ring", dict(mode="ring", n=n)),
+        ("ring-zigzag", dict(mode="ring", n=n, layout="zigzag")),
+        ("ring-dense", dict(mode="ring", n=n, kernel="dense")),
+        ("ring-rope-zigzag", dict(mode="ring", n=n, pos="rope", layout="zigzag")),
+    ]
+
+
+RING_FAST = [RING_RUNS(2)[0], RING_RUNS(2)[3]]
+"""The ring at N = 2 in the fast tier: contiguous with learned positions, zigzag with RoPE."""
 
 
 def _check(ref, r, tag):
@@ -211,7 +229,38 @@ def test_packed_documents_exact_in_every_mode(packed_prefix):
         crossing = {}
         for rank_results in results:
             for r in rank_results:
-                base = ref["serial-rope" if r["name"] == "lss-rope" else "serial"]
+                base = ref["serial-rope" if "rope" in r["name"] else "serial"]
                 _check(base, r, f"P={world} {r['name']} held {r['held'][0]}..")
                 crossing[r["name"]] = crossing.get(r["name"], 0) + r["crossing"]
         assert crossing["lss"] > 0, "some document crosses a segment boundary"
+
+
+@pytest.mark.timeout(300)
+def test_ring_packed_documents_exact_n2(packed_prefix):
+    """The ring with the three flags at N = 2 (`RING_FAST`; zigzag with learned positions and
+    dense blocks: the slow test above, with N = 4), in ONE spawn of 2 ranks whose first runs are the references: serial with Megatron's own mask and
+    position ids (dense `DotProductAttention`), on the same 2 ranks as data parallelism (D = 2:
+    the global loss and averaged gradients are one process's)."""
+    runs = [
+        ("serial", dict(mode="serial", n=1, kernel="dense")),
+        ("serial-rope", dict(mode="serial", n=1, kernel="dense", pos="rope")),
+        *RING_FAST,
+    ]
+    results = run_ranks(_worker, 2, packed_prefix, runs, timeout=280)
+    by_name: dict = {}
+    for rank_results in results:
+        for r in rank_results:
+            by_name.setdefault(r["name"], []).append(r)
+    ref = {}
+    for name in ("serial", "serial-rope"):
+        parts = sorted(by_name[name], key=lambda r: r["data_rank"])
+        ref[name] = {**parts[0], "tokens": np.concatenate([p["tokens"] for p in parts])}
+    crossing = {}
+    for name, parts in by_name.items():
+        if not name.startswith("ring"):
+            continue
+        base = "serial-rope" if "rope" in name else "serial"
+        for r in parts:
+            _check(ref[base], r, f"P=2 {name} held {r['held'][0]}..")
+            crossing[name] = crossing.get(name, 0) + r["crossing"]
+    assert crossing["ring"] > 0 and crossing["ring-rope-zigzag"] > 0, "documents cross segments"

@@ -184,9 +184,112 @@ def test_cpu_packed_runs_are_ones_the_trainer_accepts(tmp_path):
     prefix, lengths = packed.make_mix(tmp_path, "short", tokens=20_000)
     assert sum(lengths) >= 20_000 and min(lengths) >= packed.MIXES["short"][0] + 1
     for label, (mode, n, extra) in packed.MODES.items():
-        for flags in (packed.FLAGS, []):
-            cmd = packed.trainer_command(mode, n, extra + flags, prefix, tmp_path / "o", 3)
+        for flags in (packed.FLAGS, {}):
+            cmd = packed.trainer_command(mode, n, {**extra, **flags}, prefix, tmp_path / "o", 3)
             args = cmd[cmd.index("lss_megatron.train") + 1 :]
             cfg = run_config(args, n)
             assert problems(cfg) == [], (label, flags, problems(cfg))
             assert cfg.train.reset_attention_mask == bool(flags)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+def test_ring_document_tiles_cover_exactly_the_document_mask(layout):
+    """The ring's kernel calls under documents (`document_step_tasks`), over the N steps of
+    each rank, cover every visible (query, key) pair once and nothing else: the attention work
+    is the document pairs the metrics count, and blocks no local query sees are skipped."""
+    from baselines.ring_attention import chunk_ids, document_step_tasks
+    from lss_megatron.lss.positions import local_positions
+
+    length, n = 48, 3
+    tokens = torch.randint(0, 9, (2, length), generator=torch.Generator().manual_seed(5))
+    tokens[1] = 1  # row 2: one document crossing every segment and chunk
+    ds = document_starts(tokens, 0)
+    c = length // (n * (1 if layout == "contiguous" else 2))
+    skipped = 0
+    for r in range(n):
+        held = local_positions(length, r, n, layout)  # [l/N] global positions
+        covered = torch.zeros(2, len(held), length, dtype=torch.long)  # [b, l/N, l]
+        for src in range(n):
+            keys = local_positions(length, src, n, layout)  # the block in hand, local order
+            tasks = document_step_tasks(chunk_ids(r, n, layout), chunk_ids(src, n, layout), c, ds)
+            skipped += not any(t[0].start == 0 for t in tasks)  # row 1 sees none of this block
+            for bs, rows, ks, diag in tasks:
+                q_glob, k_glob = held[rows], keys[ks]
+                see = torch.ones(len(q_glob), len(k_glob), dtype=torch.long)
+                if diag:  # the square diagonal: query i sees keys j <= i
+                    assert torch.equal(q_glob, k_glob)
+                    see = see.tril()
+                covered[bs, rows.start : rows.stop, k_glob] += see
+        want = (~document_mask(ds, 0, length, length))[:, held].long()  # [b, l/N, l]
+        assert torch.equal(covered, want), f"rank {r}: tiles differ from the document mask"
+        assert int(covered.sum()) == document_pairs(ds, held)
+    assert skipped > 0, "some block is skipped for a row whose queries see none of it"
+
+
+def test_cpu_packed_preset_plans_every_mode_packed_and_unpacked_and_tabulates_ratios(tmp_path):
+    """The cpu-packed compare preset: every mode (serial the reference) on both document mixes,
+    packed and unpacked, the trainer accepting each run; the summary's packed / unpacked ratios
+    (synthetic measurements, no launch) and the printed columns; bad document keys refused."""
+    import math
+
+    from analysis import compare, presets, repeats, tables
+
+    preset = presets.get_preset("cpu-packed")
+    assert [m for m, _, _ in preset.documents] == ["short", "long"]
+    plan = presets.make_plan(preset, repeats=1, data_dir=tmp_path)
+    assert plan.skipped == ()
+    want = {
+        f"{mode}_N{n}_D1_l1024_{mix}_{kind}"
+        for mode, n in [("serial", 1), ("lss", 2), ("nvidia-sp", 2), ("ulysses", 2), ("ring", 2)]
+        for mix in ("short", "long")
+        for kind in ("packed", "unpacked")
+    }
+    assert set(plan.configs) == want and len(plan.runs) == 20
+    rows = []
+    for run in plan.runs:
+        f = run.flags
+        assert f["data"] == "megatron" and f["data-path"] == str(tmp_path / run.documents)
+        assert all(f.get(x) is (True if run.packed else None) for x in presets.PACKED_FLAGS)
+        assert "attention-kernel" not in f and f["dtype"] == "fp32"  # flash, no recompute
+        config = compare.effective_config(run)
+        assert config["train"]["reset_attention_mask"] == run.packed
+        row = tables.identity_row(
+            config, run.run_id, run.role, 0, preset.name, run.label, run.documents
+        )
+        mean = 4e8 if run.packed else 1e9  # synthetic: packing cuts attention work and time
+        row.update(
+            status="ok",
+            config_id=run.config_id,
+            step_time_s=(1.0 if run.packed else 2.0) * (1 + (run.mode == "lss")),
+            attention_flops_max=1.5 * mean,
+            attention_flops_mean=mean,
+            activation_bytes=2**20,
+            sp_comm_bytes=2**21,
+            kv_needed_fraction=0.25 if run.mode == "lss" and run.packed else math.nan,
+        )
+        row["kv_unneeded_bytes"] = (1 - row["kv_needed_fraction"]) * row["sp_comm_bytes"]
+        rows.append(row)
+    runs = tables.finish(rows, "strong")
+    df = repeats.aggregate(runs, "strong", order=plan.configs).set_index("run_id")
+    for config in want:
+        ratio_f, ratio_t = df.loc[config, ["attention_flops_vs_unpacked", "step_time_vs_unpacked"]]
+        if config.endswith("_packed"):
+            assert (ratio_f, ratio_t) == (pytest.approx(0.4), pytest.approx(0.5)), config
+        else:
+            assert math.isnan(ratio_f) and math.isnan(ratio_t), config
+    # serial packed is compared with serial packed, never with an unpacked run of another mix
+    assert df.loc["lss_N2_D1_l1024_short_packed", "speedup_vs_nvidia_sp"] == pytest.approx(0.5)
+    assert df.loc["lss_N2_D1_l1024_long_packed", "kv_unneeded_bytes"] == 0.75 * 2**21
+    text = tables.format_table(df.reset_index())
+    for column in ("docs", "packed", "attnGF_max", "attnGF_mean", "attnF_vs_unp", "time_vs_unp"):
+        assert column in text.splitlines()[0], column
+    assert "act_MiB" in text and "step_s" in text and "kv_unneeded_MiB" in text
+    # a document preset owns its data flags; mix names and lengths are checked
+    src = (presets.compare_presets_dir() / "cpu-packed.yaml").read_text()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(src.replace("  steps: 3", "  steps: 3\n  data-path: x\n  eod-mask-loss: true"))
+    with pytest.raises(presets.PresetError, match="train.data-path: set by the plan"):
+        presets.load_preset(bad)
+    bad.write_text(src.replace("[long, 256, 767]", "[long, 767, 256]"))
+    with pytest.raises(presets.PresetError, match="need 1 <= 767 <= 256"):
+        presets.load_preset(bad)
