@@ -79,16 +79,23 @@ def effective_config(run: RunSpec) -> dict:
 
 
 def torchrun_command(run: RunSpec, out: Path) -> list[str]:
+    """The launch of `run` writing into `out` (`launch_command` of its trainer arguments)."""
+    return launch_command(run.world_size, run.trainer_args(out))
+
+
+def launch_command(world_size: int, trainer_args: list[str]) -> list[str]:
+    """The one place a trainer launch is spelled: ``python -m torch.distributed.run --standalone
+    --nproc-per-node P -m lss_megatron.train ARGS`` (compare, analysis.longest, calibrate)."""
     return [
         sys.executable,
         "-m",
         "torch.distributed.run",
         "--standalone",
         "--nproc-per-node",
-        str(run.world_size),
+        str(world_size),
         "-m",
         "lss_megatron.train",
-        *run.trainer_args(out),
+        *trainer_args,
     ]
 
 

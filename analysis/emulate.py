@@ -31,7 +31,7 @@ import torch.distributed as dist
 
 from lss_megatron.modes import MODES
 
-from .costmodel import make_config, predict
+from .costmodel import config_from_model, predict
 from .costmodel.counts import mode_of
 from .costmodel.hw import DEVICES
 from .timing import kernels_seen, time_reps
@@ -119,18 +119,46 @@ def model_config(shape: LayerShape, layers: int = 1):
     )
 
 
+RECEIVE_BUFFERS = {"irecv": "tensor", "recv": "tensor", "broadcast": "tensor"}
+"""`torch.distributed`'s primitives whose receive buffer torch's ``fake`` backend leaves as the
+caller allocated it, and that buffer's argument (the first): the point-to-point receives (the
+ring's shifts) and a broadcast's receivers. Its gathers, reduce-scatters and all-to-alls write
+their outputs (copies of the input), so they need nothing (tests/unit/test_gpu_check.py checks
+both)."""
+
+
+def defined_receive(name: str, fn):
+    """`fn` (the primitive `name` of `RECEIVE_BUFFERS`) zeroing its receive buffer first: the
+    fake backend delivers nothing, and a buffer allocated uninitialised (``torch.empty_like``)
+    may hold non-finite bits on the device, which would make the emulated rank's output
+    non-finite. A real backend writes the whole buffer, so the rank's kernels see finite values
+    of the same shapes either way. A broadcast's source keeps its tensor."""
+    key = RECEIVE_BUFFERS[name]
+
+    def receive(*args, **kwargs):
+        buf = args[0] if args else kwargs[key]
+        src = args[1] if len(args) > 1 else kwargs.get("src")
+        if name != "broadcast" or src != dist.get_rank():
+            buf.zero_()
+        return fn(*args, **kwargs)
+
+    receive.__wrapped__ = fn
+    return receive
+
+
 @contextlib.contextmanager
 def emulated_rank(variant: Variant, n: int, rank: int):
     """This process as rank `rank` of `n` on the ``fake`` backend, with Megatron's groups for
     the variant's mode at degree n (tagged ``sp`` as the trainer tags them); yields the rank's
-    `parallel.grid.Grid`. Torch.distributed must not be initialised already."""
+    `parallel.grid.Grid`. Inside, every receive buffer starts zeroed (`defined_receive`, over
+    `RECEIVE_BUFFERS`). Torch.distributed must not be initialised already."""
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     from lss_megatron.compat import cpu
     from lss_megatron.modes import get_mode
-    from lss_megatron.parallel import comm
+    from lss_megatron.parallel import comm, recording
     from lss_megatron.parallel.grid import Grid
 
     if dist.is_initialized():
@@ -140,31 +168,32 @@ def emulated_rank(variant: Variant, n: int, rank: int):
     tp, cp = rules.tensor_parallel(n, 1), rules.context_parallel(n)
     dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=n)
     try:
-        ps.initialize_model_parallel(
-            tensor_model_parallel_size=tp,
-            context_parallel_size=cp,
-            create_gloo_process_groups=False,  # the fake backend has no gloo twin
-        )
-        model_parallel_cuda_manual_seed(1234)  # Megatron's RNG tracker, as the trainer seeds it
-        grid = Grid(
-            rank=rank,
-            world_size=n,
-            seq_group=ps.get_context_parallel_group(),
-            seq_rank=ps.get_context_parallel_rank(),
-            seq_size=cp,
-            data_group=ps.get_data_parallel_group(),
-            data_rank=0,
-            data_size=1,
-            grad_group=ps.get_data_parallel_group(with_context_parallel=True),
-            tp_group=ps.get_tensor_model_parallel_group(),
-            tp_rank=ps.get_tensor_model_parallel_rank(),
-            tp_size=tp,
-            layout=variant.layout,
-            **dict(variant.options),
-        )
-        comm.tag_group(grid.seq_group, "sp")
-        comm.tag_group(grid.tp_group, "sp")
-        yield grid
+        with recording.primitives_wrapped(defined_receive, RECEIVE_BUFFERS):
+            ps.initialize_model_parallel(
+                tensor_model_parallel_size=tp,
+                context_parallel_size=cp,
+                create_gloo_process_groups=False,  # the fake backend has no gloo twin
+            )
+            model_parallel_cuda_manual_seed(1234)  # Megatron's RNG tracker, as the trainer seeds it
+            grid = Grid(
+                rank=rank,
+                world_size=n,
+                seq_group=ps.get_context_parallel_group(),
+                seq_rank=ps.get_context_parallel_rank(),
+                seq_size=cp,
+                data_group=ps.get_data_parallel_group(),
+                data_rank=0,
+                data_size=1,
+                grad_group=ps.get_data_parallel_group(with_context_parallel=True),
+                tp_group=ps.get_tensor_model_parallel_group(),
+                tp_rank=ps.get_tensor_model_parallel_rank(),
+                tp_size=tp,
+                layout=variant.layout,
+                **dict(variant.options),
+            )
+            comm.tag_group(grid.seq_group, "sp")
+            comm.tag_group(grid.tp_group, "sp")
+            yield grid
     finally:
         if ps.model_parallel_is_initialized():
             ps.destroy_model_parallel()
@@ -273,20 +302,13 @@ def predicted_layer(variant: Variant, shape: LayerShape, device: str) -> dict:
     gradient sync and optimizer cancel), and its sp bytes for that layer."""
 
     def at(layers: int) -> dict:
-        cfg = make_config(
+        cfg = config_from_model(
             variant.mode,
             shape.n,
             1,
-            num_layers=layers,
-            hidden_size=shape.hidden,
-            num_heads=shape.heads,
-            num_kv_heads=shape.kv_heads,
-            ffn_hidden_size=shape.ffn,
-            seq_length=shape.seq_length,
-            vocab_size=shape.vocab,
+            model_config(shape, layers),
             global_batch_size=shape.micro_batch,
             micro_batch_size=shape.micro_batch,
-            position_embedding="rope",
             dtype="bf16",
             **config_flags(variant),
         )

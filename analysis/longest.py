@@ -23,6 +23,16 @@ recompute settings, ``bytes_at_longest`` and the ``run_dir`` that measured it) a
 ``figures/longest_seq_length.png|pdf`` (longest l vs P, one colour per mode). Everything the
 trainer does not know (``--ranks``, ``--budget-mib``, ...) is this tool's; every other flag goes to
 the trainer unchanged (``--num-layers``, ``--hidden-size``, ``--vocab-size``, ...).
+
+``--modes`` takes the variant labels of ``analysis.compare`` (`presets.VARIANTS`: a mode plus its
+own flags) as well as the plain modes, so one search sets the LSS options side by side, each only
+on its own mode: ``lss-local`` (``--lss-save-kv local``), ``lss-overlap`` (``--lss-overlap``),
+``lss-local-overlap``, ``lss-megatron-cp`` (``--lss-save-kv local --lss-kv-gather separate``),
+``lss-kv2`` / ``lss-kv4``, ``lss-zero1`` / ``lss-zero2``, ... The label names the runs, the
+``variant`` column of both tables and the figure's series:
+
+    python -m analysis.longest --ranks 2 --modes lss lss-local nvidia-sp --num-heads 2 \
+        --budget-mib 48 --out runs/longest-local
 """
 
 from __future__ import annotations
@@ -44,11 +54,16 @@ from . import outdir
 from .fitsearch import longest_fitting
 from .inputs import InputError
 from .outdir import cli
+from .presets import VARIANTS, get_variant
+from .trainer_config import argv as flag_argv
 
 MiB = 1 << 20
 MODES = ("lss", "nvidia-sp", "ulysses", "ring")
+VARIANT_LABELS = tuple(k for k, v in VARIANTS.items() if v.mode in MODES)
+"""Every label `--modes` takes: the plain modes and their variants (`presets.VARIANTS`)."""
 RECOMPUTES = ("none", "selective", "full")
 COLUMNS = (
+    "variant",
     "mode",
     "seq_parallel",
     "tensor_parallel",
@@ -64,6 +79,7 @@ COLUMNS = (
     "runs",
 )
 SEARCH_COLUMNS = (
+    "variant",
     "mode",
     "world_size",
     "seq_parallel",
@@ -92,6 +108,12 @@ class Search:
     """The user's trainer flags (the model), passed through unchanged."""
     step: int = 0
     """Candidate lengths are multiples of this (the layout's need and the granularity)."""
+    variant: str = ""
+    """The `presets.VARIANTS` label whose flags the runs add (empty: the plain mode)."""
+
+    @property
+    def label(self) -> str:
+        return self.variant or self.mode
 
     @property
     def world_size(self) -> int:
@@ -102,6 +124,7 @@ class Search:
         d = self.data_parallel
         return [
             *self.trainer,
+            *flag_argv(get_variant(self.label).flags),
             "--mode",
             self.mode,
             "--seq-parallel",
@@ -127,9 +150,7 @@ class Search:
         ]
 
     def run_id(self, seq_length: int) -> str:
-        return (
-            f"{self.mode}_N{self.seq_parallel}_D{self.data_parallel}_{self.recompute}_l{seq_length}"
-        )
+        return f"{self.label}_N{self.seq_parallel}_D{self.data_parallel}_{self.recompute}_l{seq_length}"
 
 
 def trainer_verdict(args: list[str], world_size: int) -> str | None:
@@ -144,18 +165,20 @@ def trainer_verdict(args: list[str], world_size: int) -> str | None:
 
 
 def best_layout(
-    mode: str, ranks: int, trainer: tuple[str, ...], granularity: int, recompute: str = "none"
+    label: str, ranks: int, trainer: tuple[str, ...], granularity: int, recompute: str = "none"
 ) -> tuple[Search | None, str]:
-    """`mode`'s most memory-saving layout on `ranks` ranks (the largest legal sequence degree),
-    or None and the trainer's reasons for refusing every degree."""
+    """The most memory-saving layout on `ranks` ranks (the largest legal sequence degree) of the
+    mode or variant `label`, or None and the trainer's reasons for refusing every degree."""
+    mode = get_variant(label).mode
+    variant = "" if label == mode else label
     reasons = []
     for n in sorted((n for n in range(1, ranks + 1) if ranks % n == 0), reverse=True):
-        search = Search(mode, n, ranks // n, recompute, trainer, math.lcm(granularity, n))
+        search = Search(mode, n, ranks // n, recompute, trainer, math.lcm(granularity, n), variant)
         why = trainer_verdict(search.args(search.step), ranks)
         if why is None:
             return search, ""
         reasons.append(f"N = {n}: {why}")
-    return None, f"{mode} on {ranks} ranks: no legal layout ({' | '.join(reasons)})"
+    return None, f"{label} on {ranks} ranks: no legal layout ({' | '.join(reasons)})"
 
 
 # --- running it ----------------------------------------------------------------------------------
@@ -180,27 +203,16 @@ def legacy_outputs(out: Path) -> list[str]:
 
 def launch_one(search: Search, seq_length: int, out: Path, timeout_s: float) -> dict:
     """Run the trainer for one step at `seq_length`; its record for searches.csv."""
-    from .compare import run_trainer
+    from .compare import launch_command, run_trainer
 
     run_dir = out / "runs" / search.run_id(seq_length)
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        str(search.world_size),
-        "-m",
-        "lss_megatron.train",
-        *search.args(seq_length),
-        "--out",
-        str(run_dir),
-    ]
+    cmd = launch_command(search.world_size, [*search.args(seq_length), "--out", str(run_dir)])
     outcome = run_trainer(cmd, run_dir, timeout_s, reuse=_REUSE)
     measured = _rank_bytes(run_dir) if outcome["status"] == "ok" else None
     if outcome["status"] == "ok" and measured is None:
         outcome = {**outcome, "status": "failed", "error": "no rank_bytes_max in metrics.jsonl"}
     return {
+        "variant": search.label,
         "mode": search.mode,
         "world_size": search.world_size,
         "seq_parallel": search.seq_parallel,
@@ -281,7 +293,17 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="continue the search in --out: runs already complete (same command) are kept",
     )
-    p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    p.add_argument(
+        "--modes",
+        nargs="+",
+        choices=VARIANT_LABELS,
+        default=list(MODES),
+        metavar="MODE",
+        help=f"modes and variants to search (default: {' '.join(MODES)}); a variant adds its "
+        "own flags to its mode's runs only, e.g. lss-local (--lss-save-kv local), lss-overlap, "
+        f"lss-megatron-cp (--lss-save-kv local --lss-kv-gather separate); any of: "
+        f"{', '.join(VARIANT_LABELS)}",
+    )
     p.add_argument(
         "--recompute",
         nargs="+",
@@ -371,6 +393,7 @@ def longest_row(
 ) -> dict:
     t = get_mode(search.mode).tensor_parallel(search.seq_parallel)
     return {
+        "variant": search.label,
         "mode": search.mode,
         "seq_parallel": search.seq_parallel,
         "tensor_parallel": t,
@@ -388,10 +411,10 @@ def longest_row(
 
 
 def best_rows(rows: list[dict]) -> list[dict]:
-    """Per (mode, P): the recompute setting reaching the longest l (ties: fewer bytes)."""
+    """Per (variant, P): the recompute setting reaching the longest l (ties: fewer bytes)."""
     best: dict[tuple, dict] = {}
     for row in rows:
-        key = (row["mode"], row["world_size"])
+        key = (row.get("variant") or row["mode"], row["world_size"])
         score = (row["longest_seq_length"], -(row["bytes_at_longest"] or 0))
         old = best.get(key)
         if old is None or score > (old["longest_seq_length"], -(old["bytes_at_longest"] or 0)):
@@ -435,7 +458,7 @@ def _main(argv: list[str] | None) -> int:
         outdir.note(out / "searches.csv")
         b = rec["rank_bytes_max"]
         print(
-            f"  {rec['mode']:<9} N={rec['seq_parallel']} D={rec['data_parallel']} "
+            f"  {rec['variant']:<9} N={rec['seq_parallel']} D={rec['data_parallel']} "
             f"{rec['recompute']:<9} l={rec['seq_length']:<7} "
             f"{'-' if b is None else f'{b / MiB:,.1f} MiB':>12} "
             f"{'fits' if rec['fits'] else 'over' if rec['status'] == 'ok' else rec['status']}",
@@ -445,7 +468,7 @@ def _main(argv: list[str] | None) -> int:
     rows = []
     for s in searches:
         print(
-            f"{s.mode} on {s.world_size} ranks (N = {s.seq_parallel}, D = {s.data_parallel}), "
+            f"{s.label} on {s.world_size} ranks (N = {s.seq_parallel}, D = {s.data_parallel}), "
             f"recompute {s.recompute}:",
             flush=True,
         )
@@ -461,7 +484,7 @@ def _main(argv: list[str] | None) -> int:
     outdir.note(out / "longest.csv", out / "longest_all_recompute.csv", *figures)
     for row in table:
         print(
-            f"{row['mode']:<9} P={row['world_size']} N={row['seq_parallel']} "
+            f"{row['variant']:<9} P={row['world_size']} N={row['seq_parallel']} "
             f"D={row['data_parallel']} recompute={row['recompute']}: longest l = "
             f"{row['longest_seq_length']:,} ({(row['bytes_at_longest'] or 0) / MiB:,.1f} MiB "
             f"of {budget / MiB:,.1f})"
@@ -471,20 +494,23 @@ def _main(argv: list[str] | None) -> int:
 
 
 def plot_longest(rows: list[dict], stem: Path, budget: int) -> list[Path]:
-    """Longest l vs P, one colour per mode (measured: every point is a run that fitted)."""
-    from .plotting import mode_colour, pyplot, save
+    """Longest l vs P, one colour per mode, a shade of it per variant (measured: every point is
+    a run that fitted)."""
+    from .plotting import pyplot, save, shades
 
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
-    for mode in MODES:
-        pts = sorted((r["world_size"], r["longest_seq_length"]) for r in rows if r["mode"] == mode)
-        if pts:
-            ax.plot(*zip(*pts, strict=True), marker="o", color=mode_colour(mode), label=mode)
+    labels = [v for v in VARIANT_LABELS if any(r["variant"] == v for r in rows)]
+    for label, colour in shades(labels).items():
+        pts = sorted(
+            (r["world_size"], r["longest_seq_length"]) for r in rows if r["variant"] == label
+        )
+        ax.plot(*zip(*pts, strict=True), marker="o", color=colour, label=label)
     ax.set_xlabel("ranks P")
     ax.set_ylabel("longest sequence length l (tokens)")
     ax.set_xticks(sorted({r["world_size"] for r in rows}))
     ax.set_ylim(bottom=0)
-    ax.legend(title="mode (best legal layout)")
+    ax.legend(title="mode or variant (best legal layout)")
     ax.set_title(f"Longest l within {budget / MiB:,.0f} MiB per rank (measured, CPU)", fontsize=10)
     ax.grid(alpha=0.3)
     stem.parent.mkdir(parents=True, exist_ok=True)

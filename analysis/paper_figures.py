@@ -37,7 +37,7 @@ from lss_megatron.resources import prog
 from . import tables
 from .inputs import read_csv_table
 from .outdir import cli
-from .plotting import MODE_COLOURS, context, mode_colour, pyplot, save, shade
+from .plotting import MODE_COLOURS, context, mode_colour, pyplot, save, shade, shades
 
 ASSUMPTIONS = ("paper-2023", "modern")
 MODELLED_STYLE = {"paper-2023": "--", "modern": ":"}
@@ -111,16 +111,19 @@ def degree_markers(values) -> dict:
 
 
 def _modelled_by_mode(ax, series: dict, key: str, x: str, y: str, scale: float = 1.0) -> None:
-    """One hollow dashed (paper-2023) or dotted (modern) line per mode of frame `key`, in the
-    mode's colour; where the frame has degrees (memory_vs_length), one marker per degree."""
+    """One hollow dashed (paper-2023) or dotted (modern) line per mode (or per variant, where
+    the frame names them: each a shade of its mode's colour) of frame `key`; where the frame has
+    degrees (memory_vs_length), one marker per degree."""
     for a, frames in series.items():
         frame = frames[key]
-        keys = ["mode", "degree"] if "degree" in frame and key == "memory_vs_length" else ["mode"]
+        name = "variant" if "variant" in frame else "mode"
+        keys = [name, "degree"] if "degree" in frame and key == "memory_vs_length" else [name]
+        colours = shades(frame[name])
         markers = degree_markers(frame["degree"]) if len(keys) == 2 else {}
         for k, g in frame.groupby(keys):
             mode = k[0] if isinstance(k, tuple) else k
             label = f"{a}: {mode}" + (f" (degree {k[1]})" if len(keys) == 2 else "")
-            style = _hollow(mode_colour(mode), MODELLED_STYLE[a])
+            style = _hollow(colours[mode], MODELLED_STYLE[a])
             if len(keys) == 2:
                 style["marker"] = markers[k[1]]
             ax.plot(g[x], g[y] * scale, label=label, **style)
@@ -304,14 +307,16 @@ def fig_longest(measured: dict, series: dict, claims: dict, stem: Path) -> list[
     if lg is None or lg.empty:
         _missing(left, "python -m analysis.longest --ranks 4 --num-heads 2 --budget-mib 48 ...")
     else:
-        for mode, g in lg.groupby("mode"):
+        key = "variant" if "variant" in lg else "mode"  # searches before variants: modes only
+        colours = shades(lg[key])
+        for label, g in lg.groupby(key):
             g = g.sort_values("world_size")
             left.plot(
                 g["world_size"],
                 g["longest_seq_length"],
                 marker="o",
-                color=mode_colour(mode),
-                label=mode,
+                color=colours[label],
+                label=label,
             )
         left.set_xticks(sorted(lg["world_size"].unique()))
         budget = lg["budget_bytes"].iloc[0] / 2**20 if "budget_bytes" in lg else float("nan")

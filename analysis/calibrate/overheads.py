@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -21,72 +20,40 @@ import torch
 
 from lss_megatron.modes import REFERENCE
 
-from ..compare import child_env
+from ..compare import child_env, torchrun_command
 from ..costmodel import predict
 from ..costmodel.calibrated import device_from_dict
+from ..presets import RunSpec
 from .compute import bench
 
-TINY = [
-    "--hidden-size",
-    "32",
-    "--num-heads",
-    "4",
-    "--num-kv-heads",
-    "2",
-    "--ffn-hidden-size",
-    "64",
-    "--vocab-size",
-    "64",
-    "--seq-length",
-    "64",
-    "--position-embedding",
-    "learned",
-    "--optimizer",
-    "adamw",
-    "--lr",
-    "1e-3",
-    "--dtype",
-    "fp32",
-    "--data",
-    "synthetic",
-    "--micro-batch-size",
-    "1",
-    "--steps",
-    "6",
-    "--progress",
-    "off",
-    "--dist-timeout",
-    "120",
-]
+TINY = {
+    "hidden-size": 32,
+    "num-heads": 4,
+    "num-kv-heads": 2,
+    "ffn-hidden-size": 64,
+    "vocab-size": 64,
+    "seq-length": 64,
+    "position-embedding": "learned",
+    "optimizer": "adamw",
+    "lr": "1e-3",
+    "dtype": "fp32",
+    "data": "synthetic",
+    "micro-batch-size": 1,
+    "steps": 6,
+    "dist-timeout": 120,
+}
+"""The calibration model and recipe, as trainer flags (a `RunSpec`'s, without dashes)."""
 LAYERS = (1, 5)
 MICRO = (2, 6)
 
 
 def _run(mode: str, n: int, layers: int, micro: int, out: Path) -> dict:
-    """One tiny trainer run; its config.json and the trainer's median step time."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        str(n),
-        "-m",
-        "lss_megatron.train",
-        "--mode",
-        mode,
-        "--seq-parallel",
-        str(n),
-        "--data-parallel",
-        "1",
-        "--num-layers",
-        str(layers),
-        "--global-batch-size",
-        str(micro),
-        *TINY,
-        "--out",
-        str(out),
-    ]
+    """One tiny trainer run; its config.json and the trainer's median step time. Launched as
+    analysis.compare launches a run (`RunSpec`, `compare.torchrun_command`)."""
+    flags = {"mode": mode, "seq-parallel": n, "data-parallel": 1, "num-layers": layers}
+    flags.update({"global-batch-size": micro, **TINY})
+    run = RunSpec(mode, n, 1, TINY["seq-length"], 0, "calibration", flags)
+    cmd = torchrun_command(run, out)
     res = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=300)
     if res.returncode != 0:
         raise RuntimeError(

@@ -32,7 +32,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from .calibrated import CalibratedDevice, NotCalibrated, find_device_file, load_device_file
-from .configs import config_from_preset, layout_problems, make_config
+from .configs import config_from_model, config_from_preset, layout_problems, make_config
 from .counts import (
     FP32,
     MODES,
@@ -67,6 +67,7 @@ __all__ = [
     "compare_run",
     "find_device_file",
     "load_device_file",
+    "config_from_model",
     "config_from_preset",
     "layout_problems",
     "make_config",

@@ -18,10 +18,11 @@ as the trainer value with the same limits (`TWINS`):
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Mapping
 from pathlib import Path
 
-from lss_megatron.config import ConfigError
+from lss_megatron.config import ConfigError, ModelConfig
 
 from ..trainer_config import argv, from_dict, problems, run_config
 
@@ -90,6 +91,16 @@ def make_config(
             **flags,
         ),
     )
+
+
+def config_from_model(
+    mode: str, seq_parallel: int, data_parallel: int, model: ModelConfig, **flags
+) -> dict:
+    """`make_config` of the trainer's own `ModelConfig` (every field of it as the model flags):
+    the one place a model described as the trainer describes it becomes a configuration
+    (`analysis.emulate`'s layer shapes, the tests). `flags`: the rest, as `make_config`'s
+    (``global_batch_size`` is required)."""
+    return make_config(mode, seq_parallel, data_parallel, **dataclasses.asdict(model), **flags)
 
 
 def config_from_preset(path: str | Path, **overrides) -> dict:

@@ -425,17 +425,32 @@ def _memory_rows(a: AssumptionSet, opts: Options) -> list[dict]:
     return rows
 
 
+LOCAL_KV_SERIES = {
+    "lss-local": {"lss_save_kv": "local"},
+    "lss-local-zero1": {"lss_save_kv": "local", "zero_stage": 1},
+    "lss-local-zero2": {"lss_save_kv": "local", "zero_stage": 2},
+}
+"""The longest-l series of LSS with K/V kept local (issue 21), alone and with ZeRO-1 / ZeRO-2
+over all P GPUs: the flash-kernel assumption sets only (the trainer keeps K/V local with the
+flash kernel alone; a materialised-scores kernel saves its own copies)."""
+
+
 def _longest_rows(a: AssumptionSet, opts: Options) -> list[dict]:
+    """Per GPU count: LSS at N = P, NVIDIA SP at its head-capped t, and under a flash-kernel
+    assumption set LSS with K/V kept local (`LOCAL_KV_SERIES`); ``variant`` names the series."""
+    local = LOCAL_KV_SERIES if a.attention_kernel == "flash" else {}
     rows = []
     for p in RANKS_SERIES:
         t = head_capped_degree(p)
-        for mode, degree, recompute in (
-            ("lss", p, "none"),
-            ("nvidia-sp", t, opts.baseline_recompute),
+        for variant, mode, degree, recompute, flags in (
+            ("lss", "lss", p, "none", {}),
+            *((v, "lss", p, "none", f) for v, f in local.items()),
+            ("nvidia-sp", "nvidia-sp", t, opts.baseline_recompute, {}),
         ):
-            cfg = setup_144(a, mode, degree, ranks=p, recompute=recompute)
+            cfg = setup_144(a, mode, degree, ranks=p, recompute=recompute, **flags)
             rows.append(
                 {
+                    "variant": variant,
                     "mode": mode,
                     "ranks": p,
                     "degree": degree,
@@ -475,8 +490,9 @@ def paper_series(assumptions: str, options: Options | None = None) -> dict[str, 
     * ``memory_vs_length``: mode, degree, seq_length, bytes_per_rank (peak: held +
       transient), held_bytes_per_rank (weights, masters, gradients, optimizer state and saved
       activations: the model's ``memory_bytes``) (LSS N = 144; NVIDIA SP t = 6, 12; 144 GPUs);
-    * ``longest_vs_ranks``: mode, ranks, degree, longest_seq_length (LSS N = ranks, NVIDIA SP
-      at its head-capped degree) within the V100's 16 GB;
+    * ``longest_vs_ranks``: variant, mode, ranks, degree, longest_seq_length (LSS N = ranks,
+      NVIDIA SP at its head-capped degree; under ``modern`` also LSS with K/V kept local, alone
+      and with ZeRO-1 / ZeRO-2, `LOCAL_KV_SERIES`) within the V100's 16 GB;
     * ``weak_scaling``: ranks, efficiency (causal FLOP rate per GPU over one GPU's at l 348),
       and the full-square and token-rate readings (N x 24 GPUs, l = 348 N);
     * ``throughput``: ranks, flops_per_s (causal), flops_per_s_full_square.
@@ -502,7 +518,9 @@ def paper_series(assumptions: str, options: Options | None = None) -> dict[str, 
             a.name,
         ),
         "longest_vs_ranks": _frame(
-            _longest_rows(a, opts), ["mode", "ranks", "degree", "longest_seq_length"], a.name
+            _longest_rows(a, opts),
+            ["variant", "mode", "ranks", "degree", "longest_seq_length"],
+            a.name,
         ),
         "weak_scaling": _frame(
             weak,

@@ -166,9 +166,11 @@ def setup_144(
     seq_length: int = SEQ_144,
     global_batch: int | None = None,
     recompute: str = "none",
+    **flags,
 ) -> dict:
     """The 144-GPU model on `ranks` GPUs: `mode` at sequence (lss) or tensor (nvidia-sp) degree
-    `degree`, D = ranks / degree, one sequence per replica unless `global_batch`."""
+    `degree`, D = ranks / degree, one sequence per replica unless `global_batch`; `flags`: any
+    other trainer flag in `make_config`'s names (``lss_save_kv="local"``, ``zero_stage=1``)."""
     d = ranks // degree
     return config_from_preset(
         PRESET_144,
@@ -181,6 +183,7 @@ def setup_144(
         dtype=aset.dtype,
         attention_kernel=aset.attention_kernel,
         recompute=recompute,
+        **flags,
     )
 
 

@@ -29,8 +29,6 @@ import torch.distributed as dist
 
 from .recording import CATEGORIES, CommLog, as_category, record, tag_group
 
-_as = as_category  # its name before the recording moved out (#19): branches in flight use it
-
 __all__ = [
     "CATEGORIES",
     "CommLog",
@@ -198,10 +196,7 @@ def start_ring_shift(
     if n == 1:
         return PendingShift(x, x, [])
     r = group_rank(group)
-    # torch's ``fake`` backend (analysis/emulate.py: one rank of a mode on one device) delivers
-    # nothing: start from this rank's own block so the emulated rank computes on finite values
-    fake = dist.get_backend(group) == "fake"
-    out = x.clone() if fake else torch.empty_like(x)
+    out = torch.empty_like(x)
     step = -1 if reverse else 1
     nxt = dist.get_global_rank(group, (r + step) % n) if group is not None else (r + step) % n
     prv = dist.get_global_rank(group, (r - step) % n) if group is not None else (r - step) % n

@@ -46,7 +46,7 @@ import sys
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -423,21 +423,28 @@ def _install() -> None:
     _installs += 1
     if _installs > 1:
         return
-    originals = {}
-    for name in _BYTES:
+    _saved.extend(_rebind(_BYTES, _wrap))
+
+
+def _rebind(names, wrap) -> list[tuple[object, str, object]]:
+    """Replace each primitive of `names` by ``wrap(name, fn)`` (one wrapper per original function)
+    wherever it is bound (`_bindings`); the (namespace, attribute, original) replaced."""
+    originals: dict[int, str] = {}
+    for name in names:
         for ns in (dist, c10d):
             fn = getattr(ns, name, None)
             if fn is not None and not getattr(fn, "_lss_comm_wrapper", False):
                 originals.setdefault(id(fn), name)
-    wrappers: dict[int, object] = {}  # one wrapper per original function
+    saved, wrappers = [], {}
     for owner, attr, name in _bindings(originals):
         fn = getattr(owner, attr, None)
         if id(fn) not in originals:  # rebound since the scan
             continue
         if id(fn) not in wrappers:
-            wrappers[id(fn)] = _wrap(name, fn)
-        _saved.append((owner, attr, fn))
+            wrappers[id(fn)] = wrap(name, fn)
+        saved.append((owner, attr, fn))
         setattr(owner, attr, wrappers[id(fn)])
+    return saved
 
 
 def _uninstall() -> None:
@@ -448,6 +455,23 @@ def _uninstall() -> None:
     for owner, attr, fn in reversed(_saved):
         setattr(owner, attr, fn)
     _saved.clear()
+
+
+@contextlib.contextmanager
+def primitives_wrapped(wrap: Callable[[str, Callable], Callable], names: Iterable[str]):
+    """For the block, each `torch.distributed` primitive of `names` (names of `_BYTES` or
+    `_ALIASES`) replaced by ``wrap(name, fn)`` wherever it is bound: torch's namespaces and
+    whatever bound it at import (found by identity, as `record` finds them). The replacements are
+    plain functions, so a `record()` inside the block counts through them; entered inside a
+    `record()` it would miss the recorded bindings, so that raises."""
+    if _installs:
+        raise RuntimeError("primitives_wrapped: enter it outside comm.record()")
+    saved = _rebind(names, wrap)
+    try:
+        yield
+    finally:
+        for owner, attr, fn in reversed(saved):
+            setattr(owner, attr, fn)
 
 
 @contextlib.contextmanager

@@ -179,3 +179,30 @@ def test_default_device_file_is_user_writable_when_installed(tmp_path, monkeypat
     calibrated.default_path().parent.mkdir(parents=True)
     calibrated.default_path().write_text("{}")
     assert calibrated.find_device_file() == calibrated.default_path()
+
+
+def test_overhead_runs_launch_as_compare_launches(tmp_path, monkeypatch):
+    """The calibration's tiny runs are spelled by analysis.compare's own launch builder
+    (`RunSpec`, `compare.torchrun_command`): the trainer accepts them as the run asked for."""
+    from analysis import compare
+    from analysis.calibrate import overheads
+    from analysis.trainer_config import problems, run_config
+
+    seen = []
+
+    def fake_run(cmd, **kw):
+        seen.append(cmd)
+        (tmp_path / "config.json").write_text("{}")
+        (tmp_path / "summary.json").write_text('{"step_time_s": 0.5}')
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(overheads.subprocess, "run", fake_run)
+    assert overheads._run("lss", 2, 5, 6, tmp_path)["measured"] == 0.5
+    (cmd,) = seen
+    i = cmd.index("lss_megatron.train") + 1
+    assert cmd[:i] == compare.launch_command(2, [])
+    assert cmd[cmd.index("--out") + 1] == str(tmp_path)
+    cfg = run_config(cmd[i:], 2)
+    assert problems(cfg) == []
+    assert (cfg.parallel.mode, cfg.parallel.seq_parallel, cfg.model.num_layers) == ("lss", 2, 5)
+    assert (cfg.train.global_batch_size, cfg.model.hidden_size, cfg.train.steps) == (6, 32, 6)

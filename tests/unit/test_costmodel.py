@@ -14,6 +14,7 @@ import pytest
 from analysis.costmodel import (
     Assumptions,
     Network,
+    config_from_model,
     config_from_preset,
     make_config,
     predict,
@@ -34,19 +35,7 @@ def test_model_flops_equal_trainer_formula():
         {"num_layers": 12, "hidden_size": 512, "num_heads": 8, "seq_length": 50112},
     ):
         m = ModelConfig(**kw)
-        cfg = make_config(
-            "lss",
-            1,
-            1,
-            num_layers=m.num_layers,
-            hidden_size=m.hidden_size,
-            num_heads=m.num_heads,
-            num_kv_heads=m.num_kv_heads,
-            seq_length=m.seq_length,
-            vocab_size=m.vocab_size,
-            causal=m.causal,
-            global_batch_size=24,
-        )
+        cfg = config_from_model("lss", 1, 1, m, global_batch_size=24)
         assert predict(cfg)["model_flops_per_step"] == model_flops_per_step(m, 24)
 
 

@@ -152,6 +152,25 @@ def test_paper_series_monotone(series):
     assert series["throughput"].sort_values("ranks")["flops_per_s"].is_monotonic_increasing
 
 
+def test_longest_series_with_local_kv(series):
+    """Under ``modern`` (flash) the longest-l panel adds LSS with K/V kept local, alone and with
+    ZeRO-1 / ZeRO-2 (`LOCAL_KV_SERIES`); keeping K/V local only ever lengthens l (it saves
+    (N-1)/N of every layer's gathered K/V for one re-gathered layer's worth of transient), and
+    at 144 GPUs it passes the head-capped baseline. Under ``paper-2023`` (materialised scores,
+    where the trainer refuses local K/V) the panel has the plain series only."""
+    from analysis.costmodel.paper import LOCAL_KV_SERIES, _longest_rows
+
+    assert set(series["longest_vs_ranks"]["variant"]) == {"lss", "nvidia-sp"}
+    rows = _longest_rows(get_set("modern"), Options())
+    by = {(r["variant"], r["ranks"]): r["longest_seq_length"] for r in rows}
+    ranks = sorted({r["ranks"] for r in rows})
+    assert {r["variant"] for r in rows} == {"lss", "nvidia-sp", *LOCAL_KV_SERIES}
+    assert all(r["mode"] == "lss" for r in rows if r["variant"] in LOCAL_KV_SERIES)
+    for p in ranks:
+        assert by["lss-local", p] >= by["lss", p], p
+    assert by["lss-local", 144] > by["nvidia-sp", 144] > by["lss", 144]
+
+
 def test_cli_one_assumption_set_names_every_claim():
     res = subprocess.run(
         [

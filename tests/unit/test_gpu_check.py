@@ -15,10 +15,18 @@ import pytest
 import torch
 
 from analysis import gpu_check
-from analysis.costmodel import make_config, predict
+from analysis.costmodel import config_from_model, make_config, predict
 from analysis.costmodel.counts import layout_from_config, parameters, shape_from_config
 from analysis.costmodel.hw import get_device
-from analysis.emulate import SHAPES, VARIANTS, config_flags, emulate_row, layer_shapes, ranks_of
+from analysis.emulate import (
+    SHAPES,
+    VARIANTS,
+    config_flags,
+    emulate_row,
+    layer_shapes,
+    model_config,
+    ranks_of,
+)
 from analysis.gpu_check import CASES, attention_case, kernels_seen
 from lss_megatron.lss.kernel import partial_attention
 
@@ -57,20 +65,8 @@ def test_emulated_shards_are_the_cost_models_per_rank_parameters(label):
     lss, ulysses: every weight whole), on the first and the last rank. The trainer's own model on
     real gloo ranks: tests/ranks/test_emulate.py."""
     variant = VARIANTS[label]
-    cfg = make_config(
-        variant.mode,
-        DRY.n,
-        1,
-        num_layers=1,
-        hidden_size=DRY.hidden,
-        num_heads=DRY.heads,
-        num_kv_heads=DRY.kv_heads,
-        ffn_hidden_size=DRY.ffn,
-        seq_length=DRY.seq_length,
-        vocab_size=DRY.vocab,
-        global_batch_size=1,
-        position_embedding="rope",
-        **config_flags(variant),
+    cfg = config_from_model(
+        variant.mode, DRY.n, 1, model_config(DRY, 1), global_batch_size=1, **config_flags(variant)
     )
     want = {
         p.name.removeprefix("decoder.layers.0."): p.numel
@@ -110,6 +106,61 @@ def test_emulated_rows_time_count_and_price_each_rank():
         assert row["local_tokens"] == seq // n and row["rank_label"] == (
             "last" if rank else "first"
         )
+
+
+def test_emulation_leaves_no_receive_buffer_undefined():
+    """Under the emulation's fake backend nothing is delivered: `emulated_rank` starts the
+    buffers the backend leaves untouched (point-to-point receives, a broadcast's receivers:
+    `emulate.RECEIVE_BUFFERS`) zeroed, and the backend itself writes every other collective's
+    output; so a NaN-filled buffer comes back finite from every primitive, and comm knows
+    nothing of it. `comm.record()` inside still counts each call with comm's bytes; outside the
+    emulation the primitives are torch's own again."""
+    import torch.distributed as dist
+
+    from analysis.emulate import RECEIVE_BUFFERS, emulated_rank
+    from lss_megatron.parallel import comm
+
+    def nan(*shape):
+        return torch.full(shape, float("nan"))
+
+    before = {name: getattr(dist, name) for name in RECEIVE_BUFFERS}
+    x = torch.ones(4, 3)
+    with emulated_rank(VARIANTS["lss"], 2, 1) as grid:
+        g = grid.seq_group
+        with comm.record() as log:
+            shifted = comm.start_ring_shift(x, g, category="sp").wait()
+        outs = {"ring shift": shifted}
+        for name, call, out in (
+            ("irecv", lambda o: dist.irecv(o, 0, group=g).wait(), nan(4, 3)),
+            ("recv", lambda o: dist.recv(o, 0, group=g), nan(4, 3)),
+            ("broadcast", lambda o: dist.broadcast(o, 0, group=g), nan(4, 3)),
+            (
+                "all_gather_into_tensor",
+                lambda o: dist.all_gather_into_tensor(o, x, group=g),
+                nan(8, 3),
+            ),
+            ("all_gather", lambda o: dist.all_gather(list(o), x, group=g), nan(2, 4, 3)),
+            (
+                "reduce_scatter_tensor",
+                lambda o: dist.reduce_scatter_tensor(o, x, group=g),
+                nan(2, 3),
+            ),
+            ("reduce_scatter", lambda o: dist.reduce_scatter(o, [x, x], group=g), nan(4, 3)),
+            ("all_to_all_single", lambda o: dist.all_to_all_single(o, x, group=g), nan(4, 3)),
+            (
+                "all_to_all",
+                lambda o: dist.all_to_all(list(o), list(x.view(2, 2, 3)), group=g),
+                nan(2, 2, 3),
+            ),
+        ):
+            call(out)
+            outs[name] = out
+        src = torch.ones(2)
+        dist.broadcast(src, 1, group=g)  # this rank is the source: its tensor is kept
+    assert {k: bool(torch.isfinite(v).all()) for k, v in outs.items()} == dict.fromkeys(outs, True)
+    assert shifted.shape == x.shape and bool((src == 1).all())
+    assert log.bytes[("isend", "sp")] == x.numel() * 4 and log.calls[("irecv", "sp")] == 1
+    assert {name: getattr(dist, name) for name in RECEIVE_BUFFERS} == before
 
 
 def test_plan_rows_and_ranks():

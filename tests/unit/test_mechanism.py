@@ -128,6 +128,33 @@ def test_best_layout_is_the_largest_legal_degree():
     assert args[args.index("--global-batch-size") + 1] == "1"  # one sequence per rank
 
 
+def test_a_variant_adds_its_flags_to_its_own_mode_only():
+    """`--modes` takes compare's variant labels: lss-local / lss-megatron-cp / lss-overlap set the
+    LSS options on the lss runs, while nvidia-sp in the same search runs without them."""
+    args, trainer = longest.parse(
+        ["--ranks", "2", "--budget-mib", "48", "--out", "X", "--recompute", "none", *MODEL]
+        + ["--modes", "lss", "lss-local", "lss-megatron-cp", "lss-overlap", "nvidia-sp"]
+    )
+    searches, refused = longest.plan(args, trainer)
+    assert refused == [] and [s.label for s in searches] == args.modes
+    by = {s.label: s for s in searches}
+
+    def flag(label, name):
+        a = by[label].args(1024)
+        return a[a.index(name) + 1] if name in a else None
+
+    assert by["lss-local"].mode == "lss" and by["lss-local"].seq_parallel == 2
+    assert flag("lss-local", "--lss-save-kv") == "local" and flag("lss", "--lss-save-kv") is None
+    assert flag("lss-megatron-cp", "--lss-kv-gather") == "separate"
+    assert flag("lss-megatron-cp", "--lss-save-kv") == "local"
+    assert "--lss-overlap" in by["lss-overlap"].args(1024)
+    assert not any(a.startswith("--lss") for a in by["nvidia-sp"].args(1024))
+    assert by["lss-local"].run_id(1024) == "lss-local_N2_D1_none_l1024"
+    # the trainer's own validation checks a variant's flags: local K/V needs the flash kernel,
+    # which the search always sets
+    assert longest.trainer_verdict(by["lss-local"].args(1024), 2) is None
+
+
 def _fake_runner(bytes_per_token: dict[str, float], base: float, fail_at: int | None = None):
     """A trainer stand-in: rank_bytes_max = base + per-token bytes x l (per mode)."""
     calls = []
@@ -137,6 +164,7 @@ def _fake_runner(bytes_per_token: dict[str, float], base: float, fail_at: int | 
         status = "failed" if fail_at is not None and length >= fail_at else "ok"
         measured = int(base + bytes_per_token[search.mode] * length) if status == "ok" else None
         return {
+            "variant": search.label,
             "mode": search.mode,
             "world_size": search.world_size,
             "seq_parallel": search.seq_parallel,
@@ -240,13 +268,21 @@ def test_main_writes_the_table_the_searches_and_a_figure(tmp_path, monkeypatch):
     assert longest.main(argv) == 0
     with (out / "longest.csv").open() as f:
         rows = {r["mode"]: r for r in csv.DictReader(f)}
-    assert list(rows["lss"])[:7] == list(longest.COLUMNS[:7])
+    assert list(rows["lss"])[:8] == list(longest.COLUMNS[:8])
     # 4 MiB / 1000 B = 4194 tokens -> 4096; / 2000 B = 2097 -> 2048 (multiples of 256)
     assert int(rows["lss"]["longest_seq_length"]) == 4096
     assert int(rows["nvidia-sp"]["longest_seq_length"]) == 2048
     assert (rows["nvidia-sp"]["seq_parallel"], rows["nvidia-sp"]["tensor_parallel"]) == ("2", "2")
     assert rows["lss"]["run_dir"].endswith("lss_N4_D1_none_l4096")
     assert (out / "searches.csv").is_file() and (out / "figures/longest_seq_length.png").is_file()
+    # variants are rows of their own, keyed by their label
+    out2 = tmp_path / "out2"
+    argv = ["--ranks", "4", "--budget-mib", "4", "--out", str(out2), "--recompute", "none"]
+    assert longest.main([*argv, "--modes", "lss", "lss-local", *MODEL]) == 0
+    with (out2 / "longest.csv").open() as f:
+        rows = {r["variant"]: r for r in csv.DictReader(f)}
+    assert set(rows) == {"lss", "lss-local"} and rows["lss-local"]["mode"] == "lss"
+    assert rows["lss-local"]["run_dir"].endswith("lss-local_N4_D1_none_l4096")
 
 
 # --- analysis.paper_figures ---------------------------------------------------------------------
