@@ -504,6 +504,13 @@ class TrainConfig:
         "after the 256 byte ids: --vocab-size >= 257)",
         section=_DATA,
     )
+    split: str | None = _opt(
+        None,
+        "Megatron-LM's: train,valid,test weights of the --data megatron documents, e.g. "
+        "969,30,1, cut in file order with Megatron-Core's rounding (default: 90,5,5)",
+        metavar="W,W,W",
+        section=_DATA,
+    )
     eval_interval: int = _opt(0, "validate every K steps and at the end (0: never)", section=_DATA)
     eval_steps: int = _opt(
         2,
@@ -569,6 +576,15 @@ class TrainConfig:
     def packed(self) -> bool:
         """Any of Megatron-LM's document flags (reset positions / attention mask, EOD loss)."""
         return self.reset_position_ids or self.reset_attention_mask or self.eod_mask_loss
+
+    @property
+    def fractions(self) -> tuple[float, float, float] | None:
+        """``--split`` as normalised train, valid, test fractions (None: the default 90/5/5)."""
+        if self.split is None:
+            return None
+        from .data.megatron_indexed import parse_split
+
+        return parse_split(self.split)
 
     @property
     def final_lr(self) -> float:
@@ -791,19 +807,38 @@ class RunConfig:
                 f"{self.parallel.tensor_parallel} is not supported (untested); use --zero-stage 0"
             )
         p += self._document_problems()
-        if self.train.data in DATASETS:
+        split, split_problems = self._split()
+        p += split_problems
+        if self.train.data in DATASETS and not split_problems:
             p += check_data_config(
                 self.train.data,
                 self.train.data_path,
                 self.model.vocab_size,
                 self.model.seq_length,
                 evaluates=self.train.eval_interval > 0,
+                split=split,
             )
         if self.train.deepspeed_config and self.train.zero_stage in (1, 2):
             p += self._deepspeed_file_problems(batch_known=not p)
         if p:
             raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(p))
         return self
+
+    def _split(self) -> tuple[tuple[float, ...] | None, list[str]]:
+        """``--split``'s fractions, and why it cannot be used (megatron data only)."""
+        t = self.train
+        if t.split is None:
+            return None, []
+        try:
+            fractions = t.fractions
+        except ValueError as e:
+            return None, [f"--split {t.split!r}: {e}"]
+        if t.data != "megatron":
+            return None, [
+                f"--split {t.split} applies to --data megatron only (--data {t.data} has its own "
+                "fixed 90/5/5 split)"
+            ]
+        return fractions, []
 
     def _fault_problems(self) -> list[str]:
         """A ``--fault`` that cannot fire (a rank or step outside the run) never passes silently."""

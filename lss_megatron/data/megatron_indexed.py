@@ -5,9 +5,12 @@ the tokens are read through ``megatron.core.datasets.indexed_dataset.IndexedData
 mapped). Each item of the index (a "sequence" in Megatron's words; one per document for GPT
 data) is one document here.
 
-Splits: the documents in file order are cut 90 / 5 / 5 (`SPLIT_FRACTIONS`, like enwik8's bytes)
-into train, valid and test: document ``i`` of ``n`` is in the first split whose cumulative
-fraction bound ``round(f * n)`` exceeds ``i``.
+Splits: the documents in file order are cut 90 / 5 / 5 (`SPLIT_FRACTIONS`, like enwik8's bytes),
+or by Megatron-LM's ``--split`` weights (``969,30,1``: `parse_split`, Megatron-Core's
+``parse_and_normalize_split``), into train, valid and test: document ``i`` of ``n`` is in the
+first split whose cumulative fraction bound ``round(f * n)`` exceeds ``i``, Megatron-Core's own
+bounds (``BlendedMegatronDatasetBuilder``: ``round(bookend * n)`` of the cumulative normalised
+weights).
 
 Samples, as Megatron's GPTDataset builds them (documents concatenated, one token shared between
 consecutive samples): a split's documents, in the order of epoch ``e``, form one token stream of
@@ -35,6 +38,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import struct
 from collections.abc import Iterable
 from pathlib import Path
@@ -81,9 +85,32 @@ def read_index_header(idx_path: str | os.PathLike) -> tuple[type, np.ndarray]:
     return TOKEN_DTYPES[code], lengths
 
 
-def split_bounds(n_docs: int) -> dict[str, tuple[int, int]]:
-    """Document ranges ``[lo, hi)`` of train, valid and test (module docstring)."""
-    ends = [round(f * n_docs) for f in np.cumsum(SPLIT_FRACTIONS)]
+def parse_split(text: str) -> tuple[float, float, float]:
+    """Megatron-LM's ``--split`` (``"969,30,1"``, ``"99,1"``) as normalised train, valid, test
+    fractions, read as Megatron-Core's ``parse_and_normalize_split`` reads it (the numbers in the
+    text, missing ones 0, each over their sum); raises ValueError naming what is wrong."""
+    parts = [p.strip() for p in str(text).replace("/", ",").split(",")]
+    if not 1 <= len(parts) <= 3 or not all(re.fullmatch(r"[0-9]*\.?[0-9]+", p) for p in parts):
+        raise ValueError("expected up to three weights >= 0 for train,valid,test, e.g. 969,30,1")
+    weights = [float(p) for p in parts] + [0.0] * (3 - len(parts))
+    total = sum(weights)
+    if not total > 0 or weights[0] <= 0:
+        raise ValueError("the train weight must be > 0")
+    w = np.asarray(weights, dtype=np.float64) / np.sum(np.asarray(weights, dtype=np.float64))
+    return (float(w[0]), float(w[1]), float(w[2]))
+
+
+def split_bounds(
+    n_docs: int, fractions: tuple[float, ...] | None = None
+) -> dict[str, tuple[int, int]]:
+    """Document ranges ``[lo, hi)`` of train, valid and test (module docstring); `fractions`:
+    `parse_split`'s, default `SPLIT_FRACTIONS`."""
+    fractions = SPLIT_FRACTIONS if fractions is None else fractions
+    cumulative, total = [], 0.0
+    for f in fractions:  # Megatron-Core's bookends: running Python float sums
+        total += f
+        cumulative.append(total)
+    ends = [round(f * n_docs) for f in cumulative]
     ends[-1] = n_docs
     starts = [0, *ends[:-1]]
     return {s: (lo, hi) for s, lo, hi in zip(SPLITS, starts, ends, strict=True)}
@@ -128,7 +155,11 @@ def _document_table_problem(idx_path: Path, lengths: np.ndarray, itemsize: int, 
 
 
 def indexed_problems(
-    path: str | None, vocab_size: int, seq_length: int | None = None, evaluates: bool = False
+    path: str | None,
+    vocab_size: int,
+    seq_length: int | None = None,
+    evaluates: bool = False,
+    split: tuple[float, ...] | None = None,
 ) -> list[str]:
     """Configuration problems of ``--data megatron --data-path PREFIX`` (torch-free, fast);
     `evaluates`: the valid split must hold one sample too."""
@@ -152,14 +183,14 @@ def indexed_problems(
     table = _document_table_problem(idx_path, lengths, itemsize, bin_path.stat().st_size)
     if table:
         return [f"--data-path {path}: {table}"]
-    problems = []
-    for split in ("train", "valid") if evaluates else ("train",):
-        lo, hi = split_bounds(len(lengths))[split]
+    problems, fractions = [], split
+    for part in ("train", "valid") if evaluates else ("train",):
+        lo, hi = split_bounds(len(lengths), fractions)[part]
         tokens = int(lengths[lo:hi].sum(dtype=np.int64))
         if seq_length is not None and tokens < seq_length + 1:
-            why = " (--eval-interval evaluates on it)" if split == "valid" else ""
+            why = " (--eval-interval evaluates on it)" if part == "valid" else ""
             problems.append(
-                f"--data-path {path}: the {split} split ({hi - lo} documents, "
+                f"--data-path {path}: the {part} split ({hi - lo} documents, "
                 f"{tokens:,} tokens) cannot hold one sample of --seq-length "
                 f"{seq_length} + 1 tokens{why}"
             )
@@ -182,8 +213,9 @@ class MegatronIndexed:
         vocab_size: int,
         seed: int,
         global_batch_size: int,
+        split: tuple[float, ...] | None = None,
     ):
-        problems = indexed_problems(str(path), vocab_size, seq_length)
+        problems = indexed_problems(str(path), vocab_size, seq_length, split=split)
         if problems:
             raise DataError("; ".join(problems))
         if global_batch_size < 1 or seed < 0:
@@ -198,7 +230,7 @@ class MegatronIndexed:
         self.global_batch_size = global_batch_size
         lengths = self.indexed.sequence_lengths.astype(np.int64)  # [documents]
         self.lengths = lengths
-        self.splits = split_bounds(len(lengths))
+        self.splits = split_bounds(len(lengths), split)
 
     def split_tokens(self, split: str) -> int:
         lo, hi = self.splits[split]

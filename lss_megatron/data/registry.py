@@ -21,6 +21,7 @@ def check_data_config(
     vocab_size: int,
     seq_length: int | None = None,
     evaluates: bool = False,
+    split: tuple[float, ...] | None = None,
 ) -> list[str]:
     """Problems of ``--data name --data-path path --vocab-size V``, as messages naming the values
     (missing file, wrong size, corrupt zip or missing member, vocabulary mismatch; megatron: bad
@@ -39,7 +40,7 @@ def check_data_config(
     if name == "megatron":
         from .megatron_indexed import indexed_problems
 
-        return indexed_problems(path, vocab_size, seq_length, evaluates)
+        return indexed_problems(path, vocab_size, seq_length, evaluates, split=split)
     return [f"--data {name!r} is not one of {DATASETS}"]
 
 
@@ -52,15 +53,19 @@ def build_dataset(
     path: str | os.PathLike | None = None,
     eval_batch_size: int | None = None,
     cache_dir: str | os.PathLike | None = None,
+    split: tuple[float, ...] | None = None,
 ) -> Dataset:
     """The dataset `name` (one of `DATASETS`); raises `DataError` listing every problem.
 
     `eval_batch_size` (the global batch G of an evaluation step) makes enwik8's valid/test reads
     contiguous windows (see `enwik8.py`); `cache_dir` is where a zip is extracted (default: next
     to it). The synthetic task ignores both. ``megatron`` needs `eval_batch_size`: it is the G of
-    every step, train included (samples are consumed in order, see `megatron_indexed.py`).
+    every step, train included (samples are consumed in order, see `megatron_indexed.py`);
+    `split`: its train/valid/test document fractions (``--split``, default 90/5/5).
     """
-    problems = check_data_config(name, None if path is None else str(path), vocab_size, seq_length)
+    problems = check_data_config(
+        name, None if path is None else str(path), vocab_size, seq_length, split=split
+    )
     if problems:
         raise DataError("; ".join(problems))
     if name == "synthetic":
@@ -76,6 +81,7 @@ def build_dataset(
             vocab_size=vocab_size,
             seed=seed,
             global_batch_size=eval_batch_size,
+            split=split,
         )
     from .enwik8 import Enwik8
 

@@ -31,7 +31,13 @@ from ..parallel.grid import Grid
 
 @functools.lru_cache(maxsize=4)
 def _dataset(
-    name: str, seq_length: int, vocab_size: int, seed: int, path: str | None, eval_batch: int
+    name: str,
+    seq_length: int,
+    vocab_size: int,
+    seed: int,
+    path: str | None,
+    eval_batch: int,
+    split: tuple[float, ...] | None = None,
 ):
     return build_dataset(
         name,
@@ -40,13 +46,16 @@ def _dataset(
         seed=seed,
         path=path,
         eval_batch_size=eval_batch,
+        split=split,
     )
 
 
 def dataset_for(cfg: RunConfig):
     """The run's dataset (built once per process; the data vocabulary, not the padded one)."""
     m, t = cfg.model, cfg.train
-    return _dataset(t.data, m.seq_length, m.vocab_size, t.seed, t.data_path, t.global_batch_size)
+    return _dataset(
+        t.data, m.seq_length, m.vocab_size, t.seed, t.data_path, t.global_batch_size, t.fractions
+    )
 
 
 def megatron_mask(cfg: RunConfig) -> bool:

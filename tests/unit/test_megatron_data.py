@@ -131,3 +131,56 @@ def test_problems_name_the_value(corpus, tmp_path):
     bad.with_suffix(".idx").write_bytes(b"not an index at all, no, not at all")
     assert "not a Megatron .idx file" in check_data_config("megatron", str(bad), 256)[0]
     assert split_bounds(60) == {"train": (0, 54), "valid": (54, 57), "test": (57, 60)}
+
+
+@pytest.mark.parametrize(
+    "text", ["969,30,1", "99,1", "90,5,5", "1,1,1", "7", "98,2,0", "0.8,0.1,0.1"]
+)
+def test_split_is_megatron_cores_own_cut(text):
+    """`--split`: the fractions are Megatron-Core's `parse_and_normalize_split`, and the document
+    ranges its builder's ``int(round(bookend x n))`` of `convert_split_vector_to_split_matrix`'s
+    bookends (a split of weight 0 is empty here, None there); exact, integers."""
+    from megatron.core.datasets.blended_megatron_dataset_config import (
+        convert_split_vector_to_split_matrix,
+        parse_and_normalize_split,
+    )
+
+    from lss_megatron.data.megatron_indexed import parse_split
+
+    want = parse_and_normalize_split(text)
+    assert list(parse_split(text)) == want
+    for n in (1, 7, 60, 1001, 12345):
+        ours = split_bounds(n, parse_split(text))
+        for name, bookend in zip(
+            ("train", "valid", "test"), convert_split_vector_to_split_matrix(want), strict=True
+        ):
+            if bookend is None:
+                assert ours[name][0] == ours[name][1], (text, n, name)
+            else:
+                lo, hi = (int(round(b * float(n))) for b in bookend)
+                assert ours[name] == (lo, hi), (text, n, name)
+
+
+def test_split_flag_is_checked_in_one_line(corpus):
+    """`--split` with megatron data cuts there (a split too small for one sample is named);
+    bad weights and other data are one line each, before any process group."""
+    from lss_megatron.config import ConfigError
+    from lss_megatron.train import config_from_args, parse_args
+
+    base = ["--data", "megatron", "--data-path", corpus["prefix"], "--seq-length", str(L)]
+    base += ["--num-layers", "1", "--hidden-size", "32", "--num-heads", "2", "--vocab-size", "256"]
+    cfg = config_from_args(parse_args([*base, "--split", "969,30,1"]), 1).validate()
+    assert cfg.train.fractions == (0.969, 0.03, 0.001)
+    for bad, words in (
+        (["--split", "9a,1"], "--split '9a,1': expected up to three weights"),
+        (["--split", "0,1"], "the train weight must be > 0"),
+        (["--split", "1,1", "--data", "synthetic"], "applies to --data megatron only"),
+        (["--split", "100,0,0", "--eval-interval", "1"], None),
+    ):
+        if words is None:  # a valid split whose valid part cannot hold a sample is named
+            with pytest.raises(ConfigError, match="the valid split"):
+                config_from_args(parse_args([*base, *bad]), 1).validate()
+            continue
+        with pytest.raises(ConfigError) as e:
+            config_from_args(parse_args([*base, *bad]), 1).validate()
+        assert words in str(e.value), str(e.value)
