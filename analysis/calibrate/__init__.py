@@ -11,24 +11,13 @@ and after: the machine may be shared, and a loaded machine measures slow.
 from __future__ import annotations
 
 import os
-import platform
 import socket
 import time
 
 import torch
 
-from ..costmodel.calibrated import SCHEMA, device_from_dict
+from ..costmodel.calibrated import SCHEMA, cpu_name, device_from_dict
 from . import collectives, compute, overheads
-
-
-def _cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "CPU"
 
 
 def _memory_bytes() -> float:
@@ -72,7 +61,7 @@ def calibrate(ranks: list[int], quick: bool = False, modes=("lss", "nvidia-sp", 
     record = {
         "schema": SCHEMA,
         "kind": "cpu-calibration",
-        "device": _cpu_name(),
+        "device": cpu_name(),
         "host": socket.gethostname(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "quick": quick,

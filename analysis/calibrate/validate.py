@@ -25,7 +25,7 @@ from lss_megatron.resources import prog
 from .. import outdir
 from ..compare import run_trainer, torchrun_command
 from ..costmodel import compare_run, find_device_file, load_device_file, predict
-from ..costmodel.calibrated import writable_dir
+from ..costmodel.calibrated import foreign_cpu_note, writable_dir
 from ..outdir import check_output_file, cli, write_file
 from ..presets import get_preset, make_plan
 
@@ -227,6 +227,9 @@ def main(argv: list[str] | None = None) -> int:
 def _main(args, path: Path) -> int:
     global _REUSE
     dev = load_device_file(path)
+    note = foreign_cpu_note(dev, str(path))
+    if note:
+        print(note, file=sys.stderr)
     out = Path(args.out)
     check_output_file(
         out, "--out", overwrite=args.overwrite or args.resume, what="a validation table"

@@ -28,6 +28,7 @@ from lss_megatron.resources import prog
 
 from ..inputs import InputError, check_run_folder, read_json_file
 from . import DEVICES, compare_run, find_device_file, load_device_file, predict
+from .calibrated import foreign_cpu_note
 from .paper import SETS, Options, print_report, summit_layout, summit_paper
 
 PROG = prog("python -m analysis.costmodel")
@@ -133,6 +134,9 @@ def _calibration(args: argparse.Namespace):
 def _compare(args: argparse.Namespace) -> dict:
     dev, where = _calibration(args)
     out = {"device_file": where}
+    note = foreign_cpu_note(dev, where.split(" (")[0]) if dev is not None else None
+    if note:
+        print(note, file=sys.stderr)
     out.update(_usable(lambda: compare_run(args.run, dev), f"--run {args.run}"))
     return out
 

@@ -301,6 +301,33 @@ def _pairlist(v, where: str) -> list:
     return list(v)
 
 
+def cpu_name() -> str:
+    """This machine's CPU model (``/proc/cpuinfo``'s model name), as a calibration records it."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or "CPU"
+
+
+def foreign_cpu_note(device: CalibratedDevice, where: str) -> str | None:
+    """One line when `device` was measured on another CPU model than this machine's: a virtual
+    machine moved to another host keeps its host name, and a stale calibration then mispredicts
+    every step (2026-12-06: an Intel calibration on an AMD host predicted 0.3-0.5x the steps)."""
+    here = cpu_name()
+    if device.name in (here, "calibrated CPU"):
+        return None
+    return (
+        f"note: {where} was measured on {device.name!r}, this machine is {here!r}: its step times "
+        "do not apply here; recalibrate (python -m analysis.calibrate)"
+    )
+
+
 def load_device_file(path: str | Path) -> CalibratedDevice:
     path = Path(path)
     return device_from_dict(

@@ -97,3 +97,19 @@ def test_validation_states_the_prediction_at_the_measured_load():
     compute = sum(v for k, v in parts.items() if k in COMPUTE)
     assert at_load(pred, 1.0, 2) == pytest.approx(pred["step_time_s"], rel=1e-12)
     assert at_load(pred, 8.0, 2) == pytest.approx(pred["step_time_s"] + 3 * compute, rel=1e-12)
+
+
+def test_a_calibration_of_another_cpu_is_named(monkeypatch):
+    """A device file measured on another CPU model (a VM moved to another host keeps its host
+    name) gets one note naming both models; this machine's own gets none."""
+    from analysis.costmodel import calibrated
+
+    here = calibrated.cpu_name()
+    dev = calibrated.load_device_file(calibrated.DATA_DIR / "vm-2026-12-01.json")
+    monkeypatch.setattr(calibrated, "cpu_name", lambda: "AMD EPYC")
+    note = calibrated.foreign_cpu_note(dev, "old.json")
+    assert note is not None
+    assert "old.json was measured on 'Intel(R) Xeon(R) Processor'" in note and "'AMD EPYC'" in note
+    monkeypatch.setattr(calibrated, "cpu_name", lambda: dev.name)
+    assert calibrated.foreign_cpu_note(dev, "old.json") is None
+    assert here  # the real lookup names something
