@@ -62,6 +62,7 @@ def test_nonfinite_loss_stops_with_the_step_named(tmp_path):
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.slow  # ~8 s launch; unit/test_faults_nonfinite keeps the non-finite checks fast
 def test_skip_nonfinite_is_the_same_decision_on_every_rank(tmp_path):
     """Only rank 1's loss is NaN; the all-reduced loss makes every rank skip step 2, so the run
     finishes with replicas still bitwise equal (the trainer checks that at the end)."""

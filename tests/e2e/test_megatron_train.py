@@ -18,6 +18,7 @@ SEED, L, G = 5, 32, 4
 TOL = 1e-5
 
 
+@pytest.mark.slow  # ~6 s of subprocesses; unit/test_megatron_data checks the converter in-process
 def test_cli_converter_and_bad_data_path_exit(tmp_path):
     src = tmp_path / "in.txt"
     src.write_bytes(b"hello world " * 100)

@@ -93,6 +93,7 @@ def test_plain_tensor_parallel_checkpoint_resumes_under_zero(reference, tmp_path
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.slow  # ~9 s launch; unit/test_sharded_checkpoint stays in the fast tier
 def test_keep_last(tmp_path):
     ck = tmp_path / "ck"
     _run(

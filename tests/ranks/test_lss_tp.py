@@ -167,6 +167,7 @@ LAYOUTS8 = [(2, 2, 2, "learned", "zigzag"), (2, 2, 2, "rope", "contiguous")]
 
 
 @pytest.mark.timeout(600)
+@pytest.mark.slow  # ~22 s idle with its reference (4 ranks); the slow tier holds every LSS x TP check
 def test_lss_x_tp_n2_t2_d1(reference):
     """4 ranks: learned contiguous, RoPE zigzag, learned zigzag with --lss-save-kv local and
     --lss-overlap (the backward re-gather moves the same [l/N, b, 2 h_kv/T, d] buffers)."""

@@ -209,6 +209,7 @@ def _settings_worker(rank, world):
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.slow  # ~6 s spawn
 def test_a_model_that_runs_another_kernel_refuses_to_start():
     ok, refused, core = run_ranks(_settings_worker, 1, timeout=90)[0]
     assert ok == {"attention_kernel": "dense", "recompute": "none", "dtype": "fp32"}
