@@ -53,7 +53,7 @@ def test_failing_rank_takes_the_job_down(tmp_path, kind):
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.slow  # ~10 s; the fast tier keeps the skip decision (same detector) below
+@pytest.mark.slow  # ~10 s launch; unit/test_faults_nonfinite keeps the non-finite checks fast
 def test_nonfinite_loss_stops_with_the_step_named(tmp_path):
     res = torchrun_train(2, [*ARGS, "--out", str(tmp_path), "--fault", "nan:1:2"], timeout=100)
     assert res.returncode != 0
