@@ -298,8 +298,40 @@ def _recorded_seed(out: Path, collect: bool) -> int:
     return random.SystemRandom().randrange(2**31)
 
 
+LAUNCH_S = 12.0
+"""Start-up and shutdown of one trainer launch on the 2-core development machine (imports, process
+groups, model build; 2026-12-06: cpu-packed's 40 two-rank launches of 3 short steps took 8 min,
+~12 s each): an assumption of `estimate_minutes`, not a measurement of the machine at hand."""
+
+
+def estimate_minutes(plan: Plan) -> tuple[float, str] | None:
+    """(minutes, how) the plan's launches should take on this machine: per launch `LAUNCH_S`
+    plus its steps at the calibrated model's step time (`analysis.costmodel.predict` with this
+    machine's device file); None without a calibration of this machine or for a cluster preset."""
+    from .costmodel import find_device_file, load_device_file, predict
+
+    path = find_device_file()
+    if plan.preset.cluster or path is None:
+        return None
+    device = load_device_file(path)
+    total = 0.0
+    for run in plan.runs:
+        config = effective_config(run)
+        step = predict(config, device).get("step_time_s")
+        if step is None:  # e.g. bf16: the calibration has no 16-bit rates
+            return None
+        total += LAUNCH_S + config["train"]["steps"] * step
+    return (
+        total / 60,
+        f"{len(plan.runs)} launches x {LAUNCH_S:g} s start-up + steps at {path.name}'s step times",
+    )
+
+
 def _print_plan(plan: Plan, out: Path) -> None:
     preset = plan.preset
+    guess = estimate_minutes(plan)
+    if guess is not None:
+        print(f"# estimate: about {guess[0]:.0f} min on this machine, idle ({guess[1]})")
     print(
         f"# preset {preset.name}: {preset.summary} ({len(plan.runs)} runs: "
         f"{len(plan.runs) // max(plan.repeats, 1)} configurations x {plan.repeats} repeats, "

@@ -172,3 +172,25 @@ def test_modes_kernels_recomputes_select_runs_of_the_same_preset(capsys):
     for bad, word in (["--modes", "lss,rings"], "rings"), (["--kernels", ","], "(empty)"):
         with pytest.raises(compare.InputError, match=word.replace("(", r"\(").replace(")", r"\)")):
             compare.select(base, compare.parse_args(["--preset", "cpu-kernels", *bad]))
+
+
+def test_dry_run_estimates_the_time_from_this_machines_calibration(capsys, monkeypatch):
+    """`--dry-run` prints how long the plan should take (start-up per launch + the calibrated
+    step times x steps), and nothing when there is no calibration of this machine."""
+    from analysis import compare
+    from analysis.costmodel import calibrated
+
+    plan = presets.make_plan(presets.get_preset("cpu-packed"), repeats=1)
+    minutes, how = compare.estimate_minutes(plan)
+    launches = len(plan.runs)
+    assert launches * compare.LAUNCH_S / 60 < minutes < launches * compare.LAUNCH_S / 60 + 10
+    assert f"{launches} launches" in how
+    assert compare.main(["--preset", "cpu-packed", "--dry-run", "--repeats", "1"]) == 0
+    assert f"# estimate: about {minutes:.0f} min on this machine" in capsys.readouterr().out
+    assert (
+        compare.estimate_minutes(presets.make_plan(presets.get_preset("paper-enwik8-144gpu")))
+        is None
+    )
+    monkeypatch.setattr(calibrated, "find_device_file", lambda *a: None)
+    monkeypatch.setattr("analysis.costmodel.find_device_file", lambda *a: None)
+    assert compare.estimate_minutes(plan) is None
