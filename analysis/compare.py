@@ -56,7 +56,16 @@ from lss_megatron.resources import prog
 from . import outdir, repeats, tables
 from .inputs import InputError, error_line
 from .outdir import cli
-from .presets import REPO, Plan, Preset, RunSpec, all_presets, get_preset, make_plan
+from .presets import (
+    REPO,
+    Plan,
+    Preset,
+    RunSpec,
+    all_presets,
+    get_preset,
+    make_plan,
+    recorded_name,
+)
 from .trainer_config import run_config
 
 STDERR_TAIL = 2000
@@ -266,7 +275,13 @@ def build_table(plan: Plan, out: Path, outcomes: dict[str, dict] | None) -> tupl
         run_dir = out / "runs" / run.run_id
         config = effective_config(run)
         row = tables.identity_row(
-            config, run.run_id, run.role, run.repeat, plan.preset.name, run.label, run.documents
+            config,
+            run.run_id,
+            run.role,
+            run.repeat,
+            recorded_name(plan.preset),
+            run.label,
+            run.documents,
         )
         row.update(collect(run, run_dir, None if outcomes is None else outcomes[run.run_id]))
         row["run_dir"] = str(run_dir)
@@ -510,7 +525,9 @@ def select(preset: Preset, args: argparse.Namespace) -> Preset:
     if not changes:
         return preset
     said = "; ".join(f"{k} {','.join(v)}" for k, v in changes.items())
-    return dataclasses.replace(preset, summary=f"{preset.summary} [selected: {said}]", **changes)
+    return dataclasses.replace(
+        preset, summary=f"{preset.summary} [selected: {said}]", selection=said, **changes
+    )
 
 
 MAX_REPEATS = 1000

@@ -163,7 +163,7 @@ def _equal_ranks(df: pd.DataFrame | None) -> pd.DataFrame | None:
     if df is None or "preset" not in df:
         return None
     equal = {n for n, p in all_presets().items() if p.ranks is not None or p.grids}
-    df = df[df["preset"].isin(equal)]
+    df = df[df["preset"].astype(str).str.split(" ").str[0].isin(equal)]  # a selection too
     return df if not df.empty else None
 
 

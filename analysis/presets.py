@@ -169,6 +169,9 @@ class Preset:
     gpus_per_node: int = 6
     """Cluster presets: GPUs (tasks) per node of the printed sbatch commands."""
     notes: str = ""
+    selection: str = ""
+    """Set by ``analysis.compare --modes/--kernels/--recomputes`` (never by a preset file): what
+    the command line chose, recorded beside the preset's name in every row and figure title."""
     grids: tuple[tuple[str, int, int], ...] = ()
     """Explicit (variant label, N, D) rank grids, each run at every length of `seq_lengths` (strong
     scaling) instead of the `degrees` x `data_parallel` grid: how an equal-ranks series gives
@@ -200,6 +203,12 @@ class Preset:
                 raise ValueError(f"preset {self.name}: document mix {name}: need 1 <= {lo} <= {hi}")
         object.__setattr__(self, "model", MappingProxyType(dict(self.model)))
         object.__setattr__(self, "train", MappingProxyType(dict(self.train)))
+
+
+def recorded_name(preset: Preset) -> str:
+    """The preset as rows and titles name it: ``cpu-kernels``, or with a command-line selection
+    ``cpu-kernels [modes lss,ring; kernels flash]``."""
+    return f"{preset.name} [{preset.selection}]" if preset.selection else preset.name
 
 
 @dataclass(frozen=True)
@@ -359,7 +368,11 @@ def load_preset(path: Path) -> Preset:
     if not isinstance(data, dict):
         raise PresetError(f"compare preset {path}: expected a mapping of keys to values")
     hints = get_type_hints(Preset)
-    keys = {f.name.replace("_", "-"): f.name for f in fields(Preset) if f.name != "name"}
+    keys = {
+        f.name.replace("_", "-"): f.name
+        for f in fields(Preset)
+        if f.name not in ("name", "selection")
+    }
     keys["memory-budget"] = keys.pop("memory-budget-bytes")
     actions = trainer_actions()
     values: dict[str, object] = {"name": path.stem}

@@ -165,6 +165,8 @@ def test_modes_kernels_recomputes_select_runs_of_the_same_preset(capsys):
     assert chosen.kernels == ("flash",) and chosen.recomputes == base.recomputes
     assert chosen.model == base.model and chosen.train == base.train
     assert "[selected: modes lss,lss-local,ring; kernels flash]" in chosen.summary
+    assert presets.recorded_name(chosen) == "cpu-kernels [modes lss,lss-local,ring; kernels flash]"
+    assert presets.recorded_name(base) == "cpu-kernels"  # rows and titles name the selection
     plan = presets.make_plan(chosen, repeats=1)
     labels = {r.label for r in plan.runs}
     assert labels == {"serial", "lss", "lss-local", "ring"}  # serial: the efficiency reference
